@@ -1,0 +1,75 @@
+"""The bus an actor holds: a NATS connection, its JetStream context and a pipelined publisher."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from events.envelope import Event, new_event
+from events.publisher import PubAck, Publisher
+from events.stream import ensure_event_stream
+from events.types import EventData
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Bus:
+    """Everything an actor needs to read and append events."""
+
+    nc: NATS
+    js: JetStreamContext
+    publisher: Publisher
+    clock: Clock = utc_now
+
+    async def emit(
+        self,
+        execution_id: str,
+        data: EventData,
+        *,
+        actor: str,
+        causation_id: str | None = None,
+        expected_last_subject_seq: int | None = None,
+    ) -> PubAck:
+        """Append one event and wait until it is stored."""
+        event = new_event(
+            execution_id, data, actor=actor, causation_id=causation_id, ts=self.clock()
+        )
+        return await self.publisher.publish(event, expected_last_subject_seq=expected_last_subject_seq)
+
+    def event(
+        self, execution_id: str, data: EventData, *, actor: str, causation_id: str | None = None
+    ) -> Event:
+        return new_event(execution_id, data, actor=actor, causation_id=causation_id, ts=self.clock())
+
+    async def close(self) -> None:
+        await self.publisher.close()
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def connect_bus(
+    url: str | list[str], *, name: str = "corral", connect_timeout_s: float = 2.0, replicas: int = 1
+) -> Bus:
+    """Connect to NATS, make sure the event stream exists and return a ready Bus."""
+    servers = url if isinstance(url, list) else [u for u in url.split(",") if u]
+    nc = await nats.connect(
+        servers=servers,
+        name=name,
+        connect_timeout=connect_timeout_s,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        pending_size=64 * 1024 * 1024,
+    )
+    js = nc.jetstream(timeout=10.0)
+    await ensure_event_stream(js, replicas=replicas)
+    publisher = await Publisher(nc).start()
+    return Bus(nc=nc, js=js, publisher=publisher)

@@ -1,0 +1,78 @@
+"""Git worktrees: one per execution, on branch corral/<id>, created and removed with plain git."""
+
+import asyncio
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from actors.errors import WorkspaceError
+
+
+async def git(*args: str, cwd: str | Path) -> str:
+    """Run git and return its stdout; raise WorkspaceError with git's own message on failure."""
+    proc = await asyncio.create_subprocess_exec(
+        "git",
+        *args,
+        cwd=str(cwd),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        message = err.decode(errors="replace").strip().splitlines()
+        raise WorkspaceError(str(cwd), message[-1] if message else f"git {args[0]} failed")
+    return out.decode().strip()
+
+
+def repo_root(path: str | Path) -> Path:
+    """Return the top level of the git repository at path, or raise WorkspaceError."""
+    target = Path(path).expanduser()
+    if not target.is_dir():
+        raise WorkspaceError(str(path), "no such directory")
+    result = subprocess.run(
+        ["git", "-C", str(target), "rev-parse", "--show-toplevel"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise WorkspaceError(str(path), "not a git repository (git init it, or pass --repo)")
+    return Path(result.stdout.strip()).resolve()
+
+
+def resolve_commit(repo: str | Path, ref: str) -> str:
+    """Return the commit a ref names in repo, or raise WorkspaceError."""
+    result = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        hint = " (the repository has no commits yet)" if ref == "HEAD" else ""
+        raise WorkspaceError(str(repo), f"no commit named {ref!r}{hint}")
+    return result.stdout.strip()
+
+
+async def add_worktree(repo: Path, path: Path, *, branch: str, commit: str) -> None:
+    """Create a worktree at path on a new branch starting at commit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    await git("worktree", "add", "--quiet", "-b", branch, str(path), commit, cwd=repo)
+
+
+async def remove_worktree(repo: Path, path: Path, *, branch: str | None = None) -> None:
+    """Remove a worktree and (optionally) its branch, leaving nothing behind."""
+    try:
+        await git("worktree", "remove", "--force", str(path), cwd=repo)
+    except WorkspaceError:
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        await git("worktree", "prune", cwd=repo)
+    if branch:
+        try:
+            await git("branch", "-D", branch, cwd=repo)
+        except WorkspaceError:
+            if os.path.exists(path):
+                raise

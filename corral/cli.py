@@ -1,0 +1,104 @@
+"""The `corral` command: parse arguments, run one command, turn errors into one line and an exit code."""
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from corral import __version__, commands
+from corral.errors import CorralError
+from corral.home import Home
+from events.errors import EventError
+from projections.errors import ProjectionError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corral",
+        description="Supervise headless coding agents: each run is an execution in its own git "
+        "worktree, recorded in an append-only event log (NATS JetStream) and projected to DuckDB.",
+    )
+    parser.add_argument("--version", action="version", version=f"corral {__version__}")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="run a command in a new worktree and stream its output")
+    run.add_argument("--repo", default=".", help="git repository to branch from (default: .)")
+    run.add_argument("--base", default="HEAD", help="commit or ref to start from (default: HEAD)")
+    run.add_argument("--task", help="the task text, recorded with the request")
+    run.add_argument("--env", action="append", metavar="NAME=VALUE", help="extra environment")
+    run.add_argument("--label", action="append", metavar="NAME=VALUE", help="labels to record")
+    run.add_argument("--detach", "-d", action="store_true", help="print the execution id and return")
+    run.add_argument("--quiet", "-q", action="store_true", help="only the agent's own output")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+
+    up = sub.add_parser("up", help="run NATS, the actors and the projector in the foreground")
+    up.add_argument("--actors", help="comma-separated subset: spawner,projector (default: all)")
+    up.add_argument("--max-running", type=int, default=16, help="agents this spawner runs at once")
+
+    down = sub.add_parser("down", help="stop a running `corral up`")
+    down.add_argument("--timeout", type=float, default=30.0)
+
+    ps = sub.add_parser("ps", help="list executions (running ones unless --all)")
+    ps.add_argument("--all", "-a", action="store_true", help="include finished executions")
+    ps.add_argument("--json", action="store_true")
+
+    logs = sub.add_parser("logs", help="print an execution's output")
+    logs.add_argument("execution_id", metavar="EXEC_ID")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it exits")
+    logs.add_argument("--stream", choices=["stdout", "stderr"], help="only one stream")
+
+    tap = sub.add_parser("tap", help="print events as JSON lines, live")
+    tap.add_argument("pattern", nargs="?", help="subject pattern or execution id (default: all)")
+    tap.add_argument("--since", help="start at a sequence number, a duration ago (10m) or `all`")
+    tap.add_argument("--limit", type=int, help="exit after this many events")
+
+    sql = sub.add_parser("sql", help="query the DuckDB projections (read-only)")
+    sql.add_argument("sql", metavar="SQL")
+    sql.add_argument("--json", action="store_true")
+    sql.add_argument("--max-rows", type=int, default=10000)
+
+    projections = sub.add_parser("projections", help="manage the DuckDB projections")
+    psub = projections.add_subparsers(dest="action", metavar="ACTION", required=True)
+    psub.add_parser("rebuild", help="rebuild every table from the event log")
+
+    schema = sub.add_parser("schema", help="JSON Schema of every event type")
+    schema.add_argument("--type", help="one event type only")
+    schema.add_argument("--list", action="store_true", help="list the types and their subjects")
+    return parser
+
+
+COMMANDS: dict[str, Any] = {
+    "run": commands.cmd_run,
+    "up": commands.cmd_up,
+    "down": commands.cmd_down,
+    "ps": commands.cmd_ps,
+    "logs": commands.cmd_logs,
+    "tap": commands.cmd_tap,
+    "sql": commands.cmd_sql,
+    "projections": commands.cmd_rebuild,
+    "schema": commands.cmd_schema,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="corral: %(name)s: %(message)s")
+    home = Home.from_env()
+    handler = COMMANDS[args.cmd]
+    try:
+        result = handler(home, args)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result)
+    except CorralError as exc:
+        sys.stderr.write(f"corral: error: {exc.message}\n")
+        return exc.exit_code
+    except (ProjectionError, EventError) as exc:
+        sys.stderr.write(f"corral: error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

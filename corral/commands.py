@@ -1,0 +1,499 @@
+"""What each `corral` command does, on top of a System (running, or started for the command)."""
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from actors.errors import WorkspaceError
+from actors.worktree import repo_root, resolve_commit
+from corral import render
+from corral.errors import CorralError, NotFound, UsageError
+from corral.home import Home, SystemLock
+from corral.system import System, open_system
+from events.envelope import new_event
+from events.ids import is_valid_execution_id, new_execution_id
+from events.schema import all_schemas, event_schema
+from events.subjects import (
+    ALL_EVENTS,
+    API_REBUILD,
+    API_SQL,
+    STREAM,
+    event_subject,
+    events_of_type,
+    execution_events,
+)
+from events.types import EVENT_TYPES, ExecutionRequested
+from replay.history import follow, last_sequence
+
+CLAIM_TIMEOUT_S = 30.0
+TERMINAL_TYPES = ("execution.exited", "execution.failed")
+
+
+def info(message: str) -> None:
+    sys.stderr.write(f"corral: {message}\n")
+    sys.stderr.flush()
+
+
+# --- ids ---------------------------------------------------------------------------------------
+
+
+async def known_execution_ids(system: System) -> list[str]:
+    """List every execution id in the log, read from the stream's subjects (no projection needed)."""
+    stream = await system.bus.js.stream_info(
+        STREAM, subjects_filter=events_of_type("execution.requested")
+    )
+    return sorted(subject.split(".")[2] for subject in (stream.state.subjects or {}))
+
+
+async def resolve_execution_id(system: System, prefix: str) -> str:
+    """Return the one execution id starting with prefix, or raise a clear error."""
+    if not is_valid_execution_id(prefix.lower()):
+        raise NotFound(f"{prefix!r} is not an execution id; `corral ps --all` lists them")
+    matches = [i for i in await known_execution_ids(system) if i.startswith(prefix.lower())]
+    if not matches:
+        raise NotFound(f"no execution matches {prefix!r}; `corral ps --all` lists them")
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (" …" if len(matches) > 5 else "")
+        raise UsageError(f"{prefix!r} matches {len(matches)} executions ({shown}); type more of the id")
+    return matches[0]
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--env expects NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
+def check_command(command: list[str], repo: Path) -> None:
+    if not command:
+        raise UsageError("no command to run; put it after `--`, e.g. corral run -- python agent.py")
+    program = command[0]
+    if "/" in program:
+        candidate = Path(program) if os.path.isabs(program) else repo / program
+        if not candidate.is_file():
+            raise UsageError(f"command not found: {program} (looked for {candidate})")
+        if not os.access(candidate, os.X_OK):
+            raise UsageError(f"command is not executable: {candidate} (chmod +x it)")
+    elif shutil.which(program) is None:
+        raise UsageError(f"command not found: {program} (not on PATH)")
+
+
+def start_background_system(home: Home) -> int:
+    """Start `corral up` detached from this terminal and wait until it is ready; return its pid."""
+    home.ensure()
+    with open(home.up_log, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "corral", "up"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=os.environ.copy(),
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        runtime = home.read_runtime()
+        if runtime and runtime.get("ready") and runtime.get("pid") == process.pid:
+            return process.pid
+        if process.poll() is not None:
+            raise CorralError(f"background `corral up` exited with {process.returncode}; see {home.up_log}")
+        time.sleep(0.05)
+    process.terminate()
+    raise CorralError(f"background `corral up` did not become ready in 20s; see {home.up_log}")
+
+
+async def cmd_run(home: Home, args: Any) -> int:
+    try:
+        repo = repo_root(args.repo)
+        resolve_commit(repo, args.base)
+    except WorkspaceError as exc:
+        raise UsageError(str(exc)) from None
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    check_command(command, repo)
+    request = ExecutionRequested(
+        command=tuple(command),
+        repo=str(repo),
+        base=args.base,
+        task=args.task,
+        env=parse_env(args.env or []),
+        labels=parse_env(args.label or []),
+        requested_by=os.environ.get("USER"),
+    )
+    execution_id = new_execution_id()
+    if args.detach:
+        if not SystemLock(home).is_held_elsewhere():
+            pid = start_background_system(home)
+            info(f"started a background system (corral up, pid {pid}, log {home.up_log}); "
+                 "stop it with `corral down`")
+        async with open_system(home) as system:
+            await system.bus.publisher.publish(new_event(execution_id, request, actor="cli"))
+        print(execution_id)
+        return 0
+    async with open_system(home) as system:
+        return await _run_and_follow(system, execution_id, request, quiet=args.quiet)
+
+
+async def _run_and_follow(
+    system: System, execution_id: str, request: ExecutionRequested, *, quiet: bool
+) -> int:
+    outcome: dict[str, Any] = {}
+    claimed = asyncio.Event()
+    finished = asyncio.Event()
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted.set)
+
+    async def on_event(seq: int, msg: Msg) -> bool:
+        kind = msg.subject.split(".", 3)[3]
+        if kind == "output":
+            data = orjson.loads(msg.data)["data"]
+            stream = sys.stdout if data["stream"] == "stdout" else sys.stderr
+            stream.write(data["text"])
+            stream.flush()
+            outcome["chunks"] = outcome.get("chunks", 0) + 1
+            return False
+        data = orjson.loads(msg.data)["data"]
+        if kind == "execution.claimed":
+            claimed.set()
+        elif kind == "workspace.created" and not quiet:
+            info(f"{execution_id}: worktree {data['path']} (branch {data['branch']})")
+        elif kind == "execution.started" and not quiet:
+            info(f"{execution_id}: started pid {data['pid']}: {' '.join(data['command'])}")
+        elif kind == "protocol.error" and not quiet:
+            info(f"{execution_id}: protocol error: {data['error']}")
+        elif kind in TERMINAL_TYPES:
+            outcome.update(kind=kind, **data)
+            return True
+        return False
+
+    follower = asyncio.create_task(
+        follow(system.bus.js, execution_events(execution_id), on_event, done=finished)
+    )
+    await system.bus.publisher.publish(new_event(execution_id, request, actor="cli"))
+    claim_deadline = time.monotonic() + CLAIM_TIMEOUT_S
+    detached = False
+    try:
+        while not finished.is_set():
+            waiter = asyncio.create_task(finished.wait())
+            stopper = asyncio.create_task(interrupted.wait())
+            await asyncio.wait({waiter, stopper}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if follower.done():
+                follower.result()
+                break
+            if interrupted.is_set():
+                if system.owned:
+                    info(f"{execution_id}: interrupted; stopping the agent")
+                    await system.actors["spawner"].stop() if "spawner" in system.actors else None
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(finished.wait(), 15)
+                else:
+                    detached = True
+                    info(f"detached from {execution_id}; it keeps running: corral logs -f {execution_id}")
+                break
+            if not claimed.is_set() and time.monotonic() > claim_deadline:
+                info(
+                    f"{execution_id}: no spawner claimed the request within {CLAIM_TIMEOUT_S:.0f}s; "
+                    "it stays queued. Is a spawner running? (`corral up`)"
+                )
+                return 1
+    finally:
+        finished.set()
+        with contextlib.suppress(Exception):
+            await follower
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if detached:
+        return 130
+    return _summarise(execution_id, outcome, quiet=quiet)
+
+
+def _summarise(execution_id: str, outcome: dict[str, Any], *, quiet: bool) -> int:
+    if outcome.get("kind") == "execution.failed":
+        info(f"{execution_id} failed ({outcome['stage']}): {outcome['error']}")
+        return 1
+    if outcome.get("kind") != "execution.exited":
+        info(f"{execution_id}: ended without a recorded exit")
+        return 1
+    code = outcome.get("exit_code")
+    sig = outcome.get("signal")
+    status = f"exit {code}" if sig is None else f"killed by signal {sig}"
+    if not quiet:
+        info(
+            f"{execution_id} {status} in {render.human_duration(outcome['duration_s'])} · "
+            f"{outcome.get('chunks', 0)} output chunks · `corral logs {execution_id}`"
+        )
+    if sig is not None:
+        return 128 + int(sig)
+    return int(code) if code is not None else 1
+
+
+# --- up / down ---------------------------------------------------------------------------------
+
+
+async def cmd_up(home: Home, args: Any) -> int:
+    actors = tuple(a.strip() for a in args.actors.split(",") if a.strip()) if args.actors else None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    kwargs: dict[str, Any] = {"mode": "up", "client_ok": False, "max_running": args.max_running}
+    if actors:
+        kwargs["actors"] = actors
+    async with open_system(home, **kwargs) as system:
+        info(
+            f"up: NATS {system.url}{' (embedded)' if system.server else ''} · "
+            f"actors {', '.join(system.actors)} · home {home.root}"
+        )
+        info("Ctrl-C or SIGTERM stops everything")
+        waiters = [asyncio.create_task(stop.wait())] + [
+            asyncio.create_task(actor.wait()) for actor in system.actors.values()
+        ]
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in waiters:
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                info(f"an actor failed: {task.exception()!r}; stopping")
+        info("stopping")
+    info("stopped")
+    return 0
+
+
+def cmd_down(home: Home, args: Any) -> int:
+    runtime = home.read_runtime()
+    if not SystemLock(home).is_held_elsewhere() or runtime is None:
+        info(f"no Corral system is running on {home.root}")
+        return 0
+    if runtime.get("mode") != "up":
+        raise CorralError(
+            f"the running system belongs to a `corral {runtime.get('mode')}` command "
+            f"(pid {runtime.get('pid')}); it stops when that command ends"
+        )
+    pid = int(runtime["pid"])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        if not SystemLock(home).is_held_elsewhere():
+            info(f"stopped corral up (pid {pid})")
+            return 0
+        time.sleep(0.1)
+    raise CorralError(f"corral up (pid {pid}) did not stop within {args.timeout}s; kill it with `kill {pid}`")
+
+
+# --- queries -----------------------------------------------------------------------------------
+
+
+async def query(system: System, sql: str, *, max_rows: int = 10000) -> dict[str, Any]:
+    """Run SQL on the projector's connection after it has applied every event logged so far."""
+    request = {"sql": sql, "max_rows": max_rows, "min_seq": await last_sequence(system.bus.js)}
+    try:
+        reply = await system.bus.nc.request(API_SQL, orjson.dumps(request), timeout=60)
+    except (NoRespondersError, NatsTimeoutError):
+        raise CorralError(
+            "no projector answers on this system (was `corral up` started with --actors without "
+            "projector?)"
+        ) from None
+    result: dict[str, Any] = orjson.loads(reply.data)
+    if not result.get("ok"):
+        raise UsageError(f"SQL error: {result.get('error')}")
+    return result
+
+
+async def cmd_sql(home: Home, args: Any) -> int:
+    async with open_system(home, actors=("projector",)) as system:
+        result = await query(system, args.sql, max_rows=args.max_rows)
+    if args.json:
+        render.print_json(render.records(result["columns"], result["rows"]))
+    elif result["columns"]:
+        print(render.table(result["columns"], result["rows"]))
+    if result["truncated"]:
+        info(f"showing the first {args.max_rows} rows; raise --max-rows or add LIMIT")
+    return 0
+
+
+PS_COLUMNS = (
+    "execution_id, state, requested_at, duration_s, exit_code, signal, command, repo, "
+    "error, worktree, output_bytes"
+)
+
+
+async def cmd_ps(home: Home, args: Any) -> int:
+    where = "" if args.all else "WHERE state NOT IN ('exited', 'failed')"
+    async with open_system(home, actors=("projector",)) as system:
+        result = await query(
+            system, f"SELECT {PS_COLUMNS} FROM executions {where} ORDER BY requested_at DESC"
+        )
+    rows = render.records(result["columns"], result["rows"])
+    if args.json:
+        render.print_json(rows)
+        return 0
+    if not rows:
+        info("no executions" + ("" if args.all else " running; `corral ps --all` shows finished ones"))
+        return 0
+    now = datetime.now(UTC)
+    table_rows = []
+    for row in rows:
+        exit_text = "-"
+        if row["signal"] is not None:
+            exit_text = f"sig {row['signal']}"
+        elif row["exit_code"] is not None:
+            exit_text = str(row["exit_code"])
+        age = (now - row["requested_at"]).total_seconds() if row["requested_at"] else None
+        table_rows.append(
+            [row["execution_id"], row["state"], render.human_duration(age) + " ago",
+             render.human_duration(row["duration_s"]), exit_text, row["command"],
+             row["error"] or row["repo"]]
+        )
+    print(render.table(["id", "state", "age", "duration", "exit", "command", "repo / error"], table_rows))
+    return 0
+
+
+# --- logs / tap --------------------------------------------------------------------------------
+
+
+async def cmd_logs(home: Home, args: Any) -> int:
+    async with open_system(home, actors=()) as system:
+        execution_id = await resolve_execution_id(system, args.execution_id)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        async def on_event(seq: int, msg: Msg) -> bool:
+            kind = msg.subject.split(".", 3)[3]
+            if kind == "output":
+                data = orjson.loads(msg.data)["data"]
+                if args.stream in (None, data["stream"]):
+                    out = sys.stdout if data["stream"] == "stdout" or args.stream else sys.stderr
+                    out.write(data["text"])
+                    out.flush()
+            return args.follow and kind in TERMINAL_TYPES
+
+        await follow(
+            system.bus.js, execution_events(execution_id), on_event,
+            stop_when_caught_up=not args.follow, done=stop,
+        )
+    return 0
+
+
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+
+
+def parse_since(text: str) -> dict[str, Any]:
+    """`--since` is a stream sequence (123), a duration (90s, 10m, 2h, 1d) or `all`."""
+    if text == "all":
+        return {"start_seq": 1}
+    if text.isdigit():
+        return {"start_seq": int(text)}
+    match = DURATION.match(text)
+    if not match:
+        raise UsageError(f"--since expects a sequence number, a duration like 10m, or all; got {text!r}")
+    unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return {"start_time": datetime.now(UTC) - timedelta(seconds=float(match.group(1)) * unit)}
+
+
+async def cmd_tap(home: Home, args: Any) -> int:
+    position = parse_since(args.since) if args.since else {"new_only": True}
+    async with open_system(home, actors=()) as system:
+        pattern = args.pattern or ALL_EVENTS
+        if "." not in pattern and pattern not in (">", "*"):
+            pattern = execution_events(await resolve_execution_id(system, pattern))
+        elif not pattern.startswith("corral.evt."):
+            raise UsageError(
+                f"{pattern!r} is outside the event log; patterns look like corral.evt.<id>.> "
+                "or corral.evt.*.execution.exited, or give an execution id"
+            )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        out = sys.stdout.buffer
+        count = 0
+
+        async def on_event(seq: int, msg: Msg) -> bool:
+            nonlocal count
+            out.write(b'{"seq":%d,%s\n' % (seq, msg.data[1:]))
+            out.flush()
+            count += 1
+            return bool(args.limit and count >= args.limit)
+
+        await follow(system.bus.js, pattern, on_event, done=stop, **position)
+    return 0
+
+
+# --- projections, schema -----------------------------------------------------------------------
+
+
+async def cmd_rebuild(home: Home, args: Any) -> int:
+    started = time.monotonic()
+    async with open_system(home, actors=("projector",)) as system:
+        nc = system.bus.nc
+        progress_inbox = nc.new_inbox()
+        tty = sys.stderr.isatty()
+
+        async def on_progress(msg: Msg) -> None:
+            p = orjson.loads(msg.data)
+            line = f"rebuilding: {p['done']:,}/{p['total']:,} events"
+            sys.stderr.write(f"\r{line}" if tty else f"corral: {line}\n")
+            sys.stderr.flush()
+
+        sub = await nc.subscribe(progress_inbox, cb=on_progress)
+        try:
+            reply = await nc.request(
+                API_REBUILD, orjson.dumps({"progress": progress_inbox}), timeout=24 * 3600
+            )
+        except NoRespondersError:
+            raise CorralError("no projector answers on this system; start one with `corral up`") from None
+        finally:
+            await sub.unsubscribe()
+    if tty:
+        sys.stderr.write("\n")
+    result = orjson.loads(reply.data)
+    if not result.get("ok"):
+        raise CorralError(f"rebuild failed: {result.get('error')}; the previous tables are unchanged")
+    info(
+        f"rebuilt {result['events']:,} events into {home.database} "
+        f"in {time.monotonic() - started:.1f}s (position {result['position']})"
+    )
+    return 0
+
+
+def cmd_schema(home: Home, args: Any) -> int:
+    if args.type:
+        if args.type not in EVENT_TYPES:
+            raise NotFound(f"unknown event type {args.type!r}; `corral schema --list` names them all")
+        render.print_json(event_schema(args.type))
+    elif args.list:
+        for name in sorted(EVENT_TYPES):
+            doc = (EVENT_TYPES[name].__doc__ or "").strip().splitlines()
+            print(f"{name:32} {event_subject('<id>', name):48} {doc[0] if doc else ''}".rstrip())
+    else:
+        render.print_json(all_schemas())
+    return 0

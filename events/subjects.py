@@ -1,0 +1,42 @@
+"""Subject names, stream and consumer names and header keys: the one place they are spelled."""
+
+from typing import Final
+
+STREAM: Final = "CORRAL"
+EVENT_PREFIX: Final = "corral.evt"
+ALL_EVENTS: Final = "corral.evt.>"
+
+SPAWNER_CONSUMER: Final = "spawner"
+PROJECTOR_CONSUMER: Final = "projector"
+
+# Request/reply services offered by a running `corral up` (core NATS, not part of the log).
+API_SQL: Final = "corral.api.sql"
+API_REBUILD: Final = "corral.api.projections.rebuild"
+API_POSITION: Final = "corral.api.projections.position"
+
+HEALTH_BUCKET: Final = "corral_health"
+
+HDR_MSG_ID: Final = "Nats-Msg-Id"
+HDR_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
+HDR_STATUS: Final = "Status"
+
+
+def event_subject(execution_id: str, event_type: str) -> str:
+    """Return the subject an event of this type for this execution is published on."""
+    return f"{EVENT_PREFIX}.{execution_id}.{event_type}"
+
+
+def execution_events(execution_id: str) -> str:
+    """Return the filter matching every event of one execution."""
+    return f"{EVENT_PREFIX}.{execution_id}.>"
+
+
+def events_of_type(event_type: str) -> str:
+    """Return the filter matching one event type across all executions."""
+    return f"{EVENT_PREFIX}.*.{event_type}"
+
+
+def split_subject(subject: str) -> tuple[str, str]:
+    """Return (execution_id, event_type) of an event subject."""
+    parts = subject.split(".", 3)
+    return parts[2], parts[3]

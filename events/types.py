@@ -1,0 +1,488 @@
+"""The closed set of event types: one frozen pydantic model per type, keyed by its `type` name.
+
+Requests are events too (`*.requested`, `approval.decision.submitted`); the actor that owns the
+effect reacts and records the outcome. The set covers the whole design; docs/events.md lists
+which actor records each type and which are not emitted yet.
+"""
+
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from events.errors import UnknownEventType
+
+
+class EventData(BaseModel):
+    """Base of every event payload; `TYPE` is the event's type name."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    TYPE: ClassVar[str] = ""
+
+
+EVENT_TYPES: dict[str, type[EventData]] = {}
+
+
+def event_type(name: str) -> Any:
+    """Register a payload model under its type name."""
+
+    def register(cls: type[EventData]) -> type[EventData]:
+        if name in EVENT_TYPES:
+            raise ValueError(f"event type {name} registered twice")
+        cls.TYPE = name
+        EVENT_TYPES[name] = cls
+        return cls
+
+    return register
+
+
+def model_for(name: str) -> type[EventData]:
+    """Return the payload model of a type name, or raise UnknownEventType."""
+    try:
+        return EVENT_TYPES[name]
+    except KeyError:
+        raise UnknownEventType(name) from None
+
+
+Stream = Literal["stdout", "stderr"]
+
+
+class Timeouts(BaseModel):
+    """Time limits of an execution, in seconds; None means no limit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    hard: float | None = None
+    idle: float | None = None
+    spawn: float | None = None
+
+
+class Limits(BaseModel):
+    """Resource limits of an execution's process group."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    disk_bytes: int | None = None
+
+
+# --- execution lifecycle (spawner) -------------------------------------------------------------
+
+
+@event_type("execution.requested")
+class ExecutionRequested(EventData):
+    """Someone asks for an execution; one spawner claims and runs it."""
+
+    command: tuple[str, ...] = Field(min_length=1)
+    repo: str
+    base: str = "HEAD"
+    task: str | None = None
+    agent: str = "command"
+    template: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    priority: int = 0
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+    labels: dict[str, str] = Field(default_factory=dict)
+    requested_by: str | None = None
+    replay_of: str | None = None
+    fork_of: str | None = None
+    fork_checkpoint: int | None = None
+
+
+@event_type("execution.claimed")
+class ExecutionClaimed(EventData):
+    """A spawner won the request (an optimistic append: only the first claim is stored)."""
+
+    spawner: str
+    host: str
+
+
+@event_type("execution.queued")
+class ExecutionQueued(EventData):
+    """The claiming spawner is at its concurrency limit; the execution waits."""
+
+    position: int
+
+
+@event_type("workspace.created")
+class WorkspaceCreated(EventData):
+    """The execution's git worktree exists."""
+
+    path: str
+    branch: str
+    repo: str
+    base_commit: str
+
+
+@event_type("execution.started")
+class ExecutionStarted(EventData):
+    """The agent process runs, leader of its own process group."""
+
+    pid: int
+    pgid: int
+    host: str
+    command: tuple[str, ...]
+    cwd: str
+
+
+@event_type("output")
+class Output(EventData):
+    """A coalesced chunk of the agent's stdout or stderr (control lines removed)."""
+
+    stream: Stream
+    n: int
+    text: str
+
+
+@event_type("heartbeat")
+class Heartbeat(EventData):
+    """The agent (or `corral wrap`) says it is alive; resets the idle timer."""
+
+    source: Literal["agent", "wrapper"] = "agent"
+    note: str | None = None
+    progress: float | None = None
+
+
+@event_type("protocol.error")
+class ProtocolError(EventData):
+    """An agent control line could not be understood; the agent keeps running."""
+
+    line: str
+    error: str
+
+
+@event_type("execution.exited")
+class ExecutionExited(EventData):
+    """The agent process ended."""
+
+    exit_code: int | None
+    signal: int | None = None
+    duration_s: float
+    reason: Literal["exited", "cancelled", "timeout", "spawner_stopped", "lost"] = "exited"
+
+
+@event_type("execution.failed")
+class ExecutionFailed(EventData):
+    """The execution could not start or was abandoned; nothing of it is left running."""
+
+    stage: Literal["workspace", "spawn", "claim", "internal"]
+    error: str
+
+
+@event_type("workspace.removed")
+class WorkspaceRemoved(EventData):
+    """The execution's worktree was deleted."""
+
+    path: str
+    forced: bool = False
+
+
+# --- live control (spawner, watchdog) ----------------------------------------------------------
+
+
+@event_type("input.requested")
+class InputRequested(EventData):
+    text: str
+    requested_by: str | None = None
+
+
+@event_type("input.delivered")
+class InputDelivered(EventData):
+    text: str
+    bytes: int
+
+
+@event_type("pause.requested")
+class PauseRequested(EventData):
+    reason: str | None = None
+    requested_by: str | None = None
+
+
+@event_type("execution.paused")
+class ExecutionPaused(EventData):
+    pids: tuple[int, ...]
+
+
+@event_type("resume.requested")
+class ResumeRequested(EventData):
+    reason: str | None = None
+    requested_by: str | None = None
+
+
+@event_type("execution.resumed")
+class ExecutionResumed(EventData):
+    pids: tuple[int, ...]
+
+
+@event_type("cancel.requested")
+class CancelRequested(EventData):
+    grace_s: float = 10.0
+    reason: str | None = None
+    requested_by: str | None = None
+
+
+@event_type("timeout.extend.requested")
+class TimeoutExtendRequested(EventData):
+    seconds: float
+
+
+@event_type("timeout.extended")
+class TimeoutExtended(EventData):
+    hard_deadline: datetime
+
+
+@event_type("priority.requested")
+class PriorityRequested(EventData):
+    priority: int
+
+
+@event_type("priority.changed")
+class PriorityChanged(EventData):
+    priority: int
+
+
+@event_type("execution.stalled")
+class ExecutionStalled(EventData):
+    idle_s: float
+    reaction: Literal["notify", "pause", "cancel", "restart"]
+
+
+@event_type("execution.timed_out")
+class ExecutionTimedOut(EventData):
+    kind: Literal["hard", "idle", "spawn"]
+    limit_s: float
+
+
+@event_type("execution.retry_scheduled")
+class ExecutionRetryScheduled(EventData):
+    attempt: int
+    delay_s: float
+    failure_class: str
+    retry_execution_id: str
+
+
+@event_type("execution.crash_loop")
+class ExecutionCrashLoop(EventData):
+    failures: int
+    window_s: float
+
+
+@event_type("limit.exceeded")
+class LimitExceeded(EventData):
+    limit: Literal["memory", "cpu", "disk", "cost"]
+    value: float
+    maximum: float
+
+
+# --- changes (checkpointer) --------------------------------------------------------------------
+
+
+class FileStat(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str
+    added: int | None
+    deleted: int | None
+
+
+@event_type("file.touched")
+class FileTouched(EventData):
+    path: str
+    change: Literal["created", "modified", "deleted"]
+
+
+@event_type("checkpoint.requested")
+class CheckpointRequested(EventData):
+    trigger: Literal["interval", "files", "pause", "approval", "exit", "demand", "rollback"]
+
+
+@event_type("checkpoint.created")
+class CheckpointCreated(EventData):
+    n: int
+    ref: str
+    commit: str
+    tree: str
+    parent: str | None
+    trigger: str
+    files: tuple[FileStat, ...]
+    duration_ms: float
+
+
+@event_type("commit.requested")
+class CommitRequested(EventData):
+    message: str
+    paths: tuple[str, ...] = ()
+
+
+@event_type("change.committed")
+class ChangeCommitted(EventData):
+    commit: str
+    message: str
+    paths: tuple[str, ...]
+
+
+@event_type("rollback.requested")
+class RollbackRequested(EventData):
+    to_checkpoint: int | None = None
+    paths: tuple[str, ...] = ()
+
+
+@event_type("change.rolled_back")
+class ChangeRolledBack(EventData):
+    to_checkpoint: int
+    paths: tuple[str, ...]
+    checkpoint: int | None
+
+
+@event_type("pr.requested")
+class PullRequestRequested(EventData):
+    title: str
+    body: str | None = None
+    base: str | None = None
+
+
+@event_type("pr.opened")
+class PullRequestOpened(EventData):
+    url: str
+    number: int
+    branch: str
+
+
+@event_type("pr.failed")
+class PullRequestFailed(EventData):
+    error: str
+
+
+# --- agent activity (adapters) -----------------------------------------------------------------
+
+
+@event_type("session.started")
+class SessionStarted(EventData):
+    session_id: str
+    model: str | None = None
+    tools: tuple[str, ...] = ()
+
+
+@event_type("agent.message")
+class AgentMessage(EventData):
+    text: str
+
+
+@event_type("tool.called")
+class ToolCalled(EventData):
+    call_id: str | None = None
+    name: str
+    input_summary: str
+    shell_command: str | None = None
+
+
+@event_type("tool.result")
+class ToolResult(EventData):
+    call_id: str | None = None
+    name: str | None = None
+    ok: bool
+    summary: str
+
+
+@event_type("usage")
+class Usage(EventData):
+    """Tokens and cost since the previous usage event (a tick, not a total)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_usd: float = 0.0
+    model: str | None = None
+
+
+@event_type("agent.result")
+class AgentResult(EventData):
+    ok: bool
+    text: str | None = None
+    turns: int | None = None
+
+
+# --- policy and approvals (validator, approver) ------------------------------------------------
+
+
+class Violation(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str | None
+    rule: str
+    severity: Literal["info", "warning", "critical"]
+    message: str
+    category: str | None = None
+
+
+@event_type("validation.passed")
+class ValidationPassed(EventData):
+    checkpoint: int | None
+    policy_version: str
+    duration_ms: float
+
+
+@event_type("validation.failed")
+class ValidationFailed(EventData):
+    checkpoint: int | None
+    policy_version: str
+    violations: tuple[Violation, ...]
+    duration_ms: float
+
+
+@event_type("approval.needed")
+class ApprovalNeeded(EventData):
+    """An agent (or the validator) asks for a human decision; the approver assigns the id."""
+
+    question: str
+    options: tuple[str, ...] = ()
+    category: str | None = None
+    source: Literal["agent", "validator", "budget", "exit_code"] = "agent"
+
+
+@event_type("approval.requested")
+class ApprovalRequested(EventData):
+    approval_id: str
+    question: str
+    options: tuple[str, ...] = ()
+    category: str | None = None
+    expires_at: datetime | None = None
+
+
+@event_type("approval.decision.submitted")
+class ApprovalDecisionSubmitted(EventData):
+    approval_id: str
+    approve: bool
+    choice: str | None = None
+    note: str | None = None
+    decided_by: str | None = None
+
+
+@event_type("approval.granted")
+class ApprovalGranted(EventData):
+    approval_id: str
+    choice: str | None
+    note: str | None
+    decided_by: str | None
+
+
+@event_type("approval.denied")
+class ApprovalDenied(EventData):
+    approval_id: str
+    note: str | None
+    decided_by: str | None
+
+
+@event_type("approval.expired")
+class ApprovalExpired(EventData):
+    approval_id: str
+
+
+# --- replay and forking ------------------------------------------------------------------------
+
+
+@event_type("replay.diverged")
+class ReplayDiverged(EventData):
+    original_execution_id: str
+    at_event: str
+    expected: str
+    actual: str

@@ -1,0 +1,47 @@
+"""A small deterministic agent: reads its task from argv, edits files, prints progress, sleeps a little.
+
+Usage: python examples/agent.py [TASK] [--steps N] [--sleep S] [--exit CODE] [--heartbeat]
+Same task and options give the same file edits every time, so replays can be compared.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("task", nargs="?", default="say hello")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--sleep", type=float, default=0.1)
+    parser.add_argument("--exit", type=int, default=0, dest="exit_code")
+    parser.add_argument("--heartbeat", action="store_true", help="write heartbeat control lines")
+    parser.add_argument("--lines", type=int, default=1, help="output lines per step")
+    args = parser.parse_args()
+
+    slug = hashlib.sha256(args.task.encode()).hexdigest()[:8]
+    work = Path("agent-output")
+    work.mkdir(exist_ok=True)
+    print(f"agent: task {args.task!r} ({args.steps} steps)", flush=True)
+    for step in range(1, args.steps + 1):
+        target = work / f"step-{step}.txt"
+        target.write_text(f"task: {args.task}\nstep: {step}\nslug: {slug}\n")
+        for line in range(args.lines):
+            print(f"step {step}/{args.steps}: wrote {target} [{line}]", flush=True)
+        if args.heartbeat:
+            sys.stderr.write(json.dumps({"corral": "heartbeat", "progress": step / args.steps}) + "\n")
+            sys.stderr.flush()
+        time.sleep(args.sleep)
+    notes = Path("NOTES.md")
+    notes.write_text(f"# Notes\n\nDone: {args.task}\n")
+    print(f"agent: done, {args.steps} files written", flush=True)
+    if args.exit_code:
+        print(f"agent: exiting with {args.exit_code}", file=sys.stderr, flush=True)
+    return args.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

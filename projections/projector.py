@@ -1,0 +1,355 @@
+"""The projector: applies the event log to DuckDB in batches, exactly once.
+
+Each batch is applied in one DuckDB transaction that also records the last stream sequence
+applied, so a projector killed at any moment restarts from exactly where its rows end: a
+redelivered event at or below that position is skipped, never applied twice.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from actors.bus import Bus
+from actors.runtime import Actor
+from events.envelope import decode_event
+from events.errors import EventError
+from events.subjects import ALL_EVENTS, HDR_STATUS, STREAM
+from projections.errors import DatabaseLocked
+from projections.state import Execution, evolve
+from projections.tables import (
+    DDL,
+    EVENT_COLUMNS,
+    SCHEMA_VERSION,
+    STATE_COLUMNS,
+    json_columns_spec,
+)
+
+log = logging.getLogger(__name__)
+
+PULL_BATCH = 2000
+MAX_CREDIT = 16000
+MAX_APPLY = 50000
+PULL_EXPIRES_S = 5.0
+_EVENTS_SPEC = json_columns_spec(EVENT_COLUMNS)
+_STATE_SPEC = json_columns_spec(STATE_COLUMNS)
+_STATE_NAMES = list(STATE_COLUMNS)
+
+
+def open_database(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the DuckDB file, translating the lock error into one a user can act on."""
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as exc:
+        if "lock" in str(exc).lower():
+            raise DatabaseLocked(str(path), str(exc).splitlines()[0]) from None
+        raise
+
+
+def consumer_name(database: Path) -> str:
+    """Return the durable consumer name of the projector writing this DuckDB file."""
+    digest = hashlib.sha1(f"{socket.gethostname()}:{database.resolve()}".encode()).hexdigest()
+    return f"projector_{digest[:12]}"
+
+
+def _ack_sequence(reply: str) -> int:
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending> (9 tokens), or the
+    # v2 form with domain and account hash in front and a random token at the end (12 tokens).
+    tokens = reply.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+class BatchApplier:
+    """Apply batches of raw stream messages to DuckDB; owns the connection and the state cache."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, *, tmp_dir: Path, stream: str = STREAM) -> None:
+        self.con = con
+        self.stream = stream
+        self.tmp_dir = tmp_dir
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._batch_file = tmp_dir / f"projector-{os.getpid()}-{id(self)}.ndjson"
+        self._state_file = tmp_dir / f"projector-{os.getpid()}-{id(self)}-state.ndjson"
+        for statement in DDL:
+            con.execute(statement)
+        row = con.execute(
+            "SELECT seq FROM projector_position WHERE stream = ?", [stream]
+        ).fetchone()
+        self.position: int = int(row[0]) if row else 0
+        self.states: dict[str, Execution] = {}
+
+    def close(self) -> None:
+        for path in (self._batch_file, self._state_file):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def apply(self, batch: Sequence[tuple[int, str, bytes]]) -> int:
+        """Apply (seq, subject, payload) messages above the position; return how many were new."""
+        unique = {item[0]: item for item in batch if item[0] > self.position}
+        if not unique:
+            return 0
+        fresh = [unique[seq] for seq in sorted(unique)]
+        last = fresh[-1][0]
+        lines = []
+        for seq, _subject, payload in fresh:
+            if payload[:1] == b"{" and len(payload) > 2:
+                lines.append(b'{"seq":%d,%s' % (seq, payload[1:]))
+        self._batch_file.write_bytes(b"\n".join(lines))
+        con = self.con
+        con.begin()
+        try:
+            before = self.position
+            if lines:
+                con.execute(
+                    f"INSERT INTO events SELECT {', '.join(EVENT_COLUMNS)} FROM read_json(?, "
+                    f"format='newline_delimited', ignore_errors=true, columns={_EVENTS_SPEC})",
+                    [str(self._batch_file)],
+                )
+            self._record_rejects(fresh, before)
+            con.execute(
+                "INSERT INTO output SELECT seq, execution_id, ts, data->>'stream', "
+                "CAST(data->>'n' AS UINTEGER), data->>'text' FROM events "
+                "WHERE seq > ? AND type = 'output'",
+                [before],
+            )
+            self._apply_state(fresh)
+            con.execute(
+                "UPDATE executions SET output_chunks = executions.output_chunks + agg.chunks, "
+                "output_bytes = executions.output_bytes + agg.bytes, "
+                "last_output_at = greatest(executions.last_output_at, agg.last_ts) "
+                "FROM (SELECT execution_id, count(*) AS chunks, sum(strlen(text)) AS bytes, "
+                "max(ts) AS last_ts FROM output WHERE seq > ? GROUP BY execution_id) AS agg "
+                "WHERE executions.execution_id = agg.execution_id",
+                [before],
+            )
+            con.execute(
+                "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",
+                [self.stream, last, SCHEMA_VERSION, datetime.now(UTC)],
+            )
+            con.commit()
+        except BaseException:
+            con.rollback()
+            self.states.clear()  # the cache may hold states the rollback undid
+            raise
+        self.position = last
+        return len(fresh)
+
+    def _record_rejects(self, fresh: Sequence[tuple[int, str, bytes]], before: int) -> None:
+        stored = self.con.execute(
+            "SELECT count(*) FROM events WHERE seq > ?", [before]
+        ).fetchone()
+        if stored and stored[0] == len(fresh):
+            return
+        present = {
+            row[0] for row in self.con.execute("SELECT seq FROM events WHERE seq > ?", [before]).fetchall()
+        }
+        rejects = [
+            (seq, subject, payload.decode(errors="replace")[:10000], "not a valid event envelope")
+            for seq, subject, payload in fresh
+            if seq not in present
+        ]
+        self.con.executemany("INSERT INTO rejected_events VALUES (?, ?, ?, ?)", rejects)
+
+    def _apply_state(self, fresh: Sequence[tuple[int, str, bytes]]) -> None:
+        lifecycle = [item for item in fresh if not item[1].endswith(".output")]
+        if not lifecycle:
+            return
+        changed: dict[str, Execution] = {}
+        wanted = {subject.split(".", 3)[2] for _, subject, _ in lifecycle}
+        self._load_states(wanted - self.states.keys())
+        for seq, _subject, payload in lifecycle:
+            try:
+                event = decode_event(payload, seq=seq)
+            except EventError:
+                continue
+            state = self.states.get(event.execution_id)
+            new = evolve(state, event)
+            if new is not None and new is not state:
+                self.states[event.execution_id] = new
+                changed[event.execution_id] = new
+        if not changed:
+            return
+        self._state_file.write_bytes(
+            b"\n".join(orjson.dumps(state.model_dump(mode="json")) for state in changed.values())
+        )
+        assignments = ", ".join(f"{name} = excluded.{name}" for name in _STATE_NAMES[1:])
+        self.con.execute(
+            f"INSERT INTO executions ({', '.join(_STATE_NAMES)}) SELECT {', '.join(_STATE_NAMES)} "
+            f"FROM read_json(?, format='newline_delimited', columns={_STATE_SPEC}) "
+            f"ON CONFLICT (execution_id) DO UPDATE SET {assignments}",
+            [str(self._state_file)],
+        )
+        if len(self.states) > 50000:
+            self.states = {k: v for k, v in self.states.items() if v.state not in ("exited", "failed")}
+
+    def _load_states(self, ids: set[str]) -> None:
+        if not ids:
+            return
+        rows = self.con.execute(
+            f"SELECT {', '.join(_STATE_NAMES)} FROM executions WHERE execution_id IN "
+            f"(SELECT unnest(?))",
+            [sorted(ids)],
+        ).fetchall()
+        for row in rows:
+            record = dict(zip(_STATE_NAMES, row, strict=True))
+            record["command"] = tuple(record["command"] or ())
+            self.states[record["execution_id"]] = Execution.model_validate(record)
+
+
+class Projector(Actor):
+    """Keeps a DuckDB file in step with the event log."""
+
+    name = "projector"
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        database: Path,
+        tmp_dir: Path,
+        instance: str | None = None,
+    ) -> None:
+        super().__init__(bus, instance=instance)
+        self.database = database
+        self.tmp_dir = tmp_dir
+        self.durable = consumer_name(database)
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.applier: BatchApplier | None = None
+        self.position_changed = asyncio.Condition()
+        self._buffer: list[Msg] = []
+        self._arrived = asyncio.Event()
+        self._credit = 0
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def position(self) -> int:
+        return self.applier.position if self.applier else 0
+
+    def health(self) -> dict[str, Any]:
+        return {**super().health(), "position": self.position, "database": str(self.database)}
+
+    async def prepare(self) -> None:
+        self.open_database()
+        assert self.applier is not None
+        await self._reset_consumer(self.applier.position)
+
+    def open_database(self) -> None:
+        """Open (or reopen after a rebuild) the DuckDB file and read the applied position."""
+        self.con = open_database(self.database)
+        self.applier = BatchApplier(self.con, tmp_dir=self.tmp_dir)
+
+    def close_database(self) -> None:
+        if self.applier is not None:
+            self.applier.close()
+        if self.con is not None:
+            with contextlib.suppress(Exception):
+                self.con.execute("CHECKPOINT")
+            self.con.close()
+            self.con = None
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """Hold the projector between batches (for a rebuild's swap)."""
+        async with self._lock:
+            yield
+
+    async def _reset_consumer(self, position: int) -> None:
+        # DuckDB's position is the truth: the consumer always restarts right after it.
+        js = self.bus.js
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(STREAM, self.durable)
+        await js.add_consumer(
+            STREAM,
+            ConsumerConfig(
+                durable_name=self.durable,
+                filter_subject=ALL_EVENTS,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=position + 1,
+                ack_policy=AckPolicy.ALL,
+                ack_wait=120.0,
+                max_ack_pending=MAX_CREDIT * 8,
+                max_waiting=512,
+                inactive_threshold=7 * 24 * 3600.0,
+            ),
+        )
+
+    async def _on_message(self, msg: Msg) -> None:
+        if msg.headers and HDR_STATUS in msg.headers and not msg.data:
+            status = msg.headers.get(HDR_STATUS)
+            if status in ("408", "409", "404"):
+                pending = msg.headers.get("Nats-Pending-Messages")
+                self._credit -= int(pending) if pending else PULL_BATCH
+                self._credit = max(self._credit, 0)
+                self._arrived.set()
+            return
+        self._credit -= 1
+        self._buffer.append(msg)
+        if len(self._buffer) == 1 or self._credit < PULL_BATCH:
+            self._arrived.set()
+
+    async def _pull(self) -> None:
+        while self._credit + len(self._buffer) < MAX_CREDIT:
+            self._credit += PULL_BATCH
+            await self.bus.nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{self.durable}",
+                orjson.dumps({"batch": PULL_BATCH, "expires": int(PULL_EXPIRES_S * 1e9)}),
+                reply=self._inbox,
+            )
+
+    async def run(self) -> None:
+        assert self.applier is not None
+        self._inbox = self.bus.nc.new_inbox()
+        self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._on_message, pending_msgs_limit=-1)
+        try:
+            while not self.stopping.is_set():
+                await self._pull()
+                if not self._buffer:
+                    self._arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._arrived.wait(), 0.25)
+                    continue
+                await self._apply_buffered()
+        finally:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def _apply_buffered(self) -> None:
+        assert self.applier is not None
+        msgs, self._buffer = self._buffer[:MAX_APPLY], self._buffer[MAX_APPLY:]
+        batch = [(_ack_sequence(m.reply), m.subject, m.data) for m in msgs]
+        async with self._lock:
+            await asyncio.to_thread(self.applier.apply, batch)
+        await self.bus.nc.publish(msgs[-1].reply, b"+ACK")
+        async with self.position_changed:
+            self.position_changed.notify_all()
+
+    async def wait_for_position(self, seq: int, *, timeout_s: float = 10.0) -> bool:
+        """Wait until events up to `seq` are applied; return False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        async with self.position_changed:
+            while self.position < seq:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.position_changed.wait(), remaining)
+        return True
+
+    async def on_stop(self) -> None:
+        async with self._lock:
+            self.close_database()

@@ -1,0 +1,94 @@
+"""Read past events from the stream, in order, with an ordered consumer (no state on the server)."""
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from events.subjects import STREAM
+
+MsgHandler = Callable[[int, Msg], Awaitable[bool | None]]
+
+
+def stream_sequence(msg: Msg) -> int:
+    """Return the stream sequence of a message delivered by a JetStream consumer."""
+    tokens = msg.reply.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+def pending_after(msg: Msg) -> int:
+    """Return how many matching messages the stream held after this one when it was sent."""
+    tokens = msg.reply.split(".")
+    return int(tokens[8] if len(tokens) == 9 else tokens[10])
+
+
+async def last_sequence(js: JetStreamContext) -> int:
+    """Return the sequence of the newest event in the log (0 when empty)."""
+    info = await js.stream_info(STREAM)
+    return int(info.state.last_seq)
+
+
+async def follow(
+    js: JetStreamContext,
+    subject: str,
+    handle: MsgHandler,
+    *,
+    start_seq: int | None = None,
+    start_time: datetime | None = None,
+    new_only: bool = False,
+    stop_when_caught_up: bool = False,
+    done: asyncio.Event | None = None,
+) -> None:
+    """Deliver matching events to `handle` in stream order until it returns True or `done` is set.
+
+    With `stop_when_caught_up`, return once the events present at the start are delivered.
+    """
+    finished = done or asyncio.Event()
+    config = ConsumerConfig()
+    if start_seq is not None:
+        policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = max(start_seq, 1)
+    elif start_time is not None:
+        policy = DeliverPolicy.BY_START_TIME
+        config.opt_start_time = start_time
+    else:
+        policy = DeliverPolicy.NEW if new_only else DeliverPolicy.ALL
+    failure: list[BaseException] = []
+
+    async def on_msg(msg: Msg) -> None:
+        if finished.is_set():
+            return
+        try:
+            seq = stream_sequence(msg)
+            if await handle(seq, msg):
+                finished.set()
+            elif stop_when_caught_up and pending_after(msg) == 0:
+                finished.set()
+        except BaseException as exc:  # surfaced to the caller below
+            failure.append(exc)
+            finished.set()
+
+    if stop_when_caught_up:
+        info = await js.stream_info(STREAM, subjects_filter=subject)
+        if not info.state.subjects:
+            return
+    sub = await js.subscribe(
+        subject,
+        ordered_consumer=True,
+        deliver_policy=policy,
+        config=config,
+        cb=on_msg,
+        pending_msgs_limit=-1,
+        pending_bytes_limit=-1,
+    )
+    try:
+        await finished.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    if failure:
+        raise failure[0]
