@@ -103,7 +103,7 @@ class Actor:
     async def wait(self) -> None:
         """Wait until the actor's tasks end; raise what made them fail."""
         if self._main is not None:
-            await self._main
+            await asyncio.shield(self._main)
 
     async def stop(self) -> None:
         """Stop the loop, release what the actor owns, and forget its health record."""
@@ -117,7 +117,8 @@ class Actor:
                 self._main.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._main
-            except Exception:  # noqa: S110 - the failure was already raised to whoever awaited wait()
+            except (Exception, asyncio.CancelledError):
+                # A failed loop was already reported to whoever awaited wait(); stopping goes on.
                 pass
         await self.on_stop()
         if self._health is not None:

@@ -365,7 +365,12 @@ async def cmd_ps(home: Home, args: Any) -> int:
             exit_text = f"sig {row['signal']}"
         elif row["exit_code"] is not None:
             exit_text = str(row["exit_code"])
-        age = (now - row["requested_at"]).total_seconds() if row["requested_at"] else None
+        requested = row["requested_at"]
+        age = (
+            (now - datetime.fromisoformat(requested).replace(tzinfo=UTC)).total_seconds()
+            if requested
+            else None
+        )
         table_rows.append(
             [row["execution_id"], row["state"], render.human_duration(age) + " ago",
              render.human_duration(row["duration_s"]), exit_text, row["command"],

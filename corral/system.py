@@ -153,18 +153,24 @@ async def _shutdown(system: System) -> None:
     for sub in system._subs:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-    spawner = system.actors.get("spawner")
-    if spawner is not None:
-        await spawner.stop()
-    projector = system.projector
-    if projector is not None:
+    try:
+        spawner = system.actors.get("spawner")
+        if spawner is not None:
+            await spawner.stop()
+        projector = system.projector
+        if projector is not None:
+            try:
+                with contextlib.suppress(Exception):
+                    await projector.wait_for_position(
+                        await last_sequence(system.bus.js), timeout_s=10.0
+                    )
+            finally:
+                await projector.stop()
+    finally:
         with contextlib.suppress(Exception):
-            await projector.wait_for_position(await last_sequence(system.bus.js), timeout_s=10.0)
-        await projector.stop()
-    with contextlib.suppress(Exception):
-        await system.bus.close()
-    if system.server is not None:
-        await asyncio.to_thread(system.server.stop)
+            await system.bus.close()
+        if system.server is not None:
+            await asyncio.to_thread(system.server.stop)
 
 
 async def _serve_api(system: System) -> None:

@@ -48,12 +48,17 @@ PULL_EXPIRES_S = 5.0
 _EVENTS_SPEC = json_columns_spec(EVENT_COLUMNS)
 _STATE_SPEC = json_columns_spec(STATE_COLUMNS)
 _STATE_NAMES = list(STATE_COLUMNS)
+_STATE_SELECT = [
+    f"{name}::TIMESTAMP" if kind == "TIMESTAMPTZ" else name for name, kind in STATE_COLUMNS.items()
+]
 
 
 def open_database(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """Open the DuckDB file, translating the lock error into one a user can act on."""
     try:
-        return duckdb.connect(str(path), read_only=read_only)
+        con = duckdb.connect(str(path), read_only=read_only)
+        con.execute("SET TimeZone = 'UTC'")
+        return con
     except duckdb.IOException as exc:
         if "lock" in str(exc).lower():
             raise DatabaseLocked(str(path), str(exc).splitlines()[0]) from None
@@ -199,7 +204,7 @@ class BatchApplier:
         if not ids:
             return
         rows = self.con.execute(
-            f"SELECT {', '.join(_STATE_NAMES)} FROM executions WHERE execution_id IN "
+            f"SELECT {', '.join(_STATE_SELECT)} FROM executions WHERE execution_id IN "
             f"(SELECT unnest(?))",
             [sorted(ids)],
         ).fetchall()

@@ -9,18 +9,28 @@ from projections.errors import QueryError
 MAX_ROWS = 10000
 
 
+def _utc_naive(column: str, kind: str) -> str:
+    # Python's conversion of TIMESTAMPTZ needs pytz; UTC wall time carries the same instant.
+    quoted = '"' + column.replace('"', '""') + '"'
+    if kind == "TIMESTAMP WITH TIME ZONE":
+        return f"{quoted}::TIMESTAMP AS {quoted}"
+    return quoted
+
+
 def run_query(con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int = MAX_ROWS) -> dict[str, Any]:
     """Run one statement in a transaction that is always rolled back; return columns and rows."""
     cursor = con.cursor()
     try:
+        cursor.execute("SET TimeZone = 'UTC'")
         cursor.begin()
         try:
-            cursor.execute(sql)
-            if cursor.description is None:
+            relation = cursor.sql(sql)
+            if relation is None:
                 return {"columns": [], "types": [], "rows": [], "truncated": False}
-            columns = [d[0] for d in cursor.description]
-            types = [str(d[1]) for d in cursor.description]
-            rows = cursor.fetchmany(max_rows + 1)
+            columns = list(relation.columns)
+            types = [str(t) for t in relation.types]
+            relation = relation.project(", ".join(_utc_naive(c, t) for c, t in zip(columns, types, strict=True)))
+            rows = relation.limit(max_rows + 1).fetchall()
         finally:
             cursor.rollback()
     except duckdb.Error as exc:
