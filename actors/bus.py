@@ -27,6 +27,7 @@ class Bus:
     nc: NATS
     js: JetStreamContext
     publisher: Publisher
+    servers: list[str]
     clock: Clock = utc_now
 
     async def emit(
@@ -72,4 +73,4 @@ async def connect_bus(
     js = nc.jetstream(timeout=10.0)
     await ensure_event_stream(js, replicas=replicas)
     publisher = await Publisher(nc).start()
-    return Bus(nc=nc, js=js, publisher=publisher)
+    return Bus(nc=nc, js=js, publisher=publisher, servers=servers)

@@ -8,6 +8,7 @@ flight; the `Nats-Msg-Id` header (the event id) lets JetStream drop the copies a
 import asyncio
 import contextlib
 import itertools
+import time
 from typing import Any
 
 import orjson
@@ -34,6 +35,20 @@ class PubAck:
         self.duplicate = duplicate
 
 
+class _InFlight:
+    __slots__ = ("attempts", "future", "headers", "payload", "sent_at", "subject")
+
+    def __init__(
+        self, subject: str, payload: bytes, headers: dict[str, str], future: "asyncio.Future[PubAck]"
+    ) -> None:
+        self.subject = subject
+        self.payload = payload
+        self.headers = headers
+        self.future = future
+        self.attempts = 1
+        self.sent_at = time.monotonic()
+
+
 class Publisher:
     """Publish events to JetStream with pipelined acknowledgements."""
 
@@ -46,29 +61,82 @@ class Publisher:
         self._attempts = attempts
         self._prefix = f"_INBOX.{NUID().next().decode()}."
         self._tokens = itertools.count()
-        self._pending: dict[str, asyncio.Future[Msg]] = {}
+        self._pending: dict[str, _InFlight] = {}
         self._sub: Subscription | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> "Publisher":
         """Subscribe to the acknowledgement inbox; call once before publishing."""
-        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_ack)
+        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_ack, pending_msgs_limit=-1)
+        self._sweeper = asyncio.create_task(self._retry_lost())
         return self
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
 
     async def close(self) -> None:
         """Stop listening for acknowledgements; outstanding publishes fail."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
-        for future in self._pending.values():
-            if not future.done():
-                future.cancel()
+        for entry in self._pending.values():
+            if not entry.future.done():
+                entry.future.set_exception(PublishError(entry.subject, "publisher closed"))
         self._pending.clear()
 
+    def _finish(self, token: str) -> _InFlight | None:
+        entry = self._pending.pop(token, None)
+        if entry is not None:
+            self._window.release()
+        return entry
+
     async def _on_ack(self, msg: Msg) -> None:
-        future = self._pending.pop(msg.subject[len(self._prefix) :], None)
-        if future is not None and not future.done():
-            future.set_result(msg)
+        token = msg.subject[len(self._prefix) :]
+        entry = self._pending.get(token)
+        if entry is None:
+            return
+        try:
+            ack = self._parse_ack(entry.subject, msg)
+        except PublishError as exc:
+            self._finish(token)
+            if not entry.future.done():
+                entry.future.set_exception(exc)
+            return
+        if ack is None:  # no stream answered (503): leave it to the sweeper to retry
+            entry.sent_at = 0.0
+            return
+        self._finish(token)
+        if not entry.future.done():
+            entry.future.set_result(ack)
+
+    async def _retry_lost(self) -> None:
+        """Resend publishes whose acknowledgement did not come; the msg id makes resends safe."""
+        while True:
+            await asyncio.sleep(min(self._ack_timeout_s / 4, 0.5))
+            now = time.monotonic()
+            for token, entry in list(self._pending.items()):
+                if now - entry.sent_at < self._ack_timeout_s and entry.sent_at != 0.0:
+                    continue
+                if entry.attempts >= self._attempts:
+                    self._finish(token)
+                    if not entry.future.done():
+                        entry.future.set_exception(
+                            PublishError(entry.subject, f"no acknowledgement after {entry.attempts} attempts")
+                        )
+                    continue
+                entry.attempts += 1
+                entry.sent_at = now
+                with contextlib.suppress(Exception):
+                    await self._nc.publish(
+                        entry.subject, entry.payload, reply=self._prefix + token, headers=entry.headers
+                    )
 
     async def send(
         self, subject: str, payload: bytes, *, msg_id: str, expected_last_subject_seq: int | None = None
@@ -77,39 +145,20 @@ class Publisher:
 
         Waits only for a free slot in the window, never for the acknowledgement itself,
         so a caller can keep reading its input while earlier events are being stored.
+        A lost acknowledgement is retried with the same msg id, so JetStream stores it once.
         """
         await self._window.acquire()
         headers = {HDR_MSG_ID: msg_id}
         if expected_last_subject_seq is not None:
             headers[HDR_EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
-        return asyncio.ensure_future(self._publish_with_retry(subject, payload, headers))
-
-    async def _publish_with_retry(
-        self, subject: str, payload: bytes, headers: dict[str, str]
-    ) -> PubAck:
+        token = str(next(self._tokens))
+        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        self._pending[token] = _InFlight(subject, payload, headers, future)
         try:
-            last_error = "no acknowledgement"
-            for attempt in range(self._attempts):
-                token = str(next(self._tokens))
-                future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-                self._pending[token] = future
-                try:
-                    await self._nc.publish(
-                        subject, payload, reply=self._prefix + token, headers=headers
-                    )
-                    msg = await asyncio.wait_for(future, self._ack_timeout_s)
-                except TimeoutError:
-                    self._pending.pop(token, None)
-                    last_error = f"no acknowledgement within {self._ack_timeout_s}s"
-                    continue
-                ack = self._parse_ack(subject, msg)
-                if ack is not None:
-                    return ack
-                last_error = "no stream answered (503)"
-                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-            raise PublishError(subject, last_error)
-        finally:
-            self._window.release()
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+        except Exception:
+            self._pending[token].sent_at = 0.0  # the sweeper resends it once the link is back
+        return future
 
     @staticmethod
     def _parse_ack(subject: str, msg: Msg) -> PubAck | None:

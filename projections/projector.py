@@ -19,8 +19,6 @@ from typing import Any
 
 import duckdb
 import orjson
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
@@ -30,6 +28,7 @@ from events.envelope import decode_event
 from events.errors import EventError
 from events.subjects import ALL_EVENTS, HDR_STATUS, STREAM
 from projections.errors import DatabaseLocked
+from projections.intake import IntakeClient, status_of
 from projections.state import Execution, evolve
 from projections.tables import (
     DDL,
@@ -71,11 +70,18 @@ def consumer_name(database: Path) -> str:
     return f"projector_{digest[:12]}"
 
 
-def _ack_sequence(reply: str) -> int:
+def _ack_sequence(reply: bytes) -> int:
     # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending> (9 tokens), or the
     # v2 form with domain and account hash in front and a random token at the end (12 tokens).
-    tokens = reply.split(".")
+    tokens = reply.split(b".")
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+def _pending_messages(headers: bytes) -> int | None:
+    for line in headers.split(b"\r\n"):
+        if line.lower().startswith(b"nats-pending-messages:"):
+            return int(line.split(b":", 1)[1])
+    return None
 
 
 class BatchApplier:
@@ -100,6 +106,10 @@ class BatchApplier:
         for path in (self._batch_file, self._state_file):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+    def apply_raw(self, raw: Sequence[tuple[bytes, bytes, bytes]]) -> int:
+        """Apply (reply, subject, payload) as delivered by a JetStream consumer."""
+        return self.apply([(_ack_sequence(r), s.decode(), d) for r, s, d in raw])
 
     def apply(self, batch: Sequence[tuple[int, str, bytes]]) -> int:
         """Apply (seq, subject, payload) messages above the position; return how many were new."""
@@ -234,11 +244,11 @@ class Projector(Actor):
         self.con: duckdb.DuckDBPyConnection | None = None
         self.applier: BatchApplier | None = None
         self.position_changed = asyncio.Condition()
-        self._buffer: list[Msg] = []
+        self._buffer: list[tuple[bytes, bytes, bytes]] = []
+        self._intake: IntakeClient | None = None
         self._arrived = asyncio.Event()
         self._credit = 0
         self._inbox = ""
-        self._sub: Subscription | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -293,24 +303,24 @@ class Projector(Actor):
             ),
         )
 
-    async def _on_message(self, msg: Msg) -> None:
-        if msg.headers and HDR_STATUS in msg.headers and not msg.data:
-            status = msg.headers.get(HDR_STATUS)
-            if status in ("408", "409", "404"):
-                pending = msg.headers.get("Nats-Pending-Messages")
-                self._credit -= int(pending) if pending else PULL_BATCH
-                self._credit = max(self._credit, 0)
+    def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        if not data and headers:
+            status = status_of(headers)
+            if status in (404, 408, 409):
+                pending = _pending_messages(headers)
+                self._credit = max(self._credit - (pending if pending is not None else PULL_BATCH), 0)
                 self._arrived.set()
             return
         self._credit -= 1
-        self._buffer.append(msg)
+        self._buffer.append((reply, subject, data))
         if len(self._buffer) == 1 or self._credit < PULL_BATCH:
             self._arrived.set()
 
     async def _pull(self) -> None:
+        assert self._intake is not None
         while self._credit + len(self._buffer) < MAX_CREDIT:
             self._credit += PULL_BATCH
-            await self.bus.nc.publish(
+            await self._intake.publish(
                 f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{self.durable}",
                 orjson.dumps({"batch": PULL_BATCH, "expires": int(PULL_EXPIRES_S * 1e9)}),
                 reply=self._inbox,
@@ -318,8 +328,13 @@ class Projector(Actor):
 
     async def run(self) -> None:
         assert self.applier is not None
-        self._inbox = self.bus.nc.new_inbox()
-        self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._on_message, pending_msgs_limit=-1)
+        self._intake = IntakeClient()
+        await self._intake.connect(
+            servers=self.bus.servers, name=f"{self.instance}-intake", max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+        )
+        self._inbox = self._intake.new_inbox()
+        await self._intake.subscribe_raw(self._inbox, self._on_raw)
         try:
             while not self.stopping.is_set():
                 await self._pull()
@@ -331,15 +346,15 @@ class Projector(Actor):
                 await self._apply_buffered()
         finally:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+                await self._intake.close()
 
     async def _apply_buffered(self) -> None:
-        assert self.applier is not None
-        msgs, self._buffer = self._buffer[:MAX_APPLY], self._buffer[MAX_APPLY:]
-        batch = [(_ack_sequence(m.reply), m.subject, m.data) for m in msgs]
+        assert self._intake is not None
+        raw, self._buffer = self._buffer[:MAX_APPLY], self._buffer[MAX_APPLY:]
         async with self._lock:
-            await asyncio.to_thread(self.applier.apply, batch)
-        await self.bus.nc.publish(msgs[-1].reply, b"+ACK")
+            assert self.applier is not None
+            await asyncio.to_thread(self.applier.apply_raw, raw)
+        await self._intake.publish(raw[-1][0].decode(), b"+ACK")
         async with self.position_changed:
             self.position_changed.notify_all()
 
