@@ -1,6 +1,8 @@
 """The bus an actor holds: a NATS connection, its JetStream context and a pipelined publisher."""
 
+import asyncio
 from collections.abc import Callable
+from urllib.parse import urlparse
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -56,12 +58,36 @@ class Bus:
             await self.nc.drain()
 
 
+async def _probe(servers: list[str], timeout_s: float) -> None:
+    """Fail fast with OSError when no server answers (nats-py would retry an initial connect forever)."""
+    last: OSError = OSError("no NATS server given")
+    for server in servers:
+        parsed = urlparse(server if "://" in server else f"nats://{server}")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout_s
+            )
+        except (OSError, TimeoutError) as exc:
+            last = exc if isinstance(exc, OSError) else OSError(str(exc))
+            continue
+        writer.close()
+        return
+    raise last
+
+
 async def connect_bus(
     url: str | list[str], *, name: str = "corral", connect_timeout_s: float = 2.0, replicas: int = 1
 ) -> Bus:
     """Connect to NATS, make sure the event stream exists and return a ready Bus."""
     servers = url if isinstance(url, list) else [u for u in url.split(",") if u]
+    await _probe(servers, connect_timeout_s)
+
+    async def quiet(_exc: Exception) -> None:
+        # Disconnects are retried forever; the failures that matter surface as timeouts.
+        return None
+
     nc = await nats.connect(
+        error_cb=quiet,
         servers=servers,
         name=name,
         connect_timeout=connect_timeout_s,

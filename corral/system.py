@@ -122,7 +122,8 @@ async def open_system(
         await _serve_api(system)
         home.write_runtime(
             {"url": url, "pid": os.getpid(), "mode": mode, "actors": list(actors), "ready": True,
-             "embedded_server": server is not None, "started_at": time.time()}
+             "embedded_server": server is not None, "started_at": time.time(),
+             "server_pid": server.process.pid if server and server.process else None}
         )
         yield system
     finally:

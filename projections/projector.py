@@ -41,7 +41,7 @@ from projections.tables import (
 log = logging.getLogger(__name__)
 
 PULL_BATCH = 2000
-MAX_CREDIT = 16000
+MAX_CREDIT = 40000
 MAX_APPLY = 50000
 PULL_EXPIRES_S = 5.0
 _EVENTS_SPEC = json_columns_spec(EVENT_COLUMNS)

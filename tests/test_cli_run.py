@@ -1,0 +1,115 @@
+"""`corral run`, `ps`, `logs`, `sql`, `tap` end to end through the CLI, against a real nats-server."""
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.conftest import Cli, agent_command, processes_mentioning
+
+
+def test_run_streams_output_and_returns_exit_code(cli: Cli, repo: Path) -> None:
+    result = cli("run", "--repo", str(repo), *agent_command("fix the bug", "--steps", "2", "--exit", "3"))
+    assert result.returncode == 3, result.stderr
+    assert "step 1/2: wrote agent-output/step-1.txt" in result.stdout
+    assert "step 2/2" in result.stdout
+    assert "exit 3" in result.stderr
+
+    executions = json.loads(cli("ps", "--all", "--json", check=True).stdout)
+    assert len(executions) == 1
+    execution = executions[0]
+    assert execution["state"] == "exited"
+    assert execution["exit_code"] == 3
+    worktree = Path(execution["worktree"])
+    # The agent's edits are in its own worktree on its own branch; the repo itself is untouched.
+    assert (worktree / "agent-output" / "step-2.txt").read_text().startswith("task: fix the bug")
+    assert not (repo / "agent-output").exists()
+    branch = subprocess.run(
+        ["git", "-C", str(worktree), "rev-parse", "--abbrev-ref", "HEAD"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert branch == f"corral/{execution['execution_id']}"
+
+
+def test_ps_logs_sql_and_prefix_ids(cli: Cli, repo: Path) -> None:
+    cli("run", "--repo", str(repo), "-q", *agent_command("one", "--steps", "1"), check=True)
+    run = json.loads(cli("ps", "--all", "--json", check=True).stdout)[0]
+    execution_id = run["execution_id"]
+
+    logs = cli("logs", execution_id[:4], check=True)
+    assert "agent: task 'one' (1 steps)" in logs.stdout
+    assert "agent: done, 1 files written" in logs.stdout
+
+    assert cli("ps", "--json", check=True).stdout.strip() == "[]"  # nothing running
+
+    rows = json.loads(cli(
+        "sql", "SELECT type FROM events WHERE execution_id = '%s' ORDER BY seq" % execution_id, "--json",
+        check=True,
+    ).stdout)
+    types = [row["type"] for row in rows]
+    assert types[:4] == ["execution.requested", "execution.claimed", "workspace.created", "execution.started"]
+    assert types[-1] == "execution.exited"
+    assert "output" in types
+
+    table = cli("sql", "SELECT state, exit_code FROM executions", check=True).stdout
+    assert "exited" in table
+
+    tap = cli("tap", execution_id, "--since", "all", "--limit", "3", check=True)
+    lines = [json.loads(line) for line in tap.stdout.splitlines()]
+    assert [line["type"] for line in lines] == ["execution.requested", "execution.claimed", "workspace.created"]
+    assert lines[0]["seq"] < lines[1]["seq"] < lines[2]["seq"]
+
+
+def test_detached_run_and_follow(cli: Cli, repo: Path) -> None:
+    up = cli.popen("up")
+    try:
+        detached = cli("run", "--repo", str(repo), "--detach", *agent_command("bg", "--steps", "2"), check=True)
+        execution_id = detached.stdout.strip()
+        assert len(execution_id) == 8 and "." not in execution_id
+        followed = cli("logs", "-f", execution_id, check=True)
+        assert "agent: done, 2 files written" in followed.stdout
+        status = json.loads(cli("sql", f"SELECT state FROM executions WHERE execution_id = '{execution_id}'", "--json", check=True).stdout)
+        assert status == [{"state": "exited"}]
+        assert cli("down", check=True).returncode == 0
+        assert up.wait(timeout=30) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def test_control_lines_become_events(cli: Cli, repo: Path) -> None:
+    script = (
+        "import sys\n"
+        "sys.stderr.write('{\"corral\": \"heartbeat\", \"note\": \"thinking\"}\\n')\n"
+        "sys.stderr.write('{\"corral\": \"nonsense\"}\\n')\n"
+        "sys.stderr.write('{\"corral\": broken\\n')\n"
+        "print('still running')\n"
+    )
+    import sys
+
+    result = cli("run", "--repo", str(repo), "--", sys.executable, "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert "still running" in result.stdout
+    assert "corral" not in result.stdout
+    rows = json.loads(cli(
+        "sql", "SELECT type, data->>'note' AS note FROM events WHERE type IN ('heartbeat', 'protocol.error') ORDER BY seq",
+        "--json", check=True,
+    ).stdout)
+    assert rows == [
+        {"type": "heartbeat", "note": "thinking"},
+        {"type": "protocol.error", "note": None},
+        {"type": "protocol.error", "note": None},
+    ]
+
+
+def test_embedded_server_leaves_no_process(embedded_cli: Cli, repo: Path) -> None:
+    store = str(embedded_cli.home / "nats")
+    result = embedded_cli("run", "--repo", str(repo), *agent_command("embedded", "--steps", "1"))
+    assert result.returncode == 0, result.stderr
+    assert "agent: done" in result.stdout
+    assert processes_mentioning(store) == []
+    assert not (embedded_cli.home / "runtime.json").exists()
+    # The log outlives the server: a second command starts it again and finds the execution.
+    rows = json.loads(embedded_cli("ps", "--all", "--json", check=True).stdout)
+    assert [row["state"] for row in rows] == ["exited"]
+    assert processes_mentioning(store) == []
