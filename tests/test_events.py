@@ -1,0 +1,69 @@
+"""The event vocabulary: envelope round trip, closed type set, ids, output coalescing."""
+
+import orjson
+import pytest
+
+from actors.output import OutputCoalescer
+from events.envelope import decode_event, new_event
+from events.errors import MalformedEvent, UnknownEventType
+from events.ids import new_execution_id, new_ulid
+from events.schema import all_schemas
+from events.subjects import event_subject, split_subject
+from events.types import EVENT_TYPES, ExecutionRequested, Output
+
+
+def test_envelope_round_trip() -> None:
+    event = new_event("abc123", ExecutionRequested(command=("ls", "-l"), repo="/r"), actor="cli")
+    decoded = decode_event(event.to_bytes(), seq=7)
+    assert decoded.data == event.data
+    assert decoded.seq == 7
+    assert decoded.subject == "corral.evt.abc123.execution.requested"
+    assert decoded.correlation_id == "abc123"
+
+
+def test_unknown_and_malformed_payloads() -> None:
+    with pytest.raises(UnknownEventType):
+        decode_event(orjson.dumps({"type": "nope", "data": {}}))
+    with pytest.raises(MalformedEvent):
+        decode_event(b"not json")
+    event = new_event("abc", Output(stream="stdout", n=1, text="x"), actor="a")
+    raw = orjson.loads(event.to_bytes())
+    raw["data"]["stream"] = "stdin"
+    with pytest.raises(MalformedEvent):
+        decode_event(orjson.dumps(raw))
+
+
+def test_every_type_has_a_schema_and_a_dotless_id_subject() -> None:
+    schemas = all_schemas()
+    assert set(schemas) == set(EVENT_TYPES)
+    assert len(EVENT_TYPES) >= 40
+    for name, schema in schemas.items():
+        assert schema["properties"]["type"]["const"] == name
+    assert split_subject(event_subject("k3x9", "file.touched")) == ("k3x9", "file.touched")
+
+
+def test_ids() -> None:
+    ids = {new_execution_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 8 and "." not in i for i in ids)
+    first, second = new_ulid(1000), new_ulid(2000)
+    assert len(first) == 26 and first < second
+
+
+def test_coalescer_cuts_on_lines_and_extracts_control_lines() -> None:
+    coalescer = OutputCoalescer(max_bytes=32, parse_control=True)
+    chunks, controls = coalescer.feed(b"hello\n" + b'{"corral": "heart')
+    assert chunks == [] and controls == []
+    chunks, controls = coalescer.feed(b'beat"}\n' + b"x" * 40 + b"\nend")
+    assert [c.kind for c in controls] == ["heartbeat"]
+    assert chunks == ["hello\n" + "x" * 40 + "\n"]
+    assert coalescer.flush() is None  # a partial line waits
+    assert coalescer.finish() == ("end", [])
+
+
+def test_coalescer_keeps_multibyte_characters_whole() -> None:
+    coalescer = OutputCoalescer()
+    text = "héllo wörld ✓\n".encode()
+    for byte in text:
+        coalescer.feed(bytes([byte]))
+    assert coalescer.flush() == "héllo wörld ✓\n"
