@@ -2,9 +2,9 @@
 
 import asyncio
 from collections.abc import Callable
-from urllib.parse import urlparse
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import urlparse
 
 import nats
 from nats.aio.client import Client as NATS
@@ -42,14 +42,10 @@ class Bus:
         expected_last_subject_seq: int | None = None,
     ) -> PubAck:
         """Append one event and wait until it is stored."""
-        event = new_event(
-            execution_id, data, actor=actor, causation_id=causation_id, ts=self.clock()
-        )
+        event = new_event(execution_id, data, actor=actor, causation_id=causation_id, ts=self.clock())
         return await self.publisher.publish(event, expected_last_subject_seq=expected_last_subject_seq)
 
-    def event(
-        self, execution_id: str, data: EventData, *, actor: str, causation_id: str | None = None
-    ) -> Event:
+    def event(self, execution_id: str, data: EventData, *, actor: str, causation_id: str | None = None) -> Event:
         return new_event(execution_id, data, actor=actor, causation_id=causation_id, ts=self.clock())
 
     async def close(self) -> None:

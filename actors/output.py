@@ -109,9 +109,7 @@ class OutputCoalescer:
         while pos < len(buf):
             end = buf.find(b"\n", pos)
             piece = buf[pos:] if end < 0 else buf[pos : end + 1]
-            maybe_control = self._line_start and (
-                piece.startswith(CONTROL_PREFIX) or CONTROL_PREFIX.startswith(piece)
-            )
+            maybe_control = self._line_start and (piece.startswith(CONTROL_PREFIX) or CONTROL_PREFIX.startswith(piece))
             if end < 0:
                 if maybe_control and len(piece) < MAX_CHUNK_BYTES:
                     self._partial = piece

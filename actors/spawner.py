@@ -129,9 +129,7 @@ class OutputPump:
         while True:
             while self.outbox:
                 event = self.outbox.popleft()
-                self.acks.append(
-                    await publisher.send(event.subject, event.to_bytes(), msg_id=event.id)
-                )
+                self.acks.append(await publisher.send(event.subject, event.to_bytes(), msg_id=event.id))
             if len(self.acks) > 256:
                 self.acks = [ack for ack in self.acks if not ack.done() or ack.exception()]
             if done.is_set() and not self.outbox:
@@ -245,9 +243,7 @@ class Spawner(Actor):
         except WorkspaceError as exc:
             await self._emit(run, ExecutionFailed(stage="workspace", error=str(exc)))
             return
-        await self._emit(
-            run, WorkspaceCreated(path=str(path), branch=branch, repo=str(repo), base_commit=base_commit)
-        )
+        await self._emit(run, WorkspaceCreated(path=str(path), branch=branch, repo=str(repo), base_commit=base_commit))
         env = {
             **os.environ,
             **request.env,
@@ -280,19 +276,16 @@ class Spawner(Actor):
         run.started = time.monotonic()
         await self._emit(
             run,
-            ExecutionStarted(
-                pid=process.pid, pgid=process.pid, host=self.host, command=request.command, cwd=str(path)
-            ),
+            ExecutionStarted(pid=process.pid, pgid=process.pid, host=self.host, command=request.command, cwd=str(path)),
         )
         await self._supervise(run, process)
 
     async def _supervise(self, run: RunningExecution, process: asyncio.subprocess.Process) -> None:
-        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout is not None
+        assert process.stderr is not None
         pump = OutputPump(self, run)
         done = asyncio.Event()
-        readers = asyncio.gather(
-            pump.read("stdout", process.stdout), pump.read("stderr", process.stderr)
-        )
+        readers = asyncio.gather(pump.read("stdout", process.stdout), pump.read("stderr", process.stderr))
         ticker = asyncio.create_task(pump.tick(done))
         publisher = asyncio.create_task(pump.publish(done))
         returncode = await process.wait()

@@ -17,25 +17,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import duckdb  # noqa: E402
-import nats  # noqa: E402
-import orjson  # noqa: E402
-import pyarrow as pa  # noqa: E402
-from nats.js.api import AckPolicy, ConsumerConfig  # noqa: E402
+import duckdb
+import nats
+import orjson
+import pyarrow as pa
+from nats.js.api import AckPolicy, ConsumerConfig
 
-from actors.bus import connect_bus  # noqa: E402
-from corral.server import EmbeddedServer  # noqa: E402
-from events.envelope import new_event  # noqa: E402
-from events.ids import new_execution_id  # noqa: E402
-from events.subjects import STREAM  # noqa: E402
-from events.types import (  # noqa: E402
+from actors.bus import connect_bus
+from corral.server import EmbeddedServer
+from events.envelope import new_event
+from events.ids import new_execution_id
+from events.subjects import STREAM
+from events.types import (
     ExecutionExited,
     ExecutionRequested,
     ExecutionStarted,
     Heartbeat,
     Output,
 )
-from projections.projector import Projector  # noqa: E402
+from projections.projector import Projector
 
 
 def workload(n: int) -> list[tuple[str, bytes, str]]:
@@ -70,15 +70,16 @@ async def raw_baseline(url: str, db: Path, n: int) -> float:
     """Plain nats-py hand-rolled pull + orjson + pyarrow + DuckDB, committing every batch."""
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await js.add_consumer(STREAM, ConsumerConfig(durable_name="raw", ack_policy=AckPolicy.ALL,
-                                                 max_ack_pending=200000))
+    await js.add_consumer(STREAM, ConsumerConfig(durable_name="raw", ack_policy=AckPolicy.ALL, max_ack_pending=200000))
     con = duckdb.connect(str(db))
-    con.execute("CREATE TABLE events (seq UBIGINT, id VARCHAR, type VARCHAR, execution_id VARCHAR, "
-                "ts TIMESTAMPTZ, actor VARCHAR, data JSON)")
+    con.execute(
+        "CREATE TABLE events (seq UBIGINT, id VARCHAR, type VARCHAR, execution_id VARCHAR, "
+        "ts TIMESTAMPTZ, actor VARCHAR, data JSON)"
+    )
     buf: list = []
     arrived = asyncio.Event()
 
-    async def cb(msg):  # noqa: ANN001
+    async def cb(msg):
         if not msg.data:
             return
         buf.append(msg)
@@ -91,8 +92,11 @@ async def raw_baseline(url: str, db: Path, n: int) -> float:
     requested = 0
     while done < n:
         while requested - done - len(buf) < 8000 and requested < n:
-            await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.raw",
-                             orjson.dumps({"batch": 2000, "expires": 5_000_000_000}), reply=inbox)
+            await nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.raw",
+                orjson.dumps({"batch": 2000, "expires": 5_000_000_000}),
+                reply=inbox,
+            )
             requested += 2000
         if not buf:
             arrived.clear()
@@ -100,20 +104,21 @@ async def raw_baseline(url: str, db: Path, n: int) -> float:
             continue
         msgs, buf[:] = buf[:50000], buf[50000:]
         docs = [orjson.loads(m.data) for m in msgs]
-        table = pa.table({
-            "seq": [int(m.reply.split(".")[5]) for m in msgs],
-            "id": [d["id"] for d in docs],
-            "type": [d["type"] for d in docs],
-            "execution_id": [d["execution_id"] for d in docs],
-            "ts": [d["ts"] for d in docs],
-            "actor": [d["actor"] for d in docs],
-            "data": [orjson.dumps(d["data"]).decode() for d in docs],
-        })
+        table = pa.table(
+            {
+                "seq": [int(m.reply.split(".")[5]) for m in msgs],
+                "id": [d["id"] for d in docs],
+                "type": [d["type"] for d in docs],
+                "execution_id": [d["execution_id"] for d in docs],
+                "ts": [d["ts"] for d in docs],
+                "actor": [d["actor"] for d in docs],
+                "data": [orjson.dumps(d["data"]).decode() for d in docs],
+            }
+        )
 
         def insert(t: pa.Table = table) -> None:
             con.execute("BEGIN")
-            con.execute("INSERT INTO events SELECT seq, id, type, execution_id, ts::TIMESTAMPTZ, "
-                        "actor, data FROM t")
+            con.execute("INSERT INTO events SELECT seq, id, type, execution_id, ts::TIMESTAMPTZ, actor, data FROM t")
             con.execute("COMMIT")
 
         await asyncio.to_thread(insert)

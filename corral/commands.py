@@ -53,9 +53,7 @@ def info(message: str) -> None:
 
 async def known_execution_ids(system: System) -> list[str]:
     """List every execution id in the log, read from the stream's subjects (no projection needed)."""
-    stream = await system.bus.js.stream_info(
-        STREAM, subjects_filter=events_of_type("execution.requested")
-    )
+    stream = await system.bus.js.stream_info(STREAM, subjects_filter=events_of_type("execution.requested"))
     return sorted(subject.split(".")[2] for subject in (stream.state.subjects or {}))
 
 
@@ -146,8 +144,7 @@ async def cmd_run(home: Home, args: Any) -> int:
     if args.detach:
         if not SystemLock(home).is_held_elsewhere():
             pid = start_background_system(home)
-            info(f"started a background system (corral up, pid {pid}, log {home.up_log}); "
-                 "stop it with `corral down`")
+            info(f"started a background system (corral up, pid {pid}, log {home.up_log}); stop it with `corral down`")
         async with open_system(home) as system:
             await system.bus.publisher.publish(new_event(execution_id, request, actor="cli"))
         print(execution_id)
@@ -156,9 +153,7 @@ async def cmd_run(home: Home, args: Any) -> int:
         return await _run_and_follow(system, execution_id, request, quiet=args.quiet)
 
 
-async def _run_and_follow(
-    system: System, execution_id: str, request: ExecutionRequested, *, quiet: bool
-) -> int:
+async def _run_and_follow(system: System, execution_id: str, request: ExecutionRequested, *, quiet: bool) -> int:
     outcome: dict[str, Any] = {}
     claimed = asyncio.Event()
     finished = asyncio.Event()
@@ -190,9 +185,7 @@ async def _run_and_follow(
             return True
         return False
 
-    follower = asyncio.create_task(
-        follow(system.bus.js, execution_events(execution_id), on_event, done=finished)
-    )
+    follower = asyncio.create_task(follow(system.bus.js, execution_events(execution_id), on_event, done=finished))
     await system.bus.publisher.publish(new_event(execution_id, request, actor="cli"))
     claim_deadline = time.monotonic() + CLAIM_TIMEOUT_S
     detached = False
@@ -317,8 +310,7 @@ async def query(system: System, sql: str, *, max_rows: int = 10000) -> dict[str,
         reply = await system.bus.nc.request(API_SQL, orjson.dumps(request), timeout=60)
     except (NoRespondersError, NatsTimeoutError):
         raise CorralError(
-            "no projector answers on this system (was `corral up` started with --actors without "
-            "projector?)"
+            "no projector answers on this system (was `corral up` started with --actors without projector?)"
         ) from None
     result: dict[str, Any] = orjson.loads(reply.data)
     if not result.get("ok"):
@@ -339,17 +331,14 @@ async def cmd_sql(home: Home, args: Any) -> int:
 
 
 PS_COLUMNS = (
-    "execution_id, state, requested_at, duration_s, exit_code, signal, command, repo, "
-    "error, worktree, output_bytes"
+    "execution_id, state, requested_at, duration_s, exit_code, signal, command, repo, error, worktree, output_bytes"
 )
 
 
 async def cmd_ps(home: Home, args: Any) -> int:
     where = "" if args.all else "WHERE state NOT IN ('exited', 'failed')"
     async with open_system(home, actors=("projector",)) as system:
-        result = await query(
-            system, f"SELECT {PS_COLUMNS} FROM executions {where} ORDER BY requested_at DESC"
-        )
+        result = await query(system, f"SELECT {PS_COLUMNS} FROM executions {where} ORDER BY requested_at DESC")
     rows = render.records(result["columns"], result["rows"])
     if args.json:
         render.print_json(rows)
@@ -366,15 +355,17 @@ async def cmd_ps(home: Home, args: Any) -> int:
         elif row["exit_code"] is not None:
             exit_text = str(row["exit_code"])
         requested = row["requested_at"]
-        age = (
-            (now - datetime.fromisoformat(requested).replace(tzinfo=UTC)).total_seconds()
-            if requested
-            else None
-        )
+        age = (now - datetime.fromisoformat(requested).replace(tzinfo=UTC)).total_seconds() if requested else None
         table_rows.append(
-            [row["execution_id"], row["state"], render.human_duration(age) + " ago",
-             render.human_duration(row["duration_s"]), exit_text, row["command"],
-             row["error"] or row["repo"]]
+            [
+                row["execution_id"],
+                row["state"],
+                render.human_duration(age) + " ago",
+                render.human_duration(row["duration_s"]),
+                exit_text,
+                row["command"],
+                row["error"] or row["repo"],
+            ]
         )
     print(render.table(["id", "state", "age", "duration", "exit", "command", "repo / error"], table_rows))
     return 0
@@ -402,8 +393,11 @@ async def cmd_logs(home: Home, args: Any) -> int:
             return args.follow and kind in TERMINAL_TYPES
 
         await follow(
-            system.bus.js, execution_events(execution_id), on_event,
-            stop_when_caught_up=not args.follow, done=stop,
+            system.bus.js,
+            execution_events(execution_id),
+            on_event,
+            stop_when_caught_up=not args.follow,
+            done=stop,
         )
     return 0
 
@@ -471,9 +465,7 @@ async def cmd_rebuild(home: Home, args: Any) -> int:
 
         sub = await nc.subscribe(progress_inbox, cb=on_progress)
         try:
-            reply = await nc.request(
-                API_REBUILD, orjson.dumps({"progress": progress_inbox}), timeout=24 * 3600
-            )
+            reply = await nc.request(API_REBUILD, orjson.dumps({"progress": progress_inbox}), timeout=24 * 3600)
         except NoRespondersError:
             raise CorralError("no projector answers on this system; start one with `corral up`") from None
         finally:

@@ -17,10 +17,7 @@ def cell(value: Any) -> str:
         return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, float):
         return f"{value:.3f}".rstrip("0").rstrip(".")
-    if isinstance(value, list | tuple):
-        text = " ".join(str(v) for v in value)
-    else:
-        text = str(value)
+    text = " ".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
     text = text.replace("\n", "⏎")
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 

@@ -63,9 +63,7 @@ def _die_with_parent() -> None:
 class EmbeddedServer:
     """One nats-server child process with JetStream on loopback."""
 
-    def __init__(
-        self, store_dir: Path, *, log_file: Path, port: int | None = None, config: Path | None = None
-    ) -> None:
+    def __init__(self, store_dir: Path, *, log_file: Path, port: int | None = None, config: Path | None = None) -> None:
         self.store_dir = store_dir
         self.log_file = log_file
         self.port = port or free_port()
@@ -94,13 +92,8 @@ class EmbeddedServer:
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise BusUnavailable(
-                    f"nats-server exited with code {self.process.returncode}; "
-                    f"see {self.log_file}"
-                )
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
-            ) as sock:
+                raise BusUnavailable(f"nats-server exited with code {self.process.returncode}; see {self.log_file}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                 if sock.recv(4).startswith(b"INFO"):
                     return self
             time.sleep(0.02)

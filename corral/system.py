@@ -121,9 +121,16 @@ async def open_system(
         await _start_actors(system, actors, max_running=max_running)
         await _serve_api(system)
         home.write_runtime(
-            {"url": url, "pid": os.getpid(), "mode": mode, "actors": list(actors), "ready": True,
-             "embedded_server": server is not None, "started_at": time.time(),
-             "server_pid": server.process.pid if server and server.process else None}
+            {
+                "url": url,
+                "pid": os.getpid(),
+                "mode": mode,
+                "actors": list(actors),
+                "ready": True,
+                "embedded_server": server is not None,
+                "started_at": time.time(),
+                "server_pid": server.process.pid if server and server.process else None,
+            }
         )
         yield system
     finally:
@@ -162,9 +169,7 @@ async def _shutdown(system: System) -> None:
         if projector is not None:
             try:
                 with contextlib.suppress(Exception):
-                    await projector.wait_for_position(
-                        await last_sequence(system.bus.js), timeout_s=10.0
-                    )
+                    await projector.wait_for_position(await last_sequence(system.bus.js), timeout_s=10.0)
             finally:
                 await projector.stop()
     finally:
@@ -205,7 +210,7 @@ async def _serve_api(system: System) -> None:
 
         try:
             applied = await rebuild_database(system.bus, projector, report=report)
-            reply = {"ok": True, "events": applied, "position": projector.position}
+            reply: dict[str, Any] = {"ok": True, "events": applied, "position": projector.position}
         except Exception as exc:
             reply = {"ok": False, "error": str(exc)}
         await msg.respond(orjson.dumps(reply))

@@ -38,9 +38,7 @@ class PubAck:
 class _InFlight:
     __slots__ = ("attempts", "future", "headers", "payload", "sent_at", "subject")
 
-    def __init__(
-        self, subject: str, payload: bytes, headers: dict[str, str], future: "asyncio.Future[PubAck]"
-    ) -> None:
+    def __init__(self, subject: str, payload: bytes, headers: dict[str, str], future: "asyncio.Future[PubAck]") -> None:
         self.subject = subject
         self.payload = payload
         self.headers = headers
@@ -52,9 +50,7 @@ class _InFlight:
 class Publisher:
     """Publish events to JetStream with pipelined acknowledgements."""
 
-    def __init__(
-        self, nc: NATS, *, window: int = 8192, ack_timeout_s: float = 5.0, attempts: int = 5
-    ) -> None:
+    def __init__(self, nc: NATS, *, window: int = 8192, ack_timeout_s: float = 5.0, attempts: int = 5) -> None:
         self._nc = nc
         self._window = asyncio.Semaphore(window)
         self._ack_timeout_s = ack_timeout_s

@@ -14,7 +14,7 @@ def event_schema(type_name: str) -> dict[str, Any]:
     model = create_model(
         "Event_" + type_name.replace(".", "_"),
         __base__=Event,
-        type=(Literal[type_name], type_name),  # type: ignore[valid-type]
+        type=(Literal[type_name], type_name),  # type: ignore[arg-type]
         data=(payload, ...),
     )
     schema = model.model_json_schema(mode="serialization")

@@ -31,9 +31,7 @@ class IntakeClient(Client):
         super().__init__()
         self.raw_sinks: dict[int, RawSink] = {}
 
-    async def _process_msg(  # type: ignore[override]
-        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
-    ) -> None:
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         sink = self.raw_sinks.get(sid)
         if sink is None:
             await super()._process_msg(sid, subject, reply, data, headers)

@@ -26,7 +26,7 @@ from actors.bus import Bus
 from actors.runtime import Actor
 from events.envelope import decode_event
 from events.errors import EventError
-from events.subjects import ALL_EVENTS, HDR_STATUS, STREAM
+from events.subjects import ALL_EVENTS, STREAM
 from projections.errors import DatabaseLocked
 from projections.intake import IntakeClient, status_of
 from projections.state import Execution, evolve
@@ -47,9 +47,7 @@ PULL_EXPIRES_S = 5.0
 _EVENTS_SPEC = json_columns_spec(EVENT_COLUMNS)
 _STATE_SPEC = json_columns_spec(STATE_COLUMNS)
 _STATE_NAMES = list(STATE_COLUMNS)
-_STATE_SELECT = [
-    f"{name}::TIMESTAMP" if kind == "TIMESTAMPTZ" else name for name, kind in STATE_COLUMNS.items()
-]
+_STATE_SELECT = [f"{name}::TIMESTAMP" if kind == "TIMESTAMPTZ" else name for name, kind in STATE_COLUMNS.items()]
 
 
 def open_database(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -96,9 +94,7 @@ class BatchApplier:
         self._state_file = tmp_dir / f"projector-{os.getpid()}-{id(self)}-state.ndjson"
         for statement in DDL:
             con.execute(statement)
-        row = con.execute(
-            "SELECT seq FROM projector_position WHERE stream = ?", [stream]
-        ).fetchone()
+        row = con.execute("SELECT seq FROM projector_position WHERE stream = ?", [stream]).fetchone()
         self.position: int = int(row[0]) if row else 0
         self.states: dict[str, Execution] = {}
 
@@ -163,14 +159,10 @@ class BatchApplier:
         return len(fresh)
 
     def _record_rejects(self, fresh: Sequence[tuple[int, str, bytes]], before: int) -> None:
-        stored = self.con.execute(
-            "SELECT count(*) FROM events WHERE seq > ?", [before]
-        ).fetchone()
+        stored = self.con.execute("SELECT count(*) FROM events WHERE seq > ?", [before]).fetchone()
         if stored and stored[0] == len(fresh):
             return
-        present = {
-            row[0] for row in self.con.execute("SELECT seq FROM events WHERE seq > ?", [before]).fetchall()
-        }
+        present = {row[0] for row in self.con.execute("SELECT seq FROM events WHERE seq > ?", [before]).fetchall()}
         rejects = [
             (seq, subject, payload.decode(errors="replace")[:10000], "not a valid event envelope")
             for seq, subject, payload in fresh
@@ -214,8 +206,7 @@ class BatchApplier:
         if not ids:
             return
         rows = self.con.execute(
-            f"SELECT {', '.join(_STATE_SELECT)} FROM executions WHERE execution_id IN "
-            f"(SELECT unnest(?))",
+            f"SELECT {', '.join(_STATE_SELECT)} FROM executions WHERE execution_id IN (SELECT unnest(?))",
             [sorted(ids)],
         ).fetchall()
         for row in rows:
@@ -330,8 +321,10 @@ class Projector(Actor):
         assert self.applier is not None
         self._intake = IntakeClient()
         await self._intake.connect(
-            servers=self.bus.servers, name=f"{self.instance}-intake", max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            servers=self.bus.servers,
+            name=f"{self.instance}-intake",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
         )
         self._inbox = self._intake.new_inbox()
         await self._intake.subscribe_raw(self._inbox, self._on_raw)

@@ -69,8 +69,7 @@ DDL: Final = [
     f"CREATE TABLE IF NOT EXISTS events ({_columns(EVENT_COLUMNS)})",
     """CREATE TABLE IF NOT EXISTS output (
         seq UBIGINT, execution_id VARCHAR, ts TIMESTAMPTZ, stream VARCHAR, n UINTEGER, text VARCHAR)""",
-    f"CREATE TABLE IF NOT EXISTS executions ({_columns(STATE_COLUMNS)}, "
-    f"{_columns(OUTPUT_AGGREGATE_COLUMNS)})",
+    f"CREATE TABLE IF NOT EXISTS executions ({_columns(STATE_COLUMNS)}, {_columns(OUTPUT_AGGREGATE_COLUMNS)})",
     """CREATE TABLE IF NOT EXISTS rejected_events (
         seq UBIGINT, subject VARCHAR, payload VARCHAR, error VARCHAR)""",
 ]

@@ -64,9 +64,7 @@ async def follow(
             return
         try:
             seq = stream_sequence(msg)
-            if await handle(seq, msg):
-                finished.set()
-            elif stop_when_caught_up and pending_after(msg) == 0:
+            if await handle(seq, msg) or (stop_when_caught_up and pending_after(msg) == 0):
                 finished.set()
         except BaseException as exc:  # surfaced to the caller below
             failure.append(exc)

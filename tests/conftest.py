@@ -56,7 +56,11 @@ class Cli:
     def __call__(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "corral", *args],
-            env=self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"corral {' '.join(args)} failed ({result.returncode}): {result.stderr}")
@@ -64,8 +68,12 @@ class Cli:
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-m", "corral", *args], env=self.env, cwd=ROOT, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, "-m", "corral", *args],
+            env=self.env,
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
 
 

@@ -22,9 +22,7 @@ from tests.conftest import ROOT
 TABLE_ORDER = {"events": "seq", "output": "seq", "executions": "execution_id", "rejected_events": "seq"}
 
 
-async def test_two_spawners_run_each_request_exactly_once(
-    bus: Bus, nats_server, repo: Path, tmp_path: Path
-) -> None:
+async def test_two_spawners_run_each_request_exactly_once(bus: Bus, nats_server, repo: Path, tmp_path: Path) -> None:
     second_bus = await connect_bus(nats_server.url)
     spawners = [
         Spawner(bus, worktrees=tmp_path / "wt", instance="spawner-a"),
@@ -44,7 +42,7 @@ async def test_two_spawners_run_each_request_exactly_once(
         claimers: dict[str, str] = {}
         done = asyncio.Event()
 
-        async def on_event(seq: int, msg) -> bool:  # noqa: ANN001
+        async def on_event(seq: int, msg) -> bool:
             event = decode_event(msg.data, seq=seq)
             key = (event.execution_id, event.type)
             counts[key] = counts.get(key, 0) + 1
@@ -84,9 +82,7 @@ def _dump(path: Path) -> dict[str, list[tuple]]:
     con = duckdb.connect(str(path), read_only=True)
     try:
         return {
-            table: con.execute(
-                f"SELECT CAST(COLUMNS(*) AS VARCHAR) FROM {table} ORDER BY {order}"
-            ).fetchall()
+            table: con.execute(f"SELECT CAST(COLUMNS(*) AS VARCHAR) FROM {table} ORDER BY {order}").fetchall()
             for table, order in TABLE_ORDER.items()
         }
     finally:
@@ -102,9 +98,7 @@ def _position(path: Path) -> int:
         con.close()
 
 
-async def test_projector_killed_mid_stream_gives_the_rows_of_a_clean_run(
-    bus: Bus, nats_server, tmp_path: Path
-) -> None:
+async def test_projector_killed_mid_stream_gives_the_rows_of_a_clean_run(bus: Bus, nats_server, tmp_path: Path) -> None:
     last = await _publish_history(bus, executions=300, chunks=200)  # ~61k events
     # A clean run, in process.
     clean_db = tmp_path / "clean.duckdb"
@@ -112,8 +106,13 @@ async def test_projector_killed_mid_stream_gives_the_rows_of_a_clean_run(
         assert await projector.wait_for_position(last, timeout_s=120)
 
     crashed_db = tmp_path / "crashed.duckdb"
-    helper = [sys.executable, str(ROOT / "tests" / "helpers" / "project.py"), nats_server.url,
-              str(crashed_db), str(tmp_path / "t2")]
+    helper = [
+        sys.executable,
+        str(ROOT / "tests" / "helpers" / "project.py"),
+        nats_server.url,
+        str(crashed_db),
+        str(tmp_path / "t2"),
+    ]
     kills_mid_stream = 0
     for delay in (0.8, 0.3, 0.5, 0.2, 0.7):
         process = subprocess.Popen(helper)
@@ -138,4 +137,3 @@ async def test_projector_killed_mid_stream_gives_the_rows_of_a_clean_run(
     assert len(clean["events"]) == last
     assert len(clean["output"]) == 300 * 200
     assert crashed == clean
-

@@ -25,7 +25,9 @@ def test_run_streams_output_and_returns_exit_code(cli: Cli, repo: Path) -> None:
     assert not (repo / "agent-output").exists()
     branch = subprocess.run(
         ["git", "-C", str(worktree), "rev-parse", "--abbrev-ref", "HEAD"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert branch == f"corral/{execution['execution_id']}"
 
@@ -41,10 +43,14 @@ def test_ps_logs_sql_and_prefix_ids(cli: Cli, repo: Path) -> None:
 
     assert cli("ps", "--json", check=True).stdout.strip() == "[]"  # nothing running
 
-    rows = json.loads(cli(
-        "sql", "SELECT type FROM events WHERE execution_id = '%s' ORDER BY seq" % execution_id, "--json",
-        check=True,
-    ).stdout)
+    rows = json.loads(
+        cli(
+            "sql",
+            f"SELECT type FROM events WHERE execution_id = '{execution_id}' ORDER BY seq",
+            "--json",
+            check=True,
+        ).stdout
+    )
     types = [row["type"] for row in rows]
     assert types[:4] == ["execution.requested", "execution.claimed", "workspace.created", "execution.started"]
     assert types[-1] == "execution.exited"
@@ -67,7 +73,11 @@ def test_detached_run_and_follow(cli: Cli, repo: Path) -> None:
         assert len(execution_id) == 8 and "." not in execution_id
         followed = cli("logs", "-f", execution_id, check=True)
         assert "agent: done, 2 files written" in followed.stdout
-        status = json.loads(cli("sql", f"SELECT state FROM executions WHERE execution_id = '{execution_id}'", "--json", check=True).stdout)
+        status = json.loads(
+            cli(
+                "sql", f"SELECT state FROM executions WHERE execution_id = '{execution_id}'", "--json", check=True
+            ).stdout
+        )
         assert status == [{"state": "exited"}]
         assert cli("down", check=True).returncode == 0
         assert up.wait(timeout=30) == 0
@@ -80,8 +90,8 @@ def test_detached_run_and_follow(cli: Cli, repo: Path) -> None:
 def test_control_lines_become_events(cli: Cli, repo: Path) -> None:
     script = (
         "import sys\n"
-        "sys.stderr.write('{\"corral\": \"heartbeat\", \"note\": \"thinking\"}\\n')\n"
-        "sys.stderr.write('{\"corral\": \"nonsense\"}\\n')\n"
+        'sys.stderr.write(\'{"corral": "heartbeat", "note": "thinking"}\\n\')\n'
+        'sys.stderr.write(\'{"corral": "nonsense"}\\n\')\n'
         "sys.stderr.write('{\"corral\": broken\\n')\n"
         "print('still running')\n"
     )
@@ -91,10 +101,14 @@ def test_control_lines_become_events(cli: Cli, repo: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "still running" in result.stdout
     assert "corral" not in result.stdout
-    rows = json.loads(cli(
-        "sql", "SELECT type, data->>'note' AS note FROM events WHERE type IN ('heartbeat', 'protocol.error') ORDER BY seq",
-        "--json", check=True,
-    ).stdout)
+    rows = json.loads(
+        cli(
+            "sql",
+            "SELECT type, data->>'note' AS note FROM events WHERE type IN ('heartbeat', 'protocol.error') ORDER BY seq",
+            "--json",
+            check=True,
+        ).stdout
+    )
     assert rows == [
         {"type": "heartbeat", "note": "thinking"},
         {"type": "protocol.error", "note": None},

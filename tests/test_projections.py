@@ -15,9 +15,7 @@ from tests.conftest import Cli, agent_command
 def _tables(cli: Cli) -> dict[str, list]:
     out = {}
     for table, order in (("events", "seq"), ("output", "seq"), ("executions", "execution_id")):
-        out[table] = json.loads(cli(
-            "sql", f"SELECT * FROM {table} ORDER BY {order}", "--json", check=True
-        ).stdout)
+        out[table] = json.loads(cli("sql", f"SELECT * FROM {table} ORDER BY {order}", "--json", check=True).stdout)
     return out
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from actors.bus import connect_bus  # noqa: E402
-from projections.projector import Projector  # noqa: E402
+from actors.bus import connect_bus
+from projections.projector import Projector
 
 
 async def main() -> None:
