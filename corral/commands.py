@@ -83,10 +83,27 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
-def check_command(command: list[str], repo: Path) -> None:
+def _tracked(repo: Path, base: str, path: str) -> bool:
+    result = subprocess.run(
+        ["git", "-C", str(repo), "cat-file", "-e", f"{base}:{path}"], capture_output=True, check=False
+    )
+    return result.returncode == 0
+
+
+def check_command(command: list[str], repo: Path, base: str = "HEAD") -> list[str]:
+    """Check the program exists; return the command with an untracked relative program made absolute.
+
+    A relative program that the repository tracks (./scripts/agent.sh) runs from the worktree;
+    one that only exists here (.venv/bin/python) is taken from where the user typed it.
+    """
     if not command:
         raise UsageError("no command to run; put it after `--`, e.g. corral run -- python agent.py")
     program = command[0]
+    if "/" in program and not os.path.isabs(program) and not _tracked(repo, base, program):
+        local = Path(program).resolve()
+        if local.is_file():
+            command = [str(local), *command[1:]]
+            program = command[0]
     if "/" in program:
         candidate = Path(program) if os.path.isabs(program) else repo / program
         if not candidate.is_file():
@@ -95,6 +112,7 @@ def check_command(command: list[str], repo: Path) -> None:
             raise UsageError(f"command is not executable: {candidate} (chmod +x it)")
     elif shutil.which(program) is None:
         raise UsageError(f"command not found: {program} (not on PATH)")
+    return command
 
 
 def start_background_system(home: Home) -> int:
@@ -130,7 +148,7 @@ async def cmd_run(home: Home, args: Any) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    check_command(command, repo)
+    command = check_command(command, repo, args.base)
     request = ExecutionRequested(
         command=tuple(command),
         repo=str(repo),
