@@ -100,7 +100,7 @@ def check_command(command: list[str], repo: Path, base: str = "HEAD") -> list[st
         raise UsageError("no command to run; put it after `--`, e.g. corral run -- python agent.py")
     program = command[0]
     if "/" in program and not os.path.isabs(program) and not _tracked(repo, base, program):
-        local = Path(program).resolve()
+        local = Path(program).absolute()
         if local.is_file():
             command = [str(local), *command[1:]]
             program = command[0]

@@ -127,3 +127,27 @@ def test_embedded_server_leaves_no_process(embedded_cli: Cli, repo: Path) -> Non
     rows = json.loads(embedded_cli("ps", "--all", "--json", check=True).stdout)
     assert [row["state"] for row in rows] == ["exited"]
     assert processes_mentioning(store) == []
+
+
+def test_untracked_relative_program_runs_from_where_it_was_typed(cli: Cli, repo: Path, tmp_path: Path) -> None:
+    tool = tmp_path / "bin" / "hello.sh"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\necho hello from $(basename $(pwd))\n")
+    tool.chmod(0o755)
+    env_cwd = tmp_path
+    result = subprocess.run(
+        [*_corral(), "run", "--repo", str(repo), "-q", "--", "bin/hello.sh"],
+        env=cli.env,
+        cwd=env_cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("hello from ")  # ran inside the execution's worktree
+
+
+def _corral() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "corral"]
