@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from tests.conftest import Cli, agent_command, processes_mentioning
@@ -68,6 +69,11 @@ def test_ps_logs_sql_and_prefix_ids(cli: Cli, repo: Path) -> None:
 def test_detached_run_and_follow(cli: Cli, repo: Path) -> None:
     up = cli.popen("up")
     try:
+        for _ in range(200):  # wait until `corral up` has published its address
+            runtime = cli.home / "runtime.json"
+            if runtime.exists() and json.loads(runtime.read_text()).get("ready"):
+                break
+            time.sleep(0.05)
         detached = cli("run", "--repo", str(repo), "--detach", *agent_command("bg", "--steps", "2"), check=True)
         execution_id = detached.stdout.strip()
         assert len(execution_id) == 8 and "." not in execution_id
