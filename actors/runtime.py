@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Self
 import orjson
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, FetchTimeoutError
 from nats.js.kv import KeyValue
 
@@ -87,8 +88,6 @@ class Actor:
         try:
             self._health = await self.bus.js.key_value(HEALTH_BUCKET)
         except BucketNotFoundError:
-            from nats.js.api import KeyValueConfig
-
             with contextlib.suppress(Exception):
                 self._health = await self.bus.js.create_key_value(
                     KeyValueConfig(bucket=HEALTH_BUCKET, history=1, ttl=3600)

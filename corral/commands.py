@@ -220,7 +220,8 @@ async def _run_and_follow(system: System, execution_id: str, request: ExecutionR
             if interrupted.is_set():
                 if system.owned:
                     info(f"{execution_id}: interrupted; stopping the agent")
-                    await system.actors["spawner"].stop() if "spawner" in system.actors else None
+                    if "spawner" in system.actors:
+                        await system.actors["spawner"].stop()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(finished.wait(), 15)
                 else:

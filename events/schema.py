@@ -5,7 +5,7 @@ from typing import Any, Literal
 from pydantic import create_model
 
 from events.envelope import Event
-from events.types import EVENT_TYPES, EventData
+from events.types import EVENT_TYPES
 
 
 def event_schema(type_name: str) -> dict[str, Any]:
@@ -28,8 +28,3 @@ def event_schema(type_name: str) -> dict[str, Any]:
 def all_schemas() -> dict[str, Any]:
     """Return {type name: JSON Schema} for the whole closed set."""
     return {name: event_schema(name) for name in sorted(EVENT_TYPES)}
-
-
-def describe(payload: type[EventData]) -> str:
-    """Return the first line of a payload model's docstring."""
-    return (payload.__doc__ or "").strip().splitlines()[0] if payload.__doc__ else ""

@@ -36,6 +36,22 @@ def events_of_type(event_type: str) -> str:
     return f"{EVENT_PREFIX}.*.{event_type}"
 
 
+def ack_sequence(reply: str | bytes) -> int:
+    """Return the stream sequence from a JetStream delivery's reply subject.
+
+    $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending> (9 tokens), or the v2
+    form with domain and account hash in front and a random token at the end (12 tokens).
+    """
+    tokens = reply.split(b"." if isinstance(reply, bytes) else ".")  # type: ignore[arg-type]
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+def ack_pending(reply: str) -> int:
+    """Return how many matching messages followed this delivery when it was sent."""
+    tokens = reply.split(".")
+    return int(tokens[8] if len(tokens) == 9 else tokens[10])
+
+
 def split_subject(subject: str) -> tuple[str, str]:
     """Return (execution_id, event_type) of an event subject."""
     parts = subject.split(".", 3)

@@ -26,7 +26,7 @@ from actors.bus import Bus
 from actors.runtime import Actor
 from events.envelope import decode_event
 from events.errors import EventError
-from events.subjects import ALL_EVENTS, STREAM
+from events.subjects import ALL_EVENTS, STREAM, ack_sequence
 from projections.errors import DatabaseLocked
 from projections.intake import IntakeClient, status_of
 from projections.state import Execution, evolve
@@ -68,13 +68,6 @@ def consumer_name(database: Path) -> str:
     return f"projector_{digest[:12]}"
 
 
-def _ack_sequence(reply: bytes) -> int:
-    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending> (9 tokens), or the
-    # v2 form with domain and account hash in front and a random token at the end (12 tokens).
-    tokens = reply.split(b".")
-    return int(tokens[5] if len(tokens) == 9 else tokens[7])
-
-
 def _pending_messages(headers: bytes) -> int | None:
     for line in headers.split(b"\r\n"):
         if line.lower().startswith(b"nats-pending-messages:"):
@@ -105,7 +98,7 @@ class BatchApplier:
 
     def apply_raw(self, raw: Sequence[tuple[bytes, bytes, bytes]]) -> int:
         """Apply (reply, subject, payload) as delivered by a JetStream consumer."""
-        return self.apply([(_ack_sequence(r), s.decode(), d) for r, s, d in raw])
+        return self.apply([(ack_sequence(r), s.decode(), d) for r, s, d in raw])
 
     def apply(self, batch: Sequence[tuple[int, str, bytes]]) -> int:
         """Apply (seq, subject, payload) messages above the position; return how many were new."""

@@ -9,21 +9,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from events.subjects import STREAM
+from events.subjects import STREAM, ack_pending, ack_sequence
 
 MsgHandler = Callable[[int, Msg], Awaitable[bool | None]]
-
-
-def stream_sequence(msg: Msg) -> int:
-    """Return the stream sequence of a message delivered by a JetStream consumer."""
-    tokens = msg.reply.split(".")
-    return int(tokens[5] if len(tokens) == 9 else tokens[7])
-
-
-def pending_after(msg: Msg) -> int:
-    """Return how many matching messages the stream held after this one when it was sent."""
-    tokens = msg.reply.split(".")
-    return int(tokens[8] if len(tokens) == 9 else tokens[10])
 
 
 async def last_sequence(js: JetStreamContext) -> int:
@@ -63,8 +51,8 @@ async def follow(
         if finished.is_set():
             return
         try:
-            seq = stream_sequence(msg)
-            if await handle(seq, msg) or (stop_when_caught_up and pending_after(msg) == 0):
+            seq = ack_sequence(msg.reply)
+            if await handle(seq, msg) or (stop_when_caught_up and ack_pending(msg.reply) == 0):
                 finished.set()
         except BaseException as exc:  # surfaced to the caller below
             failure.append(exc)
