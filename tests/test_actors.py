@@ -113,24 +113,24 @@ async def test_projector_killed_mid_stream_gives_the_rows_of_a_clean_run(bus: Bu
         str(crashed_db),
         str(tmp_path / "t2"),
     ]
+
+    def run_until(target: int) -> None:
+        """Start a projector, SIGKILL it as soon as it reports having applied `target`."""
+        process = subprocess.Popen([*helper, str(target)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "caught-up"
+        finally:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
     kills_mid_stream = 0
-    for delay in (0.8, 0.3, 0.5, 0.2, 0.7):
-        process = subprocess.Popen(helper)
-        await asyncio.sleep(delay)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
+    for fraction in (0.15, 0.35, 0.55, 0.75):
+        await asyncio.to_thread(run_until, int(last * fraction))
         if 0 < _position(crashed_db) < last:
             kills_mid_stream += 1
-    # Let a last projector catch up (stopped the hard way too), then compare every table.
-    process = subprocess.Popen(helper)
-    deadline = asyncio.get_running_loop().time() + 120
-    while asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.5)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-        if _position(crashed_db) == last:
-            break
-        process = subprocess.Popen(helper)
+    # A last projector catches up and is stopped the hard way too; then every table is compared.
+    await asyncio.to_thread(run_until, last)
     assert _position(crashed_db) == last
     assert kills_mid_stream >= 1, "no SIGKILL landed mid-stream; the test proved nothing"
     clean, crashed = _dump(clean_db), _dump(crashed_db)
