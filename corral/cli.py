@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from corral import __version__, commands
+from corral import __version__, commands, config, wrap
 from corral.errors import CorralError
 from corral.home import Home
 from events.errors import EventError
@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     psub = projections.add_subparsers(dest="action", metavar="ACTION", required=True)
     psub.add_parser("rebuild", help="rebuild every table from the event log")
 
+    templates = sub.add_parser("templates", help="list the execution templates of corral.toml")
+    templates.add_argument("--json", action="store_true")
+
+    wrap = sub.add_parser("wrap", help="run a tool and write heartbeats on its behalf while it works")
+    wrap.add_argument("--interval", type=float, default=5.0, help="seconds between heartbeats (default: 5)")
+    wrap.add_argument("command", nargs=argparse.REMAINDER, help="-- TOOL [ARGS...]")
+
     schema = sub.add_parser("schema", help="JSON Schema of every event type")
     schema.add_argument("--type", help="one event type only")
     schema.add_argument("--list", action="store_true", help="list the types and their subjects")
@@ -79,6 +86,8 @@ COMMANDS: dict[str, Any] = {
     "sql": commands.cmd_sql,
     "projections": commands.cmd_rebuild,
     "schema": commands.cmd_schema,
+    "templates": config.cmd_templates,
+    "wrap": wrap.cmd_wrap,
 }
 
 
