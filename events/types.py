@@ -87,6 +87,9 @@ class ExecutionRequested(EventData):
     replay_of: str | None = None
     fork_of: str | None = None
     fork_checkpoint: int | None = None
+    on_stall: Literal["notify", "pause", "cancel", "restart"] | None = None
+    attempt: int = 1
+    retry_of: str | None = None
 
 
 @event_type("execution.claimed")
