@@ -1,154 +1,112 @@
-"""The spawner: claims execution requests, runs each agent in its own worktree, records what it does."""
+"""The spawner: queues and claims execution requests, runs each agent under a shim, carries out control.
+
+Work intake is a queue every spawner sees: all unclaimed `execution.requested` events, ordered by
+priority then age. A spawner with a free slot claims the best one with an optimistic append of
+`execution.claimed` (expected last subject sequence 0), so a request runs once however many
+spawners compete. Requests it cannot start yet are recorded once as `execution.queued`.
+
+Each claimed execution gets a worktree and a shim (actors/shim.py) that owns the agent; the
+spawner tails the shim's spool and publishes it. Control requests (input, pause, resume, cancel,
+extend, priority) arrive as events; the spawner that owns the execution asks its shim, and the
+shim's record of the result is the confirmation. A restarted spawner re-attaches to every shim
+left in its run directory and publishes what they spooled meanwhile.
+"""
 
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+from pydantic import ValidationError
 
 from actors.bus import Bus
 from actors.errors import WorkspaceError
-from actors.output import ControlLine, OutputCoalescer
 from actors.runtime import Actor
+from actors.shim import PUBLISHED, SPEC, SPOOL, request, socket_address
 from actors.worktree import add_worktree, remove_worktree, repo_root, resolve_commit
 from events.envelope import Event, decode_event
 from events.errors import EventError, WrongLastSequence
 from events.publisher import PubAck
-from events.subjects import SPAWNER_CONSUMER, events_of_type
+from events.subjects import STREAM, event_subject, events_of_type, split_subject
 from events.types import (
+    CancelRequested,
+    ControlRejected,
+    EventData,
     ExecutionClaimed,
     ExecutionExited,
     ExecutionFailed,
+    ExecutionQueued,
     ExecutionRequested,
-    ExecutionStarted,
-    Heartbeat,
-    Output,
+    InputRequested,
+    PauseRequested,
+    PriorityChanged,
+    PriorityRequested,
     ProtocolError,
+    ResumeRequested,
+    TimeoutExtendRequested,
     WorkspaceCreated,
+    model_for,
 )
 
-FLUSH_INTERVAL_S = 0.05
-READ_SIZE = 64 * 1024
-DRAIN_AFTER_EXIT_S = 2.0
+TERMINAL = ("execution.exited", "execution.failed")
+CONTROL_TYPES = (
+    "input.requested",
+    "pause.requested",
+    "resume.requested",
+    "cancel.requested",
+    "timeout.extend.requested",
+    "priority.requested",
+)
+POLL_S = 1.0
+SAVE_OFFSET_EVERY_S = 1.0
+SHIM_CONNECT_S = 10.0
+
+
+@dataclass
+class Pending:
+    """An unclaimed request in the queue."""
+
+    execution_id: str
+    seq: int
+    request: Event
+    priority: int
+    priority_seq: int = 0
+
+    def order(self) -> tuple[int, int]:
+        return (-self.priority, self.seq)
 
 
 @dataclass
 class RunningExecution:
-    """What the spawner holds for one live agent."""
+    """What the spawner holds for one execution it owns."""
 
     execution_id: str
     request_id: str
-    process: asyncio.subprocess.Process | None = None
-    pgid: int | None = None
+    run_dir: Path
+    request: ExecutionRequested | None = None
+    shim: subprocess.Popen[bytes] | None = None
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None
-
-
-class OutputPump:
-    """Read an agent's stdout and stderr, and publish them as output events without ever waiting on the bus."""
-
-    def __init__(self, spawner: "Spawner", run: RunningExecution) -> None:
-        self.spawner = spawner
-        self.run = run
-        self.outbox: deque[Event] = deque()
-        self.wakeup = asyncio.Event()
-        self.acks: list[asyncio.Future[PubAck]] = []
-        self.chunk_number = 0
-        self.coalescers = {
-            "stdout": OutputCoalescer(),
-            "stderr": OutputCoalescer(parse_control=True),
-        }
-
-    def _queue_text(self, stream: str, text: str | None) -> None:
-        if not text:
-            return
-        self.chunk_number += 1
-        self._queue(Output(stream=stream, n=self.chunk_number, text=text))  # type: ignore[arg-type]
-
-    def _queue(self, data: Any) -> None:
-        self.outbox.append(
-            self.spawner.bus.event(
-                self.run.execution_id,
-                data,
-                actor=self.spawner.instance,
-                causation_id=self.run.request_id,
-            )
-        )
-        self.wakeup.set()
-
-    def _queue_controls(self, controls: list[ControlLine]) -> None:
-        for control in controls:
-            if control.error is not None:
-                self._queue(ProtocolError(line=control.raw[:2000], error=control.error))
-            elif control.kind == "heartbeat":
-                try:
-                    self._queue(Heartbeat(source="agent", **control.fields))
-                except ValueError as exc:
-                    self._queue(ProtocolError(line=control.raw[:2000], error=str(exc).splitlines()[0]))
-            else:
-                self._queue(
-                    ProtocolError(
-                        line=control.raw[:2000],
-                        error=f"unsupported control message {control.kind!r} (supported: heartbeat)",
-                    )
-                )
-
-    async def read(self, stream: str, reader: asyncio.StreamReader) -> None:
-        """Read one pipe until EOF, queueing complete chunks."""
-        coalescer = self.coalescers[stream]
-        while True:
-            data = await reader.read(READ_SIZE)
-            if not data:
-                break
-            chunks, controls = coalescer.feed(data)
-            self._queue_controls(controls)
-            for chunk in chunks:
-                self._queue_text(stream, chunk)
-        text, controls = coalescer.finish()
-        self._queue_controls(controls)
-        self._queue_text(stream, text)
-
-    async def tick(self, done: asyncio.Event) -> None:
-        """Flush partial chunks that have waited long enough."""
-        while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), FLUSH_INTERVAL_S)
-            for stream, coalescer in self.coalescers.items():
-                self._queue_text(stream, coalescer.flush())
-
-    async def publish(self, done: asyncio.Event) -> None:
-        """Move queued events to the publisher in order, keeping their acknowledgement futures."""
-        publisher = self.spawner.bus.publisher
-        while True:
-            while self.outbox:
-                event = self.outbox.popleft()
-                self.acks.append(await publisher.send(event.subject, event.to_bytes(), msg_id=event.id))
-            if len(self.acks) > 256:
-                self.acks = [ack for ack in self.acks if not ack.done() or ack.exception()]
-            if done.is_set() and not self.outbox:
-                break
-            self.wakeup.clear()
-            waiter = asyncio.create_task(self.wakeup.wait())
-            stopper = asyncio.create_task(done.wait())
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopper.cancel()
-
-    async def settle(self) -> None:
-        """Wait until every queued event is stored (raises if one could not be)."""
-        if self.acks:
-            await asyncio.gather(*self.acks)
+    stop_cause: str | None = None
+    shim_started: asyncio.Event = field(default_factory=asyncio.Event)
+    pgid: int | None = None
 
 
 class Spawner(Actor):
-    """Claims `execution.requested`, owns worktrees and agent processes."""
+    """Claims `execution.requested`, owns worktrees, shims and agent processes on its host."""
 
     name = "spawner"
 
@@ -157,50 +115,130 @@ class Spawner(Actor):
         bus: Bus,
         *,
         worktrees: Path,
+        run_root: Path | None = None,
         max_running: int = 16,
         stop_grace_s: float = 5.0,
+        cancel_grace_s: float = 10.0,
         instance: str | None = None,
     ) -> None:
         super().__init__(bus, instance=instance)
         self.worktrees = worktrees
+        self.run_root = run_root or worktrees.parent / "run"
         self.max_running = max_running
         self.stop_grace_s = stop_grace_s
+        self.cancel_grace_s = cancel_grace_s
         self.host = socket.gethostname()
         self.running: dict[str, RunningExecution] = {}
+        self.pending: dict[str, Pending] = {}
+        self.claimed: set[str] = set()
+        self.queued_recorded: set[str] = set()
+        self.handled_requests: deque[str] = deque(maxlen=10000)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slot_freed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._subs: list[Any] = []
 
     def health(self) -> dict[str, Any]:
-        return {**super().health(), "running": len(self.running), "max_running": self.max_running}
+        return {
+            **super().health(),
+            "running": len(self.running),
+            "max_running": self.max_running,
+            "queued": len(self.pending),
+        }
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        self.run_root.mkdir(parents=True, exist_ok=True)
+        for run_dir in sorted(self.run_root.iterdir()):
+            if (run_dir / SPEC).is_file():
+                self._adopt(run_dir)
+        # Everything already claimed, in one request, so old requests never look pending.
+        info = await self.bus.js.stream_info(STREAM, subjects_filter=events_of_type("execution.claimed"))
+        self.claimed.update(subject.split(".")[2] for subject in (info.state.subjects or {}))
+        js = self.bus.js
+        self._subs.append(
+            await js.subscribe(events_of_type("execution.claimed"), cb=self._on_claimed, ordered_consumer=True)
+        )
+        self._subs.append(
+            await js.subscribe(events_of_type("priority.changed"), cb=self._on_priority, ordered_consumer=True)
+        )
+        self._subs.append(
+            await js.subscribe(events_of_type("execution.requested"), cb=self._on_requested, ordered_consumer=True)
+        )
+        for kind in CONTROL_TYPES:
+            self._subs.append(
+                await js.subscribe(
+                    events_of_type(kind), cb=self._on_control, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
+                )
+            )
 
     async def run(self) -> None:
-        await self.consume(
-            SPAWNER_CONSUMER,
-            events_of_type("execution.requested"),
-            self.claim_next_request,
-            ready=self._wait_for_slot,
-        )
-
-    async def _wait_for_slot(self) -> None:
-        while len(self.running) >= self.max_running and not self.stopping.is_set():
-            self._slot_freed.clear()
+        while not self.stopping.is_set():
+            self._wake.clear()
+            await self._schedule()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slot_freed.wait(), 0.5)
+                await asyncio.wait_for(self._wake.wait(), POLL_S)
 
-    async def claim_next_request(self, msg: Msg) -> None:
-        """Claim one request: an optimistic append of `execution.claimed` that only one spawner wins.
+    async def on_stop(self) -> None:
+        """Stop every agent this spawner runs (SIGTERM, SIGKILL after the grace) and record their exits."""
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for run in list(self.running.values()):
+            run.stop_reason = "spawner_stopped"
+            if run.shim_started.is_set():
+                with contextlib.suppress(Exception):
+                    await request(
+                        run.run_dir, {"op": "cancel", "reason": "spawner_stopped", "grace_s": self.stop_grace_s}
+                    )
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self.stop_grace_s + 10)
 
-        JetStream redelivers a request whose claimer died before acknowledging it; the claim
-        event makes the second delivery a no-op instead of a second run.
-        """
+    # --- the queue ---------------------------------------------------------------------------
+
+    async def _on_claimed(self, msg: Msg) -> None:
+        execution_id, _ = split_subject(msg.subject)
+        self.claimed.add(execution_id)
+        if self.pending.pop(execution_id, None) is not None:
+            self._wake.set()
+
+    async def _on_priority(self, msg: Msg) -> None:
+        execution_id, _ = split_subject(msg.subject)
+        pending = self.pending.get(execution_id)
+        if pending is None:
+            return
+        with contextlib.suppress(EventError):
+            event = decode_event(msg.data)
+            if isinstance(event.data, PriorityChanged):
+                pending.priority = event.data.priority
+                pending.priority_seq = msg.metadata.sequence.stream
+
+    async def _on_requested(self, msg: Msg) -> None:
+        execution_id, _ = split_subject(msg.subject)
+        if execution_id in self.claimed or execution_id in self.running:
+            return
         try:
-            request = decode_event(msg.data)
+            event = decode_event(msg.data)
         except EventError:
-            await msg.term()
             return
-        if not isinstance(request.data, ExecutionRequested):
-            await msg.term()
+        if not isinstance(event.data, ExecutionRequested):
             return
+        seq = msg.metadata.sequence.stream
+        self.pending[execution_id] = Pending(execution_id, seq, event, event.data.priority)
+        self._wake.set()
+
+    async def _schedule(self) -> None:
+        while self.pending and len(self.running) < self.max_running and not self.stopping.is_set():
+            best = min(self.pending.values(), key=Pending.order)
+            self.pending.pop(best.execution_id, None)
+            await self._claim(best)
+        if self.pending and not self.stopping.is_set():
+            await self._record_queued()
+
+    async def _claim(
+        self, pending: Pending, *, cancel: CancelRequested | None = None, cause: str | None = None
+    ) -> bool:
+        request = pending.request
         try:
             await self.bus.emit(
                 request.execution_id,
@@ -210,30 +248,146 @@ class Spawner(Actor):
                 expected_last_subject_seq=0,
             )
         except WrongLastSequence:
-            await msg.ack()
-            return
-        await msg.ack()
-        run = RunningExecution(request.execution_id, request.id)
+            self.claimed.add(request.execution_id)
+            return False
+        self.claimed.add(request.execution_id)
+        assert isinstance(request.data, ExecutionRequested)
+        if cancel is not None:
+            await self.bus.emit(
+                request.execution_id,
+                ExecutionExited(exit_code=None, duration_s=0.0, reason="cancelled"),
+                actor=self.instance,
+                causation_id=cause,
+            )
+            return True
+        run = RunningExecution(
+            request.execution_id, request.id, self.run_root / request.execution_id, request=request.data
+        )
         self.running[run.execution_id] = run
-        task = asyncio.create_task(self._execute(run, request.data), name=f"exec-{run.execution_id}")
+        self._spawn_task(self._execute(run, request.data), run)
+        return True
+
+    async def _record_queued(self) -> None:
+        ordered = sorted(self.pending.values(), key=Pending.order)
+        for position, pending in enumerate(ordered, start=1):
+            execution_id = pending.execution_id
+            if execution_id in self.queued_recorded:
+                continue
+            self.queued_recorded.add(execution_id)
+            with contextlib.suppress(Exception):
+                # Someone may have claimed it since; never mark a claimed execution queued.
+                await self.bus.js.get_last_msg(STREAM, event_subject(execution_id, "execution.claimed"))
+                continue
+            with contextlib.suppress(WrongLastSequence):
+                await self.bus.emit(
+                    execution_id,
+                    ExecutionQueued(position=position),
+                    actor=self.instance,
+                    causation_id=pending.request.id,
+                    expected_last_subject_seq=0,
+                )
+
+    # --- control -----------------------------------------------------------------------------
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            event = decode_event(msg.data)
+        except EventError:
+            return
+        if event.id in self.handled_requests:
+            return
+        self.handled_requests.append(event.id)
+        task = asyncio.create_task(self._control(event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _emit(self, run: RunningExecution, data: Any) -> None:
-        await self.bus.emit(run.execution_id, data, actor=self.instance, causation_id=run.request_id)
+    async def _reject(self, event: Event, reason: str) -> None:
+        await self.bus.emit(
+            event.execution_id,
+            ControlRejected(request=event.type, reason=reason),
+            actor=self.instance,
+            causation_id=event.id,
+        )
 
-    async def _execute(self, run: RunningExecution, request: ExecutionRequested) -> None:
+    async def _control(self, event: Event) -> None:
+        data = event.data
+        pending = self.pending.get(event.execution_id)
+        if pending is not None:
+            await self._control_queued(event, pending)
+            return
+        run = self.running.get(event.execution_id)
+        if run is None:
+            return  # another spawner's, or finished: the CLI checks state before asking
+        if isinstance(data, PriorityRequested):
+            await self._reject(event, "it is already running; priority only reorders queued executions")
+            return
+        if isinstance(data, CancelRequested) and not run.shim_started.is_set():
+            run.stop_reason, run.stop_cause = "cancelled", event.id
+            return
+        if not run.shim_started.is_set():
+            await asyncio.wait_for(run.shim_started.wait(), SHIM_CONNECT_S)
+        op: dict[str, Any]
+        match data:
+            case InputRequested(text=text):
+                op = {"op": "input", "text": text}
+            case PauseRequested():
+                op = {"op": "pause"}
+            case ResumeRequested():
+                op = {"op": "resume"}
+            case CancelRequested(grace_s=grace):
+                op = {"op": "cancel", "grace_s": grace, "reason": "cancelled"}
+            case TimeoutExtendRequested(seconds=seconds):
+                op = {"op": "extend", "seconds": seconds}
+            case _:
+                return
         try:
-            await self._execute_inner(run, request)
+            reply = await request(run.run_dir, {**op, "cause": event.id})
+        except (OSError, TimeoutError) as exc:
+            reply = {"ok": False, "error": f"the agent's shim did not answer ({exc or type(exc).__name__})"}
+        if not reply.get("ok"):
+            await self._reject(event, str(reply.get("error") or "refused"))
+
+    async def _control_queued(self, event: Event, pending: Pending) -> None:
+        data = event.data
+        if isinstance(data, CancelRequested):
+            self.pending.pop(pending.execution_id, None)
+            await self._claim(pending, cancel=data, cause=event.id)
+        elif isinstance(data, PriorityRequested):
+            try:
+                await self.bus.emit(
+                    event.execution_id,
+                    PriorityChanged(priority=data.priority),
+                    actor=self.instance,
+                    causation_id=event.id,
+                    expected_last_subject_seq=pending.priority_seq,
+                )
+            except WrongLastSequence:
+                return  # another spawner recorded it first
+            pending.priority = data.priority
+            self._wake.set()
+
+    # --- one execution -----------------------------------------------------------------------
+
+    def _spawn_task(self, coro: Any, run: RunningExecution) -> None:
+        task = asyncio.create_task(self._guard(coro, run), name=f"exec-{run.execution_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guard(self, coro: Any, run: RunningExecution) -> None:
+        try:
+            await coro
         except Exception as exc:  # a bug here must still leave a record, not a silent hang
             with contextlib.suppress(Exception):
                 await self._emit(run, ExecutionFailed(stage="internal", error=repr(exc)))
             raise
         finally:
             self.running.pop(run.execution_id, None)
-            self._slot_freed.set()
+            self._wake.set()
 
-    async def _execute_inner(self, run: RunningExecution, request: ExecutionRequested) -> None:
+    async def _emit(self, run: RunningExecution, data: EventData, cause: str | None = None) -> PubAck:
+        return await self.bus.emit(run.execution_id, data, actor=self.instance, causation_id=cause or run.request_id)
+
+    async def _execute(self, run: RunningExecution, request: ExecutionRequested) -> None:
         branch = f"corral/{run.execution_id}"
         path = self.worktrees / run.execution_id
         try:
@@ -244,89 +398,200 @@ class Spawner(Actor):
             await self._emit(run, ExecutionFailed(stage="workspace", error=str(exc)))
             return
         await self._emit(run, WorkspaceCreated(path=str(path), branch=branch, repo=str(repo), base_commit=base_commit))
+        if run.stop_reason is not None:
+            exited = ExecutionExited(
+                exit_code=None,
+                duration_s=0.0,
+                reason="cancelled" if run.stop_reason == "cancelled" else "spawner_stopped",
+            )
+            await self._emit(run, exited, run.stop_cause)
+            return
         env = {
             **os.environ,
             **request.env,
             "CORRAL_EXECUTION_ID": run.execution_id,
             "CORRAL_WORKTREE": str(path),
         }
-        if run.stop_reason is not None:
-            await remove_worktree(repo, path, branch=branch)
-            await self._emit(run, ExecutionFailed(stage="spawn", error="spawner stopped before start"))
-            return
+        spec = {
+            "execution_id": run.execution_id,
+            "request_id": run.request_id,
+            "command": list(request.command),
+            "cwd": str(path),
+            "env": env,
+            "repo": str(repo),
+            "branch": branch,
+            "hard_timeout_s": request.timeouts.hard,
+            "cancel_grace_s": self.cancel_grace_s,
+            "memory_bytes": request.limits.memory_bytes,
+            "cpus": request.limits.cpus,
+            "disk_bytes": request.limits.disk_bytes,
+        }
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / SPOOL).touch()
+        tmp = run.run_dir / (SPEC + ".tmp")
+        tmp.write_bytes(orjson.dumps(spec))
+        tmp.rename(run.run_dir / SPEC)
         try:
-            process = await asyncio.create_subprocess_exec(
-                *request.command,
-                cwd=str(path),
-                env=env,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
+            run.shim = start_shim(run.run_dir)
         except OSError as exc:
+            await self._emit(run, ExecutionFailed(stage="spawn", error=f"cannot start the shim: {exc}"))
+            shutil.rmtree(run.run_dir, ignore_errors=True)
             await remove_worktree(repo, path, branch=branch)
-            await self._emit(
-                run,
-                ExecutionFailed(stage="spawn", error=f"cannot start {request.command[0]!r}: {exc.strerror or exc}"),
-            )
             return
-        run.process = process
-        run.pgid = process.pid
-        run.started = time.monotonic()
-        await self._emit(
-            run,
-            ExecutionStarted(pid=process.pid, pgid=process.pid, host=self.host, command=request.command, cwd=str(path)),
-        )
-        await self._supervise(run, process)
+        await self._follow(run)
 
-    async def _supervise(self, run: RunningExecution, process: asyncio.subprocess.Process) -> None:
-        assert process.stdout is not None
-        assert process.stderr is not None
-        pump = OutputPump(self, run)
-        done = asyncio.Event()
-        readers = asyncio.gather(pump.read("stdout", process.stdout), pump.read("stderr", process.stderr))
-        ticker = asyncio.create_task(pump.tick(done))
-        publisher = asyncio.create_task(pump.publish(done))
-        returncode = await process.wait()
+    def _adopt(self, run_dir: Path) -> None:
+        """Take over a shim (alive or not) left by a spawner that is gone."""
+        spec = orjson.loads((run_dir / SPEC).read_bytes())
+        run = RunningExecution(spec["execution_id"], spec["request_id"], run_dir)
+        self.running[run.execution_id] = run
+        self.claimed.add(run.execution_id)
+        self._spawn_task(self._follow(run), run)
+
+    async def _follow(self, run: RunningExecution) -> None:
+        """Publish the shim's spool until its terminal record is stored; record a lost agent."""
+        spool = run.run_dir / SPOOL
+        published_file = run.run_dir / PUBLISHED
+        offset = int(published_file.read_text() or 0) if published_file.exists() else 0
+        acks: deque[tuple[int, asyncio.Future[PubAck]]] = deque()
+        saved_at = time.monotonic()
+        saved = offset
+        terminal: str | None = None
+        watch = await self._watch(run)
+        run.shim_started.set()
+        while True:
+            data = read_from(spool, offset)
+            end = data.rfind(b"\n") + 1
+            for line in data[:end].splitlines():
+                offset += len(line) + 1
+                event = self._event(run, line)
+                if event is None:
+                    continue
+                if event.type in TERMINAL:
+                    terminal = event.type
+                future = await self.bus.publisher.send(event.subject, event.to_bytes(), msg_id=event.id)
+                acks.append((offset, future))
+            while acks and acks[0][1].done():
+                done_offset, future = acks.popleft()
+                future.result()  # a publish that failed for good is raised, not skipped
+                saved = done_offset
+            if saved and time.monotonic() - saved_at > SAVE_OFFSET_EVERY_S:
+                published_file.write_text(str(saved))
+                saved_at = time.monotonic()
+            if terminal is not None:
+                break
+            if watch is None:
+                if end == 0:
+                    break  # the shim is gone and every whole line it wrote is published
+                continue
+            try:
+                got = await asyncio.wait_for(watch[0].read(4096), POLL_S)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                got = b""
+            if not got:
+                watch[1].close()
+                watch = None  # the shim exited; read what is left
+        if watch is not None:
+            watch[1].close()
+        for done_offset, future in acks:
+            await future
+            saved = done_offset
+        published_file.write_text(str(saved))
+        if terminal is None:
+            await self._lost(run)
+        elif terminal == "execution.failed" and run.request is not None:
+            with contextlib.suppress(WorkspaceError):
+                await remove_worktree(
+                    repo_root(run.request.repo), self.worktrees / run.execution_id, branch=f"corral/{run.execution_id}"
+                )
+        if run.shim is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(run.shim.wait, 5.0)
+        shutil.rmtree(run.run_dir, ignore_errors=True)
+
+    async def _watch(self, run: RunningExecution) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """Connect to the shim's watch stream; None once the shim is known to be gone."""
+        deadline = time.monotonic() + SHIM_CONNECT_S
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(socket_address(run.run_dir))
+                writer.write(b'{"op":"watch"}\n')
+                await writer.drain()
+                return reader, writer
+            except OSError:
+                if run.shim is None or run.shim.poll() is not None or time.monotonic() > deadline:
+                    return None
+                await asyncio.sleep(0.02)
+
+    def _event(self, run: RunningExecution, line: bytes) -> Event | None:
         try:
-            # A grandchild may hold the pipes open after the agent exits; don't wait forever.
-            await asyncio.wait_for(asyncio.shield(readers), DRAIN_AFTER_EXIT_S)
-        except TimeoutError:
-            self._signal_group(run, signal.SIGKILL)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(readers, 1.0)
-        self._signal_group(run, signal.SIGKILL)  # nothing of the group may outlive its leader
-        done.set()
-        await ticker
-        await publisher
-        await pump.settle()
-        duration = time.monotonic() - run.started
-        await self._emit(
-            run,
-            ExecutionExited(
-                exit_code=returncode if returncode >= 0 else None,
-                signal=-returncode if returncode < 0 else None,
-                duration_s=round(duration, 6),
-                reason="spawner_stopped" if run.stop_reason == "spawner_stopped" else "exited",
-            ),
+            record = orjson.loads(line)
+            kind = record["type"]
+            try:
+                data: EventData = model_for(kind).model_validate(record["data"])
+            except ValidationError as exc:
+                data = ProtocolError(line=line.decode(errors="replace")[:2000], error=str(exc).splitlines()[0])
+                kind = data.TYPE
+            if kind == "execution.started":
+                run.pgid = record["data"].get("pgid")
+            return Event(
+                id=record["id"],
+                type=kind,
+                execution_id=run.execution_id,
+                ts=datetime.fromtimestamp(record["ts"], UTC),
+                actor=self.instance,
+                causation_id=record.get("cause") or run.request_id,
+                correlation_id=run.execution_id,
+                data=data,
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, EventError) as exc:
+            sys.stderr.write(f"corral: spawner: {run.execution_id}: unreadable spool line skipped ({exc})\n")
+            return None
+
+    async def _lost(self, run: RunningExecution) -> None:
+        """The shim died without recording an exit: kill what is left of the agent, record it lost."""
+        kill_marked(f"CORRAL_EXECUTION_ID={run.execution_id}".encode())
+        started_at = None
+        for line in read_from(run.run_dir / SPOOL, 0).splitlines():
+            if b'"type":"execution.started"' in line:
+                started_at = float(orjson.loads(line)["ts"])
+        if started_at is None:
+            await self._emit(run, ExecutionFailed(stage="spawn", error="the shim exited before starting the agent"))
+            return
+        duration = round(max(0.0, time.time() - started_at), 6)
+        await self._emit(run, ExecutionExited(exit_code=None, duration_s=duration, reason="lost"))
+
+
+def start_shim(run_dir: Path) -> subprocess.Popen[bytes]:
+    """Start the shim of one run directory in its own session, so it outlives this spawner."""
+    with open(run_dir / "shim.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "actors.shim", str(run_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd=str(run_dir),
         )
 
-    @staticmethod
-    def _signal_group(run: RunningExecution, sig: int) -> None:
-        if run.pgid is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(run.pgid, sig)
 
-    async def on_stop(self) -> None:
-        """Terminate every agent this spawner runs (SIGTERM, SIGKILL after the grace) and record their exits."""
-        for run in list(self.running.values()):
-            run.stop_reason = "spawner_stopped"
-            self._signal_group(run, signal.SIGTERM)
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self.stop_grace_s)
-            for run in list(self.running.values()):
-                self._signal_group(run, signal.SIGKILL)
-            if pending:
-                await asyncio.wait(pending, timeout=DRAIN_AFTER_EXIT_S + 5)
+def read_from(path: Path, offset: int) -> bytes:
+    """Bytes of a file from an offset (b"" if it is gone)."""
+    try:
+        with open(path, "rb") as reader:
+            reader.seek(offset)
+            return reader.read()
+    except FileNotFoundError:
+        return b""
+
+
+def kill_marked(marker: bytes) -> None:
+    """SIGKILL every process whose environment holds `marker` (NAME=VALUE)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if marker in Path(f"/proc/{name}/environ").read_bytes().split(b"\0"):
+                os.kill(int(name), signal.SIGKILL)

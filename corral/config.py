@@ -1,9 +1,640 @@
-"""corral.toml: defaults, spawner and watchdog settings, and named templates (stub, being written)."""
+"""corral.toml: defaults, spawner and watchdog settings, and named execution templates.
 
-from typing import Any
+The file is looked up in order: `$CORRAL_CONFIG` (must exist), `./corral.toml`, `$CORRAL_HOME/corral.toml`;
+no file means all defaults. Every error is one line naming the file and the dotted key (docs/config.md).
+"""
 
+import difflib
+import math
+import os
+import re
+import shlex
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from corral import render
+from corral.errors import CorralError, UsageError
 from corral.home import Home
+
+FILE_NAME = "corral.toml"
+ENV_VAR = "CORRAL_CONFIG"
+
+OnStall = Literal["notify", "pause", "cancel", "restart"]
+FailureClass = Literal["exit", "signal", "timeout", "lost", "spawn", "workspace", "stalled"]
+
+TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+NO_LIMIT_WORDS = frozenset({"none", "off", "unlimited"})
+
+# TOML key -> ExecutionSettings / Template field; the same keys are allowed in [defaults] and [templates.NAME].
+SETTING_KEYS: dict[str, str] = {
+    "timeout": "timeout_s",
+    "idle_timeout": "idle_timeout_s",
+    "spawn_timeout": "spawn_timeout_s",
+    "on_stall": "on_stall",
+    "cancel_grace": "cancel_grace_s",
+    "memory": "memory_bytes",
+    "cpus": "cpus",
+    "disk": "disk_bytes",
+    "priority": "priority",
+}
+SETTING_FIELDS: tuple[str, ...] = tuple(SETTING_KEYS.values())
+
+
+class ConfigError(CorralError):
+    """corral.toml cannot be used, or names something it does not define; nothing was started."""
+
+    exit_code = 2
+
+
+# --- sizes and durations -------------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h|d)"
+_DURATION_RE = re.compile(f"(?:{_DURATION_PART})+", re.IGNORECASE)
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in TOML (true, not True)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return repr(value)
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string like "512M", "2G", "1.5G" (K/M/G/T are powers of 1024; "GiB"/"GB" too)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"expected a size of at least 0 (got {value})")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value.strip())
+        if match:
+            return round(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    raise ValueError(f"expected a size like 512M, 2G, 1.5G (got {_show(value)})")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like "30s", "10m", "2h", "1h30m", "500ms", "1d"."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"expected a duration of at least 0 (got {value})")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            return float(text)
+        if _DURATION_RE.fullmatch(text):
+            return sum(float(n) * _DURATION_UNITS[u.lower()] for n, u in re.findall(_DURATION_PART, text, re.I))
+    raise ValueError(f"expected a duration like 30s, 10m, 2h (got {_show(value)})")
+
+
+def format_duration(seconds: float | None) -> str:
+    """The inverse of parse_duration for display: 5400 -> "1h30m", 0.5 -> "500ms", None -> "-"."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    if seconds != int(seconds):
+        return f"{seconds:g}s"
+    rest, parts = int(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts) or "0s"
+
+
+def format_size(size: int | None) -> str:
+    """The inverse of parse_size for display: 2147483648 -> "2G", 1610612736 -> "1.5G", None -> "-"."""
+    if size is None:
+        return "-"
+    for unit in ("T", "G", "M", "K"):
+        scale = _SIZE_UNITS[unit.lower()]
+        if size >= scale:
+            return f"{round(size / scale, 2):g}{unit}"
+    return str(size)
+
+
+def _no_limit(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() in NO_LIMIT_WORDS
+
+
+def _limit_duration(value: Any) -> float | None:
+    if value is None:
+        return None
+    return 0.0 if _no_limit(value) else parse_duration(value)
+
+
+def _limit_size(value: Any) -> int | None:
+    if value is None:
+        return None
+    return 0 if _no_limit(value) else parse_size(value)
+
+
+def _limit_cpus(value: Any) -> float | None:
+    if value is None:
+        return None
+    if _no_limit(value):
+        return 0.0
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    raise ValueError(f"expected a number of CPUs like 1 or 0.5 (got {_show(value)})")
+
+
+def _argv(value: Any) -> Any:
+    """A command as an array of strings, or one string split like a shell would."""
+    if isinstance(value, str):
+        try:
+            value = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split {value!r} into words: {exc}") from None
+    if isinstance(value, list | tuple) and not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+LimitDuration = Annotated[float | None, BeforeValidator(_limit_duration)]
+LimitSize = Annotated[int | None, BeforeValidator(_limit_size)]
+LimitCpus = Annotated[float | None, BeforeValidator(_limit_cpus)]
+Command = Annotated[tuple[StrictStr, ...], BeforeValidator(_argv)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- the public, resolved settings -------------------------------------------------------------
+
+
+class ExecutionSettings(_Frozen):
+    """What governs one execution. None means no limit (a 0 or "none" given anywhere becomes None here).
+
+    Fields accept raw values too (ExecutionSettings(timeout_s="2h", memory_bytes="2G")).
+    """
+
+    timeout_s: LimitDuration = None
+    idle_timeout_s: LimitDuration = None
+    spawn_timeout_s: LimitDuration = None
+    on_stall: OnStall = "notify"
+    cancel_grace_s: Duration = 10.0
+    memory_bytes: LimitSize = None
+    cpus: LimitCpus = None
+    disk_bytes: LimitSize = None
+    priority: StrictInt = 0
+
+    @field_validator("timeout_s", "idle_timeout_s", "spawn_timeout_s", "memory_bytes", "cpus", "disk_bytes")
+    @classmethod
+    def _zero_is_no_limit(cls, value: float | None) -> float | None:
+        return value or None
+
+    def timeouts(self) -> dict[str, float | None]:
+        """As events.types.Timeouts fields."""
+        return {"hard": self.timeout_s, "idle": self.idle_timeout_s, "spawn": self.spawn_timeout_s}
+
+    def limits(self) -> dict[str, Any]:
+        """As events.types.Limits fields."""
+        return {"memory_bytes": self.memory_bytes, "cpus": self.cpus, "disk_bytes": self.disk_bytes}
+
+
+class SpawnerSettings(_Frozen):
+    max_running: int = 4
+    stop_grace_s: float = 5.0
+
+
+class WatchdogSettings(_Frozen):
+    check_interval_s: float = 0.25
+    crash_loop_failures: int = 3
+    crash_loop_window_s: float = 600.0
+    retry_max_attempts: int = 0
+    retry_backoff_s: float = 5.0
+    retry_backoff_max_s: float = 300.0
+    retry_on: tuple[str, ...] = ("lost", "spawn")
+
+    def retry_delay(self, attempt: int) -> float:
+        """Delay before retry number `attempt` (1 = first retry): backoff doubling, capped at backoff_max."""
+        return min(self.retry_backoff_s * 2.0 ** max(attempt - 1, 0), self.retry_backoff_max_s)
+
+
+class Template(_Frozen):
+    """A named set of overrides; every setting left None falls through to [defaults].
+
+    A limit explicitly set to no limit ("none" or 0 in the file) is kept as 0 here so that it overrides a default.
+    """
+
+    name: str
+    description: str = ""
+    command: tuple[str, ...] | None = None
+    args: tuple[str, ...] = ()
+    agent: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float | None = None
+    idle_timeout_s: float | None = None
+    spawn_timeout_s: float | None = None
+    on_stall: OnStall | None = None
+    cancel_grace_s: float | None = None
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    disk_bytes: int | None = None
+    priority: int | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The settings this template sets (field name -> value)."""
+        return {name: getattr(self, name) for name in SETTING_FIELDS if getattr(self, name) is not None}
+
+
+class Config(_Frozen):
+    source: Path | None = None
+    searched: tuple[Path, ...] = ()
+    defaults: ExecutionSettings = ExecutionSettings()
+    spawner: SpawnerSettings = SpawnerSettings()
+    watchdog: WatchdogSettings = WatchdogSettings()
+    templates: dict[str, Template] = Field(default_factory=dict)
+    policy: dict[str, Any] = Field(default_factory=dict)
+    label: str = FILE_NAME  # how messages name the file: relative to the current directory when inside it
+
+
+class ResolvedRun(_Frozen):
+    """defaults < template < flags, merged for one `corral run`."""
+
+    template: str | None = None
+    settings: ExecutionSettings = ExecutionSettings()
+    command: tuple[str, ...] | None = None  # the template's default command
+    args: tuple[str, ...] = ()  # the template's extra args, appended to whichever command runs
+    agent: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def command_prefix(self) -> tuple[str, ...]:
+        return (*(self.command or ()), *self.args)
+
+    def argv(self, cli_command: Sequence[str] = ()) -> tuple[str, ...]:
+        """The command to run: the CLI's command if given, else the template's; then the template's args."""
+        base = tuple(cli_command) or self.command
+        if not base:
+            where = f" or set `command` in template {self.template!r}" if self.template else ""
+            raise UsageError(f"no command to run: give one after `--`{where}")
+        return (*base, *self.args)
+
+
+# --- the file as written (keys as in TOML) -----------------------------------------------------
+
+
+class _SettingsFile(_Frozen):
+    timeout: LimitDuration = None
+    idle_timeout: LimitDuration = None
+    spawn_timeout: LimitDuration = None
+    on_stall: OnStall | None = None
+    cancel_grace: Duration | None = None
+    memory: LimitSize = None
+    cpus: LimitCpus = None
+    disk: LimitSize = None
+    priority: StrictInt | None = None
+
+    def fields(self) -> dict[str, Any]:
+        values = {field: getattr(self, key) for key, field in SETTING_KEYS.items()}
+        return {field: value for field, value in values.items() if value is not None}
+
+
+class _TemplateFile(_SettingsFile):
+    description: StrictStr = ""
+    command: Command | None = None
+    agent: Annotated[StrictStr, Field(min_length=1)] | None = None
+    env: dict[str, StrictStr] = Field(default_factory=dict)
+    args: tuple[StrictStr, ...] = ()
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if not key or "=" in key or "\0" in key:
+                raise ValueError(f"bad environment variable name {key!r}")
+        return env
+
+
+class _SpawnerFile(_Frozen):
+    max_running: Annotated[StrictInt, Field(ge=1)] = 4
+    stop_grace: Duration = 5.0
+
+
+class _WatchdogFile(_Frozen):
+    check_interval: Annotated[Duration, Field(gt=0)] = 0.25
+    crash_loop_failures: Annotated[StrictInt, Field(ge=0)] = 3
+    crash_loop_window: Duration = 600.0
+    retry_max_attempts: Annotated[StrictInt, Field(ge=0)] = 0
+    retry_backoff: Duration = 5.0
+    retry_backoff_max: Duration = 300.0
+    retry_on: tuple[FailureClass, ...] = ("lost", "spawn")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "_WatchdogFile":
+        if self.retry_backoff_max < self.retry_backoff:
+            raise ValueError(
+                f"retry_backoff_max ({format_duration(self.retry_backoff_max)}) must be at least "
+                f"retry_backoff ({format_duration(self.retry_backoff)})"
+            )
+        return self
+
+
+class _ConfigFile(_Frozen):
+    defaults: _SettingsFile = _SettingsFile()
+    spawner: _SpawnerFile = _SpawnerFile()
+    watchdog: _WatchdogFile = _WatchdogFile()
+    templates: dict[str, _TemplateFile] = Field(default_factory=dict)
+    policy: dict[str, Any] = Field(default_factory=dict)
+
+
+_KNOWN_KEYS: dict[str, tuple[str, ...]] = {
+    "": tuple(_ConfigFile.model_fields),
+    "defaults": tuple(_SettingsFile.model_fields),
+    "spawner": tuple(_SpawnerFile.model_fields),
+    "watchdog": tuple(_WatchdogFile.model_fields),
+    "templates.*": tuple(_TemplateFile.model_fields),
+}
+
+_TYPE_MESSAGES = {
+    "dict_type": "expected a table",
+    "model_type": "expected a table",
+    "model_attributes_type": "expected a table",
+    "tuple_type": "expected an array",
+    "list_type": "expected an array",
+    "string_type": "expected a string",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "bool_type": "expected true or false",
+}
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _label(path: Path, cwd: Path) -> str:
+    """How error messages name a file: relative to the current directory when inside it."""
+    try:
+        return str(path.relative_to(cwd))
+    except ValueError:
+        return str(path)
+
+
+def _dotted(loc: Sequence[int | str]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _error_text(error: ErrorDetails) -> str:
+    """One pydantic error as `dotted.key: message`."""
+    loc = tuple(error["loc"])
+    key = _dotted(loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = [str(p) for p in loc[:-1]]
+        scope = "templates.*" if len(parent) == 2 and parent[0] == "templates" else ".".join(parent)
+        known = _KNOWN_KEYS.get(scope, ())
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})" if known else ""
+        return f"unknown key {key}{hint}"
+    ctx = error.get("ctx") or {}
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        message = str(ctx["error"])
+    elif kind in _TYPE_MESSAGES:
+        message = _TYPE_MESSAGES[kind]
+    elif kind == "literal_error":
+        message = f"expected {ctx.get('expected')}"
+    elif kind == "greater_than_equal":
+        message = f"must be at least {ctx.get('ge')}"
+    elif kind == "greater_than":
+        message = f"must be more than {ctx.get('gt')}"
+    else:
+        message = error["msg"][:1].lower() + error["msg"][1:]
+    scalar = isinstance(error.get("input"), str | int | float | bool)
+    if "(got " not in message and kind != "missing" and scalar:
+        message += f" (got {_show(error['input'])})"
+    return f"{key}: {message}" if key else message
+
+
+def _validation_message(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return _error_text(errors[0]) + more
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def candidates(home: Home, cwd: Path | None = None) -> tuple[Path | None, tuple[Path, ...]]:
+    """(the file to load or None, the places looked at). Raises ConfigError if $CORRAL_CONFIG names nothing."""
+    cwd = cwd or Path.cwd()
+    explicit = os.environ.get(ENV_VAR)
+    if explicit:
+        path = cwd / Path(explicit).expanduser()
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "no such file"
+            raise ConfigError(f"{ENV_VAR}={explicit}: {what}")
+        return path, (path,)
+    searched = (cwd / FILE_NAME, home.root / FILE_NAME)
+    for path in searched:
+        if path.is_file():
+            return path, searched
+    return None, searched
+
+
+def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAME) -> Config:
+    """Validate the TOML text of a corral.toml; `label` names the file in errors."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(_one_line(f"{label}: invalid TOML: {exc}")) from None
+    templates = raw.get("templates")
+    if isinstance(templates, dict):
+        for name in templates:
+            if not TEMPLATE_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"{label}: templates.{name}: bad template name: use lowercase letters, digits, - and _, "
+                    "starting with a letter or digit"
+                )
+    try:
+        parsed = _ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(f"{label}: {_validation_message(exc)}")) from None
+    w = parsed.watchdog
+    return Config(
+        source=source,
+        defaults=ExecutionSettings.model_validate(parsed.defaults.fields()),
+        spawner=SpawnerSettings(max_running=parsed.spawner.max_running, stop_grace_s=parsed.spawner.stop_grace),
+        watchdog=WatchdogSettings(
+            check_interval_s=w.check_interval,
+            crash_loop_failures=w.crash_loop_failures,
+            crash_loop_window_s=w.crash_loop_window,
+            retry_max_attempts=w.retry_max_attempts,
+            retry_backoff_s=w.retry_backoff,
+            retry_backoff_max_s=w.retry_backoff_max,
+            retry_on=tuple(dict.fromkeys(w.retry_on)),
+        ),
+        templates={
+            name: Template(
+                name=name,
+                description=t.description,
+                command=t.command,
+                args=t.args,
+                agent=t.agent,
+                env=t.env,
+                **t.fields(),
+            )
+            for name, t in sorted(parsed.templates.items())
+        },
+        policy=parsed.policy,
+        label=label,
+    )
+
+
+def load_config(home: Home, cwd: Path | None = None) -> Config:
+    """The configuration in effect for commands run from `cwd` (default: the current directory)."""
+    cwd = cwd or Path.cwd()
+    source, searched = candidates(home, cwd)
+    if source is None:
+        return Config(searched=searched)
+    label = _label(source, cwd)
+    try:
+        text = source.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{label}: not UTF-8 text") from None
+    return parse_config(text, source, label=label).model_copy(update={"searched": searched})
+
+
+# --- merging -----------------------------------------------------------------------------------
+
+
+def _flag_name(field: str) -> str:
+    for suffix in ("_s", "_bytes"):
+        field = field.removesuffix(suffix)
+    return "--" + field.replace("_", "-")
+
+
+def resolve_run(config: Config, template: str | None, flags: dict[str, Any]) -> ResolvedRun:
+    """Merge defaults < template < flags.
+
+    `flags` keys are ExecutionSettings field names (timeout_s, memory_bytes, ...), "env" (merged over the
+    template's env) and "agent"; None means not given. A 0 or "none" limit means no limit. Raw strings
+    ("30s", "2G") are accepted too. Unknown template -> ConfigError; bad flag value -> UsageError.
+    """
+    chosen: Template | None = None
+    if template is not None:
+        chosen = config.templates.get(template)
+        if chosen is None:
+            raise ConfigError(_unknown_template(config, template))
+    merged: dict[str, Any] = config.defaults.model_dump()
+    env: dict[str, str] = dict(chosen.env) if chosen else {}
+    agent = chosen.agent if chosen else None
+    if chosen:
+        merged.update(chosen.overrides())
+    for key, value in flags.items():
+        if key not in SETTING_FIELDS and key not in ("env", "agent"):
+            raise TypeError(f"resolve_run: unknown flag {key!r}")
+        if value is None:
+            continue
+        if key == "env":
+            env.update(value)
+        elif key == "agent":
+            agent = value
+        else:
+            merged[key] = value
+    try:
+        settings = ExecutionSettings.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        text = _error_text({**first, "loc": ()})
+        raise UsageError(_one_line(f"{_flag_name(field)}: {text}" if field else text)) from None
+    return ResolvedRun(
+        template=template,
+        settings=settings,
+        command=chosen.command if chosen else None,
+        args=chosen.args if chosen else (),
+        agent=agent,
+        env=env,
+    )
+
+
+def _unknown_template(config: Config, name: str) -> str:
+    if config.source is None:
+        looked = ", ".join(str(p) for p in config.searched) or FILE_NAME
+        return f"no template {name!r}: no {FILE_NAME} found (looked at {looked})"
+    known = ", ".join(config.templates) or "none defined"
+    return f"no template {name!r} in {config.label} (known: {known}); `corral templates` lists them"
+
+
+# --- corral templates --------------------------------------------------------------------------
 
 
 def cmd_templates(home: Home, args: Any) -> int:
-    raise NotImplementedError
+    config = load_config(home)
+    rows = [(t, resolve_run(config, name, {})) for name, t in config.templates.items()]
+    if getattr(args, "json", False):
+        render.print_json(
+            [
+                {
+                    "name": t.name,
+                    "description": t.description,
+                    "command": list(t.command) if t.command else None,
+                    "args": list(t.args),
+                    "agent": t.agent,
+                    "env": t.env,
+                    "overrides": t.overrides(),
+                    "settings": run.settings.model_dump(),
+                    "source": str(config.source),
+                }
+                for t, run in rows
+            ]
+        )
+    elif rows:
+        print(
+            render.table(
+                ["name", "command", "timeout", "idle", "memory", "description"],
+                [
+                    [
+                        t.name,
+                        shlex.join(run.command_prefix) if run.command_prefix else None,
+                        format_duration(run.settings.timeout_s),
+                        format_duration(run.settings.idle_timeout_s),
+                        format_size(run.settings.memory_bytes),
+                        t.description or None,
+                    ]
+                    for t, run in rows
+                ],
+            )
+        )
+    if not rows:
+        if config.source is None:
+            looked = ", ".join(str(p) for p in config.searched)
+            sys.stderr.write(f"corral: no templates: no {FILE_NAME} found (looked at {looked})\n")
+        else:
+            sys.stderr.write(f"corral: no templates in {config.source}; add a [templates.NAME] table\n")
+    return 0

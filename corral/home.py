@@ -35,6 +35,11 @@ class Home:
         return self.root / "worktrees"
 
     @property
+    def runs(self) -> Path:
+        """One directory per live execution on this host: its shim's spec, spool and log."""
+        return self.root / "run"
+
+    @property
     def tmp(self) -> Path:
         return self.root / "tmp"
 

@@ -147,7 +147,7 @@ async def _start_actors(system: System, names: tuple[str, ...], *, max_running: 
     for name in names:
         actor: Actor
         if name == "spawner":
-            actor = Spawner(system.bus, worktrees=home.worktrees, max_running=max_running)
+            actor = Spawner(system.bus, worktrees=home.worktrees, run_root=home.runs, max_running=max_running)
         elif name == "projector":
             actor = Projector(system.bus, database=home.database, tmp_dir=home.tmp)
         else:

@@ -1,7 +1,5 @@
-"""Corral's event vocabulary: the envelope, the closed set of event types, subjects, codec and publisher."""
+"""Corral's event vocabulary: the envelope, the closed set of event types, subjects, codec and publisher.
 
-from events.envelope import Event, new_event
-from events.ids import new_execution_id, new_ulid
-from events.types import EVENT_TYPES, EventData
-
-__all__ = ["EVENT_TYPES", "Event", "EventData", "new_event", "new_execution_id", "new_ulid"]
+Import from the submodules (events.envelope, events.types, ...): this package stays empty so a
+light process (the per-execution shim) can use events.ids without loading pydantic.
+"""

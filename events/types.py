@@ -277,6 +277,14 @@ class LimitExceeded(EventData):
     maximum: float
 
 
+@event_type("control.rejected")
+class ControlRejected(EventData):
+    """A control request (input, pause, resume, cancel, extend, priority) that could not be carried out."""
+
+    request: str
+    reason: str
+
+
 # --- changes (checkpointer) --------------------------------------------------------------------
 
 

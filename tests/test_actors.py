@@ -25,8 +25,8 @@ TABLE_ORDER = {"events": "seq", "output": "seq", "executions": "execution_id", "
 async def test_two_spawners_run_each_request_exactly_once(bus: Bus, nats_server, repo: Path, tmp_path: Path) -> None:
     second_bus = await connect_bus(nats_server.url)
     spawners = [
-        Spawner(bus, worktrees=tmp_path / "wt", instance="spawner-a"),
-        Spawner(second_bus, worktrees=tmp_path / "wt", instance="spawner-b"),
+        Spawner(bus, worktrees=tmp_path / "wt", run_root=tmp_path / "run-a", instance="spawner-a"),
+        Spawner(second_bus, worktrees=tmp_path / "wt", run_root=tmp_path / "run-b", instance="spawner-b"),
     ]
     ids = [new_execution_id() for _ in range(10)]
     try:

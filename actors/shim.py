@@ -1,0 +1,513 @@
+"""The per-execution shim: owns one agent's process tree and pipes, and outlives the spawner.
+
+In the spirit of containerd-shim and conmon. The spawner starts `python -m actors.shim RUN_DIR`
+in its own session; the shim starts the agent, coalesces its output, parses its stderr control
+lines, and appends every fact as one JSON line to `RUN_DIR/spool.jsonl`:
+
+    {"id": ULID, "ts": epoch seconds, "type": event type, "data": {...}, "cause": request id}
+
+The spawner turns spool lines into events (the ULID is the event id and the JetStream message
+id, so a line published twice is stored once) and remembers how far it got in `published`. If
+the spawner dies, the agent keeps running and the spool keeps growing; a restarted spawner
+re-attaches and publishes from where it stopped. The shim never talks to NATS.
+
+Control reaches the shim on an abstract unix socket, one JSON line in and one out per
+connection: watch (a byte per spool append, kept open), input, pause, resume, cancel, extend,
+status. The shim is a child subreaper, so descendants that start their own session are still
+found (and stopped, resumed or killed) through their parent chain.
+
+Only the standard library and orjson are imported here: hundreds of shims may start at once.
+"""
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from actors.output import ControlLine, OutputCoalescer
+from events.ids import new_ulid
+
+SPEC = "spec.json"
+SPOOL = "spool.jsonl"
+PUBLISHED = "published"
+FLUSH_INTERVAL_S = 0.05
+READ_SIZE = 64 * 1024
+DRAIN_AFTER_EXIT_S = 2.0
+STOP_CHECK_S = 2.0
+DISK_CHECK_S = 2.0
+INPUT_TIMEOUT_S = 5.0
+PR_SET_CHILD_SUBREAPER = 36
+HEARTBEAT_FIELDS: dict[str, type | tuple[type, ...]] = {"note": str, "progress": (int, float), "source": str}
+
+
+def socket_address(run_dir: Path) -> str:
+    """The abstract unix socket of the shim of one run directory (no path length limit, no file)."""
+    digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:24]
+    return f"\0corral-shim-{digest}"
+
+
+async def request(run_dir: Path, op: dict[str, Any], *, timeout_s: float = 10.0) -> dict[str, Any]:
+    """Send one control request to a shim and return its reply; raise ConnectionError if none runs."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(socket_address(run_dir)), timeout_s)
+    try:
+        writer.write(orjson.dumps(op) + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+        if not line:
+            raise ConnectionError("the shim closed the connection")
+        reply: dict[str, Any] = orjson.loads(line)
+        return reply
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def _read_stat(pid: int) -> tuple[str, int, int] | None:
+    """Return (state, ppid, pgrp) of a process, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[1]), int(fields[2])
+
+
+def process_tree(root: int, pgid: int | None) -> dict[int, str]:
+    """Every live process under `root` (by parent chain) or in process group `pgid`: pid -> state."""
+    stats: dict[int, tuple[str, int, int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = _read_stat(int(name))
+            if stat is not None:
+                stats[int(name)] = stat
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    if pgid is not None:
+        found.update(pid for pid, (_, _, group) in stats.items() if group == pgid)
+    found.discard(os.getpid())
+    return {pid: stats[pid][0] for pid in found if pid in stats and stats[pid][0] not in ("Z", "X")}
+
+
+def reap_orphans(agent_pid: int | None) -> None:
+    """Collect zombies re-parented to this process (never the agent: asyncio waits for it)."""
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != agent_pid:
+            stat = _read_stat(int(name))
+            if stat and stat[1] == me and stat[0] == "Z":
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(int(name), os.WNOHANG)
+
+
+def signal_pids(pids: list[int] | dict[int, str], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+# --- the shim ----------------------------------------------------------------------------------
+
+
+class Shim:
+    """One agent, its pipes, its spool and its timers."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.spec: dict[str, Any] = orjson.loads((run_dir / SPEC).read_bytes())
+        self.spool_fd = os.open(run_dir / SPOOL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.watchers: set[asyncio.StreamWriter] = set()
+        self.process: asyncio.subprocess.Process | None = None
+        self.chunk_number = 0
+        self.coalescers = {"stdout": OutputCoalescer(), "stderr": OutputCoalescer(parse_control=True)}
+        self.started_wall = time.time()
+        self.started = time.monotonic()
+        self.paused_since: float | None = None
+        self.paused_total = 0.0
+        hard = self.spec.get("hard_timeout_s")
+        self.deadline: float | None = self.started + float(hard) if hard else None
+        self.timers_changed = asyncio.Event()
+        self.stop_reason: str | None = None
+        self.stop_cause: str | None = None
+        self.finished = asyncio.Event()
+        self.last_output_at: float | None = None
+
+    # spool
+
+    def record(self, type_: str, data: dict[str, Any], cause: str | None = None) -> None:
+        line: dict[str, Any] = {"id": new_ulid(), "ts": time.time(), "type": type_, "data": data}
+        if cause:
+            line["cause"] = cause
+        os.write(self.spool_fd, orjson.dumps(line) + b"\n")
+        for writer in list(self.watchers):
+            if writer.is_closing():
+                self.watchers.discard(writer)
+            elif writer.transport.get_write_buffer_size() == 0:
+                writer.write(b"\n")
+
+    def _output(self, stream: str, text: str | None) -> None:
+        if text:
+            self.chunk_number += 1
+            self.last_output_at = time.time()
+            self.record("output", {"stream": stream, "n": self.chunk_number, "text": text})
+
+    def _controls(self, controls: list[ControlLine]) -> None:
+        for control in controls:
+            line = control.raw[:2000]
+            if control.error is not None:
+                self.record("protocol.error", {"line": line, "error": control.error})
+            elif control.kind == "heartbeat":
+                problem = next(
+                    (
+                        f"heartbeat field {key!r} is not allowed (allowed: {', '.join(HEARTBEAT_FIELDS)})"
+                        if key not in HEARTBEAT_FIELDS
+                        else f"heartbeat field {key!r} has the wrong type"
+                        for key, value in control.fields.items()
+                        if key not in HEARTBEAT_FIELDS
+                        or (value is not None and not isinstance(value, HEARTBEAT_FIELDS[key]))
+                        or (key == "source" and value not in ("agent", "wrapper"))
+                    ),
+                    None,
+                )
+                if problem:
+                    self.record("protocol.error", {"line": line, "error": problem})
+                else:
+                    self.record("heartbeat", {"source": "agent", **control.fields})
+            else:
+                self.record(
+                    "protocol.error",
+                    {"line": line, "error": f"unsupported control message {control.kind!r} (supported: heartbeat)"},
+                )
+
+    # process tree
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def tree(self) -> dict[int, str]:
+        return process_tree(os.getpid(), self.pid) if self.pid else {}
+
+    # main
+
+    async def main(self) -> int:
+        with contextlib.suppress(OSError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            asyncio.get_running_loop().add_signal_handler(sig, self._terminate, "spawner_stopped", None, 5.0)
+        server = await asyncio.start_unix_server(self._serve, path=socket_address(self.run_dir))
+        try:
+            await self._run_agent()
+        finally:
+            server.close()
+            for writer in list(self.watchers):
+                writer.close()
+            os.fsync(self.spool_fd)
+            os.close(self.spool_fd)
+        return 0
+
+    async def _run_agent(self) -> None:
+        spec = self.spec
+        command: list[str] = spec["command"]
+        preexec = None
+        if spec.get("memory_bytes") or spec.get("cpus"):
+            with contextlib.suppress(ImportError):
+                from actors.limits import make_preexec
+
+                preexec = make_preexec(spec.get("memory_bytes"), spec.get("cpus"))
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *command,
+                cwd=spec["cwd"],
+                env=spec["env"],
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            error = getattr(exc, "strerror", None) or str(exc)
+            self.record("execution.failed", {"stage": "spawn", "error": f"cannot start {command[0]!r}: {error}"})
+            return
+        self.started = time.monotonic()
+        if self.deadline is not None:
+            self.deadline = self.started + float(spec["hard_timeout_s"])
+        self.record(
+            "execution.started",
+            {
+                "pid": self.process.pid,
+                "pgid": self.process.pid,
+                "host": socket.gethostname(),
+                "command": command,
+                "cwd": spec["cwd"],
+            },
+        )
+        process = self.process
+        assert process.stdout is not None
+        assert process.stderr is not None
+        done = asyncio.Event()
+        readers = asyncio.gather(self._read("stdout", process.stdout), self._read("stderr", process.stderr))
+        helpers = [
+            asyncio.create_task(self._tick(done)),
+            asyncio.create_task(self._timers(done)),
+            asyncio.create_task(self._reap_orphans(done)),
+        ]
+        if spec.get("disk_bytes"):
+            helpers.append(asyncio.create_task(self._disk_quota(done, int(spec["disk_bytes"]))))
+        returncode = await process.wait()
+        try:
+            # A grandchild may hold the pipes open after the agent exits; don't wait forever.
+            await asyncio.wait_for(asyncio.shield(readers), DRAIN_AFTER_EXIT_S)
+        except TimeoutError:
+            signal_pids(self.tree(), signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(readers, 1.0)
+        # Nothing the agent started may outlive it: its group and every descendant.
+        for _ in range(3):
+            left = self.tree()
+            if not left:
+                break
+            signal_pids(left, signal.SIGCONT)
+            signal_pids(left, signal.SIGKILL)
+            await asyncio.sleep(0.05)
+        done.set()
+        for task in helpers:
+            task.cancel()
+        for stream, coalescer in self.coalescers.items():
+            self._output(stream, coalescer.flush(final=True))
+        self.record(
+            "execution.exited",
+            {
+                "exit_code": returncode if returncode >= 0 else None,
+                "signal": -returncode if returncode < 0 else None,
+                "duration_s": round(time.monotonic() - self.started, 6),
+                "reason": self.stop_reason or "exited",
+            },
+            self.stop_cause,
+        )
+
+    async def _read(self, stream: str, reader: asyncio.StreamReader) -> None:
+        coalescer = self.coalescers[stream]
+        while data := await reader.read(READ_SIZE):
+            chunks, controls = coalescer.feed(data)
+            self._controls(controls)
+            for chunk in chunks:
+                self._output(stream, chunk)
+        text, controls = coalescer.finish()
+        self._controls(controls)
+        self._output(stream, text)
+
+    async def _tick(self, done: asyncio.Event) -> None:
+        while not done.is_set():
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            for stream, coalescer in self.coalescers.items():
+                if coalescer.pending_bytes:
+                    self._output(stream, coalescer.flush())
+
+    async def _timers(self, done: asyncio.Event) -> None:
+        """The hard timeout: wall clock while running; frozen while paused."""
+        while not done.is_set():
+            self.timers_changed.clear()
+            wait: float | None = None
+            if self.deadline is not None and self.paused_since is None and self.stop_reason is None:
+                wait = self.deadline - time.monotonic()
+                if wait <= 0:
+                    limit = float(self.spec["hard_timeout_s"])
+                    self.record("execution.timed_out", {"kind": "hard", "limit_s": limit})
+                    self._terminate("timeout", None, float(self.spec.get("cancel_grace_s") or 10.0))
+                    return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.timers_changed.wait(), wait)
+
+    async def _reap_orphans(self, done: asyncio.Event) -> None:
+        """Reap descendants re-parented to this subreaper, never the agent itself."""
+        while not done.is_set():
+            await asyncio.sleep(1.0)
+            reap_orphans(self.pid)
+
+    async def _disk_quota(self, done: asyncio.Event, maximum: int) -> None:
+        from actors.limits import disk_usage
+
+        while not done.is_set():
+            await asyncio.sleep(DISK_CHECK_S)
+            if self.paused_since is not None or self.stop_reason is not None:
+                continue
+            used = await asyncio.to_thread(disk_usage, Path(self.spec["cwd"]))
+            if used > maximum:
+                self.record("limit.exceeded", {"limit": "disk", "value": used, "maximum": maximum})
+                await self.pause(None)
+
+    # control
+
+    def _terminate(self, reason: str, cause: str | None, grace_s: float) -> None:
+        if self.stop_reason is not None or self.process is None or self.process.returncode is not None:
+            return
+        self.stop_reason = reason
+        self.stop_cause = cause
+        tree = self.tree()
+        signal_pids(tree, signal.SIGTERM)
+        signal_pids(tree, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        self.timers_changed.set()
+        asyncio.get_running_loop().call_later(grace_s, self._kill_tree)
+
+    def _kill_tree(self) -> None:
+        signal_pids(self.tree(), signal.SIGKILL)
+
+    async def pause(self, cause: str | None) -> dict[str, Any]:
+        if self.paused_since is not None:
+            return {"ok": False, "error": "already paused"}
+        deadline = time.monotonic() + STOP_CHECK_S
+        while True:
+            tree = self.tree()
+            running = [pid for pid, state in tree.items() if state not in ("T", "t")]
+            if not running and tree:
+                break
+            if time.monotonic() > deadline:
+                signal_pids(tree, signal.SIGCONT)
+                return {"ok": False, "error": f"processes {running[:5]} did not stop within {STOP_CHECK_S:.0f}s"}
+            signal_pids(running, signal.SIGSTOP)
+            await asyncio.sleep(0.01)
+        self.paused_since = time.monotonic()
+        self.timers_changed.set()
+        self.record("execution.paused", {"pids": sorted(tree)}, cause)
+        return {"ok": True, "pids": sorted(tree)}
+
+    async def resume(self, cause: str | None) -> dict[str, Any]:
+        if self.paused_since is None:
+            return {"ok": False, "error": "not paused"}
+        deadline = time.monotonic() + STOP_CHECK_S
+        while True:
+            tree = self.tree()
+            stopped = [pid for pid, state in tree.items() if state in ("T", "t")]
+            if not stopped:
+                break
+            if time.monotonic() > deadline:
+                return {"ok": False, "error": f"processes {stopped[:5]} did not continue"}
+            signal_pids(stopped, signal.SIGCONT)
+            await asyncio.sleep(0.01)
+        paused_for = time.monotonic() - self.paused_since
+        self.paused_total += paused_for
+        if self.deadline is not None:
+            self.deadline += paused_for
+        self.paused_since = None
+        self.timers_changed.set()
+        self.record("execution.resumed", {"pids": sorted(tree)}, cause)
+        return {"ok": True, "pids": sorted(tree)}
+
+    async def deliver_input(self, text: str, cause: str | None) -> dict[str, Any]:
+        process = self.process
+        if process is None or process.stdin is None or process.stdin.is_closing():
+            return {"ok": False, "error": "the agent's stdin is closed"}
+        data = text.encode()
+        try:
+            process.stdin.write(data)
+            await asyncio.wait_for(process.stdin.drain(), INPUT_TIMEOUT_S)
+        except TimeoutError:
+            return {"ok": False, "error": f"the agent did not read its stdin within {INPUT_TIMEOUT_S:.0f}s"}
+        except (BrokenPipeError, ConnectionResetError):
+            return {"ok": False, "error": "the agent closed its stdin"}
+        self.record("input.delivered", {"text": text, "bytes": len(data)}, cause)
+        return {"ok": True, "bytes": len(data)}
+
+    def extend(self, seconds: float, cause: str | None) -> dict[str, Any]:
+        if self.deadline is None:
+            return {"ok": False, "error": "it has no hard timeout (start it with --timeout)"}
+        self.deadline += seconds
+        remaining = self.deadline - (self.paused_since or time.monotonic())
+        hard_deadline = time.time() + remaining
+        self.timers_changed.set()
+        self.record("timeout.extended", {"hard_deadline": _iso(hard_deadline)}, cause)
+        return {"ok": True, "hard_deadline": _iso(hard_deadline)}
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        remaining = None
+        if self.deadline is not None:
+            remaining = round(self.deadline - (self.paused_since or now), 3)
+        return {
+            "ok": True,
+            "pid": self.pid,
+            "paused": self.paused_since is not None,
+            "paused_total_s": round(self.paused_total + (now - self.paused_since if self.paused_since else 0), 3),
+            "hard_remaining_s": remaining,
+            "stopping": self.stop_reason,
+            "processes": len(self.tree()),
+            "last_output_at": self.last_output_at,
+        }
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            op: dict[str, Any] = orjson.loads(line) if line else {}
+            kind = op.get("op")
+            cause = op.get("cause")
+            if kind == "watch":
+                self.watchers.add(writer)
+                writer.write(b"\n")
+                await reader.read()  # until the spawner goes away
+                self.watchers.discard(writer)
+                return
+            reply: dict[str, Any]
+            if self.process is None or self.process.returncode is not None:
+                reply = {"ok": False, "error": "the agent is not running"}
+            elif kind == "input":
+                reply = await self.deliver_input(str(op["text"]), cause)
+            elif kind == "pause":
+                reply = await self.pause(cause)
+            elif kind == "resume":
+                reply = await self.resume(cause)
+            elif kind == "cancel":
+                if self.paused_since is not None:
+                    await self.resume(None)
+                self._terminate(str(op.get("reason") or "cancelled"), cause, float(op.get("grace_s", 10.0)))
+                reply = {"ok": True}
+            elif kind == "extend":
+                reply = self.extend(float(op["seconds"]), cause)
+            elif kind == "status":
+                reply = self.status()
+            else:
+                reply = {"ok": False, "error": f"unknown op {kind!r}"}
+            writer.write(orjson.dumps(reply) + b"\n")
+            await writer.drain()
+        except (ConnectionError, orjson.JSONDecodeError, KeyError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1e6):06d}Z"
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        sys.stderr.write("usage: python -m actors.shim RUN_DIR\n")
+        return 2
+    return asyncio.run(Shim(Path(sys.argv[1])).main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
