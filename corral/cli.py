@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from corral import __version__, commands, config, wrap
+from corral import __version__, commands, config, control, wrap
 from corral.errors import CorralError
 from corral.home import Home
 from events.errors import EventError
@@ -29,13 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task", help="the task text, recorded with the request")
     run.add_argument("--env", action="append", metavar="NAME=VALUE", help="extra environment")
     run.add_argument("--label", action="append", metavar="NAME=VALUE", help="labels to record")
+    run.add_argument("--template", "-t", help="a template of corral.toml (`corral templates` lists them)")
+    run.add_argument("--priority", help="queue order: higher runs first (default 0)")
+    run.add_argument("--timeout", help="hard wall-clock limit, e.g. 30m (frozen while paused; 0 = none)")
+    run.add_argument("--idle-timeout", help="stalled after this long without output or heartbeat, e.g. 5m")
+    run.add_argument("--spawn-timeout", help="give up if not started this long after being claimed")
+    run.add_argument("--on-stall", choices=["notify", "pause", "cancel", "restart"], help="what a stall does")
+    run.add_argument("--memory", help="address-space limit of the agent, e.g. 2G")
+    run.add_argument("--cpus", help="CPUs the agent may use, e.g. 1")
+    run.add_argument("--disk", help="worktree disk quota; the agent is paused past it, e.g. 5G")
     run.add_argument("--detach", "-d", action="store_true", help="print the execution id and return")
     run.add_argument("--quiet", "-q", action="store_true", help="only the agent's own output")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     up = sub.add_parser("up", help="run NATS, the actors and the projector in the foreground")
     up.add_argument("--actors", help="comma-separated subset: spawner,projector (default: all)")
-    up.add_argument("--max-running", type=int, default=16, help="agents this spawner runs at once")
+    up.add_argument("--max-running", type=int, help="agents this spawner runs at once (default: corral.toml, 4)")
 
     down = sub.add_parser("down", help="stop a running `corral up`")
     down.add_argument("--timeout", type=float, default=30.0)
@@ -63,6 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
     psub = projections.add_subparsers(dest="action", metavar="ACTION", required=True)
     psub.add_parser("rebuild", help="rebuild every table from the event log")
 
+    def control(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help_text)
+        parser.add_argument("execution_id", metavar="EXEC_ID")
+        parser.add_argument("--json", action="store_true", help="print the confirming event as JSON")
+        return parser
+
+    send = control("input", "send text to a running agent's stdin (a newline is added to TEXT)")
+    send.add_argument("text", nargs="?", metavar="TEXT")
+    send.add_argument("--file", "-f", metavar="F", help="send this file's bytes as they are (- for stdin)")
+    control("pause", "stop the agent's whole process tree (timers freeze)").add_argument("--reason")
+    control("resume", "continue a paused agent").add_argument("--reason")
+    cancel = control("cancel", "SIGTERM the agent's process tree, SIGKILL after the grace period")
+    cancel.add_argument("--grace", type=float, help="seconds between SIGTERM and SIGKILL (default 10)")
+    cancel.add_argument("--reason")
+    control("extend", "move the hard timeout of a running agent").add_argument("seconds", type=float, metavar="SECONDS")
+    control("priority", "reorder a queued execution (higher runs first)").add_argument(
+        "priority", type=int, metavar="N"
+    )
+    control("status", "state, pid, timers, last output and heartbeat, queue position")
+    health = sub.add_parser("health", help="every actor instance: alive, lag, last seen, version")
+    health.add_argument("--json", action="store_true")
+
     templates = sub.add_parser("templates", help="list the execution templates of corral.toml")
     templates.add_argument("--json", action="store_true")
 
@@ -86,6 +117,14 @@ COMMANDS: dict[str, Any] = {
     "sql": commands.cmd_sql,
     "projections": commands.cmd_rebuild,
     "schema": commands.cmd_schema,
+    "input": control.cmd_input,
+    "pause": control.cmd_pause,
+    "resume": control.cmd_resume,
+    "cancel": control.cmd_cancel,
+    "extend": control.cmd_extend,
+    "priority": control.cmd_priority,
+    "status": control.cmd_status,
+    "health": control.cmd_health,
     "templates": config.cmd_templates,
     "wrap": wrap.cmd_wrap,
 }

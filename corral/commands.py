@@ -21,6 +21,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from actors.errors import WorkspaceError
 from actors.worktree import repo_root, resolve_commit
 from corral import render
+from corral.config import load_config, resolve_run
 from corral.errors import CorralError, NotFound, UsageError
 from corral.home import Home, SystemLock
 from corral.system import System, open_system
@@ -36,7 +37,7 @@ from events.subjects import (
     events_of_type,
     execution_events,
 )
-from events.types import EVENT_TYPES, ExecutionRequested
+from events.types import EVENT_TYPES, ExecutionRequested, Limits, Timeouts
 from replay.history import follow, last_sequence
 
 CLAIM_TIMEOUT_S = 30.0
@@ -148,13 +149,35 @@ async def cmd_run(home: Home, args: Any) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    command = check_command(command, repo, args.base)
+    resolved = resolve_run(
+        load_config(home),
+        args.template,
+        {
+            "timeout_s": args.timeout,
+            "idle_timeout_s": args.idle_timeout,
+            "spawn_timeout_s": args.spawn_timeout,
+            "on_stall": args.on_stall,
+            "memory_bytes": args.memory,
+            "cpus": args.cpus,
+            "disk_bytes": args.disk,
+            "priority": args.priority,
+            "env": parse_env(args.env or []),
+        },
+    )
+    command = check_command(list(resolved.argv(command)), repo, args.base)
+    settings = resolved.settings
     request = ExecutionRequested(
         command=tuple(command),
         repo=str(repo),
         base=args.base,
         task=args.task,
-        env=parse_env(args.env or []),
+        agent=resolved.agent or "command",
+        template=resolved.template,
+        env=resolved.env,
+        priority=settings.priority,
+        timeouts=Timeouts(hard=settings.timeout_s, idle=settings.idle_timeout_s, spawn=settings.spawn_timeout_s),
+        limits=Limits(memory_bytes=settings.memory_bytes, cpus=settings.cpus, disk_bytes=settings.disk_bytes),
+        on_stall=settings.on_stall,
         labels=parse_env(args.label or []),
         requested_by=os.environ.get("USER"),
     )
@@ -192,6 +215,10 @@ async def _run_and_follow(system: System, execution_id: str, request: ExecutionR
         data = orjson.loads(msg.data)["data"]
         if kind == "execution.claimed":
             claimed.set()
+        elif kind == "execution.queued":
+            claimed.set()  # waiting in the queue is not a missing spawner
+            if not quiet:
+                info(f"{execution_id}: queued at position {data['position']} (every slot is busy)")
         elif kind == "workspace.created" and not quiet:
             info(f"{execution_id}: worktree {data['path']} (branch {data['branch']})")
         elif kind == "execution.started" and not quiet:

@@ -16,6 +16,7 @@ from nats.errors import NoServersError
 from actors.bus import Bus, connect_bus
 from actors.runtime import Actor
 from actors.spawner import Spawner
+from corral.config import Config, load_config
 from corral.errors import BusUnavailable, CorralError
 from corral.home import Home, SystemLock
 from corral.server import EmbeddedServer
@@ -89,10 +90,11 @@ async def open_system(
     mode: str = "ephemeral",
     actors: tuple[str, ...] = ALL_ACTORS,
     client_ok: bool = True,
-    max_running: int = 16,
+    max_running: int | None = None,
 ) -> AsyncIterator[System]:
     """Yield a System: a client of the running one, or one this process starts and stops."""
     home.ensure()
+    config = load_config(home)  # a bad corral.toml stops here, before anything starts
     lock = SystemLock(home)
     if not lock.try_acquire():
         runtime = _runtime_of_running_system(home)
@@ -118,7 +120,7 @@ async def open_system(
             url = server.url
         bus = await _connect(url, name=f"corral-{mode}")
         system = System(home=home, url=url, bus=bus, mode=mode, server=server, lock=lock)
-        await _start_actors(system, actors, max_running=max_running)
+        await _start_actors(system, actors, config=config, max_running=max_running)
         await _serve_api(system)
         home.write_runtime(
             {
@@ -142,12 +144,19 @@ async def open_system(
         lock.release()
 
 
-async def _start_actors(system: System, names: tuple[str, ...], *, max_running: int) -> None:
+async def _start_actors(system: System, names: tuple[str, ...], *, config: Config, max_running: int | None) -> None:
     home = system.home
     for name in names:
         actor: Actor
         if name == "spawner":
-            actor = Spawner(system.bus, worktrees=home.worktrees, run_root=home.runs, max_running=max_running)
+            actor = Spawner(
+                system.bus,
+                worktrees=home.worktrees,
+                run_root=home.runs,
+                max_running=max_running or config.spawner.max_running,
+                stop_grace_s=config.spawner.stop_grace_s,
+                cancel_grace_s=config.defaults.cancel_grace_s,
+            )
         elif name == "projector":
             actor = Projector(system.bus, database=home.database, tmp_dir=home.tmp)
         else:

@@ -1,12 +1,17 @@
 """A small deterministic agent: reads its task from argv, edits files, prints progress, sleeps a little.
 
 Usage: python examples/agent.py [TASK] [--steps N] [--sleep S] [--exit CODE] [--heartbeat]
+                                [--read-input] [--grandchild] [--ignore-term]
 Same task and options give the same file edits every time, so replays can be compared.
+--read-input echoes stdin lines (and appends them to inputs.txt) until a `quit` line or EOF;
+--grandchild starts a sleeping process in its own session; --ignore-term ignores SIGTERM.
 """
 
 import argparse
 import hashlib
 import json
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +25,21 @@ def main() -> int:
     parser.add_argument("--exit", type=int, default=0, dest="exit_code")
     parser.add_argument("--heartbeat", action="store_true", help="write heartbeat control lines")
     parser.add_argument("--lines", type=int, default=1, help="output lines per step")
+    parser.add_argument("--read-input", action="store_true", help="echo stdin lines until `quit` or EOF")
+    parser.add_argument("--grandchild", action="store_true", help="start a sleeper in its own session")
+    parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM")
     args = parser.parse_args()
+    if args.ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.grandchild:
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        print(f"agent: grandchild pid {child.pid}", flush=True)
 
     slug = hashlib.sha256(args.task.encode()).hexdigest()[:8]
     work = Path("agent-output")
@@ -35,6 +54,14 @@ def main() -> int:
             sys.stderr.write(json.dumps({"corral": "heartbeat", "progress": step / args.steps}) + "\n")
             sys.stderr.flush()
         time.sleep(args.sleep)
+    if args.read_input:
+        for line in sys.stdin:
+            text = line.rstrip("\n")
+            if text == "quit":
+                break
+            with Path("inputs.txt").open("a") as log:
+                log.write(text + "\n")
+            print(f"input: {text}", flush=True)
     notes = Path("NOTES.md")
     notes.write_text(f"# Notes\n\nDone: {args.task}\n")
     print(f"agent: done, {args.steps} files written", flush=True)

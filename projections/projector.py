@@ -35,6 +35,7 @@ from projections.tables import (
     EVENT_COLUMNS,
     SCHEMA_VERSION,
     STATE_COLUMNS,
+    TABLES,
     json_columns_spec,
 )
 
@@ -87,7 +88,22 @@ class BatchApplier:
         self._state_file = tmp_dir / f"projector-{os.getpid()}-{id(self)}-state.ndjson"
         for statement in DDL:
             con.execute(statement)
-        row = con.execute("SELECT seq FROM projector_position WHERE stream = ?", [stream]).fetchone()
+        row = con.execute("SELECT seq, schema_version FROM projector_position WHERE stream = ?", [stream]).fetchone()
+        if row is not None and row[1] != SCHEMA_VERSION:
+            # Tables of another version: the log is the truth, so project it again from the start.
+            log.warning(
+                "%s has projection schema %s, this Corral writes %s: rebuilding from the log",
+                stream,
+                row[1],
+                SCHEMA_VERSION,
+            )
+            con.execute("BEGIN")
+            for table in (*TABLES, "projector_position"):
+                con.execute(f"DROP TABLE IF EXISTS {table}")
+            for statement in DDL:
+                con.execute(statement)
+            con.execute("COMMIT")
+            row = None
         self.position: int = int(row[0]) if row else 0
         self.states: dict[str, Execution] = {}
 

@@ -1,6 +1,6 @@
 """Execution state derived from events by one pure function, used by the projector and replay."""
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -14,9 +14,11 @@ from events.types import (
     ExecutionQueued,
     ExecutionRequested,
     ExecutionResumed,
+    ExecutionStalled,
     ExecutionStarted,
     Heartbeat,
     PriorityChanged,
+    TimeoutExtended,
     WorkspaceCreated,
     WorkspaceRemoved,
 )
@@ -57,6 +59,13 @@ class Execution(BaseModel):
     exit_reason: str | None = None
     error: str | None = None
     last_heartbeat_at: datetime | None = None
+    timeout_s: float | None = None
+    idle_timeout_s: float | None = None
+    hard_deadline: datetime | None = None
+    paused_at: datetime | None = None
+    last_stalled_at: datetime | None = None
+    attempt: int = 1
+    retry_of: str | None = None
     workspace_removed: bool = False
     updated_seq: int = 0
 
@@ -79,6 +88,10 @@ def evolve(state: Execution | None, event: Event) -> Execution | None:
             requested_by=data.requested_by,
             replay_of=data.replay_of,
             fork_of=data.fork_of,
+            timeout_s=data.timeouts.hard,
+            idle_timeout_s=data.timeouts.idle,
+            attempt=data.attempt,
+            retry_of=data.retry_of,
             requested_at=event.ts,
             updated_seq=event.seq or 0,
         )
@@ -92,10 +105,18 @@ def evolve(state: Execution | None, event: Event) -> Execution | None:
             update = {"worktree": path, "branch": branch, "base_commit": base_commit}
         case ExecutionStarted(pid=pid, host=host):
             update = {"state": "running", "pid": pid, "host": host, "started_at": event.ts}
+            if state.timeout_s is not None:
+                update["hard_deadline"] = event.ts + timedelta(seconds=state.timeout_s)
         case ExecutionPaused():
-            update = {"state": "paused"}
+            update = {"state": "paused", "paused_at": event.ts}
         case ExecutionResumed():
-            update = {"state": "running"}
+            update = {"state": "running", "paused_at": None}
+            if state.hard_deadline is not None and state.paused_at is not None:
+                update["hard_deadline"] = state.hard_deadline + (event.ts - state.paused_at)
+        case TimeoutExtended(hard_deadline=deadline):
+            update = {"hard_deadline": deadline}
+        case ExecutionStalled():
+            update = {"last_stalled_at": event.ts}
         case Heartbeat():
             update = {"last_heartbeat_at": event.ts}
         case PriorityChanged(priority=priority):
@@ -108,6 +129,7 @@ def evolve(state: Execution | None, event: Event) -> Execution | None:
                 "duration_s": duration,
                 "exit_reason": reason,
                 "ended_at": event.ts,
+                "paused_at": None,
             }
         case ExecutionFailed(stage=stage, error=error):
             update = {"state": "failed", "error": f"{stage}: {error}", "ended_at": event.ts}

@@ -2,7 +2,7 @@
 
 from typing import Final
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # a file written with another version is rebuilt from the log
 
 EVENT_COLUMNS: Final = {
     "seq": "UBIGINT",
@@ -46,6 +46,13 @@ STATE_COLUMNS: Final = {
     "exit_reason": "VARCHAR",
     "error": "VARCHAR",
     "last_heartbeat_at": "TIMESTAMPTZ",
+    "timeout_s": "DOUBLE",
+    "idle_timeout_s": "DOUBLE",
+    "hard_deadline": "TIMESTAMPTZ",
+    "paused_at": "TIMESTAMPTZ",
+    "last_stalled_at": "TIMESTAMPTZ",
+    "attempt": "INTEGER",
+    "retry_of": "VARCHAR",
     "workspace_removed": "BOOLEAN",
     "updated_seq": "UBIGINT",
 }

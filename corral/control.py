@@ -1,0 +1,361 @@
+"""Live control from the CLI: input, pause, resume, cancel, extend, priority, status, health.
+
+Each control command appends a request event and waits for the event the owning actor records
+in answer (its causation id is the request's id), or for `control.rejected` with the reason.
+"""
+
+import asyncio
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from nats.aio.msg import Msg
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from actors.runtime import HEALTH_INTERVAL_S
+from actors.shim import request as shim_request
+from corral import render
+from corral.commands import info, query, resolve_execution_id
+from corral.errors import CorralError, UsageError
+from corral.home import Home
+from corral.system import System, open_system
+from events.envelope import new_event
+from events.subjects import HEALTH_BUCKET, STREAM, execution_events
+from events.types import (
+    CancelRequested,
+    EventData,
+    InputRequested,
+    PauseRequested,
+    PriorityRequested,
+    ResumeRequested,
+    TimeoutExtendRequested,
+)
+from replay.history import follow
+
+CONFIRM_TIMEOUT_S = 15.0
+RUNNING = ("running", "paused")
+QUEUED = ("requested", "queued")
+
+
+class NotConfirmed(CorralError):
+    """No actor confirmed a request in time."""
+
+
+async def execution_row(system: System, execution_id: str) -> dict[str, Any]:
+    result = await query(system, f"SELECT * FROM executions WHERE execution_id = '{execution_id}'")
+    rows = render.records(result["columns"], result["rows"])
+    if not rows:
+        raise CorralError(f"{execution_id} is not projected yet; try again in a moment")
+    return rows[0]
+
+
+def _describe_end(row: dict[str, Any]) -> str:
+    if row["state"] == "failed":
+        return f"failed ({row['error']})"
+    if row["signal"] is not None:
+        return f"exited (signal {row['signal']}, {row['exit_reason']})"
+    return f"exited ({row['exit_reason']}, exit code {row['exit_code']})"
+
+
+def require_state(execution_id: str, row: dict[str, Any], allowed: tuple[str, ...], action: str) -> None:
+    state = row["state"]
+    if state in allowed:
+        return
+    if state in ("exited", "failed"):
+        raise CorralError(f"{execution_id} has {_describe_end(row)}; there is nothing to {action}")
+    raise CorralError(f"{execution_id} is {state}; {action} needs it {' or '.join(allowed)}")
+
+
+async def request_and_wait(
+    system: System,
+    execution_id: str,
+    data: EventData,
+    confirm: tuple[str, ...],
+    *,
+    timeout_s: float = CONFIRM_TIMEOUT_S,
+    any_cause: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Append a request; return the confirming event (as a dict), raise on rejection or silence.
+
+    `confirm` types must carry the request as causation; `any_cause` types count whatever caused them.
+    """
+    event = new_event(execution_id, data, actor="cli")
+    answer: dict[str, Any] = {}
+    done = asyncio.Event()
+
+    async def on_event(seq: int, msg: Msg) -> bool:
+        kind = msg.subject.split(".", 3)[3]
+        if kind not in confirm and kind not in any_cause and kind != "control.rejected":
+            return False
+        raw = orjson.loads(msg.data)
+        if kind in any_cause or raw.get("causation_id") == event.id:
+            answer.update(raw, seq=seq)
+            return True
+        return False
+
+    ack = await system.bus.publisher.publish(event)
+    follower = asyncio.create_task(
+        follow(system.bus.js, execution_events(execution_id), on_event, start_seq=ack.seq, done=done)
+    )
+    try:
+        await asyncio.wait_for(asyncio.shield(follower), timeout_s)
+    except TimeoutError:
+        raise NotConfirmed(
+            f"no spawner confirmed {event.type.removesuffix('.requested')} of {execution_id} within "
+            f"{timeout_s:.0f}s; the request is recorded. Is the `corral up` that runs it alive? (`corral health`)"
+        ) from None
+    finally:
+        done.set()
+        follower.cancel()
+    if answer.get("type") == "control.rejected":
+        raise CorralError(
+            f"{answer['data']['request'].removesuffix('.requested')} of {execution_id} refused: "
+            f"{answer['data']['reason']}"
+        )
+    return answer
+
+
+def _print(args: Any, answer: dict[str, Any], text: str) -> None:
+    if getattr(args, "json", False):
+        render.print_json(answer)
+    else:
+        print(text)
+
+
+async def _target(system: System, args: Any, allowed: tuple[str, ...], action: str) -> tuple[str, dict[str, Any]]:
+    execution_id = await resolve_execution_id(system, args.execution_id)
+    row = await execution_row(system, execution_id)
+    require_state(execution_id, row, allowed, action)
+    return execution_id, row
+
+
+def read_input(args: Any) -> str:
+    """The bytes `corral input` sends: TEXT plus a newline, or a file (or stdin) as it is."""
+    if args.file is not None:
+        if args.text is not None:
+            raise UsageError("give the input as TEXT or --file, not both")
+        try:
+            return sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+    if args.text is None:
+        raise UsageError("nothing to send; give TEXT or --file F (- for stdin)")
+    return str(args.text) if args.text.endswith("\n") else args.text + "\n"
+
+
+async def cmd_input(home: Home, args: Any) -> int:
+    text = read_input(args)
+    async with open_system(home, actors=("projector",)) as system:
+        execution_id, _ = await _target(system, args, RUNNING, "send input to")
+        answer = await request_and_wait(system, execution_id, InputRequested(text=text), ("input.delivered",))
+    _print(args, answer, f"{execution_id}: delivered {answer['data']['bytes']} bytes to stdin")
+    return 0
+
+
+async def cmd_pause(home: Home, args: Any) -> int:
+    async with open_system(home, actors=("projector",)) as system:
+        execution_id, _ = await _target(system, args, ("running",), "pause")
+        answer = await request_and_wait(system, execution_id, PauseRequested(reason=args.reason), ("execution.paused",))
+    pids = answer["data"]["pids"]
+    _print(args, answer, f"{execution_id}: paused ({len(pids)} process{'es' if len(pids) != 1 else ''} stopped)")
+    return 0
+
+
+async def cmd_resume(home: Home, args: Any) -> int:
+    async with open_system(home, actors=("projector",)) as system:
+        execution_id, _ = await _target(system, args, ("paused",), "resume")
+        answer = await request_and_wait(
+            system, execution_id, ResumeRequested(reason=args.reason), ("execution.resumed",)
+        )
+    _print(args, answer, f"{execution_id}: resumed")
+    return 0
+
+
+async def cmd_cancel(home: Home, args: Any) -> int:
+    if args.grace is not None and args.grace < 0:
+        raise UsageError("--grace must be 0 or more seconds")
+    async with open_system(home, actors=("projector",)) as system:
+        execution_id, _ = await _target(system, args, (*QUEUED, "claimed", *RUNNING), "cancel")
+        grace = args.grace if args.grace is not None else 10.0
+        answer = await request_and_wait(
+            system,
+            execution_id,
+            CancelRequested(grace_s=grace, reason=args.reason),
+            (),
+            any_cause=("execution.exited", "execution.failed"),
+            timeout_s=grace + CONFIRM_TIMEOUT_S,
+        )
+    data = answer["data"]
+    how = f"signal {data['signal']}" if data.get("signal") else f"exit code {data.get('exit_code')}"
+    _print(args, answer, f"{execution_id}: {data.get('reason', 'ended')} ({how})")
+    return 0
+
+
+async def cmd_extend(home: Home, args: Any) -> int:
+    if args.seconds <= 0:
+        raise UsageError("SECONDS must be more than 0")
+    async with open_system(home, actors=("projector",)) as system:
+        execution_id, _ = await _target(system, args, RUNNING, "extend")
+        answer = await request_and_wait(
+            system, execution_id, TimeoutExtendRequested(seconds=args.seconds), ("timeout.extended",)
+        )
+    _print(args, answer, f"{execution_id}: hard timeout now {answer['data']['hard_deadline']}")
+    return 0
+
+
+async def cmd_priority(home: Home, args: Any) -> int:
+    async with open_system(home, actors=("projector",)) as system:
+        execution_id, _ = await _target(system, args, QUEUED, "reprioritise")
+        answer = await request_and_wait(
+            system, execution_id, PriorityRequested(priority=args.priority), ("priority.changed",)
+        )
+        position = await queue_position(system, execution_id)
+    _print(args, answer, f"{execution_id}: priority {args.priority}, queue position {position}")
+    return 0
+
+
+async def queue_position(system: System, execution_id: str) -> int | None:
+    """1-based place among waiting executions: higher priority first, then older first."""
+    result = await query(
+        system,
+        "SELECT pos FROM (SELECT execution_id, row_number() OVER (ORDER BY priority DESC, requested_at) AS pos "
+        "FROM executions WHERE state IN ('requested', 'queued')) WHERE execution_id = "
+        f"'{execution_id}'",
+    )
+    return int(result["rows"][0][0]) if result["rows"] else None
+
+
+def _age(ts: str | None, now: datetime) -> float | None:
+    if not ts:
+        return None
+    return (now - datetime.fromisoformat(ts).replace(tzinfo=UTC)).total_seconds()
+
+
+async def cmd_status(home: Home, args: Any) -> int:
+    async with open_system(home, actors=("projector",)) as system:
+        execution_id = await resolve_execution_id(system, args.execution_id)
+        row = await execution_row(system, execution_id)
+        position = await queue_position(system, execution_id) if row["state"] in QUEUED else None
+    live: dict[str, Any] | None = None
+    run_dir = home.runs / execution_id
+    if row["state"] in RUNNING and run_dir.is_dir():
+        try:  # the shim on this host knows the exact timers
+            live = await shim_request(run_dir, {"op": "status"}, timeout_s=2.0)
+        except (OSError, TimeoutError):
+            live = None
+    now = datetime.now(UTC)
+    status: dict[str, Any] = {
+        "execution_id": execution_id,
+        "state": row["state"],
+        "pid": row["pid"],
+        "host": row["host"],
+        "command": row["command"],
+        "worktree": row["worktree"],
+        "priority": row["priority"],
+        "queue_position": position,
+        "attempt": row["attempt"],
+        "requested_at": row["requested_at"],
+        "started_at": row["started_at"],
+        "ended_at": row["ended_at"],
+        "elapsed_s": _age(row["started_at"], now) if row["state"] in RUNNING else row["duration_s"],
+        "timeout_s": row["timeout_s"],
+        "hard_deadline": row["hard_deadline"],
+        "hard_remaining_s": live["hard_remaining_s"] if live else None,
+        "idle_timeout_s": row["idle_timeout_s"],
+        "paused_at": row["paused_at"],
+        "last_output_at": row["last_output_at"],
+        "last_heartbeat_at": row["last_heartbeat_at"],
+        "idle_s": None,
+        "last_stalled_at": row["last_stalled_at"],
+        "processes": live["processes"] if live else None,
+        "exit_code": row["exit_code"],
+        "signal": row["signal"],
+        "exit_reason": row["exit_reason"],
+        "error": row["error"],
+        "output_bytes": row["output_bytes"],
+    }
+    if status["hard_remaining_s"] is None and row["hard_deadline"] and row["state"] == "running":
+        status["hard_remaining_s"] = -(_age(row["hard_deadline"], now) or 0.0)
+    activity = [t for t in (row["last_output_at"], row["last_heartbeat_at"], row["started_at"]) if t]
+    if activity and row["state"] == "running":
+        status["idle_s"] = _age(max(activity), now)
+    if args.json:
+        render.print_json(status)
+        return 0
+    width = max(len(k) for k in status)
+    for key, value in status.items():
+        if value is None:
+            continue
+        shown = render.human_duration(value) if key.endswith("_s") and isinstance(value, int | float) else value
+        print(f"{key.ljust(width)}  {render.cell(shown) if not isinstance(shown, str) else shown}")
+    return 0
+
+
+async def cmd_health(home: Home, args: Any) -> int:
+    async with open_system(home, actors=()) as system:
+        try:
+            kv = await system.bus.js.key_value(HEALTH_BUCKET)
+            keys = await kv.keys()
+        except (BucketNotFoundError, NotFoundError):
+            keys = []
+        except Exception as exc:  # nats-py raises NoKeysError for an empty bucket
+            if type(exc).__name__ != "NoKeysError":
+                raise
+            keys = []
+        records = []
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+            except Exception:  # deleted between keys() and get()
+                continue
+            if entry.value:
+                records.append(orjson.loads(entry.value))
+        stream = await system.bus.js.stream_info(STREAM)
+        last_seq = int(stream.state.last_seq)
+    now = time.time()
+    rows = []
+    for record in sorted(records, key=lambda r: (r.get("actor", ""), r.get("instance", ""))):
+        seen = now - float(record.get("last_seen", 0))
+        lag = record.get("lag")
+        if lag is None and record.get("position") is not None:
+            lag = max(0, last_seq - int(record["position"]))
+        rows.append(
+            {
+                **record,
+                "alive": seen <= 3 * HEALTH_INTERVAL_S,
+                "last_seen_s": round(seen, 1),
+                "lag": lag,
+            }
+        )
+    if args.json:
+        render.print_json({"log_last_seq": last_seq, "actors": rows})
+        return 0
+    if not rows:
+        info("no actor has reported; is `corral up` running?")
+        return 1
+    print(
+        render.table(
+            ["actor", "instance", "alive", "last seen", "lag", "version", "detail"],
+            [
+                [
+                    r.get("actor"),
+                    r.get("instance"),
+                    "yes" if r["alive"] else "NO",
+                    render.human_duration(r["last_seen_s"]) + " ago",
+                    r["lag"],
+                    r.get("version"),
+                    _detail(r),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    return 0 if all(r["alive"] for r in rows) else 1
+
+
+def _detail(record: dict[str, Any]) -> str:
+    skip = {"actor", "instance", "alive", "last_seen", "last_seen_s", "lag", "version", "host", "pid", "started_at"}
+    return " ".join(f"{k}={v}" for k, v in record.items() if k not in skip)
