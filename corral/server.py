@@ -60,6 +60,44 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def orphaned_servers(store_dir: Path) -> list[int]:
+    """Pids of nats-server processes still serving this store (left by a Corral that crashed)."""
+    wanted = str(store_dir).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            if args and args[0].endswith(b"nats-server") and wanted in args:
+                found.append(int(entry.name))
+    return found
+
+
+def replace_orphans(store_dir: Path, *, timeout_s: float = 10.0) -> list[int]:
+    """Stop every orphaned nats-server of this store (SIGTERM, then SIGKILL) so one server owns it."""
+    orphans = pids = orphaned_servers(store_dir)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+        time.sleep(0.05)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return orphans
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2] == "Z"
+
+
 class EmbeddedServer:
     """One nats-server child process with JetStream on loopback."""
 

@@ -19,7 +19,7 @@ from actors.spawner import Spawner
 from corral.config import Config, load_config
 from corral.errors import BusUnavailable, CorralError
 from corral.home import Home, SystemLock
-from corral.server import EmbeddedServer
+from corral.server import EmbeddedServer, replace_orphans
 from events.subjects import API_REBUILD, API_SQL
 from projections.errors import ProjectionError
 from projections.projector import Projector
@@ -115,6 +115,9 @@ async def open_system(
     try:
         url = nats_url_from_env()
         if url is None:
+            replaced = await asyncio.to_thread(replace_orphans, home.nats_store)
+            if replaced:
+                log.warning("stopped a nats-server left by a crashed Corral (pid %s)", ", ".join(map(str, replaced)))
             server = EmbeddedServer(home.nats_store, log_file=home.server_log)
             await asyncio.to_thread(server.start)
             url = server.url

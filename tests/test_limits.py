@@ -1,0 +1,216 @@
+"""Resource limits and disk usage, with real child processes and real files."""
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from actors.limits import CgroupLimit, cgroup_v2_available, describe_limits, disk_usage, make_preexec
+
+PY = sys.executable
+MB = 1024 * 1024
+ALLOCATE = (
+    "import sys\n"
+    "try:\n"
+    "    big = b'x' * (1024 * 1024 * 1024)\n"
+    "    print('allocated 1GB')\n"
+    "except MemoryError:\n"
+    "    print('MemoryError')\n"
+    "small = b'y' * (10 * 1024 * 1024)\n"
+    "print('allocated 10MB', len(small))\n"
+)
+
+
+def run_child(code: str, preexec: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        [PY, "-c", code], preexec_fn=preexec, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_nothing_to_apply_gives_none() -> None:
+    assert make_preexec(None, None) is None
+
+
+@pytest.mark.parametrize(("memory", "cpus"), [(0, None), (-1, None), (None, 0), (None, -0.5), (None, float("nan"))])
+def test_bad_values_are_rejected(memory: int | None, cpus: float | None) -> None:
+    with pytest.raises(ValueError, match=r"must be (a )?positive"):
+        make_preexec(memory, cpus)
+
+
+def test_memory_limit_fails_big_allocations_only() -> None:
+    result = run_child(ALLOCATE, make_preexec(200 * MB, None))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["MemoryError", f"allocated 10MB {10 * MB}"]
+
+
+def test_memory_limit_is_set_hard_in_the_child() -> None:
+    code = "import resource\nprint(*resource.getrlimit(resource.RLIMIT_AS))\n"
+    result = run_child(code, make_preexec(200 * MB, None))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(200 * MB), str(200 * MB)]
+
+
+def test_without_limit_the_allocation_works() -> None:
+    # The control for the test above: this machine can allocate 1 GB when nothing limits it.
+    result = run_child(ALLOCATE, None)
+    if "MemoryError" in result.stdout:
+        pytest.skip("this machine cannot allocate 1 GB even without a limit")
+    assert result.stdout.splitlines()[0] == "allocated 1GB"
+
+
+def _allowed() -> set[int]:
+    return os.sched_getaffinity(0)
+
+
+@pytest.mark.parametrize("cpus", [0.5, 1, 1.5, 2.5])
+def test_affinity_gives_ceil_cpus(cpus: float) -> None:
+    allowed = _allowed()
+    if len(allowed) < 2:
+        pytest.skip("only one CPU: affinity cannot be narrowed")
+    if math.ceil(cpus) >= len(allowed):
+        pytest.skip(f"ceil({cpus}) covers all {len(allowed)} CPUs of this machine: nothing to narrow")
+    result = run_child("import os\nprint(*sorted(os.sched_getaffinity(0)))\n", make_preexec(None, cpus))
+    assert result.returncode == 0, result.stderr
+    got = {int(x) for x in result.stdout.split()}
+    assert len(got) == math.ceil(cpus)
+    assert got <= allowed
+
+
+def test_affinity_covering_every_cpu_changes_nothing() -> None:
+    allowed = _allowed()
+    assert make_preexec(None, float(len(allowed))) is None
+    assert make_preexec(None, len(allowed) + 3.0) is None
+
+
+def test_memory_and_cpus_together() -> None:
+    allowed = _allowed()
+    if len(allowed) < 2:
+        pytest.skip("only one CPU: affinity cannot be narrowed")
+    code = "import os, resource\nprint(len(os.sched_getaffinity(0)), resource.getrlimit(resource.RLIMIT_AS)[0])\n"
+    result = run_child(code, make_preexec(300 * MB, 1))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", str(300 * MB)]
+
+
+def test_describe_limits() -> None:
+    assert describe_limits() == ("cgroup v2" if cgroup_v2_available() else "rlimit+affinity")
+
+
+def test_cpu_max_value() -> None:
+    assert CgroupLimit.cpu_max(1.5) == "150000 100000"
+    assert CgroupLimit.cpu_max(0.25) == "25000 100000"
+    assert CgroupLimit.cpu_max(0.001) == "1000 100000"  # the kernel's minimum quota
+
+
+@pytest.mark.skipif(
+    not cgroup_v2_available(),
+    reason="cgroup v2 is not usable here (no unified hierarchy at /sys/fs/cgroup, or no writable "
+    "group with the memory and cpu controllers; set CORRAL_CGROUP to a delegated group)",
+)
+def test_cgroup_limit_applies_and_cleans_up() -> None:
+    group = CgroupLimit(f"corral-test-{uuid.uuid4().hex[:8]}", memory_bytes=200 * MB, cpus=0.5)
+    try:
+        assert (group.path / "memory.max").read_text().strip() == str(200 * MB)
+        assert (group.path / "cpu.max").read_text().strip() == "50000 100000"
+        # joined before exec: the child reports its own cgroup, then touches 1 GB and is OOM-killed
+        code = "print(open('/proc/self/cgroup').read().strip(), flush=True)\nbig = b'x' * (1024 * 1024 * 1024)\n"
+        result = run_child(code, group.join_preexec())
+        assert result.stdout.strip().endswith("/" + group.path.name)
+        assert result.returncode == -signal.SIGKILL
+        # a running process moved in with add()
+        sleeper = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+        try:
+            group.add(sleeper.pid)
+            assert sleeper.pid in group.pids()
+        finally:
+            group.close()  # kills what is left, removes the group
+            sleeper.wait(timeout=30)
+        assert sleeper.returncode == -signal.SIGKILL
+        assert not group.path.exists()
+    finally:
+        if group.path.exists():
+            group.close()
+
+
+@pytest.mark.skipif(
+    Path("/sys/fs/cgroup/cgroup.controllers").is_file(), reason="unified hierarchy: availability depends on delegation"
+)
+def test_no_unified_hierarchy_means_rlimits() -> None:
+    assert not cgroup_v2_available()
+    assert describe_limits() == "rlimit+affinity"
+
+
+# disk usage
+
+
+def _blocks(path: Path) -> int:
+    return os.lstat(path).st_blocks * 512
+
+
+def test_disk_usage_of_known_files(tmp_path: Path) -> None:
+    root = tmp_path / "wt"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "a.bin").write_bytes(os.urandom(MB))
+    (root / "sub" / "b.bin").write_bytes(os.urandom(300 * 1024))
+    (root / "sub" / "deeper" / "c.txt").write_text("hello\n")
+    (root / "empty").mkdir()
+    paths = [
+        root,
+        root / "sub",
+        root / "sub" / "deeper",
+        root / "empty",
+        root / "a.bin",
+        root / "sub" / "b.bin",
+        root / "sub" / "deeper" / "c.txt",
+    ]
+    expected = sum(_blocks(p) for p in paths)
+    assert expected >= MB + 300 * 1024
+    assert disk_usage(root) == expected
+
+
+def test_disk_usage_counts_hard_links_once_and_does_not_follow_symlinks(tmp_path: Path) -> None:
+    root = tmp_path / "wt"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big.bin").write_bytes(os.urandom(4 * MB))
+    (root / "a.bin").write_bytes(os.urandom(MB))
+    before = disk_usage(root) - _blocks(root)  # the directory itself may grow with entries
+    os.link(root / "a.bin", root / "a-link.bin")
+    (root / "to-big").symlink_to(outside / "big.bin")
+    (root / "to-outside").symlink_to(outside, target_is_directory=True)
+    after = disk_usage(root) - _blocks(root)
+    assert after == before + _blocks(root / "to-big") + _blocks(root / "to-outside")
+    assert after < 2 * MB  # neither the second link nor the 4 MB behind the symlinks
+
+
+def test_disk_usage_of_a_sparse_file_is_what_it_occupies(tmp_path: Path) -> None:
+    with open(tmp_path / "sparse", "wb") as f:
+        f.truncate(100 * MB)
+    assert disk_usage(tmp_path) < MB
+
+
+@pytest.mark.skipif(shutil.which("du") is None, reason="no du(1)")
+def test_disk_usage_agrees_with_du(tmp_path: Path) -> None:
+    # A small tree with some variety; du -sxB1 is the reference.
+    root = tmp_path / "wt"
+    for i in range(30):
+        d = root / f"d{i % 5}" / f"e{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(os.urandom(i * 1000))
+    os.link(root / "d1" / "e1" / "f1", root / "d2" / "hard")
+    (root / "d3" / "sym").symlink_to(root / "d1")
+    du = subprocess.run(["du", "-sxB1", str(root)], capture_output=True, text=True, check=True)
+    assert disk_usage(root) == int(du.stdout.split()[0])
+
+
+def test_disk_usage_of_missing_path_and_of_a_file(tmp_path: Path) -> None:
+    assert disk_usage(tmp_path / "nope") == 0
+    (tmp_path / "f").write_bytes(os.urandom(50_000))
+    assert disk_usage(tmp_path / "f") == _blocks(tmp_path / "f")
