@@ -152,6 +152,7 @@ class Shim:
         self.stop_cause: str | None = None
         self.finished = asyncio.Event()
         self.last_output_at: float | None = None
+        self.cgroup: Any = None
 
     # spool
 
@@ -233,9 +234,17 @@ class Shim:
         command: list[str] = spec["command"]
         preexec = None
         if spec.get("memory_bytes") or spec.get("cpus"):
-            with contextlib.suppress(ImportError):
-                from actors.limits import make_preexec
+            from actors.limits import CgroupLimit, cgroup_v2_available, make_preexec
 
+            if cgroup_v2_available():
+                try:
+                    self.cgroup = CgroupLimit(
+                        f"corral-{spec['execution_id']}", spec.get("memory_bytes"), spec.get("cpus")
+                    )
+                    preexec = self.cgroup.join_preexec()
+                except OSError:
+                    self.cgroup = None
+            if preexec is None:
                 preexec = make_preexec(spec.get("memory_bytes"), spec.get("cpus"))
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -296,6 +305,9 @@ class Shim:
         done.set()
         for task in helpers:
             task.cancel()
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                self.cgroup.close()
         for stream, coalescer in self.coalescers.items():
             self._output(stream, coalescer.flush(final=True))
         self.record(
