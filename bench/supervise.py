@@ -81,6 +81,13 @@ def make_repo(path: Path) -> Path:
     return path
 
 
+def start_up(env: dict[str, str], home: Path, root: Path) -> subprocess.Popen[bytes]:
+    with open(home / "up.err", "wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "corral", "up"], env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=str(root)
+        )
+
+
 async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict[str, float]:
     home = root / f"home-{n}"
     home.mkdir()
@@ -89,13 +96,7 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
     )
     env = {**os.environ, "CORRAL_HOME": str(home)}
     env.pop("CORRAL_NATS_URL", None)
-    up = subprocess.Popen(
-        [sys.executable, "-m", "corral", "up"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(home / "up.err", "wb"),  # noqa: SIM115
-        cwd=str(root),
-    )
+    up = start_up(env, home, root)
     try:
         for _ in range(400):
             runtime = home / "runtime.json"
@@ -124,7 +125,7 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
         ramp = time.monotonic() - started
         await asyncio.sleep(3)
         corral = [up.pid, *pids_matching(f"actors.shim {home}")]
-        nats = pids_matching(f"nats-server")
+        nats = pids_matching("nats-server")
         nats = [p for p in nats if str(home) in Path(f"/proc/{p}/cmdline").read_text()]
         c0, n0, t0 = cpu_seconds(corral), cpu_seconds(nats), time.monotonic()
         await asyncio.sleep(window)
@@ -219,8 +220,10 @@ async def main() -> None:
     parser.add_argument("--idle", type=float, default=3.0, help="idle timeout of every agent")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="corral-supervise-"))
-    print(f"{'agents':>6} {'ramp':>7} {'corral cpu':>11} {'baseline cpu':>13} {'ratio':>6} {'nats cpu':>9} "
-          f"{'stalls':>7} {'stall p50':>10} {'stall max':>10}")
+    print(
+        f"{'agents':>6} {'ramp':>7} {'corral cpu':>11} {'baseline cpu':>13} {'ratio':>6} {'nats cpu':>9} "
+        f"{'stalls':>7} {'stall p50':>10} {'stall max':>10}"
+    )
     try:
         for n in (int(x) for x in args.agents.split(",")):
             baseline = await measure_baseline(n, args.window)

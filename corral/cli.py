@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     up = sub.add_parser("up", help="run NATS, the actors and the projector in the foreground")
-    up.add_argument("--actors", help="comma-separated subset: spawner,projector (default: all)")
+    up.add_argument("--actors", help="comma-separated subset: spawner,watchdog,projector (default: all)")
     up.add_argument("--max-running", type=int, help="agents this spawner runs at once (default: corral.toml, 4)")
 
     down = sub.add_parser("down", help="stop a running `corral up`")

@@ -16,6 +16,7 @@ from nats.errors import NoServersError
 from actors.bus import Bus, connect_bus
 from actors.runtime import Actor
 from actors.spawner import Spawner
+from actors.watchdog import Watchdog, WatchdogSettings
 from corral.config import Config, load_config
 from corral.errors import BusUnavailable, CorralError
 from corral.home import Home, SystemLock
@@ -29,7 +30,7 @@ from replay.history import last_sequence
 
 log = logging.getLogger(__name__)
 
-ALL_ACTORS = ("spawner", "projector")
+ALL_ACTORS = ("spawner", "watchdog", "projector")
 
 
 @dataclass
@@ -160,6 +161,21 @@ async def _start_actors(system: System, names: tuple[str, ...], *, config: Confi
                 stop_grace_s=config.spawner.stop_grace_s,
                 cancel_grace_s=config.defaults.cancel_grace_s,
             )
+        elif name == "watchdog":
+            w = config.watchdog
+            actor = Watchdog(
+                system.bus,
+                WatchdogSettings(
+                    check_interval_s=w.check_interval_s,
+                    cancel_grace_s=config.defaults.cancel_grace_s,
+                    crash_loop_failures=w.crash_loop_failures,
+                    crash_loop_window_s=w.crash_loop_window_s,
+                    retry_max_attempts=w.retry_max_attempts,
+                    retry_backoff_s=w.retry_backoff_s,
+                    retry_backoff_max_s=w.retry_backoff_max_s,
+                    retry_on=tuple(w.retry_on),
+                ),
+            )
         elif name == "projector":
             actor = Projector(system.bus, database=home.database, tmp_dir=home.tmp)
         else:
@@ -174,9 +190,10 @@ async def _shutdown(system: System) -> None:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
     try:
-        spawner = system.actors.get("spawner")
-        if spawner is not None:
-            await spawner.stop()
+        for name in ("watchdog", "spawner"):  # no reaction to the agents a stopping spawner ends
+            actor = system.actors.get(name)
+            if actor is not None:
+                await actor.stop()
         projector = system.projector
         if projector is not None:
             try:

@@ -304,3 +304,38 @@ def test_memory_limit_and_disk_quota(cli: Cli, repo: Path, up: subprocess.Popen[
     assert exceeded[0]["limit"] == "disk"
     assert exceeded[0]["value"] > exceeded[0]["maximum"] == 1024 * 1024
     cli("cancel", execution_id, "--grace", "0", check=True)
+
+
+def test_stalled_agent_is_detected_and_cancelled(cli: Cli, repo: Path, up: subprocess.Popen[str]) -> None:
+    quiet = detach(cli, repo, "--idle-timeout", "1", "--on-stall", "cancel", *agent_command("--sleep", "600"))
+    beating = detach(
+        cli,
+        repo,
+        "--idle-timeout",
+        "1",
+        "--on-stall",
+        "cancel",
+        "--",
+        sys.executable,
+        "-m",
+        "corral.wrap",
+        "--interval",
+        "0.3",
+        "--",
+        sys.executable,
+        "-c",
+        "import time\nend = time.time() + 3\nwhile time.time() < end: pass\nprint('worked')",
+    )
+    final = wait_state(cli, quiet, "exited")
+    assert final["exit_reason"] == "cancelled"
+    kinds = [e["type"] for e in events(cli, quiet)]
+    assert kinds.index("execution.stalled") < kinds.index("execution.timed_out") < kinds.index("execution.exited")
+    stalled = next(json.loads(e["data"]) for e in events(cli, quiet) if e["type"] == "execution.stalled")
+    assert stalled["reaction"] == "cancel"
+    assert stalled["idle_s"] >= 1
+    # A busy tool under `corral wrap` heartbeats for 3 s with no output: never idle, exits 0.
+    done = wait_state(cli, beating, "exited")
+    assert done["exit_code"] == 0
+    beating_kinds = [e["type"] for e in events(cli, beating)]
+    assert "execution.stalled" not in beating_kinds
+    assert beating_kinds.count("heartbeat") >= 3
