@@ -153,6 +153,7 @@ class Shim:
         self.finished = asyncio.Event()
         self.last_output_at: float | None = None
         self.cgroup: Any = None
+        self._flush_timers: dict[str, asyncio.TimerHandle] = {}
 
     # spool
 
@@ -280,10 +281,10 @@ class Shim:
         done = asyncio.Event()
         readers = asyncio.gather(self._read("stdout", process.stdout), self._read("stderr", process.stderr))
         helpers = [
-            asyncio.create_task(self._tick(done)),
             asyncio.create_task(self._timers(done)),
-            asyncio.create_task(self._reap_orphans(done)),
         ]
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, reap_orphans, process.pid)
         if spec.get("disk_bytes"):
             helpers.append(asyncio.create_task(self._disk_quota(done, int(spec["disk_bytes"]))))
         returncode = await process.wait()
@@ -308,6 +309,8 @@ class Shim:
         if self.cgroup is not None:
             with contextlib.suppress(OSError):
                 self.cgroup.close()
+        for timer in self._flush_timers.values():
+            timer.cancel()
         for stream, coalescer in self.coalescers.items():
             self._output(stream, coalescer.flush(final=True))
         self.record(
@@ -328,16 +331,20 @@ class Shim:
             self._controls(controls)
             for chunk in chunks:
                 self._output(stream, chunk)
+            self._schedule_flush(stream)
         text, controls = coalescer.finish()
         self._controls(controls)
         self._output(stream, text)
 
-    async def _tick(self, done: asyncio.Event) -> None:
-        while not done.is_set():
-            await asyncio.sleep(FLUSH_INTERVAL_S)
-            for stream, coalescer in self.coalescers.items():
-                if coalescer.pending_bytes:
-                    self._output(stream, coalescer.flush())
+    def _schedule_flush(self, stream: str) -> None:
+        """Flush a partial chunk once it has waited FLUSH_INTERVAL_S (no timer while nothing waits)."""
+        if self.coalescers[stream].pending_bytes and stream not in self._flush_timers:
+            self._flush_timers[stream] = asyncio.get_running_loop().call_later(FLUSH_INTERVAL_S, self._flush, stream)
+
+    def _flush(self, stream: str) -> None:
+        self._flush_timers.pop(stream, None)
+        self._output(stream, self.coalescers[stream].flush())
+        self._schedule_flush(stream)  # a partial line held back waits for its end, or the next tick
 
     async def _timers(self, done: asyncio.Event) -> None:
         """The hard timeout: wall clock while running; frozen while paused."""
@@ -353,12 +360,6 @@ class Shim:
                     return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.timers_changed.wait(), wait)
-
-    async def _reap_orphans(self, done: asyncio.Event) -> None:
-        """Reap descendants re-parented to this subreaper, never the agent itself."""
-        while not done.is_set():
-            await asyncio.sleep(1.0)
-            reap_orphans(self.pid)
 
     async def _disk_quota(self, done: asyncio.Event, maximum: int) -> None:
         from actors.limits import disk_usage

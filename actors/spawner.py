@@ -71,7 +71,7 @@ CONTROL_TYPES = (
     "priority.requested",
 )
 POLL_S = 1.0
-SAVE_OFFSET_EVERY_S = 1.0
+SAVE_OFFSET_EVERY_S = 5.0
 SHIM_CONNECT_S = 10.0
 
 

@@ -124,12 +124,16 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
             await asyncio.sleep(0.5)
         ramp = time.monotonic() - started
         await asyncio.sleep(3)
-        corral = [up.pid, *pids_matching(f"actors.shim {home}")]
+        shims = pids_matching(f"actors.shim {home}")
+        corral = [up.pid, *shims]
         nats = pids_matching("nats-server")
         nats = [p for p in nats if str(home) in Path(f"/proc/{p}/cmdline").read_text()]
-        c0, n0, t0 = cpu_seconds(corral), cpu_seconds(nats), time.monotonic()
+        c0, n0, s0, t0 = cpu_seconds(corral), cpu_seconds(nats), cpu_seconds(shims), time.monotonic()
+        if os.environ.get("BENCH_PROFILE"):
+            subprocess.Popen(["py-spy", "record", "-p", str(up.pid), "-d", str(int(window)), "-o",
+                              os.environ["BENCH_PROFILE"], "-f", "raw"])
         await asyncio.sleep(window)
-        c1, n1, t1 = cpu_seconds(corral), cpu_seconds(nats), time.monotonic()
+        c1, n1, s1, t1 = cpu_seconds(corral), cpu_seconds(nats), cpu_seconds(shims), time.monotonic()
         # Stalls: the silent agents stop after beats_before_silence beats; wait for their stalled events.
         deadline = time.monotonic() + beats_before_silence + idle + 60
         latencies: list[float] = []
@@ -161,6 +165,7 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
             "ramp_s": ramp,
             "corral_cpu": (c1 - c0) / (t1 - t0) * 100,
             "nats_cpu": (n1 - n0) / (t1 - t0) * 100,
+            "shims_cpu": (s1 - s0) / (t1 - t0) * 100,
             "shims": len(corral) - 1,
             "stalls": len(latencies),
             "expected_stalls": silent,
@@ -230,7 +235,8 @@ async def main() -> None:
             result = await measure_corral(n, args.window, args.idle, root)
             ratio = result["corral_cpu"] / baseline if baseline else float("inf")
             print(
-                f"{n:>6} {result['ramp_s']:>6.1f}s {result['corral_cpu']:>10.1f}% {baseline:>12.1f}% "
+                f"{n:>6} {result['ramp_s']:>6.1f}s {result['corral_cpu']:>10.1f}% {result['shims_cpu']:>7.1f}% "
+                f"{baseline:>12.1f}% "
                 f"{ratio:>5.1f}x {result['nats_cpu']:>8.1f}% {result['stalls']:>3}/{result['expected_stalls']:<3} "
                 f"{result['stall_p50']:>+9.2f}s {result['stall_max']:>+9.2f}s",
                 flush=True,

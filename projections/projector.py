@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 PULL_BATCH = 2000
 MAX_CREDIT = 40000
 MAX_APPLY = 50000
+LINGER_S = 1.0
+LINGER_EVENTS = 2000
 PULL_EXPIRES_S = 5.0
 _EVENTS_SPEC = json_columns_spec(EVENT_COLUMNS)
 _STATE_SPEC = json_columns_spec(STATE_COLUMNS)
@@ -247,6 +249,9 @@ class Projector(Actor):
         self._buffer: list[tuple[bytes, bytes, bytes]] = []
         self._intake: IntakeClient | None = None
         self._arrived = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self._waiters = 0
+        self._last_apply = 0.0
         self._credit = 0
         self._inbox = ""
         self._lock = asyncio.Lock()
@@ -345,7 +350,16 @@ class Projector(Actor):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._arrived.wait(), 0.25)
                     continue
+                # A trickle (hundreds of agents heartbeating) is gathered for a moment: one DuckDB
+                # transaction per second instead of one per event. Someone waiting is served at once.
+                since = time.monotonic() - self._last_apply
+                if len(self._buffer) < LINGER_EVENTS and since < LINGER_S and not self._waiters:
+                    self._urgent.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._urgent.wait(), LINGER_S - since)
+                    continue
                 await self._apply_buffered()
+                self._last_apply = time.monotonic()
         finally:
             with contextlib.suppress(Exception):
                 await self._intake.close()
@@ -363,14 +377,19 @@ class Projector(Actor):
     async def wait_for_position(self, seq: int, *, timeout_s: float = 10.0) -> bool:
         """Wait until events up to `seq` are applied; return False on timeout."""
         deadline = time.monotonic() + timeout_s
-        async with self.position_changed:
-            while self.position < seq:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.position_changed.wait(), remaining)
-        return True
+        self._waiters += 1
+        self._urgent.set()
+        try:
+            async with self.position_changed:
+                while self.position < seq:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.position_changed.wait(), remaining)
+            return True
+        finally:
+            self._waiters -= 1
 
     async def on_stop(self) -> None:
         async with self._lock:
