@@ -339,3 +339,28 @@ def test_stalled_agent_is_detected_and_cancelled(cli: Cli, repo: Path, up: subpr
     beating_kinds = [e["type"] for e in events(cli, beating)]
     assert "execution.stalled" not in beating_kinds
     assert beating_kinds.count("heartbeat") >= 3
+
+
+def test_run_with_a_template_and_flags_overriding_it(cli: Cli, repo: Path, tmp_path: Path) -> None:
+    agent = json.dumps(str(Path(__file__).parents[1] / "examples" / "agent.py"))
+    (tmp_path / "corral.toml").write_text(
+        "[defaults]\n"
+        'idle_timeout = "10m"\n'
+        "[templates.quick]\n"
+        f"command = [{json.dumps(sys.executable)}, {agent}]\n"
+        'args = ["--steps", "2", "--sleep", "0"]\n'
+        'timeout = "5m"\n'
+        "priority = 3\n"
+    )
+    cli.env["CORRAL_CONFIG"] = str(tmp_path / "corral.toml")
+    result = cli("run", "--repo", str(repo), "--template", "quick", "--timeout", "90s", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "agent: done, 2 files written" in result.stdout
+    row = json.loads(
+        cli("sql", "SELECT template, priority, timeout_s, idle_timeout_s FROM executions", "--json", check=True).stdout
+    )
+    assert row == [{"template": "quick", "priority": 3, "timeout_s": 90.0, "idle_timeout_s": 600.0}]
+    unknown = cli("run", "--repo", str(repo), "--template", "nope")
+    assert unknown.returncode == 2
+    assert "no template 'nope'" in unknown.stderr
+    assert unknown.stderr.count("\n") == 1
