@@ -136,6 +136,7 @@ class Spawner(Actor):
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._subs: list[Any] = []
+        self._repo_locks: dict[str, asyncio.Lock] = {}
 
     def health(self) -> dict[str, Any]:
         return {
@@ -393,7 +394,10 @@ class Spawner(Actor):
         try:
             repo = repo_root(request.repo)
             base_commit = resolve_commit(repo, request.base)
-            await add_worktree(repo, path, branch=branch, commit=base_commit)
+            # git races when worktrees of one repository are added at once (it reads a half-made
+            # one's metadata), so adds are serialized per repository.
+            async with self._repo_locks.setdefault(str(repo), asyncio.Lock()):
+                await add_worktree(repo, path, branch=branch, commit=base_commit)
         except WorkspaceError as exc:
             await self._emit(run, ExecutionFailed(stage="workspace", error=str(exc)))
             return

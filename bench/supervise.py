@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -88,6 +89,12 @@ def start_up(env: dict[str, str], home: Path, root: Path) -> subprocess.Popen[by
         )
 
 
+async def sql(bus: Any, text: str) -> list[Any]:
+    reply = await bus.nc.request("corral.api.sql", json.dumps({"sql": text}).encode(), timeout=60)
+    rows: list[Any] = json.loads(reply.data).get("rows", [])
+    return rows
+
+
 async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict[str, float]:
     home = root / f"home-{n}"
     home.mkdir()
@@ -118,9 +125,14 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
             )
             await bus.publisher.publish(new_event(new_execution_id(), request, actor="bench"))
         # Wait until every agent runs.
-        while len(pids_matching("read -t 1 -u 3")) < n:
+        last_report = started
+        while (running := len(pids_matching("read -t 1 -u 3"))) < n:
+            if time.monotonic() - last_report > 30:
+                last_report = time.monotonic()
+                states = await sql(bus, "SELECT state, count(*) FROM executions GROUP BY 1 ORDER BY 1")
+                print(f"  {n} agents: {running} running after {last_report - started:.0f}s; {states}", flush=True)
             if time.monotonic() - started > 600:
-                raise RuntimeError("agents did not all start within 600s")
+                raise RuntimeError(f"agents did not all start within 600s: {running} of {n}")
             await asyncio.sleep(0.5)
         ramp = time.monotonic() - started
         await asyncio.sleep(3)
@@ -174,9 +186,12 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
         }
     finally:
         up.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
         try:
             up.wait(timeout=120)
+            print(f"  corral up stopped {n} agents and itself in {time.monotonic() - stopping:.1f}s", flush=True)
         except subprocess.TimeoutExpired:
+            print(f"  corral up did not stop within 120s of SIGTERM with {n} agents; killed", flush=True)
             up.kill()
             up.wait()
 
