@@ -9,6 +9,8 @@ For each N it measures, over a steady window once every agent runs:
   heartbeat to its `execution.stalled` event, minus the idle timeout (target: <= 1 s).
 
     .venv/bin/python bench/supervise.py [--agents 100,250,500] [--window 20] [--idle 3]
+
+BENCH_PROFILE=FILE records a py-spy profile of `corral up` over the window (needs py-spy on PATH).
 """
 
 import argparse
