@@ -582,20 +582,26 @@ class Watchdog(Actor):
     async def _spawn_timeout(self, t: _Live) -> None:
         if t.spawn_s is None:
             return
+        if not await self._record_timed_out(t, "spawn", t.spawn_s):
+            t.spawn_timed_out = True  # another watchdog recorded it and cancels
+            return
+        t.spawn_timed_out, t.owner = True, True
+        await self._react(t)
+
+    async def _record_timed_out(self, t: _Live, kind: Literal["idle", "spawn"], limit_s: float) -> bool:
+        """Record `execution.timed_out` once; False when another watchdog recorded it first."""
         try:
             _, seq = await self._emit(
                 t.execution_id,
-                ExecutionTimedOut(kind="spawn", limit_s=t.spawn_s),
+                ExecutionTimedOut(kind=kind, limit_s=limit_s),
                 cause=t.request_id,
                 expected=t.timed_out_seq,
             )
         except WrongLastSequence:
-            t.spawn_timed_out = True  # another watchdog recorded it and cancels
-            return
+            return False
         t.timed_out_seq = max(t.timed_out_seq, seq)
-        t.spawn_timed_out, t.owner = True, True
         self.stats.timeouts += 1
-        await self._react(t)
+        return True
 
     async def _react(self, t: _Live) -> None:
         """Apply what is still owed for a recorded stall or timeout; each step is recorded once."""
@@ -620,19 +626,10 @@ class Watchdog(Actor):
         elif t.reaction == "cancel":
             if t.idle_s is None:
                 return
-            try:
-                _, seq = await self._emit(
-                    t.execution_id,
-                    ExecutionTimedOut(kind="idle", limit_s=t.idle_s),
-                    cause=t.request_id,
-                    expected=t.timed_out_seq,
-                )
-            except WrongLastSequence:
+            if not await self._record_timed_out(t, "idle", t.idle_s):
                 t.idle_timed_out, t.owner = True, False  # another watchdog recorded it and cancels
                 return
-            t.timed_out_seq = max(t.timed_out_seq, seq)
             t.idle_timed_out = True
-            self.stats.timeouts += 1
             await self._cancel(t, IDLE_CANCEL_REASON)
         elif t.reaction == "restart":
             t.restart = True  # before the cancel is stored: its exit may come back at once

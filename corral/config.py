@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+import actors.watchdog
 from corral import render
 from corral.errors import CorralError, UsageError
 from corral.home import Home
@@ -233,9 +234,13 @@ class WatchdogSettings(_Frozen):
     retry_backoff_max_s: float = 300.0
     retry_on: tuple[str, ...] = ("lost", "spawn")
 
+    def for_actor(self, *, cancel_grace_s: float = 10.0) -> "actors.watchdog.WatchdogSettings":
+        """The watchdog actor's settings from this section (and the default cancel grace)."""
+        return actors.watchdog.WatchdogSettings(**self.model_dump(), cancel_grace_s=cancel_grace_s)
+
     def retry_delay(self, attempt: int) -> float:
-        """Delay before retry number `attempt` (1 = first retry): backoff doubling, capped at backoff_max."""
-        return min(self.retry_backoff_s * 2.0 ** max(attempt - 1, 0), self.retry_backoff_max_s)
+        """Delay before retry number `attempt` (1 = first retry): the watchdog's own formula."""
+        return self.for_actor().retry_delay(attempt)
 
 
 class Template(_Frozen):

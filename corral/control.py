@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 from nats.aio.msg import Msg
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 
 from actors.runtime import HEALTH_INTERVAL_S
 from actors.shim import request as shim_request
@@ -299,11 +299,7 @@ async def cmd_health(home: Home, args: Any) -> int:
         try:
             kv = await system.bus.js.key_value(HEALTH_BUCKET)
             keys = await kv.keys()
-        except (BucketNotFoundError, NotFoundError):
-            keys = []
-        except Exception as exc:  # nats-py raises NoKeysError for an empty bucket
-            if type(exc).__name__ != "NoKeysError":
-                raise
+        except (BucketNotFoundError, NotFoundError, NoKeysError):
             keys = []
         records = []
         for key in keys:

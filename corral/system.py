@@ -16,7 +16,7 @@ from nats.errors import NoServersError
 from actors.bus import Bus, connect_bus
 from actors.runtime import Actor
 from actors.spawner import Spawner
-from actors.watchdog import Watchdog, WatchdogSettings
+from actors.watchdog import Watchdog
 from corral.config import Config, load_config
 from corral.errors import BusUnavailable, CorralError
 from corral.home import Home, SystemLock
@@ -162,20 +162,7 @@ async def _start_actors(system: System, names: tuple[str, ...], *, config: Confi
                 cancel_grace_s=config.defaults.cancel_grace_s,
             )
         elif name == "watchdog":
-            w = config.watchdog
-            actor = Watchdog(
-                system.bus,
-                WatchdogSettings(
-                    check_interval_s=w.check_interval_s,
-                    cancel_grace_s=config.defaults.cancel_grace_s,
-                    crash_loop_failures=w.crash_loop_failures,
-                    crash_loop_window_s=w.crash_loop_window_s,
-                    retry_max_attempts=w.retry_max_attempts,
-                    retry_backoff_s=w.retry_backoff_s,
-                    retry_backoff_max_s=w.retry_backoff_max_s,
-                    retry_on=tuple(w.retry_on),
-                ),
-            )
+            actor = Watchdog(system.bus, config.watchdog.for_actor(cancel_grace_s=config.defaults.cancel_grace_s))
         elif name == "projector":
             actor = Projector(system.bus, database=home.database, tmp_dir=home.tmp)
         else:

@@ -368,3 +368,17 @@ def test_run_with_a_template_and_flags_overriding_it(cli: Cli, repo: Path, tmp_p
     assert unknown.returncode == 2
     assert "no template 'nope'" in unknown.stderr
     assert unknown.stderr.count("\n") == 1
+
+
+def test_health_lists_every_actor_of_the_running_system(cli: Cli, up: subprocess.Popen[str]) -> None:
+    report = wait_until(
+        lambda: (r := json.loads(cli("health", "--json", check=True).stdout))
+        and {a["actor"] for a in r["actors"]} == {"spawner", "watchdog", "projector"}
+        and r,
+        30,
+        "every actor to report its health",
+    )
+    assert all(actor["alive"] for actor in report["actors"])  # type: ignore[index]
+    assert all(actor["pid"] == up.pid for actor in report["actors"])  # type: ignore[index]
+    table = cli("health", check=True).stdout
+    assert "watchdog" in table and "ALIVE" in table
