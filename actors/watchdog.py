@@ -296,13 +296,13 @@ class Watchdog(Actor):
                     continue
                 due = t.last_activity + t.idle_s
                 if now >= due:
-                    self._spawn(t, self._stall(t, now - t.last_activity))
+                    self._spawn(t, self._stall(t, now - t.last_activity, t.stalled_seq))
                 elif due < next_due:
                     next_due = due
             elif t.phase == _CLAIMED and t.spawn_s is not None and t.spawn_clock is not None and not t.spawn_timed_out:
                 due = t.spawn_clock + t.spawn_s
                 if now >= due:
-                    self._spawn(t, self._spawn_timeout(t))
+                    self._spawn(t, self._spawn_timeout(t, t.timed_out_seq))
                 elif due < next_due:
                     next_due = due
         for ending in list(self.endings.values()):
@@ -558,7 +558,16 @@ class Watchdog(Actor):
             return not t.pause_sent and not t.paused
         return t.reaction in ("cancel", "restart")
 
-    async def _stall(self, t: _Live, idle_s: float) -> None:
+    async def _stall(self, t: _Live, idle_s: float, expected: int) -> None:
+        """Record a stall decided by a check that saw the newest stall at `expected`.
+
+        The task runs a moment after the check; a rival's stall read in between must make our
+        append fail (WrongLastSequence), so `expected` is the value the check saw, not today's.
+        """
+        if t.stalled or t.cancel_sent or t.paused or t.idle_s is None:
+            return  # a stall (a rival's), a cancel or a pause was read since the check
+        if time.monotonic() - t.last_activity < t.idle_s:
+            return  # activity came back since the check
         reaction = t.on_stall
         t.stalled, t.reaction, t.owner, t.pause_sent = True, reaction, True, False
         try:
@@ -566,7 +575,7 @@ class Watchdog(Actor):
                 t.execution_id,
                 ExecutionStalled(idle_s=round(idle_s, 3), reaction=reaction),  # type: ignore[arg-type]
                 cause=t.request_id,
-                expected=t.stalled_seq,
+                expected=expected,
             )
         except WrongLastSequence:
             t.owner = False  # another watchdog recorded this episode and reacts to it
@@ -579,23 +588,25 @@ class Watchdog(Actor):
         if self._reaction_pending(t):
             await self._react(t)
 
-    async def _spawn_timeout(self, t: _Live) -> None:
-        if t.spawn_s is None:
-            return
-        if not await self._record_timed_out(t, "spawn", t.spawn_s):
+    async def _spawn_timeout(self, t: _Live, expected: int) -> None:
+        if t.spawn_s is None or t.spawn_timed_out or t.phase != _CLAIMED:
+            return  # started, or a rival's timeout was read since the check
+        if not await self._record_timed_out(t, "spawn", t.spawn_s, expected):
             t.spawn_timed_out = True  # another watchdog recorded it and cancels
             return
         t.spawn_timed_out, t.owner = True, True
         await self._react(t)
 
-    async def _record_timed_out(self, t: _Live, kind: Literal["idle", "spawn"], limit_s: float) -> bool:
+    async def _record_timed_out(
+        self, t: _Live, kind: Literal["idle", "spawn"], limit_s: float, expected: int
+    ) -> bool:
         """Record `execution.timed_out` once; False when another watchdog recorded it first."""
         try:
             _, seq = await self._emit(
                 t.execution_id,
                 ExecutionTimedOut(kind=kind, limit_s=limit_s),
                 cause=t.request_id,
-                expected=t.timed_out_seq,
+                expected=expected,
             )
         except WrongLastSequence:
             return False
@@ -626,7 +637,7 @@ class Watchdog(Actor):
         elif t.reaction == "cancel":
             if t.idle_s is None:
                 return
-            if not await self._record_timed_out(t, "idle", t.idle_s):
+            if not await self._record_timed_out(t, "idle", t.idle_s, t.timed_out_seq):
                 t.idle_timed_out, t.owner = True, False  # another watchdog recorded it and cancels
                 return
             t.idle_timed_out = True
