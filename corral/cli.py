@@ -5,9 +5,9 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
-from corral import __version__, commands, config, control, wrap
+from corral import __version__, approvals, changes, commands, config, control, history, worktrees, wrap
 from corral.errors import CorralError
 from corral.home import Home
 from events.errors import EventError
@@ -104,7 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="JSON Schema of every event type")
     schema.add_argument("--type", help="one event type only")
     schema.add_argument("--list", action="store_true", help="list the types and their subjects")
+    for module in FEATURES:
+        COMMANDS.update(module.add_parsers(sub))
     return parser
+
+
+# Each feature module adds its own subcommands and returns {command name: handler}.
+FEATURES: Final = (changes, worktrees, history, approvals)
 
 
 COMMANDS: dict[str, Any] = {
