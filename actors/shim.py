@@ -34,6 +34,8 @@ from typing import Any
 
 import orjson
 
+from actors.filewatch import FileWatcher
+from actors.adapters import load_adapter
 from actors.output import ControlLine, OutputCoalescer
 from events.ids import new_ulid
 
@@ -45,6 +47,7 @@ READ_SIZE = 64 * 1024
 DRAIN_AFTER_EXIT_S = 2.0
 STOP_CHECK_S = 2.0
 DISK_CHECK_S = 2.0
+FILE_EVENTS_INTERVAL_S = 0.5
 INPUT_TIMEOUT_S = 5.0
 PR_SET_CHILD_SUBREAPER = 36
 HEARTBEAT_FIELDS: dict[str, type | tuple[type, ...]] = {"note": str, "progress": (int, float), "source": str}
@@ -127,6 +130,27 @@ def signal_pids(pids: list[int] | dict[int, str], sig: int) -> None:
             os.kill(pid, sig)
 
 
+def approval_problem(fields: dict[str, Any]) -> str | None:
+    """Why an `approval_needed` control line cannot be taken (None when it can)."""
+    unknown = sorted(set(fields) - {"question", "options", "category"})
+    if unknown:
+        return f"approval_needed field {unknown[0]!r} is not allowed (allowed: question, options, category)"
+    question = fields.get("question")
+    if not isinstance(question, str) or not question.strip():
+        return "approval_needed needs a non-empty string 'question'"
+    if len(question) > 4000:
+        return "approval_needed 'question' is longer than 4000 characters"
+    options = fields.get("options")
+    if options is not None and (
+        not isinstance(options, list) or len(options) > 20 or not all(isinstance(o, str) and o for o in options)
+    ):
+        return "approval_needed 'options' must be a list of at most 20 non-empty strings"
+    category = fields.get("category")
+    if category is not None and (not isinstance(category, str) or not category or len(category) > 64):
+        return "approval_needed 'category' must be a short string"
+    return None
+
+
 # --- the shim ----------------------------------------------------------------------------------
 
 
@@ -154,6 +178,8 @@ class Shim:
         self.last_output_at: float | None = None
         self.cgroup: Any = None
         self._flush_timers: dict[str, asyncio.TimerHandle] = {}
+        self.adapter = load_adapter(self.spec)  # maps an agent CLI's stdout to typed facts (actors/adapters)
+        self.watching_files = False
 
     # spool
 
@@ -173,6 +199,17 @@ class Shim:
             self.chunk_number += 1
             self.last_output_at = time.time()
             self.record("output", {"stream": stream, "n": self.chunk_number, "text": text})
+            if self.adapter is not None and stream == "stdout":
+                self._facts(self.adapter.feed(text))
+
+    def _facts(self, facts: list[tuple[str, dict[str, Any]]]) -> None:
+        for kind, data in facts:
+            if kind == "file.touched" and self.watching_files:
+                continue  # the file watcher reports them from the worktree itself
+            self.record(kind, data)
+        adapter = self.adapter
+        if adapter is not None and adapter.stdin_done and self.process and self.process.stdin:
+            self.process.stdin.close()  # every message sent has its answer: let the agent finish
 
     def _controls(self, controls: list[ControlLine]) -> None:
         for control in controls:
@@ -196,10 +233,22 @@ class Shim:
                     self.record("protocol.error", {"line": line, "error": problem})
                 else:
                     self.record("heartbeat", {"source": "agent", **control.fields})
+            elif control.kind == "approval_needed":
+                problem = approval_problem(control.fields)
+                if problem:
+                    self.record("protocol.error", {"line": line, "error": problem})
+                else:
+                    fields = control.fields
+                    data = {"question": fields["question"], "options": list(fields.get("options") or [])}
+                    self.record("approval.needed", {**data, "category": fields.get("category"), "source": "agent"})
             else:
                 self.record(
                     "protocol.error",
-                    {"line": line, "error": f"unsupported control message {control.kind!r} (supported: heartbeat)"},
+                    {
+                        "line": line,
+                        "error": f"unsupported control message {control.kind!r}"
+                        " (supported: heartbeat, approval_needed)",
+                    },
                 )
 
     # process tree
@@ -247,6 +296,8 @@ class Shim:
                     self.cgroup = None
             if preexec is None:
                 preexec = make_preexec(spec.get("memory_bytes"), spec.get("cpus"))
+        # Watch the worktree before the agent starts, so its first writes are seen too.
+        watcher = FileWatcher.open(Path(spec["cwd"])) if spec.get("watch_files", True) else None
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *command,
@@ -261,6 +312,8 @@ class Shim:
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             error = getattr(exc, "strerror", None) or str(exc)
             self.record("execution.failed", {"stage": "spawn", "error": f"cannot start {command[0]!r}: {error}"})
+            if watcher is not None:
+                watcher.close()
             return
         self.started = time.monotonic()
         if self.deadline is not None:
@@ -276,6 +329,12 @@ class Shim:
             },
         )
         process = self.process
+        self.watching_files = watcher is not None
+        if self.adapter is not None and process.stdin is not None:
+            if first := self.adapter.initial_input():
+                process.stdin.write(first)
+            if not self.adapter.keeps_stdin:
+                process.stdin.close()
         assert process.stdout is not None
         assert process.stderr is not None
         done = asyncio.Event()
@@ -287,6 +346,9 @@ class Shim:
         loop.add_signal_handler(signal.SIGCHLD, reap_orphans, process.pid)
         if spec.get("disk_bytes"):
             helpers.append(asyncio.create_task(self._disk_quota(done, int(spec["disk_bytes"]))))
+        if watcher is not None:
+            loop.add_reader(watcher.fd, watcher.read)
+            helpers.append(asyncio.create_task(self._file_events(watcher)))
         returncode = await process.wait()
         try:
             # A grandchild may hold the pipes open after the agent exits; don't wait forever.
@@ -311,8 +373,15 @@ class Shim:
                 self.cgroup.close()
         for timer in self._flush_timers.values():
             timer.cancel()
+        if watcher is not None:
+            loop.remove_reader(watcher.fd)
+            watcher.read()
+            self._touched(watcher)
+            watcher.close()
         for stream, coalescer in self.coalescers.items():
             self._output(stream, coalescer.flush(final=True))
+        if self.adapter is not None:
+            self._facts(self.adapter.finish())
         self.record(
             "execution.exited",
             {
@@ -323,6 +392,17 @@ class Shim:
             },
             self.stop_cause,
         )
+
+    def _touched(self, watcher: FileWatcher) -> None:
+        for path, change in watcher.take():
+            self.record("file.touched", {"path": path, "change": change})
+
+    async def _file_events(self, watcher: FileWatcher) -> None:
+        """Report the files the agent touched, gathered over FILE_EVENTS_INTERVAL_S."""
+        while True:
+            await asyncio.sleep(FILE_EVENTS_INTERVAL_S)
+            if watcher.pending:
+                self._touched(watcher)
 
     async def _read(self, stream: str, reader: asyncio.StreamReader) -> None:
         coalescer = self.coalescers[stream]
@@ -434,7 +514,7 @@ class Shim:
         process = self.process
         if process is None or process.stdin is None or process.stdin.is_closing():
             return {"ok": False, "error": "the agent's stdin is closed"}
-        data = text.encode()
+        data = self.adapter.encode_input(text) if self.adapter is not None else text.encode()
         try:
             process.stdin.write(data)
             await asyncio.wait_for(process.stdin.drain(), INPUT_TIMEOUT_S)
@@ -442,6 +522,8 @@ class Shim:
             return {"ok": False, "error": f"the agent did not read its stdin within {INPUT_TIMEOUT_S:.0f}s"}
         except (BrokenPipeError, ConnectionResetError):
             return {"ok": False, "error": "the agent closed its stdin"}
+        if self.adapter is not None:
+            self.adapter.input_delivered()
         self.record("input.delivered", {"text": text, "bytes": len(data)}, cause)
         return {"ok": True, "bytes": len(data)}
 

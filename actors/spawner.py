@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
+from actors.approver import approval_line
 from actors.bus import Bus
 from actors.errors import WorkspaceError
 from actors.runtime import Actor
@@ -70,6 +71,7 @@ CONTROL_TYPES = (
     "timeout.extend.requested",
     "priority.requested",
 )
+APPROVAL_TYPES = ("approval.requested", "approval.granted", "approval.denied", "approval.expired")
 POLL_S = 1.0
 SAVE_OFFSET_EVERY_S = 5.0
 SHIM_CONNECT_S = 10.0
@@ -170,6 +172,12 @@ class Spawner(Actor):
             self._subs.append(
                 await js.subscribe(
                     events_of_type(kind), cb=self._on_control, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
+                )
+            )
+        for kind in APPROVAL_TYPES:
+            self._subs.append(
+                await js.subscribe(
+                    events_of_type(kind), cb=self._on_approval, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
                 )
             )
 
@@ -302,6 +310,15 @@ class Spawner(Actor):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _on_approval(self, msg: Msg) -> None:
+        """Tell an agent this spawner runs about its approvals, on its stdin (docs/approvals.md)."""
+        told = approval_line(msg.data)
+        run = self.running.get(told[0]) if told else None
+        if told is None or run is None or not run.shim_started.is_set():
+            return
+        with contextlib.suppress(OSError, TimeoutError):
+            await request(run.run_dir, {"op": "input", "text": told[1]})
+
     async def _reject(self, event: Event, reason: str) -> None:
         await self.bus.emit(
             event.execution_id,
@@ -420,6 +437,8 @@ class Spawner(Actor):
             "execution_id": run.execution_id,
             "request_id": run.request_id,
             "command": list(request.command),
+            "agent": request.agent,
+            "task": request.task,
             "cwd": str(path),
             "env": env,
             "repo": str(repo),

@@ -1,9 +1,150 @@
-"""Human approvals: approvals, approve, reject."""
+"""Human approvals: approvals, approve, reject.
+
+`corral approvals` reads every `approval.*` event from the log (no projection needed) and lists
+pending approvals first. `corral approve` / `corral reject` publish `approval.decision.submitted`
+on `corral.evt.<execution_id>.approval.decision.submitted` and wait for the approver's answer:
+`approval.granted` / `approval.denied` caused by that submission, or `control.rejected` saying
+who decided first. See docs/approvals.md.
+"""
 
 import argparse
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlparse
+
+import orjson
+from nats.aio.msg import Msg
+
+from actors.approver import APPROVAL_EVENTS, ApprovalBook, decider
+from corral import render
+from corral.control import NotConfirmed, request_and_wait
+from corral.errors import CorralError, UsageError
+from corral.home import Home
+from corral.system import System, open_system
+from events.subjects import split_subject
+from events.types import ApprovalDecisionSubmitted
+from replay.history import follow
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> dict[str, Any]:
     """Add this module's subcommands to `sub`; return {command name: handler(home, args)}."""
-    return {}
+    listing = sub.add_parser("approvals", help="list approvals: pending first (id, execution, category, question, age)")
+    listing.add_argument("--all", action="store_true", help="include decided and expired approvals")
+    listing.add_argument("--json", action="store_true")
+    approve = sub.add_parser("approve", help="grant a pending approval (the first decision wins)")
+    approve.add_argument("approval_id", metavar="AP_ID")
+    approve.add_argument("--choice", help="one of the approval's options")
+    approve.add_argument("--note", help="a note for the agent and the record")
+    approve.add_argument("--json", action="store_true", help="print the confirming event")
+    reject = sub.add_parser("reject", help="deny a pending approval (the first decision wins)")
+    reject.add_argument("approval_id", metavar="AP_ID")
+    reject.add_argument("--note", help="a note for the agent and the record")
+    reject.add_argument("--json", action="store_true", help="print the confirming event")
+    return {"approvals": cmd_approvals, "approve": cmd_approve, "reject": cmd_reject}
+
+
+async def read_book(system: System) -> ApprovalBook:
+    """Every approval in the log, as the approver sees it."""
+    book = ApprovalBook()
+
+    async def on_msg(seq: int, msg: Msg) -> bool:
+        execution_id, kind = split_subject(msg.subject)
+        raw = orjson.loads(msg.data)
+        if isinstance(raw, dict):
+            book.apply(execution_id, kind, raw, seq)
+        return False
+
+    await follow(system.bus.js, APPROVAL_EVENTS, on_msg, stop_when_caught_up=True)
+    return book
+
+
+def _age(ts: datetime, now: datetime) -> float:
+    return max(0.0, (now - ts).total_seconds())
+
+
+async def cmd_approvals(home: Home, args: Any) -> int:
+    async with open_system(home, actors=()) as system:
+        book = await read_book(system)
+    now = datetime.now(UTC)
+    pending = sorted((a for a in book.approvals.values() if a.state == "pending"), key=lambda a: a.seq)
+    decided = sorted((a for a in book.approvals.values() if a.state != "pending"), key=lambda a: -a.seq)
+    shown = pending + (decided if args.all else [])
+    if args.json:
+        render.print_json([{**a.as_dict(), "age_s": round(_age(a.requested_at, now), 3)} for a in shown])
+        return 0
+    if not shown:
+        print("no pending approvals" if not args.all else "no approvals")
+        return 0
+    rows = []
+    for a in shown:
+        question = a.question if len(a.question) <= 70 else a.question[:67] + "..."
+        state = a.state if a.state == "pending" else f"{a.state} ({a.decided_by or '-'})"
+        rows.append(
+            [
+                a.approval_id,
+                a.execution_id,
+                state,
+                a.category,
+                a.source,
+                render.human_duration(_age(a.requested_at, now)),
+                question,
+            ]
+        )
+    print(render.table(["id", "execution", "state", "category", "source", "age", "question"], rows))
+    return 0
+
+
+def _decided_by(system: System) -> str:
+    """The NATS user when the URL carries one (auth on), else the OS user."""
+    for server in system.url.split(","):
+        user = urlparse(server if "://" in server else f"nats://{server}").username
+        if user:
+            return user
+    return decider()
+
+
+async def _decide(home: Home, args: Any, approve: bool) -> int:
+    choice = getattr(args, "choice", None)
+    async with open_system(home, actors=("approver",)) as system:
+        book = await read_book(system)
+        approval = book.find(args.approval_id)
+        if approval is None:
+            raise CorralError(f"no approval {args.approval_id!r}; `corral approvals --all` lists them")
+        if approval.state != "pending":
+            raise CorralError(approval.decided_text())
+        if choice is not None and approval.options and choice not in approval.options:
+            raise UsageError(f"--choice must be one of: {', '.join(approval.options)} (got {choice!r})")
+        data = ApprovalDecisionSubmitted(
+            approval_id=approval.approval_id,
+            approve=approve,
+            choice=choice,
+            note=args.note,
+            decided_by=_decided_by(system),
+        )
+        try:
+            answer = await request_and_wait(
+                system, approval.execution_id, data, ("approval.granted", "approval.denied")
+            )
+        except NotConfirmed:
+            raise CorralError(
+                f"no approver answered about {approval.approval_id} within 15s; the decision is recorded and "
+                "applies when an approver runs (`corral health`)"
+            ) from None
+        except CorralError as exc:
+            message = exc.message
+            raise CorralError(message.split(" refused: ", 1)[1] if " refused: " in message else message) from None
+    if args.json:
+        render.print_json(answer)
+    else:
+        verb = "approved" if answer["type"] == "approval.granted" else "rejected"
+        extra = f" (choice {choice})" if choice else ""
+        print(f"{approval.approval_id}: {verb}{extra}; execution {approval.execution_id}")
+    return 0
+
+
+async def cmd_approve(home: Home, args: Any) -> int:
+    return await _decide(home, args, True)
+
+
+async def cmd_reject(home: Home, args: Any) -> int:
+    return await _decide(home, args, False)

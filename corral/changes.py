@@ -1,9 +1,351 @@
-"""Checkpoints and change management: checkpoint, checkpoints, changes, diff, commit, rollback."""
+"""Checkpoints and change management: checkpoint, checkpoints, changes, diff, commit, rollback.
+
+Reading commands (checkpoints, changes, diff) read the log and git directly: they need no
+projection and no running actor. Acting commands (checkpoint, commit, rollback) append a
+request and wait for the checkpointer's answer, like every control command.
+"""
 
 import argparse
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import orjson
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from actors.checkpointer import NOTHING_CHANGED
+from actors.checkpoints import CheckpointError, FileStat, git, numstat, snapshot_tree, unified_diff
+from corral import render
+from corral.commands import info, resolve_execution_id
+from corral.control import request_and_wait
+from corral.errors import CorralError, NotFound, UsageError
+from corral.home import Home
+from corral.system import System, open_system
+from events.subjects import STREAM, event_subject
+from events.types import CheckpointRequested, CommitRequested, RollbackRequested
+from replay.history import follow
+
+ROLLBACK_TIMEOUT_S = 45.0
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> dict[str, Any]:
     """Add this module's subcommands to `sub`; return {command name: handler(home, args)}."""
-    return {}
+    p = sub.add_parser("checkpoint", help="take a checkpoint of an execution's worktree now")
+    p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("checkpoints", help="an execution's checkpoint chain: n, time, trigger, commit, files, +/-")
+    p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("changes", help="files the agent changed, with lines added and deleted")
+    p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("--since", metavar="CP", help="from this checkpoint (default: the base commit)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("diff", help="unified diff of what the agent changed")
+    p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("path", nargs="*", metavar="PATH", help="only these files or directories")
+    p.add_argument("--from", dest="from_cp", metavar="CP", help="checkpoint to diff from (default: base commit)")
+    p.add_argument("--to", dest="to_cp", metavar="CP", help="checkpoint to diff to (default: the worktree now)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("commit", help="a real commit on the execution's branch")
+    p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("path", nargs="*", metavar="PATH", help="only these paths (default: everything)")
+    p.add_argument("-m", "--message", required=True, metavar="MSG")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("rollback", help="restore the worktree (or the named files) to a checkpoint")
+    p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("path", nargs="*", metavar="PATH", help="only these files or directories")
+    p.add_argument("--to", dest="to_cp", metavar="CP", help="checkpoint number, 0 = base (default: the latest)")
+    p.add_argument("--json", action="store_true")
+    return {
+        "checkpoint": cmd_checkpoint,
+        "checkpoints": cmd_checkpoints,
+        "changes": cmd_changes,
+        "diff": cmd_diff,
+        "commit": cmd_commit,
+        "rollback": cmd_rollback,
+    }
+
+
+# --- what the log knows about one execution's worktree -------------------------------------------
+
+
+@dataclass
+class Workspace:
+    execution_id: str
+    path: Path
+    repo: Path
+    branch: str
+    base_commit: str
+    checkpoints: list[dict[str, Any]]
+
+    @property
+    def present(self) -> bool:
+        return self.path.is_dir()
+
+    def checkpoint(self, text: str | None) -> tuple[int, str]:
+        """(n, commit) of a checkpoint named on the command line; 0 is the base commit."""
+        if text is None:
+            raise UsageError("no checkpoint given")
+        spec = text.strip().lstrip("#")
+        if spec in ("base", "0"):
+            return 0, self.base_commit
+        if not spec.isdigit():
+            raise UsageError(
+                f"{text!r} is not a checkpoint number; `corral checkpoints {self.execution_id}` lists them"
+            )
+        n = int(spec)
+        for cp in self.checkpoints:
+            if cp["n"] == n:
+                return n, str(cp["commit"])
+        known = f"it has 1..{self.checkpoints[-1]['n']}" if self.checkpoints else "it has none yet"
+        raise NotFound(f"{self.execution_id} has no checkpoint {n} ({known}; 0 = the base commit)")
+
+    def relative_paths(self, paths: list[str]) -> list[str]:
+        """Paths inside the worktree, relative to its root; anything outside is an error."""
+        out = []
+        root = self.path.resolve()
+        for raw in paths:
+            candidate = Path(raw)
+            if not candidate.is_absolute():
+                here = Path.cwd().resolve()
+                candidate = (here / candidate) if root in (here, *here.parents) else (root / candidate)
+            resolved = Path(os.path.normpath(candidate))
+            if resolved != root and root not in resolved.parents:
+                raise UsageError(f"{raw!r} is outside the worktree of {self.execution_id} ({root})")
+            rel = resolved.relative_to(root).as_posix()
+            if rel == ".git" or rel.startswith(".git/"):
+                raise UsageError(f"{raw!r} is inside .git; Corral never touches it")
+            out.append(rel or ".")
+        return out
+
+
+async def _stored(system: System, subject: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+
+    async def on(seq: int, msg: Msg) -> None:
+        found.append({**orjson.loads(msg.data), "seq": seq})
+
+    await follow(system.bus.js, subject, on, stop_when_caught_up=True)
+    return found
+
+
+async def workspace(system: System, execution_id: str) -> Workspace:
+    try:
+        msg = await system.bus.js.get_last_msg(STREAM, event_subject(execution_id, "workspace.created"))
+    except NotFoundError:
+        raise CorralError(
+            f"{execution_id} has no worktree (yet): it is queued, or failed before one was made; "
+            f"`corral status {execution_id}` tells which"
+        ) from None
+    data = orjson.loads(msg.data or b"{}")["data"]
+    checkpoints = [
+        {**e["data"], "ts": e["ts"], "seq": e["seq"], "actor": e["actor"]}
+        for e in await _stored(system, event_subject(execution_id, "checkpoint.created"))
+    ]
+    checkpoints.sort(key=lambda cp: cp["n"])
+    return Workspace(
+        execution_id, Path(data["path"]), Path(data["repo"]), data["branch"], data["base_commit"], checkpoints
+    )
+
+
+async def _target(home: Home, system: System, prefix: str) -> Workspace:
+    execution_id = await resolve_execution_id(system, prefix)
+    return await workspace(system, execution_id)
+
+
+async def _live_tree(home: Home, ws: Workspace) -> str:
+    """A tree of the worktree as it is now (written through a scratch index; nothing recorded)."""
+    if not ws.present:
+        if ws.checkpoints:
+            return str(ws.checkpoints[-1]["tree"])
+        raise CorralError(f"the worktree of {ws.execution_id} is gone and it has no checkpoint")
+    home.tmp.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=home.tmp) as scratch:
+        return await snapshot_tree(ws.path, Path(scratch) / "index")
+
+
+# --- reading commands ----------------------------------------------------------------------------
+
+
+def _totals(files: list[dict[str, Any]]) -> tuple[int, int]:
+    return sum(f.get("added") or 0 for f in files), sum(f.get("deleted") or 0 for f in files)
+
+
+async def cmd_checkpoints(home: Home, args: Any) -> int:
+    async with open_system(home, actors=()) as system:
+        ws = await _target(home, system, args.execution_id)
+    if args.json:
+        render.print_json(ws.checkpoints)
+        return 0
+    if not ws.checkpoints:
+        info(f"{ws.execution_id} has no checkpoints yet; `corral checkpoint {ws.execution_id}` takes one")
+        return 0
+    rows = []
+    for cp in ws.checkpoints:
+        added, deleted = _totals(cp["files"])
+        rows.append(
+            [
+                cp["n"],
+                cp["ts"][:19].replace("T", " "),
+                cp["trigger"],
+                cp["commit"][:12],
+                len(cp["files"]),
+                f"+{added} -{deleted}",
+                f"{cp['duration_ms']:.0f} ms",
+            ]
+        )
+    print(render.table(["n", "time (utc)", "trigger", "commit", "files", "+/-", "took"], rows))
+    return 0
+
+
+def _file_rows(stats: list[FileStat], status: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"path": s.path, "status": status.get(s.path, "M"), "added": s.added, "deleted": s.deleted} for s in stats]
+
+
+async def _name_status(repo: Path, old: str, new: str, paths: list[str] | None = None) -> dict[str, str]:
+    args = ["diff-tree", "-r", "--name-status", "--no-renames", old, new]
+    if paths:
+        args += ["--", *paths]
+    _, out, _ = await git(*args, cwd=repo)
+    status = {}
+    for line in out.splitlines():
+        code, _, path = line.partition("\t")
+        status[path] = code[:1]
+    return status
+
+
+async def cmd_changes(home: Home, args: Any) -> int:
+    async with open_system(home, actors=()) as system:
+        ws = await _target(home, system, args.execution_id)
+    since_n, since = ws.checkpoint(args.since) if args.since is not None else (0, ws.base_commit)
+    try:
+        now = await _live_tree(home, ws)
+        stats = await numstat(ws.repo, since, now)
+        status = await _name_status(ws.repo, since, now)
+    except CheckpointError as exc:
+        raise CorralError(f"cannot read the changes of {ws.execution_id}: {exc.reason}") from None
+    rows = _file_rows(stats, status)
+    if args.json:
+        render.print_json(rows)
+        return 0
+    origin = f"checkpoint {since_n}" if since_n else f"base {ws.base_commit[:12]}"
+    if not rows:
+        info(f"{ws.execution_id}: no changes since {origin}")
+        return 0
+    added, deleted = _totals(rows)
+    print(
+        render.table(["status", "path", "+", "-"], [[r["status"], r["path"], r["added"], r["deleted"]] for r in rows])
+    )
+    info(f"{len(rows)} files changed since {origin}, +{added} -{deleted}")
+    return 0
+
+
+async def cmd_diff(home: Home, args: Any) -> int:
+    async with open_system(home, actors=()) as system:
+        ws = await _target(home, system, args.execution_id)
+    paths = ws.relative_paths(args.path) if args.path else []
+    _, old = ws.checkpoint(args.from_cp) if args.from_cp is not None else (0, ws.base_commit)
+    try:
+        new = ws.checkpoint(args.to_cp)[1] if args.to_cp is not None else await _live_tree(home, ws)
+        text = await unified_diff(ws.repo, old, new, [p for p in paths if p != "."])
+    except CheckpointError as exc:
+        raise CorralError(f"cannot diff {ws.execution_id}: {exc.reason}") from None
+    if args.json:
+        render.print_json({"execution_id": ws.execution_id, "from": old, "to": new, "diff": text})
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# --- acting commands -----------------------------------------------------------------------------
+
+
+async def cmd_checkpoint(home: Home, args: Any) -> int:
+    async with open_system(home, actors=("checkpointer",)) as system:
+        ws = await _target(home, system, args.execution_id)
+        if not ws.present:
+            raise CorralError(f"the worktree of {ws.execution_id} is gone ({ws.path}); there is nothing to checkpoint")
+        try:
+            answer = await request_and_wait(
+                system,
+                ws.execution_id,
+                CheckpointRequested(trigger="demand"),
+                ("checkpoint.created",),
+                actor="checkpointer",
+            )
+        except CorralError as exc:
+            if NOTHING_CHANGED in exc.message:
+                info(f"{ws.execution_id}: {exc.message.split(': ', 1)[-1]}; no checkpoint taken")
+                if args.json:
+                    render.print_json({"execution_id": ws.execution_id, "checkpoint": None})
+                return 0
+            raise
+    data = answer["data"]
+    added, deleted = _totals(data["files"])
+    if args.json:
+        render.print_json(answer)
+    else:
+        print(
+            f"{ws.execution_id}: checkpoint {data['n']} ({data['commit'][:12]}): {len(data['files'])} files, "
+            f"+{added} -{deleted}, {data['duration_ms']:.0f} ms"
+        )
+    return 0
+
+
+async def cmd_commit(home: Home, args: Any) -> int:
+    if not args.message.strip():
+        raise UsageError("the commit message is empty; give one with -m")
+    async with open_system(home, actors=("checkpointer",)) as system:
+        ws = await _target(home, system, args.execution_id)
+        if not ws.present:
+            raise CorralError(f"the worktree of {ws.execution_id} is gone ({ws.path}); there is nothing to commit")
+        paths = ws.relative_paths(args.path) if args.path else []
+        answer = await request_and_wait(
+            system,
+            ws.execution_id,
+            CommitRequested(message=args.message, paths=tuple(paths)),
+            ("change.committed",),
+            actor="checkpointer",
+        )
+    if args.json:
+        render.print_json(answer)
+    else:
+        print(f"{ws.execution_id}: committed {answer['data']['commit'][:12]} on {ws.branch}")
+    return 0
+
+
+async def cmd_rollback(home: Home, args: Any) -> int:
+    async with open_system(home, actors=("checkpointer",)) as system:
+        ws = await _target(home, system, args.execution_id)
+        if not ws.present:
+            raise CorralError(f"the worktree of {ws.execution_id} is gone ({ws.path}); there is nothing to roll back")
+        if args.to_cp is None and not ws.checkpoints:
+            raise CorralError(f"{ws.execution_id} has no checkpoint to roll back to; give --to 0 for its base commit")
+        n = ws.checkpoint(args.to_cp)[0] if args.to_cp is not None else int(ws.checkpoints[-1]["n"])
+        paths = ws.relative_paths(args.path) if args.path else []
+        answer = await request_and_wait(
+            system,
+            ws.execution_id,
+            RollbackRequested(to_checkpoint=n, paths=tuple(p for p in paths if p != ".")),
+            ("change.rolled_back",),
+            timeout_s=ROLLBACK_TIMEOUT_S,
+            actor="checkpointer",
+        )
+    data = answer["data"]
+    if args.json:
+        render.print_json(answer)
+    else:
+        what = "the whole worktree" if not paths else f"{len(data['paths'])} path(s)"
+        target = f"checkpoint {n}" if n else "the base commit"
+        after = f"; now checkpoint {data['checkpoint']}" if data.get("checkpoint") else ""
+        print(f"{ws.execution_id}: rolled back {what} to {target}{after}")
+    return 0

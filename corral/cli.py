@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repo", default=".", help="git repository to branch from (default: .)")
     run.add_argument("--base", default="HEAD", help="commit or ref to start from (default: HEAD)")
     run.add_argument("--task", help="the task text, recorded with the request")
+    run.add_argument(
+        "--agent",
+        choices=["command", "claude-code", "codex", "gemini", "aider"],
+        help="the agent CLI: its adapter builds the command from the task and maps its output to events "
+        "(default: command = the program after --)",
+    )
     run.add_argument("--env", action="append", metavar="NAME=VALUE", help="extra environment")
     run.add_argument("--label", action="append", metavar="NAME=VALUE", help="labels to record")
     run.add_argument("--template", "-t", help="a template of corral.toml (`corral templates` lists them)")

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
+from actors.adapters import agent_command_line
 from actors.errors import WorkspaceError
 from actors.worktree import repo_root, resolve_commit
 from corral import render
@@ -162,15 +163,24 @@ async def cmd_run(home: Home, args: Any) -> int:
             "disk_bytes": args.disk,
             "priority": args.priority,
             "env": parse_env(args.env or []),
+            "agent": args.agent,
         },
     )
-    command = check_command(list(resolved.argv(command)), repo, args.base)
+    task = args.task
+    if resolved.agent and resolved.agent != "command":
+        try:  # the adapter builds the CLI's command line from the task (actors/adapters)
+            task, built = agent_command_line(resolved.agent, args.task, list(args.command), resolved.args)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        command = check_command(built, repo, args.base)
+    else:
+        command = check_command(list(resolved.argv(command)), repo, args.base)
     settings = resolved.settings
     request = ExecutionRequested(
         command=tuple(command),
         repo=str(repo),
         base=args.base,
-        task=args.task,
+        task=task,
         agent=resolved.agent or "command",
         template=resolved.template,
         env=resolved.env,

@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -28,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+import actors.checkpointer
 import actors.watchdog
 from corral import render
 from corral.errors import CorralError, UsageError
@@ -243,6 +245,32 @@ class WatchdogSettings(_Frozen):
         return self.for_actor().retry_delay(attempt)
 
 
+class CheckpointsSettings(_Frozen):
+    interval_s: float = 60.0
+    after_files: int = 25
+    debounce_s: float = 0.5
+    on_pause: bool = True
+    on_exit: bool = True
+    on_approval: bool = True
+
+    def for_actor(self) -> "actors.checkpointer.CheckpointSettings":
+        """The checkpointer actor's settings from this section."""
+        return actors.checkpointer.CheckpointSettings(**self.model_dump())
+
+
+class WorktreesSettings(_Frozen):
+    retention_s: float = 7 * 86400.0  # `corral worktrees prune` removes finished worktrees older than this
+
+
+class ForgeSettings(_Frozen):
+    """Where `corral pr` opens pull requests: a forge speaking GitHub's REST shape."""
+
+    base_url: str = "https://api.github.com"
+    repo: str | None = None  # "owner/name"; None: taken from the remote's URL
+    token_env: str = "GITHUB_TOKEN"  # the environment variable holding the token (never the token itself)
+    remote: str = "origin"
+
+
 class Template(_Frozen):
     """A named set of overrides; every setting left None falls through to [defaults].
 
@@ -264,6 +292,7 @@ class Template(_Frozen):
     cpus: float | None = None
     disk_bytes: int | None = None
     priority: int | None = None
+    policy: dict[str, Any] | None = None  # this template's [templates.NAME.policy], over [policy]
 
     def overrides(self) -> dict[str, Any]:
         """The settings this template sets (field name -> value)."""
@@ -276,6 +305,9 @@ class Config(_Frozen):
     defaults: ExecutionSettings = ExecutionSettings()
     spawner: SpawnerSettings = SpawnerSettings()
     watchdog: WatchdogSettings = WatchdogSettings()
+    checkpoints: CheckpointsSettings = CheckpointsSettings()
+    worktrees: WorktreesSettings = WorktreesSettings()
+    forge: ForgeSettings = ForgeSettings()
     templates: dict[str, Template] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     label: str = FILE_NAME  # how messages name the file: relative to the current directory when inside it
@@ -325,6 +357,7 @@ class _SettingsFile(_Frozen):
 
 class _TemplateFile(_SettingsFile):
     description: StrictStr = ""
+    policy: dict[str, Any] | None = None  # overrides [policy] key by key (actors/policy.py validates it)
     command: Command | None = None
     agent: Annotated[StrictStr, Field(min_length=1)] | None = None
     env: dict[str, StrictStr] = Field(default_factory=dict)
@@ -363,10 +396,58 @@ class _WatchdogFile(_Frozen):
         return self
 
 
+class _CheckpointsFile(_Frozen):
+    interval: Duration = 60.0
+    after_files: Annotated[StrictInt, Field(ge=0)] = 25
+    debounce: Duration = 0.5
+    on_pause: StrictBool = True
+    on_exit: StrictBool = True
+    on_approval: StrictBool = True
+
+
+class _WorktreesFile(_Frozen):
+    retention: Duration = 7 * 86400.0
+
+
+_FORGE_REPO = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _ForgeFile(_Frozen):
+    base_url: StrictStr = "https://api.github.com"
+    repo: StrictStr | None = None
+    token_env: StrictStr = "GITHUB_TOKEN"
+    remote: Annotated[StrictStr, Field(min_length=1)] = "origin"
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError(f"expected an http:// or https:// URL (got {value!r})")
+        return value.rstrip("/")
+
+    @field_validator("repo")
+    @classmethod
+    def _owner_name(cls, value: str | None) -> str | None:
+        if value is not None and not _FORGE_REPO.fullmatch(value):
+            raise ValueError(f"expected owner/name (got {value!r})")
+        return value
+
+    @field_validator("token_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not _ENV_NAME.fullmatch(value):
+            raise ValueError(f"expected the name of an environment variable, like GITHUB_TOKEN (got {value!r})")
+        return value
+
+
 class _ConfigFile(_Frozen):
     defaults: _SettingsFile = _SettingsFile()
     spawner: _SpawnerFile = _SpawnerFile()
     watchdog: _WatchdogFile = _WatchdogFile()
+    checkpoints: _CheckpointsFile = _CheckpointsFile()
+    worktrees: _WorktreesFile = _WorktreesFile()
+    forge: _ForgeFile = _ForgeFile()
     templates: dict[str, _TemplateFile] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
 
@@ -376,6 +457,9 @@ _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "defaults": tuple(_SettingsFile.model_fields),
     "spawner": tuple(_SpawnerFile.model_fields),
     "watchdog": tuple(_WatchdogFile.model_fields),
+    "checkpoints": tuple(_CheckpointsFile.model_fields),
+    "worktrees": tuple(_WorktreesFile.model_fields),
+    "forge": tuple(_ForgeFile.model_fields),
     "templates.*": tuple(_TemplateFile.model_fields),
 }
 
@@ -487,6 +571,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
         parsed = _ConfigFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_one_line(f"{label}: {_validation_message(exc)}")) from None
+    _check_policies(parsed.policy, {n: t.policy for n, t in parsed.templates.items()}, label)
     w = parsed.watchdog
     return Config(
         source=source,
@@ -501,6 +586,16 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
             retry_backoff_max_s=w.retry_backoff_max,
             retry_on=tuple(dict.fromkeys(w.retry_on)),
         ),
+        checkpoints=CheckpointsSettings(
+            interval_s=parsed.checkpoints.interval,
+            after_files=parsed.checkpoints.after_files,
+            debounce_s=parsed.checkpoints.debounce,
+            on_pause=parsed.checkpoints.on_pause,
+            on_exit=parsed.checkpoints.on_exit,
+            on_approval=parsed.checkpoints.on_approval,
+        ),
+        worktrees=WorktreesSettings(retention_s=parsed.worktrees.retention),
+        forge=ForgeSettings(**parsed.forge.model_dump()),
         templates={
             name: Template(
                 name=name,
@@ -509,6 +604,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
                 args=t.args,
                 agent=t.agent,
                 env=t.env,
+                policy=t.policy,
                 **t.fields(),
             )
             for name, t in sorted(parsed.templates.items())
@@ -516,6 +612,19 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
         policy=parsed.policy,
         label=label,
     )
+
+
+def _check_policies(policy: dict[str, Any], templates: dict[str, dict[str, Any] | None], label: str) -> None:
+    """[policy] and each template's policy (merged over it) must be valid policies (actors/policy.py)."""
+    from actors.policy import PolicyError, merge_policy, parse_policy
+
+    try:
+        parse_policy(policy, where="policy")
+        for name, override in sorted(templates.items()):
+            if override is not None:
+                parse_policy(merge_policy(policy, override), where=f"templates.{name}.policy")
+    except PolicyError as exc:
+        raise ConfigError(_one_line(f"{label}: {exc}")) from None
 
 
 def load_config(home: Home, cwd: Path | None = None) -> Config:

@@ -52,6 +52,28 @@ async def execution_row(system: System, execution_id: str) -> dict[str, Any]:
     return rows[0]
 
 
+async def agent_activity(system: System, execution_id: str) -> dict[str, Any]:
+    """What an agent adapter reported: session, tool calls, files, tokens and cost (actors/adapters)."""
+    result = await query(
+        system,
+        f"""SELECT
+            (SELECT agent FROM executions WHERE execution_id = '{execution_id}') AS agent,
+            (SELECT last(data->>'session_id' ORDER BY seq) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'session.started') AS session_id,
+            (SELECT count(*) FROM events WHERE execution_id = '{execution_id}' AND type = 'tool.called') AS tool_calls,
+            (SELECT count(DISTINCT data->>'path') FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'file.touched') AS files_touched,
+            (SELECT sum(CAST(data->>'input_tokens' AS BIGINT)) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'usage') AS input_tokens,
+            (SELECT sum(CAST(data->>'output_tokens' AS BIGINT)) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'usage') AS output_tokens,
+            (SELECT round(sum(CAST(data->>'cost_usd' AS DOUBLE)), 6) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'usage') AS cost_usd""",
+    )
+    row = render.records(result["columns"], result["rows"])[0]
+    return {key: value for key, value in row.items() if value not in (None, 0) or key == "agent"}
+
+
 def _describe_end(row: dict[str, Any]) -> str:
     if row["state"] == "failed":
         return f"failed ({row['error']})"
@@ -77,6 +99,7 @@ async def request_and_wait(
     *,
     timeout_s: float = CONFIRM_TIMEOUT_S,
     any_cause: tuple[str, ...] = (),
+    actor: str = "spawner",
 ) -> dict[str, Any]:
     """Append a request; return the confirming event (as a dict), raise on rejection or silence.
 
@@ -104,7 +127,7 @@ async def request_and_wait(
         await asyncio.wait_for(asyncio.shield(follower), timeout_s)
     except TimeoutError:
         raise NotConfirmed(
-            f"no spawner confirmed {event.type.removesuffix('.requested')} of {execution_id} within "
+            f"no {actor} confirmed {event.type.removesuffix('.requested')} of {execution_id} within "
             f"{timeout_s:.0f}s; the request is recorded. Is the `corral up` that runs it alive? (`corral health`)"
         ) from None
     finally:
@@ -239,6 +262,7 @@ async def cmd_status(home: Home, args: Any) -> int:
         execution_id = await resolve_execution_id(system, args.execution_id)
         row = await execution_row(system, execution_id)
         position = await queue_position(system, execution_id) if row["state"] in QUEUED else None
+        activity_row = await agent_activity(system, execution_id)
     live: dict[str, Any] | None = None
     run_dir = home.runs / execution_id
     if row["state"] in RUNNING and run_dir.is_dir():
@@ -276,6 +300,7 @@ async def cmd_status(home: Home, args: Any) -> int:
         "exit_reason": row["exit_reason"],
         "error": row["error"],
         "output_bytes": row["output_bytes"],
+        **activity_row,
     }
     if status["hard_remaining_s"] is None and row["hard_deadline"] and row["state"] == "running":
         status["hard_remaining_s"] = -(_age(row["hard_deadline"], now) or 0.0)

@@ -1,9 +1,817 @@
-"""History: search, compare, replay, fork, export."""
+"""History: search, compare, replay, fork, export, and `ps --tree` lineage.
+
+Every command reads the DuckDB projections through the running projector (`commands.query`),
+or starts the embedded system for its own duration, like `corral sql`. Replay and fork append a
+new `execution.requested` built from the recorded one and follow it like `corral run`.
+"""
 
 import argparse
-from typing import Any
+import asyncio
+import contextlib
+import difflib
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import duckdb
+import orjson
+from nats.aio.msg import Msg
+
+from corral import render
+from corral.commands import (
+    TERMINAL_TYPES,
+    _run_and_follow,
+    check_command,
+    cmd_ps,
+    info,
+    parse_since,
+    query,
+    resolve_execution_id,
+    start_background_system,
+)
+from corral.errors import NotFound, UsageError
+from corral.home import Home, SystemLock
+from corral.system import System, open_system
+from events.envelope import new_event
+from events.ids import new_execution_id
+from events.subjects import execution_events
+from events.types import EVENT_TYPES, ApprovalDecisionSubmitted, ExecutionRequested, InputRequested
+from replay.history import follow
+
+DEFAULT_LIMIT: Final = 50
+SNIPPET_BEFORE: Final = 40
+SNIPPET_AFTER: Final = 80
+SECRET_NAME: Final = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+# Tables written by `corral export`, with the condition that keeps rows since a time / a sequence.
+EXPORT_TABLES: Final = {
+    "executions": (
+        "requested_at >= {t} OR ended_at >= {t} OR ended_at IS NULL",
+        "updated_seq >= {s}",
+    ),
+    "events": ("ts >= {t}", "seq >= {s}"),
+    "output": ("ts >= {t}", "seq >= {s}"),
+    "checkpoints": ("ts >= {t}", "seq >= {s}"),
+    "files_changed": ("last_ts >= {t}", "last_seq >= {s}"),
+    "approvals": (
+        "requested_at >= {t} OR decided_at >= {t}",
+        "requested_seq >= {s} OR decided_seq >= {s}",
+    ),
+    "validations": ("ts >= {t}", "seq >= {s}"),
+    "inputs": ("ts >= {t}", "seq >= {s}"),
+    "usage": ("ts >= {t}", "seq >= {s}"),
+    "tool_calls": ("ts >= {t}", "seq >= {s}"),
+    "rejected_events": ("seq >= (SELECT coalesce(min(seq), 0) FROM events WHERE ts >= {t})", "seq >= {s}"),
+}
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> dict[str, Any]:
     """Add this module's subcommands to `sub`; return {command name: handler(home, args)}."""
-    return {}
+    search = sub.add_parser("search", help="search output text and event payloads")
+    search.add_argument("text", metavar="TEXT", help="text to find (case-insensitive), or a regex with --regex")
+    search.add_argument("--regex", "-e", action="store_true", help="TEXT is a regular expression (RE2 syntax)")
+    search.add_argument("--exec", dest="execution_id", metavar="ID", help="only this execution")
+    search.add_argument("--type", dest="event_type", metavar="T", help="only this event type (`output`, `approval.*`)")
+    search.add_argument("--since", metavar="D", help="only events since a duration ago (10m, 2d) or a sequence")
+    search.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"newest N hits (default {DEFAULT_LIMIT})")
+    search.add_argument("--json", action="store_true")
+
+    compare = sub.add_parser("compare", help="two executions side by side: outcome, cost, files, tree diff, timeline")
+    compare.add_argument("a", metavar="EXEC_A")
+    compare.add_argument("b", metavar="EXEC_B")
+    compare.add_argument("--json", action="store_true")
+
+    replay = sub.add_parser("replay", help="run a recorded execution again (same request, inputs, approvals)")
+    replay.add_argument("execution_id", metavar="EXEC_ID")
+    replay.add_argument("--ask-approvals", action="store_true", help="leave approvals to a human this time")
+    replay.add_argument("--speed", type=float, default=1.0, help="re-send inputs X times faster (default 1)")
+    replay.add_argument("--detach", "-d", action="store_true", help="print the new execution id and return")
+    replay.add_argument("--quiet", "-q", action="store_true", help="only the agent's own output")
+
+    fork = sub.add_parser("fork", help="start a new execution from a checkpoint of another")
+    fork.add_argument("execution_id", metavar="EXEC_ID")
+    _fork_options(fork)
+    fork.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...] instead of the original")
+
+    export = sub.add_parser("export", help="write every table as Parquet for offline analysis")
+    export.add_argument("--parquet", required=True, metavar="DIR", help="directory to create (must not exist)")
+    export.add_argument("--since", metavar="D", help="only rows since a duration ago (10m, 2d) or a sequence")
+
+    ps = sub.choices.get("ps")
+    if ps is not None:
+        ps.add_argument("--tree", action="store_true", help="every execution, with replays, forks and retries nested")
+    return {
+        "search": cmd_search,
+        "compare": cmd_compare,
+        "replay": cmd_replay,
+        "fork": cmd_fork,
+        "export": cmd_export,
+        "ps": cmd_ps_tree,
+    }
+
+
+def _fork_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--at", metavar="CHECKPOINT", help="checkpoint number (or its ref or commit); required")
+    parser.add_argument("--prompt", help="the new task (replaces the original task in the command)")
+    parser.add_argument("--detach", "-d", action="store_true", help="print the new execution id and return")
+    parser.add_argument("--quiet", "-q", action="store_true", help="only the agent's own output")
+
+
+class _OptionsParser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        raise UsageError(message)
+
+
+def fork_arguments(args: Any) -> tuple[Any, list[str]]:
+    """Options typed after EXEC_ID land in the REMAINDER: parse them; return (args, command)."""
+    rest = list(args.command)
+    head, command = (rest[: rest.index("--")], rest[rest.index("--") + 1 :]) if "--" in rest else (rest, [])
+    if head:
+        parser = _OptionsParser(prog="corral fork", add_help=False)
+        _fork_options(parser)
+        parser.parse_args(head, namespace=args)
+    if not args.at:
+        raise UsageError("--at CHECKPOINT is required (`corral sql 'SELECT * FROM checkpoints'` lists them)")
+    return args, command
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def sql_text(value: str) -> str:
+    """Quote a string as a DuckDB literal."""
+    if "\0" in value:
+        raise UsageError("text must not contain NUL characters")
+    return "'" + value.replace("'", "''") + "'"
+
+
+async def rows(system: System, sql: str, *, max_rows: int = 100000) -> list[dict[str, Any]]:
+    result = await query(system, sql, max_rows=max_rows)
+    return render.records(result["columns"], result["rows"])
+
+
+def _since_filter(text: str | None, *, ts: str = "ts", seq: str = "seq") -> str:
+    if not text:
+        return ""
+    since = parse_since(text)
+    if "start_seq" in since:
+        return f"{seq} >= {int(since['start_seq'])}"
+    return f"{ts} >= {sql_text(since['start_time'].isoformat())}::TIMESTAMPTZ"
+
+
+def _type_filter(event_type: str | None) -> str:
+    if not event_type:
+        return ""
+    if event_type.endswith("*"):
+        prefix = event_type.rstrip("*")
+        if not any(name.startswith(prefix) for name in EVENT_TYPES):
+            raise UsageError(f"no event type starts with {prefix!r}; `corral schema --list` names them")
+        return f"starts_with(type, {sql_text(prefix)})"
+    if event_type not in EVENT_TYPES:
+        raise UsageError(f"unknown event type {event_type!r}; `corral schema --list` names them")
+    return f"type = {sql_text(event_type)}"
+
+
+def check_regex(pattern: str) -> None:
+    """Raise a UsageError naming the problem when DuckDB (RE2) cannot compile the pattern."""
+    con = duckdb.connect()
+    try:
+        con.execute("SELECT regexp_matches('', ?)", [pattern])
+    except duckdb.Error as exc:
+        detail = str(exc).split("Error:", 1)[-1].strip()
+        raise UsageError(f"invalid regular expression {pattern!r}: {detail}") from None
+    finally:
+        con.close()
+
+
+def snippet(text: str, pattern: str, *, regex: bool) -> str:
+    """A short piece of `text` around the first match, on one line."""
+    try:
+        match = re.search(pattern if regex else re.escape(pattern), text, 0 if regex else re.IGNORECASE)
+    except re.error:  # RE2 syntax Python does not know: show the start
+        match = None
+    start, end = (match.start(), match.end()) if match else (0, 0)
+    lo, hi = max(start - SNIPPET_BEFORE, 0), min(end + SNIPPET_AFTER, len(text))
+    piece = text[lo:hi].replace("\r", "").replace("\n", "⏎").replace("\t", " ")
+    return ("…" if lo > 0 else "") + piece + ("…" if hi < len(text) else "")
+
+
+# --- search ------------------------------------------------------------------------------------
+
+
+Fetch = Callable[[str], Awaitable[list[dict[str, Any]]]]
+
+
+async def search(
+    fetch: Fetch,
+    text: str,
+    *,
+    regex: bool,
+    execution_id: str | None,
+    event_type: str | None,
+    since: str | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """The newest `limit` hits as {seq, execution_id, ts, type, text}; `fetch` runs one SQL query.
+
+    A plain text is found in the `search` table (lowercased text of every event, stored
+    uncompressed): one substring scan, newest first with a LIMIT (DuckDB's top-N), filters
+    first. Only then are the hits' original texts read, by sequence number. A regular
+    expression runs on the original text (case matters unless it says (?i)): output rows, and
+    the payloads of the other events.
+    """
+    filters = [f for f in (_type_filter(event_type), _since_filter(since)) if f]
+    if execution_id:
+        filters.append(f"execution_id = {sql_text(execution_id)}")
+    order = f"ORDER BY seq DESC LIMIT {limit}"
+    if not regex:
+        where = " AND ".join([*filters, f"contains(text, {sql_text(text.lower())})"])
+        hits = await fetch(f"SELECT seq, execution_id, ts, type FROM search WHERE {where} {order}")
+        output = [h["seq"] for h in hits if h["type"] == "output"]
+        others = [h["seq"] for h in hits if h["type"] != "output"]
+        texts: dict[int, str] = {}
+        if output:
+            found = await fetch(f"SELECT seq, text FROM output WHERE seq IN ({', '.join(map(str, output))})")
+            texts.update((r["seq"], r["text"]) for r in found)
+        if others:
+            found = await fetch(
+                f"SELECT seq, CAST(data AS VARCHAR) AS text FROM events WHERE seq IN ({', '.join(map(str, others))})"
+            )
+            texts.update((r["seq"], r["text"]) for r in found)
+        return [{**h, "text": texts.get(h["seq"], "")} for h in hits]
+    pattern = sql_text(text)
+    prefix = (event_type or "").rstrip("*")
+    hits = []
+    if event_type is None or event_type == "output" or (event_type.endswith("*") and "output".startswith(prefix)):
+        where = " AND ".join([*filters, f"regexp_matches(text, {pattern})"])
+        hits += await fetch(f"SELECT seq, execution_id, ts, 'output' AS type, text FROM output WHERE {where} {order}")
+    if event_type != "output":
+        where = " AND ".join([*filters, "type <> 'output'", f"regexp_matches(CAST(data AS VARCHAR), {pattern})"])
+        hits += await fetch(
+            f"SELECT seq, execution_id, ts, type, CAST(data AS VARCHAR) AS text FROM events WHERE {where} {order}"
+        )
+    return sorted(hits, key=lambda h: -int(h["seq"]))[:limit]
+
+
+async def cmd_search(home: Home, args: Any) -> int:
+    if not args.text:
+        raise UsageError("nothing to search for; give TEXT")
+    if args.limit < 1:
+        raise UsageError("--limit must be 1 or more")
+    if args.regex:
+        check_regex(args.text)
+    sql_text(args.text)
+    _type_filter(args.event_type)
+    _since_filter(args.since)
+    async with open_system(home, actors=("projector",)) as system:
+        execution_id = await resolve_execution_id(system, args.execution_id) if args.execution_id else None
+
+        async def fetch(sql: str) -> list[dict[str, Any]]:
+            return await rows(system, sql, max_rows=args.limit)
+
+        hits = await search(
+            fetch,
+            args.text,
+            regex=args.regex,
+            execution_id=execution_id,
+            event_type=args.event_type,
+            since=args.since,
+            limit=args.limit,
+        )
+    for hit in hits:
+        hit["snippet"] = snippet(hit["text"] or "", args.text, regex=args.regex)
+    if args.json:
+        render.print_json(
+            [{k: hit[k] for k in ("seq", "execution_id", "ts", "type", "snippet", "text")} for hit in hits]
+        )
+        return 0
+    if not hits:
+        info(f"no match for {args.text!r}")
+        return 1
+    for hit in hits:
+        ts = str(hit["ts"])[:19].replace("T", " ")
+        print(f"{hit['execution_id']}  {ts}  {hit['type']:<20} {hit['snippet']}")
+    if len(hits) == args.limit:
+        info(f"showing the newest {args.limit} hits; narrow with --exec/--type/--since or raise --limit")
+    return 0
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def _export_target(text: str) -> tuple[Path, Path]:
+    """The directory to create and the hidden one written first (renamed when complete)."""
+    target = Path(text).expanduser().absolute()
+    if target.exists():
+        raise UsageError(f"{target} already exists; give a new directory")
+    if not target.parent.is_dir():
+        raise UsageError(f"{target.parent} is not a directory")
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    partial.mkdir()
+    return target, partial
+
+
+async def cmd_export(home: Home, args: Any) -> int:
+    time_or_seq = parse_since(args.since) if args.since else None
+    target, partial = _export_target(args.parquet)
+    try:
+        counts: dict[str, int] = {}
+        async with open_system(home, actors=("projector",)) as system:
+            for table, (by_time, by_seq) in EXPORT_TABLES.items():
+                where = ""
+                if time_or_seq and "start_seq" in time_or_seq:
+                    where = "WHERE " + by_seq.format(s=int(time_or_seq["start_seq"]))
+                elif time_or_seq:
+                    stamp = f"{sql_text(time_or_seq['start_time'].isoformat())}::TIMESTAMPTZ"
+                    where = "WHERE " + by_time.format(t=stamp)
+                path = partial / f"{table}.parquet"
+                result = await query(
+                    system, f"COPY (SELECT * FROM {table} {where}) TO {sql_text(str(path))} (FORMAT parquet)"
+                )
+                counts[table] = int(result["rows"][0][0]) if result["rows"] else 0
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    summary = ", ".join(f"{table} {n:,}" for table, n in counts.items())
+    info(f"exported {len(counts)} tables to {target}: {summary}")
+    return 0
+
+
+# --- ps --tree ---------------------------------------------------------------------------------
+
+
+async def cmd_ps_tree(home: Home, args: Any) -> int:
+    if not getattr(args, "tree", False):
+        return await cmd_ps(home, args)
+    async with open_system(home, actors=("projector",)) as system:
+        found = await rows(
+            system,
+            "SELECT execution_id, state, exit_code, signal, requested_at, duration_s, command, replay_of, fork_of, "
+            "fork_checkpoint, retry_of FROM executions ORDER BY requested_at, execution_id",
+        )
+    by_id = {row["execution_id"]: {**row, "children": []} for row in found}
+    roots = []
+    for row in by_id.values():
+        parent = row["replay_of"] or row["fork_of"] or row["retry_of"]
+        row["relation"] = (
+            "replay" if row["replay_of"] else f"fork@{row['fork_checkpoint']}" if row["fork_of"] else "retry"
+        )
+        if parent and parent in by_id:
+            by_id[parent]["children"].append(row)
+        else:
+            if not parent:
+                row["relation"] = None
+            roots.append(row)
+    if args.json:
+        render.print_json(roots)
+        return 0
+    if not roots:
+        info("no executions")
+        return 0
+
+    def line(row: dict[str, Any]) -> str:
+        ended = "-" if row["exit_code"] is None else f"exit {row['exit_code']}"
+        if row["signal"] is not None:
+            ended = f"sig {row['signal']}"
+        command = render.cell(row["command"])
+        relation = f"{row['relation']} " if row["relation"] else ""
+        duration = render.human_duration(row["duration_s"])
+        return f"{relation}{row['execution_id']}  {row['state']}  {ended}  {duration}  {command}"
+
+    def walk(row: dict[str, Any], prefix: str, last: bool, top: bool) -> None:
+        print(line(row) if top else f"{prefix}{'└─ ' if last else '├─ '}{line(row)}")
+        inner = "" if top else prefix + ("   " if last else "│  ")
+        for i, child in enumerate(row["children"]):
+            walk(child, inner, i == len(row["children"]) - 1, False)
+
+    for root in roots:
+        walk(root, "", True, True)
+    return 0
+
+
+# --- recorded executions -----------------------------------------------------------------------
+
+
+async def recorded_request(system: System, execution_id: str) -> ExecutionRequested:
+    found = await rows(
+        system,
+        f"SELECT data FROM events WHERE execution_id = {sql_text(execution_id)} "
+        "AND type = 'execution.requested' ORDER BY seq LIMIT 1",
+    )
+    if not found:
+        raise NotFound(f"{execution_id} has no recorded request in the projections")
+    return ExecutionRequested.model_validate(orjson.loads(found[0]["data"]))
+
+
+async def execution_row(system: System, execution_id: str) -> dict[str, Any]:
+    found = await rows(system, f"SELECT * FROM executions WHERE execution_id = {sql_text(execution_id)}")
+    if not found:
+        raise NotFound(f"{execution_id} is not in the projections yet")
+    return found[0]
+
+
+def without_secrets(env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    kept = {k: v for k, v in env.items() if not SECRET_NAME.search(k)}
+    return kept, sorted(set(env) - set(kept))
+
+
+def _require_commit(repo: str, commit: str, what: str) -> None:
+    if not os.path.isdir(repo):
+        raise UsageError(f"the repository {repo} is gone")
+    if not _commit_exists(repo, commit):
+        raise UsageError(f"{what} is no longer in {repo}")
+
+
+def _commit_exists(repo: str, commit: str) -> bool:
+    result = subprocess.run(
+        ["git", "-C", repo, "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True, check=False
+    )
+    return result.returncode == 0
+
+
+async def _start(home: Home, system: System, execution_id: str, request: ExecutionRequested, args: Any) -> int:
+    """Publish the request and follow it like `corral run` (or print the id with --detach)."""
+    if args.detach:
+        await system.bus.publisher.publish(new_event(execution_id, request, actor="cli"))
+        print(execution_id)
+        return 0
+    return await _run_and_follow(system, execution_id, request, quiet=args.quiet)
+
+
+@contextlib.asynccontextmanager
+async def _system_for(home: Home, detach: bool) -> Any:
+    """A system to run on: with --detach, a background `corral up` (started if none runs)."""
+    if detach and not SystemLock(home).is_held_elsewhere():
+        pid = start_background_system(home)
+        info(f"started a background system (corral up, pid {pid}, log {home.up_log}); stop it with `corral down`")
+    async with open_system(home) as system:
+        yield system
+
+
+# --- replay ------------------------------------------------------------------------------------
+
+
+async def cmd_replay(home: Home, args: Any) -> int:
+    if not args.speed > 0:
+        raise UsageError("--speed must be more than 0")
+    async with open_system(home, actors=("projector",)) as system:
+        original = await resolve_execution_id(system, args.execution_id)
+        request, inputs, decisions = await _replay_plan(system, original, ask_approvals=args.ask_approvals)
+    if args.detach and (inputs or any(d is not None for d in decisions)):
+        info(
+            f"{original} had {len(inputs)} input(s) and {len(decisions)} approval(s); "
+            "--detach does not re-send them (run without --detach to replay them)"
+        )
+    execution_id = new_execution_id()
+    async with _system_for(home, args.detach) as system:
+        if not args.quiet:
+            info(f"{execution_id}: replay of {original} from {request.base[:12]}")
+        if args.detach:
+            return await _start(home, system, execution_id, request, args)
+        done = asyncio.Event()
+        feeder = asyncio.create_task(_feed(system, execution_id, inputs, decisions, args.speed, done))
+        try:
+            code = await _start(home, system, execution_id, request, args)
+        finally:
+            done.set()
+            with contextlib.suppress(Exception):
+                await feeder
+        if feeder.done() and not feeder.cancelled() and feeder.exception() is not None:
+            info(f"{execution_id}: re-sending inputs or approvals failed: {feeder.exception()}")
+        return code
+
+
+async def _replay_plan(
+    system: System, original: str, *, ask_approvals: bool
+) -> tuple[ExecutionRequested, list[tuple[float, str]], list[dict[str, Any] | None]]:
+    recorded = await recorded_request(system, original)
+    row = await execution_row(system, original)
+    base = row.get("base_commit") or recorded.base
+    _require_commit(recorded.repo, base, f"the base commit {base} of {original}")
+    env, dropped = without_secrets(dict(recorded.env))
+    if dropped:
+        info(f"not replaying secret-looking environment: {', '.join(dropped)}")
+    request = recorded.model_copy(
+        update={
+            "base": base,
+            "env": env,
+            "replay_of": original,
+            "fork_of": None,
+            "fork_checkpoint": None,
+            "attempt": 1,
+            "retry_of": None,
+            "requested_by": os.environ.get("USER"),
+        }
+    )
+    inputs = [
+        (float(r["offset_s"] or 0.0), str(r["text"]))
+        for r in await rows(
+            system, f"SELECT offset_s, text FROM inputs WHERE execution_id = {sql_text(original)} ORDER BY seq"
+        )
+    ]
+    approvals = await rows(
+        system,
+        f"SELECT status, choice, note, decided_by FROM approvals WHERE execution_id = {sql_text(original)} "
+        "ORDER BY requested_seq NULLS LAST",
+    )
+    decisions: list[dict[str, Any] | None] = []
+    for approval in approvals:
+        if ask_approvals or approval["status"] not in ("granted", "denied"):
+            decisions.append(None)
+        else:
+            decisions.append(
+                {
+                    "approve": approval["status"] == "granted",
+                    "choice": approval["choice"],
+                    "note": approval["note"],
+                    "decided_by": f"replay of {original}"
+                    + (f" ({approval['decided_by']})" if approval["decided_by"] else ""),
+                }
+            )
+    return ExecutionRequested.model_validate(request.model_dump()), inputs, decisions
+
+
+async def _feed(
+    system: System,
+    execution_id: str,
+    inputs: list[tuple[float, str]],
+    decisions: list[dict[str, Any] | None],
+    speed: float,
+    done: asyncio.Event,
+) -> None:
+    """Re-send recorded inputs at their offsets from the start, and answer approvals in order."""
+    publisher = system.bus.publisher
+    pending: set[asyncio.Task[None]] = set()
+    asked = 0
+
+    async def send_inputs(started: datetime) -> None:
+        for offset, text in inputs:
+            delay = (started.timestamp() + offset / speed) - datetime.now(UTC).timestamp()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await publisher.publish(
+                new_event(execution_id, InputRequested(text=text, requested_by="replay"), actor="cli")
+            )
+
+    async def on_event(seq: int, msg: Msg) -> bool:
+        nonlocal asked
+        kind = msg.subject.split(".", 3)[3]
+        if kind == "output":
+            return False
+        event = orjson.loads(msg.data)
+        if kind == "execution.started" and inputs:
+            started = datetime.fromisoformat(event["ts"].replace("Z", "+00:00"))
+            task = asyncio.create_task(send_inputs(started))
+            pending.add(task)
+        elif kind == "approval.requested":
+            decision = decisions[asked] if asked < len(decisions) else None
+            asked += 1
+            if decision is not None:
+                submitted = ApprovalDecisionSubmitted(approval_id=event["data"]["approval_id"], **decision)
+                await publisher.publish(new_event(execution_id, submitted, actor="cli", causation_id=event["id"]))
+        return kind in TERMINAL_TYPES
+
+    try:
+        await follow(system.bus.js, execution_events(execution_id), on_event, done=done)
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+# --- fork --------------------------------------------------------------------------------------
+
+
+async def find_checkpoint(system: System, execution_id: str, at: str) -> dict[str, Any]:
+    """The checkpoint `at` (a number, refs/corral/<id>/<n>, <id>/<n> or a commit) of execution_id."""
+    text = at.strip()
+    match = re.fullmatch(r"(?:refs/corral/)?([a-z0-9]{8})/(\d+)", text)
+    if text.isdigit():
+        where = f"execution_id = {sql_text(execution_id)} AND n = {int(text)}"
+    elif match:
+        where = f"execution_id = {sql_text(match.group(1))} AND n = {int(match.group(2))}"
+    elif re.fullmatch(r"[0-9a-f]{4,40}", text):
+        where = f'starts_with("commit", {sql_text(text)})'
+    else:
+        raise UsageError(f"--at expects a checkpoint number, refs/corral/<id>/<n> or a commit; got {at!r}")
+    found = await rows(system, f'SELECT execution_id, n, ref, "commit", tree FROM checkpoints WHERE {where}')
+    if not found:
+        listed = await rows(
+            system, f"SELECT n FROM checkpoints WHERE execution_id = {sql_text(execution_id)} ORDER BY n"
+        )
+        have = ", ".join(str(r["n"]) for r in listed) or "none"
+        raise NotFound(f"{execution_id} has no checkpoint {at!r} (its checkpoints: {have})")
+    owners = sorted({r["execution_id"] for r in found})
+    if owners != [execution_id]:
+        raise UsageError(
+            f"checkpoint {at!r} belongs to {', '.join(owners)}, not {execution_id}; "
+            f"fork that execution instead (corral fork {owners[0]} --at ...)"
+        )
+    if len(found) > 1:
+        raise UsageError(f"{at!r} matches {len(found)} checkpoints of {execution_id}; give its number")
+    return found[0]
+
+
+def _with_prompt(command: tuple[str, ...], task: str | None, prompt: str) -> tuple[str, ...]:
+    """The original command with the argument that was its task replaced by the prompt."""
+    if not task or task not in command[1:]:
+        raise UsageError(
+            "--prompt replaces the argument that was the original task, but "
+            + ("it was run without --task" if not task else f"{task!r} is not one of its arguments")
+            + "; give the whole command instead: corral fork ID --at N -- COMMAND..."
+        )
+    return tuple(prompt if part == task else part for part in command)
+
+
+async def cmd_fork(home: Home, args: Any) -> int:
+    args, command = fork_arguments(args)
+    if command and args.prompt is not None:
+        raise UsageError("give either --prompt or -- COMMAND, not both")
+    async with open_system(home, actors=("projector",)) as system:
+        original = await resolve_execution_id(system, args.execution_id)
+        recorded = await recorded_request(system, original)
+        checkpoint = await find_checkpoint(system, original, args.at)
+    _require_commit(recorded.repo, checkpoint["commit"], f"checkpoint {checkpoint['n']} ({checkpoint['commit'][:12]})")
+    update: dict[str, Any] = {
+        "base": checkpoint["commit"],
+        "env": without_secrets(dict(recorded.env))[0],
+        "fork_of": original,
+        "fork_checkpoint": int(checkpoint["n"]),
+        "replay_of": None,
+        "attempt": 1,
+        "retry_of": None,
+        "requested_by": os.environ.get("USER"),
+    }
+    if command:
+        update["command"] = tuple(check_command(command, Path(recorded.repo), checkpoint["commit"]))
+    elif args.prompt is not None:
+        update["command"] = _with_prompt(recorded.command, recorded.task, args.prompt)
+        update["task"] = args.prompt
+    request = ExecutionRequested.model_validate({**recorded.model_dump(), **update})
+    execution_id = new_execution_id()
+    async with _system_for(home, args.detach) as system:
+        if not args.quiet:
+            info(f"{execution_id}: fork of {original} at checkpoint {checkpoint['n']} ({checkpoint['commit'][:12]})")
+        return await _start(home, system, execution_id, request, args)
+
+
+# --- compare -----------------------------------------------------------------------------------
+
+
+def _collapse(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs of the same type become one entry with a count (95 output chunks: one line)."""
+    out: list[dict[str, Any]] = []
+    for event in events:
+        if out and out[-1]["type"] == event["type"]:
+            out[-1]["count"] += 1
+        else:
+            out.append({"type": event["type"], "offset_s": event["offset_s"], "count": 1})
+    return out
+
+
+def align(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pair the two collapsed timelines by event type (a diff of their type sequences)."""
+    pairs: list[dict[str, Any]] = []
+    matcher = difflib.SequenceMatcher(a=[e["type"] for e in a], b=[e["type"] for e in b], autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            pairs += [{"a": a[i], "b": b[j]} for i, j in zip(range(i1, i2), range(j1, j2), strict=True)]
+        else:
+            left, right = a[i1:i2], b[j1:j2]
+            for k in range(max(len(left), len(right))):
+                pairs.append({"a": left[k] if k < len(left) else None, "b": right[k] if k < len(right) else None})
+    return pairs
+
+
+async def _summary(system: System, execution_id: str) -> dict[str, Any]:
+    row = await execution_row(system, execution_id)
+    quoted = sql_text(execution_id)
+    checkpoints = await rows(
+        system,
+        'SELECT n, "commit", tree, trigger, files, added, deleted FROM checkpoints '
+        f"WHERE execution_id = {quoted} ORDER BY n",
+    )
+    files = await rows(
+        system, f"SELECT path, change, added, deleted FROM files_changed WHERE execution_id = {quoted} ORDER BY path"
+    )
+    events = await rows(
+        system,
+        f"SELECT type, epoch(ts) - epoch(min(ts) OVER ()) AS offset_s FROM events WHERE execution_id = {quoted} "
+        "ORDER BY seq",
+    )
+    return {
+        "execution_id": execution_id,
+        "command": row["command"],
+        "repo": row["repo"],
+        "base": row["base"],
+        "base_commit": row["base_commit"],
+        "state": row["state"],
+        "exit_code": row["exit_code"],
+        "signal": row["signal"],
+        "exit_reason": row["exit_reason"],
+        "duration_s": row["duration_s"],
+        "input_tokens": row["input_tokens"],
+        "output_tokens": row["output_tokens"],
+        "cost_usd": row["cost_usd"],
+        "output_bytes": row["output_bytes"],
+        "checkpoints": checkpoints,
+        "final_commit": row["final_commit"],
+        "final_tree": row["final_tree"],
+        "files_changed": files,
+        "replay_of": row["replay_of"],
+        "fork_of": row["fork_of"],
+        "timeline": _collapse(events),
+    }
+
+
+def tree_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`git diff --stat` between the two final checkpoints (in A's repository)."""
+    if not a["final_commit"] or not b["final_commit"]:
+        missing = a["execution_id"] if not a["final_commit"] else b["execution_id"]
+        return {
+            "same_tree": None,
+            "stat": None,
+            "error": f"{missing} has no checkpoint (`corral checkpoint {missing}`)",
+        }
+    if a["final_tree"] == b["final_tree"]:
+        return {"same_tree": True, "stat": "", "error": None}
+    repo = a["repo"]
+    for candidate in (a["repo"], b["repo"]):
+        if candidate and _commit_exists(candidate, a["final_commit"]) and _commit_exists(candidate, b["final_commit"]):
+            repo = candidate
+            break
+    else:
+        return {"same_tree": False, "stat": None, "error": "the two final checkpoints are not in one repository"}
+    result = subprocess.run(
+        ["git", "-C", repo, "diff", "--stat", "--no-color", a["final_commit"], b["final_commit"]],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        return {"same_tree": False, "stat": None, "error": result.stderr.strip().splitlines()[-1:]}
+    return {"same_tree": False, "stat": result.stdout.rstrip(), "error": None}
+
+
+async def cmd_compare(home: Home, args: Any) -> int:
+    async with open_system(home, actors=("projector",)) as system:
+        a_id = await resolve_execution_id(system, args.a)
+        b_id = await resolve_execution_id(system, args.b)
+        a, b = await _summary(system, a_id), await _summary(system, b_id)
+    diff = tree_diff(a, b)
+    timeline = align(a.pop("timeline"), b.pop("timeline"))
+    if args.json:
+        render.print_json({"a": a, "b": b, "tree_diff": diff, "timeline": timeline})
+        return 0
+
+    def outcome(s: dict[str, Any]) -> str:
+        if s["signal"] is not None:
+            return f"{s['state']} (signal {s['signal']})"
+        return f"{s['state']} (exit {s['exit_code']}, {s['exit_reason'] or '-'})"
+
+    def files(s: dict[str, Any]) -> str:
+        return f"{len(s['files_changed'])} " + render.cell(", ".join(f["path"] for f in s["files_changed"][:5]))
+
+    lines = [
+        ("execution", a["execution_id"], b["execution_id"]),
+        ("command", render.cell(a["command"]), render.cell(b["command"])),
+        ("base", f"{a['base']} {(a['base_commit'] or '')[:12]}", f"{b['base']} {(b['base_commit'] or '')[:12]}"),
+        ("outcome", outcome(a), outcome(b)),
+        ("duration", render.human_duration(a["duration_s"]), render.human_duration(b["duration_s"])),
+        (
+            "tokens in/out",
+            f"{a['input_tokens'] or 0:,}/{a['output_tokens'] or 0:,}",
+            f"{b['input_tokens'] or 0:,}/{b['output_tokens'] or 0:,}",
+        ),
+        ("cost", f"${a['cost_usd'] or 0:.4f}", f"${b['cost_usd'] or 0:.4f}"),
+        ("checkpoints", str(len(a["checkpoints"])), str(len(b["checkpoints"]))),
+        ("final tree", (a["final_tree"] or "-")[:12], (b["final_tree"] or "-")[:12]),
+        ("files changed", files(a), files(b)),
+    ]
+    print(render.table(["", "A", "B"], [list(line) for line in lines]))
+    print()
+    if diff["same_tree"]:
+        print("final trees: identical")
+    elif diff["stat"] is not None:
+        print(f"final trees differ (git diff --stat A B):\n{diff['stat'] or '(no file differences)'}")
+    else:
+        print(f"final trees: cannot diff: {diff['error']}")
+    print()
+    print("timeline (aligned by event type):")
+
+    def side(entry: dict[str, Any] | None) -> str:
+        if entry is None:
+            return ""
+        count = f" ×{entry['count']}" if entry["count"] > 1 else ""
+        return f"+{entry['offset_s']:.1f}s {entry['type']}{count}"
+
+    width = max([len(side(p["a"])) for p in timeline] + [1])
+    for pair in timeline:
+        mark = " " if pair["a"] and pair["b"] else "≠"
+        print(f"  {side(pair['a']).ljust(width)}  {mark}  {side(pair['b'])}".rstrip())
+    return 0

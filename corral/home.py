@@ -40,6 +40,11 @@ class Home:
         return self.root / "run"
 
     @property
+    def checkpoints(self) -> Path:
+        """The checkpointer's temporary indexes, one per execution."""
+        return self.root / "checkpoints"
+
+    @property
     def tmp(self) -> Path:
         return self.root / "tmp"
 

@@ -13,9 +13,13 @@ import orjson
 from nats.aio.msg import Msg
 from nats.errors import NoServersError
 
+from actors.approver import Approver
 from actors.bus import Bus, connect_bus
+from actors.checkpointer import Checkpointer
+from actors.policy import effective_policy
 from actors.runtime import Actor
 from actors.spawner import Spawner
+from actors.validator import Validator
 from actors.watchdog import Watchdog
 from corral.config import Config, load_config
 from corral.errors import BusUnavailable, CorralError
@@ -30,7 +34,7 @@ from replay.history import last_sequence
 
 log = logging.getLogger(__name__)
 
-ALL_ACTORS = ("spawner", "watchdog", "projector")
+ALL_ACTORS = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector")
 
 
 @dataclass
@@ -163,6 +167,13 @@ async def _start_actors(system: System, names: tuple[str, ...], *, config: Confi
             )
         elif name == "watchdog":
             actor = Watchdog(system.bus, config.watchdog.for_actor(cancel_grace_s=config.defaults.cancel_grace_s))
+        elif name == "checkpointer":
+            actor = Checkpointer(system.bus, state_dir=home.checkpoints, settings=config.checkpoints.for_actor())
+        elif name == "validator":
+            templates = {t.name: t.policy for t in config.templates.values()}
+            actor = Validator(system.bus, policy=config.policy, templates=templates)
+        elif name == "approver":
+            actor = Approver(system.bus, effective_policy(config.policy, {}, None))
         elif name == "projector":
             actor = Projector(system.bus, database=home.database, tmp_dir=home.tmp)
         else:
@@ -177,7 +188,8 @@ async def _shutdown(system: System) -> None:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
     try:
-        for name in ("watchdog", "spawner"):  # no reaction to the agents a stopping spawner ends
+        # No reaction to the agents a stopping spawner ends; then their exit checkpoints.
+        for name in ("validator", "approver", "watchdog", "spawner", "checkpointer"):
             actor = system.actors.get(name)
             if actor is not None:
                 await actor.stop()

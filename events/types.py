@@ -457,6 +457,7 @@ class ApprovalRequested(EventData):
     options: tuple[str, ...] = ()
     category: str | None = None
     expires_at: datetime | None = None
+    source: Literal["agent", "validator", "budget", "exit_code"] = "agent"
 
 
 @event_type("approval.decision.submitted")

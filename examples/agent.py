@@ -2,14 +2,18 @@
 
 Usage: python examples/agent.py [TASK] [--steps N] [--sleep S] [--exit CODE] [--heartbeat]
                                 [--read-input] [--grandchild] [--ignore-term]
+                                [--ask-approval CATEGORY] [--exit-for-approval]
 Same task and options give the same file edits every time, so replays can be compared.
 --read-input echoes stdin lines (and appends them to inputs.txt) until a `quit` line or EOF;
 --grandchild starts a sleeping process in its own session; --ignore-term ignores SIGTERM.
+--ask-approval asks for an approval (docs/approvals.md) and waits on stdin for the decision
+(exit 3 when refused); --exit-for-approval exits 90 unless CORRAL_APPROVAL_ID is set.
 """
 
 import argparse
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +32,8 @@ def main() -> int:
     parser.add_argument("--read-input", action="store_true", help="echo stdin lines until `quit` or EOF")
     parser.add_argument("--grandchild", action="store_true", help="start a sleeper in its own session")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM")
+    parser.add_argument("--ask-approval", metavar="CATEGORY", help="ask for an approval and wait for the decision")
+    parser.add_argument("--exit-for-approval", action="store_true", help="exit 90 unless CORRAL_APPROVAL_ID is set")
     args = parser.parse_args()
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -41,6 +47,27 @@ def main() -> int:
         )
         print(f"agent: grandchild pid {child.pid}", flush=True)
 
+    if args.exit_for_approval:
+        if not os.environ.get("CORRAL_APPROVAL_ID"):
+            print("agent: needs an approval, exiting 90", flush=True)
+            return 90
+        print(f"agent: approved by {os.environ['CORRAL_APPROVAL_ID']} ({os.environ.get('CORRAL_APPROVAL_CHOICE')})")
+    if args.ask_approval:
+        question = {"question": f"may I {args.task}?", "options": ["yes", "no"], "category": args.ask_approval}
+        sys.stderr.write(json.dumps({"corral": "approval_needed", **question}) + "\n")
+        sys.stderr.flush()
+        approval_id = None
+        for line in sys.stdin:
+            message = json.loads(line) if line.startswith("{") else {}
+            if message.get("corral") == "approval_registered":
+                approval_id = message["approval_id"]
+                print(f"agent: waiting for {approval_id}", flush=True)
+            elif message.get("corral") == "approval_decision" and message.get("approval_id") == approval_id:
+                verdict = "approved" if message["approved"] else "expired" if message.get("expired") else "rejected"
+                print(f"agent: {approval_id} {verdict} choice={message.get('choice')}", flush=True)
+                if not message["approved"]:
+                    return 3
+                break
     slug = hashlib.sha256(args.task.encode()).hexdigest()[:8]
     work = Path("agent-output")
     work.mkdir(exist_ok=True)

@@ -27,6 +27,7 @@ from actors.runtime import Actor
 from events.envelope import decode_event
 from events.errors import EventError
 from events.subjects import ALL_EVENTS, STREAM, ack_sequence
+from projections.derived import apply_derived
 from projections.errors import DatabaseLocked
 from projections.intake import IntakeClient, status_of
 from projections.state import Execution, evolve
@@ -157,6 +158,7 @@ class BatchApplier:
                 "WHERE executions.execution_id = agg.execution_id",
                 [before],
             )
+            apply_derived(con, before)
             con.execute(
                 "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",
                 [self.stream, last, SCHEMA_VERSION, datetime.now(UTC)],

@@ -28,13 +28,22 @@ async def _copy_log(bus: Bus, applier: BatchApplier, *, until: int, report: Repo
     batch: list[tuple[int, str, bytes]] = []
     applied = 0
     start = applier.position
+    applying: asyncio.Task[None] | None = None
+
+    async def apply(todo: list[tuple[int, str, bytes]]) -> None:
+        nonlocal applied
+        applied += await asyncio.to_thread(applier.apply, todo)
+        await report(applier.position - start, until - start)
 
     async def flush() -> None:
-        nonlocal applied, batch
+        # Reading the next batch from the stream overlaps applying this one in DuckDB.
+        nonlocal applying, batch
+        if applying is not None:
+            await applying
+            applying = None
         if batch:
             todo, batch = batch, []
-            applied += await asyncio.to_thread(applier.apply, todo)
-            await report(applier.position - start, until - start)
+            applying = asyncio.create_task(apply(todo))
 
     async def on_event(seq: int, msg: Msg) -> bool:
         if seq <= until:
@@ -43,8 +52,14 @@ async def _copy_log(bus: Bus, applier: BatchApplier, *, until: int, report: Repo
             await flush()
         return seq >= until
 
-    await follow(bus.js, ALL_EVENTS, on_event, start_seq=applier.position + 1)
-    await flush()
+    try:
+        await follow(bus.js, ALL_EVENTS, on_event, start_seq=applier.position + 1)
+        await flush()
+        await flush()
+    finally:
+        if applying is not None:
+            with contextlib.suppress(BaseException):
+                await applying
     return applied
 
 

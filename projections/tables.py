@@ -2,7 +2,9 @@
 
 from typing import Final
 
-SCHEMA_VERSION: Final = 2  # a file written with another version is rebuilt from the log
+from projections.derived import DERIVED_DDL, DERIVED_TABLES, EXECUTION_HISTORY_COLUMNS
+
+SCHEMA_VERSION: Final = 3  # a file written with another version is rebuilt from the log
 
 EVENT_COLUMNS: Final = {
     "seq": "UBIGINT",
@@ -76,12 +78,14 @@ DDL: Final = [
     f"CREATE TABLE IF NOT EXISTS events ({_columns(EVENT_COLUMNS)})",
     """CREATE TABLE IF NOT EXISTS output (
         seq UBIGINT, execution_id VARCHAR, ts TIMESTAMPTZ, stream VARCHAR, n UINTEGER, text VARCHAR)""",
-    f"CREATE TABLE IF NOT EXISTS executions ({_columns(STATE_COLUMNS)}, {_columns(OUTPUT_AGGREGATE_COLUMNS)})",
+    f"CREATE TABLE IF NOT EXISTS executions ({_columns(STATE_COLUMNS)}, {_columns(OUTPUT_AGGREGATE_COLUMNS)}, "
+    f"{_columns(EXECUTION_HISTORY_COLUMNS)})",
     """CREATE TABLE IF NOT EXISTS rejected_events (
         seq UBIGINT, subject VARCHAR, payload VARCHAR, error VARCHAR)""",
+    *DERIVED_DDL,
 ]
 
-TABLES: Final = ("events", "output", "executions", "rejected_events")
+TABLES: Final = ("events", "output", "executions", "rejected_events", *DERIVED_TABLES)
 
 
 def json_columns_spec(columns: dict[str, str]) -> str:

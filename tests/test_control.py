@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.system import ALL_ACTORS
 from tests.conftest import Cli, agent_command, processes_mentioning
 
 
@@ -373,7 +374,7 @@ def test_run_with_a_template_and_flags_overriding_it(cli: Cli, repo: Path, tmp_p
 def test_health_lists_every_actor_of_the_running_system(cli: Cli, up: subprocess.Popen[str]) -> None:
     report = wait_until(
         lambda: (r := json.loads(cli("health", "--json", check=True).stdout))
-        and {a["actor"] for a in r["actors"]} == {"spawner", "watchdog", "projector"}
+        and {a["actor"] for a in r["actors"]} == set(ALL_ACTORS)
         and r,
         30,
         "every actor to report its health",

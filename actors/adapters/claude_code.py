@@ -1,0 +1,168 @@
+"""Claude Code: `claude -p --output-format stream-json --input-format stream-json --verbose`.
+
+Lines: `system/init` (session, model, tools), `assistant` (text and tool_use blocks, one line per
+block), `user` (tool_result blocks, with `tool_use_result` for file writes), `result` (per-turn
+usage, cumulative `modelUsage` with costUSD, num_turns). The task and every `corral input` go in
+as stream-json user messages; stdin is closed once every message sent has its `result`.
+"""
+
+import json
+import subprocess
+from typing import Any
+
+from actors.adapters import Adapter, Fact, summarize
+
+PROGRAM = "claude"
+INSTALL = "npm install @anthropic-ai/claude-code"
+FILE_TOOLS = ("Write", "Edit", "MultiEdit", "NotebookEdit")
+_HELP_CACHE: dict[str, str] = {}
+
+
+def help_text(program: str) -> str:
+    """`claude --help`, probed once per program (capability detection)."""
+    if program not in _HELP_CACHE:
+        try:
+            done = subprocess.run([program, "--help"], capture_output=True, text=True, timeout=30, check=False)
+            _HELP_CACHE[program] = done.stdout + done.stderr
+        except (OSError, subprocess.TimeoutExpired):
+            _HELP_CACHE[program] = ""
+    return _HELP_CACHE[program]
+
+
+def command_line(program: str, task: str, extra: list[str]) -> list[str]:
+    """Stream-json in and out when the CLI supports it; otherwise the task as the prompt argument."""
+    permission = [] if any(a.startswith(("--permission-mode", "--dangerously")) for a in extra) else [
+        "--permission-mode", "acceptEdits"]  # fmt: skip
+    if "--input-format" in help_text(program):
+        return [program, "-p", "--output-format", "stream-json", "--input-format", "stream-json", "--verbose",
+                *permission, *extra]  # fmt: skip
+    return [program, "-p", task, "--output-format", "stream-json", "--verbose", *permission, *extra]
+
+
+def user_message(text: str) -> bytes:
+    message = {"type": "user", "message": {"role": "user", "content": [{"type": "text", "text": text}]}}
+    return json.dumps(message).encode() + b"\n"
+
+
+class ClaudeCodeAdapter(Adapter):
+    name = "claude-code"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stream_input = "stream-json" in self.command and "--input-format" in self.command
+        self.keeps_stdin = self.stream_input
+        self.pending_turns = 1 if self.stream_input else 0
+        self.sessions: set[str] = set()
+        self.tools: dict[str, tuple[str, dict[str, Any]]] = {}  # tool_use id -> (name, input)
+        self.model_totals: dict[str, dict[str, float]] = {}
+
+    def initial_input(self) -> bytes:
+        return user_message(self.task or "") if self.stream_input else b""
+
+    def encode_input(self, text: str) -> bytes:
+        return user_message(text) if self.stream_input else text.encode()
+
+    def input_delivered(self) -> None:
+        if self.stream_input:
+            self.pending_turns += 1
+
+    def parse_line(self, line: str) -> list[Fact]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return []
+        if not isinstance(record, dict):
+            return []
+        kind = record.get("type")
+        if kind == "system" and record.get("subtype") == "init":
+            session = str(record.get("session_id") or "")
+            if not session or session in self.sessions:
+                return []
+            self.sessions.add(session)
+            return [("session.started", {"session_id": session, "model": record.get("model"),
+                                         "tools": [str(t) for t in record.get("tools") or []]})]  # fmt: skip
+        if kind == "assistant":
+            return self._assistant(record.get("message") or {})
+        if kind == "user":
+            return self._user(record)
+        if kind == "result":
+            return self._result(record)
+        return []
+
+    def _assistant(self, message: dict[str, Any]) -> list[Fact]:
+        facts: list[Fact] = []
+        for block in message.get("content") or []:
+            if block.get("type") == "text" and block.get("text"):
+                facts.append(("agent.message", {"text": block["text"]}))
+            elif block.get("type") == "tool_use":
+                name = str(block.get("name") or "?")
+                tool_input = block.get("input") or {}
+                self.tools[str(block.get("id"))] = (name, tool_input)
+                shell = tool_input.get("command") if name == "Bash" else None
+                facts.append(("tool.called", {"call_id": block.get("id"), "name": name,
+                                              "input_summary": summarize(tool_input),
+                                              "shell_command": shell if isinstance(shell, str) else None}))  # fmt: skip
+        return facts
+
+    def _user(self, record: dict[str, Any]) -> list[Fact]:
+        facts: list[Fact] = []
+        content = (record.get("message") or {}).get("content")
+        for block in content if isinstance(content, list) else []:
+            if block.get("type") != "tool_result":
+                continue
+            call_id = str(block.get("tool_use_id"))
+            name, tool_input = self.tools.pop(call_id, (None, {}))
+            ok = not block.get("is_error")
+            result = block.get("content")
+            if isinstance(result, list):
+                result = "\n".join(str(part.get("text", "")) for part in result if isinstance(part, dict))
+            facts.append(("tool.result", {"call_id": call_id, "name": name, "ok": ok,
+                                          "summary": summarize(result or "")}))  # fmt: skip
+            if ok and name in FILE_TOOLS:
+                path = tool_input.get("file_path") or tool_input.get("notebook_path")
+                detail = record.get("tool_use_result")
+                created = isinstance(detail, dict) and detail.get("type") == "create"
+                if isinstance(path, str):
+                    facts.append(("file.touched", {"path": self.relative(path),
+                                                   "change": "created" if created else "modified"}))  # fmt: skip
+        return facts
+
+    def _result(self, record: dict[str, Any]) -> list[Fact]:
+        facts: list[Fact] = []
+        # modelUsage and total_cost_usd are running totals of the process; usage is per turn.
+        per_model = record.get("modelUsage")
+        if isinstance(per_model, dict) and per_model:
+            for model, totals in per_model.items():
+                seen = self.model_totals.setdefault(model, {})
+                tick: dict[str, Any] = {"model": model}
+                for key, field in (("inputTokens", "input_tokens"), ("outputTokens", "output_tokens"),
+                                   ("cacheReadInputTokens", "cache_read_tokens"),
+                                   ("cacheCreationInputTokens", "cache_write_tokens"),
+                                   ("costUSD", "cost_usd")):  # fmt: skip
+                    value = float(totals.get(key) or 0)
+                    delta = value - seen.get(key, 0.0)
+                    seen[key] = value
+                    tick[field] = round(delta, 10) if field == "cost_usd" else int(delta)
+                if any(tick[f] for f in tick if f != "model"):
+                    facts.append(("usage", tick))
+        elif isinstance(record.get("usage"), dict):
+            usage = record["usage"]
+            facts.append(("usage", {
+                "input_tokens": int(usage.get("input_tokens") or 0),
+                "output_tokens": int(usage.get("output_tokens") or 0),
+                "cache_read_tokens": int(usage.get("cache_read_input_tokens") or 0),
+                "cache_write_tokens": int(usage.get("cache_creation_input_tokens") or 0),
+                "cost_usd": float(record.get("total_cost_usd") or 0.0),
+            }))  # fmt: skip
+        ok = record.get("subtype") == "success" and not record.get("is_error")
+        text = record.get("result")
+        facts.append(("agent.result", {"ok": ok, "text": text if isinstance(text, str) else None,
+                                       "turns": record.get("num_turns")}))  # fmt: skip
+        if self.stream_input:
+            self.pending_turns -= 1
+            if self.pending_turns <= 0:
+                self.stdin_done = True
+        return facts
+
+
+ADAPTER = ClaudeCodeAdapter

@@ -1,0 +1,118 @@
+"""Codex CLI: `codex exec --json TASK`.
+
+Lines: `thread.started` (thread id = session), `turn.started`, `item.started` / `item.completed`
+(`command_execution`, `file_change`, `mcp_tool_call`, `web_search`, `agent_message`, `reasoning`,
+`error`), `turn.completed` (usage of the turn), `turn.failed`, `error`. Codex reads its stdin to the
+end when it is not a terminal, so the shim closes it: `corral input` is refused for Codex runs.
+Codex reports no cost; usage ticks carry tokens only.
+"""
+
+import json
+from typing import Any
+
+from actors.adapters import Adapter, Fact, summarize
+
+PROGRAM = "codex"
+INSTALL = "npm install @openai/codex"
+CHANGE_KINDS = {"add": "created", "update": "modified", "delete": "deleted"}
+
+
+def command_line(program: str, task: str, extra: list[str]) -> list[str]:
+    chosen = any(a.startswith(("--sandbox", "-s", "--dangerously")) for a in extra)
+    defaults = [] if chosen else ["--sandbox", "workspace-write"]
+    return [program, "exec", "--json", "--skip-git-repo-check", *defaults, *extra,
+            *(["--"] if task.startswith("-") else []), task]  # fmt: skip
+
+
+class CodexAdapter(Adapter):
+    name = "codex"
+    keeps_stdin = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = self.option("-m", "--model")
+        self.started: set[str] = set()
+        self.last_message: str | None = None
+        self.turns = 0
+
+    def parse_line(self, line: str) -> list[Fact]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return []
+        if not isinstance(record, dict):
+            return []
+        kind = record.get("type")
+        if kind == "thread.started" and record.get("thread_id"):
+            return [("session.started", {"session_id": str(record["thread_id"]), "model": self.model})]
+        if kind == "turn.started":
+            self.turns += 1
+            return []
+        if kind in ("item.started", "item.completed"):
+            item = record.get("item") or {}
+            return self._item(item, completed=kind == "item.completed")
+        if kind == "turn.completed":
+            usage = record.get("usage") or {}
+            tick = {
+                "input_tokens": int(usage.get("input_tokens") or 0),
+                "output_tokens": int(usage.get("output_tokens") or 0),
+                "cache_read_tokens": int(usage.get("cached_input_tokens") or 0),
+                "cache_write_tokens": int(usage.get("cache_write_input_tokens") or 0),
+                "model": self.model,
+            }
+            return [("usage", tick), ("agent.result", {"ok": True, "text": self.last_message, "turns": self.turns})]
+        if kind == "turn.failed":
+            error = (record.get("error") or {}).get("message")
+            return [("agent.result", {"ok": False, "text": summarize(error or "turn failed"), "turns": self.turns})]
+        return []
+
+    def _item(self, item: dict[str, Any], *, completed: bool) -> list[Fact]:
+        item_id = str(item.get("id"))
+        item_type = item.get("type")
+        facts: list[Fact] = []
+        if item_type == "agent_message" and completed and item.get("text"):
+            self.last_message = str(item["text"])
+            return [("agent.message", {"text": self.last_message})]
+        call = self._call(item)
+        if call is None:
+            return []
+        if item_id not in self.started:
+            self.started.add(item_id)
+            facts.append(("tool.called", {"call_id": item_id, **call}))
+        if completed:
+            facts.extend(self._completed(item_id, item, str(call["name"])))
+        return facts
+
+    def _call(self, item: dict[str, Any]) -> dict[str, Any] | None:
+        item_type = item.get("type")
+        if item_type == "command_execution":
+            command = str(item.get("command") or "")
+            return {"name": "shell", "input_summary": summarize(command), "shell_command": command}
+        if item_type == "file_change":
+            changes = [f"{c.get('kind')} {c.get('path')}" for c in item.get("changes") or []]
+            return {"name": "apply_patch", "input_summary": summarize(", ".join(changes))}
+        if item_type == "mcp_tool_call":
+            name = f"{item.get('server')}.{item.get('tool')}"
+            return {"name": name, "input_summary": summarize(item.get("arguments") or {})}
+        if item_type == "web_search":
+            return {"name": "web_search", "input_summary": summarize(item.get("query") or "")}
+        return None
+
+    def _completed(self, item_id: str, item: dict[str, Any], name: str) -> list[Fact]:
+        status = item.get("status")
+        facts: list[Fact] = []
+        if item.get("type") == "command_execution":
+            ok = item.get("exit_code") == 0 and status != "failed"
+            summary = summarize(item.get("aggregated_output") or f"exit {item.get('exit_code')}")
+        else:
+            ok = status != "failed" and not item.get("error")
+            summary = summarize(item.get("result") or item.get("error") or status or "")
+        facts.append(("tool.result", {"call_id": item_id, "name": name, "ok": ok, "summary": summary}))
+        if item.get("type") == "file_change" and ok:
+            for change in item.get("changes") or []:
+                facts.append(("file.touched", {"path": self.relative(str(change.get("path"))),
+                                               "change": CHANGE_KINDS.get(str(change.get("kind")), "modified")}))  # fmt: skip
+        return facts
+
+
+ADAPTER = CodexAdapter
