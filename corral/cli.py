@@ -143,7 +143,14 @@ COMMANDS: dict[str, Any] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `corral rollback EXEC --to 2 a.py b.py`: paths after an option still are paths.
+        if isinstance(getattr(args, "path", None), list) and not any(e.startswith("-") for e in extra):
+            args.path.extend(extra)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="corral: %(name)s: %(message)s")
     home = Home.from_env()
     handler = COMMANDS[args.cmd]

@@ -33,9 +33,12 @@ def command_line(program: str, task: str, extra: list[str]) -> list[str]:
     """Stream-json in and out when the CLI supports it; otherwise the task as the prompt argument."""
     permission = [] if any(a.startswith(("--permission-mode", "--dangerously")) for a in extra) else [
         "--permission-mode", "acceptEdits"]  # fmt: skip
-    if "--input-format" in help_text(program):
+    features = help_text(program)
+    if "--input-format" in features:
+        # Replayed user messages tell which inputs the CLI has taken, so stdin closes only when all are answered.
+        replay = ["--replay-user-messages"] if "--replay-user-messages" in features else []
         return [program, "-p", "--output-format", "stream-json", "--input-format", "stream-json", "--verbose",
-                *permission, *extra]  # fmt: skip
+                *replay, *permission, *extra]  # fmt: skip
     return [program, "-p", task, "--output-format", "stream-json", "--verbose", *permission, *extra]
 
 
@@ -51,7 +54,10 @@ class ClaudeCodeAdapter(Adapter):
         super().__init__(**kwargs)
         self.stream_input = "stream-json" in self.command and "--input-format" in self.command
         self.keeps_stdin = self.stream_input
-        self.pending_turns = 1 if self.stream_input else 0
+        self.replayed = "--replay-user-messages" in self.command
+        self.sent = 1 if self.stream_input else 0  # user messages written to stdin (the task first)
+        self.taken = 0  # user messages the CLI replayed (taken into a turn)
+        self.pending_turns = self.sent
         self.sessions: set[str] = set()
         self.tools: dict[str, tuple[str, dict[str, Any]]] = {}  # tool_use id -> (name, input)
         self.model_totals: dict[str, dict[str, float]] = {}
@@ -64,6 +70,7 @@ class ClaudeCodeAdapter(Adapter):
 
     def input_delivered(self) -> None:
         if self.stream_input:
+            self.sent += 1
             self.pending_turns += 1
 
     def parse_line(self, line: str) -> list[Fact]:
@@ -106,6 +113,9 @@ class ClaudeCodeAdapter(Adapter):
 
     def _user(self, record: dict[str, Any]) -> list[Fact]:
         facts: list[Fact] = []
+        if record.get("isReplay"):
+            self.taken += 1
+            return facts
         content = (record.get("message") or {}).get("content")
         for block in content if isinstance(content, list) else []:
             if block.get("type") != "tool_result":
@@ -159,8 +169,9 @@ class ClaudeCodeAdapter(Adapter):
         facts.append(("agent.result", {"ok": ok, "text": text if isinstance(text, str) else None,
                                        "turns": record.get("num_turns")}))  # fmt: skip
         if self.stream_input:
+            # Several messages may be answered in one turn; without replays, count one result per message.
             self.pending_turns -= 1
-            if self.pending_turns <= 0:
+            if (self.taken >= self.sent) if self.replayed else (self.pending_turns <= 0):
                 self.stdin_done = True
         return facts
 
