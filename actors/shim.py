@@ -34,8 +34,8 @@ from typing import Any
 
 import orjson
 
-from actors.filewatch import FileWatcher
 from actors.adapters import load_adapter
+from actors.filewatch import FileWatcher
 from actors.output import ControlLine, OutputCoalescer
 from events.ids import new_ulid
 

@@ -97,6 +97,21 @@ def test_claude_code_two_turns_tick_usage_by_difference_and_wait_for_every_answe
     assert len(of_type(facts, "agent.result")) == 2
 
 
+def test_claude_code_closes_stdin_once_every_replayed_message_is_answered() -> None:
+    command = ["claude", "--input-format", "stream-json", "--replay-user-messages"]
+    lines = (FIXTURES / "claude_code_replayed_input.jsonl").read_text().splitlines(keepends=True)
+    second = next(i for i, line in enumerate(lines) if "and again" in line)
+    late = ClaudeCodeAdapter(task="create hello.txt", command=command)
+    late.input_delivered()
+    late.feed("".join(lines[:second] + lines[second + 1 :]))  # the input not taken before the result
+    assert not late.stdin_done
+    merged = ClaudeCodeAdapter(task="create hello.txt", command=command)
+    merged.input_delivered()
+    facts = merged.feed("".join(lines))  # taken into the same turn: one result answers both
+    assert merged.stdin_done
+    assert len(of_type(facts, "agent.result")) == 1
+
+
 def test_claude_code_without_stream_input_keeps_plain_stdin() -> None:
     adapter = ClaudeCodeAdapter(task="t", command=["claude", "-p", "t", "--output-format", "stream-json"])
     assert not adapter.keeps_stdin
@@ -187,8 +202,9 @@ def test_gemini_shell_tool_records_its_command_and_errors() -> None:
 def test_aider_maps_edits_and_token_lines() -> None:
     facts = facts_of(AiderAdapter(command=["aider", "--model", "openai/test-model"]), "aider.txt")
     assert of_type(facts, "file.touched") == [{"path": "hello.txt", "change": "modified"}]
-    assert of_type(facts, "usage") == [{"model": "openai/test-model", "cost_usd": 0.0, "input_tokens": 594,
-                                         "output_tokens": 16}]  # fmt: skip
+    assert of_type(facts, "usage") == [
+        {"model": "openai/test-model", "cost_usd": 0.0, "input_tokens": 594, "output_tokens": 16}
+    ]
     adapter = AiderAdapter(cwd="/w")
     facts = adapter.feed(
         "Creating empty file /w/new.py\nApplied edit to new.py\n"
@@ -215,7 +231,14 @@ def test_adapter_lookup_and_command_lines() -> None:
     assert load_adapter({"agent": "command", "command": ["x"]}) is None
     assert isinstance(load_adapter({"agent": "gemini", "command": ["gemini"], "task": "t"}), GeminiAdapter)
     assert codex_command("codex", "do it", []) == [
-        "codex", "exec", "--json", "--skip-git-repo-check", "--sandbox", "workspace-write", "do it"]  # fmt: skip
+        "codex",
+        "exec",
+        "--json",
+        "--skip-git-repo-check",
+        "--sandbox",
+        "workspace-write",
+        "do it",
+    ]
     assert "workspace-write" not in codex_command("codex", "-x", ["--sandbox", "read-only"])
     assert codex_command("codex", "-x", [])[-2:] == ["--", "-x"]
     assert gemini_command("gemini", "t", ["--approval-mode", "auto_edit"]).count("--yolo") == 0
@@ -291,7 +314,7 @@ def isolated_env(agent: str, base: dict[str, str], tmp: Path, server: ModelServe
         codex_home.mkdir()
         (codex_home / "config.toml").write_text(
             'model_provider = "scripted"\ncheck_for_update_on_startup = false\n\n'
-            '[analytics]\nenabled = false\n\n[features]\nplugins = false\n\n'
+            "[analytics]\nenabled = false\n\n[features]\nplugins = false\n\n"
             '[model_providers.scripted]\nname = "scripted"\n'
             f'base_url = "{server.url}/v1"\nwire_api = "responses"\nenv_key = "SCRIPTED_API_KEY"\n'
         )
@@ -309,12 +332,26 @@ def isolated_env(agent: str, base: dict[str, str], tmp: Path, server: ModelServe
         env.update(GEMINI_API_KEY="test", GOOGLE_GEMINI_BASE_URL=server.url)
     elif agent == "aider":
         metadata = tmp / "model-metadata.json"
-        prices = {"max_input_tokens": 100000, "max_output_tokens": 4096, "input_cost_per_token": 1e-6,
-                  "output_cost_per_token": 2e-6, "litellm_provider": "openai", "mode": "chat"}  # fmt: skip
+        prices = {
+            "max_input_tokens": 100000,
+            "max_output_tokens": 4096,
+            "input_cost_per_token": 1e-6,
+            "output_cost_per_token": 2e-6,
+            "litellm_provider": "openai",
+            "mode": "chat",
+        }
         metadata.write_text(json.dumps({"openai/test-model": prices}))
         env.update(OPENAI_API_KEY="test", LITELLM_LOCAL_MODEL_COST_MAP="True")
-        extra = ["--model", "openai/test-model", "--edit-format", "whole", "--openai-api-base", f"{server.url}/v1",
-                 "--model-metadata-file", str(metadata)]  # fmt: skip
+        extra = [
+            "--model",
+            "openai/test-model",
+            "--edit-format",
+            "whole",
+            "--openai-api-base",
+            f"{server.url}/v1",
+            "--model-metadata-file",
+            str(metadata),
+        ]
     return env, extra
 
 
@@ -342,17 +379,26 @@ def test_real_cli_under_corral(agent: str, cli: Cli, repo: Path, tmp_path: Path,
     if agent != "aider":  # aider prints text only: no session id, tool calls or final result to read
         expected |= {"session.started", "tool.called", "tool.result", "agent.result"}
     assert expected <= kinds, f"missing {expected - kinds}; got {sorted(kinds)}"
-    touched = sql(run, f"SELECT DISTINCT data->>'path' AS path FROM events "
-                       f"WHERE execution_id = '{execution_id}' AND type = 'file.touched'")  # fmt: skip
+    touched = sql(
+        run,
+        f"SELECT DISTINCT data->>'path' AS path FROM events "
+        f"WHERE execution_id = '{execution_id}' AND type = 'file.touched'",
+    )
     assert FILE_NAME in {r["path"] for r in touched}
-    [usage] = sql(run, f"SELECT sum(CAST(data->>'input_tokens' AS BIGINT)) AS input, "
-                       f"sum(CAST(data->>'output_tokens' AS BIGINT)) AS output FROM events "
-                       f"WHERE execution_id = '{execution_id}' AND type = 'usage'")  # fmt: skip
+    [usage] = sql(
+        run,
+        f"SELECT sum(CAST(data->>'input_tokens' AS BIGINT)) AS input, "
+        f"sum(CAST(data->>'output_tokens' AS BIGINT)) AS output FROM events "
+        f"WHERE execution_id = '{execution_id}' AND type = 'usage'",
+    )
     assert usage["input"] > 0
     assert usage["output"] > 0
     if agent != "aider":
-        [result] = sql(run, f"SELECT data->>'ok' AS ok, data->>'text' AS text FROM events "
-                            f"WHERE execution_id = '{execution_id}' AND type = 'agent.result'")  # fmt: skip
+        [result] = sql(
+            run,
+            f"SELECT data->>'ok' AS ok, data->>'text' AS text FROM events "
+            f"WHERE execution_id = '{execution_id}' AND type = 'agent.result'",
+        )
         assert result["ok"] == "true"
         assert FINAL_TEXT in result["text"]
     status = run("status", execution_id, "--json", check=True)
@@ -381,7 +427,7 @@ def test_claude_code_takes_input_mid_run_as_a_stream_json_message(
         sent = run("input", row["execution_id"], "now say done", check=True)
         assert "delivered" in sent.stdout + sent.stderr
         gate.set()
-        out, err = process.communicate(timeout=300)
+        _, err = process.communicate(timeout=300)
     finally:
         gate.set()
         if process.poll() is None:
@@ -389,7 +435,9 @@ def test_claude_code_takes_input_mid_run_as_a_stream_json_message(
             process.communicate()
     assert process.returncode == 0, err
     results = sql(run, "SELECT data->>'ok' AS ok FROM events WHERE type = 'agent.result' ORDER BY seq")
-    assert [r["ok"] for r in results] == ["true", "true"]  # one answer per message: task, then the input
+    assert results
+    assert {r["ok"] for r in results} == {"true"}  # Claude may answer both messages in one turn or in two
+    assert sql(run, "SELECT count(*) AS n FROM events WHERE type = 'input.delivered'") == [{"n": 1}]
     prompts = [
         json.dumps(r.body)
         for r in model_server.requests

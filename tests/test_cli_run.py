@@ -54,7 +54,9 @@ def test_ps_logs_sql_and_prefix_ids(cli: Cli, repo: Path) -> None:
     )
     types = [row["type"] for row in rows]
     assert types[:4] == ["execution.requested", "execution.claimed", "workspace.created", "execution.started"]
-    assert types[-1] == "execution.exited"
+    # After the exit only its exit checkpoint and that checkpoint's validation follow.
+    after_exit = types[types.index("execution.exited") + 1 :]
+    assert after_exit == ["checkpoint.created", "validation.passed"]
     assert "output" in types
 
     table = cli("sql", "SELECT state, exit_code FROM executions", check=True).stdout

@@ -13,8 +13,16 @@ from actors.adapters import Adapter, Fact
 
 PROGRAM = "aider"
 INSTALL = "pip install aider-chat"
-DEFAULTS = ("--yes-always", "--no-auto-commits", "--no-check-update", "--analytics-disable", "--no-pretty",
-            "--no-fancy-input", "--no-show-release-notes", "--no-show-model-warnings")  # fmt: skip
+DEFAULTS = (
+    "--yes-always",
+    "--no-auto-commits",
+    "--no-check-update",
+    "--analytics-disable",
+    "--no-pretty",
+    "--no-fancy-input",
+    "--no-show-release-notes",
+    "--no-show-model-warnings",
+)
 TOKENS = re.compile(r"^Tokens: (?P<parts>.*?)\.(?: Cost: \$(?P<cost>[\d.]+) message.*)?$")
 PART = re.compile(r"(?P<n>[\d.]+)(?P<unit>[kKmM]?) (?P<what>sent|received|cache write|cache hit)")
 APPLIED = re.compile(r"^Applied edit to (?P<path>.+)$")
@@ -29,7 +37,7 @@ def command_line(program: str, task: str, extra: list[str]) -> list[str]:
 
 
 def tokens(number: str, unit: str) -> int:
-    return int(round(float(number) * {"": 1, "k": 1e3, "m": 1e6}[unit.lower()]))
+    return round(float(number) * {"": 1, "k": 1e3, "m": 1e6}[unit.lower()])
 
 
 class AiderAdapter(Adapter):
@@ -56,8 +64,12 @@ class AiderAdapter(Adapter):
             return [("file.touched", {"path": path, "change": change})]
         if match := TOKENS.match(line):
             tick: dict[str, Any] = {"model": self.model, "cost_usd": float(match["cost"] or 0.0)}
-            fields = {"sent": "input_tokens", "received": "output_tokens", "cache write": "cache_write_tokens",
-                      "cache hit": "cache_read_tokens"}  # fmt: skip
+            fields = {
+                "sent": "input_tokens",
+                "received": "output_tokens",
+                "cache write": "cache_write_tokens",
+                "cache hit": "cache_read_tokens",
+            }
             for part in PART.finditer(match["parts"]):
                 tick[fields[part["what"]]] = tokens(part["n"], part["unit"])
             return [("usage", tick)]

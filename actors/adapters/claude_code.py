@@ -31,14 +31,27 @@ def help_text(program: str) -> str:
 
 def command_line(program: str, task: str, extra: list[str]) -> list[str]:
     """Stream-json in and out when the CLI supports it; otherwise the task as the prompt argument."""
-    permission = [] if any(a.startswith(("--permission-mode", "--dangerously")) for a in extra) else [
-        "--permission-mode", "acceptEdits"]  # fmt: skip
+    permission = (
+        []
+        if any(a.startswith(("--permission-mode", "--dangerously")) for a in extra)
+        else ["--permission-mode", "acceptEdits"]
+    )
     features = help_text(program)
     if "--input-format" in features:
         # Replayed user messages tell which inputs the CLI has taken, so stdin closes only when all are answered.
         replay = ["--replay-user-messages"] if "--replay-user-messages" in features else []
-        return [program, "-p", "--output-format", "stream-json", "--input-format", "stream-json", "--verbose",
-                *replay, *permission, *extra]  # fmt: skip
+        return [
+            program,
+            "-p",
+            "--output-format",
+            "stream-json",
+            "--input-format",
+            "stream-json",
+            "--verbose",
+            *replay,
+            *permission,
+            *extra,
+        ]
     return [program, "-p", task, "--output-format", "stream-json", "--verbose", *permission, *extra]
 
 
@@ -86,8 +99,16 @@ class ClaudeCodeAdapter(Adapter):
             if not session or session in self.sessions:
                 return []
             self.sessions.add(session)
-            return [("session.started", {"session_id": session, "model": record.get("model"),
-                                         "tools": [str(t) for t in record.get("tools") or []]})]  # fmt: skip
+            return [
+                (
+                    "session.started",
+                    {
+                        "session_id": session,
+                        "model": record.get("model"),
+                        "tools": [str(t) for t in record.get("tools") or []],
+                    },
+                )
+            ]
         if kind == "assistant":
             return self._assistant(record.get("message") or {})
         if kind == "user":
@@ -106,9 +127,17 @@ class ClaudeCodeAdapter(Adapter):
                 tool_input = block.get("input") or {}
                 self.tools[str(block.get("id"))] = (name, tool_input)
                 shell = tool_input.get("command") if name == "Bash" else None
-                facts.append(("tool.called", {"call_id": block.get("id"), "name": name,
-                                              "input_summary": summarize(tool_input),
-                                              "shell_command": shell if isinstance(shell, str) else None}))  # fmt: skip
+                facts.append(
+                    (
+                        "tool.called",
+                        {
+                            "call_id": block.get("id"),
+                            "name": name,
+                            "input_summary": summarize(tool_input),
+                            "shell_command": shell if isinstance(shell, str) else None,
+                        },
+                    )
+                )
         return facts
 
     def _user(self, record: dict[str, Any]) -> list[Fact]:
@@ -126,15 +155,17 @@ class ClaudeCodeAdapter(Adapter):
             result = block.get("content")
             if isinstance(result, list):
                 result = "\n".join(str(part.get("text", "")) for part in result if isinstance(part, dict))
-            facts.append(("tool.result", {"call_id": call_id, "name": name, "ok": ok,
-                                          "summary": summarize(result or "")}))  # fmt: skip
+            facts.append(
+                ("tool.result", {"call_id": call_id, "name": name, "ok": ok, "summary": summarize(result or "")})
+            )
             if ok and name in FILE_TOOLS:
                 path = tool_input.get("file_path") or tool_input.get("notebook_path")
                 detail = record.get("tool_use_result")
                 created = isinstance(detail, dict) and detail.get("type") == "create"
                 if isinstance(path, str):
-                    facts.append(("file.touched", {"path": self.relative(path),
-                                                   "change": "created" if created else "modified"}))  # fmt: skip
+                    facts.append(
+                        ("file.touched", {"path": self.relative(path), "change": "created" if created else "modified"})
+                    )
         return facts
 
     def _result(self, record: dict[str, Any]) -> list[Fact]:
@@ -145,10 +176,13 @@ class ClaudeCodeAdapter(Adapter):
             for model, totals in per_model.items():
                 seen = self.model_totals.setdefault(model, {})
                 tick: dict[str, Any] = {"model": model}
-                for key, field in (("inputTokens", "input_tokens"), ("outputTokens", "output_tokens"),
-                                   ("cacheReadInputTokens", "cache_read_tokens"),
-                                   ("cacheCreationInputTokens", "cache_write_tokens"),
-                                   ("costUSD", "cost_usd")):  # fmt: skip
+                for key, field in (
+                    ("inputTokens", "input_tokens"),
+                    ("outputTokens", "output_tokens"),
+                    ("cacheReadInputTokens", "cache_read_tokens"),
+                    ("cacheCreationInputTokens", "cache_write_tokens"),
+                    ("costUSD", "cost_usd"),
+                ):
                     value = float(totals.get(key) or 0)
                     delta = value - seen.get(key, 0.0)
                     seen[key] = value
@@ -157,17 +191,26 @@ class ClaudeCodeAdapter(Adapter):
                     facts.append(("usage", tick))
         elif isinstance(record.get("usage"), dict):
             usage = record["usage"]
-            facts.append(("usage", {
-                "input_tokens": int(usage.get("input_tokens") or 0),
-                "output_tokens": int(usage.get("output_tokens") or 0),
-                "cache_read_tokens": int(usage.get("cache_read_input_tokens") or 0),
-                "cache_write_tokens": int(usage.get("cache_creation_input_tokens") or 0),
-                "cost_usd": float(record.get("total_cost_usd") or 0.0),
-            }))  # fmt: skip
+            facts.append(
+                (
+                    "usage",
+                    {
+                        "input_tokens": int(usage.get("input_tokens") or 0),
+                        "output_tokens": int(usage.get("output_tokens") or 0),
+                        "cache_read_tokens": int(usage.get("cache_read_input_tokens") or 0),
+                        "cache_write_tokens": int(usage.get("cache_creation_input_tokens") or 0),
+                        "cost_usd": float(record.get("total_cost_usd") or 0.0),
+                    },
+                )
+            )
         ok = record.get("subtype") == "success" and not record.get("is_error")
         text = record.get("result")
-        facts.append(("agent.result", {"ok": ok, "text": text if isinstance(text, str) else None,
-                                       "turns": record.get("num_turns")}))  # fmt: skip
+        facts.append(
+            (
+                "agent.result",
+                {"ok": ok, "text": text if isinstance(text, str) else None, "turns": record.get("num_turns")},
+            )
+        )
         if self.stream_input:
             # Several messages may be answered in one turn; without replays, count one result per message.
             self.pending_turns -= 1

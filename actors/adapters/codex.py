@@ -20,8 +20,16 @@ CHANGE_KINDS = {"add": "created", "update": "modified", "delete": "deleted"}
 def command_line(program: str, task: str, extra: list[str]) -> list[str]:
     chosen = any(a.startswith(("--sandbox", "-s", "--dangerously")) for a in extra)
     defaults = [] if chosen else ["--sandbox", "workspace-write"]
-    return [program, "exec", "--json", "--skip-git-repo-check", *defaults, *extra,
-            *(["--"] if task.startswith("-") else []), task]  # fmt: skip
+    return [
+        program,
+        "exec",
+        "--json",
+        "--skip-git-repo-check",
+        *defaults,
+        *extra,
+        *(["--"] if task.startswith("-") else []),
+        task,
+    ]
 
 
 class CodexAdapter(Adapter):
@@ -110,8 +118,15 @@ class CodexAdapter(Adapter):
         facts.append(("tool.result", {"call_id": item_id, "name": name, "ok": ok, "summary": summary}))
         if item.get("type") == "file_change" and ok:
             for change in item.get("changes") or []:
-                facts.append(("file.touched", {"path": self.relative(str(change.get("path"))),
-                                               "change": CHANGE_KINDS.get(str(change.get("kind")), "modified")}))  # fmt: skip
+                facts.append(
+                    (
+                        "file.touched",
+                        {
+                            "path": self.relative(str(change.get("path"))),
+                            "change": CHANGE_KINDS.get(str(change.get("kind")), "modified"),
+                        },
+                    )
+                )
         return facts
 
 

@@ -62,15 +62,33 @@ class GeminiAdapter(Adapter):
             call_id = str(record.get("tool_id"))
             self.tools[call_id] = (name, params)
             shell = params.get("command") if name in SHELL_TOOLS else None
-            facts.append(("tool.called", {"call_id": call_id, "name": name, "input_summary": summarize(params),
-                                          "shell_command": shell if isinstance(shell, str) else None}))  # fmt: skip
+            facts.append(
+                (
+                    "tool.called",
+                    {
+                        "call_id": call_id,
+                        "name": name,
+                        "input_summary": summarize(params),
+                        "shell_command": shell if isinstance(shell, str) else None,
+                    },
+                )
+            )
         elif kind == "tool_result":
             call_id = str(record.get("tool_id"))
             name, params = self.tools.pop(call_id, ("?", {}))
             ok = record.get("status") == "success"
             detail = record.get("output") if ok else (record.get("error") or {}).get("message")
-            facts.append(("tool.result", {"call_id": call_id, "name": name, "ok": ok,
-                                          "summary": summarize(detail or record.get("status") or "")}))  # fmt: skip
+            facts.append(
+                (
+                    "tool.result",
+                    {
+                        "call_id": call_id,
+                        "name": name,
+                        "ok": ok,
+                        "summary": summarize(detail or record.get("status") or ""),
+                    },
+                )
+            )
             path = params.get("file_path") or params.get("path")
             if ok and name in FILE_TOOLS and isinstance(path, str):
                 facts.append(("file.touched", {"path": self.relative(path), "change": FILE_TOOLS[name]}))
@@ -87,8 +105,11 @@ class GeminiAdapter(Adapter):
         for model, totals in models.items():
             seen = self.model_totals.setdefault(model, {})
             tick: dict[str, Any] = {"model": model}
-            for key, field in (("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"),
-                               ("cached", "cache_read_tokens")):  # fmt: skip
+            for key, field in (
+                ("input_tokens", "input_tokens"),
+                ("output_tokens", "output_tokens"),
+                ("cached", "cache_read_tokens"),
+            ):
                 value = int(totals.get(key) or 0)
                 tick[field] = value - seen.get(key, 0)
                 seen[key] = value

@@ -1,4 +1,4 @@
-"""A scripted model server on loopback for the adapter contract suite: one tool call that writes a file, then a final answer.
+"""A scripted model server on loopback for the adapter contract suite: a tool call writing a file, then an answer.
 
 It answers, well enough for the real CLIs:
 
@@ -16,6 +16,7 @@ catch a CLI that tries to leave the machine: those land in `leaks`).
 Run by hand: `python tests/helpers/model_server.py [PORT]` prints the base URL and serves until Ctrl-C.
 """
 
+import contextlib
 import json
 import re
 import sys
@@ -184,27 +185,49 @@ def anthropic_events(message: dict[str, Any], blocks: list[dict[str, Any]]) -> l
 def responses_output(body: dict[str, Any], n: int) -> list[dict[str, Any]]:
     tools = {str(t.get("name") or t.get("type")): t for t in body.get("tools") or []}
     items = body.get("input") if isinstance(body.get("input"), list) else []
-    answered = any(
-        isinstance(item, dict) and str(item.get("type", "")).endswith("call_output") for item in items or []
-    )
+    answered = any(isinstance(item, dict) and str(item.get("type", "")).endswith("call_output") for item in items or [])
     call_id = f"call_{n:04d}"
     if not answered:
         patch = f"*** Begin Patch\n*** Add File: {FILE_NAME}\n+{FILE_TEXT.strip()}\n*** End Patch\n"
         if tools.get("apply_patch", {}).get("type") == "custom":
-            return [{"type": "custom_tool_call", "id": f"ctc_{n}", "call_id": call_id, "name": "apply_patch",
-                     "input": patch, "status": "completed"}]  # fmt: skip
+            return [
+                {
+                    "type": "custom_tool_call",
+                    "id": f"ctc_{n}",
+                    "call_id": call_id,
+                    "name": "apply_patch",
+                    "input": patch,
+                    "status": "completed",
+                }
+            ]
         if "apply_patch" in tools:
             arguments = json.dumps({"input": patch})
-            return [{"type": "function_call", "id": f"fc_{n}", "call_id": call_id, "name": "apply_patch",
-                     "arguments": arguments, "status": "completed"}]  # fmt: skip
+            return [
+                {
+                    "type": "function_call",
+                    "id": f"fc_{n}",
+                    "call_id": call_id,
+                    "name": "apply_patch",
+                    "arguments": arguments,
+                    "status": "completed",
+                }
+            ]
         for name, args in (
             ("shell_command", {"command": shell_line()}),
             ("exec_command", {"cmd": shell_line()}),
             ("shell", {"command": ["bash", "-lc", shell_line()]}),
         ):
             if name in tools:
-                return [{"type": "function_call", "id": f"fc_{n}", "call_id": call_id, "name": name,
-                         "arguments": json.dumps(args), "status": "completed"}]  # fmt: skip
+                return [
+                    {
+                        "type": "function_call",
+                        "id": f"fc_{n}",
+                        "call_id": call_id,
+                        "name": name,
+                        "arguments": json.dumps(args),
+                        "status": "completed",
+                    }
+                ]
     text = FINAL_TEXT
     if (body.get("text") or {}).get("format", {}).get("type") == "json_schema":
         text = json.dumps(json_for_schema(body["text"]["format"].get("schema")))
@@ -236,15 +259,26 @@ def responses_events(body: dict[str, Any], n: int) -> list[tuple[str, dict[str, 
     ]
     output = responses_output(body, n)
     for index, item in enumerate(output):
-        events.append(("response.output_item.added", {"type": "response.output_item.added",
-                                                      "output_index": index, "item": item}))  # fmt: skip
+        events.append(
+            ("response.output_item.added", {"type": "response.output_item.added", "output_index": index, "item": item})
+        )
         if item["type"] == "message":
             text = item["content"][0]["text"]
-            events.append(("response.output_text.delta", {"type": "response.output_text.delta", "item_id": item["id"],
-                                                          "output_index": index, "content_index": 0,
-                                                          "delta": text}))  # fmt: skip
-        events.append(("response.output_item.done", {"type": "response.output_item.done",
-                                                     "output_index": index, "item": item}))  # fmt: skip
+            events.append(
+                (
+                    "response.output_text.delta",
+                    {
+                        "type": "response.output_text.delta",
+                        "item_id": item["id"],
+                        "output_index": index,
+                        "content_index": 0,
+                        "delta": text,
+                    },
+                )
+            )
+        events.append(
+            ("response.output_item.done", {"type": "response.output_item.done", "output_index": index, "item": item})
+        )
     done = {**response, "status": "completed", "output": output, "usage": responses_usage()}
     events.append(("response.completed", {"type": "response.completed", "response": done}))
     return events
@@ -283,8 +317,9 @@ def gemini_reply(body: dict[str, Any], model: str) -> dict[str, Any]:
         schema = config.get("responseJsonSchema") or config.get("responseSchema")
         parts = [{"text": json.dumps(json_for_schema(schema))}]
     elif "write_file" in declared and not answered:
-        parts = [{"functionCall": {"name": "write_file", "args": {"file_path": target_path(body),
-                                                                  "content": FILE_TEXT}}}]  # fmt: skip
+        parts = [
+            {"functionCall": {"name": "write_file", "args": {"file_path": target_path(body), "content": FILE_TEXT}}}
+        ]
     elif "run_shell_command" in declared and not answered:
         parts = [{"functionCall": {"name": "run_shell_command", "args": {"command": shell_line()}}}]
     else:
@@ -392,8 +427,13 @@ class Handler(BaseHTTPRequestHandler):
             return
         base = {"id": f"chatcmpl-{n}", "object": "chat.completion.chunk", "created": 0, "model": model}
         chunks: list[tuple[str | None, Any]] = [
-            (None, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
-                                         "finish_reason": None}]}),  # fmt: skip
+            (
+                None,
+                {
+                    **base,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": None}],
+                },
+            ),
             (None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": chat_usage()}),
         ]
         self._sse(chunks, done_marker=True)
@@ -465,7 +505,5 @@ class ModelServer:
 if __name__ == "__main__":
     with ModelServer(int(sys.argv[1]) if len(sys.argv) > 1 else 0) as running:
         print(running.url, flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
