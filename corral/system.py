@@ -189,7 +189,7 @@ async def _shutdown(system: System) -> None:
             await sub.unsubscribe()
     try:
         # No reaction to the agents a stopping spawner ends; then their exit checkpoints.
-        for name in ("validator", "approver", "watchdog", "spawner", "checkpointer"):
+        for name in ("watchdog", "spawner", "checkpointer", "validator", "approver"):
             actor = system.actors.get(name)
             if actor is not None:
                 await actor.stop()

@@ -54,9 +54,10 @@ def test_ps_logs_sql_and_prefix_ids(cli: Cli, repo: Path) -> None:
     )
     types = [row["type"] for row in rows]
     assert types[:4] == ["execution.requested", "execution.claimed", "workspace.created", "execution.started"]
-    # After the exit only its exit checkpoint and that checkpoint's validation follow.
+    # After the exit only its exit checkpoint and (if the validator got to it before the
+    # embedded system stopped; else at the next start) that checkpoint's validation follow.
     after_exit = types[types.index("execution.exited") + 1 :]
-    assert after_exit == ["checkpoint.created", "validation.passed"]
+    assert after_exit in (["checkpoint.created"], ["checkpoint.created", "validation.passed"])
     assert "output" in types
 
     table = cli("sql", "SELECT state, exit_code FROM executions", check=True).stdout
