@@ -7,7 +7,7 @@ and files are never touched, and git's stat cache keeps `add -A` fast):
     git write-tree                         # -> tree; equal to the previous tree: no checkpoint
     git commit-tree TREE -p PARENT         # -> commit, parent = the previous checkpoint (or base)
     git update-ref refs/corral/<id>/<n> COMMIT ''   # create-only: two writers never share an n
-    git diff-tree -r --numstat PARENT COMMIT        # files and +/- against the previous one
+    git diff-tree -r --numstat PARENT_TREE TREE     # files and +/- (beside commit-tree/update-ref)
 
 Restores (rollback) also go through a temporary index: `read-tree` the target, then
 `checkout-index` writes its files; files the target does not have are deleted.
@@ -122,12 +122,18 @@ async def take_checkpoint(
     tree = await snapshot_tree(worktree, index)
     if tree == parent_tree:
         return None
-    _, commit, _ = await git("commit-tree", tree, "-p", parent, "-m", message, cwd=worktree, env=IDENTITY)
-    commit = commit.strip()
     ref = checkpoint_ref(execution_id, n)
-    await git("update-ref", ref, commit, "", cwd=worktree)
-    _, numstat, _ = await git("diff-tree", "-r", "--numstat", "--no-renames", parent, commit, cwd=worktree)
-    return Snapshot(n, ref, commit, tree, parent, parse_numstat(numstat))
+
+    async def commit_and_ref() -> str:
+        _, out, _ = await git("commit-tree", tree, "-p", parent, "-m", message, cwd=worktree, env=IDENTITY)
+        await git("update-ref", ref, out.strip(), "", cwd=worktree)
+        return out.strip()
+
+    # The numstat needs only the two trees: it runs beside commit-tree + update-ref.
+    commit, (_, stat, _) = await asyncio.gather(
+        commit_and_ref(), git("diff-tree", "-r", "--numstat", "--no-renames", parent_tree, tree, cwd=worktree)
+    )
+    return Snapshot(n, ref, commit, tree, parent, parse_numstat(stat))
 
 
 async def numstat(repo: str | Path, old: str, new: str, paths: list[str] | None = None) -> list[FileStat]:
