@@ -43,7 +43,7 @@ from actors.checkpoints import (
 )
 from actors.runtime import Actor
 from events.errors import PublishError, WrongLastSequence
-from events.subjects import STREAM, ack_pending, ack_sequence, event_subject, events_of_type, split_subject
+from events.subjects import STREAM, ack_pending, ack_sequence, events_of_type, split_subject
 from events.types import (
     ChangeCommitted,
     ChangeRolledBack,
@@ -155,7 +155,6 @@ class Checkpointer(Actor):
             "checkpoint.created": self._on_checkpoint,
             "workspace.removed": self._on_removed,
             "approval.requested": self._on_approval,
-            "control.rejected": self._on_rejected,
         }
 
     def health(self) -> dict[str, Any]:
@@ -217,7 +216,9 @@ class Checkpointer(Actor):
                 ex = self.executions.get(execution_id)
                 if ex is None:
                     ex = self.executions[execution_id] = _Execution(execution_id)
-                self._handlers[kind](ex, raw, seq, live)
+                handler = self._handlers.get(kind)  # control.rejected: only _resolve matters
+                if handler is not None:
+                    handler(ex, raw, seq, live)
                 self._resolve(raw)
             except Exception:
                 log.exception("checkpointer: cannot handle %s", msg.subject)
@@ -294,9 +295,6 @@ class Checkpointer(Actor):
     def _on_approval(self, ex: _Execution, raw: dict[str, Any], seq: int, live: bool) -> None:
         if live and self.settings.on_approval and ex.running:
             self._trigger(ex, "approval", raw.get("id"), delay=0.0)
-
-    def _on_rejected(self, ex: _Execution, raw: dict[str, Any], seq: int, live: bool) -> None:
-        pass  # only answers to our own pause/resume requests matter: see _resolve
 
     async def _on_request(self, msg: Msg) -> None:
         try:
@@ -563,7 +561,3 @@ class Checkpointer(Actor):
         except CheckpointError as exc:
             await self._reject(ex, "commit.requested", exc.reason, cause)
 
-
-def state_subjects(execution_id: str) -> list[str]:
-    """The subjects of one execution the checkpointer reads (for tools and tests)."""
-    return [event_subject(execution_id, kind) for kind in (*STATE_TYPES, *REQUEST_TYPES)]

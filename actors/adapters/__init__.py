@@ -6,6 +6,7 @@ line and records every fact it returns as an event beside the raw `output`. See 
 """
 
 import importlib
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -176,3 +177,12 @@ def agent_command_line(
         raise ValueError(f"give the task once: either --task or as an argument, not both ({positional[0]!r})")
     text = task or " ".join(positional)
     return text, build_command(agent, text, [*template_args, *extra])
+
+
+def json_object(line: str) -> dict[str, Any] | None:
+    """The JSON object on one line of a CLI's stream, or None for anything else (kept as text)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None

@@ -10,7 +10,7 @@ import json
 import subprocess
 from typing import Any
 
-from actors.adapters import Adapter, Fact, summarize
+from actors.adapters import Adapter, Fact, json_object, summarize
 
 PROGRAM = "claude"
 INSTALL = "npm install @anthropic-ai/claude-code"
@@ -87,11 +87,8 @@ class ClaudeCodeAdapter(Adapter):
             self.pending_turns += 1
 
     def parse_line(self, line: str) -> list[Fact]:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            return []
-        if not isinstance(record, dict):
+        record = json_object(line)
+        if record is None:
             return []
         kind = record.get("type")
         if kind == "system" and record.get("subtype") == "init":

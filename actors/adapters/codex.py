@@ -7,10 +7,9 @@ end when it is not a terminal, so the shim closes it: `corral input` is refused 
 Codex reports no cost; usage ticks carry tokens only.
 """
 
-import json
 from typing import Any
 
-from actors.adapters import Adapter, Fact, summarize
+from actors.adapters import Adapter, Fact, json_object, summarize
 
 PROGRAM = "codex"
 INSTALL = "npm install @openai/codex"
@@ -44,11 +43,8 @@ class CodexAdapter(Adapter):
         self.turns = 0
 
     def parse_line(self, line: str) -> list[Fact]:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            return []
-        if not isinstance(record, dict):
+        record = json_object(line)
+        if record is None:
             return []
         kind = record.get("type")
         if kind == "thread.started" and record.get("thread_id"):

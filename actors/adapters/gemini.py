@@ -6,10 +6,9 @@ deltas, joined here into one agent.message), `tool_use` (tool_name, tool_id, par
 tokens). Gemini reads a piped stdin as part of the prompt, so the shim closes it. No cost is reported.
 """
 
-import json
 from typing import Any
 
-from actors.adapters import Adapter, Fact, summarize
+from actors.adapters import Adapter, Fact, json_object, summarize
 
 PROGRAM = "gemini"
 INSTALL = "npm install @google/gemini-cli"
@@ -41,11 +40,8 @@ class GeminiAdapter(Adapter):
         return [("agent.message", {"text": text})] if text.strip() else []
 
     def parse_line(self, line: str) -> list[Fact]:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            return []
-        if not isinstance(record, dict):
+        record = json_object(line)
+        if record is None:
             return []
         kind = record.get("type")
         if kind == "message":
