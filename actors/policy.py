@@ -327,6 +327,10 @@ class Policy(BaseModel):
 
     # evaluation
 
+    def file_key(self, change: "FileChange") -> tuple[str, ...]:
+        """What a file's findings depend on: its path, blobs and modes, and this policy."""
+        return (change.path, change.old_sha, change.new_sha, change.old_mode, change.new_mode, self.version)
+
     def check_files(self, changes: Sequence["FileChange"], *, cache: "FindingCache | None" = None) -> list[Violation]:
         """Violations of a checkpoint's changes (cached per file by path, blobs and policy version)."""
         c = self._compiled
@@ -334,7 +338,7 @@ class Policy(BaseModel):
         total_lines = 0
         for change in changes:
             total_lines += change.added + change.deleted
-            key = (change.path, change.old_sha, change.new_sha, change.old_mode, change.new_mode, self.version)
+            key = self.file_key(change)
             cached = cache.get(key) if cache is not None else None
             if cached is None:
                 cached = c.file_findings(change)
@@ -443,6 +447,9 @@ class FindingCache:
         self._data: OrderedDict[tuple[str, ...], list[Finding]] = OrderedDict()
         self.hits = 0
         self.misses = 0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
 
     def get(self, key: tuple[str, ...]) -> list[Finding] | None:
         found = self._data.get(key)
@@ -634,27 +641,27 @@ def parse_diff(text: str) -> list[FileChange]:
         pos = end + 1
     if not order:
         return order
-    # Patches: "diff --git a/P b/P" blocks, in the same order as the raw lines.
-    blocks = text[pos:].split("\ndiff --git ")
+    # Patches: "diff --git a/P b/P" blocks, in the same order as the raw lines; a type change (T)
+    # has two: the old file deleted, then the new one created.
+    blocks = [b for b in text[pos:].split("\ndiff --git ") if b.strip()]
     index = 0
-    for block in blocks:
-        if not block.strip():
-            continue
-        if index >= len(order):
-            break
-        change = order[index]
-        index += 1
-        hunk = block.find("\n@@")
-        if hunk == -1:
-            change.binary = "Binary files" in block or "GIT binary patch" in block
-            continue
+    for change in order:
+        parts = blocks[index : index + (2 if change.status == "T" else 1)]
+        index += len(parts)
         added: list[str] = []
         deleted = 0
-        for line in block[hunk + 1 :].split("\n"):
-            if line.startswith("+"):
-                added.append(line[1:])
-            elif line.startswith("-"):
-                deleted += 1
+        for block in parts:
+            hunk = block.find("\n@@")
+            if hunk == -1:
+                change.binary = change.binary or "Binary files" in block or "GIT binary patch" in block
+                continue
+            for line in block[hunk + 1 :].split("\n"):
+                if line.startswith("+"):
+                    added.append(line[1:])
+                elif line.startswith("-"):
+                    deleted += 1
+        if change.binary:
+            continue
         change.added = len(added)
         change.deleted = deleted
         change.added_text = "\n".join(added)

@@ -1,8 +1,10 @@
 """The validator: applies the policy to every checkpoint and every reported shell command.
 
-For each `checkpoint.created` it reads the checkpoint's diff with one `git diff-tree` call in the
-execution's repository, evaluates the execution's policy (its template's policy over `[policy]`),
-also compares git's own files (the worktree's `.git` link, the repository's config and hooks)
+For each `checkpoint.created` it reads the checkpoint's changes from the repository's object
+store (actors/gitobjects.py: loose objects inflated directly, packed ones through one long-running
+`git cat-file` per repository, no process per checkpoint; line counts from the checkpoint's own
+numstat), evaluates the execution's policy (its template's policy over `[policy]`), also compares
+git's own files (the worktree's `.git` link, the repository's config and hooks)
 with the snapshot taken when the worktree was created, and records `validation.passed` or
 `validation.failed` with every violation. A critical violation asks the spawner to pause the
 agent (`pause.requested`, requested_by "validator") and asks a human (`approval.needed`, source
@@ -30,6 +32,7 @@ from nats.js.errors import NotFoundError
 
 from actors.approver import derived_id
 from actors.bus import Bus
+from actors.gitobjects import ObjectReaders
 from actors.policy import (
     FindingCache,
     Policy,
@@ -37,7 +40,6 @@ from actors.policy import (
     effective_policy,
     git_protection_paths,
     git_tampering,
-    read_diff,
 )
 from actors.runtime import Actor
 from events.envelope import decode_event
@@ -61,6 +63,22 @@ log = logging.getLogger(__name__)
 REQUESTER = "validator"
 CHECKPOINT_CONSUMER = "validator"
 TOOL_CONSUMER = "validator-tools"
+
+
+def recorded_stats(data: CheckpointCreated) -> dict[str, tuple[int | None, int | None]]:
+    """Lines added and deleted per path, as the checkpoint recorded them (None: binary).
+
+    A type change is two numstat lines for one path; they are added up."""
+    stats: dict[str, tuple[int | None, int | None]] = {}
+    for f in data.files:
+        seen = stats.get(f.path)
+        if seen is None:
+            stats[f.path] = (f.added, f.deleted)
+        elif None in seen or f.added is None or f.deleted is None:
+            stats[f.path] = (None, None)
+        else:
+            stats[f.path] = (seen[0] + f.added, seen[1] + f.deleted)  # type: ignore[operator]
+    return stats
 
 
 class _Context:
@@ -90,6 +108,7 @@ class Validator(Actor):
         self.policy_table = policy or {}
         self.template_policies = templates or {}
         self.cache = FindingCache()
+        self.readers = ObjectReaders()  # one `git cat-file --batch` per repository
         self.contexts: OrderedDict[str, _Context] = OrderedDict()
         self.baselines: dict[str, dict[str, tuple[int, int, str]]] = {}
         self.validated = 0
@@ -133,6 +152,7 @@ class Validator(Actor):
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+        await asyncio.to_thread(self.readers.close)
 
     async def _on_workspace(self, msg: Msg) -> None:
         try:
@@ -197,7 +217,7 @@ class Validator(Actor):
         policy = ctx.policy
         started = time.perf_counter()
         violations: list[Violation] = []
-        repo = ctx.worktree or ctx.repo
+        repo = ctx.repo or ctx.worktree  # the worktrees of a repository share its objects: one reader
         if repo is None:
             violations.append(
                 Violation(
@@ -206,7 +226,14 @@ class Validator(Actor):
             )
         else:
             try:
-                changes = await asyncio.to_thread(read_diff, repo, data.parent, data.commit)
+                changes = await asyncio.to_thread(
+                    self.readers.diff,
+                    repo,
+                    data.parent,
+                    data.commit,
+                    stats=recorded_stats(data),
+                    known=lambda change: policy.file_key(change) in self.cache,
+                )
             except (OSError, RuntimeError) as exc:
                 changes = []
                 violations.append(

@@ -5,8 +5,10 @@ mix: source edits, new files, a dependency manifest, an executable, a symlink), 
 same run and alternating:
 
 - baseline: `git diff-tree -r -p --no-renames PARENT COMMIT` as a subprocess, output read, nothing else;
-- cold: Corral's validation (one `git diff-tree --raw -p` call, parsing, every policy rule,
-  git's own files compared) with an empty cache;
+- cold: Corral's validation as the validator runs it (the trees compared and the changed blobs
+  read from the object store, line counts from the checkpoint's numstat, every policy rule,
+  git's own files compared) with an empty finding cache;
+- spawned: the same with one `git diff-tree --raw -p` process per checkpoint (the previous way);
 - warm: the same with the per-file cache filled (the checkpoint validated again, e.g. redelivered);
 - in-process: parsing and every rule alone, on the git output captured once (no subprocess).
 
@@ -26,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from actors.checkpoints import parse_numstat
+from actors.gitobjects import ObjectReader
 from actors.policy import (
     FindingCache,
     Policy,
@@ -93,8 +97,21 @@ def main() -> int:
         def baseline() -> None:
             subprocess.run(baseline_cmd, cwd=repo, capture_output=True, env=env, check=True)
 
-        def validate(cache: FindingCache) -> int:
-            changes = read_diff(repo, base, commit)
+        reader = ObjectReader(repo)
+        # The checkpoint event carries its numstat (the checkpointer computes it anyway).
+        numstat = parse_numstat(git(repo, "diff-tree", "-r", "--numstat", "--no-renames", base, commit))
+        stats = {f.path: (f.added, f.deleted) for f in numstat}
+
+        def validate(cache: FindingCache, *, spawn: bool = False) -> int:
+            if spawn:
+                changes = read_diff(repo, base, commit)
+            else:
+                changes = reader.diff(
+                    base,
+                    commit,
+                    stats=stats,
+                    known=lambda c: policy.file_key(c) in cache,
+                )
             violations = policy.check_files(changes, cache=cache)
             violations += [policy.violation(f) for f in git_tampering(snapshot, git_protection_paths(repo))]
             return len(changes)
@@ -109,7 +126,7 @@ def main() -> int:
         changed = validate(FindingCache())
         warm_cache = FindingCache()
         validate(warm_cache)
-        times: dict[str, list[float]] = {"baseline": [], "cold": [], "warm": [], "in-process": []}
+        times: dict[str, list[float]] = {"baseline": [], "cold": [], "warm": [], "spawned": [], "in-process": []}
         for _ in range(5):  # warm-up
             baseline()
             validate(FindingCache())
@@ -120,9 +137,12 @@ def main() -> int:
                     baseline()
                 elif name == "in-process":
                     in_process()
+                elif name == "spawned":
+                    validate(FindingCache(), spawn=True)
                 else:
                     validate(FindingCache() if name == "cold" else warm_cache)
                 times[name].append((time.perf_counter() - started) * 1000)
+        reader.close()
     base_p50 = statistics.median(times["baseline"])
     print(f"checkpoint: {changed} changed files, {args.runs} runs each, Python {sys.version.split()[0]}")
     print(f"{'path':<10} {'p50 ms':>8} {'p90 ms':>8} {'ratio (p50)':>12}")
