@@ -2,7 +2,11 @@
 
 - `approval.needed` (from an agent's control line, the validator, or an exit with code 90) →
   `approval.requested` with an `AP-` id and `expires_at`.
-- `approval.decision.submitted` (from `corral approve/reject` or any NATS client) → the first
+- A decision request on `corral.api.approval.decide.<user>` (from `corral approve/reject` or any
+  NATS client) → `approval.decision.submitted` with `decided_by` = that user: the server lets an
+  operator publish only on its own subject (corral/auth.py), so the decider is the authenticated
+  NATS user, whatever the payload claims.
+- `approval.decision.submitted` (recorded as above, or by any client of a server without users) → the first
   submission in stream order for a pending approval wins: `approval.granted` / `approval.denied`
   with the submission as causation; every other submission gets `control.rejected`
   ("AP-X already decided: granted by alice at ...").
@@ -24,22 +28,27 @@ import contextlib
 import getpass
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import orjson
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from actors.bus import Bus
 from actors.policy import Policy
 from actors.runtime import Actor
+from corral.auth import DECIDE_API
 from events.envelope import decode_event
-from events.errors import EventError, WrongLastSequence
+from events.errors import EventError, PublishError, WrongLastSequence
+from events.ids import is_valid_execution_id, new_ulid
 from events.subjects import STREAM, ack_pending, ack_sequence, event_subject, events_of_type, split_subject
 from events.types import (
+    ApprovalDecisionSubmitted,
     ApprovalDenied,
     ApprovalExpired,
     ApprovalGranted,
@@ -126,6 +135,7 @@ class Approval:
     decision_cause: str | None = None
     submissions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (event id, data), stream order
     deciding: str | None = None  # a submission this approver is recording the outcome of
+    raise_budget: float | None = None  # a granted budget approval: the next limit
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -212,6 +222,7 @@ class ApprovalBook:
         approval.decided_by = data.get("decided_by") if kind != "approval.expired" else None
         approval.choice = data.get("choice")
         approval.note = data.get("note")
+        approval.raise_budget = data.get("raise_budget_usd")
         approval.decision_cause = raw.get("causation_id")
         approval.deciding = None
         return approval
@@ -256,6 +267,10 @@ class Approver(Actor):
             "pending": sum(1 for a in self.book.approvals.values() if a.state == "pending"),
             "caught_up": self.caught_up.is_set(),
         }
+
+    async def prepare(self) -> None:
+        # Decisions are taken from the start (recorded now, decided once the history is read).
+        self._subs.append(await self.bus.nc.subscribe(f"{DECIDE_API}.*", queue="approver", cb=self._on_submit))
 
     async def run(self) -> None:
         js = self.bus.js
@@ -357,6 +372,35 @@ class Approver(Actor):
             await self._exited_90(execution_id, raw)
         self._early_exits.clear()
 
+    async def _on_submit(self, msg: Msg) -> None:
+        """Record a decision sent to the API as `approval.decision.submitted` by the subject's user.
+
+        With NATS users (this approver has one), the subject's last token is the authenticated
+        decider and a `decided_by` in the payload is ignored; on a server without users nobody is
+        authenticated, and the payload's claim is kept, as for a submission published directly.
+        """
+        user = msg.subject.rsplit(".", 1)[-1]
+        reply: dict[str, Any]
+        try:
+            body = orjson.loads(msg.data)
+            execution_id = str(body["execution_id"])
+            if not is_valid_execution_id(execution_id):
+                raise ValueError(f"{execution_id!r} is not an execution id")
+            fields = dict(body["data"])
+            if self.bus.user is not None or not fields.get("decided_by"):
+                fields["decided_by"] = user
+            data = ApprovalDecisionSubmitted.model_validate(fields)
+            event = self.bus.event(execution_id, data, actor=self.instance, causation_id=body.get("causation_id"))
+            event = event.model_copy(update={"id": str(body.get("id") or event.id)})
+            ack = await self.bus.publisher.publish(event)
+            reply = {"ok": True, "id": event.id, "seq": ack.seq, "decided_by": data.decided_by}
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            reply = {"ok": False, "error": f"not a decision ({type(exc).__name__}: {str(exc).splitlines()[0]})"}
+        except PublishError as exc:
+            reply = {"ok": False, "error": str(exc)}
+        with contextlib.suppress(Exception):
+            await msg.respond(orjson.dumps(reply))
+
     # --- reacting --------------------------------------------------------------------------------
 
     async def _react(self, execution_id: str, kind: str, raw: dict[str, Any], approval: Approval | None) -> None:
@@ -434,6 +478,7 @@ class Approver(Actor):
                     choice=choice,
                     note=data.get("note"),
                     decided_by=data.get("decided_by"),
+                    raise_budget_usd=data.get("raise_budget_usd"),
                 )
             else:
                 outcome = ApprovalDenied(
@@ -477,21 +522,29 @@ class Approver(Actor):
         self._effects_done.add(approval.approval_id)
         p = self.policy
         action: str | None = None
+        paused = approval.source in ("validator", "budget")  # the agent waits stopped for the decision
         if approval.state == "granted":
             if approval.execution_id in self.exit90:
                 await self._restart(approval)
                 return
-            action = "resume" if approval.source == "validator" else None
+            action = "resume" if paused else None
         elif approval.state == "denied":
             reaction = p.on_violation_reject if approval.source == "validator" else p.on_reject
-            action = "cancel" if reaction == "cancel" else ("resume" if approval.source == "validator" else None)
+            if approval.source == "budget":
+                reaction = "cancel"  # no to spending more
+            action = "cancel" if reaction == "cancel" else ("resume" if paused else None)
         elif approval.state == "expired":
-            action = "cancel" if p.on_expire == "cancel" else ("resume" if approval.source == "validator" else None)
+            expire_cancels = p.on_expire == "cancel" or approval.source == "budget"  # never spend unasked
+            action = "cancel" if expire_cancels else ("resume" if paused else None)
         reason = f"approval {approval.approval_id} {approval.state}"
         if action == "resume":
             await self._emit(
                 approval.execution_id,
-                ResumeRequested(reason=reason, requested_by=REQUESTER),
+                ResumeRequested(
+                    reason=reason,
+                    requested_by=REQUESTER,
+                    max_cost_usd=approval.raise_budget if approval.state == "granted" else None,
+                ),
                 cause=approval.event_id,
                 event_id=derived_id(approval.event_id, "resume"),
             )
@@ -552,6 +605,48 @@ class Approver(Actor):
             await self._emit(
                 new_id, new, cause=approval.event_id, event_id=derived_id(approval.event_id, "restart"), expected=0
             )
+
+
+class DecisionRefused(Exception):
+    """No approver took a decision, or it refused it; the message says which and what to do."""
+
+
+def decision_api(user: str) -> str:
+    """The subject a user sends decisions to: `corral.api.approval.decide.<user>`."""
+    return f"{DECIDE_API}.{re.sub(r'[^A-Za-z0-9_-]', '_', user) or 'unknown'}"
+
+
+async def submit_decision(
+    bus: Bus,
+    execution_id: str,
+    data: ApprovalDecisionSubmitted,
+    *,
+    causation_id: str | None = None,
+    timeout_s: float = 15.0,
+) -> dict[str, Any]:
+    """Send a decision to the approvers as this bus's NATS user; return {id, seq, decided_by} of the record.
+
+    Without NATS users the subject names the claimed decider (data.decided_by, else the OS user).
+    """
+    user = bus.user or data.decided_by or decider()
+    body = {
+        "execution_id": execution_id,
+        "id": new_ulid(),
+        "causation_id": causation_id,
+        "data": data.model_dump(mode="json"),
+    }
+    try:
+        msg = await bus.nc.request(decision_api(user), orjson.dumps(body), timeout=timeout_s)
+    except NoRespondersError:
+        raise DecisionRefused(
+            "no approver runs to take the decision; start one (`corral up`), `corral health` lists them"
+        ) from None
+    except TimeoutError:
+        raise DecisionRefused(f"no approver answered within {timeout_s:.0f}s; `corral health` lists them") from None
+    answer: dict[str, Any] = orjson.loads(msg.data)
+    if not answer.get("ok"):
+        raise DecisionRefused(str(answer.get("error") or "refused"))
+    return answer
 
 
 def decision_subject(execution_id: str) -> str:

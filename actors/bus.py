@@ -1,18 +1,23 @@
 """The bus an actor holds: a NATS connection, its JetStream context and a pipelined publisher."""
 
 import asyncio
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlparse
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.errors import AuthorizationError
 from nats.js import JetStreamContext
+from nats.protocol.parser import PERMISSIONS_ERR
 
+from corral.auth import Credentials, environment_credentials
 from events.envelope import Event, new_event
 from events.publisher import PubAck, Publisher
-from events.stream import ensure_event_stream
+from events.stream import cluster_size, ensure_event_stream, replicas_for
 from events.types import EventData
 
 Clock = Callable[[], datetime]
@@ -31,6 +36,19 @@ class Bus:
     publisher: Publisher
     servers: list[str]
     clock: Clock = utc_now
+    replicas: int = 1  # of the event log; KV buckets and other streams use as many
+    credentials: Credentials | None = field(default=None, repr=False)  # None: a server without authorization
+
+    @property
+    def user(self) -> str | None:
+        """The NATS user this bus authenticated as (None without authorization)."""
+        return self.credentials.user if self.credentials else None
+
+    def connect_options(self) -> dict[str, Any]:
+        """What another connection of the same actor needs to authenticate like this one."""
+        if self.credentials is None:
+            return {}
+        return {"user": self.credentials.user, "password": self.credentials.password}
 
     async def emit(
         self,
@@ -72,18 +90,44 @@ async def _probe(servers: list[str], timeout_s: float) -> None:
 
 
 async def connect_bus(
-    url: str | list[str], *, name: str = "corral", connect_timeout_s: float = 2.0, replicas: int = 1
+    url: str | list[str],
+    *,
+    name: str = "corral",
+    connect_timeout_s: float = 2.0,
+    replicas: int | None = None,
+    credentials: Credentials | None = None,
 ) -> Bus:
-    """Connect to NATS, make sure the event stream exists and return a ready Bus."""
+    """Connect to NATS, make sure the event stream exists and return a ready Bus.
+
+    `replicas` None: as many as the cluster has servers, at most 3 (1 on a single server).
+    `credentials`: the NATS user of this connection's role (corral/auth.py); None takes
+    CORRAL_NATS_USER / CORRAL_NATS_PASSWORD when both are set, else connects without.
+    """
+    credentials = credentials or environment_credentials()
     servers = url if isinstance(url, list) else [u for u in url.split(",") if u]
     await _probe(servers, connect_timeout_s)
+    publisher: Publisher | None = None
+    refused: set[str] = set()
+    connecting = True
 
-    async def quiet(_exc: Exception) -> None:
-        # Disconnects are retried forever; the failures that matter surface as timeouts.
-        return None
+    async def on_error(exc: Exception) -> None:
+        # Disconnects are retried forever; the failures that matter surface as timeouts. A permission
+        # violation is a bug or a misconfigured role: say so once, and fail the publish at once.
+        text = str(exc)
+        if connecting and "authorization violation" in text.lower():
+            raise AuthorizationError  # wrong credentials: nats-py would retry the first connect forever
+        if PERMISSIONS_ERR not in text:
+            return
+        subject = text.rsplit(" to ", 1)[-1].strip().strip('"')
+        who = credentials.user if credentials else "anonymous"
+        if subject not in refused:
+            refused.add(subject)
+            sys.stderr.write(f"corral: {name}: NATS refused user {who}: {text.removeprefix('nats: ')}\n")
+        if publisher is not None:
+            publisher.refuse(subject, f"NATS user {who} may not publish to it (docs/security.md)")
 
     nc = await nats.connect(
-        error_cb=quiet,
+        error_cb=on_error,
         servers=servers,
         name=name,
         connect_timeout=connect_timeout_s,
@@ -91,8 +135,11 @@ async def connect_bus(
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         pending_size=64 * 1024 * 1024,
+        **({"user": credentials.user, "password": credentials.password} if credentials else {}),
     )
+    connecting = False
     js = nc.jetstream(timeout=10.0)
-    await ensure_event_stream(js, replicas=replicas)
+    wanted = replicas if replicas is not None else replicas_for(cluster_size(nc._server_info, configured=len(servers)))
+    stored = await ensure_event_stream(js, replicas=wanted)
     publisher = await Publisher(nc).start()
-    return Bus(nc=nc, js=js, publisher=publisher, servers=servers)
+    return Bus(nc=nc, js=js, publisher=publisher, servers=servers, replicas=stored, credentials=credentials)

@@ -730,9 +730,32 @@ def git_tampering(before: dict[str, tuple[int, int, str]], after: dict[str, tupl
 
 
 def effective_policy(
-    policy: dict[str, Any], templates: dict[str, dict[str, Any] | None], template: str | None
+    policy: dict[str, Any],
+    templates: dict[str, dict[str, Any] | None],
+    template: str | None,
+    run: dict[str, Any] | None = None,
 ) -> Policy:
-    """The policy of an execution: [policy], with its template's policy keys over it."""
+    """The policy of an execution: [policy], its template's policy keys over it, the run's over both."""
     override = templates.get(template) if template else None
     where = f"templates.{template}.policy" if override else "policy"
-    return parse_policy(merge_policy(policy, override), where=where)
+    if run:
+        where = "policy"
+    return parse_policy(merge_policy(merge_policy(policy, override), run), where=where)
+
+
+def read_policy_file(path: str | Path) -> dict[str, Any]:
+    """The policy keys of a TOML file for `corral run --policy FILE`: a [policy] table, or top-level keys."""
+    import tomllib
+
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PolicyError(f"policy file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"cannot read policy file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"policy file {path} is not valid TOML: {exc}") from None
+    table = raw.get("policy", raw) if set(raw) <= {"policy"} else raw
+    if not isinstance(table, dict) or not table:
+        raise PolicyError(f"policy file {path} has no policy keys (write them at the top level or under [policy])")
+    return table

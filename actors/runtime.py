@@ -12,7 +12,7 @@ import orjson
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, FetchTimeoutError
+from nats.js.errors import BucketNotFoundError, FetchTimeoutError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from actors.bus import Bus
@@ -90,7 +90,7 @@ class Actor:
         except BucketNotFoundError:
             with contextlib.suppress(Exception):
                 self._health = await self.bus.js.create_key_value(
-                    KeyValueConfig(bucket=HEALTH_BUCKET, history=1, ttl=3600)
+                    KeyValueConfig(bucket=HEALTH_BUCKET, history=1, ttl=3600, replicas=self.bus.replicas)
                 )
         while not self.stopping.is_set():
             if self._health is not None:
@@ -149,6 +149,9 @@ class Actor:
                 try:
                     msgs = await sub.fetch(1, timeout=0.5)
                 except (FetchTimeoutError, NatsTimeoutError, TimeoutError):
+                    continue
+                except ServiceUnavailableError:  # the consumer's leader is being elected (a node left)
+                    await asyncio.sleep(0.5)
                     continue
                 for msg in msgs:
                     await handle(msg)

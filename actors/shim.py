@@ -34,9 +34,10 @@ from typing import Any
 
 import orjson
 
-from actors.adapters import load_adapter
+from actors.adapters import load_adapter, probe
 from actors.filewatch import FileWatcher
 from actors.output import ControlLine, OutputCoalescer
+from actors.redact import Redactor, secret_values
 from events.ids import new_ulid
 
 SPEC = "spec.json"
@@ -165,6 +166,9 @@ class Shim:
         self.process: asyncio.subprocess.Process | None = None
         self.chunk_number = 0
         self.coalescers = {"stdout": OutputCoalescer(), "stderr": OutputCoalescer(parse_control=True)}
+        # Secret values of the agent's environment never reach the spool (actors/redact.py).
+        secrets = secret_values(self.spec.get("env") or {}, self.spec.get("secret_env") or ())
+        self.redactors = {stream: Redactor(secrets) for stream in self.coalescers}
         self.started_wall = time.time()
         self.started = time.monotonic()
         self.paused_since: float | None = None
@@ -178,7 +182,12 @@ class Shim:
         self.last_output_at: float | None = None
         self.cgroup: Any = None
         self._flush_timers: dict[str, asyncio.TimerHandle] = {}
+        self._files_timer: asyncio.TimerHandle | None = None
         self.adapter = load_adapter(self.spec)  # maps an agent CLI's stdout to typed facts (actors/adapters)
+        self.cost = 0.0  # USD reported or estimated so far (usage ticks)
+        self.budget: float | None = self.spec.get("max_cost_usd")  # paused for an approval when reached
+        self.budget_paused = False
+        self.live_usage = True  # the CLI reports usage while it runs (else a budget cannot pause it)
         self.watching_files = False
 
     # spool
@@ -203,13 +212,54 @@ class Shim:
                 self._facts(self.adapter.feed(text))
 
     def _facts(self, facts: list[tuple[str, dict[str, Any]]]) -> None:
+        ticked = False
         for kind, data in facts:
             if kind == "file.touched" and self.watching_files:
                 continue  # the file watcher reports them from the worktree itself
             self.record(kind, data)
+            if kind == "usage":
+                self.cost += float(data.get("cost_usd") or 0.0)
+                ticked = True
+        if ticked:
+            self._progress()
+            self._check_budget()
         adapter = self.adapter
         if adapter is not None and adapter.stdin_done and self.process and self.process.stdin:
             self.process.stdin.close()  # every message sent has its answer: let the agent finish
+
+    def _progress(self) -> None:
+        """A heartbeat with progress toward the limit the CLI's output lets us measure (budget, else turns)."""
+        adapter = self.adapter
+        note = None
+        if self.budget:
+            progress = self.cost / self.budget
+            note = f"{usd(self.cost)} of {usd(self.budget)} budget"
+        elif adapter is not None and (limit := adapter.max_turns()):
+            progress = adapter.turns / limit
+            note = f"turn {adapter.turns} of {limit}"
+        if note is not None:
+            self.record("heartbeat", {"source": "adapter", "note": note, "progress": round(min(progress, 1.0), 4)})
+
+    def _check_budget(self) -> None:
+        """Past the budget: record it; pause the agent and ask for an approval when it can still be stopped."""
+        if self.budget is None or self.cost < self.budget or self.budget_paused or self.stop_reason is not None:
+            return
+        budget, self.budget = self.budget, None  # asked once; a resume sets the next budget
+        self.record("limit.exceeded", {"limit": "cost", "value": round(self.cost, 6), "maximum": budget})
+        if self.live_usage and self.process is not None and self.process.returncode is None:
+            self.budget_paused = True
+            asyncio.get_running_loop().create_task(self._budget_pause(budget))
+
+    async def _budget_pause(self, budget: float) -> None:
+        reply = await self.pause(None) if self.paused_since is None else {"ok": True}
+        if not reply.get("ok"):
+            self.budget_paused = False
+            return  # it ended (or cannot be stopped): limit.exceeded says what happened
+        question = (
+            f"{self.spec.get('execution_id')} has spent {usd(self.cost)} of its {usd(budget)} budget and is paused. "
+            "Approve to continue (corral approve ID --raise-budget USD sets the next limit), reject to cancel it."
+        )
+        self.record("approval.needed", {"question": question, "options": [], "category": "budget", "source": "budget"})
 
     def _controls(self, controls: list[ControlLine]) -> None:
         for control in controls:
@@ -296,20 +346,30 @@ class Shim:
                     self.cgroup = None
             if preexec is None:
                 preexec = make_preexec(spec.get("memory_bytes"), spec.get("cpus"))
+        if self.adapter is not None:  # what this host's CLI supports (cached per binary): recorded first
+            capabilities = await asyncio.to_thread(probe, self.adapter.name, command[0])
+            self.live_usage = bool(capabilities["features"].get("live_usage"))
+            self.record("agent.capabilities", {"agent": self.adapter.name, **capabilities})
         # Watch the worktree before the agent starts, so its first writes are seen too.
         watcher = FileWatcher.open(Path(spec["cwd"])) if spec.get("watch_files", True) else None
+        # The agent's stdout and stderr are plain pipes read from loop callbacks (not stream
+        # reader tasks): a wake-up per write instead of two, hundreds of shims at once.
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *command,
                 cwd=spec["cwd"],
                 env=spec["env"],
                 stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdout=out_w,
+                stderr=err_w,
                 start_new_session=True,
                 preexec_fn=preexec,
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
             error = getattr(exc, "strerror", None) or str(exc)
             self.record("execution.failed", {"stage": "spawn", "error": f"cannot start {command[0]!r}: {error}"})
             if watcher is not None:
@@ -328,6 +388,8 @@ class Shim:
                 "cwd": spec["cwd"],
             },
         )
+        os.close(out_w)
+        os.close(err_w)
         process = self.process
         self.watching_files = watcher is not None
         if self.adapter is not None and process.stdin is not None:
@@ -335,10 +397,8 @@ class Shim:
                 process.stdin.write(first)
             if not self.adapter.keeps_stdin:
                 process.stdin.close()
-        assert process.stdout is not None
-        assert process.stderr is not None
         done = asyncio.Event()
-        readers = asyncio.gather(self._read("stdout", process.stdout), self._read("stderr", process.stderr))
+        readers = asyncio.gather(self._read("stdout", out_r), self._read("stderr", err_r))
         helpers = [
             asyncio.create_task(self._timers(done)),
         ]
@@ -347,8 +407,7 @@ class Shim:
         if spec.get("disk_bytes"):
             helpers.append(asyncio.create_task(self._disk_quota(done, int(spec["disk_bytes"]))))
         if watcher is not None:
-            loop.add_reader(watcher.fd, watcher.read)
-            helpers.append(asyncio.create_task(self._file_events(watcher)))
+            loop.add_reader(watcher.fd, self._files_changed, watcher)
         returncode = await process.wait()
         try:
             # A grandchild may hold the pipes open after the agent exits; don't wait forever.
@@ -373,6 +432,8 @@ class Shim:
                 self.cgroup.close()
         for timer in self._flush_timers.values():
             timer.cancel()
+        if self._files_timer is not None:
+            self._files_timer.cancel()
         if watcher is not None:
             loop.remove_reader(watcher.fd)
             watcher.read()
@@ -397,21 +458,65 @@ class Shim:
         for path, change in watcher.take():
             self.record("file.touched", {"path": path, "change": change})
 
-    async def _file_events(self, watcher: FileWatcher) -> None:
-        """Report the files the agent touched, gathered over FILE_EVENTS_INTERVAL_S."""
-        while True:
-            await asyncio.sleep(FILE_EVENTS_INTERVAL_S)
-            if watcher.pending:
-                self._touched(watcher)
+    def _files_changed(self, watcher: FileWatcher) -> None:
+        """inotify has news: gather it; report it FILE_EVENTS_INTERVAL_S after the first change."""
+        watcher.read()
+        if watcher.pending and self._files_timer is None:
+            self._files_timer = asyncio.get_running_loop().call_later(
+                FILE_EVENTS_INTERVAL_S, self._report_files, watcher
+            )
 
-    async def _read(self, stream: str, reader: asyncio.StreamReader) -> None:
+    def _report_files(self, watcher: FileWatcher) -> None:
+        self._files_timer = None
+        if watcher.pending:
+            self._touched(watcher)
+
+    def _read(self, stream: str, fd: int) -> "asyncio.Future[None]":
+        """Read one of the agent's pipes from a loop callback; the future resolves at its end."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        os.set_blocking(fd, False)
+
+        def ready() -> None:
+            try:
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            try:
+                if data:
+                    self._feed(stream, data)
+                    return
+                loop.remove_reader(fd)
+                os.close(fd)
+                self._end(stream)
+            except Exception as exc:  # handed to whoever waits for the pipe
+                with contextlib.suppress(ValueError, OSError):
+                    loop.remove_reader(fd)
+                if not ended.done():
+                    ended.set_exception(exc)
+                return
+            if not ended.done():
+                ended.set_result(None)
+
+        loop.add_reader(fd, ready)
+        return ended
+
+    def _feed(self, stream: str, data: bytes) -> None:
+        chunks, controls = self.coalescers[stream].feed(self.redactors[stream].feed(data))
+        self._controls(controls)
+        for chunk in chunks:
+            self._output(stream, chunk)
+        self._schedule_flush(stream)
+
+    def _end(self, stream: str) -> None:
         coalescer = self.coalescers[stream]
-        while data := await reader.read(READ_SIZE):
-            chunks, controls = coalescer.feed(data)
-            self._controls(controls)
-            for chunk in chunks:
-                self._output(stream, chunk)
-            self._schedule_flush(stream)
+        redactor = self.redactors[stream]
+        chunks, controls = coalescer.feed(redactor.finish())
+        self._controls(controls)
+        for chunk in chunks:
+            self._output(stream, chunk)
         text, controls = coalescer.finish()
         self._controls(controls)
         self._output(stream, text)
@@ -488,9 +593,12 @@ class Shim:
         self.record("execution.paused", {"pids": sorted(tree)}, cause)
         return {"ok": True, "pids": sorted(tree)}
 
-    async def resume(self, cause: str | None) -> dict[str, Any]:
+    async def resume(self, cause: str | None, max_cost_usd: float | None = None) -> dict[str, Any]:
         if self.paused_since is None:
             return {"ok": False, "error": "not paused"}
+        if self.budget_paused:  # past the budget: go on up to the new one (none given: no limit)
+            self.budget_paused = False
+            self.budget = max_cost_usd
         deadline = time.monotonic() + STOP_CHECK_S
         while True:
             tree = self.tree()
@@ -513,7 +621,8 @@ class Shim:
     async def deliver_input(self, text: str, cause: str | None) -> dict[str, Any]:
         process = self.process
         if process is None or process.stdin is None or process.stdin.is_closing():
-            return {"ok": False, "error": "the agent's stdin is closed"}
+            refusal = self.adapter.input_refusal() if self.adapter else "the agent's stdin is closed"
+            return {"ok": False, "error": refusal}
         data = self.adapter.encode_input(text) if self.adapter is not None else text.encode()
         try:
             process.stdin.write(data)
@@ -573,7 +682,7 @@ class Shim:
             elif kind == "pause":
                 reply = await self.pause(cause)
             elif kind == "resume":
-                reply = await self.resume(cause)
+                reply = await self.resume(cause, op.get("max_cost_usd"))
             elif kind == "cancel":
                 if self.paused_since is not None:
                     await self.resume(None)
@@ -591,6 +700,11 @@ class Shim:
             pass
         finally:
             writer.close()
+
+
+def usd(amount: float) -> str:
+    """$2.5000 for amounts of a cent or more; tiny ones in two significant digits ($1e-07)."""
+    return f"${amount:.4f}" if amount >= 0.01 or amount == 0 else f"${amount:.2g}"
 
 
 def _iso(epoch: float) -> str:

@@ -35,10 +35,12 @@ from pydantic import ValidationError
 from actors.approver import approval_line
 from actors.bus import Bus
 from actors.errors import WorkspaceError
+from actors.redact import SECRET_PLACEHOLDER
 from actors.runtime import Actor
 from actors.shim import PUBLISHED, SPEC, SPOOL, request, socket_address
 from actors.worktree import add_worktree, remove_worktree, repo_root, resolve_commit
-from events.envelope import Event, decode_event
+from corral.auth import CREDENTIAL_ENV, SERVER_ENV_PREFIX
+from events.envelope import Event, decode_event, envelope_bytes, trusted_payload
 from events.errors import EventError, WrongLastSequence
 from events.publisher import PubAck
 from events.subjects import STREAM, event_subject, events_of_type, split_subject
@@ -74,6 +76,7 @@ CONTROL_TYPES = (
 APPROVAL_TYPES = ("approval.requested", "approval.granted", "approval.denied", "approval.expired")
 POLL_S = 1.0
 SAVE_OFFSET_EVERY_S = 5.0
+PUMP_GATHER_S = 0.02
 SHIM_CONNECT_S = 10.0
 
 
@@ -107,6 +110,68 @@ class RunningExecution:
     pgid: int | None = None
 
 
+class SpoolTail:
+    """How far one shim's spool is published: an open spool, the watch socket, acknowledgements owed.
+
+    The spool and the `published` offset file stay open while the execution runs: opening a file
+    per wake-up was most of the spawner's cost with hundreds of agents.
+    """
+
+    READ_SIZE = 1 << 20
+
+    def __init__(self, run: RunningExecution, done: "asyncio.Future[None]") -> None:
+        self.run = run
+        self.done = done  # resolved by the pump when nothing more will be published
+        self.fd = -1
+        self.published_fd = -1
+        self.offset = 0
+        self.saved = 0
+        self.saved_at = time.monotonic()
+        self.sock: socket.socket | None = None
+        self.acks: deque[tuple[int, asyncio.Future[PubAck]]] = deque()
+        self.terminal: str | None = None
+
+    def open(self) -> None:
+        run_dir = self.run.run_dir
+        with contextlib.suppress(FileNotFoundError):
+            self.offset = int((run_dir / PUBLISHED).read_text().strip() or 0)
+        self.saved = self.offset
+        self.fd = os.open(run_dir / SPOOL, os.O_RDONLY | os.O_CREAT, 0o600)
+        self.published_fd = os.open(run_dir / PUBLISHED, os.O_WRONLY | os.O_CREAT, 0o600)
+
+    def read(self) -> bytes:
+        """The spool's bytes from the offset (at most READ_SIZE)."""
+        return os.pread(self.fd, self.READ_SIZE, self.offset)
+
+    def save(self) -> None:
+        """Remember the offset below which every line is stored (fixed width: one write, no truncation)."""
+        os.pwrite(self.published_fd, b"%020d" % self.saved, 0)
+        self.saved_at = time.monotonic()
+
+    def settle(self) -> None:
+        """Take the acknowledgements that came; save the offset now and then; raise a failed publish."""
+        acks = self.acks
+        while acks and acks[0][1].done():
+            done_offset, future = acks.popleft()
+            future.result()  # a publish that failed for good is raised, not skipped
+            self.saved = done_offset
+        if self.saved and time.monotonic() - self.saved_at > SAVE_OFFSET_EVERY_S:
+            self.save()
+
+    def close_watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.sock is not None:
+            loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.close_watch(loop)
+        for fd in (self.fd, self.published_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.published_fd = -1
+
+
 class Spawner(Actor):
     """Claims `execution.requested`, owns worktrees, shims and agent processes on its host."""
 
@@ -121,6 +186,7 @@ class Spawner(Actor):
         max_running: int = 16,
         stop_grace_s: float = 5.0,
         cancel_grace_s: float = 10.0,
+        secret_env: tuple[str, ...] = (),
         instance: str | None = None,
     ) -> None:
         super().__init__(bus, instance=instance)
@@ -129,6 +195,7 @@ class Spawner(Actor):
         self.max_running = max_running
         self.stop_grace_s = stop_grace_s
         self.cancel_grace_s = cancel_grace_s
+        self.secret_env = secret_env
         self.host = socket.gethostname()
         self.running: dict[str, RunningExecution] = {}
         self.pending: dict[str, Pending] = {}
@@ -139,6 +206,10 @@ class Spawner(Actor):
         self._wake = asyncio.Event()
         self._subs: list[Any] = []
         self._repo_locks: dict[str, asyncio.Lock] = {}
+        self._tails: dict[str, SpoolTail] = {}  # the spools being published, by execution
+        self._dirty: dict[str, SpoolTail] = {}  # those to read in the pump's next pass
+        self._pump_wake = asyncio.Event()
+        self._pump_task: asyncio.Task[None] | None = None
 
     def health(self) -> dict[str, Any]:
         return {
@@ -202,6 +273,10 @@ class Spawner(Actor):
                     )
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.stop_grace_s + 10)
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump_task
 
     # --- the queue ---------------------------------------------------------------------------
 
@@ -316,6 +391,9 @@ class Spawner(Actor):
         run = self.running.get(told[0]) if told else None
         if told is None or run is None or not run.shim_started.is_set():
             return
+        if run.request is not None and run.request.agent != "command":
+            return  # an agent CLI's stdin speaks its own protocol; it never asks through Corral's
+
         with contextlib.suppress(OSError, TimeoutError):
             await request(run.run_dir, {"op": "input", "text": told[1]})
 
@@ -350,8 +428,8 @@ class Spawner(Actor):
                 op = {"op": "input", "text": text}
             case PauseRequested():
                 op = {"op": "pause"}
-            case ResumeRequested():
-                op = {"op": "resume"}
+            case ResumeRequested(max_cost_usd=max_cost):
+                op = {"op": "resume", "max_cost_usd": max_cost}
             case CancelRequested(grace_s=grace):
                 op = {"op": "cancel", "grace_s": grace, "reason": "cancelled"}
             case TimeoutExtendRequested(seconds=seconds):
@@ -410,11 +488,14 @@ class Spawner(Actor):
         path = self.worktrees / run.execution_id
         try:
             repo = repo_root(request.repo)
-            base_commit = resolve_commit(repo, request.base)
-            # git races when worktrees of one repository are added at once (it reads a half-made
-            # one's metadata), so adds are serialized per repository.
-            async with self._repo_locks.setdefault(str(repo), asyncio.Lock()):
-                await add_worktree(repo, path, branch=branch, commit=base_commit)
+            if request.worktree:  # a follow-up continues in its parent's worktree and branch
+                path, branch, base_commit = existing_worktree(Path(request.worktree))
+            else:
+                base_commit = resolve_commit(repo, request.base)
+                # git races when worktrees of one repository are added at once (it reads a half-made
+                # one's metadata), so adds are serialized per repository.
+                async with self._repo_locks.setdefault(str(repo), asyncio.Lock()):
+                    await add_worktree(repo, path, branch=branch, commit=base_commit)
         except WorkspaceError as exc:
             await self._emit(run, ExecutionFailed(stage="workspace", error=str(exc)))
             return
@@ -428,8 +509,7 @@ class Spawner(Actor):
             await self._emit(run, exited, run.stop_cause)
             return
         env = {
-            **os.environ,
-            **request.env,
+            **agent_environment(request.env),
             "CORRAL_EXECUTION_ID": run.execution_id,
             "CORRAL_WORKTREE": str(path),
         }
@@ -448,6 +528,9 @@ class Spawner(Actor):
             "memory_bytes": request.limits.memory_bytes,
             "cpus": request.limits.cpus,
             "disk_bytes": request.limits.disk_bytes,
+            "max_cost_usd": request.max_cost_usd,
+            "secret_env": list(self.secret_env),  # redacted from output by the shim, like *_KEY, *_TOKEN
+            "prices": request.prices,
         }
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / SPOOL).touch()
@@ -459,7 +542,8 @@ class Spawner(Actor):
         except OSError as exc:
             await self._emit(run, ExecutionFailed(stage="spawn", error=f"cannot start the shim: {exc}"))
             shutil.rmtree(run.run_dir, ignore_errors=True)
-            await remove_worktree(repo, path, branch=branch)
+            if not request.worktree:
+                await remove_worktree(repo, path, branch=branch)
             return
         await self._follow(run)
 
@@ -472,59 +556,31 @@ class Spawner(Actor):
         self._spawn_task(self._follow(run), run)
 
     async def _follow(self, run: RunningExecution) -> None:
-        """Publish the shim's spool until its terminal record is stored; record a lost agent."""
-        spool = run.run_dir / SPOOL
-        published_file = run.run_dir / PUBLISHED
-        offset = int(published_file.read_text() or 0) if published_file.exists() else 0
-        acks: deque[tuple[int, asyncio.Future[PubAck]]] = deque()
-        saved_at = time.monotonic()
-        saved = offset
-        terminal: str | None = None
-        watch = await self._watch(run)
-        run.shim_started.set()
-        while True:
-            data = read_from(spool, offset)
-            end = data.rfind(b"\n") + 1
-            for line in data[:end].splitlines():
-                offset += len(line) + 1
-                event = self._event(run, line)
-                if event is None:
-                    continue
-                if event.type in TERMINAL:
-                    terminal = event.type
-                future = await self.bus.publisher.send(event.subject, event.to_bytes(), msg_id=event.id)
-                acks.append((offset, future))
-            while acks and acks[0][1].done():
-                done_offset, future = acks.popleft()
-                future.result()  # a publish that failed for good is raised, not skipped
-                saved = done_offset
-            if saved and time.monotonic() - saved_at > SAVE_OFFSET_EVERY_S:
-                published_file.write_text(str(saved))
-                saved_at = time.monotonic()
-            if terminal is not None:
-                break
-            if watch is None:
-                if end == 0:
-                    break  # the shim is gone and every whole line it wrote is published
-                continue
-            try:
-                got = await asyncio.wait_for(watch[0].read(4096), POLL_S)
-            except TimeoutError:
-                continue
-            except ConnectionError:
-                got = b""
-            if not got:
-                watch[1].close()
-                watch = None  # the shim exited; read what is left
-        if watch is not None:
-            watch[1].close()
-        for done_offset, future in acks:
-            await future
-            saved = done_offset
-        published_file.write_text(str(saved))
+        """Publish the shim's spool until its terminal record is stored; record a lost agent.
+
+        The reading and publishing is done by one pump for all executions (`_pump`); this task
+        opens the spool, waits until the pump is done with it, then finishes the execution.
+        """
+        tail = SpoolTail(run, asyncio.get_running_loop().create_future())
+        tail.open()
+        try:
+            await self._watch(tail)
+            run.shim_started.set()
+            self._tails[run.execution_id] = tail
+            self._mark(tail)
+            self._ensure_pump()
+            await tail.done
+            for done_offset, future in tail.acks:
+                await future
+                tail.saved = done_offset
+            tail.save()
+        finally:
+            self._tails.pop(run.execution_id, None)
+            tail.close(asyncio.get_running_loop())
+        terminal = tail.terminal
         if terminal is None:
             await self._lost(run)
-        elif terminal == "execution.failed" and run.request is not None:
+        elif terminal == "execution.failed" and run.request is not None and not run.request.worktree:
             with contextlib.suppress(WorkspaceError):
                 await remove_worktree(
                     repo_root(run.request.repo), self.worktrees / run.execution_id, branch=f"corral/{run.execution_id}"
@@ -534,42 +590,147 @@ class Spawner(Actor):
                 await asyncio.to_thread(run.shim.wait, 5.0)
         shutil.rmtree(run.run_dir, ignore_errors=True)
 
-    async def _watch(self, run: RunningExecution) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        """Connect to the shim's watch stream; None once the shim is known to be gone."""
+    # --- the spool pump ------------------------------------------------------------------------
+
+    def _ensure_pump(self) -> None:
+        if self._pump_task is None or self._pump_task.done():
+            self._pump_task = asyncio.create_task(self._pump(), name=f"{self.instance}-spool-pump")
+
+    def _mark(self, tail: "SpoolTail") -> None:
+        self._dirty[tail.run.execution_id] = tail
+        self._pump_wake.set()
+
+    async def _pump(self) -> None:
+        """Publish what the shims spooled: one pass over every spool that changed, then wait.
+
+        A shim writes a byte on its watch socket per spool line; the socket's reader callback
+        only marks the spool. After a wake-up the pump waits PUMP_GATHER_S so that one pass
+        serves the many agents that wrote meanwhile (hundreds of agents heartbeating cost tens
+        of passes a second, not one task wake-up per line). Every POLL_S every spool is looked
+        at anyway (acknowledgements, the saved offset).
+        """
+        settled_at = read_all_at = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pump_wake.wait(), POLL_S)
+            self._pump_wake.clear()
+            await asyncio.sleep(PUMP_GATHER_S)
+            now = time.monotonic()
+            if now - read_all_at >= SAVE_OFFSET_EVERY_S:
+                read_all_at = now  # a safety net: no spool waits long for a wake-up that got lost
+                self._dirty.update(self._tails)
+            dirty, self._dirty = self._dirty, {}
+            for tail in dirty.values():
+                if not tail.done.done():
+                    try:
+                        await self._publish_spool(tail)
+                    except Exception as exc:  # this execution's task raises it (and records the failure)
+                        fail(tail, exc)
+            if now - settled_at >= POLL_S:
+                settled_at = now
+                for tail in list(self._tails.values()):
+                    if not tail.done.done():
+                        try:
+                            tail.settle()
+                        except Exception as exc:
+                            fail(tail, exc)
+
+    async def _publish_spool(self, tail: "SpoolTail") -> None:
+        """Publish the whole lines a spool gained; resolve `tail.done` once nothing more will come."""
+        run = tail.run
+        data = tail.read()
+        end = data.rfind(b"\n") + 1
+        send = self.bus.publisher.send
+        for line in data[:end].split(b"\n")[:-1]:
+            tail.offset += len(line) + 1
+            built = self._envelope(run, line)
+            if built is None:
+                continue
+            subject, payload, event_id, kind = built
+            if kind in TERMINAL:
+                tail.terminal = kind
+            tail.acks.append((tail.offset, await send(subject, payload, msg_id=event_id)))
+        tail.settle()
+        if tail.terminal is not None:
+            tail.done.set_result(None)
+        elif len(data) >= SpoolTail.READ_SIZE:
+            self._mark(tail)  # more than one read's worth: go on in the next pass
+        elif tail.sock is None:
+            if end == 0:
+                tail.done.set_result(None)  # the shim is gone and every whole line it wrote is published
+            else:
+                self._mark(tail)
+
+    def _on_watch(self, tail: "SpoolTail") -> None:
+        """A shim appended to its spool (a byte), or exited (end of stream)."""
+        sock = tail.sock
+        if sock is None:
+            return
+        try:
+            got = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            got = b""
+        if not got:
+            tail.close_watch(asyncio.get_running_loop())
+        self._mark(tail)
+
+    async def _watch(self, tail: "SpoolTail") -> None:
+        """Connect to the shim's watch stream; leave `tail.sock` None once the shim is known to be gone."""
+        run = tail.run
+        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + SHIM_CONNECT_S
         while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
             try:
-                reader, writer = await asyncio.open_unix_connection(socket_address(run.run_dir))
-                writer.write(b'{"op":"watch"}\n')
-                await writer.drain()
-                return reader, writer
+                await loop.sock_connect(sock, socket_address(run.run_dir))
+                await loop.sock_sendall(sock, b'{"op":"watch"}\n')
             except OSError:
+                sock.close()
                 if run.shim is None or run.shim.poll() is not None or time.monotonic() > deadline:
-                    return None
+                    return
                 await asyncio.sleep(0.02)
+                continue
+            tail.sock = sock
+            loop.add_reader(sock.fileno(), self._on_watch, tail)
+            return
 
-    def _event(self, run: RunningExecution, line: bytes) -> Event | None:
+    def _envelope(self, run: RunningExecution, line: bytes) -> tuple[str, bytes, str, str] | None:
+        """(subject, payload, event id, type) of one spool line, or None for a line that cannot be read.
+
+        Output and heartbeats of the plain shape the shim writes are encoded directly; every other
+        record goes through its model, and one the model refuses becomes a `protocol.error`.
+        """
         try:
             record = orjson.loads(line)
             kind = record["type"]
-            try:
-                data: EventData = model_for(kind).model_validate(record["data"])
-            except ValidationError as exc:
-                data = ProtocolError(line=line.decode(errors="replace")[:2000], error=str(exc).splitlines()[0])
-                kind = data.TYPE
+            raw = record["data"]
+            event_id = record["id"]
+            if type(event_id) is not str:
+                raise TypeError("the id is not a string")
+            data = trusted_payload(kind, raw)
+            if data is None:
+                try:
+                    data = model_for(kind).model_validate(raw).model_dump(mode="json")
+                except ValidationError as exc:
+                    error = ProtocolError(line=line.decode(errors="replace")[:2000], error=str(exc).splitlines()[0])
+                    kind, data = error.TYPE, error.model_dump(mode="json")
             if kind == "execution.started":
-                run.pgid = record["data"].get("pgid")
-            return Event(
-                id=record["id"],
-                type=kind,
-                execution_id=run.execution_id,
-                ts=datetime.fromtimestamp(record["ts"], UTC),
-                actor=self.instance,
-                causation_id=record.get("cause") or run.request_id,
-                correlation_id=run.execution_id,
-                data=data,
+                run.pgid = raw.get("pgid")
+            payload = envelope_bytes(
+                event_id,
+                kind,
+                run.execution_id,
+                datetime.fromtimestamp(record["ts"], UTC),
+                self.instance,
+                record.get("cause") or run.request_id,
+                run.execution_id,
+                data,
             )
-        except (orjson.JSONDecodeError, KeyError, TypeError, EventError) as exc:
+            return event_subject(run.execution_id, kind), payload, event_id, kind
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError, OSError, EventError) as exc:
             sys.stderr.write(f"corral: spawner: {run.execution_id}: unreadable spool line skipped ({exc})\n")
             return None
 
@@ -585,6 +746,35 @@ class Spawner(Actor):
             return
         duration = round(max(0.0, time.time() - started_at), 6)
         await self._emit(run, ExecutionExited(exit_code=None, duration_s=duration, reason="lost"))
+
+
+def existing_worktree(path: Path) -> tuple[Path, str, str]:
+    """(path, branch, HEAD commit) of a worktree a follow-up reuses; WorkspaceError if it is gone."""
+    if not (path / ".git").exists():
+        raise WorkspaceError(str(path), "the worktree to continue in is gone (corral worktrees lists them)")
+    found = []
+    for args in (["symbolic-ref", "--short", "HEAD"], ["rev-parse", "HEAD"]):
+        done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise WorkspaceError(str(path), f"not a usable worktree: {done.stderr.strip()}")
+        found.append(done.stdout.strip())
+    return path, found[0], found[1]
+
+
+def agent_environment(requested: dict[str, str]) -> dict[str, str]:
+    """The agent's environment: this spawner's without Corral's NATS credentials, the request's over it.
+
+    A secret the request names with the value `***` (its value is never in an event:
+    docs/security.md) keeps this spawner's own value.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_ENV and not k.startswith(SERVER_ENV_PREFIX)}
+    env.update({name: value for name, value in requested.items() if value != SECRET_PLACEHOLDER})
+    return env
+
+
+def fail(tail: SpoolTail, exc: BaseException) -> None:
+    if not tail.done.done():
+        tail.done.set_exception(exc)
 
 
 def start_shim(run_dir: Path) -> subprocess.Popen[bytes]:

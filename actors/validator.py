@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+import orjson
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -113,7 +114,7 @@ class Validator(Actor):
         self.baselines: dict[str, dict[str, tuple[int, int, str]]] = {}
         self.validated = 0
         self.failed = 0
-        self._policies: dict[str | None, Policy] = {}
+        self._policies: dict[tuple[str | None, str | None], Policy] = {}
         self._sub: Any = None
 
     def health(self) -> dict[str, Any]:
@@ -125,14 +126,15 @@ class Validator(Actor):
             "cache_misses": self.cache.misses,
         }
 
-    def policy_for(self, template: str | None) -> Policy:
-        if template not in self._policies:
+    def policy_for(self, template: str | None, run: dict[str, Any] | None = None) -> Policy:
+        key = (template, orjson.dumps(run, option=orjson.OPT_SORT_KEYS).decode() if run else None)
+        if key not in self._policies:
             try:
-                self._policies[template] = effective_policy(self.policy_table, self.template_policies, template)
+                self._policies[key] = effective_policy(self.policy_table, self.template_policies, template, run)
             except PolicyError:
-                log.exception("validator: bad policy for template %s; using [policy]", template)
-                self._policies[template] = effective_policy(self.policy_table, {}, None)
-        return self._policies[template]
+                log.exception("validator: bad policy for template %s (or the run's); using [policy]", template)
+                self._policies[key] = effective_policy(self.policy_table, {}, None)
+        return self._policies[key]
 
     async def prepare(self) -> None:
         # Git's own files are snapshotted when a worktree is created, before the agent runs.
@@ -186,7 +188,8 @@ class Validator(Actor):
         if repo is None and isinstance(request, ExecutionRequested):
             repo = request.repo
         worktree = workspace.path if isinstance(workspace, WorkspaceCreated) else None
-        ctx = _Context(repo, worktree, template, self.policy_for(template))
+        run_policy = request.policy if isinstance(request, ExecutionRequested) else None
+        ctx = _Context(repo, worktree, template, self.policy_for(template, run_policy))
         self.contexts[execution_id] = ctx
         if len(self.contexts) > 10_000:
             self.contexts.popitem(last=False)

@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import orjson
@@ -105,6 +105,7 @@ class _Live:
     spawn_clock: float | None = None  # monotonic time the spawn clock started (at the claim)
     last_activity: float = 0.0  # monotonic time of the last activity (or start, or resume)
     paused: bool = False
+    awaiting: set[str] = field(default_factory=set)  # approvals it waits for: its idle clock is stopped
     stalled: bool = False  # a stall is recorded for the current episode
     reaction: str | None = None  # the reaction of that stall
     owner: bool = False  # this instance applies the pending reaction (it recorded it, or recovered it)
@@ -236,6 +237,10 @@ class Watchdog(Actor):
             "execution.failed": self._on_failed,
             "execution.retry_scheduled": self._on_retry_scheduled,
             "execution.crash_loop": self._on_crash_loop,
+            "approval.requested": self._on_approval_requested,
+            "approval.granted": self._on_approval_decided,
+            "approval.denied": self._on_approval_decided,
+            "approval.expired": self._on_approval_decided,
         }
 
     def health(self) -> dict[str, Any]:
@@ -292,7 +297,7 @@ class Watchdog(Actor):
             if t.cancel_sent:
                 continue
             if t.phase == _RUNNING:
-                if t.paused or t.stalled or t.idle_s is None:
+                if t.paused or t.stalled or t.idle_s is None or t.awaiting:
                     continue
                 due = t.last_activity + t.idle_s
                 if now >= due:
@@ -451,6 +456,21 @@ class Watchdog(Actor):
             t.stalled = False  # the idle clock restarts: a new episode
             t.last_activity = max(t.last_activity, at)
 
+    def _on_approval_requested(self, execution_id: str, raw: dict[str, Any], seq: int, at: float) -> None:
+        # An agent waiting for a human decision is not stalled: its idle clock stops until then.
+        t = self.live.get(execution_id)
+        approval_id = raw.get("data", {}).get("approval_id")
+        if t is not None and isinstance(approval_id, str):
+            t.awaiting.add(approval_id)
+
+    def _on_approval_decided(self, execution_id: str, raw: dict[str, Any], seq: int, at: float) -> None:
+        t = self.live.get(execution_id)
+        approval_id = raw.get("data", {}).get("approval_id")
+        if t is not None and approval_id in t.awaiting:
+            t.awaiting.discard(approval_id)
+            if not t.awaiting:
+                t.last_activity = max(t.last_activity, at)  # the idle clock starts again from the decision
+
     def _on_stalled(self, execution_id: str, raw: dict[str, Any], seq: int, at: float) -> None:
         t = self.live.get(execution_id)
         if t is None:
@@ -564,7 +584,7 @@ class Watchdog(Actor):
         The task runs a moment after the check; a rival's stall read in between must make our
         append fail (WrongLastSequence), so `expected` is the value the check saw, not today's.
         """
-        if t.stalled or t.cancel_sent or t.paused or t.idle_s is None:
+        if t.stalled or t.cancel_sent or t.paused or t.idle_s is None or t.awaiting:
             return  # a stall (a rival's), a cancel or a pause was read since the check
         if time.monotonic() - t.last_activity < t.idle_s:
             return  # activity came back since the check

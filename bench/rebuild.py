@@ -6,8 +6,9 @@ usage ticks, a checkpoint, an exit) to an embedded nats-server, then measures in
 - raw baseline: a plain nats-py ordered push consumer reading the same stream to the end and
   decoding each payload with orjson (no DuckDB at all): the floor any rebuild pays to read the log;
 - Corral: `projections.rebuild.rebuild_database`, the code `corral projections rebuild` runs
-  (ordered consumer, batches through the projector's BatchApplier into every table, the new
-  file swapped in).
+  (an ephemeral pull consumer read raw with pipelined `MSG.NEXT` requests, batches of 50,000
+  bulk-loaded into `events` and the execution states while the next is read, every derived
+  table filled once at the end, the new file swapped in).
 
     .venv/bin/python bench/rebuild.py [--events 300000]
 """

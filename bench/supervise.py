@@ -2,7 +2,9 @@
 
 For each N it measures, over a steady window once every agent runs:
 - Corral's own CPU share: the `corral up` process (spawner, watchdog, projector) plus every
-  per-execution shim, as a % of one core (nats-server is reported beside it, not in it);
+  per-execution shim, as a % of one core (nats-server is reported beside it, not in it), with
+  the shims' part and the part of `corral up`'s main thread (its asyncio loop: spawner, watchdog,
+  publisher; the rest of `corral up` is mostly the projector's DuckDB work in other threads);
 - the baseline, measured in the same run: a bare asyncio supervisor with no Corral code that
   starts the same agents with pipes and only reads and discards their output;
 - idle-detection latency: a tenth of the agents go silent; the time from each one's last
@@ -10,31 +12,43 @@ For each N it measures, over a steady window once every agent runs:
 
     .venv/bin/python bench/supervise.py [--agents 100,250,500] [--window 20] [--idle 3]
 
-BENCH_PROFILE=FILE records a py-spy profile of `corral up` over the window (needs py-spy on PATH).
+BENCH_PROFILE=FILE records a cProfile of `corral up`'s main thread over the window, in FILE.<N>
+(cProfile slows the profiled process down: don't read the CPU figures of a profiled run).
 """
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.bus import connect_bus
+from bench.common import (
+    connect_home,
+    cpu_seconds,
+    main_thread_share,
+    make_repo,
+    nats_server_of,
+    pids_matching,
+    sql,
+    start_up,
+    stop_up,
+    thread_cpu,
+    wait_ready,
+    write_config,
+)
 from events.envelope import new_event
 from events.ids import new_execution_id
 from events.types import ExecutionRequested, Timeouts
 
-TICKS = os.sysconf("SC_CLK_TCK")
 # A toy agent in bash: an output line and a heartbeat every second, no fork per beat.
 # With SILENT_AFTER=k it stops writing after k beats and just waits (a stalled agent).
 AGENT = r"""
@@ -50,124 +64,69 @@ done
 """
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            raw = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / TICKS
-
-
-def pids_matching(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def make_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
-    (path / "README.md").write_text("bench\n")
-    git = ["git", "-C", str(path), "-c", "user.email=b@example.com", "-c", "user.name=b"]
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], check=True)
-    return path
-
-
-def start_up(env: dict[str, str], home: Path, root: Path) -> subprocess.Popen[bytes]:
-    with open(home / "up.err", "wb") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "corral", "up"], env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=str(root)
+async def start_agents(bus: Any, n: int, repo: Path, idle: float, *, silent: int, silent_after: int) -> None:
+    """Request n toy agents; the first `silent` go quiet after `silent_after` beats."""
+    for i in range(n):
+        request = ExecutionRequested(
+            command=("bash", "-c", AGENT),
+            repo=str(repo),
+            env={"SILENT_AFTER": str(silent_after)} if i < silent else {},
+            timeouts=Timeouts(idle=idle),
         )
+        await bus.publisher.publish(new_event(new_execution_id(), request, actor="bench"))
 
 
-async def sql(bus: Any, text: str) -> list[Any]:
-    reply = await bus.nc.request("corral.api.sql", json.dumps({"sql": text}).encode(), timeout=60)
-    rows: list[Any] = json.loads(reply.data).get("rows", [])
-    return rows
+async def wait_running(bus: Any, n: int, marker: str, *, timeout_s: float = 600) -> float:
+    """Wait until n agents whose command line holds `marker` run; print progress; return seconds."""
+    started = last_report = time.monotonic()
+    while (running := len(pids_matching(marker))) < n:
+        if time.monotonic() - last_report > 15:
+            last_report = time.monotonic()
+            states = await sql(bus, "SELECT state, count(*) FROM executions GROUP BY 1 ORDER BY 1")
+            print(f"  {n} agents: {running} running after {last_report - started:.0f}s; {states}", flush=True)
+        if time.monotonic() - started > timeout_s:
+            raise RuntimeError(f"agents did not all start within {timeout_s:.0f}s: {running} of {n}")
+        await asyncio.sleep(0.5)
+    return time.monotonic() - started
 
 
 async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict[str, float]:
     home = root / f"home-{n}"
-    home.mkdir()
-    (home / "corral.toml").write_text(
-        f'[spawner]\nmax_running = {n + 10}\n[defaults]\nidle_timeout = "{idle}s"\non_stall = "notify"\n'
-    )
-    env = {**os.environ, "CORRAL_HOME": str(home)}
-    env.pop("CORRAL_NATS_URL", None)
-    up = start_up(env, home, root)
+    write_config(home, n + 10, idle=idle)
+    profile = os.environ.get("BENCH_PROFILE")
+    up = start_up(home, root, profile=f"{profile}.{n}" if profile else None)
     try:
-        for _ in range(400):
-            runtime = home / "runtime.json"
-            if runtime.exists() and json.loads(runtime.read_text()).get("ready"):
-                break
-            await asyncio.sleep(0.05)
-        url = json.loads((home / "runtime.json").read_text())["url"]
-        bus = await connect_bus(url)
+        bus = await connect_home(home, await wait_ready(home, up))
         repo = make_repo(root / f"repo-{n}")
         silent = max(1, n // 10)
         beats_before_silence = int(window) + 30  # goes silent during the measuring window
-        started = time.monotonic()
-        for i in range(n):
-            request = ExecutionRequested(
-                command=("bash", "-c", AGENT),
-                repo=str(repo),
-                env={"SILENT_AFTER": str(beats_before_silence)} if i < silent else {},
-                timeouts=Timeouts(idle=idle),
-            )
-            await bus.publisher.publish(new_event(new_execution_id(), request, actor="bench"))
-        # Wait until every agent runs.
-        last_report = started
-        while (running := len(pids_matching("read -t 1 -u 3"))) < n:
-            if time.monotonic() - last_report > 30:
-                last_report = time.monotonic()
-                states = await sql(bus, "SELECT state, count(*) FROM executions GROUP BY 1 ORDER BY 1")
-                print(f"  {n} agents: {running} running after {last_report - started:.0f}s; {states}", flush=True)
-            if time.monotonic() - started > 600:
-                raise RuntimeError(f"agents did not all start within 600s: {running} of {n}")
-            await asyncio.sleep(0.5)
-        ramp = time.monotonic() - started
+        await start_agents(bus, n, repo, idle, silent=silent, silent_after=beats_before_silence)
+        ramp = await wait_running(bus, n, "read -t 1 -u 3")
         await asyncio.sleep(3)
         shims = pids_matching(f"actors.shim {home}")
         corral = [up.pid, *shims]
-        nats = pids_matching("nats-server")
-        nats = [p for p in nats if str(home) in Path(f"/proc/{p}/cmdline").read_text()]
+        nats = nats_server_of(home)
+        threads0 = thread_cpu(up.pid)
         c0, n0, s0, t0 = cpu_seconds(corral), cpu_seconds(nats), cpu_seconds(shims), time.monotonic()
-        if os.environ.get("BENCH_PROFILE"):
-            subprocess.Popen(["py-spy", "record", "-p", str(up.pid), "-d", str(int(window)), "-o",
-                              os.environ["BENCH_PROFILE"], "-f", "raw"])
+        if profile:
+            up.send_signal(signal.SIGUSR1)
         await asyncio.sleep(window)
+        if profile:
+            up.send_signal(signal.SIGUSR2)
         c1, n1, s1, t1 = cpu_seconds(corral), cpu_seconds(nats), cpu_seconds(shims), time.monotonic()
+        main_thread = main_thread_share(up.pid, threads0, thread_cpu(up.pid))
         # Stalls: the silent agents stop after beats_before_silence beats; wait for their stalled events.
         deadline = time.monotonic() + beats_before_silence + idle + 60
         latencies: list[float] = []
         while time.monotonic() < deadline:
-            reply = await bus.nc.request(
-                "corral.api.sql",
-                json.dumps(
-                    {
-                        "sql": "SELECT s.ts, (SELECT max(ts) FROM events a WHERE a.execution_id = s.execution_id "
-                        "AND a.type IN ('output', 'heartbeat') AND a.seq < s.seq) AS last_activity "
-                        "FROM events s WHERE s.type = 'execution.stalled'",
-                        "max_rows": 100000,
-                    }
-                ).encode(),
-                timeout=60,
+            rows = await sql(
+                bus,
+                "SELECT s.ts, (SELECT max(ts) FROM events a WHERE a.execution_id = s.execution_id "
+                "AND a.type IN ('output', 'heartbeat') AND a.seq < s.seq) AS last_activity "
+                "FROM events s WHERE s.type = 'execution.stalled'",
+                max_rows=100000,
             )
-            rows = json.loads(reply.data)["rows"]
             if len(rows) >= silent:
-                from datetime import datetime
-
                 latencies = [
                     (datetime.fromisoformat(ts) - datetime.fromisoformat(last)).total_seconds() - idle
                     for ts, last in rows
@@ -180,6 +139,7 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
             "corral_cpu": (c1 - c0) / (t1 - t0) * 100,
             "nats_cpu": (n1 - n0) / (t1 - t0) * 100,
             "shims_cpu": (s1 - s0) / (t1 - t0) * 100,
+            "loop_cpu": main_thread / (t1 - t0) * 100,
             "shims": len(corral) - 1,
             "stalls": len(latencies),
             "expected_stalls": silent,
@@ -187,15 +147,7 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
             "stall_max": max(latencies) if latencies else float("nan"),
         }
     finally:
-        up.send_signal(signal.SIGTERM)
-        stopping = time.monotonic()
-        try:
-            up.wait(timeout=120)
-            print(f"  corral up stopped {n} agents and itself in {time.monotonic() - stopping:.1f}s", flush=True)
-        except subprocess.TimeoutExpired:
-            print(f"  corral up did not stop within 120s of SIGTERM with {n} agents; killed", flush=True)
-            up.kill()
-            up.wait()
+        stop_up(up, f"{n} agents and itself")
 
 
 async def measure_baseline(n: int, window: float) -> float:
@@ -243,7 +195,8 @@ async def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="corral-supervise-"))
     print(
-        f"{'agents':>6} {'ramp':>7} {'corral cpu':>11} {'baseline cpu':>13} {'ratio':>6} {'nats cpu':>9} "
+        f"{'agents':>6} {'ramp':>7} {'corral cpu':>11} {'shims':>7} {'up loop':>8} {'baseline cpu':>13} "
+        f"{'ratio':>6} {'nats cpu':>9} "
         f"{'stalls':>7} {'stall p50':>10} {'stall max':>10}"
     )
     try:
@@ -252,7 +205,8 @@ async def main() -> None:
             result = await measure_corral(n, args.window, args.idle, root)
             ratio = result["corral_cpu"] / baseline if baseline else float("inf")
             print(
-                f"{n:>6} {result['ramp_s']:>6.1f}s {result['corral_cpu']:>10.1f}% {result['shims_cpu']:>7.1f}% "
+                f"{n:>6} {result['ramp_s']:>6.1f}s {result['corral_cpu']:>10.1f}% {result['shims_cpu']:>6.1f}% "
+                f"{result['loop_cpu']:>7.1f}% "
                 f"{baseline:>12.1f}% "
                 f"{ratio:>5.1f}x {result['nats_cpu']:>8.1f}% {result['stalls']:>3}/{result['expected_stalls']:<3} "
                 f"{result['stall_p50']:>+9.2f}s {result['stall_max']:>+9.2f}s",

@@ -1,13 +1,15 @@
 """Human approvals: approvals, approve, reject.
 
 `corral approvals` reads every `approval.*` event from the log (no projection needed) and lists
-pending approvals first. `corral approve` / `corral reject` publish `approval.decision.submitted`
-on `corral.evt.<execution_id>.approval.decision.submitted` and wait for the approver's answer:
-`approval.granted` / `approval.denied` caused by that submission, or `control.rejected` saying
-who decided first. See docs/approvals.md.
+pending approvals first. `corral approve` / `corral reject` send the decision to the approvers on
+`corral.api.approval.decide.<NATS user>` (the approver records `approval.decision.submitted` with
+that authenticated user as `decided_by`) and wait for the answer: `approval.granted` /
+`approval.denied` caused by that submission, or `control.rejected` saying who decided first.
+See docs/approvals.md and docs/security.md.
 """
 
 import argparse
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlparse
@@ -15,13 +17,13 @@ from urllib.parse import urlparse
 import orjson
 from nats.aio.msg import Msg
 
-from actors.approver import APPROVAL_EVENTS, ApprovalBook, decider
+from actors.approver import APPROVAL_EVENTS, ApprovalBook, DecisionRefused, decider, submit_decision
 from corral import render
-from corral.control import NotConfirmed, request_and_wait
+from corral.control import CONFIRM_TIMEOUT_S, NotConfirmed
 from corral.errors import CorralError, UsageError
 from corral.home import Home
 from corral.system import System, open_system
-from events.subjects import split_subject
+from events.subjects import execution_events, split_subject
 from events.types import ApprovalDecisionSubmitted
 from replay.history import follow
 
@@ -35,6 +37,12 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> d
     approve.add_argument("approval_id", metavar="AP_ID")
     approve.add_argument("--choice", help="one of the approval's options")
     approve.add_argument("--note", help="a note for the agent and the record")
+    approve.add_argument(
+        "--raise-budget",
+        type=float,
+        metavar="USD",
+        help="a budget approval: continue until the execution's cost reaches USD (default: no limit)",
+    )
     approve.add_argument("--json", action="store_true", help="print the confirming event")
     reject = sub.add_parser("reject", help="deny a pending approval (the first decision wins)")
     reject.add_argument("approval_id", metavar="AP_ID")
@@ -94,6 +102,45 @@ async def cmd_approvals(home: Home, args: Any) -> int:
     return 0
 
 
+async def submit_and_wait(
+    system: System, execution_id: str, data: ApprovalDecisionSubmitted, *, timeout_s: float = CONFIRM_TIMEOUT_S
+) -> dict[str, Any]:
+    """Send a decision to the approvers as this connection's NATS user; return the outcome it caused.
+
+    The approver records the submission (with the authenticated user as `decided_by`) and answers
+    with its id; the outcome, or the `control.rejected` saying who decided first, names it as cause.
+    """
+    try:
+        record = await submit_decision(system.bus, execution_id, data, timeout_s=timeout_s)
+    except DecisionRefused as exc:
+        raise CorralError(str(exc)) from None
+    answer: dict[str, Any] = {}
+    done = asyncio.Event()
+
+    async def on_event(seq: int, msg: Msg) -> bool:
+        if msg.subject.split(".", 3)[3] not in ("approval.granted", "approval.denied", "control.rejected"):
+            return False
+        raw = orjson.loads(msg.data)
+        if raw.get("causation_id") != record["id"]:
+            return False
+        answer.update(raw, seq=seq)
+        return True
+
+    follower = asyncio.create_task(
+        follow(system.bus.js, execution_events(execution_id), on_event, start_seq=int(record["seq"]), done=done)
+    )
+    try:
+        await asyncio.wait_for(asyncio.shield(follower), timeout_s)
+    except TimeoutError:
+        raise NotConfirmed(f"no approver decided the submission {record['id']} within {timeout_s:.0f}s") from None
+    finally:
+        done.set()
+        follower.cancel()
+    if answer.get("type") == "control.rejected":
+        raise CorralError(str(answer["data"]["reason"]))
+    return answer
+
+
 def _decided_by(system: System) -> str:
     """The NATS user when the URL carries one (auth on), else the OS user."""
     for server in system.url.split(","):
@@ -114,17 +161,21 @@ async def _decide(home: Home, args: Any, approve: bool) -> int:
             raise CorralError(approval.decided_text())
         if choice is not None and approval.options and choice not in approval.options:
             raise UsageError(f"--choice must be one of: {', '.join(approval.options)} (got {choice!r})")
+        raise_budget = getattr(args, "raise_budget", None)
+        if raise_budget is not None and approval.source != "budget":
+            raise UsageError(f"--raise-budget is for budget approvals; {approval.approval_id} is not one")
+        if raise_budget is not None and raise_budget <= 0:
+            raise UsageError(f"--raise-budget must be more than 0 USD (got {raise_budget})")
         data = ApprovalDecisionSubmitted(
             approval_id=approval.approval_id,
             approve=approve,
             choice=choice,
             note=args.note,
             decided_by=_decided_by(system),
+            raise_budget_usd=raise_budget,
         )
         try:
-            answer = await request_and_wait(
-                system, approval.execution_id, data, ("approval.granted", "approval.denied")
-            )
+            answer = await submit_and_wait(system, approval.execution_id, data)
         except NotConfirmed:
             raise CorralError(
                 f"no approver answered about {approval.approval_id} within 15s; the decision is recorded and "

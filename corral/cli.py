@@ -44,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", help="address-space limit of the agent, e.g. 2G")
     run.add_argument("--cpus", help="CPUs the agent may use, e.g. 1")
     run.add_argument("--disk", help="worktree disk quota; the agent is paused past it, e.g. 5G")
+    run.add_argument(
+        "--max-cost",
+        metavar="USD",
+        help="budget: at this cost the agent is paused and an approval requested (corral approve ID "
+        "[--raise-budget USD] continues it, corral reject cancels it)",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="EXEC_ID",
+        help="a follow-up: continue that finished execution's agent session, in its worktree and branch",
+    )
+    run.add_argument("--policy", metavar="FILE", help="a TOML file of policy keys for this run (over [policy])")
     run.add_argument("--detach", "-d", action="store_true", help="print the execution id and return")
     run.add_argument("--quiet", "-q", action="store_true", help="only the agent's own output")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
@@ -51,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run NATS, the actors and the projector in the foreground")
     up.add_argument("--actors", help="comma-separated subset: spawner,watchdog,projector (default: all)")
     up.add_argument("--max-running", type=int, help="agents this spawner runs at once (default: corral.toml, 4)")
+    up.add_argument(
+        "--nats",
+        metavar="URL[,URL...]",
+        help="NATS server or cluster to use instead of the embedded one (default: $CORRAL_NATS_URL)",
+    )
+    up.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus metrics on PORT (docs/metrics.md)")
+    up.add_argument("--metrics-address", metavar="ADDR", help="address the metrics port binds (default: 127.0.0.1)")
 
     down = sub.add_parser("down", help="stop a running `corral up`")
     down.add_argument("--timeout", type=float, default=30.0)

@@ -12,19 +12,22 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import orjson
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from actors.adapters import agent_command_line
+from actors.adapters import build_command, split_words
 from actors.errors import WorkspaceError
+from actors.redact import SECRET_PLACEHOLDER, is_secret_name
 from actors.worktree import repo_root, resolve_commit
 from corral import render
-from corral.config import load_config, resolve_run
+from corral.config import Config, load_config, resolve_run
 from corral.errors import CorralError, NotFound, UsageError
 from corral.home import Home, SystemLock
+from corral.metrics import MetricsCollector, MetricsServer, parse_port
 from corral.system import System, open_system
 from events.envelope import new_event
 from events.ids import is_valid_execution_id, new_execution_id
@@ -85,6 +88,17 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def refuse_secret_env(env: dict[str, str], extra: tuple[str, ...] = ()) -> None:
+    """Stop a request that would write a secret's value into the event log (docs/security.md)."""
+    for name, value in env.items():
+        if is_secret_name(name, extra) and value != SECRET_PLACEHOLDER:
+            raise UsageError(
+                f"--env {name}: a secret's value is never written into the event log; export {name} where "
+                f"the spawner runs (`corral up`, or this shell for a one-off `corral run`) — agents inherit it — "
+                f"or pass --env {name}='{SECRET_PLACEHOLDER}' to record only that the agent uses it"
+            )
+
+
 def _tracked(repo: Path, base: str, path: str) -> bool:
     result = subprocess.run(
         ["git", "-C", str(repo), "cat-file", "-e", f"{base}:{path}"], capture_output=True, check=False
@@ -142,8 +156,12 @@ def start_background_system(home: Home) -> int:
 
 
 async def cmd_run(home: Home, args: Any) -> int:
+    from corral import followup  # (it reads history, which imports this module)
+
+    config = load_config(home)
+    parent = await followup.find_parent(home, args.resume, args.agent) if getattr(args, "resume", None) else None
     try:
-        repo = repo_root(args.repo)
+        repo = repo_root(parent.request.repo if parent else args.repo)
         resolve_commit(repo, args.base)
     except WorkspaceError as exc:
         raise UsageError(str(exc)) from None
@@ -151,7 +169,7 @@ async def cmd_run(home: Home, args: Any) -> int:
     if command and command[0] == "--":
         command = command[1:]
     resolved = resolve_run(
-        load_config(home),
+        config,
         args.template,
         {
             "timeout_s": args.timeout,
@@ -162,20 +180,28 @@ async def cmd_run(home: Home, args: Any) -> int:
             "cpus": args.cpus,
             "disk_bytes": args.disk,
             "priority": args.priority,
-            "env": parse_env(args.env or []),
-            "agent": args.agent,
+            "max_cost_usd": getattr(args, "max_cost", None),
+            "env": {**(parent.request.env if parent else {}), **parse_env(args.env or [])},
+            "agent": args.agent or (parent.request.agent if parent else None),
         },
     )
+    refuse_secret_env(resolved.env, config.security.secret_env)
     task = args.task
+    agent_args: list[str] = []
     if resolved.agent and resolved.agent != "command":
         try:  # the adapter builds the CLI's command line from the task (actors/adapters)
-            task, built = agent_command_line(resolved.agent, args.task, list(args.command), resolved.args)
+            task, extra = split_words(args.task, list(args.command))
+            # A follow-up passes the parent's CLI arguments again unless new ones are given.
+            agent_args = list(parent.request.agent_args) if parent and not extra else [*resolved.args, *extra]
+            built = build_command(resolved.agent, task, agent_args, resume=parent.resume_arg if parent else None)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         command = check_command(built, repo, args.base)
+        followup.check_budget_support(resolved.agent, command[0], resolved.settings.max_cost_usd)
     else:
         command = check_command(list(resolved.argv(command)), repo, args.base)
     settings = resolved.settings
+    run_policy = _run_policy(config, resolved.template, getattr(args, "policy", None))
     request = ExecutionRequested(
         command=tuple(command),
         repo=str(repo),
@@ -190,8 +216,17 @@ async def cmd_run(home: Home, args: Any) -> int:
         on_stall=settings.on_stall,
         labels=parse_env(args.label or []),
         requested_by=os.environ.get("USER"),
+        max_cost_usd=settings.max_cost_usd,
+        prices=config.prices,
+        agent_args=tuple(agent_args),
+        resume_of=parent.execution_id if parent else None,
+        resume_session=parent.session_id if parent else None,
+        worktree=parent.worktree if parent else None,
+        policy=run_policy,
     )
     execution_id = new_execution_id()
+    if parent is not None and not args.quiet:
+        info(f"{execution_id}: follow-up of {parent.execution_id} in {parent.worktree}")
     if args.detach:
         if not SystemLock(home).is_held_elsewhere():
             pid = start_background_system(home)
@@ -202,6 +237,24 @@ async def cmd_run(home: Home, args: Any) -> int:
         return 0
     async with open_system(home) as system:
         return await _run_and_follow(system, execution_id, request, quiet=args.quiet)
+
+
+def _run_policy(config: Config, template: str | None, path: str | None) -> dict[str, Any] | None:
+    """The policy keys of `corral run --policy FILE`, checked over [policy] and the template's."""
+    if not path:
+        return None
+    from actors.policy import PolicyError, effective_policy, read_policy_file
+
+    try:
+        keys = read_policy_file(path)
+    except PolicyError as exc:
+        raise UsageError(f"{exc}; nothing was started") from None
+    try:
+        templates = {t.name: t.policy for t in config.templates.values()}
+        effective_policy(config.policy, templates, template, keys)
+    except PolicyError as exc:
+        raise UsageError(f"{path}: {exc}; nothing was started") from None
+    return keys
 
 
 async def _run_and_follow(system: System, execution_id: str, request: ExecutionRequested, *, quiet: bool) -> int:
@@ -307,11 +360,38 @@ def _summarise(execution_id: str, outcome: dict[str, Any], *, quiet: bool) -> in
 
 async def cmd_up(home: Home, args: Any) -> int:
     actors = tuple(a.strip() for a in args.actors.split(",") if a.strip()) if args.actors else None
+    metrics_server = await _bind_metrics(home, args)
+    try:
+        return await _run_up(home, args, actors, metrics_server)
+    finally:
+        if metrics_server is not None:
+            await metrics_server.stop()
+
+
+async def _bind_metrics(home: Home, args: Any) -> MetricsServer | None:
+    """Bind the metrics port first: a taken or bad port stops `corral up` before anything starts."""
+    settings = load_config(home).metrics
+    port = settings.port
+    if getattr(args, "metrics_port", None) is not None:
+        port = parse_port(args.metrics_port)
+    address = getattr(args, "metrics_address", None) or settings.address
+    if port is None:
+        if getattr(args, "metrics_address", None):
+            raise UsageError("--metrics-address needs --metrics-port (or [metrics] port in corral.toml)")
+        return None
+    server = MetricsServer(address, port)
+    await server.start()
+    return server
+
+
+async def _run_up(home: Home, args: Any, actors: tuple[str, ...] | None, metrics_server: MetricsServer | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     kwargs: dict[str, Any] = {"mode": "up", "client_ok": False, "max_running": args.max_running}
+    if args.nats:
+        kwargs["nats_url"] = check_nats_urls(args.nats)
     if actors:
         kwargs["actors"] = actors
     async with open_system(home, **kwargs) as system:
@@ -319,6 +399,13 @@ async def cmd_up(home: Home, args: Any) -> int:
             f"up: NATS {system.url}{' (embedded)' if system.server else ''} · "
             f"actors {', '.join(system.actors)} · home {home.root}"
         )
+        collector: MetricsCollector | None = None
+        if metrics_server is not None:
+            collector = MetricsCollector(system)
+            await collector.start()
+            metrics_server.collector = collector
+            home.write_runtime({**(home.read_runtime() or {}), "metrics_url": metrics_server.url})
+            info(f"metrics: {metrics_server.url}")
         info("Ctrl-C or SIGTERM stops everything")
         waiters = [asyncio.create_task(stop.wait())] + [
             asyncio.create_task(actor.wait()) for actor in system.actors.values()
@@ -330,8 +417,29 @@ async def cmd_up(home: Home, args: Any) -> int:
             if not task.cancelled() and task.exception() is not None:
                 info(f"an actor failed: {task.exception()!r}; stopping")
         info("stopping")
+        if metrics_server is not None:
+            metrics_server.collector = None
+        if collector is not None:
+            await collector.stop()
     info("stopped")
     return 0
+
+
+def check_nats_urls(value: str) -> str:
+    """Return `--nats` as given if every comma-separated item is a NATS URL; a clear error otherwise."""
+    urls = [u.strip() for u in value.split(",")]
+    for url in urls:
+        parsed = urlparse(url if "://" in url else f"nats://{url}")
+        try:
+            valid = bool(url) and parsed.scheme in ("nats", "tls", "ws", "wss") and bool(parsed.hostname)
+            valid = valid and (parsed.port or 0) >= 0  # a port that is not a number raises ValueError
+        except ValueError:
+            valid = False
+        if not valid:
+            raise UsageError(
+                f"--nats {value!r}: {url!r} is not a NATS URL; give nats://HOST:PORT, comma-separated for a cluster"
+            )
+    return ",".join(urls)
 
 
 def cmd_down(home: Home, args: Any) -> int:
@@ -375,7 +483,7 @@ async def query(system: System, sql: str, *, max_rows: int = 10000) -> dict[str,
 
 
 async def cmd_sql(home: Home, args: Any) -> int:
-    async with open_system(home, actors=("projector",)) as system:
+    async with open_system(home, actors=("projector",), role="tap") as system:
         result = await query(system, args.sql, max_rows=args.max_rows)
     if args.json:
         render.print_json(render.records(result["columns"], result["rows"]))
@@ -431,7 +539,7 @@ async def cmd_ps(home: Home, args: Any) -> int:
 
 
 async def cmd_logs(home: Home, args: Any) -> int:
-    async with open_system(home, actors=()) as system:
+    async with open_system(home, actors=(), role="tap") as system:  # reads only
         execution_id = await resolve_execution_id(system, args.execution_id)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -476,7 +584,7 @@ def parse_since(text: str) -> dict[str, Any]:
 
 async def cmd_tap(home: Home, args: Any) -> int:
     position = parse_since(args.since) if args.since else {"new_only": True}
-    async with open_system(home, actors=()) as system:
+    async with open_system(home, actors=(), role="tap") as system:  # reads only
         pattern = args.pattern or ALL_EVENTS
         if "." not in pattern and pattern not in (">", "*"):
             pattern = execution_events(await resolve_execution_id(system, pattern))

@@ -32,6 +32,7 @@ from pydantic_core import ErrorDetails
 import actors.checkpointer
 import actors.watchdog
 from corral import render
+from corral.auth import AuthError, check_name
 from corral.errors import CorralError, UsageError
 from corral.home import Home
 
@@ -55,6 +56,7 @@ SETTING_KEYS: dict[str, str] = {
     "cpus": "cpus",
     "disk": "disk_bytes",
     "priority": "priority",
+    "max_cost": "max_cost_usd",
 }
 SETTING_FIELDS: tuple[str, ...] = tuple(SETTING_KEYS.values())
 
@@ -166,6 +168,25 @@ def _limit_cpus(value: Any) -> float | None:
     raise ValueError(f"expected a number of CPUs like 1 or 0.5 (got {_show(value)})")
 
 
+def parse_cost(value: Any) -> float:
+    """USD from a number or a string like "2.50" or "$2.50" (a budget)."""
+    if isinstance(value, str):
+        text = value.strip().removeprefix("$")
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected an amount in USD like 2.50 (got {value!r})") from None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    raise ValueError(f"expected an amount in USD like 2.50 (got {_show(value)})")
+
+
+def _limit_cost(value: Any) -> float | None:
+    if value is None:
+        return None
+    return 0.0 if _no_limit(value) else parse_cost(value)
+
+
 def _argv(value: Any) -> Any:
     """A command as an array of strings, or one string split like a shell would."""
     if isinstance(value, str):
@@ -182,6 +203,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 LimitDuration = Annotated[float | None, BeforeValidator(_limit_duration)]
 LimitSize = Annotated[int | None, BeforeValidator(_limit_size)]
 LimitCpus = Annotated[float | None, BeforeValidator(_limit_cpus)]
+LimitCost = Annotated[float | None, BeforeValidator(_limit_cost)]
 Command = Annotated[tuple[StrictStr, ...], BeforeValidator(_argv)]
 
 
@@ -207,8 +229,11 @@ class ExecutionSettings(_Frozen):
     cpus: LimitCpus = None
     disk_bytes: LimitSize = None
     priority: StrictInt = 0
+    max_cost_usd: LimitCost = None  # budget: the agent is paused for an approval when its cost reaches it
 
-    @field_validator("timeout_s", "idle_timeout_s", "spawn_timeout_s", "memory_bytes", "cpus", "disk_bytes")
+    @field_validator(
+        "timeout_s", "idle_timeout_s", "spawn_timeout_s", "memory_bytes", "cpus", "disk_bytes", "max_cost_usd"
+    )
     @classmethod
     def _zero_is_no_limit(cls, value: float | None) -> float | None:
         return value or None
@@ -271,6 +296,21 @@ class ForgeSettings(_Frozen):
     remote: str = "origin"
 
 
+class MetricsSettings(_Frozen):
+    """`corral up`'s Prometheus endpoint (docs/metrics.md); no port: no endpoint unless --metrics-port."""
+
+    port: int | None = None
+    address: str = "127.0.0.1"
+    nats_monitor_port: int | None = None  # the embedded nats-server's own monitoring port (-m)
+
+
+class SecuritySettings(_Frozen):
+    """[security] (docs/security.md): NATS operator users and extra secret environment names."""
+
+    operators: tuple[str, ...] = ("operator",)  # NATS users who may request control actions and decide
+    secret_env: tuple[str, ...] = ()  # names whose values are secrets besides *KEY*, *TOKEN*, ...
+
+
 class Template(_Frozen):
     """A named set of overrides; every setting left None falls through to [defaults].
 
@@ -292,6 +332,7 @@ class Template(_Frozen):
     cpus: float | None = None
     disk_bytes: int | None = None
     priority: int | None = None
+    max_cost_usd: float | None = None
     policy: dict[str, Any] | None = None  # this template's [templates.NAME.policy], over [policy]
 
     def overrides(self) -> dict[str, Any]:
@@ -308,8 +349,11 @@ class Config(_Frozen):
     checkpoints: CheckpointsSettings = CheckpointsSettings()
     worktrees: WorktreesSettings = WorktreesSettings()
     forge: ForgeSettings = ForgeSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    security: SecuritySettings = SecuritySettings()
     templates: dict[str, Template] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
+    prices: dict[str, dict[str, float]] = Field(default_factory=dict)  # [prices.MODEL], USD per million tokens
     label: str = FILE_NAME  # how messages name the file: relative to the current directory when inside it
 
 
@@ -349,6 +393,7 @@ class _SettingsFile(_Frozen):
     cpus: LimitCpus = None
     disk: LimitSize = None
     priority: StrictInt | None = None
+    max_cost: LimitCost = None
 
     def fields(self) -> dict[str, Any]:
         values = {field: getattr(self, key) for key, field in SETTING_KEYS.items()}
@@ -441,6 +486,44 @@ class _ForgeFile(_Frozen):
         return value
 
 
+class _MetricsFile(_Frozen):
+    port: Annotated[StrictInt, Field(ge=0, le=65535)] | None = None
+    address: Annotated[StrictStr, Field(min_length=1)] = "127.0.0.1"
+    nats_monitor_port: Annotated[StrictInt, Field(ge=1, le=65535)] | None = None
+
+
+class _SecurityFile(_Frozen):
+    operators: Annotated[tuple[StrictStr, ...], Field(min_length=1)] = ("operator",)
+    secret_env: tuple[StrictStr, ...] = ()
+
+    @field_validator("operators")
+    @classmethod
+    def _user_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            try:
+                check_name(name)
+            except AuthError as exc:
+                raise ValueError(str(exc)) from None
+        return tuple(dict.fromkeys(value))
+
+    @field_validator("secret_env")
+    @classmethod
+    def _env_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"expected names of environment variables, like DEPLOY_CREDS (got {name!r})")
+        return value
+
+
+class _PriceFile(_Frozen):
+    """One model's price in USD per million tokens (an estimate used where the CLI reports no cost)."""
+
+    input: Annotated[float, Field(ge=0)] = 0.0
+    output: Annotated[float, Field(ge=0)] = 0.0
+    cache_read: Annotated[float, Field(ge=0)] = 0.0
+    cache_write: Annotated[float, Field(ge=0)] = 0.0
+
+
 class _ConfigFile(_Frozen):
     defaults: _SettingsFile = _SettingsFile()
     spawner: _SpawnerFile = _SpawnerFile()
@@ -448,8 +531,11 @@ class _ConfigFile(_Frozen):
     checkpoints: _CheckpointsFile = _CheckpointsFile()
     worktrees: _WorktreesFile = _WorktreesFile()
     forge: _ForgeFile = _ForgeFile()
+    metrics: _MetricsFile = _MetricsFile()
+    security: _SecurityFile = _SecurityFile()
     templates: dict[str, _TemplateFile] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
+    prices: dict[str, _PriceFile] = Field(default_factory=dict)
 
 
 _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
@@ -460,6 +546,8 @@ _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "checkpoints": tuple(_CheckpointsFile.model_fields),
     "worktrees": tuple(_WorktreesFile.model_fields),
     "forge": tuple(_ForgeFile.model_fields),
+    "metrics": tuple(_MetricsFile.model_fields),
+    "security": tuple(_SecurityFile.model_fields),
     "templates.*": tuple(_TemplateFile.model_fields),
 }
 
@@ -516,6 +604,8 @@ def _error_text(error: ErrorDetails) -> str:
         message = f"expected {ctx.get('expected')}"
     elif kind == "greater_than_equal":
         message = f"must be at least {ctx.get('ge')}"
+    elif kind == "less_than_equal":
+        message = f"must be at most {ctx.get('le')}"
     elif kind == "greater_than":
         message = f"must be more than {ctx.get('gt')}"
     else:
@@ -596,6 +686,8 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
         ),
         worktrees=WorktreesSettings(retention_s=parsed.worktrees.retention),
         forge=ForgeSettings(**parsed.forge.model_dump()),
+        metrics=MetricsSettings(**parsed.metrics.model_dump()),
+        security=SecuritySettings(**parsed.security.model_dump()),
         templates={
             name: Template(
                 name=name,
@@ -610,6 +702,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
             for name, t in sorted(parsed.templates.items())
         },
         policy=parsed.policy,
+        prices={name: price.model_dump() for name, price in parsed.prices.items()},
         label=label,
     )
 
@@ -647,7 +740,7 @@ def load_config(home: Home, cwd: Path | None = None) -> Config:
 
 
 def _flag_name(field: str) -> str:
-    for suffix in ("_s", "_bytes"):
+    for suffix in ("_s", "_bytes", "_usd"):
         field = field.removesuffix(suffix)
     return "--" + field.replace("_", "-")
 

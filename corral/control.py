@@ -68,10 +68,43 @@ async def agent_activity(system: System, execution_id: str) -> dict[str, Any]:
             (SELECT sum(CAST(data->>'output_tokens' AS BIGINT)) FROM events
               WHERE execution_id = '{execution_id}' AND type = 'usage') AS output_tokens,
             (SELECT round(sum(CAST(data->>'cost_usd' AS DOUBLE)), 6) FROM events
-              WHERE execution_id = '{execution_id}' AND type = 'usage') AS cost_usd""",
+              WHERE execution_id = '{execution_id}' AND type = 'usage') AS cost_usd,
+            (SELECT bool_or(CAST(data->>'estimated' AS BOOLEAN)) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'usage') AS cost_estimated,
+            (SELECT CAST(any_value(data->>'max_cost_usd') AS DOUBLE) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'execution.requested') AS max_cost_usd,
+            (SELECT any_value(data->>'resume_of') FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'execution.requested') AS resume_of,
+            (SELECT last(data->>'version' ORDER BY seq) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'agent.capabilities') AS agent_version,
+            (SELECT last(data->'features' ORDER BY seq) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'agent.capabilities') AS agent_features,
+            (SELECT last(CAST(data->>'progress' AS DOUBLE) ORDER BY seq) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'heartbeat' AND data->>'progress' IS NOT NULL)
+              AS progress,
+            (SELECT last(data->>'note' ORDER BY seq) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'heartbeat' AND data->>'progress' IS NOT NULL)
+              AS progress_note,
+            (SELECT last(epoch(ts) ORDER BY seq) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'heartbeat' AND data->>'progress' IS NOT NULL)
+              AS progress_at""",
     )
     row = render.records(result["columns"], result["rows"])[0]
+    if isinstance(row.get("agent_features"), str):
+        row["agent_features"] = orjson.loads(row["agent_features"])
     return {key: value for key, value in row.items() if value not in (None, 0) or key == "agent"}
+
+
+def limit_eta(row: dict[str, Any], activity: dict[str, Any]) -> float | None:
+    """Seconds until the measured limit (budget or turns) at the rate so far; None without a rate.
+
+    An estimate of when the limit is reached, not of when the task is done: the CLIs say nothing of that.
+    """
+    progress, at, started = activity.get("progress"), activity.pop("progress_at", None), row.get("started_at")
+    if not progress or not at or not started or progress >= 1 or row.get("state") != "running":
+        return None
+    elapsed = float(at) - datetime.fromisoformat(started).replace(tzinfo=UTC).timestamp()
+    return round(elapsed * (1 - progress) / progress, 1) if elapsed > 0 else None
 
 
 def _describe_end(row: dict[str, Any]) -> str:
@@ -300,6 +333,7 @@ async def cmd_status(home: Home, args: Any) -> int:
         "exit_reason": row["exit_reason"],
         "error": row["error"],
         "output_bytes": row["output_bytes"],
+        "limit_eta_s": limit_eta(row, activity_row),
         **activity_row,
     }
     if status["hard_remaining_s"] is None and row["hard_deadline"] and row["state"] == "running":

@@ -22,6 +22,7 @@ import duckdb
 import orjson
 from nats.aio.msg import Msg
 
+from actors.approver import DecisionRefused, submit_decision
 from corral import render
 from corral.commands import (
     TERMINAL_TYPES,
@@ -574,7 +575,10 @@ async def _feed(
             asked += 1
             if decision is not None:
                 submitted = ApprovalDecisionSubmitted(approval_id=event["data"]["approval_id"], **decision)
-                await publisher.publish(new_event(execution_id, submitted, actor="cli", causation_id=event["id"]))
+                try:  # through the approvers, as this NATS user (docs/security.md)
+                    await submit_decision(system.bus, execution_id, submitted, causation_id=event["id"])
+                except DecisionRefused as exc:
+                    info(f"{execution_id}: the recorded decision of {submitted.approval_id} was not re-sent: {exc}")
         return kind in TERMINAL_TYPES
 
     try:

@@ -12,6 +12,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from corral.auth import CredentialSet
 from corral.errors import BusUnavailable
 
 _PR_SET_PDEATHSIG = 1
@@ -101,12 +102,27 @@ def _zombie(pid: int) -> bool:
 class EmbeddedServer:
     """One nats-server child process with JetStream on loopback."""
 
-    def __init__(self, store_dir: Path, *, log_file: Path, port: int | None = None, config: Path | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        log_file: Path,
+        port: int | None = None,
+        config: Path | None = None,
+        monitor_port: int | None = None,
+        credentials: CredentialSet | None = None,
+    ) -> None:
+        self.monitor_port = monitor_port  # nats-server's own HTTP monitoring (-m), on 127.0.0.1 too
         self.store_dir = store_dir
         self.log_file = log_file
         self.port = port or free_port()
         self.config = config if config is not None else find_config()
+        # With credentials: one NATS user per role (corral/auth.py), passwords given to the server
+        # in its environment. Without: no authorization (tests and tools that start a bare server).
+        self.credentials = credentials
+        self._default_config = config is None
         self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0  # times restart() brought the server back after it died
 
     @property
     def url(self) -> str:
@@ -115,9 +131,12 @@ class EmbeddedServer:
     def start(self, *, ready_timeout_s: float = 10.0) -> "EmbeddedServer":
         """Start the server and return once it accepts connections."""
         args = [find_nats_server()]
-        if self.config is not None:
-            args += ["-c", str(self.config)]
+        config = self._effective_config()
+        if config is not None:
+            args += ["-c", str(config)]
         args += ["-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
+        if self.monitor_port is not None:
+            args += ["-m", str(self.monitor_port)]
         self.store_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
@@ -126,6 +145,7 @@ class EmbeddedServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
+                env={**os.environ, **(self.credentials.server_env() if self.credentials else {})},
             )
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
@@ -137,6 +157,32 @@ class EmbeddedServer:
             time.sleep(0.02)
         self.stop()
         raise BusUnavailable(f"nats-server did not start within {ready_timeout_s}s; see {self.log_file}")
+
+    def _effective_config(self) -> Path | None:
+        """The configuration file to run: Corral's own is copied beside the users of these credentials.
+
+        nats.conf includes "nats-auth.conf" from its own folder, so a copy in `<store>-conf/` picks up
+        the auth file written there (this system's operators; an empty one without credentials).
+        Passwords stay out of both files: the server reads them from its environment.
+        """
+        if self.config is None or not self._default_config:
+            return self.config
+        folder = self.store_dir.with_name(self.store_dir.name + "-conf")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "nats.conf").write_text(self.config.read_text())
+        users = self.credentials.auth_conf() if self.credentials else "# no users: started without credentials\n"
+        (folder / "nats-auth.conf").write_text(users)
+        return folder / "nats.conf"
+
+    def died(self) -> int | None:
+        """The exit code of a server that ended on its own; None while it runs or once stopped."""
+        return self.process.poll() if self.process is not None else None
+
+    def restart(self, *, ready_timeout_s: float = 10.0) -> "EmbeddedServer":
+        """Start the server again after it died, on the same port and store (JetStream recovers it)."""
+        self.stop()
+        self.restarts += 1
+        return self.start(ready_timeout_s=ready_timeout_s)
 
     def stop(self, *, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL); safe to call twice."""

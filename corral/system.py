@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,7 +12,8 @@ from typing import Any
 
 import orjson
 from nats.aio.msg import Msg
-from nats.errors import NoServersError
+from nats.errors import AuthorizationError, NoServersError
+from nats.errors import Error as NatsError
 
 from actors.approver import Approver
 from actors.bus import Bus, connect_bus
@@ -21,11 +23,20 @@ from actors.runtime import Actor
 from actors.spawner import Spawner
 from actors.validator import Validator
 from actors.watchdog import Watchdog
+from corral.auth import (
+    CREDENTIALS_FILE,
+    ENV_CREDS,
+    ENV_PASSWORD,
+    ENV_USER,
+    AuthError,
+    client_credentials,
+    ensure_credentials,
+)
 from corral.config import Config, load_config
 from corral.errors import BusUnavailable, CorralError
 from corral.home import Home, SystemLock
 from corral.server import EmbeddedServer, replace_orphans
-from events.subjects import API_REBUILD, API_SQL
+from events.subjects import API_POSITION, API_REBUILD, API_SQL
 from projections.errors import ProjectionError
 from projections.projector import Projector
 from projections.query import run_query
@@ -35,6 +46,7 @@ from replay.history import last_sequence
 log = logging.getLogger(__name__)
 
 ALL_ACTORS = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector")
+SERVER_CHECK_S = 0.5
 
 
 @dataclass
@@ -49,6 +61,9 @@ class System:
     actors: dict[str, Actor] = field(default_factory=dict)
     lock: SystemLock | None = None
     _subs: list[Any] = field(default_factory=list)
+    buses: list[Bus] = field(default_factory=list)  # the actors' own connections
+    _closing: asyncio.Event = field(default_factory=asyncio.Event)
+    _supervisor: asyncio.Task[None] | None = None
 
     @property
     def owned(self) -> bool:
@@ -64,9 +79,22 @@ def nats_url_from_env() -> str | None:
     return os.environ.get("CORRAL_NATS_URL") or None
 
 
-async def _connect(url: str, *, name: str) -> Bus:
+async def _connect(url: str, *, name: str, home: Home, role: str = "operator") -> Bus:
+    """Connect as `role` with the credentials found for it (corral/auth.py), or without any."""
     try:
-        return await connect_bus(url, name=name)
+        credentials = client_credentials(role, home.root)
+    except AuthError as exc:
+        raise BusUnavailable(str(exc)) from None
+    try:
+        return await connect_bus(url, name=name, credentials=credentials)
+    except NatsError as exc:
+        if not isinstance(exc, AuthorizationError) and "authorization violation" not in str(exc).lower():
+            raise
+        who = f"user {credentials.user!r}" if credentials else "a connection without credentials"
+        raise BusUnavailable(
+            f"NATS at {url} refused {who}; check {ENV_USER}/{ENV_PASSWORD}, {ENV_CREDS} "
+            f"or {home.root / CREDENTIALS_FILE} (docs/security.md)"
+        ) from None
     except (NoServersError, OSError, TimeoutError) as exc:
         raise BusUnavailable(
             f"cannot reach NATS at {url} ({type(exc).__name__}); check that the server runs, "
@@ -96,8 +124,16 @@ async def open_system(
     actors: tuple[str, ...] = ALL_ACTORS,
     client_ok: bool = True,
     max_running: int | None = None,
+    nats_url: str | None = None,
+    role: str = "operator",
 ) -> AsyncIterator[System]:
-    """Yield a System: a client of the running one, or one this process starts and stops."""
+    """Yield a System: a client of the running one, or one this process starts and stops.
+
+    `nats_url` (comma-separated for a cluster) wins over CORRAL_NATS_URL; with neither, the
+    embedded server is started, and restarted on its port and store if it dies meanwhile.
+    `role` is the NATS user of a client's connection (`tap` for commands that only read); a
+    system this process runs connects as `operator`, and each of its actors as its own role.
+    """
     home.ensure()
     config = load_config(home)  # a bad corral.toml stops here, before anything starts
     lock = SystemLock(home)
@@ -108,7 +144,7 @@ async def open_system(
                 f"a Corral system already runs on {home.root} (pid {runtime.get('pid')}, "
                 f"{runtime.get('mode')}, NATS {runtime.get('url')}); stop it with `corral down`"
             )
-        bus = await _connect(runtime["url"], name="corral-cli")
+        bus = await _connect(runtime["url"], name="corral-cli", home=home, role=role)
         try:
             yield System(home=home, url=runtime["url"], bus=bus, mode="client")
         finally:
@@ -118,18 +154,27 @@ async def open_system(
     system: System | None = None
     server: EmbeddedServer | None = None
     try:
-        url = nats_url_from_env()
+        url = nats_url or nats_url_from_env()
         if url is None:
             replaced = await asyncio.to_thread(replace_orphans, home.nats_store)
             if replaced:
                 log.warning("stopped a nats-server left by a crashed Corral (pid %s)", ", ".join(map(str, replaced)))
-            server = EmbeddedServer(home.nats_store, log_file=home.server_log)
+            monitor = config.metrics.nats_monitor_port if mode == "up" else None
+            try:  # generated once per home; the server gets the passwords in its environment, never argv
+                credentials = ensure_credentials(home.root, config.security.operators)
+            except AuthError as exc:
+                raise CorralError(str(exc)) from None
+            server = EmbeddedServer(
+                home.nats_store, log_file=home.server_log, monitor_port=monitor, credentials=credentials
+            )
             await asyncio.to_thread(server.start)
             url = server.url
-        bus = await _connect(url, name=f"corral-{mode}")
+        bus = await _connect(url, name=f"corral-{mode}", home=home)
         system = System(home=home, url=url, bus=bus, mode=mode, server=server, lock=lock)
         await _start_actors(system, actors, config=config, max_running=max_running)
         await _serve_api(system)
+        if server is not None:
+            system._supervisor = asyncio.create_task(_supervise_server(system, server))
         home.write_runtime(
             {
                 "url": url,
@@ -155,27 +200,33 @@ async def open_system(
 async def _start_actors(system: System, names: tuple[str, ...], *, config: Config, max_running: int | None) -> None:
     home = system.home
     for name in names:
+        if name not in ALL_ACTORS:
+            raise CorralError(f"unknown actor {name!r}; known: {', '.join(ALL_ACTORS)}")
+        # Each actor has its own connection as its own NATS user: permissions hold per actor.
+        bus = await _connect(system.url, name=f"corral-{name}", home=home, role=name)
+        system.buses.append(bus)
         actor: Actor
         if name == "spawner":
             actor = Spawner(
-                system.bus,
+                bus,
                 worktrees=home.worktrees,
                 run_root=home.runs,
                 max_running=max_running or config.spawner.max_running,
                 stop_grace_s=config.spawner.stop_grace_s,
                 cancel_grace_s=config.defaults.cancel_grace_s,
+                secret_env=config.security.secret_env,
             )
         elif name == "watchdog":
-            actor = Watchdog(system.bus, config.watchdog.for_actor(cancel_grace_s=config.defaults.cancel_grace_s))
+            actor = Watchdog(bus, config.watchdog.for_actor(cancel_grace_s=config.defaults.cancel_grace_s))
         elif name == "checkpointer":
-            actor = Checkpointer(system.bus, state_dir=home.checkpoints, settings=config.checkpoints.for_actor())
+            actor = Checkpointer(bus, state_dir=home.checkpoints, settings=config.checkpoints.for_actor())
         elif name == "validator":
             templates = {t.name: t.policy for t in config.templates.values()}
-            actor = Validator(system.bus, policy=config.policy, templates=templates)
+            actor = Validator(bus, policy=config.policy, templates=templates)
         elif name == "approver":
-            actor = Approver(system.bus, effective_policy(config.policy, {}, None))
+            actor = Approver(bus, effective_policy(config.policy, {}, None))
         elif name == "projector":
-            actor = Projector(system.bus, database=home.database, tmp_dir=home.tmp)
+            actor = Projector(bus, database=home.database, tmp_dir=home.tmp)
         else:
             raise CorralError(f"unknown actor {name!r}; known: {', '.join(ALL_ACTORS)}")
         await actor.start()
@@ -197,25 +248,60 @@ async def _shutdown(system: System) -> None:
         if projector is not None:
             try:
                 with contextlib.suppress(Exception):
-                    await projector.wait_for_position(await last_sequence(system.bus.js), timeout_s=10.0)
+                    if not projector.locked_out:  # a locked-out projector has nothing to catch up now
+                        await projector.wait_for_position(await last_sequence(system.bus.js), timeout_s=10.0)
             finally:
                 await projector.stop()
     finally:
-        with contextlib.suppress(Exception):
-            await system.bus.close()
+        for bus in (*system.buses, system.bus):
+            with contextlib.suppress(Exception):
+                await bus.close()
+        system._closing.set()
+        if system._supervisor is not None:
+            with contextlib.suppress(Exception):
+                await system._supervisor  # a restart in progress ends before the server is stopped
         if system.server is not None:
             await asyncio.to_thread(system.server.stop)
+
+
+async def _supervise_server(system: System, server: EmbeddedServer) -> None:
+    """Restart the embedded nats-server on its port and store whenever it dies before the system stops.
+
+    The actors' connections reconnect by themselves (they retry forever), and what the agents
+    produced meanwhile waits in their shims' spools, published once the server is back.
+    """
+    while not system._closing.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(system._closing.wait(), SERVER_CHECK_S)
+        code = server.died()
+        if code is None or system._closing.is_set():
+            continue
+        pid = server.process.pid if server.process else None
+        sys.stderr.write(
+            f"corral: the embedded nats-server (pid {pid}) exited with code {code}; restarting it on "
+            f"{server.url} with the same store (restart {server.restarts + 1}; log {server.log_file})\n"
+        )
+        try:
+            await asyncio.to_thread(server.restart)
+        except BusUnavailable as exc:
+            sys.stderr.write(f"corral: restarting nats-server failed ({exc}); trying again\n")
+            continue
+        runtime = system.home.read_runtime()
+        if runtime is not None and server.process is not None:
+            system.home.write_runtime({**runtime, "server_pid": server.process.pid, "server_restarts": server.restarts})
 
 
 async def _serve_api(system: System) -> None:
     projector = system.projector
     if projector is None:
         return
-    nc = system.bus.nc
+    nc = projector.bus.nc  # the projector's user answers queries (corral/auth.py)
 
     async def on_sql(msg: Msg) -> None:
         try:
             request = orjson.loads(msg.data)
+            if projector.locked_out:
+                raise ProjectionError(f"the projector cannot answer yet: {projector.locked_out}")
             await projector.wait_for_position(int(request.get("min_seq", 0)), timeout_s=10.0)
             assert projector.con is not None
             result = await asyncio.to_thread(
@@ -237,11 +323,16 @@ async def _serve_api(system: System) -> None:
                 await nc.publish(progress, orjson.dumps({"done": done, "total": total}))
 
         try:
-            applied = await rebuild_database(system.bus, projector, report=report)
+            applied = await rebuild_database(projector.bus, projector, report=report)  # as the projector role
             reply: dict[str, Any] = {"ok": True, "events": applied, "position": projector.position}
         except Exception as exc:
             reply = {"ok": False, "error": str(exc)}
         await msg.respond(orjson.dumps(reply))
 
+    async def on_position(msg: Msg) -> None:
+        # Where this projector stands (the metrics of a `corral up` without a projector ask this).
+        await msg.respond(orjson.dumps({"position": projector.position, "instance": projector.instance}))
+
     system._subs.append(await nc.subscribe(API_SQL, cb=on_sql))
     system._subs.append(await nc.subscribe(API_REBUILD, cb=on_rebuild))
+    system._subs.append(await nc.subscribe(API_POSITION, cb=on_position))

@@ -36,19 +36,79 @@ class Event(BaseModel):
 
     def to_bytes(self) -> bytes:
         """Encode for the wire: orjson, without the stream position."""
-        return orjson.dumps(
-            {
-                "id": self.id,
-                "type": self.type,
-                "execution_id": self.execution_id,
-                "ts": self.ts.isoformat().replace("+00:00", "Z"),
-                "actor": self.actor,
-                "causation_id": self.causation_id,
-                "correlation_id": self.correlation_id,
-                "v": self.v,
-                "data": self.data.model_dump(mode="json"),
-            }
+        return envelope_bytes(
+            self.id,
+            self.type,
+            self.execution_id,
+            self.ts,
+            self.actor,
+            self.causation_id,
+            self.correlation_id,
+            self.data.model_dump(mode="json"),
+            v=self.v,
         )
+
+
+def envelope_bytes(
+    event_id: str,
+    event_type: str,
+    execution_id: str,
+    ts: datetime,
+    actor: str,
+    causation_id: str | None,
+    correlation_id: str | None,
+    data: dict[str, Any],
+    *,
+    v: int = SCHEMA_VERSION,
+) -> bytes:
+    """The wire form of an event whose payload `data` is already valid and in its JSON form.
+
+    `Event.to_bytes` uses it too, so an envelope built here is byte for byte the one the model
+    would write; the spawner uses it to publish what its shims spool without a model per event.
+    """
+    return orjson.dumps(
+        {
+            "id": event_id,
+            "type": event_type,
+            "execution_id": execution_id,
+            "ts": ts.isoformat().replace("+00:00", "Z"),
+            "actor": actor,
+            "causation_id": causation_id,
+            "correlation_id": correlation_id,
+            "v": v,
+            "data": data,
+        }
+    )
+
+
+_STREAMS = ("stdout", "stderr")
+_HEARTBEAT_KEYS = frozenset({"source", "note", "progress"})
+_HEARTBEAT_SOURCES = ("agent", "wrapper", "adapter")
+
+
+def trusted_payload(event_type: str, data: Any) -> dict[str, Any] | None:
+    """The JSON form of an `output` or `heartbeat` payload of the plain shape, else None.
+
+    These two types are nearly every event a running agent makes. When the payload has exactly
+    the shape the models accept without conversion, its JSON form is built here, equal to
+    `model.model_validate(data).model_dump(mode="json")` (tests/test_events.py checks it) at a
+    fraction of the cost; anything else (None) must go through the model.
+    """
+    if type(data) is not dict:
+        return None
+    if event_type == "output":
+        stream, n, text = data.get("stream"), data.get("n"), data.get("text")
+        if len(data) == 3 and stream in _STREAMS and type(n) is int and type(text) is str:
+            return {"stream": stream, "n": n, "text": text}
+    elif event_type == "heartbeat" and data.keys() <= _HEARTBEAT_KEYS:
+        source, note, progress = data.get("source", "agent"), data.get("note"), data.get("progress")
+        if (
+            source in _HEARTBEAT_SOURCES
+            and (note is None or type(note) is str)
+            and (progress is None or type(progress) is float)
+        ):
+            return {"source": source, "note": note, "progress": progress}
+    return None
 
 
 def new_event(

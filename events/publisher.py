@@ -21,7 +21,10 @@ from events.envelope import Event
 from events.errors import PublishError, WrongLastSequence
 from events.subjects import HDR_EXPECTED_LAST_SUBJECT_SEQ, HDR_MSG_ID, HDR_STATUS
 
-_WRONG_LAST_SEQUENCE = 10071
+# 10071 "wrong last sequence: N"; a cluster answers 10164 "wrong last sequence" (no N) when the
+# expected sequence is checked against a rival proposal still in flight.
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+UNAVAILABLE_RETRY_S = 0.5
 
 
 class PubAck:
@@ -36,7 +39,7 @@ class PubAck:
 
 
 class _InFlight:
-    __slots__ = ("attempts", "future", "headers", "payload", "sent_at", "subject")
+    __slots__ = ("attempts", "future", "headers", "payload", "sent_at", "subject", "unavailable", "unavailable_since")
 
     def __init__(self, subject: str, payload: bytes, headers: dict[str, str], future: "asyncio.Future[PubAck]") -> None:
         self.subject = subject
@@ -45,21 +48,33 @@ class _InFlight:
         self.future = future
         self.attempts = 1
         self.sent_at = time.monotonic()
+        self.unavailable = False  # refused with 503 (no stream leader) or not sent: resent soon
+        self.unavailable_since = 0.0
 
 
 class Publisher:
     """Publish events to JetStream with pipelined acknowledgements."""
 
-    def __init__(self, nc: NATS, *, window: int = 8192, ack_timeout_s: float = 5.0, attempts: int = 5) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        window: int = 8192,
+        ack_timeout_s: float = 5.0,
+        attempts: int = 5,
+        unavailable_s: float = 60.0,
+    ) -> None:
         self._nc = nc
         self._window = asyncio.Semaphore(window)
         self._ack_timeout_s = ack_timeout_s
         self._attempts = attempts
+        self._unavailable_s = unavailable_s
         self._prefix = f"_INBOX.{NUID().next().decode()}."
         self._tokens = itertools.count()
         self._pending: dict[str, _InFlight] = {}
         self._sub: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.published = 0  # events acknowledged as newly stored (not duplicates): corral_events_published_total
 
     async def start(self) -> "Publisher":
         """Subscribe to the acknowledgement inbox; call once before publishing."""
@@ -87,6 +102,14 @@ class Publisher:
                 entry.future.set_exception(PublishError(entry.subject, "publisher closed"))
         self._pending.clear()
 
+    def refuse(self, subject: str, reason: str) -> None:
+        """Fail at once the publishes to a subject the server refused (permissions; case-insensitive)."""
+        for token, entry in list(self._pending.items()):
+            if entry.subject.lower() == subject.lower():
+                self._finish(token)
+                if not entry.future.done():
+                    entry.future.set_exception(PublishError(entry.subject, reason))
+
     def _finish(self, token: str) -> _InFlight | None:
         entry = self._pending.pop(token, None)
         if entry is not None:
@@ -106,28 +129,49 @@ class Publisher:
                 entry.future.set_exception(exc)
             return
         if ack is None:  # no stream answered (503): leave it to the sweeper to retry
-            entry.sent_at = 0.0
+            self._unavailable(entry)
             return
         self._finish(token)
+        if not ack.duplicate:
+            self.published += 1
         if not entry.future.done():
             entry.future.set_result(ack)
+
+    def _unavailable(self, entry: _InFlight) -> None:
+        """No stream took it (a cluster electing a leader, a server restarting): resend it shortly.
+
+        Such resends do not use up the attempts meant for lost acknowledgements: an election
+        answers 503 at once, and five quick refusals would fail a publish a second later.
+        """
+        now = time.monotonic()
+        if not entry.unavailable_since:
+            entry.unavailable_since = now
+        entry.unavailable = True
+        entry.sent_at = now - self._ack_timeout_s + UNAVAILABLE_RETRY_S
+
+    def _give_up(self, token: str, entry: _InFlight, reason: str) -> None:
+        self._finish(token)
+        if not entry.future.done():
+            entry.future.set_exception(PublishError(entry.subject, reason))
 
     async def _retry_lost(self) -> None:
         """Resend publishes whose acknowledgement did not come; the msg id makes resends safe."""
         while True:
-            await asyncio.sleep(min(self._ack_timeout_s / 4, 0.5))
+            await asyncio.sleep(min(self._ack_timeout_s / 4, UNAVAILABLE_RETRY_S))
             now = time.monotonic()
             for token, entry in list(self._pending.items()):
-                if now - entry.sent_at < self._ack_timeout_s and entry.sent_at != 0.0:
+                if now - entry.sent_at < self._ack_timeout_s:
                     continue
-                if entry.attempts >= self._attempts:
-                    self._finish(token)
-                    if not entry.future.done():
-                        entry.future.set_exception(
-                            PublishError(entry.subject, f"no acknowledgement after {entry.attempts} attempts")
-                        )
+                if entry.unavailable:
+                    if now - entry.unavailable_since > self._unavailable_s:
+                        self._give_up(token, entry, f"JetStream took no event for {self._unavailable_s:g}s")
+                        continue
+                    entry.unavailable = False
+                elif entry.attempts >= self._attempts:
+                    self._give_up(token, entry, f"no acknowledgement after {entry.attempts} attempts")
                     continue
-                entry.attempts += 1
+                else:
+                    entry.attempts += 1
                 entry.sent_at = now
                 with contextlib.suppress(Exception):
                     await self._nc.publish(
@@ -153,7 +197,7 @@ class Publisher:
         try:
             await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
         except Exception:
-            self._pending[token].sent_at = 0.0  # the sweeper resends it once the link is back
+            self._unavailable(self._pending[token])  # the sweeper resends it once the link is back
         return future
 
     @staticmethod
@@ -164,7 +208,7 @@ class Publisher:
         error = body.get("error")
         if error:
             code = error.get("err_code")
-            if code == _WRONG_LAST_SEQUENCE:
+            if code in _WRONG_LAST_SEQUENCE:
                 raise WrongLastSequence(subject, error.get("description", ""), code=code)
             raise PublishError(subject, error.get("description", str(error)), code=code)
         return PubAck(body["stream"], body["seq"], bool(body.get("duplicate", False)))

@@ -90,6 +90,13 @@ class ExecutionRequested(EventData):
     on_stall: Literal["notify", "pause", "cancel", "restart"] | None = None
     attempt: int = 1
     retry_of: str | None = None
+    max_cost_usd: float | None = Field(default=None, gt=0)  # budget: paused for an approval when reached
+    prices: dict[str, dict[str, float]] = Field(default_factory=dict)  # [prices] of corral.toml, USD per 1M tokens
+    agent_args: tuple[str, ...] = ()  # the words passed to the agent CLI after `--` (a follow-up reuses them)
+    resume_of: str | None = None  # a follow-up: continues this execution's agent session, in its worktree
+    resume_session: str | None = None  # the session id continued (the CLI's own)
+    worktree: str | None = None  # run in this existing worktree (a follow-up's parent's) instead of a new one
+    policy: dict[str, Any] | None = None  # the run's own policy keys (`--policy FILE`), over its template's
 
 
 @event_type("execution.claimed")
@@ -141,7 +148,7 @@ class Output(EventData):
 class Heartbeat(EventData):
     """The agent (or `corral wrap`) says it is alive; resets the idle timer."""
 
-    source: Literal["agent", "wrapper"] = "agent"
+    source: Literal["agent", "wrapper", "adapter"] = "agent"
     note: str | None = None
     progress: float | None = None
 
@@ -210,6 +217,7 @@ class ExecutionPaused(EventData):
 class ResumeRequested(EventData):
     reason: str | None = None
     requested_by: str | None = None
+    max_cost_usd: float | None = None  # a budget pause: the new budget (None: no limit from now on)
 
 
 @event_type("execution.resumed")
@@ -404,6 +412,18 @@ class Usage(EventData):
     cache_write_tokens: int = 0
     cost_usd: float = 0.0
     model: str | None = None
+    estimated: bool = False  # cost computed from tokens with the price table, not reported by the CLI
+
+
+@event_type("agent.capabilities")
+class AgentCapabilities(EventData):
+    """What the agent CLI installed where it runs supports, probed once per binary (docs/adapters.md)."""
+
+    agent: str
+    program: str
+    version: str | None = None
+    features: dict[str, bool] = Field(default_factory=dict)
+    cached: bool = False
 
 
 @event_type("agent.result")
@@ -467,6 +487,7 @@ class ApprovalDecisionSubmitted(EventData):
     choice: str | None = None
     note: str | None = None
     decided_by: str | None = None
+    raise_budget_usd: float | None = Field(default=None, gt=0)  # a budget approval: continue up to this cost
 
 
 @event_type("approval.granted")
@@ -475,6 +496,7 @@ class ApprovalGranted(EventData):
     choice: str | None
     note: str | None
     decided_by: str | None
+    raise_budget_usd: float | None = None
 
 
 @event_type("approval.denied")

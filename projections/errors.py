@@ -14,6 +14,7 @@ class DatabaseLocked(ProjectionError):
             "(an open DuckDB CLI, notebook or second `corral up`) or use `corral sql`"
         )
         self.path = path
+        self.detail = detail
 
 
 class QueryError(ProjectionError):

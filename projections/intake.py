@@ -7,9 +7,18 @@ hands those three raw values to a sink for the subscriptions registered with it,
 every other subscription to nats-py as usual.
 """
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+import orjson
 from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from events.subjects import ALL_EVENTS, STREAM, ack_sequence
 
 RawSink = Callable[[bytes, bytes, bytes, bytes], None]
 _STATUS_PREFIX = b"NATS/1.0 "
@@ -30,6 +39,7 @@ class IntakeClient(Client):
     def __init__(self) -> None:
         super().__init__()
         self.raw_sinks: dict[int, RawSink] = {}
+        self.raw_subs: dict[int, Any] = {}
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         sink = self.raw_sinks.get(sid)
@@ -46,4 +56,115 @@ class IntakeClient(Client):
 
         sub = await self.subscribe(subject, cb=unused)
         self.raw_sinks[sub._id] = sink
+        self.raw_subs[sub._id] = sub
         return sub._id
+
+    async def unsubscribe_raw(self, sid: int) -> None:
+        self.raw_sinks.pop(sid, None)
+        sub = self.raw_subs.pop(sid, None)
+        if sub is not None:
+            await sub.unsubscribe()
+
+
+Batch = list[tuple[int, str, bytes]]
+READ_PULL = 2000
+READ_CREDIT = 40000
+
+
+async def read_log(
+    client: IntakeClient,
+    js: JetStreamContext,
+    *,
+    start_seq: int,
+    until: int,
+    on_batch: Callable[[Batch], Coroutine[Any, Any, None]],
+    stall_s: float = 15.0,
+    batch_size: int = 50000,
+) -> int:
+    """Hand (seq, subject, payload) batches of the event log from start_seq through until to on_batch.
+
+    An ephemeral pull consumer without acks, fed by pipelined `MSG.NEXT` requests on the raw
+    client: the fastest way nats-py offers to read a range of the stream (about 250k events/s
+    here, against 40k for `fetch()` and 60-75k for an ordered push consumer with Msg objects).
+    `on_batch` is awaited for one batch while the next is read. Returns how many events were read.
+    """
+    if start_seq > until:
+        return 0
+    info = await js.add_consumer(
+        STREAM,
+        ConsumerConfig(
+            filter_subject=ALL_EVENTS,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=60.0,
+            mem_storage=True,
+            num_replicas=1,
+        ),
+    )
+    consumer = info.name
+    inbox = client.new_inbox()
+    arrived = asyncio.Event()
+    buffer: list[tuple[bytes, bytes, bytes]] = []
+    credit = 0
+    last_seq = start_seq - 1
+
+    def sink(subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        nonlocal credit
+        if not data and headers and status_of(headers) is not None:
+            credit = 0  # 404/408/409: what was asked for will not come; ask again
+            arrived.set()
+            return
+        credit -= 1
+        buffer.append((reply, subject, data))
+        if len(buffer) >= READ_PULL:
+            arrived.set()
+
+    sid = await client.subscribe_raw(inbox, sink)
+    read = 0
+    handing: asyncio.Task[None] | None = None
+    pending: Batch = []
+    heard = time.monotonic()
+    try:
+        while last_seq < until:
+            while credit < READ_CREDIT:
+                credit += READ_PULL
+                await client.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{consumer}",
+                    orjson.dumps({"batch": READ_PULL, "expires": 2_000_000_000}),
+                    reply=inbox,
+                )
+            if not buffer:
+                if time.monotonic() - heard > stall_s:
+                    raise RuntimeError(f"the event log stopped at sequence {last_seq}, before {until}")
+                arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), 0.25)
+                continue
+            heard = time.monotonic()
+            raw, buffer[:] = buffer[:], []
+            for reply, subject, data in raw:
+                seq = ack_sequence(reply)
+                if seq > until:
+                    break
+                pending.append((seq, subject.decode(), data))
+                last_seq = seq
+            if len(pending) >= batch_size or last_seq >= until:
+                if handing is not None:
+                    await handing
+                todo, pending = pending, []
+                read += len(todo)
+                handing = asyncio.create_task(on_batch(todo))
+        if handing is not None:
+            await handing
+            handing = None
+    finally:
+        if handing is not None:
+            handing.cancel()
+            with contextlib.suppress(BaseException):
+                await handing
+        with contextlib.suppress(Exception):
+            await client.unsubscribe_raw(sid)
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(STREAM, consumer)
+    return read

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -26,11 +27,12 @@ from actors.bus import Bus
 from actors.runtime import Actor
 from events.envelope import decode_event
 from events.errors import EventError
+from events.stream import when_ready
 from events.subjects import ALL_EVENTS, STREAM, ack_sequence
 from projections.derived import apply_derived
 from projections.errors import DatabaseLocked
 from projections.intake import IntakeClient, status_of
-from projections.state import Execution, evolve
+from projections.state import STATE_EVENT_TYPES, Execution, evolve
 from projections.tables import (
     DDL,
     EVENT_COLUMNS,
@@ -48,6 +50,8 @@ MAX_APPLY = 50000
 LINGER_S = 1.0
 LINGER_EVENTS = 2000
 PULL_EXPIRES_S = 5.0
+LOCK_RETRY_S = 2.0
+SILENCE_S = 3 * PULL_EXPIRES_S  # pulls outstanding and not a word back for this long: they were lost
 _EVENTS_SPEC = json_columns_spec(EVENT_COLUMNS)
 _STATE_SPEC = json_columns_spec(STATE_COLUMNS)
 _STATE_NAMES = list(STATE_COLUMNS)
@@ -64,6 +68,12 @@ def open_database(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConn
         if "lock" in str(exc).lower():
             raise DatabaseLocked(str(path), str(exc).splitlines()[0]) from None
         raise
+
+
+def lock_holder(detail: str) -> str:
+    """`pid N, PROGRAM` from DuckDB's lock error ("Conflicting lock is held in PROGRAM (PID N)")."""
+    found = re.search(r"held in (.+?) \(PID (\d+)\)", detail)
+    return f"pid {found.group(2)}, {found.group(1)}" if found else detail
 
 
 def consumer_name(database: Path) -> str:
@@ -109,6 +119,7 @@ class BatchApplier:
             row = None
         self.position: int = int(row[0]) if row else 0
         self.states: dict[str, Execution] = {}
+        self.underived: int | None = None  # the position before the first batch not yet derived
 
     def close(self) -> None:
         for path in (self._batch_file, self._state_file):
@@ -119,8 +130,14 @@ class BatchApplier:
         """Apply (reply, subject, payload) as delivered by a JetStream consumer."""
         return self.apply([(ack_sequence(r), s.decode(), d) for r, s, d in raw])
 
-    def apply(self, batch: Sequence[tuple[int, str, bytes]]) -> int:
-        """Apply (seq, subject, payload) messages above the position; return how many were new."""
+    def apply(self, batch: Sequence[tuple[int, str, bytes]], *, derive: bool = True) -> int:
+        """Apply (seq, subject, payload) messages above the position; return how many were new.
+
+        With `derive=False` (a rebuild's bulk load) only `events` and the execution states are
+        written; the output, history and search tables of every such batch are filled by one
+        `derive()` afterwards: their statements are set-based and give the same rows however
+        the log was cut into batches.
+        """
         unique = {item[0]: item for item in batch if item[0] > self.position}
         if not unique:
             return 0
@@ -142,27 +159,13 @@ class BatchApplier:
                     [str(self._batch_file)],
                 )
             self._record_rejects(fresh, before)
-            con.execute(
-                "INSERT INTO output SELECT seq, execution_id, ts, data->>'stream', "
-                "CAST(data->>'n' AS UINTEGER), data->>'text' FROM events "
-                "WHERE seq > ? AND type = 'output'",
-                [before],
-            )
             self._apply_state(fresh)
-            con.execute(
-                "UPDATE executions SET output_chunks = executions.output_chunks + agg.chunks, "
-                "output_bytes = executions.output_bytes + agg.bytes, "
-                "last_output_at = greatest(executions.last_output_at, agg.last_ts) "
-                "FROM (SELECT execution_id, count(*) AS chunks, sum(strlen(text)) AS bytes, "
-                "max(ts) AS last_ts FROM output WHERE seq > ? GROUP BY execution_id) AS agg "
-                "WHERE executions.execution_id = agg.execution_id",
-                [before],
-            )
-            apply_derived(con, before)
-            con.execute(
-                "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",
-                [self.stream, last, SCHEMA_VERSION, datetime.now(UTC)],
-            )
+            if derive:
+                self._derive(self.underived if self.underived is not None else before)
+                self.underived = None
+            elif self.underived is None:
+                self.underived = before
+            self._save_position(last)
             con.commit()
         except BaseException:
             con.rollback()
@@ -170,6 +173,44 @@ class BatchApplier:
             raise
         self.position = last
         return len(fresh)
+
+    def derive(self) -> None:
+        """Fill the derived tables for every batch applied with `derive=False`."""
+        if self.underived is None:
+            return
+        self.con.begin()
+        try:
+            self._derive(self.underived)
+            self.con.commit()
+        except BaseException:
+            self.con.rollback()
+            raise
+        self.underived = None
+
+    def _derive(self, before: int) -> None:
+        con = self.con
+        con.execute(
+            "INSERT INTO output SELECT seq, execution_id, ts, data->>'stream', "
+            "CAST(data->>'n' AS UINTEGER), data->>'text' FROM events "
+            "WHERE seq > ? AND type = 'output'",
+            [before],
+        )
+        con.execute(
+            "UPDATE executions SET output_chunks = executions.output_chunks + agg.chunks, "
+            "output_bytes = executions.output_bytes + agg.bytes, "
+            "last_output_at = greatest(executions.last_output_at, agg.last_ts) "
+            "FROM (SELECT execution_id, count(*) AS chunks, sum(strlen(text)) AS bytes, "
+            "max(ts) AS last_ts FROM output WHERE seq > ? GROUP BY execution_id) AS agg "
+            "WHERE executions.execution_id = agg.execution_id",
+            [before],
+        )
+        apply_derived(con, before)
+
+    def _save_position(self, last: int) -> None:
+        self.con.execute(
+            "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",
+            [self.stream, last, SCHEMA_VERSION, datetime.now(UTC)],
+        )
 
     def _record_rejects(self, fresh: Sequence[tuple[int, str, bytes]], before: int) -> None:
         stored = self.con.execute("SELECT count(*) FROM events WHERE seq > ?", [before]).fetchone()
@@ -184,13 +225,23 @@ class BatchApplier:
         self.con.executemany("INSERT INTO rejected_events VALUES (?, ?, ?, ?)", rejects)
 
     def _apply_state(self, fresh: Sequence[tuple[int, str, bytes]]) -> None:
-        lifecycle = [item for item in fresh if not item[1].endswith(".output")]
+        lifecycle = [item for item in fresh if item[1].split(".", 3)[-1] in STATE_EVENT_TYPES]
         if not lifecycle:
             return
         changed: dict[str, Execution] = {}
         wanted = {subject.split(".", 3)[2] for _, subject, _ in lifecycle}
         self._load_states(wanted - self.states.keys())
-        for seq, _subject, payload in lifecycle:
+        # A heartbeat only moves last_heartbeat_at and updated_seq: the latest one per execution
+        # is kept aside and folded in before that execution's next other event (or at the end),
+        # instead of a full decode and state copy per heartbeat.
+        beats: dict[str, tuple[int, bytes]] = {}
+        for seq, subject, payload in lifecycle:
+            execution_id = subject.split(".", 3)[2]
+            if subject.endswith(".heartbeat") and execution_id in self.states:
+                beats[execution_id] = (seq, payload)
+                continue
+            if execution_id in beats:
+                self._beat(execution_id, *beats.pop(execution_id), changed)
             try:
                 event = decode_event(payload, seq=seq)
             except EventError:
@@ -200,6 +251,8 @@ class BatchApplier:
             if new is not None and new is not state:
                 self.states[event.execution_id] = new
                 changed[event.execution_id] = new
+        for execution_id, (seq, payload) in beats.items():
+            self._beat(execution_id, seq, payload, changed)
         if not changed:
             return
         self._state_file.write_bytes(
@@ -214,6 +267,14 @@ class BatchApplier:
         )
         if len(self.states) > 50000:
             self.states = {k: v for k, v in self.states.items() if v.state not in ("exited", "failed")}
+
+    def _beat(self, execution_id: str, seq: int, payload: bytes, changed: dict[str, Execution]) -> None:
+        try:
+            ts = datetime.fromisoformat(orjson.loads(payload)["ts"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return  # not a valid envelope: evolve would not have applied it either
+        new = self.states[execution_id].model_copy(update={"last_heartbeat_at": ts, "updated_seq": seq})
+        self.states[execution_id] = changed[execution_id] = new
 
     def _load_states(self, ids: set[str]) -> None:
         if not ids:
@@ -256,19 +317,55 @@ class Projector(Actor):
         self._last_apply = 0.0
         self._credit = 0
         self._inbox = ""
+        self._sid: int | None = None
         self._lock = asyncio.Lock()
+        self._lost = asyncio.Event()  # deliveries may have been lost: start a new consumer
+        self._fresh = True  # nothing delivered yet by the current consumer
+        self._last_heard = 0.0
+        self.locked_out: str | None = None  # why the DuckDB file cannot be opened yet, if it cannot
 
     @property
     def position(self) -> int:
         return self.applier.position if self.applier else 0
 
     def health(self) -> dict[str, Any]:
-        return {**super().health(), "position": self.position, "database": str(self.database)}
+        record = {**super().health(), "position": self.position, "database": str(self.database)}
+        if self.locked_out:
+            record["locked_out"] = self.locked_out
+        return record
 
     async def prepare(self) -> None:
-        self.open_database()
-        assert self.applier is not None
-        await self._reset_consumer(self.applier.position)
+        if self._try_open():
+            await when_ready(lambda: self._reset_consumer(self.position))
+
+    def _try_open(self) -> bool:
+        """Open the DuckDB file; if another process holds it (an analyst's session), say so once and wait."""
+        try:
+            self.open_database()
+        except DatabaseLocked as exc:
+            if self.locked_out is None:
+                self.locked_out = (
+                    f"DuckDB file {self.database} is locked by another process ({lock_holder(exc.detail)}); "
+                    f"retrying every {LOCK_RETRY_S:g}s, nothing is lost meanwhile: close that session "
+                    "(read with `corral sql` instead)"
+                )
+                log.warning("%s", self.locked_out)
+            return False
+        if self.locked_out is not None:
+            self.locked_out = None
+            log.warning("DuckDB file %s is free again; catching up from event %s", self.database, self.position + 1)
+        return True
+
+    async def _wait_for_database(self) -> bool:
+        """Retry opening a locked DuckDB file until it opens (True) or the projector stops (False)."""
+        while self.con is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), LOCK_RETRY_S)
+            if self.stopping.is_set():
+                return False
+            if await asyncio.to_thread(self._try_open):
+                await when_ready(lambda: self._reset_consumer(self.position))
+        return True
 
     def open_database(self) -> None:
         """Open (or reopen after a rebuild) the DuckDB file and read the applied position."""
@@ -311,6 +408,7 @@ class Projector(Actor):
         )
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        self._last_heard = time.monotonic()
         if not data and headers:
             status = status_of(headers)
             if status in (404, 408, 409):
@@ -334,6 +432,8 @@ class Projector(Actor):
             )
 
     async def run(self) -> None:
+        if not await self._wait_for_database():
+            return
         assert self.applier is not None
         self._intake = IntakeClient()
         await self._intake.connect(
@@ -341,11 +441,15 @@ class Projector(Actor):
             name=f"{self.instance}-intake",
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
+            **self.bus.connect_options(),  # the projector's NATS user (corral/auth.py)
+            reconnected_cb=self._on_reconnected,
         )
-        self._inbox = self._intake.new_inbox()
-        await self._intake.subscribe_raw(self._inbox, self._on_raw)
+        await self._listen()
         try:
             while not self.stopping.is_set():
+                if self._lost.is_set() or self._silent():
+                    await self._resync()
+                    continue
                 await self._pull()
                 if not self._buffer:
                     self._arrived.clear()
@@ -369,12 +473,72 @@ class Projector(Actor):
     async def _apply_buffered(self) -> None:
         assert self._intake is not None
         raw, self._buffer = self._buffer[:MAX_APPLY], self._buffer[MAX_APPLY:]
-        async with self._lock:
-            assert self.applier is not None
-            await asyncio.to_thread(self.applier.apply_raw, raw)
-        await self._intake.publish(raw[-1][0].decode(), b"+ACK")
-        async with self.position_changed:
-            self.position_changed.notify_all()
+        batch, last_reply = self._contiguous(raw)
+        if batch:
+            async with self._lock:
+                assert self.applier is not None
+                await asyncio.to_thread(self.applier.apply, batch)
+            await self._intake.publish(last_reply.decode(), b"+ACK")
+            async with self.position_changed:
+                self.position_changed.notify_all()
+
+    def _contiguous(self, raw: Sequence[tuple[bytes, bytes, bytes]]) -> tuple[list[tuple[int, str, bytes]], bytes]:
+        """The deliveries that follow the applied position without a hole, and the reply to ack the last.
+
+        The log has no holes (no deletes, no purges) and a consumer delivers in order, so a missing
+        sequence is a delivery lost in flight (a server died, a connection broke): acking past it
+        would skip it for good (acks are cumulative). The rest is dropped and a new consumer
+        resumes right after the position. Only a new consumer's first delivery may start past
+        position + 1: nothing is stored in between.
+        """
+        expected = self.position + 1
+        batch: list[tuple[int, str, bytes]] = []
+        last_reply = b""
+        for reply, subject, data in raw:
+            seq = ack_sequence(reply)
+            if seq < expected:
+                continue  # a redelivery of something applied
+            if seq > expected and not self._fresh:
+                self._lost.set()
+                break
+            self._fresh = False
+            batch.append((seq, subject.decode(), data))
+            last_reply = reply
+            expected = seq + 1
+        return batch, last_reply
+
+    async def _on_reconnected(self) -> None:
+        self._lost.set()  # pulls waiting on the old connection, and deliveries in flight, are gone
+
+    def _silent(self) -> bool:
+        """Pulls are outstanding but nothing came back, not even their expiry: they were lost
+        (the consumer's leader moved to another server of the cluster)."""
+        return self._credit > 0 and not self._buffer and time.monotonic() - self._last_heard > SILENCE_S
+
+    async def _listen(self) -> None:
+        """Deliveries go to a new inbox, so stragglers of a replaced consumer are not mixed in."""
+        assert self._intake is not None
+        if self._sid is not None:
+            self._intake.raw_sinks.pop(self._sid, None)
+        self._inbox = self._intake.new_inbox()
+        self._sid = await self._intake.subscribe_raw(self._inbox, self._on_raw)
+        self._last_heard = time.monotonic()
+
+    async def _resync(self) -> None:
+        """Replace the consumer with one that starts right after the applied position."""
+        self._lost.clear()
+        self._buffer.clear()
+        self._credit = 0
+        self._fresh = True
+        await self._listen()
+        while not self.stopping.is_set():
+            try:
+                await self._reset_consumer(self.position)
+                return
+            except Exception as exc:  # the server is still away, or the cluster electing a leader
+                log.debug("projector consumer not reset yet: %r", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 1.0)
 
     async def wait_for_position(self, seq: int, *, timeout_s: float = 10.0) -> bool:
         """Wait until events up to `seq` are applied; return False on timeout."""

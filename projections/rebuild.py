@@ -10,56 +10,32 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from nats.aio.msg import Msg
-
 from actors.bus import Bus
-from events.subjects import ALL_EVENTS
+from projections.intake import Batch, IntakeClient, read_log
 from projections.projector import BatchApplier, Projector, open_database
-from replay.history import follow, last_sequence
+from replay.history import last_sequence
 
 Report = Callable[[int, int], Awaitable[None]]
-APPLY_EVERY = 20000
+APPLY_EVERY = 50000
 
 
-async def _copy_log(bus: Bus, applier: BatchApplier, *, until: int, report: Report) -> int:
-    """Apply events after applier.position up to `until` from the stream; return how many."""
-    if applier.position >= until:
-        return 0
-    batch: list[tuple[int, str, bytes]] = []
-    applied = 0
+async def _copy_log(client: IntakeClient, bus: Bus, applier: BatchApplier, *, until: int, report: Report) -> int:
+    """Apply events after applier.position up to `until` from the stream; return how many.
+
+    Batches are bulk-loaded (events and execution states) while the next one is read; the
+    derived tables are filled once at the end with the same set-based statements."""
     start = applier.position
-    applying: asyncio.Task[None] | None = None
+    if start >= until:
+        return 0
+    applied = 0
 
-    async def apply(todo: list[tuple[int, str, bytes]]) -> None:
+    async def apply(batch: Batch) -> None:
         nonlocal applied
-        applied += await asyncio.to_thread(applier.apply, todo)
+        applied += await asyncio.to_thread(applier.apply, batch, derive=False)
         await report(applier.position - start, until - start)
 
-    async def flush() -> None:
-        # Reading the next batch from the stream overlaps applying this one in DuckDB.
-        nonlocal applying, batch
-        if applying is not None:
-            await applying
-            applying = None
-        if batch:
-            todo, batch = batch, []
-            applying = asyncio.create_task(apply(todo))
-
-    async def on_event(seq: int, msg: Msg) -> bool:
-        if seq <= until:
-            batch.append((seq, msg.subject, msg.data))
-        if len(batch) >= APPLY_EVERY:
-            await flush()
-        return seq >= until
-
-    try:
-        await follow(bus.js, ALL_EVENTS, on_event, start_seq=applier.position + 1)
-        await flush()
-        await flush()
-    finally:
-        if applying is not None:
-            with contextlib.suppress(BaseException):
-                await applying
+    await read_log(client, bus.js, start_seq=start + 1, until=until, on_batch=apply, batch_size=APPLY_EVERY)
+    await asyncio.to_thread(applier.derive)
     return applied
 
 
@@ -72,16 +48,20 @@ async def rebuild_database(bus: Bus, projector: Projector, *, report: Report) ->
             leftover.unlink()
     con = open_database(target)
     applier = BatchApplier(con, tmp_dir=projector.tmp_dir)
+    client = IntakeClient()
+    await client.connect(servers=bus.servers, name="corral-rebuild", **bus.connect_options())
     try:
-        applied = await _copy_log(bus, applier, until=await last_sequence(bus.js), report=report)
+        applied = await _copy_log(client, bus, applier, until=await last_sequence(bus.js), report=report)
         async with projector.paused():
-            applied += await _copy_log(bus, applier, until=projector.position, report=report)
+            applied += await _copy_log(client, bus, applier, until=projector.position, report=report)
             con.execute("CHECKPOINT")
             con.close()
             projector.close_database()
             os.replace(target, database)
             projector.open_database()
     finally:
+        with contextlib.suppress(Exception):
+            await client.close()
         applier.close()
         with contextlib.suppress(Exception):
             con.close()

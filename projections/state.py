@@ -70,6 +70,29 @@ class Execution(BaseModel):
     updated_seq: int = 0
 
 
+# The event types evolve() looks at; any other type leaves an execution's state as it is, so a
+# projector need not decode it.
+STATE_EVENT_TYPES: frozenset[str] = frozenset(
+    cls.TYPE
+    for cls in (
+        ExecutionRequested,
+        ExecutionQueued,
+        ExecutionClaimed,
+        WorkspaceCreated,
+        ExecutionStarted,
+        ExecutionPaused,
+        ExecutionResumed,
+        TimeoutExtended,
+        ExecutionStalled,
+        Heartbeat,
+        PriorityChanged,
+        ExecutionExited,
+        ExecutionFailed,
+        WorkspaceRemoved,
+    )
+)
+
+
 def evolve(state: Execution | None, event: Event) -> Execution | None:
     """Return the state after one event; events that do not change an execution return it as is."""
     data = event.data

@@ -1,4 +1,11 @@
-"""Fixtures: a real nats-server per test, real git repositories, the real `corral` CLI."""
+"""Fixtures: a real nats-server per test, real git repositories, the real `corral` CLI.
+
+The nats-server runs with Corral's users and permissions (corral/auth.py): its credentials are
+generated into the test's CORRAL_HOME (`tmp_path/home`, the `cli` fixture's), so every CLI
+process and actor connects as its own role exactly as in production. The test process itself
+connects as `admin` (CORRAL_NATS_USER / CORRAL_NATS_PASSWORD, set for the test), since tests
+publish events of every kind.
+"""
 
 import os
 import subprocess
@@ -10,16 +17,32 @@ from pathlib import Path
 import pytest
 
 from actors.bus import Bus, connect_bus
+from corral.auth import ENV_CREDS, ENV_PASSWORD, ENV_USER, CredentialSet, ensure_credentials
 from corral.server import EmbeddedServer
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = ROOT / "examples" / "agent.py"
 
 
+CLIENT_CREDENTIAL_ENV = (ENV_USER, ENV_PASSWORD, ENV_CREDS)
+
+
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    """A real nats-server with JetStream on a free loopback port and a temporary store."""
-    server = EmbeddedServer(tmp_path / "nats-store", log_file=tmp_path / "nats.log").start()
+def credentials(tmp_path: Path) -> CredentialSet:
+    """The NATS credentials of the test's system, in the `cli` fixture's CORRAL_HOME."""
+    return ensure_credentials(tmp_path / "home")
+
+
+@pytest.fixture
+def nats_server(
+    tmp_path: Path, credentials: CredentialSet, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[EmbeddedServer]:
+    """A real nats-server with JetStream and Corral's users on a free loopback port and a temporary store."""
+    server = EmbeddedServer(tmp_path / "nats-store", log_file=tmp_path / "nats.log", credentials=credentials).start()
+    admin = credentials.get("admin")
+    assert admin is not None
+    monkeypatch.setenv(ENV_USER, admin.user)  # this process (and helpers it starts) may do anything
+    monkeypatch.setenv(ENV_PASSWORD, admin.password)
     yield server
     server.stop()
 
@@ -29,6 +52,13 @@ async def bus(nats_server: EmbeddedServer) -> AsyncIterator[Bus]:
     connected = await connect_bus(nats_server.url)
     yield connected
     await connected.close()
+
+
+def cli_environment(**extra: str) -> dict[str, str]:
+    """os.environ without the test's own NATS identity: CLI processes find theirs in CORRAL_HOME."""
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_CREDENTIAL_ENV}
+    env.update(extra)
+    return env
 
 
 def make_repo(path: Path) -> Path:
@@ -84,15 +114,15 @@ def agent_command(*args: str) -> list[str]:
 @pytest.fixture
 def cli(tmp_path: Path, nats_server: EmbeddedServer) -> Cli:
     """The CLI against this test's nats-server (CORRAL_NATS_URL)."""
-    env = {**os.environ, "CORRAL_HOME": str(tmp_path / "home"), "CORRAL_NATS_URL": nats_server.url}
+    env = cli_environment(CORRAL_HOME=str(tmp_path / "home"), CORRAL_NATS_URL=nats_server.url)
     return Cli(tmp_path / "home", env)
 
 
 @pytest.fixture
 def embedded_cli(tmp_path: Path) -> Cli:
     """The CLI with no NATS URL: every command starts (and stops) the embedded server itself."""
-    env = {k: v for k, v in os.environ.items() if k != "CORRAL_NATS_URL"}
-    env["CORRAL_HOME"] = str(tmp_path / "home")
+    env = cli_environment(CORRAL_HOME=str(tmp_path / "home"))
+    env.pop("CORRAL_NATS_URL", None)
     return Cli(tmp_path / "home", env)
 
 

@@ -10,16 +10,29 @@ import json
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from actors.adapters import Adapter, adapter_class, agent_command_line, find_program, load_adapter
+from actors.adapters import (
+    CAPABILITY_CACHE,
+    Adapter,
+    adapter_class,
+    agent_command_line,
+    build_command,
+    find_program,
+    load_adapter,
+    missing_feature,
+    price_of,
+    probe,
+)
 from actors.adapters.aider import AiderAdapter
 from actors.adapters.aider import command_line as aider_command
 from actors.adapters.claude_code import ClaudeCodeAdapter, user_message
+from actors.adapters.claude_code import command_line as claude_command
 from actors.adapters.codex import CodexAdapter
 from actors.adapters.codex import command_line as codex_command
 from actors.adapters.gemini import GeminiAdapter
@@ -56,12 +69,14 @@ def test_claude_code_maps_session_tools_files_usage_and_result() -> None:
     facts = facts_of(adapter, "claude_code.jsonl")
     assert [kind for kind, _ in facts] == [
         "session.started",
+        "usage",  # estimated live, from the model call's input tokens
         "agent.message",
         "tool.called",
         "tool.result",
         "file.touched",
-        "agent.message",
         "usage",
+        "agent.message",
+        "usage",  # the result: tokens, and the reported cost minus the estimates
         "agent.result",
     ]
     session = of_type(facts, "session.started")[0]
@@ -71,8 +86,13 @@ def test_claude_code_maps_session_tools_files_usage_and_result() -> None:
     assert (call["name"], call["call_id"], call["shell_command"]) == ("Write", "toolu_0001", None)
     assert of_type(facts, "tool.result")[0]["ok"] is True
     assert of_type(facts, "file.touched") == [{"path": "hello.txt", "change": "created"}]
-    usage = of_type(facts, "usage")[0]
-    assert (usage["input_tokens"], usage["output_tokens"], usage["cost_usd"]) == (240, 60, 0.0027)
+    live, _, usage = of_type(facts, "usage")
+    # claude-opus-4-8 at $5/$25 per million: 120 input tokens and 1 output token known at the call
+    assert live == {"model": "claude-opus-4-8", "cost_usd": 0.000625, "estimated": True}
+    assert (usage["input_tokens"], usage["output_tokens"], usage.get("estimated")) == (240, 60, None)
+    assert round(sum(t["cost_usd"] for t in of_type(facts, "usage")), 10) == 0.0027  # the reported total
+    assert sum(t.get("input_tokens", 0) for t in of_type(facts, "usage")) == 240  # tokens counted once
+    assert adapter.turns == 2
     assert of_type(facts, "agent.result") == [{"ok": True, "text": "Created hello.txt.", "turns": 2}]
     assert adapter.stdin_done  # the one message sent has its result: the shim closes stdin
 
@@ -89,10 +109,10 @@ def test_claude_code_two_turns_tick_usage_by_difference_and_wait_for_every_answe
     assert not adapter.stdin_done
     facts += adapter.feed("".join(text[first_result + 1 :]))
     assert adapter.stdin_done
-    ticks = of_type(facts, "usage")
+    ticks = [t for t in of_type(facts, "usage") if not t.get("estimated")]
     # modelUsage is a running total (240/60 then 360/90): the second tick is the difference
     assert [(t["input_tokens"], t["output_tokens"]) for t in ticks] == [(240, 60), (120, 30)]
-    assert round(sum(t["cost_usd"] for t in ticks), 6) == 0.00405
+    assert round(sum(t["cost_usd"] for t in of_type(facts, "usage")), 6) == 0.00405
     assert len(of_type(facts, "session.started")) == 1  # init is repeated per turn, one session
     assert len(of_type(facts, "agent.result")) == 2
 
@@ -202,8 +222,15 @@ def test_gemini_shell_tool_records_its_command_and_errors() -> None:
 def test_aider_maps_edits_and_token_lines() -> None:
     facts = facts_of(AiderAdapter(command=["aider", "--model", "openai/test-model"]), "aider.txt")
     assert of_type(facts, "file.touched") == [{"path": "hello.txt", "change": "modified"}]
+    # no "Cost:" part: estimated at test-model's price ($1 / $2 per million tokens)
     assert of_type(facts, "usage") == [
-        {"model": "openai/test-model", "cost_usd": 0.0, "input_tokens": 594, "output_tokens": 16}
+        {
+            "model": "openai/test-model",
+            "cost_usd": 0.000626,
+            "input_tokens": 594,
+            "output_tokens": 16,
+            "estimated": True,
+        }
     ]
     adapter = AiderAdapter(cwd="/w")
     facts = adapter.feed(
@@ -213,7 +240,119 @@ def test_aider_maps_edits_and_token_lines() -> None:
     assert facts[0] == ("file.touched", {"path": "new.py", "change": "created"})
     tick = facts[1][1]
     assert (tick["input_tokens"], tick["cache_write_tokens"], tick["cache_read_tokens"]) == (2300, 1100, 3400)
-    assert (tick["output_tokens"], tick["cost_usd"]) == (120, 0.01)
+    assert (tick["output_tokens"], tick["cost_usd"], tick.get("estimated")) == (120, 0.01, None)
+
+
+def test_codex_and_gemini_cost_is_estimated_from_the_price_table() -> None:
+    codex = facts_of(CodexAdapter(command=["codex", "exec", "--json", "-m", "gpt-5-codex", "t"]), "codex.jsonl")
+    [tick] = of_type(codex, "usage")
+    # gpt-5-codex at $1.25 / $10 per million: 240 in, 60 out
+    assert (tick["cost_usd"], tick["estimated"]) == (0.0009, True)
+    gemini = of_type(facts_of(GeminiAdapter(), "gemini.jsonl"), "usage")
+    assert {t["model"]: (t["cost_usd"], t["estimated"]) for t in gemini} == {
+        "gemini-3.5-flash-lite": (0.000024, True),  # $0.10 / $0.40: 120 in, 30 out
+        "gemini-3.1-pro-preview": (0.00120, True),  # $2 / $12: 240 in, 60 out
+    }
+    # [prices] of corral.toml come with the spec and win over the defaults; an unknown model costs 0, not estimated
+    priced = load_adapter(
+        {"agent": "codex", "command": ["codex", "-m", "my-model"], "prices": {"my-model": {"input": 1e6}}}
+    )
+    assert priced is not None
+    [mine] = of_type(priced.feed('{"type":"turn.completed","usage":{"input_tokens":3,"output_tokens":5}}\n'), "usage")
+    assert (mine["cost_usd"], mine["estimated"]) == (3.0, True)
+    unknown = CodexAdapter(command=["codex", "-m", "nobody-knows"])
+    [none] = of_type(unknown.feed('{"type":"turn.completed","usage":{"input_tokens":3,"output_tokens":5}}\n'), "usage")
+    assert (none["cost_usd"], none["estimated"]) == (0.0, False)
+
+
+def test_price_lookup_takes_the_longest_prefix_without_provider_or_context_suffix() -> None:
+    assert price_of("claude-opus-4-8[1m]") == price_of("claude-opus-4") == (5.0, 25.0, 0.5, 6.25)
+    assert price_of("claude-opus-4-1-20250805") == (15.0, 75.0, 1.5, 18.75)
+    assert price_of("openai/gpt-5-mini")[:2] == (0.25, 2.0)  # type: ignore[index]
+    assert price_of("gpt-5.1-codex")[:2] == (1.25, 10.0)  # type: ignore[index]
+    assert price_of("nobody-knows") is None
+    assert price_of(None) is None
+    assert price_of("gpt-5", {"GPT-5": {"input": 9, "output": 9}}) == (9.0, 9.0, 0.0, 0.0)
+
+
+def test_resume_command_lines_use_each_clis_own_option() -> None:
+    assert gemini_command("gemini", "t", [], resume="s-1")[-2:] == ["--resume", "s-1"]
+    assert "--restore-chat-history" in aider_command("aider", "t", [], resume="")
+    assert "--restore-chat-history" not in aider_command("aider", "t", [])
+    resumed = codex_command("codex", "go on", ["--sandbox", "read-only", "-m", "o3"], resume="th-1")
+    # `codex exec resume` has no --sandbox option: the same setting as -c
+    assert resumed == [
+        "codex",
+        "exec",
+        "resume",
+        "--json",
+        "--skip-git-repo-check",
+        "-c",
+        'sandbox_mode="read-only"',
+        "-m",
+        "o3",
+        "th-1",
+        "go on",
+    ]
+    assert codex_command("codex", "t", [], resume="th-1")[5:7] == ["-c", 'sandbox_mode="workspace-write"']
+    if find_program("claude") is not None:
+        built = claude_command(find_program("claude") or "claude", "t", ["--model", "m"], resume="abc")
+        assert built[-2:] == ["--resume", "abc"]
+
+
+def fake_cli(tmp: Path, name: str, version: str, help_text: str) -> Path:
+    """A real executable that answers --version and --help like an old release of a CLI would."""
+    script = tmp / name
+    script.write_text(f"#!/bin/sh\ncase \"$1\" in --version) echo '{version}';; *) echo '{help_text}';; esac\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_capabilities_are_probed_once_per_binary_and_missing_ones_are_explained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path / "home"))
+    old = fake_cli(tmp_path, "gemini", "0.1.0", "Usage: gemini -p PROMPT -o FORMAT")
+    first = probe("gemini", str(old))
+    assert first == {
+        "program": str(old),
+        "version": "0.1.0",
+        "features": {"stream_input": False, "resume": False, "fork": False, "live_usage": False},
+        "cached": False,
+    }
+    assert probe("gemini", str(old))["cached"] is True
+    assert (tmp_path / "home" / CAPABILITY_CACHE).is_file()
+    message = missing_feature("gemini", first, "resume")
+    assert message == "gemini 0.1.0 cannot resume a recorded session (start a new run with the whole task instead)"
+    monkeypatch.setenv("CORRAL_GEMINI_BIN", str(old))
+    with pytest.raises(ValueError, match=r"gemini 0\.1\.0 cannot resume"):
+        build_command("gemini", "t", resume="s-1")
+    assert build_command("gemini", "t")[:3] == [str(old), "-p", "t"]  # a new run needs no resume
+    # an upgrade (the binary changes) is probed again
+    newer = fake_cli(tmp_path, "gemini", "0.2.0", "  -r, --resume   Resume a previous session")
+    os.utime(newer, ns=(1, 1))  # same path, another mtime and size: another binary
+    again = probe("gemini", str(newer))
+    assert (again["version"], again["features"]["resume"], again["cached"]) == ("0.2.0", True, False)
+    assert build_command("gemini", "t", resume="s-1")[-2:] == ["--resume", "s-1"]
+
+
+@pytest.mark.parametrize("agent", ["claude-code", "codex", "gemini", "aider"])
+def test_the_installed_clis_support_what_corral_uses(
+    agent: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program = find_program(PROGRAMS[agent])
+    if program is None:
+        pytest.skip(f"{PROGRAMS[agent]} is not installed (bash .ci/run installs it under .agents/); not run")
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
+    found = probe(agent, program)
+    assert found["version"], found
+    features = found["features"]
+    assert features["resume"] is True
+    assert features["stream_input"] is (agent == "claude-code")
+    assert features["live_usage"] is (agent in ("claude-code", "aider"))
+    if agent in ("claude-code", "codex"):
+        assert features["fork"] is True
+    assert probe(agent, program)["cached"] is True
 
 
 def test_a_malformed_or_foreign_line_is_only_output() -> None:
@@ -401,11 +540,32 @@ def test_real_cli_under_corral(agent: str, cli: Cli, repo: Path, tmp_path: Path,
         )
         assert result["ok"] == "true"
         assert FINAL_TEXT in result["text"]
+    [caps] = sql(
+        run,
+        f"SELECT data->>'version' AS version, data->'features' AS features FROM events "
+        f"WHERE execution_id = '{execution_id}' AND type = 'agent.capabilities'",
+    )
+    assert caps["version"]
+    assert json.loads(caps["features"])["resume"] is True
+    ticks = sql(
+        run,
+        f"SELECT CAST(data->>'cost_usd' AS DOUBLE) AS cost, coalesce(data->>'estimated', 'false') AS estimated "
+        f"FROM events WHERE execution_id = '{execution_id}' AND type = 'usage' ORDER BY seq",
+    )
+    assert sum(t["cost"] for t in ticks) > 0  # reported (Claude Code, aider) or estimated from the price table
+    if agent in ("codex", "gemini"):  # they report tokens only
+        assert {t["estimated"] for t in ticks} == {"true"}
+    if agent == "claude-code":  # live estimates, then the result's reported cost
+        assert ticks[0]["estimated"] == "true"
+        assert ticks[-1]["estimated"] == "false"
     status = run("status", execution_id, "--json", check=True)
     shown = json.loads(status.stdout)
     assert shown["agent"] == agent
     assert shown["input_tokens"] > 0
     assert shown["files_touched"] >= 1
+    assert shown["cost_usd"] > 0
+    assert shown["agent_version"] == caps["version"]
+    assert shown["agent_features"]["resume"] is True
     assert model_server.requests, "the CLI never reached the model server"
     assert model_server.leaks == [], f"{agent} tried to leave the machine: {model_server.leaks}"
 
@@ -459,3 +619,141 @@ def test_model_server_refuses_to_proxy(model_server: ModelServer) -> None:
         pytest.skip("curl is not installed")
     assert done.stdout == "403"
     assert model_server.leaks == ["http://example.invalid/"]
+
+
+def wait_for(check: Any, what: str, timeout_s: float = 240.0) -> Any:
+    """Poll `check()` until it returns something truthy (no timing assertion: the limit only ends a hang)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(1.0)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def pending_approvals(run: Cli) -> list[dict[str, Any]]:
+    approvals: list[dict[str, Any]] = json.loads(run("approvals", "--json", check=True).stdout)
+    return approvals
+
+
+LIVE_USAGE = ("claude-code", "aider")  # usage after every model call; Codex and Gemini report it when done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agent", ["claude-code", "codex", "gemini", "aider"])
+def test_budget_pauses_the_agent_until_an_approval_raises_it(
+    agent: str, cli: Cli, repo: Path, tmp_path: Path, model_server: ModelServer
+) -> None:
+    if find_program(PROGRAMS[agent]) is None:
+        pytest.skip(f"{PROGRAMS[agent]} is not installed (bash .ci/run installs it under .agents/); not run")
+    env, extra = isolated_env(agent, cli.env, tmp_path, model_server)
+    run = Cli(cli.home, env)
+    budget = "0.0000001"  # reached by the first usage tick
+    process = run.popen(
+        "run", "--agent", agent, "--repo", str(repo), "--max-cost", budget, f"create {FILE_NAME}", "--", *extra
+    )
+    approval: dict[str, Any] | None = None
+    try:
+        if agent in LIVE_USAGE:
+            approval = wait_for(lambda: process.poll() is not None or pending_approvals(run), "a budget approval")
+            approval = approval[0] if isinstance(approval, list) else None
+        if approval is not None:
+            assert (approval["category"], approval["source"]) == ("budget", "budget")
+            paused = "SELECT count(*) AS n FROM events WHERE type = 'execution.paused'"
+            wait_for(lambda: sql(run, paused)[0]["n"] == 1, "the budget pause")
+            assert json.loads(run("status", approval["execution_id"], "--json", check=True).stdout)["state"] == "paused"
+            run("approve", approval["approval_id"], "--raise-budget", "100", check=True)
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, f"{agent} failed ({process.returncode}):\n{err}\n{out[-3000:]}"
+    [exceeded] = sql(
+        run,
+        "SELECT data->>'limit' AS lim, CAST(data->>'maximum' AS DOUBLE) AS maximum FROM events "
+        "WHERE type = 'limit.exceeded'",
+    )
+    assert (exceeded["lim"], exceeded["maximum"]) == ("cost", float(budget))
+    if agent == "claude-code":
+        assert approval is not None, "Claude Code reports usage per model call: it must have been paused"
+    if agent not in LIVE_USAGE:  # said once, and no approval for money already spent
+        assert "cannot report usage while it runs" in err
+        assert sql(run, "SELECT count(*) AS n FROM events WHERE type LIKE 'approval.%'") == [{"n": 0}]
+    if approval is not None:  # (aider may end before the pause lands: then limit.exceeded is all)
+        [resumed] = sql(run, "SELECT data->>'max_cost_usd' AS max_cost FROM events WHERE type = 'resume.requested'")
+        assert float(resumed["max_cost"]) == 100.0
+        assert sql(run, "SELECT count(*) AS n FROM events WHERE type = 'execution.resumed'") == [{"n": 1}]
+        # (aider also gets a validator approval of its own: it edits .git/config)
+        rows = sql(run, "SELECT status, category FROM approvals WHERE category = 'budget'")
+        assert rows == [{"status": "granted", "category": "budget"}]
+        progress = sql(run, "SELECT data->>'note' AS note FROM events WHERE type = 'heartbeat' ORDER BY seq")
+        assert progress and "budget" in progress[-1]["note"]
+
+
+@pytest.mark.slow
+def test_rejecting_a_budget_approval_cancels_the_agent(
+    cli: Cli, repo: Path, tmp_path: Path, model_server: ModelServer
+) -> None:
+    if find_program("claude") is None:
+        pytest.skip("claude is not installed (bash .ci/run installs it under .agents/); not run")
+    env, _ = isolated_env("claude-code", cli.env, tmp_path, model_server)
+    run = Cli(cli.home, env)
+    process = run.popen("run", "--agent", "claude-code", "--repo", str(repo), "--max-cost", "0.0000001", "create it")
+    try:
+        [approval] = wait_for(lambda: pending_approvals(run), "a budget approval")
+        run("reject", approval["approval_id"], check=True)
+        _, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    # (Claude Code may exit 0 on SIGTERM: the exit reason is what says it was cancelled)
+    [row] = sql(run, "SELECT exit_reason FROM executions")
+    assert row["exit_reason"] == "cancelled", err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agent", ["claude-code", "codex", "gemini", "aider"])
+def test_follow_up_continues_the_session_in_the_same_worktree(
+    agent: str, cli: Cli, repo: Path, tmp_path: Path, model_server: ModelServer
+) -> None:
+    if find_program(PROGRAMS[agent]) is None:
+        pytest.skip(f"{PROGRAMS[agent]} is not installed (bash .ci/run installs it under .agents/); not run")
+    env, extra = isolated_env(agent, cli.env, tmp_path, model_server)
+    run = Cli(cli.home, env)
+    first = run("run", "--agent", agent, "--repo", str(repo), f"create {FILE_NAME}", "--", *extra, timeout=300)
+    assert first.returncode == 0, first.stderr
+    [parent] = sql(run, "SELECT execution_id, worktree FROM executions")
+    sessions = sql(run, "SELECT data->>'session_id' AS s FROM events WHERE type = 'session.started'")
+    asked = len(model_server.requests)
+    # the parent's CLI arguments (model, server) are passed again by themselves
+    second = run("run", "--resume", parent["execution_id"][:6], "now say done", timeout=300)
+    assert second.returncode == 0, f"{agent} follow-up failed:\n{second.stderr}\n{second.stdout[-3000:]}"
+    [child] = sql(
+        run,
+        "SELECT e.execution_id, e.worktree, r.data->>'resume_of' AS resume_of, r.data->>'resume_session' AS session "
+        "FROM executions e JOIN events r ON r.execution_id = e.execution_id AND r.type = 'execution.requested' "
+        f"WHERE e.execution_id <> '{parent['execution_id']}'",
+    )
+    assert child["worktree"] == parent["worktree"]
+    assert child["resume_of"] == parent["execution_id"]
+    if agent != "aider":  # aider resumes from its chat history file in the worktree
+        assert child["session"] == sessions[0]["s"]
+    # the model saw the first conversation again with the new message: the session was continued
+    later = [json.dumps(r.body) for r in model_server.requests[asked:] if r.method == "POST"]
+    assert any("now say done" in body and f"create {FILE_NAME}" in body for body in later), later[-1:]
+    assert model_server.leaks == []
+
+
+def test_follow_up_of_a_plain_command_is_refused(cli: Cli, repo: Path) -> None:
+    done = cli("run", "--repo", str(repo), "-q", "--", "true", check=True)
+    assert done.returncode == 0
+    [row] = sql(cli, "SELECT execution_id FROM executions")
+    refused = cli("run", "--resume", row["execution_id"], "go on")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"corral: error: {row['execution_id']} ran a plain command: there is no agent session to continue"
+    ]
+    assert len(sql(cli, "SELECT execution_id FROM executions")) == 1  # nothing was started

@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import orjson
@@ -62,6 +63,30 @@ def test_agent_asks_is_registered_and_resumes_after_approve(cli: Cli, repo: Path
         assert unknown.returncode == 1 and "no approval" in unknown.stderr
         shown = json.loads(cli("approvals", "--all", "--json", check=True).stdout)
         assert any(r["approval_id"] == approval["approval_id"] and r["state"] == "granted" for r in shown)
+    finally:
+        stop_up(cli, up)
+
+
+def test_waiting_for_a_decision_is_not_a_stall(cli: Cli, repo: Path) -> None:
+    """The watchdog stops an agent's idle clock while it waits for an approval, and restarts it after."""
+    up = start_up(cli)
+    try:
+        execution_id = detach(
+            cli,
+            repo,
+            "--idle-timeout",
+            "1s",
+            "--on-stall",
+            "cancel",
+            *agent_command("ship it", "--ask-approval", "deploy", "--steps", "1", "--sleep", "0"),
+        )
+        approval = wait_pending(cli, execution_id)
+        time.sleep(4)  # four idle timeouts pass while the human thinks
+        assert [e["type"] for e in events(cli, execution_id) if e["type"] == "execution.stalled"] == []
+        cli("approve", approval["approval_id"], "--choice", "yes", check=True)
+        final = wait_state(cli, execution_id, "exited")
+        assert final["exit_code"] == 0, final
+        assert [e["type"] for e in events(cli, execution_id) if e["type"] == "execution.stalled"] == []
     finally:
         stop_up(cli, up)
 

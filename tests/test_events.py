@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from actors.output import OutputCoalescer
-from events.envelope import decode_event, new_event
+from events.envelope import decode_event, envelope_bytes, new_event, trusted_payload
 from events.errors import MalformedEvent, UnknownEventType
 from events.ids import new_execution_id, new_ulid
 from events.schema import all_schemas
@@ -67,3 +67,50 @@ def test_coalescer_keeps_multibyte_characters_whole() -> None:
     for byte in text:
         coalescer.feed(bytes([byte]))
     assert coalescer.flush() == "héllo wörld ✓\n"
+
+
+TRUSTED_CASES = [
+    ("output", {"stream": "stdout", "n": 1, "text": "step 1\n"}),
+    ("output", {"stream": "stderr", "n": 7, "text": "naïve ✓ \u0000 \"quoted\"\n"}),
+    ("heartbeat", {"source": "agent"}),
+    ("heartbeat", {"source": "wrapper", "note": "running the tests", "progress": 0.25}),
+    ("heartbeat", {"source": "adapter", "note": "turn 3 of 10", "progress": None}),
+    ("heartbeat", {}),
+]
+UNTRUSTED_CASES = [
+    ("output", {"stream": "stdin", "n": 1, "text": "x"}),  # the model refuses it
+    ("output", {"stream": "stdout", "n": True, "text": "x"}),  # a bool is not an int here
+    ("output", {"stream": "stdout", "n": 1, "text": "x", "extra": 1}),
+    ("output", {"stream": "stdout", "n": "1", "text": "x"}),  # the model would convert it
+    ("heartbeat", {"source": "agent", "progress": 1}),  # an int the model turns into 1.0
+    ("heartbeat", {"source": "robot"}),
+    ("heartbeat", {"note": 5}),
+    ("heartbeat", {"source": "agent", "mood": "fine"}),
+    ("heartbeat", ["not", "a", "dict"]),
+    ("usage", {"input_tokens": 1}),  # only output and heartbeat have a fast path
+]
+
+
+@pytest.mark.parametrize(("kind", "data"), TRUSTED_CASES)
+def test_trusted_payload_equals_the_models_json_and_envelope(kind: str, data: dict[str, object]) -> None:
+    model = EVENT_TYPES[kind]
+    fast = trusted_payload(kind, data)
+    assert fast == model.model_validate(data).model_dump(mode="json")
+    event = new_event(new_execution_id(), model.model_validate(data), actor="spawner-x", causation_id=new_ulid())
+    built = envelope_bytes(
+        event.id,
+        event.type,
+        event.execution_id,
+        event.ts,
+        event.actor,
+        event.causation_id,
+        event.correlation_id,
+        fast or {},
+    )
+    assert built == event.to_bytes(), "the spawner's direct encoding must be the model's, byte for byte"
+    assert decode_event(built) == event
+
+
+@pytest.mark.parametrize(("kind", "data"), UNTRUSTED_CASES)
+def test_anything_but_the_plain_shape_goes_through_the_model(kind: str, data: object) -> None:
+    assert trusted_payload(kind, data) is None

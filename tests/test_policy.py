@@ -285,3 +285,47 @@ async def test_validator_flags_checkpoints_pauses_and_asks(bus: Bus, repo: Path,
         assert {v["rule"] for v in shell} >= {"shell_deny", "merge"}
     finally:
         await validator.stop()
+
+
+def test_run_policy_file_applies_to_that_run_only(cli: Cli, repo: Path, tmp_path: Path) -> None:
+    """`corral run --policy FILE`: the file's keys over [policy], for this execution only."""
+    policy = tmp_path / "run-policy.toml"
+    policy.write_text('[policy]\nforbidden_paths = ["build/**"]\n')
+    command = ["--", "sh", "-c", "mkdir -p build && echo out > build/out.txt"]
+    strict = cli("run", "--repo", str(repo), "--policy", str(policy), "-q", *command, check=True)
+    loose = cli("run", "--repo", str(repo), "-q", *command, check=True)
+    assert strict.returncode == loose.returncode == 0
+    rows = orjson.loads(
+        cli(
+            "sql",
+            "SELECT e.policy IS NOT NULL AS strict, v.passed, v.details::VARCHAR AS details "
+            "FROM validations v JOIN (SELECT execution_id, data->>'policy' AS policy FROM events "
+            "WHERE type = 'execution.requested') e USING (execution_id)",
+            "--json",
+            check=True,
+        ).stdout
+    )
+    by_run = {row["strict"]: row for row in rows}
+    assert by_run[True]["passed"] is False and "forbidden_path" in by_run[True]["details"]
+    assert by_run[False]["passed"] is True
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "not found"),
+        ("forbidden_paths = [", "not valid TOML"),
+        ("max_files = -1", "max_files"),
+        ("", "no policy keys"),
+    ],
+)
+def test_bad_run_policy_file_is_one_line_and_starts_nothing(
+    cli: Cli, repo: Path, tmp_path: Path, text: str | None, message: str
+) -> None:
+    policy = tmp_path / "p.toml"
+    if text is not None:
+        policy.write_text(text + "\n")
+    result = cli("run", "--repo", str(repo), "--policy", str(policy), "--", "true")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert orjson.loads(cli("ps", "--all", "--json", check=True).stdout) == []

@@ -5,10 +5,13 @@ An adapter has two halves. `build_command` runs in the `corral` CLI when a run i
 line and records every fact it returns as an event beside the raw `output`. See docs/adapters.md.
 """
 
+import contextlib
 import importlib
 import json
 import os
+import re
 import shutil
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,12 +48,21 @@ class Adapter:
     name = "command"
     keeps_stdin = True  # False: the shim closes the agent's stdin once started (CLIs that read it to EOF)
 
-    def __init__(self, *, task: str | None = None, command: Sequence[str] = (), cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        task: str | None = None,
+        command: Sequence[str] = (),
+        cwd: str | None = None,
+        prices: dict[str, Any] | None = None,
+    ) -> None:
         self.task = task
         self.command = list(command)
         self.cwd = cwd
+        self.prices = prices or {}
         self._partial = ""
         self.stdin_done = False  # set by the adapter when the agent should see EOF on stdin
+        self.turns = 0  # model calls seen so far (progress against --max-turns)
 
     # stdout -> facts
 
@@ -64,13 +76,27 @@ class Adapter:
                 facts.extend(self.parse_line(line.rstrip("\r")))
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue  # a line of a shape this adapter does not know stays plain output
-        return facts
+        return self.priced(facts)
 
     def finish(self) -> list[Fact]:
         """The agent exited: the facts of a last unterminated line and of anything held back."""
         facts = self.parse_line(self._partial) if self._partial.strip() else []
         self._partial = ""
-        return facts + self.flush()
+        return self.priced(facts + self.flush())
+
+    def priced(self, facts: list[Fact]) -> list[Fact]:
+        """Usage ticks the CLI gave no cost for get one from the price table, flagged `estimated`."""
+        for _, data in (f for f in facts if f[0] == "usage"):
+            if data.get("cost_usd") is None:
+                cost = estimate_cost(data, self.prices)
+                data["cost_usd"] = cost or 0.0
+                data["estimated"] = cost is not None
+        return facts
+
+    def max_turns(self) -> int | None:
+        """The turn limit given to the CLI (`--max-turns N`), if it has one."""
+        value = self.option("--max-turns")
+        return int(value) if value and value.isdigit() else None
 
     def parse_line(self, line: str) -> list[Fact]:
         return []
@@ -90,6 +116,15 @@ class Adapter:
 
     def input_delivered(self) -> None:
         """Called after `encode_input`'s bytes were written."""
+
+    def input_refusal(self) -> str:
+        """Why `corral input` cannot reach this agent once its stdin is closed (one line, with what to do)."""
+        if self.keeps_stdin:
+            return "the agent's stdin is closed"
+        return (
+            f"{self.name} reads its stdin only at start, so it takes no input while it runs; "
+            "continue it once it is done: corral run --resume EXEC_ID 'TEXT'"
+        )
 
     def option(self, *names: str) -> str | None:
         """The value of a command-line option of the built command (`--model X` or `--model=X`)."""
@@ -127,7 +162,9 @@ def load_adapter(spec: dict[str, Any]) -> Adapter | None:
     agent = spec.get("agent")
     if not agent or agent == "command" or agent not in AGENTS:
         return None
-    return adapter_class(agent)(task=spec.get("task"), command=spec.get("command") or (), cwd=spec.get("cwd"))
+    return adapter_class(agent)(
+        task=spec.get("task"), command=spec.get("command") or (), cwd=spec.get("cwd"), prices=spec.get("prices")
+    )
 
 
 def find_program(name: str) -> str | None:
@@ -145,8 +182,11 @@ def find_program(name: str) -> str | None:
     return None
 
 
-def build_command(agent: str, task: str | None, extra: Sequence[str] = ()) -> list[str]:
-    """The command line that runs `task` with this agent's CLI (extra args appended); ValueError if impossible."""
+def build_command(agent: str, task: str | None, extra: Sequence[str] = (), *, resume: str | None = None) -> list[str]:
+    """The command line that runs `task` with this agent's CLI (extra args appended); ValueError if impossible.
+
+    `resume`: continue that recorded session (its id; "" for a CLI that resumes from the worktree).
+    """
     module_name = AGENTS.get(agent)
     if module_name is None:
         raise ValueError(f"unknown agent {agent!r} (known: {', '.join(NAMES)})")
@@ -159,24 +199,40 @@ def build_command(agent: str, task: str | None, extra: Sequence[str] = ()) -> li
             f"{module.PROGRAM} not found for --agent {agent} (install it: {module.INSTALL}; "
             f"or set CORRAL_{module.PROGRAM.upper()}_BIN)"
         )
-    command: list[str] = module.command_line(program, task, list(extra))
+    if resume is not None:
+        problem = missing_feature(agent, probe(agent, program), "resume")
+        if problem:
+            raise ValueError(problem)
+        command: list[str] = module.command_line(program, task, list(extra), resume=resume)
+    else:
+        command = module.command_line(program, task, list(extra))
     return command
 
 
-def agent_command_line(
-    agent: str, task: str | None, words: Sequence[str], template_args: Sequence[str] = ()
-) -> tuple[str, list[str]]:
-    """`corral run --agent A [TASK...] [-- EXTRA...]` -> (task, command); ValueError if it cannot be built.
-
-    The words before `--` are the task (unless --task gave it); those after it are passed to the CLI.
-    """
+def split_words(task: str | None, words: Sequence[str]) -> tuple[str, list[str]]:
+    """`[TASK...] [-- EXTRA...]` -> (task, extra args); ValueError if the task is given twice."""
     words = list(words)
     split = words.index("--") if "--" in words else len(words)
     positional, extra = words[:split], words[split + 1 :]
     if positional and task:
         raise ValueError(f"give the task once: either --task or as an argument, not both ({positional[0]!r})")
-    text = task or " ".join(positional)
-    return text, build_command(agent, text, [*template_args, *extra])
+    return task or " ".join(positional), extra
+
+
+def agent_command_line(
+    agent: str,
+    task: str | None,
+    words: Sequence[str],
+    template_args: Sequence[str] = (),
+    *,
+    resume: str | None = None,
+) -> tuple[str, list[str]]:
+    """`corral run --agent A [TASK...] [-- EXTRA...]` -> (task, command); ValueError if it cannot be built.
+
+    The words before `--` are the task (unless --task gave it); those after it are passed to the CLI.
+    """
+    text, extra = split_words(task, words)
+    return text, build_command(agent, text, [*template_args, *extra], resume=resume)
 
 
 def json_object(line: str) -> dict[str, Any] | None:
@@ -186,3 +242,175 @@ def json_object(line: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+# --- prices: cost estimated from tokens (Codex and Gemini report none) ----------------------------
+
+# USD per million tokens: (input, output, cache read, cache write). Estimates from the providers'
+# published list prices; the longest prefix of a model name wins; `[prices]` in corral.toml adds or
+# overrides entries (docs/adapters.md). "test-model" is the scripted model server of the test suite.
+DEFAULT_PRICES: dict[str, tuple[float, float, float, float]] = {
+    "claude-opus-4": (5.0, 25.0, 0.5, 6.25),
+    "claude-opus-4-0": (15.0, 75.0, 1.5, 18.75),
+    "claude-opus-4-1": (15.0, 75.0, 1.5, 18.75),
+    "claude-opus-4-2025": (15.0, 75.0, 1.5, 18.75),
+    "claude-sonnet-4": (3.0, 15.0, 0.3, 3.75),
+    "claude-haiku-4": (1.0, 5.0, 0.1, 1.25),
+    "claude-3-5-haiku": (0.8, 4.0, 0.08, 1.0),
+    "gpt-5": (1.25, 10.0, 0.125, 0.0),
+    "gpt-5-mini": (0.25, 2.0, 0.025, 0.0),
+    "gpt-5-nano": (0.05, 0.4, 0.005, 0.0),
+    "gpt-4.1": (2.0, 8.0, 0.5, 0.0),
+    "gpt-4.1-mini": (0.4, 1.6, 0.1, 0.0),
+    "gpt-4o": (2.5, 10.0, 1.25, 0.0),
+    "o3": (2.0, 8.0, 0.5, 0.0),
+    "o4-mini": (1.1, 4.4, 0.275, 0.0),
+    "gemini-2.5-pro": (1.25, 10.0, 0.31, 0.0),
+    "gemini-2.5-flash": (0.3, 2.5, 0.075, 0.0),
+    "gemini-2.5-flash-lite": (0.1, 0.4, 0.025, 0.0),
+    "gemini-3-pro": (2.0, 12.0, 0.2, 0.0),
+    "gemini-3.1-pro": (2.0, 12.0, 0.2, 0.0),
+    "gemini-3-flash": (0.5, 3.0, 0.05, 0.0),
+    "gemini-3.5-flash-lite": (0.1, 0.4, 0.025, 0.0),
+    "test-model": (1.0, 2.0, 0.1, 0.0),
+}
+PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")
+
+
+def model_key(model: str) -> str:
+    """A model name as the price table keys it: no provider prefix, no `[1m]`-style suffix, lowercase."""
+    name = model.strip().lower().split("[", 1)[0]
+    return name.rsplit("/", 1)[-1]
+
+
+def price_of(model: str | None, prices: dict[str, Any] | None = None) -> tuple[float, float, float, float] | None:
+    """The price of a model (longest matching prefix; `prices` over the defaults), or None if unknown."""
+    if not model:
+        return None
+    table: dict[str, tuple[float, float, float, float]] = dict(DEFAULT_PRICES)
+    for name, entry in (prices or {}).items():
+        if isinstance(entry, dict):
+            table[model_key(name)] = tuple(float(entry.get(f) or 0.0) for f in PRICE_FIELDS)  # type: ignore[assignment]
+    key = model_key(model)
+    matches = [name for name in table if key.startswith(name)]
+    return table[max(matches, key=len)] if matches else None
+
+
+def estimate_cost(tick: dict[str, Any], prices: dict[str, Any] | None = None) -> float | None:
+    """USD for one usage tick's tokens at its model's price; None when the model has no price."""
+    price = price_of(tick.get("model"), prices)
+    if price is None:
+        return None
+    fields = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+    counts = [int(tick.get(f) or 0) for f in fields]
+    return round(sum(n * p for n, p in zip(counts, price, strict=True)) / 1e6, 10)
+
+
+# --- capabilities: what the installed CLI supports, probed once per binary --------------------------
+
+CAPABILITY_CACHE = "agent-capabilities.json"
+PROBE_TIMEOUT_S = 60.0
+VERSION = re.compile(r"\d+\.\d+(?:\.\d+)?(?:[-+.][0-9A-Za-z.]+)?")
+
+
+def corral_home() -> Path:
+    return Path(os.environ.get("CORRAL_HOME") or Path.home() / ".corral").expanduser()
+
+
+def _probe_key(program: str) -> str | None:
+    """The cache key of a binary: its real path, mtime and size (an upgrade changes it)."""
+    try:
+        real = os.path.realpath(program)
+        stat = os.stat(real)
+    except OSError:
+        return None
+    return f"{real}|{stat.st_mtime_ns}|{stat.st_size}"
+
+
+def _run_probes(program: str, probes: Sequence[Sequence[str]]) -> list[str]:
+    """The output of each probe (`PROGRAM ARGS`), run at once; "" for a probe that fails."""
+    env = {**os.environ, "NO_COLOR": "1", "CI": "1"}
+    running: list[subprocess.Popen[str] | None] = []
+    for args in probes:
+        try:
+            running.append(
+                subprocess.Popen(
+                    [program, *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    text=True,
+                    errors="replace",
+                )
+            )
+        except OSError:
+            running.append(None)
+    outputs = []
+    for process in running:
+        if process is None:
+            outputs.append("")
+            continue
+        try:
+            out, _ = process.communicate(timeout=PROBE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, _ = process.communicate()
+        outputs.append(out or "")
+    return outputs
+
+
+def probe(agent: str, program: str) -> dict[str, Any]:
+    """{program, version, features} of one CLI binary: from the cache, else by running `--version` / `--help`.
+
+    The cache ($CORRAL_HOME/agent-capabilities.json) is keyed by the binary's real path, mtime and size.
+    """
+    module = importlib.import_module(AGENTS[agent])
+    key = _probe_key(program)
+    cache_file = corral_home() / CAPABILITY_CACHE
+    cache: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(cache_file.read_text())
+        cache = loaded if isinstance(loaded, dict) else {}
+    cached = cache.get(f"{agent}|{key}") if key else None
+    if isinstance(cached, dict) and isinstance(cached.get("features"), dict):
+        return {**cached, "program": program, "cached": True}
+    version_text, *help_texts = _run_probes(program, module.PROBES)
+    found = VERSION.search(version_text)
+    result = {
+        "program": program,
+        "version": found.group(0) if found else None,
+        "features": module.features("\n".join(help_texts)),
+        "cached": False,
+    }
+    if key and (found or any(help_texts)):
+        cache[f"{agent}|{key}"] = {k: v for k, v in result.items() if k not in ("program", "cached")}
+        with contextlib.suppress(OSError):
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f"{CAPABILITY_CACHE}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+            tmp.replace(cache_file)
+    return result
+
+
+def missing_feature(agent: str, capabilities: dict[str, Any], feature: str) -> str | None:
+    """One line saying that a CLI lacks `feature` and what to do; None when it has it."""
+    if (capabilities.get("features") or {}).get(feature):
+        return None
+    what = FEATURE_TEXT.get(feature, feature)
+    version = capabilities.get("version") or "of unknown version"
+    module = importlib.import_module(AGENTS[agent])
+    return f"{module.PROGRAM} {version} cannot {what} ({FEATURE_ADVICE.get(feature, 'upgrade it: ' + module.INSTALL)})"
+
+
+FEATURE_TEXT = {
+    "stream_input": "take input while it runs",
+    "resume": "resume a recorded session",
+    "fork": "fork a recorded session",
+    "live_usage": "report usage while it runs",
+}
+FEATURE_ADVICE = {
+    "stream_input": "continue it once it is done: corral run --resume EXEC_ID 'TEXT'",
+    "resume": "start a new run with the whole task instead",
+    "live_usage": "a --max-cost budget is checked when it reports usage, at the end, and cannot pause it",
+}

@@ -28,12 +28,24 @@ PART = re.compile(r"(?P<n>[\d.]+)(?P<unit>[kKmM]?) (?P<what>sent|received|cache 
 APPLIED = re.compile(r"^Applied edit to (?P<path>.+)$")
 CREATING = re.compile(r"^Creating empty file (?P<path>.+)$")
 MODEL = re.compile(r"^(?:Main model|Model): (?P<model>\S+)")
+PROBES = (["--version"], ["--help"])
 
 
-def command_line(program: str, task: str, extra: list[str]) -> list[str]:
+def features(help_text: str) -> dict[str, bool]:
+    """aider keeps no session id; it resumes by reloading the chat history it wrote in the worktree."""
+    return {
+        "stream_input": False,
+        "resume": "--restore-chat-history" in help_text,
+        "fork": False,
+        "live_usage": True,  # a Tokens line after every model call
+    }
+
+
+def command_line(program: str, task: str, extra: list[str], *, resume: str | None = None) -> list[str]:
     given = {a.split("=", 1)[0] for a in extra}
     defaults = [flag for flag in DEFAULTS if flag not in given and flag.replace("--no-", "--") not in given]
-    return [program, "--message", task, *defaults, *extra]
+    again = ["--restore-chat-history"] if resume is not None and "--restore-chat-history" not in given else []
+    return [program, "--message", task, *defaults, *again, *extra]
 
 
 def tokens(number: str, unit: str) -> int:
@@ -63,7 +75,9 @@ class AiderAdapter(Adapter):
             self.created.discard(path)
             return [("file.touched", {"path": path, "change": change})]
         if match := TOKENS.match(line):
-            tick: dict[str, Any] = {"model": self.model, "cost_usd": float(match["cost"] or 0.0)}
+            self.turns += 1
+            # No "Cost:" part when aider knows no price for the model: then it is estimated (Adapter.priced).
+            tick: dict[str, Any] = {"model": self.model, "cost_usd": float(match["cost"]) if match["cost"] else None}
             fields = {
                 "sent": "input_tokens",
                 "received": "output_tokens",

@@ -7,39 +7,39 @@ as stream-json user messages; stdin is closed once every message sent has its `r
 """
 
 import json
-import subprocess
 from typing import Any
 
-from actors.adapters import Adapter, Fact, json_object, summarize
+from actors.adapters import Adapter, Fact, estimate_cost, json_object, probe, summarize
 
 PROGRAM = "claude"
 INSTALL = "npm install @anthropic-ai/claude-code"
 FILE_TOOLS = ("Write", "Edit", "MultiEdit", "NotebookEdit")
-_HELP_CACHE: dict[str, str] = {}
+PROBES = (["--version"], ["--help"])
 
 
-def help_text(program: str) -> str:
-    """`claude --help`, probed once per program (capability detection)."""
-    if program not in _HELP_CACHE:
-        try:
-            done = subprocess.run([program, "--help"], capture_output=True, text=True, timeout=30, check=False)
-            _HELP_CACHE[program] = done.stdout + done.stderr
-        except (OSError, subprocess.TimeoutExpired):
-            _HELP_CACHE[program] = ""
-    return _HELP_CACHE[program]
+def features(help_text: str) -> dict[str, bool]:
+    """What `claude --help` offers: input mid-run, replayed inputs, session resume and fork."""
+    return {
+        "stream_input": "--input-format" in help_text,
+        "replay_input": "--replay-user-messages" in help_text,
+        "resume": "--resume" in help_text,
+        "fork": "--fork-session" in help_text,
+        "live_usage": True,  # every model call's line carries its input tokens
+    }
 
 
-def command_line(program: str, task: str, extra: list[str]) -> list[str]:
+def command_line(program: str, task: str, extra: list[str], *, resume: str | None = None) -> list[str]:
     """Stream-json in and out when the CLI supports it; otherwise the task as the prompt argument."""
     permission = (
         []
         if any(a.startswith(("--permission-mode", "--dangerously")) for a in extra)
         else ["--permission-mode", "acceptEdits"]
     )
-    features = help_text(program)
-    if "--input-format" in features:
+    extra = [*extra, "--resume", resume] if resume else extra
+    found = probe("claude-code", program)["features"]
+    if found.get("stream_input"):
         # Replayed user messages tell which inputs the CLI has taken, so stdin closes only when all are answered.
-        replay = ["--replay-user-messages"] if "--replay-user-messages" in features else []
+        replay = ["--replay-user-messages"] if found.get("replay_input") else []
         return [
             program,
             "-p",
@@ -74,6 +74,8 @@ class ClaudeCodeAdapter(Adapter):
         self.sessions: set[str] = set()
         self.tools: dict[str, tuple[str, dict[str, Any]]] = {}  # tool_use id -> (name, input)
         self.model_totals: dict[str, dict[str, float]] = {}
+        self.calls: set[str] = set()  # model calls (assistant message ids) already ticked
+        self.estimated_cost = 0.0  # live estimates not yet replaced by a result's reported cost
 
     def initial_input(self) -> bytes:
         return user_message(self.task or "") if self.stream_input else b""
@@ -107,7 +109,8 @@ class ClaudeCodeAdapter(Adapter):
                 )
             ]
         if kind == "assistant":
-            return self._assistant(record.get("message") or {})
+            message = record.get("message") or {}
+            return self._live_usage(message) + self._assistant(message)
         if kind == "user":
             return self._user(record)
         if kind == "result":
@@ -136,6 +139,31 @@ class ClaudeCodeAdapter(Adapter):
                     )
                 )
         return facts
+
+    def _live_usage(self, message: dict[str, Any]) -> list[Fact]:
+        """One estimated cost tick per model call, from its input tokens (its output is counted at the result).
+
+        Tokens are left to the result's running totals, so they are never counted twice; the result's
+        tick then carries the reported cost minus these estimates.
+        """
+        call = str(message.get("id") or "")
+        usage = message.get("usage")
+        if not call or call in self.calls or not isinstance(usage, dict):
+            return []
+        self.calls.add(call)
+        self.turns += 1
+        tokens = {
+            "model": message.get("model"),
+            "input_tokens": int(usage.get("input_tokens") or 0),
+            "output_tokens": int(usage.get("output_tokens") or 0),
+            "cache_read_tokens": int(usage.get("cache_read_input_tokens") or 0),
+            "cache_write_tokens": int(usage.get("cache_creation_input_tokens") or 0),
+        }
+        cost = estimate_cost(tokens, self.prices)
+        if not cost:
+            return []
+        self.estimated_cost += cost
+        return [("usage", {"model": tokens["model"], "cost_usd": cost, "estimated": True})]
 
     def _user(self, record: dict[str, Any]) -> list[Fact]:
         facts: list[Fact] = []
@@ -186,6 +214,10 @@ class ClaudeCodeAdapter(Adapter):
                     tick[field] = round(delta, 10) if field == "cost_usd" else int(delta)
                 if any(tick[f] for f in tick if f != "model"):
                     facts.append(("usage", tick))
+            if facts and self.estimated_cost:
+                first = facts[0][1]
+                first["cost_usd"] = round(first["cost_usd"] - self.estimated_cost, 10)
+                self.estimated_cost = 0.0
         elif isinstance(record.get("usage"), dict):
             usage = record["usage"]
             facts.append(
@@ -196,7 +228,7 @@ class ClaudeCodeAdapter(Adapter):
                         "output_tokens": int(usage.get("output_tokens") or 0),
                         "cache_read_tokens": int(usage.get("cache_read_input_tokens") or 0),
                         "cache_write_tokens": int(usage.get("cache_creation_input_tokens") or 0),
-                        "cost_usd": float(record.get("total_cost_usd") or 0.0),
+                        "cost_usd": round(float(record.get("total_cost_usd") or 0.0) - self.estimated_cost, 10),
                     },
                 )
             )

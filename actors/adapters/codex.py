@@ -7,6 +7,7 @@ end when it is not a terminal, so the shim closes it: `corral input` is refused 
 Codex reports no cost; usage ticks carry tokens only.
 """
 
+import re
 from typing import Any
 
 from actors.adapters import Adapter, Fact, json_object, summarize
@@ -14,10 +15,49 @@ from actors.adapters import Adapter, Fact, json_object, summarize
 PROGRAM = "codex"
 INSTALL = "npm install @openai/codex"
 CHANGE_KINDS = {"add": "created", "update": "modified", "delete": "deleted"}
+PROBES = (["--version"], ["exec", "--help"])
 
 
-def command_line(program: str, task: str, extra: list[str]) -> list[str]:
-    chosen = any(a.startswith(("--sandbox", "-s", "--dangerously")) for a in extra)
+def features(help_text: str) -> dict[str, bool]:
+    """What `codex exec --help` offers: its `resume` and `fork` subcommands. No input mid-run."""
+    return {
+        "stream_input": False,
+        "resume": re.search(r"^\s+resume\s", help_text, re.MULTILINE) is not None,
+        "fork": re.search(r"^\s+fork\s", help_text, re.MULTILINE) is not None,
+        "live_usage": False,  # usage comes with turn.completed, once per `exec`
+    }
+
+
+def sandbox_as_config(extra: list[str]) -> list[str]:
+    """`exec resume` has no --sandbox option: say it as `-c sandbox_mode=...`."""
+    out: list[str] = []
+    words = iter(extra)
+    for arg in words:
+        if arg in ("--sandbox", "-s"):
+            out += ["-c", f'sandbox_mode="{next(words, "workspace-write")}"']
+        elif arg.startswith("--sandbox="):
+            out += ["-c", f'sandbox_mode="{arg.split("=", 1)[1]}"']
+        else:
+            out.append(arg)
+    return out
+
+
+def command_line(program: str, task: str, extra: list[str], *, resume: str | None = None) -> list[str]:
+    chosen = any(a.startswith(("--sandbox", "-s", "--dangerously")) or "sandbox_mode" in a for a in extra)
+    if resume:
+        defaults = [] if chosen else ["-c", 'sandbox_mode="workspace-write"']
+        return [
+            program,
+            "exec",
+            "resume",
+            "--json",
+            "--skip-git-repo-check",
+            *defaults,
+            *sandbox_as_config(extra),
+            *(["--"] if task.startswith("-") else []),
+            resume,
+            task,
+        ]
     defaults = [] if chosen else ["--sandbox", "workspace-write"]
     return [
         program,
@@ -40,7 +80,6 @@ class CodexAdapter(Adapter):
         self.model = self.option("-m", "--model")
         self.started: set[str] = set()
         self.last_message: str | None = None
-        self.turns = 0
 
     def parse_line(self, line: str) -> list[Fact]:
         record = json_object(line)

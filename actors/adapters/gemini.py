@@ -14,11 +14,23 @@ PROGRAM = "gemini"
 INSTALL = "npm install @google/gemini-cli"
 SHELL_TOOLS = ("run_shell_command",)
 FILE_TOOLS = {"write_file": "created", "replace": "modified", "edit": "modified"}
+PROBES = (["--version"], ["--help"])
 
 
-def command_line(program: str, task: str, extra: list[str]) -> list[str]:
+def features(help_text: str) -> dict[str, bool]:
+    """What `gemini --help` offers: `--resume` (sessions are kept per project directory). No input mid-run."""
+    return {
+        "stream_input": False,
+        "resume": "--resume" in help_text,
+        "fork": False,
+        "live_usage": False,  # stats come with the result, at the end
+    }
+
+
+def command_line(program: str, task: str, extra: list[str], *, resume: str | None = None) -> list[str]:
     approval = [] if any(a.startswith(("--yolo", "-y", "--approval-mode")) for a in extra) else ["--yolo"]
-    return [program, "-p", task, "-o", "stream-json", *approval, "--skip-trust", *extra]
+    again = ["--resume", resume] if resume else []
+    return [program, "-p", task, "-o", "stream-json", *approval, "--skip-trust", *again, *extra]
 
 
 class GeminiAdapter(Adapter):

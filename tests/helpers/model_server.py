@@ -21,6 +21,7 @@ import json
 import re
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -446,7 +447,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _sse(self, events: list[tuple[str | None, Any]], *, done_marker: bool = False) -> None:
+    def _sse(self, events: Sequence[tuple[str | None, Any]], *, done_marker: bool = False) -> None:
         parts = []
         for kind, data in events:
             head = f"event: {kind}\n" if kind else ""
