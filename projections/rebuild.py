@@ -11,15 +11,34 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from actors.bus import Bus
-from projections.intake import Batch, IntakeClient, read_log
+from projections.intake import Batch, IntakeClient, RawClient, read_log
 from projections.projector import BatchApplier, Projector, open_database
+from projections.wire import connect_wire
 from replay.history import last_sequence
 
 Report = Callable[[int, int], Awaitable[None]]
 APPLY_EVERY = 50000
 
 
-async def _copy_log(client: IntakeClient, bus: Bus, applier: BatchApplier, *, until: int, report: Report) -> int:
+async def _reader(bus: Bus) -> RawClient:
+    """A lean wire-protocol connection to the server the bus uses; nats-py where that cannot be."""
+    found = bus.nc.connected_url
+    options = bus.connect_options()
+    if found is not None:
+        wire = await connect_wire(
+            f"nats://{found.hostname}:{found.port or 4222}",
+            user=options.get("user"),
+            password=options.get("password"),
+            name="corral-rebuild",
+        )
+        if wire is not None:
+            return wire
+    client = IntakeClient()
+    await client.connect(servers=bus.servers, name="corral-rebuild", **options)
+    return client
+
+
+async def _copy_log(client: RawClient, bus: Bus, applier: BatchApplier, *, until: int, report: Report) -> int:
     """Apply events after applier.position up to `until` from the stream; return how many.
 
     Batches are bulk-loaded (events and execution states) while the next one is read; the
@@ -48,8 +67,7 @@ async def rebuild_database(bus: Bus, projector: Projector, *, report: Report) ->
             leftover.unlink()
     con = open_database(target)
     applier = BatchApplier(con, tmp_dir=projector.tmp_dir)
-    client = IntakeClient()
-    await client.connect(servers=bus.servers, name="corral-rebuild", **bus.connect_options())
+    client = await _reader(bus)
     try:
         applied = await _copy_log(client, bus, applier, until=await last_sequence(bus.js), report=report)
         async with projector.paused():

@@ -71,7 +71,7 @@ def test_coalescer_keeps_multibyte_characters_whole() -> None:
 
 TRUSTED_CASES = [
     ("output", {"stream": "stdout", "n": 1, "text": "step 1\n"}),
-    ("output", {"stream": "stderr", "n": 7, "text": "naïve ✓ \u0000 \"quoted\"\n"}),
+    ("output", {"stream": "stderr", "n": 7, "text": 'naïve ✓ \u0000 "quoted"\n'}),
     ("heartbeat", {"source": "agent"}),
     ("heartbeat", {"source": "wrapper", "note": "running the tests", "progress": 0.25}),
     ("heartbeat", {"source": "adapter", "note": "turn 3 of 10", "progress": None}),

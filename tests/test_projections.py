@@ -1,5 +1,6 @@
 """Projection rebuild gives identical tables; the log refuses deletes and purges."""
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -43,3 +44,50 @@ async def test_log_denies_delete_and_purge(bus: Bus) -> None:
     assert info.config.deny_delete and info.config.deny_purge
     with pytest.raises(APIError):
         await bus.js.purge_stream(STREAM)
+
+
+async def test_bulk_reader_reads_every_event_once_in_order(bus: Bus) -> None:
+    """The rebuild's lean wire client and nats-py's raw client read the same range identically."""
+    from events.envelope import new_event
+    from events.types import Output
+    from projections.intake import IntakeClient, read_log
+    from projections.rebuild import _reader
+    from projections.wire import WireClient, connect_wire
+    from replay.history import last_sequence
+
+    big = "x" * 300_000  # frames larger than one socket read
+    acks = []
+    for i in range(3000):
+        text = big if i % 500 == 7 else f"line {i}\n"
+        event = new_event("rdr00001", Output(stream="stdout", n=i + 1, text=text), actor="t")
+        acks.append(await bus.publisher.send(event.subject, event.to_bytes(), msg_id=event.id))
+    await asyncio.gather(*acks)
+    until = await last_sequence(bus.js)
+
+    async def read(client: object, start: int) -> list[tuple[int, str, bytes]]:
+        got: list[tuple[int, str, bytes]] = []
+
+        async def on_batch(batch: list[tuple[int, str, bytes]]) -> None:
+            got.extend(batch)
+
+        await read_log(client, bus.js, start_seq=start, until=until, on_batch=on_batch, batch_size=700)  # type: ignore[arg-type]
+        return got
+
+    wire = await _reader(bus)
+    assert isinstance(wire, WireClient)  # a plain nats:// server: the lean client, with the bus's credentials
+    intake = IntakeClient()
+    await intake.connect(servers=bus.servers, **bus.connect_options())
+    try:
+        lean = await read(wire, 1)
+        plain = await read(intake, 1)
+        assert [s for s, _, _ in lean] == list(range(1, until + 1))
+        assert lean == plain
+        assert await read(wire, until - 9) == plain[-10:]
+    finally:
+        await wire.close()
+        await intake.close()
+    # Wrong credentials: one clear error, not a hang.
+    host = bus.nc.connected_url
+    assert host is not None
+    with pytest.raises(RuntimeError, match="refused"):
+        await connect_wire(f"nats://{host.hostname}:{host.port}", user="nobody", password="wrong")
