@@ -163,6 +163,7 @@ class Shim:
         self.spec: dict[str, Any] = orjson.loads((run_dir / SPEC).read_bytes())
         self.spool_fd = os.open(run_dir / SPOOL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self.watchers: set[asyncio.StreamWriter] = set()
+        self.told: set[str] = set()  # lines sent `once` (approval lines), so a re-tell is dropped
         self.process: asyncio.subprocess.Process | None = None
         self.chunk_number = 0
         self.coalescers = {"stdout": OutputCoalescer(), "stderr": OutputCoalescer(parse_control=True)}
@@ -677,8 +678,12 @@ class Shim:
             reply: dict[str, Any]
             if self.process is None or self.process.returncode is not None:
                 reply = {"ok": False, "error": "the agent is not running"}
+            elif kind == "input" and op.get("once") and str(op["text"]) in self.told:
+                reply = {"ok": True, "duplicate": True}  # a restarted spawner telling it again
             elif kind == "input":
                 reply = await self.deliver_input(str(op["text"]), cause)
+                if op.get("once") and reply.get("ok"):
+                    self.told.add(str(op["text"]))
             elif kind == "pause":
                 reply = await self.pause(cause)
             elif kind == "resume":

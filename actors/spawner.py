@@ -43,7 +43,7 @@ from corral.auth import CREDENTIAL_ENV, SERVER_ENV_PREFIX
 from events.envelope import Event, decode_event, envelope_bytes, trusted_payload
 from events.errors import EventError, WrongLastSequence
 from events.publisher import PubAck
-from events.subjects import STREAM, event_subject, events_of_type, split_subject
+from events.subjects import EVENT_PREFIX, STREAM, event_subject, events_of_type, split_subject
 from events.types import (
     CancelRequested,
     ControlRejected,
@@ -63,6 +63,7 @@ from events.types import (
     WorkspaceCreated,
     model_for,
 )
+from replay.history import follow
 
 TERMINAL = ("execution.exited", "execution.failed")
 CONTROL_TYPES = (
@@ -395,7 +396,27 @@ class Spawner(Actor):
             return  # an agent CLI's stdin speaks its own protocol; it never asks through Corral's
 
         with contextlib.suppress(OSError, TimeoutError):
-            await request(run.run_dir, {"op": "input", "text": told[1]})
+            await request(run.run_dir, {"op": "input", "text": told[1], "once": True})
+
+    async def _retell_approvals(self, run: RunningExecution) -> None:
+        """Tell an adopted agent about its approvals again: what was decided while no spawner ran
+        would otherwise never reach it. The shim delivers each line once, so repeats are dropped."""
+        lines: list[str] = []
+
+        async def collect(seq: int, msg: Msg) -> bool:
+            told = approval_line(msg.data)
+            if told is not None:
+                lines.append(told[1])
+            return False
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run.shim_started.wait(), SHIM_CONNECT_S)
+        if not run.shim_started.is_set():
+            return
+        await follow(self.bus.js, f"{EVENT_PREFIX}.{run.execution_id}.approval.>", collect, stop_when_caught_up=True)
+        for text in lines:
+            with contextlib.suppress(OSError, TimeoutError):
+                await request(run.run_dir, {"op": "input", "text": text, "once": True})
 
     async def _reject(self, event: Event, reason: str) -> None:
         await self.bus.emit(
@@ -554,6 +575,10 @@ class Spawner(Actor):
         self.running[run.execution_id] = run
         self.claimed.add(run.execution_id)
         self._spawn_task(self._follow(run), run)
+        if spec.get("agent", "command") == "command":
+            retell = asyncio.create_task(self._retell_approvals(run), name=f"retell-{run.execution_id}")
+            self._tasks.add(retell)
+            retell.add_done_callback(self._tasks.discard)
 
     async def _follow(self, run: RunningExecution) -> None:
         """Publish the shim's spool until its terminal record is stored; record a lost agent.

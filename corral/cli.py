@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     wrap.add_argument("--interval", type=float, default=5.0, help="seconds between heartbeats (default: 5)")
     wrap.add_argument("command", nargs=argparse.REMAINDER, help="-- TOOL [ARGS...]")
 
+    creds = sub.add_parser("credentials", help="this home's NATS users; --server-env writes a server's passwords")
+    creds.add_argument("--server-env", metavar="FILE", help="write CORRAL_PASS_<USER>=... for a nats-server (0600)")
+    creds.add_argument("--json", action="store_true")
+
     schema = sub.add_parser("schema", help="JSON Schema of every event type")
     schema.add_argument("--type", help="one event type only")
     schema.add_argument("--list", action="store_true", help="list the types and their subjects")
@@ -158,6 +162,7 @@ COMMANDS: dict[str, Any] = {
     "health": control.cmd_health,
     "templates": config.cmd_templates,
     "wrap": wrap.cmd_wrap,
+    "credentials": commands.cmd_credentials,
 }
 
 

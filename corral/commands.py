@@ -658,3 +658,41 @@ def cmd_schema(home: Home, args: Any) -> int:
     else:
         render.print_json(all_schemas())
     return 0
+
+
+async def cmd_credentials(home: Home, args: Any) -> int:
+    """`corral credentials`: this home's NATS users (generated once), and the servers' environment.
+
+    With `--server-env FILE`, writes the `CORRAL_PASS_<USER>` variables a nats-server needs to
+    resolve nats-auth.conf (a cluster node's environment file: systemd `EnvironmentFile=` or
+    `set -a; . FILE`), mode 0600. Passwords are never printed.
+    """
+    from corral.auth import ensure_credentials
+
+    config = load_config(home)
+    home.ensure()
+    creds = ensure_credentials(home.root, config.security.operators)
+    if args.server_env:
+        _write_server_env(Path(args.server_env), creds.server_env())
+        info(f"wrote the nats-server environment of {len(creds.users)} users to {args.server_env} (mode 0600)")
+    users = [
+        {"user": user, "role": "operator" if user in creds.operators else user} for user in sorted(creds.users)
+    ]
+    path = home.root / "credentials.json"
+    if args.json:
+        print(orjson.dumps({"file": str(path), "users": users}).decode())
+    else:
+        print(f"credentials: {path} (other hosts: copy it and set CORRAL_NATS_CREDS)")
+        for row in users:
+            print(f"  {row['user']:<16} {row['role']}")
+    return 0
+
+
+def _write_server_env(target: Path, variables: dict[str, str]) -> None:
+    if target.is_dir():
+        raise UsageError(f"{target} is a directory; give a file name for the environment")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        # single quotes keep each value's own double quotes (nats-server must read a string)
+        out.write("".join(f"{name}='{value}'\n" for name, value in sorted(variables.items())))
+    target.chmod(0o600)

@@ -279,3 +279,25 @@ async def test_two_approvers_twenty_submissions_one_outcome(bus: Bus) -> None:
     finally:
         for approver in approvers:
             await approver.stop()
+
+
+def test_decision_made_while_no_spawner_runs_reaches_the_agent(cli: Cli, repo: Path) -> None:
+    """An approval decided while `corral up` is down is told to the agent by the next spawner, once."""
+    up = start_up(cli)
+    execution_id = detach(cli, repo, *agent_command("retell", "--ask-approval", "deploy", "--steps", "1"))
+    approval = wait_pending(cli, execution_id)
+    wait_until(lambda: "waiting for" in logs(cli, execution_id), what="registration")
+    os.kill(up.pid, signal.SIGKILL)  # the agent's shim outlives it
+    up.wait()
+    cli("approve", approval["approval_id"], "--choice", "yes", check=True)  # no spawner runs now
+    up = start_up(cli)
+    try:
+        final = wait_state(cli, execution_id, "exited")
+        assert final["exit_code"] == 0
+        assert logs(cli, execution_id).count("approved choice=yes") == 1
+        told = [e for e in events(cli, execution_id) if e["type"] == "input.delivered"]
+        texts = [json.loads(e["data"])["text"] for e in told]
+        assert sum('"approval_registered"' in t for t in texts) == 1  # the re-tell of it was dropped
+        assert sum('"approval_decision"' in t for t in texts) == 1
+    finally:
+        stop_up(cli, up)

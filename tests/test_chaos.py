@@ -28,11 +28,12 @@ from typing import Any
 import nats
 import pytest
 
-from corral.auth import CREDENTIALS_FILE, ENV_CREDS
-from corral.server import EmbeddedServer
+from corral.auth import CREDENTIALS_FILE, ENV_CREDS, ENV_PASSWORD, ENV_USER, CredentialSet, credential_set
+from corral.server import EmbeddedServer, find_nats_server
 from events.subjects import HEALTH_BUCKET, STREAM
 from tests.conftest import AGENT, CLIENT_CREDENTIAL_ENV, ROOT
 from tests.helpers.cluster import (
+    DEPLOY,
     LocalCluster,
     Up,
     admin_options,
@@ -217,8 +218,14 @@ def ups() -> Iterator[list[Up]]:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    local = LocalCluster(tmp_path)
+def cluster(tmp_path: Path, credentials: CredentialSet, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCluster]:
+    """deploy/'s three nodes with Corral's users; this test process connects as `admin`, every
+    `corral up` with the credentials file (base_env: CORRAL_NATS_CREDS)."""
+    admin = credentials.get("admin")
+    assert admin is not None
+    monkeypatch.setenv(ENV_USER, admin.user)
+    monkeypatch.setenv(ENV_PASSWORD, admin.password)
+    local = LocalCluster(tmp_path, credentials)
     yield local
     local.stop()
 
@@ -238,7 +245,7 @@ async def test_cluster_node_killed_mid_run(cluster: LocalCluster, ups: list[Up],
     for up in ups:
         await asyncio.to_thread(up.start)
 
-    nc = await nats.connect(cluster.urls.split(","))
+    nc = await nats.connect(cluster.urls.split(","), **admin_options(None))
     try:
         js = nc.jetstream()
         info = await js.stream_info(STREAM)
@@ -400,3 +407,37 @@ def test_up_refuses_a_bad_nats_url(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "'http://example.com' is not a NATS URL" in done.stderr
     assert not (home / "runtime.json").exists()
+
+
+def test_credentials_write_a_cluster_nodes_environment(tmp_path: Path) -> None:
+    """`corral credentials --server-env FILE`: what a node of deploy/ needs to load nats-auth.conf."""
+    home = tmp_path / "home"
+    env = {**base_env(tmp_path), "CORRAL_HOME": str(home)}
+    out = tmp_path / "node.env"
+    shown = subprocess.run(
+        [sys.executable, "-m", "corral", "credentials", "--server-env", str(out), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    listing = json.loads(shown.stdout)
+    assert {"spawner", "projector", "tap", "operator"} <= {u["user"] for u in listing["users"]}
+    creds = credential_set(home, {})
+    assert creds is not None
+    assert all(password not in shown.stdout + shown.stderr for password in creds.users.values())
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    # Sourced by a shell, the file lets a node of the recipe load its configuration with Corral's
+    # users (`-t`: check the configuration and exit); without it, the node refuses to start.
+    node_conf = DEPLOY / "node-a.conf"
+    script = f"set -a; . {out}; exec {find_nats_server()} -c {node_conf} -sd {tmp_path / 'nats-a'} -t"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_PASS_")}
+    loaded = subprocess.run(["sh", "-c", script], env=clean, capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    bare = subprocess.run(
+        [find_nats_server(), "-c", str(node_conf), "-sd", str(tmp_path / "nats-a"), "-t"],
+        env=clean,
+        capture_output=True,
+        text=True,
+    )
+    assert bare.returncode != 0 and "CORRAL_PASS_" in bare.stdout + bare.stderr

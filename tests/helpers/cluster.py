@@ -22,7 +22,7 @@ from typing import Any
 import nats
 import nats.errors
 
-from corral.auth import credential_set, environment_credentials
+from corral.auth import CredentialSet, credential_set, environment_credentials
 from corral.server import find_nats_server
 from events.subjects import ALL_EVENTS
 from replay.history import follow, last_sequence
@@ -73,6 +73,7 @@ class Node:
     name: str
     store: Path
     log: Path
+    env: dict[str, str] = field(default_factory=dict)  # CORRAL_PASS_<USER> for nats-auth.conf
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,6 +101,7 @@ class Node:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [find_nats_server(), "-c", str(self.config), "-sd", str(self.store)],
+                env={**os.environ, **self.env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -128,10 +130,14 @@ class LocalCluster:
     """The three nodes of deploy/ on loopback, each with its own store under `root`."""
 
     root: Path
+    credentials: CredentialSet
     nodes: list[Node] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.nodes = [Node(name, self.root / f"nats-{name}", self.root / f"nats-{name}.log") for name in NODES]
+        env = self.credentials.server_env()  # as `corral credentials --server-env FILE` writes them
+        self.nodes = [
+            Node(name, self.root / f"nats-{name}", self.root / f"nats-{name}.log", env) for name in NODES
+        ]
 
     @property
     def urls(self) -> str:
@@ -147,7 +153,7 @@ class LocalCluster:
             node.start()
         for node in self.nodes:
             await asyncio.to_thread(node.wait_accepting)
-        nc = await nats.connect(self.urls.split(","))
+        nc = await nats.connect(self.urls.split(","), **admin_options(None))
         try:
             deadline = time.monotonic() + timeout_s
             while True:
@@ -233,7 +239,7 @@ class Up:
 def admin_options(home: Path | None) -> dict[str, str]:
     """How the test itself connects to a server with Corral's users: as `admin` of `home`'s
     credentials (an embedded server), else as CORRAL_NATS_USER (the `nats_server` fixture sets
-    it); nothing for a server without users (the cluster)."""
+    it, and the cluster's test)."""
     found = credential_set(home, {}) if home is not None else None
     admin = found.get("admin") if found is not None else environment_credentials()
     return {"user": admin.user, "password": admin.password} if admin is not None else {}
