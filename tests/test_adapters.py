@@ -8,6 +8,7 @@ skips its case with the reason; nothing passes without running the real program.
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -40,6 +41,23 @@ from actors.adapters.gemini import command_line as gemini_command
 from events.types import model_for
 from tests.conftest import Cli
 from tests.helpers.model_server import FILE_NAME, FILE_TEXT, FINAL_TEXT, ModelServer
+
+
+@pytest.fixture(autouse=True)
+def _stop_what_a_failed_test_left(tmp_path: Path) -> Iterator[None]:
+    """A test that gives up SIGKILLs its `corral run`; the shim (by design) and the agent outlive
+    it. Stop every process of this test's directories afterwards, so nothing paused lingers."""
+    yield
+    marker = str(tmp_path).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "cmdline").read_bytes() or marker in (entry / "environ").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:
+            continue
+
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapters"
 PROGRAMS = {"claude-code": "claude", "codex": "codex", "gemini": "gemini", "aider": "aider"}
