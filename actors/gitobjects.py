@@ -194,14 +194,7 @@ class ObjectReader:
             change.added, change.deleted = added, deleted
             if change.status != "D" and added and not (known is not None and known(change)):
                 lean.append(change)
-        wanted = [
-            sha
-            for c in lean
-            for mode, sha in ((c.old_mode, c.old_sha), (c.new_mode, c.new_sha))
-            if mode not in (NO_MODE, MODE_GITLINK)
-        ]
-        unique = list(dict.fromkeys(wanted))
-        blobs = dict(zip(unique, self.read(unique), strict=True)) if unique else {}
+        blobs = self._blobs([*lean, *full])  # one batch for both kinds
         for change in lean:
             new = _lines(_content(blobs, change.new_mode, change.new_sha))
             if change.old_mode == NO_MODE or change.new_mode == MODE_SYMLINK:
@@ -210,7 +203,7 @@ class ObjectReader:
             else:
                 old = set(_lines(_content(blobs, change.old_mode, change.old_sha)))
                 change.added_text = _text([line for line in new if line not in old])
-        self._fill_lines(full)
+        self._fill_lines(full, blobs)
 
     def _entries(self, data: bytes, width: int) -> dict[str, tuple[str, str]]:
         entries: dict[str, tuple[str, str]] = {}
@@ -276,16 +269,23 @@ class ObjectReader:
             status = "M" if old_mode[:2] == new_mode[:2] else "T"
         return FileChange(path, status, old_mode, new_mode, old_sha, new_sha)
 
-    def _fill_lines(self, changes: list[FileChange]) -> None:
-        wanted: list[str] = []
-        for change in changes:
-            for mode, sha in ((change.old_mode, change.old_sha), (change.new_mode, change.new_sha)):
-                if mode not in (NO_MODE, MODE_GITLINK):
-                    wanted.append(sha)
-        blobs: dict[str, tuple[str, bytes] | None] = {}
-        if wanted:
-            unique = list(dict.fromkeys(wanted))
-            blobs = dict(zip(unique, self.read(unique), strict=True))
+    def _blobs(self, changes: list[FileChange]) -> dict[str, tuple[str, bytes] | None]:
+        """The blobs of both sides of these changes (a gitlink has none), read in one batch."""
+        unique = list(
+            dict.fromkeys(
+                sha
+                for c in changes
+                for mode, sha in ((c.old_mode, c.old_sha), (c.new_mode, c.new_sha))
+                if mode not in (NO_MODE, MODE_GITLINK)
+            )
+        )
+        return dict(zip(unique, self.read(unique), strict=True)) if unique else {}
+
+    def _fill_lines(
+        self, changes: list[FileChange], blobs: dict[str, tuple[str, bytes] | None] | None = None
+    ) -> None:
+        if blobs is None:
+            blobs = self._blobs(changes)
         for change in changes:
             old = _content(blobs, change.old_mode, change.old_sha)
             new = _content(blobs, change.new_mode, change.new_sha)

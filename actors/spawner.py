@@ -224,9 +224,12 @@ class Spawner(Actor):
 
     async def prepare(self) -> None:
         self.run_root.mkdir(parents=True, exist_ok=True)
-        for run_dir in sorted(self.run_root.iterdir()):
-            if (run_dir / SPEC).is_file():
-                self._adopt(run_dir)
+        adopted = [self._adopt(d) for d in sorted(self.run_root.iterdir()) if (d / SPEC).is_file()]
+        plain = [run for run, agent in adopted if agent == "command"]  # agent CLIs never ask through Corral
+        if plain:
+            retell = asyncio.create_task(self._retell_approvals(plain), name=f"{self.instance}-retell")
+            self._tasks.add(retell)
+            retell.add_done_callback(self._tasks.discard)
         # Everything already claimed, in one request, so old requests never look pending.
         info = await self.bus.js.stream_info(STREAM, subjects_filter=events_of_type("execution.claimed"))
         self.claimed.update(subject.split(".")[2] for subject in (info.state.subjects or {}))
@@ -398,25 +401,31 @@ class Spawner(Actor):
         with contextlib.suppress(OSError, TimeoutError):
             await request(run.run_dir, {"op": "input", "text": told[1], "once": True})
 
-    async def _retell_approvals(self, run: RunningExecution) -> None:
-        """Tell an adopted agent about its approvals again: what was decided while no spawner ran
-        would otherwise never reach it. The shim delivers each line once, so repeats are dropped."""
-        lines: list[str] = []
+    async def _retell_approvals(self, runs: list[RunningExecution]) -> None:
+        """Tell adopted agents about their approvals again: what was decided while no spawner ran
+        would otherwise never reach them. One read of the log's approval events serves them all;
+        the shim delivers each line once, so what an agent already got is dropped."""
+        wanted = {run.execution_id: run for run in runs}
+        lines: dict[str, list[str]] = {}
 
         async def collect(seq: int, msg: Msg) -> bool:
             told = approval_line(msg.data)
-            if told is not None:
-                lines.append(told[1])
+            if told is not None and told[0] in wanted:
+                lines.setdefault(told[0], []).append(told[1])
             return False
 
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(run.shim_started.wait(), SHIM_CONNECT_S)
-        if not run.shim_started.is_set():
-            return
-        await follow(self.bus.js, f"{EVENT_PREFIX}.{run.execution_id}.approval.>", collect, stop_when_caught_up=True)
-        for text in lines:
-            with contextlib.suppress(OSError, TimeoutError):
-                await request(run.run_dir, {"op": "input", "text": text, "once": True})
+        await follow(self.bus.js, f"{EVENT_PREFIX}.*.approval.>", collect, stop_when_caught_up=True)
+
+        async def tell(run: RunningExecution, texts: list[str]) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.shim_started.wait(), SHIM_CONNECT_S)
+            if not run.shim_started.is_set():
+                return  # the agent is gone: its end is recorded by _follow
+            for text in texts:
+                with contextlib.suppress(OSError, TimeoutError):
+                    await request(run.run_dir, {"op": "input", "text": text, "once": True})
+
+        await asyncio.gather(*(tell(wanted[eid], texts) for eid, texts in lines.items()))
 
     async def _reject(self, event: Event, reason: str) -> None:
         await self.bus.emit(
@@ -568,17 +577,14 @@ class Spawner(Actor):
             return
         await self._follow(run)
 
-    def _adopt(self, run_dir: Path) -> None:
-        """Take over a shim (alive or not) left by a spawner that is gone."""
+    def _adopt(self, run_dir: Path) -> tuple[RunningExecution, str]:
+        """Take over a shim (alive or not) left by a spawner that is gone; return it and its agent."""
         spec = orjson.loads((run_dir / SPEC).read_bytes())
         run = RunningExecution(spec["execution_id"], spec["request_id"], run_dir)
         self.running[run.execution_id] = run
         self.claimed.add(run.execution_id)
         self._spawn_task(self._follow(run), run)
-        if spec.get("agent", "command") == "command":
-            retell = asyncio.create_task(self._retell_approvals(run), name=f"retell-{run.execution_id}")
-            self._tasks.add(retell)
-            retell.add_done_callback(self._tasks.discard)
+        return run, str(spec.get("agent", "command"))
 
     async def _follow(self, run: RunningExecution) -> None:
         """Publish the shim's spool until its terminal record is stored; record a lost agent.

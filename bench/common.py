@@ -187,3 +187,37 @@ if __name__ == "__main__":
         sys.exit(profile_up(sys.argv[2]))
     sys.stderr.write("usage: bench/common.py profile-up OUT.prof\n")
     sys.exit(2)
+
+
+# --- the raw baselines' DuckDB side (bench/ingest.py, bench/load.py) --------------------------------
+
+RAW_EVENTS_DDL = (
+    "CREATE TABLE events (seq UBIGINT, id VARCHAR, type VARCHAR, execution_id VARCHAR, "
+    "ts TIMESTAMPTZ, actor VARCHAR, data JSON)"
+)
+
+
+def raw_events_table(seqs: list[int], payloads: list[bytes]) -> Any:
+    """Event envelopes as a pyarrow table of the events columns (orjson, no Corral code)."""
+    import orjson
+    import pyarrow as pa
+
+    docs = [orjson.loads(p) for p in payloads]
+    return pa.table(
+        {
+            "seq": seqs,
+            "id": [d["id"] for d in docs],
+            "type": [d["type"] for d in docs],
+            "execution_id": [d["execution_id"] for d in docs],
+            "ts": [d["ts"] for d in docs],
+            "actor": [d["actor"] for d in docs],
+            "data": [orjson.dumps(d["data"]).decode() for d in docs],
+        }
+    )
+
+
+def insert_raw_events(con: Any, arrow: Any) -> None:
+    """One transaction inserting a raw_events_table into DuckDB's events table (Arrow scan)."""
+    con.execute("BEGIN")
+    con.execute("INSERT INTO events SELECT seq, id, type, execution_id, ts::TIMESTAMPTZ, actor, data FROM arrow")
+    con.execute("COMMIT")

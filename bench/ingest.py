@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import duckdb
 import nats
 import orjson
-import pyarrow as pa
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from actors.bus import connect_bus
+from bench.common import RAW_EVENTS_DDL, insert_raw_events, raw_events_table
 from corral.server import EmbeddedServer
 from events.envelope import new_event
 from events.ids import new_execution_id
@@ -72,10 +72,7 @@ async def raw_baseline(url: str, db: Path, n: int) -> float:
     js = nc.jetstream()
     await js.add_consumer(STREAM, ConsumerConfig(durable_name="raw", ack_policy=AckPolicy.ALL, max_ack_pending=200000))
     con = duckdb.connect(str(db))
-    con.execute(
-        "CREATE TABLE events (seq UBIGINT, id VARCHAR, type VARCHAR, execution_id VARCHAR, "
-        "ts TIMESTAMPTZ, actor VARCHAR, data JSON)"
-    )
+    con.execute(RAW_EVENTS_DDL)
     buf: list = []
     arrived = asyncio.Event()
 
@@ -103,25 +100,8 @@ async def raw_baseline(url: str, db: Path, n: int) -> float:
             await arrived.wait()
             continue
         msgs, buf[:] = buf[:50000], buf[50000:]
-        docs = [orjson.loads(m.data) for m in msgs]
-        table = pa.table(
-            {
-                "seq": [int(m.reply.split(".")[5]) for m in msgs],
-                "id": [d["id"] for d in docs],
-                "type": [d["type"] for d in docs],
-                "execution_id": [d["execution_id"] for d in docs],
-                "ts": [d["ts"] for d in docs],
-                "actor": [d["actor"] for d in docs],
-                "data": [orjson.dumps(d["data"]).decode() for d in docs],
-            }
-        )
-
-        def insert(t: pa.Table = table) -> None:
-            con.execute("BEGIN")
-            con.execute("INSERT INTO events SELECT seq, id, type, execution_id, ts::TIMESTAMPTZ, actor, data FROM t")
-            con.execute("COMMIT")
-
-        await asyncio.to_thread(insert)
+        table = raw_events_table([int(m.reply.split(".")[5]) for m in msgs], [m.data for m in msgs])
+        await asyncio.to_thread(insert_raw_events, con, table)
         await nc.publish(msgs[-1].reply, b"+ACK")
         done += len(msgs)
     elapsed = time.perf_counter() - start

@@ -40,12 +40,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
+    RAW_EVENTS_DDL,
     connect_home,
     cpu_seconds,
+    insert_raw_events,
     main_thread_share,
     make_repo,
     nats_server_of,
     pids_matching,
+    raw_events_table,
     start_up,
     stop_up,
     thread_cpu,
@@ -143,22 +146,14 @@ async def measure_corral(n: int, duration: float, lines: int, root: Path) -> dic
 
         shims = pids_matching(f"actors.shim {home}")
         nats = nats_server_of(home)
-        cpu = CpuWindow({"up": [up.pid], "shims": shims, "nats": nats}, main_pid=up.pid)
-        sampler = LagSampler(last_seq, position)
-        await sampler.run(duration)
-        shares = cpu.finish()
+        groups = {"up": [up.pid], "shims": shims, "nats": nats}
+        figures, shares = await steady_window(groups, up.pid, last_seq, position, duration, ramp)
         await bus.close()
-        lags = sampler.lags()
         return {
-            "ramp_s": ramp,
-            "events_s": sampler.rate(),
-            "lag_p50": percentile(lags, 0.5),
-            "lag_p99": percentile(lags, 0.99),
+            **figures,
             "cpu": shares["up"] + shares["shims"],
-            "cpu_loop": shares["main"],
             "cpu_threads": shares["up"] - shares["main"],
             "cpu_shims": shares["shims"],
-            "cpu_nats": shares["nats"],
         }
     finally:
         stop_up(up, f"{n} agents and itself")
@@ -202,7 +197,6 @@ async def raw_child(url: str, n: int, lines: int, db: Path) -> None:
     import duckdb
     import nats
     import orjson
-    import pyarrow as pa
     from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
     nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
@@ -267,10 +261,7 @@ async def raw_child(url: str, n: int, lines: int, db: Path) -> None:
         await asyncio.gather(out(), err())
 
     con = duckdb.connect(str(db))
-    con.execute(
-        "CREATE TABLE events (seq UBIGINT, id VARCHAR, type VARCHAR, execution_id VARCHAR, "
-        "ts TIMESTAMPTZ, actor VARCHAR, data JSON)"
-    )
+    con.execute(RAW_EVENTS_DDL)
     position = 0
 
     async def on_position(msg: Any) -> None:
@@ -290,25 +281,8 @@ async def raw_child(url: str, n: int, lines: int, db: Path) -> None:
         if not buffer or (len(buffer) < 2000 and time.monotonic() - last_apply < 1.0):
             continue
         msgs, buffer = buffer, []
-        docs = [orjson.loads(m.data) for m in msgs]
-        table = pa.table(
-            {
-                "seq": [m.metadata.sequence.stream for m in msgs],
-                "id": [d["id"] for d in docs],
-                "type": [d["type"] for d in docs],
-                "execution_id": [d["execution_id"] for d in docs],
-                "ts": [d["ts"] for d in docs],
-                "actor": [d["actor"] for d in docs],
-                "data": [orjson.dumps(d["data"]).decode() for d in docs],
-            }
-        )
-
-        def insert(t: pa.Table = table) -> None:
-            con.execute("BEGIN")
-            con.execute("INSERT INTO events SELECT seq, id, type, execution_id, ts::TIMESTAMPTZ, actor, data FROM t")
-            con.execute("COMMIT")
-
-        await asyncio.to_thread(insert)
+        table = raw_events_table([m.metadata.sequence.stream for m in msgs], [m.data for m in msgs])
+        await asyncio.to_thread(insert_raw_events, con, table)
         await msgs[-1].ack()
         position = msgs[-1].metadata.sequence.stream
         last_apply = time.monotonic()
@@ -355,21 +329,10 @@ async def measure_raw(n: int, duration: float, lines: int, root: Path) -> dict[s
             return int((await nc.request(RAW_POSITION, b"", timeout=5)).data)
 
         assert server.process is not None
-        cpu = CpuWindow({"raw": [child.pid], "nats": [server.process.pid]}, main_pid=child.pid)
-        sampler = LagSampler(last_seq, position)
-        await sampler.run(duration)
-        shares = cpu.finish()
+        groups = {"raw": [child.pid], "nats": [server.process.pid]}
+        figures, shares = await steady_window(groups, child.pid, last_seq, position, duration, ramp)
         await nc.close()
-        lags = sampler.lags()
-        return {
-            "ramp_s": ramp,
-            "events_s": sampler.rate(),
-            "lag_p50": percentile(lags, 0.5),
-            "lag_p99": percentile(lags, 0.99),
-            "cpu": shares["raw"],
-            "cpu_loop": shares["main"],
-            "cpu_nats": shares["nats"],
-        }
+        return {**figures, "cpu": shares["raw"]}
     finally:
         if child is not None and child.returncode is None:
             child.send_signal(signal.SIGTERM)
@@ -382,6 +345,31 @@ async def measure_raw(n: int, duration: float, lines: int, root: Path) -> dict[s
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         server.stop()
+
+
+async def steady_window(
+    groups: dict[str, list[int]],
+    main_pid: int,
+    last_seq: Callable[[], Awaitable[int]],
+    position: Callable[[], Awaitable[int]],
+    duration: float,
+    ramp: float,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Sample lag and CPU over the steady window: (the figures both stacks report, CPU shares by group)."""
+    cpu = CpuWindow(groups, main_pid=main_pid)
+    sampler = LagSampler(last_seq, position)
+    await sampler.run(duration)
+    shares = cpu.finish()
+    lags = sampler.lags()
+    figures = {
+        "ramp_s": ramp,
+        "events_s": sampler.rate(),
+        "lag_p50": percentile(lags, 0.5),
+        "lag_p99": percentile(lags, 0.99),
+        "cpu_loop": shares["main"],
+        "cpu_nats": shares["nats"],
+    }
+    return figures, shares
 
 
 def row(label: str, r: dict[str, float]) -> str:

@@ -29,6 +29,7 @@ import orjson
 from nats.js.api import DeliverPolicy
 
 from actors.bus import connect_bus
+from bench.ingest import publish_all
 from corral.server import EmbeddedServer
 from events.envelope import new_event
 from events.ids import new_execution_id
@@ -81,13 +82,6 @@ def workload(n: int) -> list[tuple[str, bytes, str]]:
             event = new_event(eid, data, actor="bench")
             events.append((event.subject, event.to_bytes(), event.id))
     return events[:n]
-
-
-async def publish_all(url: str, events: list[tuple[str, bytes, str]]) -> None:
-    bus = await connect_bus(url)
-    futures = [await bus.publisher.send(s, p, msg_id=i) for s, p, i in events]
-    await asyncio.gather(*futures)
-    await bus.close()
 
 
 async def raw_read(url: str, n: int) -> float:

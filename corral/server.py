@@ -99,6 +99,18 @@ def _zombie(pid: int) -> bool:
     return stat[stat.rfind(")") + 2] == "Z"
 
 
+def stop_process(process: "subprocess.Popen[bytes] | None", *, timeout_s: float = 10.0) -> None:
+    """SIGTERM a child process, SIGKILL it after `timeout_s`, and reap it; nothing if it ended."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class EmbeddedServer:
     """One nats-server child process with JetStream on loopback."""
 
@@ -187,11 +199,4 @@ class EmbeddedServer:
     def stop(self, *, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL); safe to call twice."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=timeout_s)

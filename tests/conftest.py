@@ -61,13 +61,28 @@ def cli_environment(**extra: str) -> dict[str, str]:
     return env
 
 
+GIT_USER = ("-c", "user.email=t@example.com", "-c", "user.name=t")
+
+
+def git(cwd: Path, *args: str) -> str:
+    """Run git in `cwd` as the tests' identity; return its stdout, stripped."""
+    return subprocess.run(
+        ["git", "-C", str(cwd), *GIT_USER, *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def commit_all(cwd: Path, message: str = "cp") -> str:
+    """Commit everything in `cwd` (an empty commit if nothing changed); return the commit."""
+    git(cwd, "add", "-A")
+    git(cwd, "commit", "-qm", message, "--allow-empty")
+    return git(cwd, "rev-parse", "HEAD")
+
+
 def make_repo(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    git = ["git", "-C", str(path), "-c", "user.email=t@example.com", "-c", "user.name=t"]
     subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
     (path / "README.md").write_text("# demo\n")
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    commit_all(path, "init")
     return path
 
 

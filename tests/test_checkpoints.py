@@ -2,17 +2,12 @@
 
 import json
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, agent_command
+from tests.conftest import Cli, agent_command, git
 from tests.test_control import start_up, stop_up, wait_until
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def run_detached(cli: Cli, repo: Path, *agent_args: str) -> str:

@@ -1,29 +1,13 @@
 """The validator's object reader gives the same changes as `git diff-tree -p` on real repositories."""
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from actors.gitobjects import ObjectReader, ObjectReaders
 from actors.policy import FileChange, Policy, read_diff
-from tests.conftest import make_repo, processes_mentioning
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-
-
-def commit_all(repo: Path, message: str) -> str:
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", message, "--allow-empty")
-    return git(repo, "rev-parse", "HEAD")
+from tests.conftest import commit_all, git, make_repo, processes_mentioning
 
 
 def fields(changes: list[FileChange]) -> list[tuple[object, ...]]:

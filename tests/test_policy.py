@@ -21,7 +21,7 @@ from corral.config import ConfigError, parse_config
 from events.envelope import new_event
 from events.types import CheckpointCreated, ExecutionRequested, FileStat, ToolCalled, WorkspaceCreated
 from replay.history import follow
-from tests.conftest import Cli
+from tests.conftest import Cli, commit_all, git
 
 PRIVATE_KEY = "\n".join(
     (
@@ -31,21 +31,6 @@ PRIVATE_KEY = "\n".join(
         "",
     )
 )
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-
-
-def commit_all(repo: Path, message: str = "cp") -> str:
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", message, "--allow-empty")
-    return git(repo, "rev-parse", "HEAD")
 
 
 def rules(violations: list) -> set[tuple[str, str | None, str]]:

@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 
 from corral.forge import repo_from_remote_url
-from tests.conftest import Cli, agent_command
+from tests.conftest import Cli, agent_command, commit_all, git
 
 TOKEN = "test-token-3f9c1d"  # must never reach the event log or a message
 TOKEN_ENV = "CORRAL_TEST_FORGE_TOKEN"
-GIT_USER = ["-c", "user.email=t@example.com", "-c", "user.name=t"]
 
 
 @dataclass
@@ -76,12 +75,6 @@ def forge() -> Iterator[FakeForge]:
     server.server_close()
 
 
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(cwd), *GIT_USER, *args], capture_output=True, text=True, check=True
-    ).stdout.strip()
-
-
 def refs(repo: Path) -> str:
     return git(repo, "for-each-ref", "--format=%(refname) %(objectname)")
 
@@ -109,12 +102,6 @@ def run_agent(cli: Cli, repo: Path) -> tuple[str, Path]:
     match = re.search(r"worktree (\S+) \(branch corral/(\w+)\)", result.stderr)
     assert match, result.stderr
     return match.group(2), Path(match.group(1))
-
-
-def commit_all(worktree: Path, message: str) -> str:
-    git(worktree, "add", "-A")
-    git(worktree, "commit", "-qm", message)
-    return git(worktree, "rev-parse", "HEAD")
 
 
 def pr_events(cli: Cli, execution_id: str) -> list[dict[str, Any]]:

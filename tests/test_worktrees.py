@@ -10,15 +10,7 @@ from typing import Any
 import pytest
 
 from corral.config import ConfigError, parse_config
-from tests.conftest import Cli, agent_command
-
-GIT_USER = ["-c", "user.email=t@example.com", "-c", "user.name=t"]
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(cwd), *GIT_USER, *args], capture_output=True, text=True, check=True
-    ).stdout.strip()
+from tests.conftest import Cli, agent_command, commit_all, git
 
 
 def run_agent(cli: Cli, repo: Path, *extra: str) -> tuple[str, Path]:
@@ -27,12 +19,6 @@ def run_agent(cli: Cli, repo: Path, *extra: str) -> tuple[str, Path]:
     match = re.search(r"worktree (\S+) \(branch corral/(\w+)\)", result.stderr)
     assert match, result.stderr
     return match.group(2), Path(match.group(1))
-
-
-def commit_all(worktree: Path, message: str) -> str:
-    git(worktree, "add", "-A")
-    git(worktree, "commit", "-qm", message)
-    return git(worktree, "rev-parse", "HEAD")
 
 
 def listing(cli: Cli, *args: str) -> dict[str, dict[str, Any]]:

@@ -23,7 +23,7 @@ import nats
 import nats.errors
 
 from corral.auth import CredentialSet, credential_set, environment_credentials
-from corral.server import find_nats_server
+from corral.server import find_nats_server, stop_process
 from events.subjects import ALL_EVENTS
 from replay.history import follow, last_sequence
 
@@ -56,14 +56,7 @@ def _port_in_use(port: int) -> bool:
 
 
 def _stop(process: subprocess.Popen[bytes] | None, *, timeout_s: float = 15.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_process(process, timeout_s=timeout_s)
 
 
 @dataclass
