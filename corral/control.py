@@ -303,6 +303,8 @@ async def cmd_status(home: Home, args: Any) -> int:
             live = await shim_request(run_dir, {"op": "status"}, timeout_s=2.0)
         except (OSError, TimeoutError):
             live = None
+        if live is not None and live.get("ok") is False:
+            live = None  # the agent ended a moment ago; the log is about to say so
     now = datetime.now(UTC)
     status: dict[str, Any] = {
         "execution_id": execution_id,
