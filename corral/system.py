@@ -102,12 +102,15 @@ async def _connect(url: str, *, name: str, home: Home, role: str = "operator") -
         ) from None
 
 
-def _runtime_of_running_system(home: Home, timeout_s: float = 5.0) -> dict[str, Any]:
+def _runtime_of_running_system(home: Home, lock: SystemLock, timeout_s: float = 5.0) -> dict[str, Any] | None:
+    """The address of the system that holds `home`, or None once its lock is ours (it ended)."""
     deadline = time.monotonic() + timeout_s
     while True:
         runtime = home.read_runtime()
         if runtime and runtime.get("ready"):
             return runtime
+        if lock.try_acquire():
+            return None  # it was stopping (it clears its address first) and is gone now
         if time.monotonic() > deadline:
             raise BusUnavailable(
                 f"another Corral process holds {home.root} but did not publish its address "
@@ -137,8 +140,8 @@ async def open_system(
     home.ensure()
     config = load_config(home)  # a bad corral.toml stops here, before anything starts
     lock = SystemLock(home)
-    if not lock.try_acquire():
-        runtime = _runtime_of_running_system(home)
+    runtime = None if lock.try_acquire() else _runtime_of_running_system(home, lock)
+    if runtime is not None:
         if not client_ok:
             raise CorralError(
                 f"a Corral system already runs on {home.root} (pid {runtime.get('pid')}, "
@@ -189,6 +192,7 @@ async def open_system(
         )
         yield system
     finally:
+        home.clear_runtime()  # first: no new command joins a system that is stopping
         if system is not None:
             await _shutdown(system)
         elif server is not None:
