@@ -8,7 +8,9 @@ was already recorded about it. Timing for history uses the stream's timestamps; 
 the monotonic arrival time of each event.
 
 Activity (output, heartbeat, input.delivered) is handled from the subject alone; only lifecycle
-events are decoded. Everything the watchdog records that must exist once is an optimistic append
+events are decoded. Under log retention output is in CORRAL_OUTPUT (docs/retention.md): a second
+ordered consumer reads it, its newest chunk per execution first, and counts it as activity too.
+Everything the watchdog records that must exist once is an optimistic append
 (Nats-Expected-Last-Subject-Sequence), so a restarted watchdog, or two of them, never record a
 stall, a timeout, a retry or a retried request twice. See docs/watchdog.md.
 """
@@ -32,7 +34,8 @@ from actors.runtime import Actor
 from events.envelope import decode_event
 from events.errors import EventError, PublishError, WrongLastSequence
 from events.ids import new_execution_id
-from events.subjects import ALL_EVENTS, EVENT_PREFIX, STREAM, event_subject
+from events.stream import output_stream_exists
+from events.subjects import ALL_EVENTS, EVENT_PREFIX, OUTPUT_EVENTS, OUTPUT_STREAM, STREAM, ack_pending, event_subject
 from events.types import (
     CancelRequested,
     EventData,
@@ -220,6 +223,10 @@ class Watchdog(Actor):
         self.caught_up = asyncio.Event()
         self.stats = WatchdogStats()
         self._history_end = 0
+        # Log retention (docs/retention.md): output read from CORRAL_OUTPUT, before the core history.
+        self._output_history_end = 0
+        self._output_read = asyncio.Event()
+        self._output_seen: dict[str, float] = {}  # execution -> its newest output until caught up
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._last_prune = 0.0
@@ -255,11 +262,13 @@ class Watchdog(Actor):
     # --- main loop -----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        output_sub = await self._follow_output()
         self._history_end = await last_sequence(self.bus.js)
         if self._history_end == 0:
             self.caught_up.set()
         sub = await self.bus.js.subscribe(
             ALL_EVENTS,
+            stream=STREAM,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
             cb=self._on_msg,
@@ -275,8 +284,51 @@ class Watchdog(Actor):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            for subscription in (sub, output_sub):
+                if subscription is not None:
+                    with contextlib.suppress(Exception):
+                        await subscription.unsubscribe()
+
+    async def _follow_output(self) -> Any:
+        """Read output activity from CORRAL_OUTPUT when log retention put it there; its history first."""
+        js = self.bus.js
+        if not await output_stream_exists(js):
+            return None
+        self._output_history_end = int((await js.stream_info(OUTPUT_STREAM)).state.last_seq)
+        if self._output_history_end == 0:
+            self._output_read.set()
+        sub = await js.subscribe(
+            OUTPUT_EVENTS,
+            stream=OUTPUT_STREAM,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            cb=self._on_output_msg,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
+        with contextlib.suppress(TimeoutError):  # what expired meanwhile is not delivered: do not wait for it
+            await asyncio.wait_for(self._output_read.wait(), 10.0)
+        return sub
+
+    async def _on_output_msg(self, msg: Msg) -> None:
+        """An output event from CORRAL_OUTPUT: activity, like output in the core log."""
+        subject = msg.subject
+        execution_id = subject[_PREFIX_LEN : subject.find(".", _PREFIX_LEN)]
+        self.stats.events += 1
+        seq, ts_ns = _reply_meta(msg.reply)
+        now = time.monotonic()
+        history = seq <= self._output_history_end
+        at = now - max(0.0, time.time() - ts_ns / 1e9) if history else now
+        if self.caught_up.is_set():
+            t = self.live.get(execution_id)
+            if t is not None:
+                t.last_activity = max(t.last_activity, at)
+                if not history:  # an old chunk read late must not end a stall recorded after it
+                    t.stalled = False
+        else:  # its request may not be read yet: applied once the core history is (_on_caught_up)
+            self._output_seen[execution_id] = max(self._output_seen.get(execution_id, at), at)
+        if history and (seq >= self._output_history_end or ack_pending(msg.reply) == 0):
+            self._output_read.set()
 
     async def on_stop(self) -> None:
         for task in list(self._tasks):
@@ -399,6 +451,11 @@ class Watchdog(Actor):
         for execution_id, ending in list(self.endings.items()):
             if ending.at < horizon:
                 del self.endings[execution_id]
+        for execution_id, at in self._output_seen.items():
+            t = self.live.get(execution_id)
+            if t is not None:
+                t.last_activity = max(t.last_activity, at)
+        self._output_seen.clear()
         self.caught_up.set()
         self._wake.set()
 

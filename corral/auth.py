@@ -35,6 +35,7 @@ SERVER_ENV_PREFIX: Final = "CORRAL_PASS_"
 CREDENTIAL_ENV: Final = (ENV_USER, ENV_PASSWORD, ENV_CREDS)
 
 STREAM: Final = "CORRAL"
+OUTPUT_STREAM: Final = "CORRAL_OUTPUT"  # output events under log retention (docs/retention.md)
 HEALTH_STREAM: Final = "KV_corral_health"
 DECIDE_API: Final = "corral.api.approval.decide"  # + ".<user>": the user is the subject's last token
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -49,19 +50,28 @@ def _events(*types: str) -> list[str]:
     return [f"corral.evt.*.{kind}" for kind in types]
 
 
-# Reading the log and the health bucket: stream info, ordered/ephemeral consumers, direct gets,
-# flow-control replies. Every role reads; events are not secret (see docs/security.md).
+def _stream_reads(stream: str) -> tuple[str, ...]:
+    """Reading one stream: its info, direct and API gets, ordered/ephemeral consumers, flow control."""
+    return (
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    )
+
+
+# Reading the log (CORRAL, and CORRAL_OUTPUT under log retention) and the health bucket: stream
+# info, ordered/ephemeral consumers, direct gets, flow-control replies. Every role reads; events
+# are not secret (see docs/security.md).
 READ_PUBLISH: Final = (
     "$JS.API.INFO",
     "$JS.API.STREAM.NAMES",  # nats-py finds the stream of a subscription by its subject
-    f"$JS.API.STREAM.INFO.{STREAM}",
-    f"$JS.API.STREAM.MSG.GET.{STREAM}",
-    f"$JS.API.DIRECT.GET.{STREAM}",
-    f"$JS.API.DIRECT.GET.{STREAM}.>",
-    f"$JS.API.CONSUMER.CREATE.{STREAM}",
-    f"$JS.API.CONSUMER.CREATE.{STREAM}.>",
-    f"$JS.API.CONSUMER.INFO.{STREAM}.>",
-    f"$JS.FC.{STREAM}.>",
+    *_stream_reads(STREAM),
+    *_stream_reads(OUTPUT_STREAM),
     f"$JS.API.STREAM.INFO.{HEALTH_STREAM}",
     f"$JS.API.STREAM.MSG.GET.{HEALTH_STREAM}",
     f"$JS.API.DIRECT.GET.{HEALTH_STREAM}.>",
@@ -203,10 +213,16 @@ ROLES: Final[dict[str, Role]] = {
     ),
     "projector": Role(
         publish=(
-            f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.*",
-            f"$JS.API.CONSUMER.DELETE.{STREAM}.*",
-            f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.*",
-            f"$JS.ACK.{STREAM}.>",
+            *(
+                grant
+                for stream in (STREAM, OUTPUT_STREAM)  # its durable consumers on either stream
+                for grant in (
+                    f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.*",
+                    f"$JS.API.CONSUMER.DELETE.{stream}.*",
+                    f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*",
+                    f"$JS.ACK.{stream}.>",
+                )
+            ),
             "_INBOX.>",  # progress of a rebuild, to the inbox the requester named
         ),
         subscribe=(*QUERY_API, "corral.api.projections.>"),
@@ -227,6 +243,9 @@ def operator_role(name: str) -> Role:
             f"{DECIDE_API}.{name}",
             f"$JS.API.STREAM.CREATE.{STREAM}",
             f"$JS.API.STREAM.UPDATE.{STREAM}",
+            # a system it starts applies [retention] (docs/retention.md)
+            f"$JS.API.STREAM.CREATE.{OUTPUT_STREAM}",
+            f"$JS.API.STREAM.UPDATE.{OUTPUT_STREAM}",
         ),
         actor=False,
     )

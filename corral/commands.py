@@ -36,7 +36,9 @@ from events.subjects import (
     ALL_EVENTS,
     API_REBUILD,
     API_SQL,
+    OUTPUT_STREAM,
     STREAM,
+    ack_stream,
     event_subject,
     events_of_type,
     execution_events,
@@ -602,7 +604,10 @@ async def cmd_tap(home: Home, args: Any) -> int:
 
         async def on_event(seq: int, msg: Msg) -> bool:
             nonlocal count
-            out.write(b'{"seq":%d,%s\n' % (seq, msg.data[1:]))
+            if ack_stream(msg.reply) == OUTPUT_STREAM:  # log retention: a sequence of that stream
+                out.write(b'{"seq":%d,"stream":"%s",%s\n' % (seq, OUTPUT_STREAM.encode(), msg.data[1:]))
+            else:
+                out.write(b'{"seq":%d,%s\n' % (seq, msg.data[1:]))
             out.flush()
             count += 1
             return bool(args.limit and count >= args.limit)

@@ -31,6 +31,7 @@ from pydantic_core import ErrorDetails
 
 import actors.checkpointer
 import actors.watchdog
+import events.stream
 from corral import render
 from corral.auth import AuthError, check_name
 from corral.errors import CorralError, UsageError
@@ -304,6 +305,24 @@ class MetricsSettings(_Frozen):
     nats_monitor_port: int | None = None  # the embedded nats-server's own monitoring port (-m)
 
 
+class RetentionSettings(_Frozen):
+    """[retention] (docs/retention.md): limits of the output stream; any limit set turns it on."""
+
+    output_max_age_s: float | None = None
+    output_max_bytes: int | None = None
+    output_max_msgs: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.for_stream().enabled
+
+    def for_stream(self) -> "events.stream.OutputRetention":
+        """The limits as events/stream.py provisions them."""
+        return events.stream.OutputRetention(
+            max_age_s=self.output_max_age_s, max_bytes=self.output_max_bytes, max_msgs=self.output_max_msgs
+        )
+
+
 class SecuritySettings(_Frozen):
     """[security] (docs/security.md): NATS operator users and extra secret environment names."""
 
@@ -351,6 +370,7 @@ class Config(_Frozen):
     forge: ForgeSettings = ForgeSettings()
     metrics: MetricsSettings = MetricsSettings()
     security: SecuritySettings = SecuritySettings()
+    retention: RetentionSettings = RetentionSettings()
     templates: dict[str, Template] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     prices: dict[str, dict[str, float]] = Field(default_factory=dict)  # [prices.MODEL], USD per million tokens
@@ -515,6 +535,15 @@ class _SecurityFile(_Frozen):
         return value
 
 
+_Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _RetentionFile(_Frozen):
+    output_max_age: Annotated[Duration, Field(ge=events.stream.OUTPUT_MIN_AGE_S)] | None = None
+    output_max_bytes: Annotated[_Size, Field(ge=events.stream.OUTPUT_MIN_BYTES)] | None = None
+    output_max_msgs: Annotated[StrictInt, Field(ge=1)] | None = None
+
+
 class _PriceFile(_Frozen):
     """One model's price in USD per million tokens (an estimate used where the CLI reports no cost)."""
 
@@ -533,6 +562,7 @@ class _ConfigFile(_Frozen):
     forge: _ForgeFile = _ForgeFile()
     metrics: _MetricsFile = _MetricsFile()
     security: _SecurityFile = _SecurityFile()
+    retention: _RetentionFile = _RetentionFile()
     templates: dict[str, _TemplateFile] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     prices: dict[str, _PriceFile] = Field(default_factory=dict)
@@ -548,6 +578,7 @@ _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "forge": tuple(_ForgeFile.model_fields),
     "metrics": tuple(_MetricsFile.model_fields),
     "security": tuple(_SecurityFile.model_fields),
+    "retention": tuple(_RetentionFile.model_fields),
     "templates.*": tuple(_TemplateFile.model_fields),
 }
 
@@ -688,6 +719,11 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
         forge=ForgeSettings(**parsed.forge.model_dump()),
         metrics=MetricsSettings(**parsed.metrics.model_dump()),
         security=SecuritySettings(**parsed.security.model_dump()),
+        retention=RetentionSettings(
+            output_max_age_s=parsed.retention.output_max_age,
+            output_max_bytes=parsed.retention.output_max_bytes,
+            output_max_msgs=parsed.retention.output_max_msgs,
+        ),
         templates={
             name: Template(
                 name=name,

@@ -36,6 +36,7 @@ from corral.config import Config, load_config
 from corral.errors import BusUnavailable, CorralError
 from corral.home import Home, SystemLock
 from corral.server import EmbeddedServer, replace_orphans
+from events.stream import ensure_output_retention
 from events.subjects import API_POSITION, API_REBUILD, API_SQL
 from projections.errors import ProjectionError
 from projections.projector import Projector
@@ -173,6 +174,7 @@ async def open_system(
             await asyncio.to_thread(server.start)
             url = server.url
         bus = await _connect(url, name=f"corral-{mode}", home=home)
+        await _provision_retention(bus, config)  # before any actor reads or writes the log
         system = System(home=home, url=url, bus=bus, mode=mode, server=server, lock=lock)
         await _start_actors(system, actors, config=config, max_running=max_running)
         await _serve_api(system)
@@ -199,6 +201,18 @@ async def open_system(
             server.stop()
         home.clear_runtime()
         lock.release()
+
+
+async def _provision_retention(bus: Bus, config: Config) -> None:
+    """Bring the streams to [retention] (docs/retention.md): on every start of a system."""
+    try:
+        await ensure_output_retention(bus.js, config.retention.for_stream(), replicas=bus.replicas)
+    except NatsError as exc:
+        await bus.close()
+        raise CorralError(
+            f"cannot apply [retention] of {config.label} to the streams on NATS ({exc}); "
+            "a server you run yourself needs an operator allowed to create and update CORRAL and CORRAL_OUTPUT"
+        ) from None
 
 
 async def _start_actors(system: System, names: tuple[str, ...], *, config: Config, max_running: int | None) -> None:
@@ -253,7 +267,11 @@ async def _shutdown(system: System) -> None:
             try:
                 with contextlib.suppress(Exception):
                     if not projector.locked_out:  # a locked-out projector has nothing to catch up now
-                        await projector.wait_for_position(await last_sequence(system.bus.js), timeout_s=10.0)
+                        await projector.wait_for_position(
+                            await last_sequence(system.bus.js),
+                            timeout_s=10.0,
+                            output_seq=await projector.output_last_sequence(),
+                        )
             finally:
                 await projector.stop()
     finally:
@@ -306,7 +324,9 @@ async def _serve_api(system: System) -> None:
             request = orjson.loads(msg.data)
             if projector.locked_out:
                 raise ProjectionError(f"the projector cannot answer yet: {projector.locked_out}")
-            await projector.wait_for_position(int(request.get("min_seq", 0)), timeout_s=10.0)
+            await projector.wait_for_position(
+                int(request.get("min_seq", 0)), timeout_s=10.0, output_seq=await projector.output_last_sequence()
+            )
             assert projector.con is not None
             result = await asyncio.to_thread(
                 run_query, projector.con, request["sql"], max_rows=int(request.get("max_rows", 10000))
@@ -340,3 +360,6 @@ async def _serve_api(system: System) -> None:
     system._subs.append(await nc.subscribe(API_SQL, cb=on_sql))
     system._subs.append(await nc.subscribe(API_REBUILD, cb=on_rebuild))
     system._subs.append(await nc.subscribe(API_POSITION, cb=on_position))
+    # The subscriptions are on the projector's connection and the CLI asks on another: the server
+    # must have them before this system says it is ready, or the first question finds no responder.
+    await nc.flush()

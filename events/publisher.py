@@ -19,12 +19,14 @@ from nats.nuid import NUID
 
 from events.envelope import Event
 from events.errors import PublishError, WrongLastSequence
-from events.subjects import HDR_EXPECTED_LAST_SUBJECT_SEQ, HDR_MSG_ID, HDR_STATUS
+from events.subjects import HDR_EXPECTED_LAST_SUBJECT_SEQ, HDR_MSG_ID, HDR_STATUS, OUTPUT_TYPE
 
 # 10071 "wrong last sequence: N"; a cluster answers 10164 "wrong last sequence" (no N) when the
 # expected sequence is checked against a rival proposal still in flight.
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 UNAVAILABLE_RETRY_S = 0.5
+# Terminal events wait for their execution's output in flight (`_output_stored`).
+_TERMINAL_SUFFIXES = (".execution.exited", ".execution.failed")
 
 
 class PubAck:
@@ -187,6 +189,8 @@ class Publisher:
         so a caller can keep reading its input while earlier events are being stored.
         A lost acknowledgement is retried with the same msg id, so JetStream stores it once.
         """
+        if subject.endswith(_TERMINAL_SUFFIXES):
+            await self._output_stored(subject)
         await self._window.acquire()
         headers = {HDR_MSG_ID: msg_id}
         if expected_last_subject_seq is not None:
@@ -199,6 +203,22 @@ class Publisher:
         except Exception:
             self._unavailable(self._pending[token])  # the sweeper resends it once the link is back
         return future
+
+    async def _output_stored(self, subject: str) -> None:
+        """Wait until this execution's output in flight is stored (or has failed).
+
+        With log retention, output and the terminal event go to different streams, which store
+        independently: a reader that stops at the exit must find every earlier chunk already
+        stored (docs/retention.md). One stream stores in order anyway; this costs one round trip.
+        """
+        output = subject.split(".", 3)
+        if len(output) < 4:
+            return
+        output[3] = OUTPUT_TYPE
+        output_subject = ".".join(output)
+        waiting = [e.future for e in self._pending.values() if e.subject == output_subject and not e.future.done()]
+        if waiting:
+            await asyncio.wait(waiting)
 
     @staticmethod
     def _parse_ack(subject: str, msg: Msg) -> PubAck | None:

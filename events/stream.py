@@ -1,9 +1,10 @@
-"""Provision the append-only event stream and the durable consumers the actors share."""
+"""Provision the append-only event stream, the bounded output stream and the durable consumers the actors share."""
 
 import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from nats.errors import NoRespondersError
@@ -20,7 +21,16 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
-from events.subjects import ALL_EVENTS, STREAM
+from events.subjects import (
+    ALL_EVENTS,
+    OUTPUT_EVENTS,
+    OUTPUT_STREAM,
+    OUTPUT_TYPE,
+    RETIRED_OUTPUT,
+    STREAM,
+    events_of_type,
+)
+from events.types import EVENT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +79,15 @@ async def when_ready(call: Callable[[], Awaitable[T]], *, timeout_s: float = JET
         await asyncio.sleep(0.5)
 
 
-def event_stream_config(*, replicas: int = 1) -> StreamConfig:
-    """Return the configuration of the event log: file storage, no deletes, no purges."""
+def event_stream_config(*, replicas: int = 1, subjects: list[str] | None = None) -> StreamConfig:
+    """Return the configuration of the event log: file storage, no deletes, no purges.
+
+    `subjects` None: every event subject; with log retention on, `core_subjects()`.
+    """
     return StreamConfig(
         name=STREAM,
         description="Corral event log (append-only)",
-        subjects=[ALL_EVENTS],
+        subjects=list(subjects or [ALL_EVENTS]),
         retention=RetentionPolicy.LIMITS,
         discard=DiscardPolicy.OLD,
         storage=StorageType.FILE,
@@ -100,15 +113,16 @@ async def ensure_event_stream(js: JetStreamContext, *, replicas: int = 1) -> int
         return await _add_event_stream(js, replicas)
     current = info.config
     have = current.num_replicas or 1
+    subjects = list(current.subjects or [ALL_EVENTS])  # log retention's explicit list stays (ensure_output_retention)
     if (
         current.deny_delete is not True
         or current.deny_purge is not True
         or current.duplicate_window != DUPLICATE_WINDOW_S
     ):
-        await when_ready(lambda: js.update_stream(event_stream_config(replicas=have)))
+        await when_ready(lambda: js.update_stream(event_stream_config(replicas=have, subjects=subjects)))
     if have < replicas:
         try:
-            await js.update_stream(event_stream_config(replicas=replicas))
+            await js.update_stream(event_stream_config(replicas=replicas, subjects=subjects))
             return replicas
         except Exception as exc:  # no room for more replicas yet, or a role that may not update streams
             log.warning("stream %s keeps %s replica(s), not %s: %s", STREAM, have, replicas, exc)
@@ -116,8 +130,13 @@ async def ensure_event_stream(js: JetStreamContext, *, replicas: int = 1) -> int
 
 
 async def _add_event_stream(js: JetStreamContext, replicas: int) -> int:
+    return await _add_stream(js, lambda count: event_stream_config(replicas=count), replicas)
+
+
+async def _add_stream(js: JetStreamContext, make: Callable[[int], StreamConfig], replicas: int) -> int:
+    """Create a stream with `replicas`, or as many as the cluster can place right now."""
     for count in range(replicas, 0, -1):
-        config = event_stream_config(replicas=count)
+        config = make(count)
 
         async def add(config: StreamConfig = config) -> None:
             await js.add_stream(config)
@@ -129,9 +148,138 @@ async def _add_event_stream(js: JetStreamContext, replicas: int) -> int:
                 raise
             continue
         if count < replicas:
-            log.warning("stream %s created with %s replica(s): too few servers online for %s", STREAM, count, replicas)
+            log.warning(
+                "stream %s created with %s replica(s): too few servers online for %s", config.name, count, replicas
+            )
         return count
     return 1
+
+
+# --- log retention (docs/retention.md) -----------------------------------------------------------
+
+OUTPUT_MIN_BYTES = 1024 * 1024  # well above one coalesced output chunk (16 KiB of text)
+OUTPUT_MIN_AGE_S = 1.0
+
+
+@dataclass(frozen=True)
+class OutputRetention:
+    """Limits of the output stream; None is no limit. Retention is on when any limit is set."""
+
+    max_age_s: float | None = None
+    max_bytes: int | None = None
+    max_msgs: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return any(limit is not None for limit in (self.max_age_s, self.max_bytes, self.max_msgs))
+
+
+def core_subjects() -> list[str]:
+    """The core stream's subjects with retention on: one per event type of the closed set, output aside."""
+    return sorted(events_of_type(kind) for kind in EVENT_TYPES if kind != OUTPUT_TYPE)
+
+
+def output_stream_config(
+    retention: OutputRetention, *, replicas: int = 1, subjects: list[str] | None = None
+) -> StreamConfig:
+    """The bounded stream of output events: limits, discard old, no deletes or purges through the API.
+
+    The duplicate window cannot be longer than the age limit (nats-server refuses it).
+    """
+    window = DUPLICATE_WINDOW_S
+    if retention.max_age_s is not None:
+        window = min(window, retention.max_age_s)
+    return StreamConfig(
+        name=OUTPUT_STREAM,
+        description="Corral output events, bounded by [retention] (docs/retention.md)",
+        subjects=list(subjects or [OUTPUT_EVENTS]),
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=window,
+        max_msg_size=MAX_EVENT_BYTES,
+        max_age=retention.max_age_s or 0.0,
+        max_bytes=retention.max_bytes if retention.max_bytes is not None else -1,
+        max_msgs=retention.max_msgs if retention.max_msgs is not None else -1,
+        deny_delete=True,
+        deny_purge=True,
+        allow_direct=True,
+    )
+
+
+def _limits(config: StreamConfig) -> tuple[Any, ...]:
+    return (
+        sorted(config.subjects or []),
+        config.max_age or 0.0,
+        config.max_bytes if config.max_bytes is not None else -1,
+        config.max_msgs if config.max_msgs is not None else -1,
+        config.duplicate_window,
+        config.deny_delete is True,
+        config.deny_purge is True,
+        config.discard,
+    )
+
+
+async def _stream_config(js: JetStreamContext, name: str) -> StreamConfig | None:
+    try:
+        info = await when_ready(lambda: js.stream_info(name))
+    except NotFoundError:
+        return None
+    return info.config
+
+
+async def ensure_output_retention(js: JetStreamContext, retention: OutputRetention, *, replicas: int = 1) -> bool:
+    """Bring the streams to `retention`; return whether the output stream receives output now.
+
+    On: CORRAL lists every event type's subject but output's (events of other types are routed as
+    before: publishers do not change), then CORRAL_OUTPUT takes `corral.evt.*.output` with the
+    limits. Off: CORRAL_OUTPUT gives its subject up (it keeps what it holds, under its limits,
+    readable as before), then CORRAL takes `corral.evt.>` again. Streams never overlap, so each
+    step happens in that order. Messages already in CORRAL stay there: it is append-only.
+    """
+    core = await _stream_config(js, STREAM)
+    if core is None:
+        await _add_event_stream(js, replicas)
+        core = await _stream_config(js, STREAM)
+        assert core is not None
+    core_replicas = core.num_replicas or 1
+    output = await _stream_config(js, OUTPUT_STREAM)
+    if retention.enabled:
+        wanted = core_subjects()
+        if sorted(core.subjects or []) != wanted:
+            await when_ready(lambda: js.update_stream(event_stream_config(replicas=core_replicas, subjects=wanted)))
+            log.info("stream %s: output events now go to %s", STREAM, OUTPUT_STREAM)
+        if output is None:
+            await _add_stream(js, lambda count: output_stream_config(retention, replicas=count), core_replicas)
+            return True
+        have = output.num_replicas or 1
+        config = output_stream_config(retention, replicas=have)
+        if _limits(output) != _limits(config):
+            await when_ready(lambda: js.update_stream(config))
+        if have < core_replicas:
+            try:
+                await js.update_stream(output_stream_config(retention, replicas=core_replicas))
+            except Exception as exc:  # no room for more replicas yet
+                log.warning("stream %s keeps %s replica(s), not %s: %s", OUTPUT_STREAM, have, core_replicas, exc)
+        return True
+    if output is not None and sorted(output.subjects or []) != [RETIRED_OUTPUT]:
+        output.subjects = [RETIRED_OUTPUT]
+        retired = output
+        await when_ready(lambda: js.update_stream(retired))
+        log.info("stream %s: receives no output any more (log retention is off)", OUTPUT_STREAM)
+    if sorted(core.subjects or []) != [ALL_EVENTS]:
+        await when_ready(lambda: js.update_stream(event_stream_config(replicas=core_replicas)))
+    return False
+
+
+async def output_stream_exists(js: JetStreamContext) -> bool:
+    """Whether the output stream exists (receiving output now, or retired but still readable)."""
+    try:
+        await js.stream_info(OUTPUT_STREAM)
+    except NotFoundError:
+        return False
+    return True
 
 
 async def ensure_work_consumer(

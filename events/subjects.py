@@ -6,6 +6,15 @@ STREAM: Final = "CORRAL"
 EVENT_PREFIX: Final = "corral.evt"
 ALL_EVENTS: Final = "corral.evt.>"
 
+# Log retention (docs/retention.md): with [retention] set, output events are stored in their own
+# bounded stream; the core stream CORRAL then lists every other type's subject explicitly.
+OUTPUT_STREAM: Final = "CORRAL_OUTPUT"
+OUTPUT_TYPE: Final = "output"
+OUTPUT_EVENTS: Final = "corral.evt.*.output"
+# CORRAL_OUTPUT's subject once retention is switched off again: it keeps (and still bounds) what it
+# holds, readable as before, and receives nothing new. No Corral role may publish to it.
+RETIRED_OUTPUT: Final = "corral.retired.output"
+
 SPAWNER_CONSUMER: Final = "spawner"
 PROJECTOR_CONSUMER: Final = "projector"
 
@@ -46,6 +55,18 @@ def ack_sequence(reply: str | bytes) -> int:
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
 
 
+def ack_stream(reply: str) -> str:
+    """Return the name of the stream a JetStream delivery came from (see ack_sequence)."""
+    tokens = reply.split(".")
+    return tokens[2] if len(tokens) == 9 else tokens[4]
+
+
+def ack_time_ns(reply: str) -> int:
+    """Return the time the delivered message was stored, in ns since the epoch (see ack_sequence)."""
+    tokens = reply.split(".")
+    return int(tokens[7] if len(tokens) == 9 else tokens[9])
+
+
 def ack_pending(reply: str) -> int:
     """Return how many matching messages followed this delivery when it was sent."""
     tokens = reply.split(".")
@@ -56,3 +77,14 @@ def split_subject(subject: str) -> tuple[str, str]:
     """Return (execution_id, event_type) of an event subject."""
     parts = subject.split(".", 3)
     return parts[2], parts[3]
+
+
+def subjects_overlap(a: str, b: str) -> bool:
+    """Whether some subject matches both filters (`*` one token, `>` the rest)."""
+    left, right = a.split("."), b.split(".")
+    for x, y in zip(left, right, strict=False):
+        if x == ">" or y == ">":
+            return True
+        if x != y and x != "*" and y != "*":
+            return False
+    return len(left) == len(right)

@@ -94,6 +94,8 @@ async def read_log(
     on_batch: Callable[[Batch], Coroutine[Any, Any, None]],
     stall_s: float = 15.0,
     batch_size: int = 50000,
+    stream: str = STREAM,
+    filter_subject: str = ALL_EVENTS,
 ) -> int:
     """Hand (seq, subject, payload) batches of the event log from start_seq through until to on_batch.
 
@@ -105,9 +107,9 @@ async def read_log(
     if start_seq > until:
         return 0
     info = await js.add_consumer(
-        STREAM,
+        stream,
         ConsumerConfig(
-            filter_subject=ALL_EVENTS,
+            filter_subject=filter_subject,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=start_seq,
             ack_policy=AckPolicy.NONE,
@@ -123,7 +125,7 @@ async def read_log(
     credit = 0
     last_seq = start_seq - 1
 
-    stream = STREAM.encode()
+    stream_token = stream.encode()
 
     def sink(subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         nonlocal credit
@@ -135,7 +137,7 @@ async def read_log(
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>... or, with a domain and an account
         # hash in front of the stream, the sequence two tokens later (events/subjects.py)
         tokens = reply.split(b".", 8)
-        buffer.append((int(tokens[5] if tokens[2] == stream else tokens[7]), subject, data))
+        buffer.append((int(tokens[5] if tokens[2] == stream_token else tokens[7]), subject, data))
         if len(buffer) >= READ_PULL:
             arrived.set()
 
@@ -149,7 +151,7 @@ async def read_log(
             while credit < READ_CREDIT:
                 credit += READ_PULL
                 await client.publish(
-                    f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{consumer}",
+                    f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",
                     orjson.dumps({"batch": READ_PULL, "expires": 2_000_000_000}),
                     reply=inbox,
                 )
@@ -187,5 +189,5 @@ async def read_log(
         with contextlib.suppress(Exception):
             await client.unsubscribe_raw(sid)
         with contextlib.suppress(Exception):
-            await js.delete_consumer(STREAM, consumer)
+            await js.delete_consumer(stream, consumer)
     return read

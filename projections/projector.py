@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,12 @@ from actors.runtime import Actor
 from events.envelope import decode_event
 from events.errors import EventError
 from events.stream import when_ready
-from events.subjects import ALL_EVENTS, STREAM, ack_sequence
+from events.subjects import ALL_EVENTS, OUTPUT_STREAM, STREAM, ack_sequence
+from projections.batch import Gathered
 from projections.derived import apply_derived
 from projections.errors import DatabaseLocked
-from projections.intake import IntakeClient, status_of
-from projections.state import STATE_EVENT_TYPES, Execution, evolve
+from projections.intake import RawClient, status_of
+from projections.state import Execution, evolve
 from projections.tables import (
     DDL,
     EVENT_COLUMNS,
@@ -41,18 +42,43 @@ from projections.tables import (
     TABLES,
     json_columns_spec,
 )
+from projections.wire import connect_reader
 
 log = logging.getLogger(__name__)
 
 PULL_BATCH = 2000
-MAX_CREDIT = 40000
-MAX_APPLY = 50000
+MAX_CREDIT = 60000  # deliveries asked for and gathered, not yet handed to the applier
 LINGER_S = 1.0
 LINGER_EVENTS = 2000
 PULL_EXPIRES_S = 5.0
 LOCK_RETRY_S = 2.0
 SILENCE_S = 3 * PULL_EXPIRES_S  # pulls outstanding and not a word back for this long: they were lost
 _EVENTS_SPEC = json_columns_spec(EVENT_COLUMNS)
+_REJECTED = "not a valid event envelope"
+OUTPUT_EVENTS_FILTER = "corral.evt.*.output"
+# Output rows projected from CORRAL_OUTPUT carry this plus that stream's sequence as `seq`, so they
+# never share a number with a core-log row (docs/retention.md).
+OUTPUT_SEQ_BASE = 1 << 40
+OUTPUT_CHECK_S = 10.0  # how often a projector without the output stream looks for it
+_OUTPUT_SPEC = (
+    "{seq: 'UBIGINT', execution_id: 'VARCHAR', ts: 'TIMESTAMPTZ', type: 'VARCHAR', "
+    "data: 'STRUCT(stream VARCHAR, n UINTEGER, text VARCHAR)'}"
+)
+# The executions' output counters, moved by a batch of output rows (a table or subquery `source`).
+_OUTPUT_COUNTERS = (
+    "UPDATE executions SET output_chunks = executions.output_chunks + agg.chunks, "
+    "output_bytes = executions.output_bytes + agg.bytes, "
+    "last_output_at = greatest(executions.last_output_at, agg.last_ts) "
+    "FROM (SELECT execution_id, count(*) AS chunks, sum(strlen(text)) AS bytes, "
+    "max(ts) AS last_ts FROM {source} GROUP BY execution_id) AS agg "
+    "WHERE executions.execution_id = agg.execution_id"
+)
+_OUTPUT_RECOUNT = (
+    "UPDATE executions SET output_chunks = agg.chunks, output_bytes = agg.bytes, last_output_at = agg.last_ts "
+    "FROM (SELECT execution_id, count(*) AS chunks, sum(strlen(text)) AS bytes, max(ts) AS last_ts FROM output "
+    "WHERE execution_id IN (SELECT unnest(?)) GROUP BY execution_id) AS agg "
+    "WHERE executions.execution_id = agg.execution_id"
+)
 _STATE_SPEC = json_columns_spec(STATE_COLUMNS)
 _STATE_NAMES = list(STATE_COLUMNS)
 _STATE_SELECT = [f"{name}::TIMESTAMP" if kind == "TIMESTAMPTZ" else name for name, kind in STATE_COLUMNS.items()]
@@ -120,6 +146,8 @@ class BatchApplier:
         self.position: int = int(row[0]) if row else 0
         self.states: dict[str, Execution] = {}
         self.underived: int | None = None  # the position before the first batch not yet derived
+        self.recount_output = False  # an output stream is projected too (Projector sets it)
+        self.created: set[str] = set()  # executions the batch being applied created
 
     def close(self) -> None:
         for path in (self._batch_file, self._state_file):
@@ -131,35 +159,41 @@ class BatchApplier:
         return self.apply([(ack_sequence(r), s.decode(), d) for r, s, d in raw])
 
     def apply(self, batch: Sequence[tuple[int, str, bytes]], *, derive: bool = True) -> int:
-        """Apply (seq, subject, payload) messages above the position; return how many were new.
+        """Apply (seq, subject, payload) messages above the position, in any order and with
+        repeats; return how many were new. See apply_gathered."""
+        unique = {item[0]: item for item in batch if item[0] > self.position}
+        gathered = Gathered()
+        for seq in sorted(unique):
+            gathered.add(seq, unique[seq][1].encode(), unique[seq][2])
+        return self.apply_gathered(gathered, derive=derive)
+
+    def apply_gathered(self, gathered: Gathered, *, derive: bool = True) -> int:
+        """Apply a batch gathered in stream order above the position; return its size.
 
         With `derive=False` (a rebuild's bulk load) only `events` and the execution states are
         written; the output, history and search tables of every such batch are filled by one
         `derive()` afterwards: their statements are set-based and give the same rows however
         the log was cut into batches.
         """
-        unique = {item[0]: item for item in batch if item[0] > self.position}
-        if not unique:
+        if not gathered.items or gathered.last_seq <= self.position:
             return 0
-        fresh = [unique[seq] for seq in sorted(unique)]
-        last = fresh[-1][0]
-        lines = []
-        for seq, _subject, payload in fresh:
-            if payload[:1] == b"{" and len(payload) > 2:
-                lines.append(b'{"seq":%d,%s' % (seq, payload[1:]))
-        self._batch_file.write_bytes(b"\n".join(lines))
+        if gathered.items[0][0] <= self.position:
+            raise ValueError(f"batch starts at {gathered.items[0][0]}, at or below position {self.position}")
+        last = gathered.last_seq
+        self._batch_file.write_bytes(b"\n".join(gathered.lines))
         con = self.con
         con.begin()
         try:
             before = self.position
-            if lines:
+            if gathered.lines:
                 con.execute(
                     f"INSERT INTO events SELECT {', '.join(EVENT_COLUMNS)} FROM read_json(?, "
                     f"format='newline_delimited', ignore_errors=true, columns={_EVENTS_SPEC})",
                     [str(self._batch_file)],
                 )
-            self._record_rejects(fresh, before)
-            self._apply_state(fresh)
+            self._record_rejects(gathered.items, before)
+            self.created.clear()
+            self._apply_state(gathered.lifecycle)
             if derive:
                 self._derive(self.underived if self.underived is not None else before)
                 self.underived = None
@@ -172,7 +206,7 @@ class BatchApplier:
             self.states.clear()  # the cache may hold states the rollback undid
             raise
         self.position = last
-        return len(fresh)
+        return len(gathered.items)
 
     def derive(self) -> None:
         """Fill the derived tables for every batch applied with `derive=False`."""
@@ -189,21 +223,21 @@ class BatchApplier:
 
     def _derive(self, before: int) -> None:
         con = self.con
+        # The batch's output rows, counted from themselves: the output table may also hold rows
+        # of the output stream (log retention), whose sequences are another stream's.
         con.execute(
-            "INSERT INTO output SELECT seq, execution_id, ts, data->>'stream', "
-            "CAST(data->>'n' AS UINTEGER), data->>'text' FROM events "
+            "CREATE TEMP TABLE output_batch AS SELECT seq, execution_id, ts, data->>'stream' AS stream, "
+            "CAST(data->>'n' AS UINTEGER) AS n, data->>'text' AS text FROM events "
             "WHERE seq > ? AND type = 'output'",
             [before],
         )
-        con.execute(
-            "UPDATE executions SET output_chunks = executions.output_chunks + agg.chunks, "
-            "output_bytes = executions.output_bytes + agg.bytes, "
-            "last_output_at = greatest(executions.last_output_at, agg.last_ts) "
-            "FROM (SELECT execution_id, count(*) AS chunks, sum(strlen(text)) AS bytes, "
-            "max(ts) AS last_ts FROM output WHERE seq > ? GROUP BY execution_id) AS agg "
-            "WHERE executions.execution_id = agg.execution_id",
-            [before],
-        )
+        con.execute("INSERT INTO output SELECT * FROM output_batch ORDER BY seq")
+        con.execute(_OUTPUT_COUNTERS.format(source="output_batch"))
+        con.execute("DROP TABLE output_batch")
+        if self.recount_output and self.created:
+            # With an output stream, an execution's chunks may be projected before its request:
+            # a new execution's counters are taken from every output row it already has.
+            con.execute(_OUTPUT_RECOUNT, [sorted(self.created)])
         apply_derived(con, before)
 
     def _save_position(self, last: int) -> None:
@@ -212,20 +246,20 @@ class BatchApplier:
             [self.stream, last, SCHEMA_VERSION, datetime.now(UTC)],
         )
 
-    def _record_rejects(self, fresh: Sequence[tuple[int, str, bytes]], before: int) -> None:
+    def _record_rejects(self, fresh: Sequence[tuple[int, bytes, bytes]], before: int) -> None:
         stored = self.con.execute("SELECT count(*) FROM events WHERE seq > ?", [before]).fetchone()
         if stored and stored[0] == len(fresh):
             return
         present = {row[0] for row in self.con.execute("SELECT seq FROM events WHERE seq > ?", [before]).fetchall()}
         rejects = [
-            (seq, subject, payload.decode(errors="replace")[:10000], "not a valid event envelope")
+            (seq, subject.decode(errors="replace"), payload.decode(errors="replace")[:10000], _REJECTED)
             for seq, subject, payload in fresh
             if seq not in present
         ]
         self.con.executemany("INSERT INTO rejected_events VALUES (?, ?, ?, ?)", rejects)
 
-    def _apply_state(self, fresh: Sequence[tuple[int, str, bytes]]) -> None:
-        lifecycle = [item for item in fresh if item[1].split(".", 3)[-1] in STATE_EVENT_TYPES]
+    def _apply_state(self, lifecycle: Sequence[tuple[int, str, bytes]]) -> None:
+        """Fold the state-changing events (Gathered.lifecycle) into the executions table."""
         if not lifecycle:
             return
         changed: dict[str, Execution] = {}
@@ -249,6 +283,8 @@ class BatchApplier:
             state = self.states.get(event.execution_id)
             new = evolve(state, event)
             if new is not None and new is not state:
+                if state is None:
+                    self.created.add(event.execution_id)
                 self.states[event.execution_id] = new
                 changed[event.execution_id] = new
         for execution_id, (seq, payload) in beats.items():
@@ -289,8 +325,192 @@ class BatchApplier:
             self.states[record["execution_id"]] = Execution.model_validate(record)
 
 
+class OutputApplier:
+    """Apply batches of the output stream (CORRAL_OUTPUT, with [retention] set; docs/retention.md).
+
+    Output chunks kept in their own bounded stream go to the `output` and `search` tables and the
+    executions' output counters, never to `events` (which mirrors the core log). Their `seq` is
+    CORRAL_OUTPUT's sequence; the position is the stream's own row in projector_position, saved in
+    the same transaction. Shares the connection (and the lock) of the core stream's BatchApplier.
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, *, tmp_dir: Path) -> None:
+        self.con = con
+        self.stream = OUTPUT_STREAM
+        self._batch_file = tmp_dir / f"projector-{os.getpid()}-{id(self)}-output.ndjson"
+        row = con.execute("SELECT seq FROM projector_position WHERE stream = ?", [self.stream]).fetchone()
+        self.position: int = int(row[0]) if row else 0
+
+    def close(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._batch_file.unlink()
+
+    def apply(self, batch: Sequence[tuple[int, str, bytes]]) -> int:
+        unique = {item[0]: item for item in batch if item[0] > self.position}
+        gathered = Gathered()
+        for seq in sorted(unique):
+            gathered.add(seq, unique[seq][1].encode(), unique[seq][2])
+        return self.apply_gathered(gathered)
+
+    def apply_gathered(self, gathered: Gathered, *, derive: bool = True) -> int:
+        """Apply output chunks above the position, in stream order (gaps allowed: limits remove)."""
+        if not gathered.items or gathered.last_seq <= self.position:
+            return 0
+        self._batch_file.write_bytes(b"\n".join(gathered.lines))
+        con = self.con
+        con.begin()
+        try:
+            con.execute(
+                f"CREATE TEMP TABLE output_batch AS SELECT seq + {OUTPUT_SEQ_BASE} AS seq, execution_id, ts, "
+                "data.stream AS stream, data.n AS n, data.text AS text FROM read_json(?, "
+                f"format='newline_delimited', ignore_errors=true, columns={_OUTPUT_SPEC}) "
+                "WHERE type = 'output' AND seq > ?",
+                [str(self._batch_file), self.position],
+            )
+            con.execute("INSERT INTO output SELECT * FROM output_batch ORDER BY seq")
+            con.execute(
+                "INSERT INTO search SELECT seq, execution_id, ts, 'output', lower(text) FROM output_batch ORDER BY seq"
+            )
+            con.execute(_OUTPUT_COUNTERS.format(source="output_batch"))
+            stored = {row[0] for row in con.execute(f"SELECT seq - {OUTPUT_SEQ_BASE} FROM output_batch").fetchall()}
+            if len(stored) != len(gathered.items):
+                rejects = [
+                    (seq, subject.decode(errors="replace"), payload.decode(errors="replace")[:10000], _REJECTED)
+                    for seq, subject, payload in gathered.items
+                    if seq not in stored
+                ]
+                con.executemany("INSERT INTO rejected_events VALUES (?, ?, ?, ?)", rejects)
+            con.execute("DROP TABLE output_batch")
+            con.execute(
+                "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",
+                [self.stream, gathered.last_seq, SCHEMA_VERSION, datetime.now(UTC)],
+            )
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        self.position = gathered.last_seq
+        return len(gathered.items)
+
+
+Applier = BatchApplier | OutputApplier
+
+
+class _Feed:
+    """One pull consumer of one stream, its deliveries gathered (and prepared) for one applier.
+
+    The core log has no holes (no deletes, no purges) and a consumer delivers in order, so a
+    missing sequence there is a delivery lost in flight (a server died, a connection broke):
+    acking past it would skip it for good (acks are cumulative). Then nothing more is gathered
+    and a new consumer resumes right after the applied position. Only a new consumer's first
+    delivery may start past the expected sequence: nothing is stored in between. The output
+    stream has holes by design (its limits remove old chunks), so there gaps are accepted.
+    """
+
+    def __init__(self, projector: "Projector", *, stream: str, durable: str, filter_subject: str, gaps: bool) -> None:
+        self.projector = projector
+        self.stream = stream
+        self.durable = durable
+        self.filter_subject = filter_subject
+        self.gaps = gaps
+        self.gathering = Gathered()  # deliveries since the last batch was handed to the applier
+        self.expected = 1  # the next stream sequence the current consumer should deliver
+        self.credit = 0
+        self.inbox = ""
+        self.sid: int | None = None
+        self.fresh = True  # nothing delivered yet by the current consumer
+        self.lost = False  # deliveries may have been lost: start a new consumer
+        self.last_heard = 0.0
+
+    @property
+    def applier(self) -> Applier | None:
+        p = self.projector
+        return p.output_applier if self.gaps else p.applier
+
+    @property
+    def position(self) -> int:
+        applier = self.applier
+        return applier.position if applier is not None else 0
+
+    def on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        """A delivery (or a pull's status) on the event loop: gathered and prepared at once."""
+        self.last_heard = time.monotonic()
+        if not data and headers:
+            status = status_of(headers)
+            if status in (404, 408, 409):
+                pending = _pending_messages(headers)
+                self.credit = max(self.credit - (pending if pending is not None else PULL_BATCH), 0)
+                self.projector._arrived.set()
+            return
+        self.credit -= 1
+        if self.lost:
+            return
+        seq = ack_sequence(reply)
+        if seq < self.expected:
+            return  # a redelivery of something gathered or applied
+        if seq > self.expected and not self.fresh and not self.gaps:
+            self.lost = True
+            self.projector._arrived.set()
+            return
+        self.fresh = False
+        self.expected = seq + 1
+        gathering = self.gathering
+        gathering.add(seq, subject, data)
+        gathering.last_reply = reply
+        if len(gathering.items) == 1 or self.credit < PULL_BATCH:
+            self.projector._arrived.set()
+
+    async def pull(self, intake: RawClient) -> None:
+        while self.credit + len(self.gathering.items) < MAX_CREDIT:
+            self.credit += PULL_BATCH
+            await intake.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}",
+                orjson.dumps({"batch": PULL_BATCH, "expires": int(PULL_EXPIRES_S * 1e9)}),
+                reply=self.inbox,
+            )
+
+    def silent(self) -> bool:
+        """Pulls are outstanding but nothing came back, not even their expiry: they were lost
+        (the consumer's leader moved to another server of the cluster, or the connection hangs)."""
+        return self.credit > 0 and not self.gathering.items and time.monotonic() - self.last_heard > SILENCE_S
+
+    async def listen(self, intake: RawClient) -> None:
+        """Deliveries go to a new inbox, so stragglers of a replaced consumer are not mixed in."""
+        if self.sid is not None:
+            with contextlib.suppress(Exception):
+                await intake.unsubscribe_raw(self.sid)
+        self.inbox = intake.new_inbox()
+        self.sid = await intake.subscribe_raw(self.inbox, self.on_raw)
+        self.last_heard = time.monotonic()
+
+    async def reset_consumer(self) -> None:
+        """A consumer that starts right after the applied position (DuckDB's position is the truth)."""
+        js = self.projector.bus.js
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(self.stream, self.durable)
+        await js.add_consumer(
+            self.stream,
+            ConsumerConfig(
+                durable_name=self.durable,
+                filter_subject=self.filter_subject,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=self.position + 1,
+                ack_policy=AckPolicy.ALL,
+                ack_wait=120.0,
+                max_ack_pending=MAX_CREDIT * 8,
+                max_waiting=512,
+                inactive_threshold=7 * 24 * 3600.0,
+            ),
+        )
+        self.gathering = Gathered()
+        self.credit = 0
+        self.fresh = True
+        self.lost = False
+        self.expected = self.position + 1
+
+
 class Projector(Actor):
-    """Keeps a DuckDB file in step with the event log."""
+    """Keeps a DuckDB file in step with the event log (and the output stream, when there is one)."""
 
     name = "projector"
 
@@ -308,35 +528,43 @@ class Projector(Actor):
         self.durable = consumer_name(database)
         self.con: duckdb.DuckDBPyConnection | None = None
         self.applier: BatchApplier | None = None
+        self.output_applier: OutputApplier | None = None
         self.position_changed = asyncio.Condition()
-        self._buffer: list[tuple[bytes, bytes, bytes]] = []
-        self._intake: IntakeClient | None = None
+        self.feeds = [_Feed(self, stream=STREAM, durable=self.durable, filter_subject=ALL_EVENTS, gaps=False)]
+        self._intake: RawClient | None = None
         self._arrived = asyncio.Event()
         self._urgent = asyncio.Event()
         self._waiters = 0
         self._last_apply = 0.0
-        self._credit = 0
-        self._inbox = ""
-        self._sid: int | None = None
         self._lock = asyncio.Lock()
-        self._lost = asyncio.Event()  # deliveries may have been lost: start a new consumer
-        self._fresh = True  # nothing delivered yet by the current consumer
-        self._last_heard = 0.0
+        self._resync_all = False  # the intake connection was replaced: every consumer starts again
+        self._output_checked = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
         self.locked_out: str | None = None  # why the DuckDB file cannot be opened yet, if it cannot
 
     @property
     def position(self) -> int:
+        """The core log's sequence applied last."""
         return self.applier.position if self.applier else 0
+
+    @property
+    def output_position(self) -> int | None:
+        """CORRAL_OUTPUT's sequence applied last, when the projector reads that stream."""
+        if len(self.feeds) < 2 or self.output_applier is None:
+            return None
+        return self.output_applier.position
 
     def health(self) -> dict[str, Any]:
         record = {**super().health(), "position": self.position, "database": str(self.database)}
+        if self.output_position is not None:
+            record["output_position"] = self.output_position
         if self.locked_out:
             record["locked_out"] = self.locked_out
         return record
 
     async def prepare(self) -> None:
         if self._try_open():
-            await when_ready(lambda: self._reset_consumer(self.position))
+            await when_ready(self.feeds[0].reset_consumer)
 
     def _try_open(self) -> bool:
         """Open the DuckDB file; if another process holds it (an analyst's session), say so once and wait."""
@@ -364,17 +592,20 @@ class Projector(Actor):
             if self.stopping.is_set():
                 return False
             if await asyncio.to_thread(self._try_open):
-                await when_ready(lambda: self._reset_consumer(self.position))
+                await when_ready(self.feeds[0].reset_consumer)
         return True
 
     def open_database(self) -> None:
-        """Open (or reopen after a rebuild) the DuckDB file and read the applied position."""
+        """Open (or reopen after a rebuild) the DuckDB file and read the applied positions."""
         self.con = open_database(self.database)
         self.applier = BatchApplier(self.con, tmp_dir=self.tmp_dir)
+        self.output_applier = OutputApplier(self.con, tmp_dir=self.tmp_dir)
+        self.applier.recount_output = len(self.feeds) > 1
 
     def close_database(self) -> None:
-        if self.applier is not None:
-            self.applier.close()
+        for applier in (self.applier, self.output_applier):
+            if applier is not None:
+                applier.close()
         if self.con is not None:
             with contextlib.suppress(Exception):
                 self.con.execute("CHECKPOINT")
@@ -387,71 +618,69 @@ class Projector(Actor):
         async with self._lock:
             yield
 
-    async def _reset_consumer(self, position: int) -> None:
-        # DuckDB's position is the truth: the consumer always restarts right after it.
-        js = self.bus.js
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(STREAM, self.durable)
-        await js.add_consumer(
-            STREAM,
-            ConsumerConfig(
-                durable_name=self.durable,
-                filter_subject=ALL_EVENTS,
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=position + 1,
-                ack_policy=AckPolicy.ALL,
-                ack_wait=120.0,
-                max_ack_pending=MAX_CREDIT * 8,
-                max_waiting=512,
-                inactive_threshold=7 * 24 * 3600.0,
-            ),
-        )
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
-        self._last_heard = time.monotonic()
-        if not data and headers:
-            status = status_of(headers)
-            if status in (404, 408, 409):
-                pending = _pending_messages(headers)
-                self._credit = max(self._credit - (pending if pending is not None else PULL_BATCH), 0)
-                self._arrived.set()
+    async def _check_output_stream(self) -> None:
+        """Start reading CORRAL_OUTPUT once it exists ([retention] set; provisioned by `corral up`)."""
+        self._output_checked = time.monotonic()
+        if len(self.feeds) > 1:
             return
-        self._credit -= 1
-        self._buffer.append((reply, subject, data))
-        if len(self._buffer) == 1 or self._credit < PULL_BATCH:
-            self._arrived.set()
-
-    async def _pull(self) -> None:
-        assert self._intake is not None
-        while self._credit + len(self._buffer) < MAX_CREDIT:
-            self._credit += PULL_BATCH
-            await self._intake.publish(
-                f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{self.durable}",
-                orjson.dumps({"batch": PULL_BATCH, "expires": int(PULL_EXPIRES_S * 1e9)}),
-                reply=self._inbox,
-            )
+        try:
+            await asyncio.wait_for(self.bus.js.stream_info(OUTPUT_STREAM), 2.0)
+        except NotFoundError:
+            return
+        except Exception as exc:  # the server is away, or its nats.conf predates the output stream
+            log.debug("output stream not checked: %r", exc)
+            return
+        if len(self.feeds) > 1 or self.stopping.is_set():
+            return
+        feed = _Feed(self, stream=OUTPUT_STREAM, durable=self.durable, filter_subject=OUTPUT_EVENTS_FILTER, gaps=True)
+        self.feeds.append(feed)
+        if self.applier is not None:
+            self.applier.recount_output = True
+        if self._intake is not None:
+            await feed.listen(self._intake)
+        await self._reset(feed)
+        log.info("projector reads the output stream %s too, from sequence %s", OUTPUT_STREAM, feed.position + 1)
 
     async def run(self) -> None:
         if not await self._wait_for_database():
             return
         assert self.applier is not None
-        self._intake = IntakeClient()
-        await self._intake.connect(
-            servers=self.bus.servers,
-            name=f"{self.instance}-intake",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
-            **self.bus.connect_options(),  # the projector's NATS user (corral/auth.py)
-            reconnected_cb=self._on_reconnected,
-        )
-        await self._listen()
+        await self._connect()
+        await self._check_output_stream()
+        applying: asyncio.Task[None] | None = None
+        turn = 0
         try:
             while not self.stopping.is_set():
-                if self._lost.is_set() or self._silent():
-                    await self._resync()
+                if applying is not None and applying.done():
+                    applying.result()  # a failed apply stops the projector, as it did inline
+                    applying = None
+                broken = getattr(self._intake, "error", None) is not None or any(f.silent() for f in self.feeds)
+                if broken or self._resync_all or any(f.lost for f in self.feeds):
+                    if applying is not None:
+                        await applying  # the position must be final before a consumer restarts at it
+                        continue
+                    if broken:
+                        await self._reconnect()
+                    self._resync_all = False
+                    for feed in self.feeds:
+                        if broken or feed.lost or self._resync_all:
+                            await self._resync(feed)
                     continue
-                await self._pull()
-                if not self._buffer:
+                if time.monotonic() - self._output_checked > OUTPUT_CHECK_S and len(self.feeds) < 2:
+                    # in the background: an old nats.conf may make the question wait for a timeout
+                    self._output_checked = time.monotonic()
+                    self._background(self._check_output_stream())
+                assert self._intake is not None
+                for feed in self.feeds:
+                    await feed.pull(self._intake)
+                ready = [f for f in self.feeds if f.gathering.items]
+                if applying is not None or not ready:
+                    # Reading goes on while a batch is applied in the worker thread.
                     self._arrived.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._arrived.wait(), 0.25)
@@ -459,95 +688,102 @@ class Projector(Actor):
                 # A trickle (hundreds of agents heartbeating) is gathered for a moment: one DuckDB
                 # transaction per second instead of one per event. Someone waiting is served at once.
                 since = time.monotonic() - self._last_apply
-                if len(self._buffer) < LINGER_EVENTS and since < LINGER_S and not self._waiters:
+                if (
+                    sum(len(f.gathering.items) for f in ready) < LINGER_EVENTS
+                    and since < LINGER_S
+                    and not self._waiters
+                ):
                     self._urgent.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._urgent.wait(), LINGER_S - since)
                     continue
-                await self._apply_buffered()
+                turn += 1
+                feed = ready[turn % len(ready)]  # the streams take turns
+                batch, feed.gathering = feed.gathering, Gathered()
+                applying = asyncio.create_task(self._apply(feed, batch), name="corral-projector-apply")
                 self._last_apply = time.monotonic()
         finally:
-            with contextlib.suppress(Exception):
-                await self._intake.close()
+            for task in list(self._tasks):
+                task.cancel()
+            if applying is not None:
+                with contextlib.suppress(BaseException):
+                    await applying  # a batch in DuckDB's hands finishes (its thread cannot be stopped)
+            if self._intake is not None:
+                with contextlib.suppress(Exception):
+                    await self._intake.close()
 
-    async def _apply_buffered(self) -> None:
-        assert self._intake is not None
-        raw, self._buffer = self._buffer[:MAX_APPLY], self._buffer[MAX_APPLY:]
-        batch, last_reply = self._contiguous(raw)
-        if batch:
+    async def _apply(self, feed: _Feed, batch: Gathered) -> None:
+        try:
             async with self._lock:
-                assert self.applier is not None
-                await asyncio.to_thread(self.applier.apply, batch)
-            await self._intake.publish(last_reply.decode(), b"+ACK")
+                applier = feed.applier
+                assert applier is not None
+                await asyncio.to_thread(applier.apply_gathered, batch)
+            if self._intake is not None:
+                with contextlib.suppress(Exception):  # unacked is redelivered and skipped: no harm
+                    await self._intake.publish(batch.last_reply.decode(), b"+ACK")
             async with self.position_changed:
                 self.position_changed.notify_all()
+        finally:
+            self._arrived.set()
 
-    def _contiguous(self, raw: Sequence[tuple[bytes, bytes, bytes]]) -> tuple[list[tuple[int, str, bytes]], bytes]:
-        """The deliveries that follow the applied position without a hole, and the reply to ack the last.
+    async def _connect(self) -> None:
+        self._intake = await connect_reader(
+            self.bus, name=f"{self.instance}-intake", reconnected_cb=self._on_reconnected
+        )
+        for feed in self.feeds:
+            feed.sid = None
+            await feed.listen(self._intake)
 
-        The log has no holes (no deletes, no purges) and a consumer delivers in order, so a missing
-        sequence is a delivery lost in flight (a server died, a connection broke): acking past it
-        would skip it for good (acks are cumulative). The rest is dropped and a new consumer
-        resumes right after the position. Only a new consumer's first delivery may start past
-        position + 1: nothing is stored in between.
-        """
-        expected = self.position + 1
-        batch: list[tuple[int, str, bytes]] = []
-        last_reply = b""
-        for reply, subject, data in raw:
-            seq = ack_sequence(reply)
-            if seq < expected:
-                continue  # a redelivery of something applied
-            if seq > expected and not self._fresh:
-                self._lost.set()
-                break
-            self._fresh = False
-            batch.append((seq, subject.decode(), data))
-            last_reply = reply
-            expected = seq + 1
-        return batch, last_reply
-
-    async def _on_reconnected(self) -> None:
-        self._lost.set()  # pulls waiting on the old connection, and deliveries in flight, are gone
-
-    def _silent(self) -> bool:
-        """Pulls are outstanding but nothing came back, not even their expiry: they were lost
-        (the consumer's leader moved to another server of the cluster)."""
-        return self._credit > 0 and not self._buffer and time.monotonic() - self._last_heard > SILENCE_S
-
-    async def _listen(self) -> None:
-        """Deliveries go to a new inbox, so stragglers of a replaced consumer are not mixed in."""
-        assert self._intake is not None
-        if self._sid is not None:
-            self._intake.raw_sinks.pop(self._sid, None)
-        self._inbox = self._intake.new_inbox()
-        self._sid = await self._intake.subscribe_raw(self._inbox, self._on_raw)
-        self._last_heard = time.monotonic()
-
-    async def _resync(self) -> None:
-        """Replace the consumer with one that starts right after the applied position."""
-        self._lost.clear()
-        self._buffer.clear()
-        self._credit = 0
-        self._fresh = True
-        await self._listen()
+    async def _reconnect(self) -> None:
+        """The intake connection broke (or went silent): connect again, to whichever server answers."""
+        if self._intake is not None:
+            with contextlib.suppress(Exception):
+                await self._intake.close()
+            self._intake = None
         while not self.stopping.is_set():
             try:
-                await self._reset_consumer(self.position)
+                await self._connect()
                 return
-            except Exception as exc:  # the server is still away, or the cluster electing a leader
-                log.debug("projector consumer not reset yet: %r", exc)
+            except Exception as exc:  # the server is still away
+                log.debug("projector intake not connected yet: %r", exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), 1.0)
 
-    async def wait_for_position(self, seq: int, *, timeout_s: float = 10.0) -> bool:
-        """Wait until events up to `seq` are applied; return False on timeout."""
+    async def _on_reconnected(self) -> None:
+        self._resync_all = True  # pulls waiting on the old connection, and deliveries in flight, are gone
+        self._arrived.set()
+
+    async def _resync(self, feed: _Feed) -> None:
+        """Replace a feed's consumer with one that starts right after its applied position."""
+        if self._intake is not None and getattr(self._intake, "error", None) is None:
+            await feed.listen(self._intake)
+        await self._reset(feed)
+
+    async def _reset(self, feed: _Feed) -> None:
+        while not self.stopping.is_set():
+            try:
+                await feed.reset_consumer()
+                return
+            except Exception as exc:  # the server is still away, or the cluster electing a leader
+                log.debug("projector consumer of %s not reset yet: %r", feed.stream, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 1.0)
+
+    async def wait_for_position(self, seq: int, *, timeout_s: float = 10.0, output_seq: int | None = None) -> bool:
+        """Wait until core events up to `seq` (and output chunks up to `output_seq`) are applied."""
         deadline = time.monotonic() + timeout_s
         self._waiters += 1
         self._urgent.set()
+
+        def behind() -> bool:
+            if self.position < seq:
+                return True
+            out = self.output_position
+            return output_seq is not None and out is not None and out < output_seq
+
         try:
             async with self.position_changed:
-                while self.position < seq:
+                while behind():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return False
@@ -556,6 +792,16 @@ class Projector(Actor):
             return True
         finally:
             self._waiters -= 1
+
+    async def output_last_sequence(self) -> int | None:
+        """The output stream's last sequence, when this projector reads it (for `corral sql`)."""
+        if len(self.feeds) < 2:
+            return None
+        try:
+            info = await self.bus.js.stream_info(OUTPUT_STREAM)
+        except Exception:
+            return None
+        return int(info.state.last_seq)
 
     async def on_stop(self) -> None:
         async with self._lock:

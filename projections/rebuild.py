@@ -11,31 +11,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from actors.bus import Bus
-from projections.intake import Batch, IntakeClient, RawClient, read_log
-from projections.projector import BatchApplier, Projector, open_database
-from projections.wire import connect_wire
+from events.subjects import OUTPUT_STREAM
+from projections.intake import Batch, RawClient, read_log
+from projections.projector import OUTPUT_EVENTS_FILTER, BatchApplier, OutputApplier, Projector, open_database
+from projections.wire import connect_reader
 from replay.history import last_sequence
 
 Report = Callable[[int, int], Awaitable[None]]
 APPLY_EVERY = 50000
-
-
-async def _reader(bus: Bus) -> RawClient:
-    """A lean wire-protocol connection to the server the bus uses; nats-py where that cannot be."""
-    found = bus.nc.connected_url
-    options = bus.connect_options()
-    if found is not None:
-        wire = await connect_wire(
-            f"nats://{found.hostname}:{found.port or 4222}",
-            user=options.get("user"),
-            password=options.get("password"),
-            name="corral-rebuild",
-        )
-        if wire is not None:
-            return wire
-    client = IntakeClient()
-    await client.connect(servers=bus.servers, name="corral-rebuild", **options)
-    return client
 
 
 async def _copy_log(client: RawClient, bus: Bus, applier: BatchApplier, *, until: int, report: Report) -> int:
@@ -58,6 +41,32 @@ async def _copy_log(client: RawClient, bus: Bus, applier: BatchApplier, *, until
     return applied
 
 
+async def _copy_output(client: RawClient, bus: Bus, output: OutputApplier, *, until: int) -> int:
+    """Apply the output stream's chunks still held (its limits removed the older ones) up to `until`."""
+    info = await bus.js.stream_info(OUTPUT_STREAM)
+    start = max(output.position + 1, int(info.state.first_seq or 1))
+    until = min(until, int(info.state.last_seq or 0))
+    if info.state.messages == 0 or start > until:
+        return 0
+    applied = 0
+
+    async def apply(batch: Batch) -> None:
+        nonlocal applied
+        applied += await asyncio.to_thread(output.apply, batch)
+
+    await read_log(
+        client,
+        bus.js,
+        start_seq=start,
+        until=until,
+        on_batch=apply,
+        batch_size=APPLY_EVERY,
+        stream=OUTPUT_STREAM,
+        filter_subject=OUTPUT_EVENTS_FILTER,
+    )
+    return applied
+
+
 async def rebuild_database(bus: Bus, projector: Projector, *, report: Report) -> int:
     """Rebuild every table of the projector's database from the log; return events applied."""
     database = projector.database
@@ -67,11 +76,16 @@ async def rebuild_database(bus: Bus, projector: Projector, *, report: Report) ->
             leftover.unlink()
     con = open_database(target)
     applier = BatchApplier(con, tmp_dir=projector.tmp_dir)
-    client = await _reader(bus)
+    output = OutputApplier(con, tmp_dir=projector.tmp_dir)
+    client = await connect_reader(bus, name="corral-rebuild")
     try:
         applied = await _copy_log(client, bus, applier, until=await last_sequence(bus.js), report=report)
+        if projector.output_position is not None:
+            applied += await _copy_output(client, bus, output, until=projector.output_position)
         async with projector.paused():
             applied += await _copy_log(client, bus, applier, until=projector.position, report=report)
+            if projector.output_position is not None:
+                applied += await _copy_output(client, bus, output, until=projector.output_position)
             con.execute("CHECKPOINT")
             con.close()
             projector.close_database()
@@ -81,6 +95,7 @@ async def rebuild_database(bus: Bus, projector: Projector, *, report: Report) ->
         with contextlib.suppress(Exception):
             await client.close()
         applier.close()
+        output.close()
         with contextlib.suppress(Exception):
             con.close()
     return applied

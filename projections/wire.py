@@ -3,21 +3,26 @@
 nats-py parses every delivered message with a regular expression and a Python-level state
 machine; reading a whole stream, that parser is most of the cost (a profile of a 300k-event
 rebuild spent ~60 % of the event loop in it). This client speaks just enough of the protocol
-for `projections.intake.read_log`: CONNECT (user and password, or none), SUB/UNSUB, PUB, PING/
-PONG, and MSG/HMSG frames handed raw to a sink. No TLS, no reconnects: a rebuild that loses its
-connection fails and leaves the old tables in place. `connect_wire` returns None when the
-server asks for what this client does not do (TLS, nkeys, tokens), so the caller can fall back
-to nats-py.
+for the projector's intake and `projections.intake.read_log`: CONNECT (user and password, or
+none), SUB/UNSUB, PUB, PING/PONG, and MSG/HMSG frames handed raw to a sink. No TLS, no
+reconnects: a lost connection sets `error`; the projector connects again and resumes after its
+applied position, a rebuild fails and leaves the old tables in place. `connect_wire` returns
+None when the server asks for what this client does not do (TLS, nkeys, tokens), so the caller
+can fall back to nats-py (`connect_reader` does).
 """
 
 import asyncio
 import contextlib
 import secrets
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import orjson
 
-from projections.intake import RawSink
+from projections.intake import IntakeClient, RawClient, RawSink
+
+if TYPE_CHECKING:
+    from actors.bus import Bus
 
 READ_SIZE = 1 << 20
 
@@ -174,4 +179,40 @@ async def connect_wire(
         raise
     client = WireClient(reader, writer)
     client.start()
+    return client
+
+
+async def connect_reader(bus: "Bus", *, name: str, reconnected_cb: Any = None) -> RawClient:
+    """A lean wire-protocol connection to a server of the bus, as the bus's NATS user.
+
+    Falls back to nats-py (IntakeClient, reconnecting by itself and calling `reconnected_cb`)
+    where the server asks for what WireClient does not speak (TLS, nkeys). A WireClient does not
+    reconnect: its owner watches `error` and connects again (the projector does).
+    """
+    options = bus.connect_options()
+    candidates = []
+    found = bus.nc.connected_url
+    if found is not None:
+        candidates.append(f"nats://{found.hostname}:{found.port or 4222}")
+    candidates += [url for url in bus.servers if url not in candidates]
+    failure: BaseException | None = None
+    for url in candidates:
+        try:
+            wire = await connect_wire(url, user=options.get("user"), password=options.get("password"), name=name)
+        except WireError:
+            raise  # the server refused us (credentials): another server will too
+        except (OSError, TimeoutError) as exc:
+            failure = exc
+            continue
+        if wire is None:
+            break
+        return wire
+    else:
+        if failure is not None:
+            raise failure
+    client = IntakeClient()
+    extra = {"reconnected_cb": reconnected_cb} if reconnected_cb is not None else {}
+    await client.connect(
+        servers=bus.servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1, **options, **extra
+    )
     return client

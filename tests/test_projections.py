@@ -51,8 +51,7 @@ async def test_bulk_reader_reads_every_event_once_in_order(bus: Bus) -> None:
     from events.envelope import new_event
     from events.types import Output
     from projections.intake import IntakeClient, read_log
-    from projections.rebuild import _reader
-    from projections.wire import WireClient, connect_wire
+    from projections.wire import WireClient, connect_reader, connect_wire
     from replay.history import last_sequence
 
     big = "x" * 300_000  # frames larger than one socket read
@@ -73,7 +72,7 @@ async def test_bulk_reader_reads_every_event_once_in_order(bus: Bus) -> None:
         await read_log(client, bus.js, start_seq=start, until=until, on_batch=on_batch, batch_size=700)  # type: ignore[arg-type]
         return got
 
-    wire = await _reader(bus)
+    wire = await connect_reader(bus, name="test-reader")
     assert isinstance(wire, WireClient)  # a plain nats:// server: the lean client, with the bus's credentials
     intake = IntakeClient()
     await intake.connect(servers=bus.servers, **bus.connect_options())

@@ -1,0 +1,38 @@
+"""A batch of log messages gathered for one DuckDB transaction, prepared as the messages arrive.
+
+The projector's reader (the event loop) has time to spare while the previous batch is applied in
+a worker thread; the applier has none. So what can be done per message without DuckDB is done
+here, on arrival: the NDJSON line `read_json` loads (the envelope with its stream sequence put in
+front) and the pick of the events that change an execution's state.
+"""
+
+from projections.state import STATE_EVENT_TYPES
+
+_TYPE_START = len("corral.evt.")  # the execution id starts here; it holds no dots
+_STATE_KINDS = frozenset(kind.encode() for kind in STATE_EVENT_TYPES)
+
+
+class Gathered:
+    """Messages in stream order, each above the applied position, with what the applier needs."""
+
+    __slots__ = ("items", "last_reply", "lifecycle", "lines")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, bytes, bytes]] = []  # (seq, subject, payload)
+        self.lines: list[bytes] = []  # NDJSON lines for the events table
+        self.lifecycle: list[tuple[int, str, bytes]] = []  # the messages projections.state folds
+        self.last_reply = b""  # the delivery to ack once the batch is committed (live intake)
+
+    def add(self, seq: int, subject: bytes, payload: bytes) -> None:
+        self.items.append((seq, subject, payload))
+        if payload[:1] == b"{" and len(payload) > 2:
+            self.lines.append(b'{"seq":%d,%s' % (seq, payload[1:]))
+        if subject[subject.find(b".", _TYPE_START) + 1 :] in _STATE_KINDS:
+            self.lifecycle.append((seq, subject.decode(), payload))
+
+    @property
+    def last_seq(self) -> int:
+        return self.items[-1][0]
+
+    def __len__(self) -> int:
+        return len(self.items)
