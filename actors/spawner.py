@@ -37,6 +37,7 @@ from actors.bus import Bus
 from actors.errors import WorkspaceError
 from actors.redact import SECRET_PLACEHOLDER
 from actors.runtime import Actor
+from actors.sessions import carry_session
 from actors.shim import PUBLISHED, SPEC, SPOOL, request, socket_address
 from actors.worktree import add_worktree, remove_worktree, repo_root, resolve_commit
 from corral.auth import CREDENTIAL_ENV, SERVER_ENV_PREFIX
@@ -543,6 +544,13 @@ class Spawner(Actor):
             "CORRAL_EXECUTION_ID": run.execution_id,
             "CORRAL_WORKTREE": str(path),
         }
+        if request.resume_session and not request.worktree:  # a fork continuing a session: make it reachable here
+            problem = await asyncio.to_thread(carry_session, request.agent, request.resume_session, path, env)
+            if problem:
+                await self._emit(run, ExecutionFailed(stage="workspace", error=problem))
+                with contextlib.suppress(WorkspaceError):
+                    await remove_worktree(repo, path, branch=branch)
+                return
         spec = {
             "execution_id": run.execution_id,
             "request_id": run.request_id,

@@ -119,6 +119,11 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> d
 def _fork_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--at", metavar="CHECKPOINT", help="checkpoint number (or its ref or commit); required")
     parser.add_argument("--prompt", help="the new task (replaces the original task in the command)")
+    parser.add_argument(
+        "--new-session",
+        action="store_true",
+        help="with --prompt: start a new conversation instead of continuing the agent's recorded session",
+    )
     parser.add_argument("--detach", "-d", action="store_true", help="print the new execution id and return")
     parser.add_argument("--quiet", "-q", action="store_true", help="only the agent's own output")
 
@@ -354,7 +359,9 @@ async def cmd_ps_tree(home: Home, args: Any) -> int:
         found = await rows(
             system,
             "SELECT execution_id, state, exit_code, signal, requested_at, duration_s, command, replay_of, fork_of, "
-            "fork_checkpoint, retry_of FROM executions ORDER BY requested_at, execution_id",
+            "fork_checkpoint, retry_of, (SELECT any_value(r.data->>'resume_session') FROM events r "
+            "WHERE r.execution_id = executions.execution_id AND r.type = 'execution.requested') AS resume_session "
+            "FROM executions ORDER BY requested_at, execution_id",
         )
     by_id = {row["execution_id"]: {**row, "children": []} for row in found}
     roots = []
@@ -382,6 +389,8 @@ async def cmd_ps_tree(home: Home, args: Any) -> int:
             ended = f"sig {row['signal']}"
         command = render.cell(row["command"])
         relation = f"{row['relation']} " if row["relation"] else ""
+        if row["resume_session"]:  # a fork (or follow-up) continuing an agent session
+            relation += f"(session {row['resume_session']}) "
         duration = render.human_duration(row["duration_s"])
         return f"{relation}{row['execution_id']}  {row['state']}  {ended}  {duration}  {command}"
 
@@ -515,6 +524,7 @@ async def _replay_plan(
         for r in await rows(
             system, f"SELECT offset_s, text FROM inputs WHERE execution_id = {sql_text(original)} ORDER BY seq"
         )
+        if not _approval_line(str(r["text"]))  # the replay's own approvals get their own lines
     ]
     approvals = await rows(
         system,
@@ -536,6 +546,19 @@ async def _replay_plan(
                 }
             )
     return ExecutionRequested.model_validate(request.model_dump()), inputs, decisions
+
+
+def _approval_line(text: str) -> bool:
+    """Is a delivered input one of the approval lines Corral wrote to the agent (actors/approver.approval_line)?
+
+    Re-sent, the original's `approval_registered` / `approval_decision` would answer the replay's
+    agent with the original's approval, past the replay's own (and past --ask-approvals).
+    """
+    try:
+        line = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(line, dict) and line.get("corral") in ("approval_registered", "approval_decision")
 
 
 async def _feed(
@@ -633,13 +656,19 @@ def _with_prompt(command: tuple[str, ...], task: str | None, prompt: str) -> tup
 
 
 async def cmd_fork(home: Home, args: Any) -> int:
+    from corral import followup  # (it imports this module)
+
     args, command = fork_arguments(args)
     if command and args.prompt is not None:
         raise UsageError("give either --prompt or -- COMMAND, not both")
+    if args.new_session and args.prompt is None:
+        raise UsageError("--new-session goes with --prompt TEXT (the task of the new conversation)")
     async with open_system(home, actors=("projector",)) as system:
         original = await resolve_execution_id(system, args.execution_id)
         recorded = await recorded_request(system, original)
         checkpoint = await find_checkpoint(system, original, args.at)
+        wanted = args.prompt is not None and recorded.agent != "command" and not args.new_session
+        session = await followup.recorded_session(system, original) if wanted else None
     _require_commit(recorded.repo, checkpoint["commit"], f"checkpoint {checkpoint['n']} ({checkpoint['commit'][:12]})")
     update: dict[str, Any] = {
         "base": checkpoint["commit"],
@@ -650,17 +679,36 @@ async def cmd_fork(home: Home, args: Any) -> int:
         "attempt": 1,
         "retry_of": None,
         "requested_by": os.environ.get("USER"),
+        "resume_of": None,  # a fork of a follow-up runs in its own new worktree, not the follow-up's
+        "resume_session": None,
+        "worktree": None,
     }
+    not_continued = continues = None
     if command:
         update["command"] = tuple(check_command(command, Path(recorded.repo), checkpoint["commit"]))
-    elif args.prompt is not None:
+    elif args.prompt is not None and recorded.agent == "command":
         update["command"] = _with_prompt(recorded.command, recorded.task, args.prompt)
         update["task"] = args.prompt
+        not_continued = None if args.new_session else f"{original} ran a plain command, which has no agent session"
+    elif args.prompt is not None:  # an agent CLI: its adapter builds the command, continuing the session if it can
+        plan = followup.plan_fork(
+            original, recorded, session, args.prompt, commit=checkpoint["commit"], new_session=args.new_session
+        )
+        update["command"] = tuple(check_command(list(plan.command), Path(recorded.repo), checkpoint["commit"]))
+        update["task"] = args.prompt
+        update["resume_session"] = plan.session
+        not_continued, continues = plan.not_continued, plan.continues
     request = ExecutionRequested.model_validate({**recorded.model_dump(), **update})
     execution_id = new_execution_id()
+    if not_continued:
+        info(f"{execution_id}: the conversation of {original} is not continued: {not_continued}")
     async with _system_for(home, args.detach) as system:
         if not args.quiet:
-            info(f"{execution_id}: fork of {original} at checkpoint {checkpoint['n']} ({checkpoint['commit'][:12]})")
+            continued = f", continuing {continues}" if continues else ""
+            info(
+                f"{execution_id}: fork of {original} at checkpoint {checkpoint['n']} "
+                f"({checkpoint['commit'][:12]}){continued}"
+            )
         return await _start(home, system, execution_id, request, args)
 
 
@@ -708,6 +756,12 @@ async def _summary(system: System, execution_id: str) -> dict[str, Any]:
         f"SELECT type, epoch(ts) - epoch(min(ts) OVER ()) AS offset_s FROM events WHERE execution_id = {quoted} "
         "ORDER BY seq",
     )
+    sessions = await rows(
+        system,
+        "SELECT max_by(data->>'session_id', seq) FILTER (WHERE type = 'session.started') AS session_id, "
+        "any_value(data->>'resume_session') FILTER (WHERE type = 'execution.requested') AS resume_session "
+        f"FROM events WHERE execution_id = {quoted} AND type IN ('session.started', 'execution.requested')",
+    )
     return {
         "execution_id": execution_id,
         "command": row["command"],
@@ -729,6 +783,8 @@ async def _summary(system: System, execution_id: str) -> dict[str, Any]:
         "files_changed": files,
         "replay_of": row["replay_of"],
         "fork_of": row["fork_of"],
+        "session_id": sessions[0]["session_id"] if sessions else None,  # its own agent session
+        "resume_session": sessions[0]["resume_session"] if sessions else None,  # the one it continued
         "timeline": _collapse(events),
     }
 
@@ -778,6 +834,10 @@ async def cmd_compare(home: Home, args: Any) -> int:
             return f"{s['state']} (signal {s['signal']})"
         return f"{s['state']} (exit {s['exit_code']}, {s['exit_reason'] or '-'})"
 
+    def session(s: dict[str, Any]) -> str:
+        continued = f" (continues {s['resume_session']})" if s["resume_session"] else ""
+        return f"{s['session_id'] or '-'}{continued}"
+
     def files(s: dict[str, Any]) -> str:
         return f"{len(s['files_changed'])} " + render.cell(", ".join(f["path"] for f in s["files_changed"][:5]))
 
@@ -794,6 +854,7 @@ async def cmd_compare(home: Home, args: Any) -> int:
         ),
         ("cost", f"${a['cost_usd'] or 0:.4f}", f"${b['cost_usd'] or 0:.4f}"),
         ("checkpoints", str(len(a["checkpoints"])), str(len(b["checkpoints"]))),
+        ("session", session(a), session(b)),
         ("final tree", (a["final_tree"] or "-")[:12], (b["final_tree"] or "-")[:12]),
         ("files changed", files(a), files(b)),
     ]

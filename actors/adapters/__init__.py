@@ -182,10 +182,14 @@ def find_program(name: str) -> str | None:
     return None
 
 
-def build_command(agent: str, task: str | None, extra: Sequence[str] = (), *, resume: str | None = None) -> list[str]:
+def build_command(
+    agent: str, task: str | None, extra: Sequence[str] = (), *, resume: str | None = None, fork: bool = False
+) -> list[str]:
     """The command line that runs `task` with this agent's CLI (extra args appended); ValueError if impossible.
 
     `resume`: continue that recorded session (its id; "" for a CLI that resumes from the worktree).
+    `fork`: continue it as a new session, leaving the recorded one as it is (Claude Code
+    `--fork-session`, `codex exec fork`); needs the CLI's `fork` capability.
     """
     module_name = AGENTS.get(agent)
     if module_name is None:
@@ -199,11 +203,16 @@ def build_command(agent: str, task: str | None, extra: Sequence[str] = (), *, re
             f"{module.PROGRAM} not found for --agent {agent} (install it: {module.INSTALL}; "
             f"or set CORRAL_{module.PROGRAM.upper()}_BIN)"
         )
-    if resume is not None:
+    if resume is not None and fork:
+        problem = missing_feature(agent, probe(agent, program), "fork")
+        if problem:
+            raise ValueError(problem)
+        command: list[str] = module.command_line(program, task, list(extra), resume=resume, fork=True)
+    elif resume is not None:
         problem = missing_feature(agent, probe(agent, program), "resume")
         if problem:
             raise ValueError(problem)
-        command: list[str] = module.command_line(program, task, list(extra), resume=resume)
+        command = module.command_line(program, task, list(extra), resume=resume)
     else:
         command = module.command_line(program, task, list(extra))
     return command

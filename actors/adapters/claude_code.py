@@ -28,14 +28,21 @@ def features(help_text: str) -> dict[str, bool]:
     }
 
 
-def command_line(program: str, task: str, extra: list[str], *, resume: str | None = None) -> list[str]:
-    """Stream-json in and out when the CLI supports it; otherwise the task as the prompt argument."""
+def command_line(
+    program: str, task: str, extra: list[str], *, resume: str | None = None, fork: bool = False
+) -> list[str]:
+    """Stream-json in and out when the CLI supports it; otherwise the task as the prompt argument.
+
+    `resume` continues that session; with `fork` as a new session id (`--fork-session`), so the
+    recorded session file is only read (a fork's spawner copies it to the new worktree's project
+    directory first: actors/sessions.py).
+    """
     permission = (
         []
         if any(a.startswith(("--permission-mode", "--dangerously")) for a in extra)
         else ["--permission-mode", "acceptEdits"]
     )
-    extra = [*extra, "--resume", resume] if resume else extra
+    extra = [*extra, "--resume", resume, *(["--fork-session"] if fork else [])] if resume else extra
     found = probe("claude-code", program)["features"]
     if found.get("stream_input"):
         # Replayed user messages tell which inputs the CLI has taken, so stdin closes only when all are answered.

@@ -29,7 +29,7 @@ def features(help_text: str) -> dict[str, bool]:
 
 
 def sandbox_as_config(extra: list[str]) -> list[str]:
-    """`exec resume` has no --sandbox option: say it as `-c sandbox_mode=...`."""
+    """`exec resume` / `exec fork` have no --sandbox option: say it as `-c sandbox_mode=...`."""
     out: list[str] = []
     words = iter(extra)
     for arg in words:
@@ -42,14 +42,18 @@ def sandbox_as_config(extra: list[str]) -> list[str]:
     return out
 
 
-def command_line(program: str, task: str, extra: list[str], *, resume: str | None = None) -> list[str]:
+def command_line(
+    program: str, task: str, extra: list[str], *, resume: str | None = None, fork: bool = False
+) -> list[str]:
+    """`codex exec`; with `resume`, `codex exec resume SESSION` (appends to that session), or with
+    `fork` too, `codex exec fork SESSION` (a new session from a copy of it; the recorded one is only read)."""
     chosen = any(a.startswith(("--sandbox", "-s", "--dangerously")) or "sandbox_mode" in a for a in extra)
     if resume:
         defaults = [] if chosen else ["-c", 'sandbox_mode="workspace-write"']
         return [
             program,
             "exec",
-            "resume",
+            "fork" if fork else "resume",
             "--json",
             "--skip-git-repo-check",
             *defaults,
