@@ -65,14 +65,24 @@ DERIVED_TABLES: Final = (
     "tool_calls",
 )
 
+# Output rows projected from the output stream (CORRAL_OUTPUT, docs/retention.md) carry this plus
+# that stream's sequence as `seq`, so they never share a number with a core-log row.
+OUTPUT_SEQ_BASE: Final = 1 << 40
+
 # The statements of one batch, in order; each takes $1 = the position before the batch.
 BATCH_SQL: Final = [
     # search: lowercased text of every event (output text, or the payload of other events),
     # stored uncompressed: a substring scan then reads plain bytes (about 2x faster than over
     # FSST-compressed text, for about the size of the output text again on disk)
-    """INSERT INTO search SELECT seq, execution_id, ts, type,
-        lower(CASE WHEN type = 'output' THEN data->>'text' ELSE CAST(data AS VARCHAR) END)
-       FROM events WHERE seq > $1 ORDER BY seq""",
+    # (the batch's output rows are in `output` already: their text is not taken from JSON again;
+    # rows at or above 2^40 are the output stream's, added by projections.projector.OutputApplier)
+    f"""INSERT INTO search SELECT seq, execution_id, ts, type, lower(text) FROM (
+        SELECT seq, execution_id, ts, 'output' AS type, text FROM output
+         WHERE seq > $1 AND seq < {OUTPUT_SEQ_BASE}
+        UNION ALL
+        SELECT seq, execution_id, ts, type, CAST(data AS VARCHAR) FROM events
+         WHERE seq > $1 AND type <> 'output'
+       ) ORDER BY seq""",
     """INSERT INTO checkpoints SELECT seq, execution_id, ts, CAST(data->>'n' AS INTEGER), data->>'ref',
         data->>'commit', data->>'tree', data->>'parent', data->>'trigger',
         CAST(json_array_length(data->'files') AS UINTEGER),

@@ -30,7 +30,7 @@ from events.errors import EventError
 from events.stream import when_ready
 from events.subjects import ALL_EVENTS, OUTPUT_STREAM, STREAM, ack_sequence
 from projections.batch import Gathered
-from projections.derived import apply_derived
+from projections.derived import OUTPUT_SEQ_BASE, apply_derived
 from projections.errors import DatabaseLocked
 from projections.intake import RawClient, status_of
 from projections.state import Execution, evolve
@@ -56,9 +56,6 @@ SILENCE_S = 3 * PULL_EXPIRES_S  # pulls outstanding and not a word back for this
 _EVENTS_SPEC = json_columns_spec(EVENT_COLUMNS)
 _REJECTED = "not a valid event envelope"
 OUTPUT_EVENTS_FILTER = "corral.evt.*.output"
-# Output rows projected from CORRAL_OUTPUT carry this plus that stream's sequence as `seq`, so they
-# never share a number with a core-log row (docs/retention.md).
-OUTPUT_SEQ_BASE = 1 << 40
 OUTPUT_CHECK_S = 10.0  # how often a projector without the output stream looks for it
 _OUTPUT_SPEC = (
     "{seq: 'UBIGINT', execution_id: 'VARCHAR', ts: 'TIMESTAMPTZ', type: 'VARCHAR', "
@@ -223,17 +220,14 @@ class BatchApplier:
 
     def _derive(self, before: int) -> None:
         con = self.con
-        # The batch's output rows, counted from themselves: the output table may also hold rows
-        # of the output stream (log retention), whose sequences are another stream's.
         con.execute(
-            "CREATE TEMP TABLE output_batch AS SELECT seq, execution_id, ts, data->>'stream' AS stream, "
-            "CAST(data->>'n' AS UINTEGER) AS n, data->>'text' AS text FROM events "
+            "INSERT INTO output SELECT seq, execution_id, ts, data->>'stream', "
+            "CAST(data->>'n' AS UINTEGER), data->>'text' FROM events "
             "WHERE seq > ? AND type = 'output'",
             [before],
         )
-        con.execute("INSERT INTO output SELECT * FROM output_batch ORDER BY seq")
-        con.execute(_OUTPUT_COUNTERS.format(source="output_batch"))
-        con.execute("DROP TABLE output_batch")
+        # Rows below OUTPUT_SEQ_BASE are the core log's: the output stream's are counted by their applier.
+        con.execute(_OUTPUT_COUNTERS.format(source=f"output WHERE seq > {int(before)} AND seq < {OUTPUT_SEQ_BASE}"))
         if self.recount_output and self.created:
             # With an output stream, an execution's chunks may be projected before its request:
             # a new execution's counters are taken from every output row it already has.
