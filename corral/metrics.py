@@ -41,6 +41,7 @@ from events.subjects import (
     ALL_EVENTS,
     API_POSITION,
     HEALTH_BUCKET,
+    OUTPUT_STREAM,
     STREAM,
     ack_pending,
     ack_sequence,
@@ -307,6 +308,44 @@ class MetricsCollector:
             return msg.time.timestamp()
         return None
 
+    async def _output_metrics(self, out: "Exposition", records: list[dict[str, Any]]) -> None:
+        """Under log retention (docs/retention.md), the output stream's own counters and lag."""
+        try:
+            info = await self.system.bus.js.stream_info(OUTPUT_STREAM)
+        except Exception:
+            return  # no output stream: output is in the core log, counted above
+        last = int(info.state.last_seq or 0)
+        out.metric(
+            "corral_output_events_stored_total",
+            "counter",
+            "Output events stored in CORRAL_OUTPUT (its last sequence), under log retention.",
+            [({}, last)],
+        )
+        out.metric(
+            "corral_output_events_retained",
+            "gauge",
+            "Output events CORRAL_OUTPUT still holds (its limits remove the oldest).",
+            [({}, int(info.state.messages or 0))],
+        )
+        projector = self.system.projector
+        position = projector.output_position if projector is not None else None
+        if position is None:
+            found = [int(r["output_position"]) for r in records if "output_position" in r]
+            position = max(found) if found else None
+        if position is not None:
+            out.metric(
+                "corral_output_events_projected_total",
+                "counter",
+                "CORRAL_OUTPUT sequence up to which the projector has applied output to DuckDB.",
+                [({}, position)],
+            )
+            out.metric(
+                "corral_projector_output_lag_events",
+                "gauge",
+                "Output events stored in CORRAL_OUTPUT but not projected yet.",
+                [({}, max(0, last - position))],
+            )
+
     def _published(self) -> int:
         """Events stored through this process's connections: the system's own and each actor's."""
         buses = [self.system.bus, *getattr(self.system, "buses", [])]
@@ -357,6 +396,7 @@ class MetricsCollector:
                 "Age of the oldest event not projected yet (0 when caught up).",
                 [({}, round(lag_s, 3))],
             )
+        await self._output_metrics(out, records)
         out.histogram(
             "corral_checkpoint_duration_seconds",
             "Time to take a checkpoint (checkpoint.created duration_ms).",

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from events.subjects import ALL_EVENTS, STREAM
+from projections.batch import Gathered
 
 RawSink = Callable[[bytes, bytes, bytes, bytes], None]
 _STATUS_PREFIX = b"NATS/1.0 "
@@ -91,13 +92,15 @@ async def read_log(
     *,
     start_seq: int,
     until: int,
-    on_batch: Callable[[Batch], Coroutine[Any, Any, None]],
+    on_batch: Callable[[Any], Coroutine[Any, Any, None]],
     stall_s: float = 15.0,
     batch_size: int = 50000,
     stream: str = STREAM,
     filter_subject: str = ALL_EVENTS,
+    gather: bool = False,
 ) -> int:
-    """Hand (seq, subject, payload) batches of the event log from start_seq through until to on_batch.
+    """Hand (seq, subject, payload) batches of the event log from start_seq through until to on_batch
+    (with `gather`, each batch as a projections.batch.Gathered, prepared for an applier as read).
 
     An ephemeral pull consumer without acks, fed by pipelined `MSG.NEXT` requests on a raw
     client (nats-py's IntakeClient, or the leaner projections.wire.WireClient), against 40k
@@ -145,6 +148,7 @@ async def read_log(
     read = 0
     handing: asyncio.Task[None] | None = None
     pending: Batch = []
+    gathering = Gathered() if gather else None
     heard = time.monotonic()
     try:
         while last_seq < until:
@@ -170,13 +174,21 @@ async def read_log(
             for seq, subject, data in raw:
                 if seq > until:
                     break
-                pending.append((seq, subject.decode(), data))
+                if gathering is not None:
+                    gathering.add(seq, subject, data)
+                else:
+                    pending.append((seq, subject.decode(), data))
                 last_seq = seq
-            if len(pending) >= batch_size or last_seq >= until:
+            size = len(gathering.items) if gathering is not None else len(pending)
+            if size >= batch_size or last_seq >= until:
                 if handing is not None:
                     await handing
-                todo, pending = pending, []
-                read += len(todo)
+                todo: Any = pending
+                if gathering is not None:
+                    todo, gathering = gathering, Gathered()
+                else:
+                    pending = []
+                read += size
                 handing = asyncio.create_task(on_batch(todo))
         if handing is not None:
             await handing

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from actors.bus import Bus
 from events.subjects import OUTPUT_STREAM
+from projections.batch import Gathered
 from projections.intake import Batch, RawClient, read_log
 from projections.projector import OUTPUT_EVENTS_FILTER, BatchApplier, OutputApplier, Projector, open_database
 from projections.wire import connect_reader
@@ -31,12 +32,14 @@ async def _copy_log(client: RawClient, bus: Bus, applier: BatchApplier, *, until
         return 0
     applied = 0
 
-    async def apply(batch: Batch) -> None:
+    async def apply(batch: Gathered) -> None:
         nonlocal applied
-        applied += await asyncio.to_thread(applier.apply, batch, derive=False)
+        applied += await asyncio.to_thread(applier.apply_gathered, batch, derive=False)
         await report(applier.position - start, until - start)
 
-    await read_log(client, bus.js, start_seq=start + 1, until=until, on_batch=apply, batch_size=APPLY_EVERY)
+    await read_log(
+        client, bus.js, start_seq=start + 1, until=until, on_batch=apply, batch_size=APPLY_EVERY, gather=True
+    )
     await asyncio.to_thread(applier.derive)
     return applied
 

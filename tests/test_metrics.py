@@ -300,3 +300,29 @@ def test_port_from_corral_toml_and_the_nats_monitoring_port(embedded_cli: Cli) -
         assert value(samples, "corral_events_stored_total") == last_seq
     finally:
         stop_up(embedded_cli, up)
+
+
+def test_output_stream_metrics_under_log_retention(cli: Cli, repo: Path) -> None:
+    """With [retention], the output stream's stored/retained/projected counters and its lag."""
+    cli.home.mkdir(parents=True, exist_ok=True)
+    (cli.home / "corral.toml").write_text("[retention]\noutput_max_msgs = 10\n")
+    port = free_port()
+    up = launch(cli, "--metrics-port", str(port))
+    try:
+        samples, types = ready_scrape(port)
+        assert types["corral_output_events_stored_total"] == "counter"
+        assert types["corral_output_events_retained"] == "gauge"
+        cli("run", "--repo", str(repo), *agent_command("out", "--steps", "20", "--sleep", "0.1"), check=True)
+        samples = wait_metric(
+            port,
+            lambda s: (
+                (s.get(("corral_output_events_stored_total", ())) or 0) > 10
+                and s.get(("corral_projector_output_lag_events", ())) == 0
+            ),
+            "output projected",
+        )
+        stored = value(samples, "corral_output_events_stored_total")
+        assert value(samples, "corral_output_events_retained") == 10  # the limit holds
+        assert value(samples, "corral_output_events_projected_total") == stored
+    finally:
+        stop_up(cli, up)
