@@ -1,8 +1,9 @@
 """Turn an agent's byte streams into coalesced output chunks and control lines.
 
-A chatty agent must not become one event per write: bytes are gathered until a chunk is big
-enough or old enough, then cut at the last newline. Lines on stderr that start with
-`{"corral"` are the agent's control protocol and are taken out of the output.
+A chatty agent must not become one event per write: bytes are gathered, and the shim takes a
+chunk (cut at the last newline) when the stream's last one is old enough, or when a chunk is
+big enough. Lines on stderr that start with `{"corral"` are the agent's control protocol and
+are taken out of the output.
 """
 
 import codecs
@@ -13,6 +14,8 @@ import orjson
 
 CONTROL_PREFIX = b'{"corral"'
 MAX_CHUNK_BYTES = 64 * 1024
+PARTIAL_LINE_BYTES = 4096  # a partial line is held back for its end until it is this long
+MEMO_LINE_BYTES = 512  # a control line this short is remembered: an agent repeats its heartbeat line
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ class OutputCoalescer:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._line_start = True
         self._partial = b""
+        self._memo: tuple[bytes, ControlLine] | None = None  # the last control line parsed
+        # Whether flush() would return a chunk: a whole line waits (or a long partial one).
+        self.flushable = False
 
     @property
     def pending_bytes(self) -> int:
@@ -59,8 +65,20 @@ class OutputCoalescer:
         """Take bytes read from the pipe; return the chunks and control lines now complete."""
         controls: list[ControlLine] = []
         if self.parse_control:
+            if (
+                self._line_start
+                and not self._partial
+                and data.startswith(CONTROL_PREFIX)
+                and data.find(b"\n") == len(data) - 1
+            ):
+                controls.append(self._parse(data))  # the common case: one control line alone in a read
+                return [], controls
             data = self._extract_controls(data, controls)
+        if not data:
+            return [], controls
         self._pending += data
+        if not self.flushable and (b"\n" in data or len(self._pending) >= PARTIAL_LINE_BYTES):
+            self.flushable = True
         chunks: list[str] = []
         while len(self._pending) >= self.max_bytes:
             cut = self._pending.rfind(b"\n", 0, MAX_CHUNK_BYTES)
@@ -89,15 +107,26 @@ class OutputCoalescer:
         cut = self._pending.rfind(b"\n")
         # A partial line is held back a little so a line is not split in two events.
         if cut < 0:
-            if len(self._pending) < 4096:
+            if len(self._pending) < PARTIAL_LINE_BYTES:
                 return None
             cut = len(self._pending) - 1
         return self._take(cut + 1) or None
 
     def _take(self, n: int) -> str:
-        head = bytes(self._pending[:n])
-        del self._pending[:n]
+        pending = self._pending
+        head = bytes(pending[:n])
+        del pending[:n]
+        self.flushable = len(pending) >= PARTIAL_LINE_BYTES or b"\n" in pending
         return self._decoder.decode(head)
+
+    def _parse(self, line: bytes) -> ControlLine:
+        memo = self._memo
+        if memo is not None and memo[0] == line:
+            return memo[1]
+        control = parse_control_line(line)
+        if len(line) <= MEMO_LINE_BYTES:
+            self._memo = (line, control)
+        return control
 
     def _extract_controls(self, data: bytes, controls: list[ControlLine]) -> bytes:
         # Control lines are whole lines starting at a line start; a partial line that may
@@ -118,7 +147,7 @@ class OutputCoalescer:
                     self._line_start = False
                 break
             if maybe_control and piece.startswith(CONTROL_PREFIX):
-                controls.append(parse_control_line(piece))
+                controls.append(self._parse(piece))
             else:
                 out += piece
             self._line_start = True

@@ -22,10 +22,12 @@ Only the standard library and orjson are imported here: hundreds of shims may st
 import asyncio
 import contextlib
 import ctypes
+import gc
 import hashlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -52,6 +54,12 @@ FILE_EVENTS_INTERVAL_S = 0.5
 INPUT_TIMEOUT_S = 5.0
 PR_SET_CHILD_SUBREAPER = 36
 HEARTBEAT_FIELDS: dict[str, type | tuple[type, ...]] = {"note": str, "progress": (int, float), "source": str}
+_IN_MODIFY = 0x00000002
+_IN_Q_OVERFLOW = 0x00004000
+_IN_IGNORED = 0x00008000
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+_INOTIFY_EVENT = struct.Struct("iIII")
 
 
 def socket_address(run_dir: Path) -> str:
@@ -75,6 +83,60 @@ async def request(run_dir: Path, op: dict[str, Any], *, timeout_s: float = 10.0)
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+
+
+class SpoolWatch:
+    """Which spools were appended to: one inotify instance (IN_MODIFY) for every spool a spawner tails.
+
+    The kernel reports a shim's appends at no cost to the shim, and hundreds of spools changing
+    between two reads are one wake-up and one read for the spawner. A spawner that has one asks
+    its shims for a quiet watch (no byte per append; the connection still ends with the shim).
+    """
+
+    def __init__(self, fd: int, libc: ctypes.CDLL) -> None:
+        self.fd = fd
+        self._libc = libc
+
+    @classmethod
+    def open(cls) -> "SpoolWatch | None":
+        """A new watch, or None where inotify is not available (or this user has no instance left)."""
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        except (OSError, AttributeError):
+            return None
+        return cls(fd, libc) if fd >= 0 else None
+
+    def add(self, spool: Path) -> int | None:
+        """Start watching one spool; its watch descriptor, or None if it cannot be watched."""
+        wd = int(self._libc.inotify_add_watch(self.fd, os.fsencode(spool), _IN_MODIFY))
+        return wd if wd >= 0 else None
+
+    def remove(self, wd: int) -> None:
+        self._libc.inotify_rm_watch(self.fd, wd)
+
+    def read(self) -> set[int] | None:
+        """The watch descriptors of the spools appended to since the last read; None if the kernel's
+        queue overflowed (then any spool may have changed)."""
+        changed: set[int] = set()
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:  # BlockingIOError: all read
+                return changed
+            if not data:
+                return changed
+            offset = 0
+            while offset + 16 <= len(data):
+                wd, mask, _cookie, length = _INOTIFY_EVENT.unpack_from(data, offset)
+                offset += 16 + length
+                if mask & _IN_Q_OVERFLOW:
+                    return None
+                if not mask & _IN_IGNORED:  # (the watch's end: removed, or its file deleted)
+                    changed.add(wd)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -131,6 +193,18 @@ def signal_pids(pids: list[int] | dict[int, str], sig: int) -> None:
             os.kill(pid, sig)
 
 
+def heartbeat_problem(fields: dict[str, Any]) -> str | None:
+    """Why a heartbeat control line's fields cannot be taken (None when they can)."""
+    for key, value in fields.items():
+        if key not in HEARTBEAT_FIELDS:
+            return f"heartbeat field {key!r} is not allowed (allowed: {', '.join(HEARTBEAT_FIELDS)})"
+        if (value is not None and not isinstance(value, HEARTBEAT_FIELDS[key])) or (
+            key == "source" and value not in ("agent", "wrapper")
+        ):
+            return f"heartbeat field {key!r} has the wrong type"
+    return None
+
+
 def approval_problem(fields: dict[str, Any]) -> str | None:
     """Why an `approval_needed` control line cannot be taken (None when it can)."""
     unknown = sorted(set(fields) - {"question", "options", "category"})
@@ -162,7 +236,8 @@ class Shim:
         self.run_dir = run_dir
         self.spec: dict[str, Any] = orjson.loads((run_dir / SPEC).read_bytes())
         self.spool_fd = os.open(run_dir / SPOOL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self.watchers: set[asyncio.StreamWriter] = set()
+        self.watchers: set[asyncio.StreamWriter] = set()  # told a byte per spool append
+        self.quiet_watchers: set[asyncio.StreamWriter] = set()  # watch the spool themselves (inotify)
         self.told: set[str] = set()  # lines sent `once` (approval lines), so a re-tell is dropped
         self.process: asyncio.subprocess.Process | None = None
         self.chunk_number = 0
@@ -182,7 +257,8 @@ class Shim:
         self.finished = asyncio.Event()
         self.last_output_at: float | None = None
         self.cgroup: Any = None
-        self._flush_timers: dict[str, asyncio.TimerHandle] = {}
+        self._flushed_at = dict.fromkeys(self.coalescers, -FLUSH_INTERVAL_S)  # loop time of each stream's last chunk
+        self._flush_timer: asyncio.TimerHandle | None = None  # one for both streams
         self._files_timer: asyncio.TimerHandle | None = None
         self.adapter = load_adapter(self.spec)  # maps an agent CLI's stdout to typed facts (actors/adapters)
         self.cost = 0.0  # USD reported or estimated so far (usage ticks)
@@ -197,12 +273,13 @@ class Shim:
         line: dict[str, Any] = {"id": new_ulid(), "ts": time.time(), "type": type_, "data": data}
         if cause:
             line["cause"] = cause
-        os.write(self.spool_fd, orjson.dumps(line) + b"\n")
-        for writer in list(self.watchers):
-            if writer.is_closing():
-                self.watchers.discard(writer)
-            elif writer.transport.get_write_buffer_size() == 0:
-                writer.write(b"\n")
+        os.write(self.spool_fd, orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
+        if self.watchers:  # a spawner that does not watch the spool itself (an older one): a byte
+            for writer in list(self.watchers):
+                if writer.is_closing():
+                    self.watchers.discard(writer)
+                elif writer.transport.get_write_buffer_size() == 0:
+                    writer.write(b"\n")
 
     def _output(self, stream: str, text: str | None) -> None:
         if text:
@@ -268,18 +345,7 @@ class Shim:
             if control.error is not None:
                 self.record("protocol.error", {"line": line, "error": control.error})
             elif control.kind == "heartbeat":
-                problem = next(
-                    (
-                        f"heartbeat field {key!r} is not allowed (allowed: {', '.join(HEARTBEAT_FIELDS)})"
-                        if key not in HEARTBEAT_FIELDS
-                        else f"heartbeat field {key!r} has the wrong type"
-                        for key, value in control.fields.items()
-                        if key not in HEARTBEAT_FIELDS
-                        or (value is not None and not isinstance(value, HEARTBEAT_FIELDS[key]))
-                        or (key == "source" and value not in ("agent", "wrapper"))
-                    ),
-                    None,
-                )
+                problem = heartbeat_problem(control.fields) if control.fields else None
                 if problem:
                     self.record("protocol.error", {"line": line, "error": problem})
                 else:
@@ -324,7 +390,7 @@ class Shim:
             await self._run_agent()
         finally:
             server.close()
-            for writer in list(self.watchers):
+            for writer in [*self.watchers, *self.quiet_watchers]:
                 writer.close()
             os.fsync(self.spool_fd)
             os.close(self.spool_fd)
@@ -431,8 +497,8 @@ class Shim:
         if self.cgroup is not None:
             with contextlib.suppress(OSError):
                 self.cgroup.close()
-        for timer in self._flush_timers.values():
-            timer.cancel()
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
         if self._files_timer is not None:
             self._files_timer.cancel()
         if watcher is not None:
@@ -505,11 +571,14 @@ class Shim:
         return ended
 
     def _feed(self, stream: str, data: bytes) -> None:
-        chunks, controls = self.coalescers[stream].feed(self.redactors[stream].feed(data))
-        self._controls(controls)
+        coalescer = self.coalescers[stream]
+        chunks, controls = coalescer.feed(self.redactors[stream].feed(data))
+        if controls:
+            self._controls(controls)
         for chunk in chunks:
             self._output(stream, chunk)
-        self._schedule_flush(stream)
+        if coalescer.flushable:
+            self._flush_or_wait(stream, asyncio.get_running_loop())
 
     def _end(self, stream: str) -> None:
         coalescer = self.coalescers[stream]
@@ -522,15 +591,30 @@ class Shim:
         self._controls(controls)
         self._output(stream, text)
 
-    def _schedule_flush(self, stream: str) -> None:
-        """Flush a partial chunk once it has waited FLUSH_INTERVAL_S (no timer while nothing waits)."""
-        if self.coalescers[stream].pending_bytes and stream not in self._flush_timers:
-            self._flush_timers[stream] = asyncio.get_running_loop().call_later(FLUSH_INTERVAL_S, self._flush, stream)
+    def _flush_or_wait(self, stream: str, loop: asyncio.AbstractEventLoop) -> None:
+        """Whole lines wait: write them now if the stream's last chunk is FLUSH_INTERVAL_S old, else
+        when it will be (at most a chunk per stream per interval, besides size cuts).
 
-    def _flush(self, stream: str) -> None:
-        self._flush_timers.pop(stream, None)
-        self._output(stream, self.coalescers[stream].flush())
-        self._schedule_flush(stream)  # a partial line held back waits for its end, or the next tick
+        An agent that writes now and then has each write recorded at once, with no timer; a chatty
+        one has its lines gathered into a chunk per interval. One timer serves both streams, and a
+        partial line alone arms none (it waits for its end, or for PARTIAL_LINE_BYTES).
+        """
+        now = time.monotonic()  # the loop's clock
+        due = self._flushed_at[stream] + FLUSH_INTERVAL_S
+        if now >= due - 0.001:  # (a timer may fire a hair early)
+            self._flushed_at[stream] = now
+            self._output(stream, self.coalescers[stream].flush())
+        elif self._flush_timer is None or self._flush_timer.when() > due:
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+            self._flush_timer = loop.call_at(due, self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._flush_timer = None
+        loop = asyncio.get_running_loop()
+        for stream, coalescer in self.coalescers.items():
+            if coalescer.flushable:
+                self._flush_or_wait(stream, loop)
 
     async def _timers(self, done: asyncio.Event) -> None:
         """The hard timeout: wall clock while running; frozen while paused."""
@@ -670,10 +754,17 @@ class Shim:
             kind = op.get("op")
             cause = op.get("cause")
             if kind == "watch":
-                self.watchers.add(writer)
+                # quiet: the spawner watches the spool file itself and only needs to see this
+                # connection end with the shim; otherwise it is told a byte per spool append.
+                watchers = self.quiet_watchers if op.get("quiet") else self.watchers
+                watchers.add(writer)
                 writer.write(b"\n")
-                await reader.read()  # until the spawner goes away
-                self.watchers.discard(writer)
+                try:
+                    await reader.read()  # until the spawner goes away
+                except asyncio.CancelledError:
+                    return  # the shim is ending (asyncio.run cancels what is left): so does the watch
+                finally:
+                    watchers.discard(writer)
                 return
             reply: dict[str, Any]
             if self.process is None or self.process.returncode is not None:
@@ -720,7 +811,11 @@ def main() -> int:
     if len(sys.argv) != 2:
         sys.stderr.write("usage: python -m actors.shim RUN_DIR\n")
         return 2
-    return asyncio.run(Shim(Path(sys.argv[1])).main())
+    shim = Shim(Path(sys.argv[1]))
+    # Everything imported and built so far lives as long as the shim: keep it out of the
+    # collector's full passes.
+    gc.freeze()
+    return asyncio.run(shim.main())
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from actors.errors import WorkspaceError
 from actors.redact import SECRET_PLACEHOLDER
 from actors.runtime import Actor
 from actors.sessions import carry_session
-from actors.shim import PUBLISHED, SPEC, SPOOL, request, socket_address
+from actors.shim import PUBLISHED, SPEC, SPOOL, SpoolWatch, request, socket_address
 from actors.worktree import add_worktree, remove_worktree, repo_root, resolve_commit
 from corral.auth import CREDENTIAL_ENV, SERVER_ENV_PREFIX
 from events.envelope import Event, decode_event, envelope_bytes, trusted_payload
@@ -78,8 +78,10 @@ CONTROL_TYPES = (
 APPROVAL_TYPES = ("approval.requested", "approval.granted", "approval.denied", "approval.expired")
 POLL_S = 1.0
 SAVE_OFFSET_EVERY_S = 5.0
-PUMP_GATHER_S = 0.02
+PUMP_GATHER_S = 0.05
 SHIM_CONNECT_S = 10.0
+WATCH_QUIET = b'{"op":"watch","quiet":true}\n'  # the spool is watched with inotify: no byte per append
+WATCH_PLAIN = b'{"op":"watch"}\n'  # a byte per spool append
 
 
 @dataclass
@@ -130,6 +132,7 @@ class SpoolTail:
         self.saved = 0
         self.saved_at = time.monotonic()
         self.sock: socket.socket | None = None
+        self.wd: int | None = None  # its inotify watch in the spawner's SpoolWatch (None: told by bytes)
         self.acks: deque[tuple[int, asyncio.Future[PubAck]]] = deque()
         self.terminal: str | None = None
 
@@ -212,6 +215,9 @@ class Spawner(Actor):
         self._dirty: dict[str, SpoolTail] = {}  # those to read in the pump's next pass
         self._pump_wake = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
+        self._spool_watch: SpoolWatch | None = None  # inotify on every spool (else a byte per append)
+        self._watched: dict[int, SpoolTail] = {}  # inotify watch descriptor -> its spool
+        self._spools_listened = False  # the loop wakes on the SpoolWatch's descriptor
 
     def health(self) -> dict[str, Any]:
         return {
@@ -225,6 +231,11 @@ class Spawner(Actor):
 
     async def prepare(self) -> None:
         self.run_root.mkdir(parents=True, exist_ok=True)
+        # Before any shim is adopted or started: shims take inotify instances too (file watching).
+        self._spool_watch = SpoolWatch.open()
+        if self._spool_watch is not None:
+            asyncio.get_running_loop().add_reader(self._spool_watch.fd, self._on_spools)
+            self._spools_listened = True
         adopted = [self._adopt(d) for d in sorted(self.run_root.iterdir()) if (d / SPEC).is_file()]
         plain = [run for run, agent in adopted if agent == "command"]  # agent CLIs never ask through Corral
         if plain:
@@ -282,6 +293,10 @@ class Spawner(Actor):
             self._pump_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump_task
+        if self._spool_watch is not None:
+            asyncio.get_running_loop().remove_reader(self._spool_watch.fd)
+            self._spool_watch.close()
+            self._spool_watch = None
 
     # --- the queue ---------------------------------------------------------------------------
 
@@ -602,10 +617,14 @@ class Spawner(Actor):
         """
         tail = SpoolTail(run, asyncio.get_running_loop().create_future())
         tail.open()
+        if self._spool_watch is not None:  # before the first read, so no append goes unnoticed
+            tail.wd = self._spool_watch.add(run.run_dir / SPOOL)
         try:
             await self._watch(tail)
             run.shim_started.set()
             self._tails[run.execution_id] = tail
+            if tail.wd is not None:
+                self._watched[tail.wd] = tail
             self._mark(tail)
             self._ensure_pump()
             await tail.done
@@ -615,6 +634,10 @@ class Spawner(Actor):
             tail.save()
         finally:
             self._tails.pop(run.execution_id, None)
+            if tail.wd is not None:
+                self._watched.pop(tail.wd, None)
+                if self._spool_watch is not None:
+                    self._spool_watch.remove(tail.wd)
             tail.close(asyncio.get_running_loop())
         terminal = tail.terminal
         if terminal is None:
@@ -642,11 +665,12 @@ class Spawner(Actor):
     async def _pump(self) -> None:
         """Publish what the shims spooled: one pass over every spool that changed, then wait.
 
-        A shim writes a byte on its watch socket per spool line; the socket's reader callback
-        only marks the spool. After a wake-up the pump waits PUMP_GATHER_S so that one pass
-        serves the many agents that wrote meanwhile (hundreds of agents heartbeating cost tens
-        of passes a second, not one task wake-up per line). Every POLL_S every spool is looked
-        at anyway (acknowledgements, the saved offset).
+        inotify reports every append to a spool (SpoolWatch; without it, a shim writes a byte on
+        its watch socket per spool line and the socket's reader callback marks the spool). After a
+        wake-up the pump waits PUMP_GATHER_S so that one pass serves the many agents that wrote
+        meanwhile (hundreds of agents heartbeating cost tens of passes a second, not a wake-up per
+        line), then reads what inotify gathered in one go. Every POLL_S every spool is looked at
+        anyway (acknowledgements, the saved offset).
         """
         settled_at = read_all_at = time.monotonic()
         while True:
@@ -654,6 +678,7 @@ class Spawner(Actor):
                 await asyncio.wait_for(self._pump_wake.wait(), POLL_S)
             self._pump_wake.clear()
             await asyncio.sleep(PUMP_GATHER_S)
+            self._take_spool_changes()
             now = time.monotonic()
             if now - read_all_at >= SAVE_OFFSET_EVERY_S:
                 read_all_at = now  # a safety net: no spool waits long for a wake-up that got lost
@@ -700,8 +725,34 @@ class Spawner(Actor):
             else:
                 self._mark(tail)
 
+    def _on_spools(self) -> None:
+        """inotify has news: wake the pump, and stop listening until its pass has read it all (one
+        loop wake-up per pass, however many shims append meanwhile)."""
+        if self._spool_watch is not None:
+            asyncio.get_running_loop().remove_reader(self._spool_watch.fd)
+            self._spools_listened = False
+        self._pump_wake.set()
+
+    def _take_spool_changes(self) -> None:
+        """Mark the spools inotify saw appended to (every spool if its queue overflowed); listen again."""
+        watch = self._spool_watch
+        if watch is None:
+            return
+        changed = watch.read()
+        if changed is None:
+            self._dirty.update(self._tails)
+        else:
+            watched = self._watched
+            for wd in changed:
+                tail = watched.get(wd)
+                if tail is not None:
+                    self._dirty[tail.run.execution_id] = tail
+        if not self._spools_listened:
+            asyncio.get_running_loop().add_reader(watch.fd, self._on_spools)
+            self._spools_listened = True
+
     def _on_watch(self, tail: "SpoolTail") -> None:
-        """A shim appended to its spool (a byte), or exited (end of stream)."""
+        """A shim appended to its spool (a byte; an older shim, or no inotify), or exited (end of stream)."""
         sock = tail.sock
         if sock is None:
             return
@@ -725,7 +776,9 @@ class Spawner(Actor):
             sock.setblocking(False)
             try:
                 await loop.sock_connect(sock, socket_address(run.run_dir))
-                await loop.sock_sendall(sock, b'{"op":"watch"}\n')
+                # quiet: no byte per append, the spool is watched with inotify; a shim of an older
+                # version ignores it and sends the bytes anyway (they only mark the spool).
+                await loop.sock_sendall(sock, WATCH_QUIET if tail.wd is not None else WATCH_PLAIN)
             except OSError:
                 sock.close()
                 if run.shim is None or run.shim.poll() is not None or time.monotonic() > deadline:

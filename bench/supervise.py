@@ -11,6 +11,11 @@ For each N it measures, over a steady window once every agent runs:
   heartbeat to its `execution.stalled` event, minus the idle timeout (target: <= 1 s).
 
     .venv/bin/python bench/supervise.py [--agents 100,250,500] [--window 20] [--idle 3]
+    .venv/bin/python bench/supervise.py --shims-only [--agents 100] [--window 20]
+
+--shims-only runs N shims alone (no NATS, no `corral up`), each with the same toy agent and a
+quiet watch on its socket as a spawner with inotify keeps, and prints their CPU from
+/proc/<pid>/schedstat (nanoseconds on a CPU, not clock ticks): the cost of a shim per agent.
 
 BENCH_PROFILE=FILE records a cProfile of `corral up`'s main thread over the window, in FILE.<N>
 (cProfile slows the profiled process down: don't read the CPU figures of a profiled run).
@@ -18,10 +23,14 @@ BENCH_PROFILE=FILE records a cProfile of `corral up`'s main thread over the wind
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,7 +99,7 @@ async def wait_running(bus: Any, n: int, marker: str, *, timeout_s: float = 600)
     return time.monotonic() - started
 
 
-async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict[str, float]:
+async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict[str, Any]:
     home = root / f"home-{n}"
     write_config(home, n + 10, idle=idle)
     profile = os.environ.get("BENCH_PROFILE")
@@ -114,7 +123,17 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
         if profile:
             up.send_signal(signal.SIGUSR2)
         c1, n1, s1, t1 = cpu_seconds(corral), cpu_seconds(nats), cpu_seconds(shims), time.monotonic()
-        main_thread = main_thread_share(up.pid, threads0, thread_cpu(up.pid))
+        threads1 = thread_cpu(up.pid)
+        main_thread = main_thread_share(up.pid, threads0, threads1)
+        by_name: dict[str, float] = {}
+        for tid, (name, seconds) in threads1.items():
+            if tid != up.pid:
+                by_name[name] = by_name.get(name, 0.0) + seconds - threads0.get(tid, (name, 0.0))[1]
+        other_threads = ", ".join(
+            f"{name} {seconds / (t1 - t0) * 100:.1f}%"
+            for name, seconds in sorted(by_name.items(), key=lambda item: -item[1])[:3]
+            if seconds > 0
+        )
         # Stalls: the silent agents stop after beats_before_silence beats; wait for their stalled events.
         deadline = time.monotonic() + beats_before_silence + idle + 60
         latencies: list[float] = []
@@ -140,6 +159,7 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
             "nats_cpu": (n1 - n0) / (t1 - t0) * 100,
             "shims_cpu": (s1 - s0) / (t1 - t0) * 100,
             "loop_cpu": main_thread / (t1 - t0) * 100,
+            "other_threads": other_threads,
             "shims": len(corral) - 1,
             "stalls": len(latencies),
             "expected_stalls": silent,
@@ -187,13 +207,87 @@ async def measure_baseline(n: int, window: float) -> float:
     return (c1 - c0) / (t1 - t0) * 100
 
 
+def schedstat_seconds(pids: list[int]) -> float:
+    """CPU seconds the processes' threads ran so far, from the scheduler's own clock (ns)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+async def measure_shims(n: int, window: float, root: Path) -> None:
+    """N shims alone, each running the toy agent, watched quietly: their CPU per agent."""
+    from actors.shim import socket_address
+    from actors.spawner import start_shim
+
+    env = {"PATH": os.environ["PATH"], "HOME": str(root)}
+    shims: list[subprocess.Popen[bytes]] = []
+    watches: list[socket.socket] = []
+    loop = asyncio.get_running_loop()
+    try:
+        for i in range(n):
+            run_dir, cwd = root / f"shims-{n}" / f"run-{i}", root / f"shims-{n}" / f"work-{i}"
+            run_dir.mkdir(parents=True)
+            cwd.mkdir()
+            spec = {"execution_id": f"bench{i}", "request_id": "-", "command": ["bash", "-c", AGENT]}
+            spec.update(agent="command", cwd=str(cwd), env=env)
+            (run_dir / "spec.json").write_text(json.dumps(spec))
+            shims.append(start_shim(run_dir))  # as the spawner starts one
+        for i in range(n):
+            address = socket_address(root / f"shims-{n}" / f"run-{i}")
+            for _ in range(1000):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.connect(address)
+                    break
+                except OSError:
+                    sock.close()
+                    await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError(f"shim {i} did not listen")
+            sock.sendall(b'{"op":"watch","quiet":true}\n')
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), lambda s=sock: s.recv(4096))
+            watches.append(sock)
+        await asyncio.sleep(3)
+        pids = [shim.pid for shim in shims]
+        c0, t0 = schedstat_seconds(pids), time.monotonic()
+        await asyncio.sleep(window)
+        c1, t1 = schedstat_seconds(pids), time.monotonic()
+        share = (c1 - c0) / (t1 - t0)
+        print(f"{n:>6} shims: {share * 100:5.1f}% of one core, {share / n * 1000:.3f} ms of CPU a second per shim")
+    finally:
+        for sock in watches:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        for shim in shims:
+            shim.terminate()  # the shim stops its agent (SIGTERM to the tree) and exits
+        for shim in shims:
+            try:
+                shim.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                shim.kill()
+                shim.wait()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--agents", default="100,250,500")
     parser.add_argument("--window", type=float, default=20.0, help="seconds of steady state measured")
     parser.add_argument("--idle", type=float, default=3.0, help="idle timeout of every agent")
+    parser.add_argument("--shims-only", action="store_true", help="measure the shims alone (no NATS, no corral up)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="corral-supervise-"))
+    if args.shims_only:
+        try:
+            for n in (int(x) for x in args.agents.split(",")):
+                await measure_shims(n, args.window, root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return
     print(
         f"{'agents':>6} {'ramp':>7} {'corral cpu':>11} {'shims':>7} {'up loop':>8} {'baseline cpu':>13} "
         f"{'ratio':>6} {'nats cpu':>9} "
@@ -212,6 +306,7 @@ async def main() -> None:
                 f"{result['stall_p50']:>+9.2f}s {result['stall_max']:>+9.2f}s",
                 flush=True,
             )
+            print(f"         corral up's other threads: {result['other_threads'] or 'none'}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
