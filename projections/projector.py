@@ -112,6 +112,23 @@ def _pending_messages(headers: bytes) -> int | None:
     return None
 
 
+def record_rejects(
+    con: duckdb.DuckDBPyConnection, items: Sequence[tuple[int, bytes, bytes]], stored: str, params: list[Any]
+) -> None:
+    """Messages of a batch that `read_json` did not load (the query `stored` lists the sequences it
+    did): recorded in rejected_events, never lost silently. Counted first, listed only on a gap."""
+    count = con.execute(f"SELECT count(*) FROM ({stored})", params).fetchone()
+    if count and count[0] == len(items):
+        return
+    present = {row[0] for row in con.execute(stored, params).fetchall()}
+    rejects = [
+        (seq, subject.decode(errors="replace"), payload.decode(errors="replace")[:10000], _REJECTED)
+        for seq, subject, payload in items
+        if seq not in present
+    ]
+    con.executemany("INSERT INTO rejected_events VALUES (?, ?, ?, ?)", rejects)
+
+
 class BatchApplier:
     """Apply batches of raw stream messages to DuckDB; owns the connection and the state cache."""
 
@@ -151,10 +168,6 @@ class BatchApplier:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def apply_raw(self, raw: Sequence[tuple[bytes, bytes, bytes]]) -> int:
-        """Apply (reply, subject, payload) as delivered by a JetStream consumer."""
-        return self.apply([(ack_sequence(r), s.decode(), d) for r, s, d in raw])
-
     def apply(self, batch: Sequence[tuple[int, str, bytes]], *, derive: bool = True) -> int:
         """Apply (seq, subject, payload) messages above the position, in any order and with
         repeats; return how many were new. See apply_gathered."""
@@ -188,7 +201,7 @@ class BatchApplier:
                     f"format='newline_delimited', ignore_errors=true, columns={_EVENTS_SPEC})",
                     [str(self._batch_file)],
                 )
-            self._record_rejects(gathered.items, before)
+            record_rejects(con, gathered.items, "SELECT seq FROM events WHERE seq > ?", [before])
             self.created.clear()
             self._apply_state(gathered.lifecycle)
             if derive:
@@ -239,18 +252,6 @@ class BatchApplier:
             "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",
             [self.stream, last, SCHEMA_VERSION, datetime.now(UTC)],
         )
-
-    def _record_rejects(self, fresh: Sequence[tuple[int, bytes, bytes]], before: int) -> None:
-        stored = self.con.execute("SELECT count(*) FROM events WHERE seq > ?", [before]).fetchone()
-        if stored and stored[0] == len(fresh):
-            return
-        present = {row[0] for row in self.con.execute("SELECT seq FROM events WHERE seq > ?", [before]).fetchall()}
-        rejects = [
-            (seq, subject.decode(errors="replace"), payload.decode(errors="replace")[:10000], _REJECTED)
-            for seq, subject, payload in fresh
-            if seq not in present
-        ]
-        self.con.executemany("INSERT INTO rejected_events VALUES (?, ?, ?, ?)", rejects)
 
     def _apply_state(self, lifecycle: Sequence[tuple[int, str, bytes]]) -> None:
         """Fold the state-changing events (Gathered.lifecycle) into the executions table."""
@@ -339,13 +340,6 @@ class OutputApplier:
         with contextlib.suppress(FileNotFoundError):
             self._batch_file.unlink()
 
-    def apply(self, batch: Sequence[tuple[int, str, bytes]]) -> int:
-        unique = {item[0]: item for item in batch if item[0] > self.position}
-        gathered = Gathered()
-        for seq in sorted(unique):
-            gathered.add(seq, unique[seq][1].encode(), unique[seq][2])
-        return self.apply_gathered(gathered)
-
     def apply_gathered(self, gathered: Gathered, *, derive: bool = True) -> int:
         """Apply output chunks above the position, in stream order (gaps allowed: limits remove)."""
         if not gathered.items or gathered.last_seq <= self.position:
@@ -366,14 +360,7 @@ class OutputApplier:
                 "INSERT INTO search SELECT seq, execution_id, ts, 'output', lower(text) FROM output_batch ORDER BY seq"
             )
             con.execute(_OUTPUT_COUNTERS.format(source="output_batch"))
-            stored = {row[0] for row in con.execute(f"SELECT seq - {OUTPUT_SEQ_BASE} FROM output_batch").fetchall()}
-            if len(stored) != len(gathered.items):
-                rejects = [
-                    (seq, subject.decode(errors="replace"), payload.decode(errors="replace")[:10000], _REJECTED)
-                    for seq, subject, payload in gathered.items
-                    if seq not in stored
-                ]
-                con.executemany("INSERT INTO rejected_events VALUES (?, ?, ?, ?)", rejects)
+            record_rejects(con, gathered.items, f"SELECT seq - {OUTPUT_SEQ_BASE} FROM output_batch", [])
             con.execute("DROP TABLE output_batch")
             con.execute(
                 "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",

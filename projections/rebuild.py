@@ -13,7 +13,7 @@ from pathlib import Path
 from actors.bus import Bus
 from events.subjects import OUTPUT_STREAM
 from projections.batch import Gathered
-from projections.intake import Batch, RawClient, read_log
+from projections.intake import RawClient, read_log
 from projections.projector import OUTPUT_EVENTS_FILTER, BatchApplier, OutputApplier, Projector, open_database
 from projections.wire import connect_reader
 from replay.history import last_sequence
@@ -53,9 +53,9 @@ async def _copy_output(client: RawClient, bus: Bus, output: OutputApplier, *, un
         return 0
     applied = 0
 
-    async def apply(batch: Batch) -> None:
+    async def apply(batch: Gathered) -> None:
         nonlocal applied
-        applied += await asyncio.to_thread(output.apply, batch)
+        applied += await asyncio.to_thread(output.apply_gathered, batch)
 
     await read_log(
         client,
@@ -66,6 +66,7 @@ async def _copy_output(client: RawClient, bus: Bus, output: OutputApplier, *, un
         batch_size=APPLY_EVERY,
         stream=OUTPUT_STREAM,
         filter_subject=OUTPUT_EVENTS_FILTER,
+        gather=True,
     )
     return applied
 
