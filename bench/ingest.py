@@ -35,6 +35,7 @@ from events.types import (
     Heartbeat,
     Output,
 )
+from projections.database import WRITE_ROW_GROUP_SIZE
 from projections.projector import Projector
 
 
@@ -67,11 +68,16 @@ async def publish_all(url: str, events: list[tuple[str, bytes, str]]) -> float:
 
 
 async def raw_baseline(url: str, db: Path, n: int) -> float:
-    """Plain nats-py hand-rolled pull + orjson + pyarrow + DuckDB, committing every batch."""
+    """Plain nats-py hand-rolled pull + orjson + pyarrow + DuckDB, committing every batch.
+
+    Given what Corral's projector uses too (so the ratio compares the code, not the settings):
+    a consumer without acks, and the DuckDB file attached with the projector's row group size."""
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await js.add_consumer(STREAM, ConsumerConfig(durable_name="raw", ack_policy=AckPolicy.ALL, max_ack_pending=200000))
-    con = duckdb.connect(str(db))
+    await js.add_consumer(STREAM, ConsumerConfig(durable_name="raw", ack_policy=AckPolicy.NONE))
+    con = duckdb.connect()
+    con.execute(f"ATTACH '{db}' AS raw (ROW_GROUP_SIZE {WRITE_ROW_GROUP_SIZE})")
+    con.execute("USE raw")
     con.execute(RAW_EVENTS_DDL)
     buf: list = []
     arrived = asyncio.Event()
@@ -102,7 +108,6 @@ async def raw_baseline(url: str, db: Path, n: int) -> float:
         msgs, buf[:] = buf[:50000], buf[50000:]
         table = raw_events_table([int(m.reply.split(".")[5]) for m in msgs], [m.data for m in msgs])
         await asyncio.to_thread(insert_raw_events, con, table)
-        await nc.publish(msgs[-1].reply, b"+ACK")
         done += len(msgs)
     elapsed = time.perf_counter() - start
     assert con.execute("SELECT count(*) FROM events").fetchone()[0] == n

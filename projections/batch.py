@@ -15,13 +15,12 @@ _STATE_KINDS = frozenset(kind.encode() for kind in STATE_EVENT_TYPES)
 class Gathered:
     """Messages in stream order, each above the applied position, with what the applier needs."""
 
-    __slots__ = ("items", "last_reply", "lifecycle", "lines")
+    __slots__ = ("items", "lifecycle", "lines")
 
     def __init__(self) -> None:
         self.items: list[tuple[int, bytes, bytes]] = []  # (seq, subject, payload)
         self.lines: list[bytes] = []  # NDJSON lines for the events table
         self.lifecycle: list[tuple[int, str, bytes]] = []  # the messages projections.state folds
-        self.last_reply = b""  # the delivery to ack once the batch is committed (live intake)
 
     def add(self, seq: int, subject: bytes, payload: bytes) -> None:
         self.items.append((seq, subject, payload))

@@ -4,6 +4,7 @@ from typing import Any
 
 import duckdb
 
+from projections.database import cursor as catalog_cursor
 from projections.errors import QueryError
 
 MAX_ROWS = 10000
@@ -19,7 +20,7 @@ def _utc_naive(column: str, kind: str) -> str:
 
 def run_query(con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int = MAX_ROWS) -> dict[str, Any]:
     """Run one statement in a transaction that is always rolled back; return columns and rows."""
-    cursor = con.cursor()
+    cursor = catalog_cursor(con)
     try:
         cursor.execute("SET TimeZone = 'UTC'")
         cursor.begin()
