@@ -117,7 +117,7 @@ async def raw_read(url: str, n: int) -> float:
 async def corral_rebuild(url: str, tmp: Path, n: int) -> float:
     bus = await connect_bus(url)
     projector = Projector(bus, database=tmp / "corral.duckdb", tmp_dir=tmp / "t")
-    projector.open_database()  # an empty live file: the rebuild fills a new one and swaps it in
+    await projector.open_database()  # an empty live file: the rebuild fills a new one and swaps it in
 
     async def report(done: int, total: int) -> None:
         return None

@@ -40,7 +40,6 @@ from events.stream import ensure_output_retention
 from events.subjects import API_POSITION, API_REBUILD, API_SQL
 from projections.errors import ProjectionError
 from projections.projector import Projector
-from projections.query import run_query
 from projections.rebuild import rebuild_database
 from replay.history import last_sequence
 
@@ -327,9 +326,8 @@ async def _serve_api(system: System) -> None:
             await projector.wait_for_position(
                 int(request.get("min_seq", 0)), timeout_s=10.0, output_seq=await projector.output_last_sequence()
             )
-            assert projector.con is not None
             result = await asyncio.to_thread(
-                run_query, projector.con, request["sql"], max_rows=int(request.get("max_rows", 10000))
+                projector.query, request["sql"], max_rows=int(request.get("max_rows", 10000))
             )
             reply = {"ok": True, **result}
         except ProjectionError as exc:

@@ -6,6 +6,9 @@ here, on arrival: the NDJSON line `read_json` loads (the envelope with its strea
 front) and the pick of the events that change an execution's state.
 """
 
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
 from projections.state import STATE_EVENT_TYPES
 
 _TYPE_START = len("corral.evt.")  # the execution id starts here; it holds no dots
@@ -35,3 +38,33 @@ class Gathered:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def prepare(self, file: Path) -> "Prepared":
+        """Write the NDJSON lines to `file`; return what an applier needs besides."""
+        file.write_bytes(b"\n".join(self.lines))
+        items = self.items
+        return Prepared(file, items[0][0], items[-1][0], len(items), self.lifecycle, lambda: items)
+
+
+class Prepared:
+    """A gathered batch as an applier takes it (in this process or in projections.worker's): its
+    NDJSON file, first and last sequence, size, the state-changing subset, and a way to get the
+    messages themselves, wanted only when some line of the file was not loaded (rejects)."""
+
+    __slots__ = ("count", "file", "first_seq", "items", "last_seq", "lifecycle")
+
+    def __init__(
+        self,
+        file: Path,
+        first_seq: int,
+        last_seq: int,
+        count: int,
+        lifecycle: list[tuple[int, str, bytes]],
+        items: Callable[[], Sequence[tuple[int, bytes, bytes]]],
+    ) -> None:
+        self.file = file
+        self.first_seq = first_seq
+        self.last_seq = last_seq
+        self.count = count
+        self.lifecycle = lifecycle
+        self.items = items

@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,9 @@ from events.envelope import decode_event
 from events.errors import EventError
 from events.stream import when_ready
 from events.subjects import ALL_EVENTS, OUTPUT_STREAM, STREAM, ack_sequence
-from projections.batch import Gathered
+from projections.batch import Gathered, Prepared
 from projections.derived import OUTPUT_SEQ_BASE, apply_derived
-from projections.database import open_database
-from projections.errors import DatabaseLocked
+from projections.errors import DatabaseLocked, ProjectionError
 from projections.intake import RawClient, status_of
 from projections.state import Execution, evolve
 from projections.tables import (
@@ -44,6 +43,7 @@ from projections.tables import (
     json_columns_spec,
 )
 from projections.wire import connect_reader
+from projections.worker import ApplyWorker, RemoteApplier
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +102,22 @@ def _pending_messages(headers: bytes) -> int | None:
 
 
 def record_rejects(
-    con: duckdb.DuckDBPyConnection, items: Sequence[tuple[int, bytes, bytes]], stored: str, params: list[Any]
+    con: duckdb.DuckDBPyConnection,
+    count: int,
+    items: Callable[[], Sequence[tuple[int, bytes, bytes]]],
+    stored: str,
+    params: list[Any],
 ) -> None:
-    """Messages of a batch that `read_json` did not load (the query `stored` lists the sequences it
-    did): recorded in rejected_events, never lost silently. Counted first, listed only on a gap."""
-    count = con.execute(f"SELECT count(*) FROM ({stored})", params).fetchone()
-    if count and count[0] == len(items):
+    """Messages of a batch of `count` that `read_json` did not load (the query `stored` lists the
+    sequences it did): recorded in rejected_events, never lost silently. Counted first, and only
+    on a gap are the messages (`items()`) looked at."""
+    loaded = con.execute(f"SELECT count(*) FROM ({stored})", params).fetchone()
+    if loaded and loaded[0] == count:
         return
     present = {row[0] for row in con.execute(stored, params).fetchall()}
     rejects = [
         (seq, subject.decode(errors="replace"), payload.decode(errors="replace")[:10000], _REJECTED)
-        for seq, subject, payload in items
+        for seq, subject, payload in items()
         if seq not in present
     ]
     con.executemany("INSERT INTO rejected_events VALUES (?, ?, ?, ?)", rejects)
@@ -176,23 +181,28 @@ class BatchApplier:
         """
         if not gathered.items or gathered.last_seq <= self.position:
             return 0
-        if gathered.items[0][0] <= self.position:
-            raise ValueError(f"batch starts at {gathered.items[0][0]}, at or below position {self.position}")
-        last = gathered.last_seq
-        self._batch_file.write_bytes(b"\n".join(gathered.lines))
+        return self.apply_prepared(gathered.prepare(self._batch_file), derive=derive)
+
+    def apply_prepared(self, batch: Prepared, *, derive: bool = True) -> int:
+        """Apply a batch whose NDJSON file is written (see apply_gathered); return its size."""
+        if batch.last_seq <= self.position:
+            return 0
+        if batch.first_seq <= self.position:
+            raise ValueError(f"batch starts at {batch.first_seq}, at or below position {self.position}")
+        last = batch.last_seq
         con = self.con
         con.begin()
         try:
             before = self.position
-            if gathered.lines:
-                con.execute(
-                    f"INSERT INTO events SELECT {', '.join(EVENT_COLUMNS)} FROM read_json(?, "
-                    f"format='newline_delimited', ignore_errors=true, columns={_EVENTS_SPEC})",
-                    [str(self._batch_file)],
-                )
-            record_rejects(con, gathered.items, "SELECT seq FROM events WHERE seq > ?", [before])
+            con.execute(
+                f"INSERT INTO events SELECT {', '.join(EVENT_COLUMNS)} FROM read_json(?, "
+                f"format='newline_delimited', ignore_errors=true, columns={_EVENTS_SPEC}) "
+                "WHERE seq IS NOT NULL",  # a line read_json could not parse comes as NULLs: a reject
+                [str(batch.file)],
+            )
+            record_rejects(con, batch.count, batch.items, "SELECT seq FROM events WHERE seq > ?", [before])
             self.created.clear()
-            self._apply_state(gathered.lifecycle)
+            self._apply_state(batch.lifecycle)
             if derive:
                 self._derive(self.underived if self.underived is not None else before)
                 self.underived = None
@@ -205,7 +215,7 @@ class BatchApplier:
             self.states.clear()  # the cache may hold states the rollback undid
             raise
         self.position = last
-        return len(gathered.items)
+        return batch.count
 
     def derive(self) -> None:
         """Fill the derived tables for every batch applied with `derive=False`."""
@@ -333,7 +343,12 @@ class OutputApplier:
         """Apply output chunks above the position, in stream order (gaps allowed: limits remove)."""
         if not gathered.items or gathered.last_seq <= self.position:
             return 0
-        self._batch_file.write_bytes(b"\n".join(gathered.lines))
+        return self.apply_prepared(gathered.prepare(self._batch_file))
+
+    def apply_prepared(self, batch: Prepared, *, derive: bool = True) -> int:
+        """Apply a batch whose NDJSON file is written (see apply_gathered); return its size."""
+        if batch.last_seq <= self.position:
+            return 0
         con = self.con
         con.begin()
         try:
@@ -342,28 +357,28 @@ class OutputApplier:
                 "data.stream AS stream, data.n AS n, data.text AS text FROM read_json(?, "
                 f"format='newline_delimited', ignore_errors=true, columns={_OUTPUT_SPEC}) "
                 "WHERE type = 'output' AND seq > ?",
-                [str(self._batch_file), self.position],
+                [str(batch.file), self.position],
             )
             con.execute("INSERT INTO output SELECT * FROM output_batch ORDER BY seq")
             con.execute(
                 "INSERT INTO search SELECT seq, execution_id, ts, 'output', lower(text) FROM output_batch ORDER BY seq"
             )
             con.execute(_OUTPUT_COUNTERS.format(source="output_batch"))
-            record_rejects(con, gathered.items, f"SELECT seq - {OUTPUT_SEQ_BASE} FROM output_batch", [])
+            record_rejects(con, batch.count, batch.items, f"SELECT seq - {OUTPUT_SEQ_BASE} FROM output_batch", [])
             con.execute("DROP TABLE output_batch")
             con.execute(
                 "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",
-                [self.stream, gathered.last_seq, SCHEMA_VERSION, datetime.now(UTC)],
+                [self.stream, batch.last_seq, SCHEMA_VERSION, datetime.now(UTC)],
             )
             con.commit()
         except BaseException:
             con.rollback()
             raise
-        self.position = gathered.last_seq
-        return len(gathered.items)
+        self.position = batch.last_seq
+        return batch.count
 
 
-Applier = BatchApplier | OutputApplier
+Applier = BatchApplier | OutputApplier | RemoteApplier
 
 
 class _Feed:
@@ -499,9 +514,9 @@ class Projector(Actor):
         self.database = database
         self.tmp_dir = tmp_dir
         self.durable = consumer_name(database)
-        self.con: duckdb.DuckDBPyConnection | None = None
-        self.applier: BatchApplier | None = None
-        self.output_applier: OutputApplier | None = None
+        self.worker: ApplyWorker | None = None  # the process that owns the DuckDB connection
+        self.applier: RemoteApplier | None = None
+        self.output_applier: RemoteApplier | None = None
         self.position_changed = asyncio.Condition()
         self.feeds = [_Feed(self, stream=STREAM, durable=self.durable, filter_subject=ALL_EVENTS, gaps=False)]
         self._intake: RawClient | None = None
@@ -536,13 +551,13 @@ class Projector(Actor):
         return record
 
     async def prepare(self) -> None:
-        if self._try_open():
+        if await self._try_open():
             await when_ready(self.feeds[0].reset_consumer)
 
-    def _try_open(self) -> bool:
+    async def _try_open(self) -> bool:
         """Open the DuckDB file; if another process holds it (an analyst's session), say so once and wait."""
         try:
-            self.open_database()
+            await self.open_database()
         except DatabaseLocked as exc:
             if self.locked_out is None:
                 self.locked_out = (
@@ -559,31 +574,41 @@ class Projector(Actor):
 
     async def _wait_for_database(self) -> bool:
         """Retry opening a locked DuckDB file until it opens (True) or the projector stops (False)."""
-        while self.con is None:
+        while self.worker is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), LOCK_RETRY_S)
             if self.stopping.is_set():
                 return False
-            if await asyncio.to_thread(self._try_open):
+            if await self._try_open():
                 await when_ready(self.feeds[0].reset_consumer)
         return True
 
-    def open_database(self) -> None:
-        """Open (or reopen after a rebuild) the DuckDB file and read the applied positions."""
-        self.con = open_database(self.database)
-        self.applier = BatchApplier(self.con, tmp_dir=self.tmp_dir)
-        self.output_applier = OutputApplier(self.con, tmp_dir=self.tmp_dir)
+    async def open_database(self, worker: ApplyWorker | None = None) -> None:
+        """Open (or reopen after a rebuild) the DuckDB file in a worker process (projections.worker)
+        and read the applied positions; `worker` is one to reuse (the rebuild's)."""
+        if worker is None:
+            worker = ApplyWorker(self.database, tmp_dir=self.tmp_dir)  # started on the loop's thread
+            await asyncio.to_thread(worker.open)
+        else:
+            await asyncio.to_thread(worker.reopen, self.database)
+        self.worker = worker
+        self.applier = RemoteApplier(self.worker, STREAM)
+        self.output_applier = RemoteApplier(self.worker, OUTPUT_STREAM)
         self.applier.recount_output = len(self.feeds) > 1
 
     def close_database(self) -> None:
         for applier in (self.applier, self.output_applier):
             if applier is not None:
                 applier.close()
-        if self.con is not None:
-            with contextlib.suppress(Exception):
-                self.con.execute("CHECKPOINT")
-            self.con.close()
-            self.con = None
+        if self.worker is not None:
+            self.worker.close()  # checkpoints, closes the file, ends the process
+            self.worker = None
+
+    def query(self, sql: str, *, max_rows: int) -> dict[str, Any]:
+        """Run an analyst's query on the projections (read-only, see projections.query); blocks."""
+        if self.worker is None:
+            raise ProjectionError("the projector has no DuckDB file open")
+        return self.worker.query(sql, max_rows=max_rows)
 
     @contextlib.asynccontextmanager
     async def paused(self) -> AsyncIterator[None]:
@@ -775,4 +800,4 @@ class Projector(Actor):
 
     async def on_stop(self) -> None:
         async with self._lock:
-            self.close_database()
+            await asyncio.to_thread(self.close_database)

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -17,7 +18,7 @@ from events.subjects import ALL_EVENTS
 from events.types import ExecutionExited, ExecutionRequested, Heartbeat, Output
 from projections.projector import Projector
 from replay.history import follow, last_sequence
-from tests.conftest import ROOT
+from tests.conftest import ROOT, processes_mentioning
 
 TABLE_ORDER = {"events": "seq", "output": "seq", "executions": "execution_id", "rejected_events": "seq"}
 
@@ -123,6 +124,11 @@ async def test_projector_killed_mid_stream_gives_the_rows_of_a_clean_run(bus: Bu
         finally:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+        # Its DuckDB worker process (projections/worker.py) dies with it: nothing left holding the file.
+        deadline = time.monotonic() + 10
+        while processes_mentioning(str(crashed_db)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not processes_mentioning(str(crashed_db)), "the projector's worker outlived it"
 
     kills_mid_stream = 0
     for fraction in (0.15, 0.35, 0.55, 0.75):

@@ -1,0 +1,121 @@
+"""The projector's DuckDB worker process (projections/worker.py), against real DuckDB files."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from events.envelope import new_event
+from events.ids import new_execution_id
+from events.subjects import OUTPUT_STREAM, STREAM
+from events.types import ExecutionRequested, ExecutionStarted, Output
+from projections.batch import Gathered
+from projections.errors import DatabaseLocked, QueryError
+from projections.worker import ApplyWorker, RemoteApplier
+
+
+def _batch(first_seq: int) -> tuple[Gathered, str]:
+    eid = new_execution_id()
+    gathered = Gathered()
+    seq = first_seq
+    for data in (
+        ExecutionRequested(command=("agent",), repo="/tmp/r"),
+        ExecutionStarted(pid=1, pgid=1, host="h", command=("agent",), cwd="/tmp"),
+        Output(stream="stdout", n=0, text="hello\n"),
+    ):
+        event = new_event(eid, data, actor="test")
+        gathered.add(seq, event.subject.encode(), event.to_bytes())
+        seq += 1
+    gathered.add(seq, f"corral.evt.{eid}.output".encode(), b"not json at all")
+    gathered.add(seq + 1, f"corral.evt.{eid}.output".encode(), b'{"id": broken')
+    return gathered, eid
+
+
+def _gone(pid: int, timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if ") Z " in stat.read():
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_worker_applies_records_rejects_and_answers_queries(tmp_path: Path) -> None:
+    worker = ApplyWorker(tmp_path / "corral.duckdb", tmp_dir=tmp_path / "t")
+    worker.open()
+    try:
+        core = RemoteApplier(worker, STREAM)
+        assert core.position == 0 and RemoteApplier(worker, OUTPUT_STREAM).position == 0
+        gathered, eid = _batch(1)
+        assert core.apply_gathered(gathered) == 5
+        assert core.position == 5
+        again, _ = _batch(1)
+        assert core.apply_gathered(again) == 0  # at or below the position: skipped, not applied twice
+        rows = worker.query("SELECT seq, subject FROM rejected_events ORDER BY seq", max_rows=10)["rows"]
+        assert rows == [[4, f"corral.evt.{eid}.output"], [5, f"corral.evt.{eid}.output"]]
+        state = worker.query("SELECT state, output_chunks FROM executions", max_rows=10)["rows"]
+        assert state == [["running", 1]]
+        with pytest.raises(QueryError, match="does_not_exist"):
+            worker.query("SELECT * FROM does_not_exist", max_rows=10)
+        worker.query("DELETE FROM events", max_rows=10)  # run in a transaction that is rolled back
+        assert worker.query("SELECT count(*) FROM events", max_rows=10)["rows"] == [[3]]
+    finally:
+        worker.close()
+    assert _gone(worker.pid)
+    con = duckdb.connect(str(tmp_path / "corral.duckdb"), read_only=True)  # closed and checkpointed
+    assert con.execute("SELECT max(seq) FROM events").fetchone() == (3,)
+    con.close()
+
+
+def test_second_worker_on_the_same_file_is_refused_and_leaves_no_process(tmp_path: Path) -> None:
+    worker = ApplyWorker(tmp_path / "corral.duckdb", tmp_dir=tmp_path / "t")
+    worker.open()
+    try:
+        second = ApplyWorker(tmp_path / "corral.duckdb", tmp_dir=tmp_path / "t")
+        with pytest.raises(DatabaseLocked, match="held by another process"):
+            second.open()
+        assert _gone(second.pid)
+    finally:
+        worker.close()
+
+
+PARENT = """
+import sys, time
+from pathlib import Path
+from projections.worker import ApplyWorker
+worker = ApplyWorker(Path(sys.argv[1]), tmp_dir=Path(sys.argv[2]))
+worker.open()
+print(worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_worker_ends_when_its_projector_is_killed(tmp_path: Path) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(tmp_path / "corral.duckdb"), str(tmp_path / "t")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        assert not _gone(pid, timeout_s=0.2)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        assert _gone(pid), "the worker outlived its projector"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    con = duckdb.connect(str(tmp_path / "corral.duckdb"))  # the lock went with it
+    assert con.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    con.close()
