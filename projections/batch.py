@@ -29,7 +29,7 @@ class Gathered:
         self.items.append((seq, subject, payload))
         if payload[:1] == b"{" and len(payload) > 2:
             self.lines.append(b'{"seq":%d,%s' % (seq, payload[1:]))
-        if subject[subject.find(b".", _TYPE_START) + 1 :] in _STATE_KINDS:
+        if not subject.endswith(b".output") and subject[subject.find(b".", _TYPE_START) + 1 :] in _STATE_KINDS:
             self.lifecycle.append((seq, subject.decode(), payload))
 
     @property

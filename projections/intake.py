@@ -18,11 +18,14 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from events.subjects import ALL_EVENTS, STREAM
+from events.subjects import ALL_EVENTS, STREAM, ack_sequence
 from projections.batch import Gathered
 
 RawSink = Callable[[bytes, bytes, bytes, bytes], None]
+DeliverySink = Callable[[int, bytes, bytes], None]  # (stream sequence, subject, payload)
+StatusSink = Callable[[bytes], None]  # the header block of a pull's status (404, 408, 409)
 _STATUS_PREFIX = b"NATS/1.0 "
+_ACK_PREFIX = b"$JS.ACK."
 
 
 def status_of(headers: bytes) -> int | None:
@@ -65,6 +68,30 @@ class IntakeClient(Client):
         sub = self.raw_subs.pop(sid, None)
         if sub is not None:
             await sub.unsubscribe()
+
+
+def delivery_sink(on_delivery: DeliverySink, on_status: StatusSink) -> RawSink:
+    """A RawSink that hands JetStream deliveries (their stream sequence parsed from the reply
+    subject, events/subjects.py) to on_delivery and everything else with headers to on_status."""
+
+    def sink(subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        if reply.startswith(_ACK_PREFIX):
+            on_delivery(ack_sequence(reply), subject, data)
+        elif headers:
+            on_status(headers)
+
+    return sink
+
+
+async def subscribe_deliveries(
+    client: "RawClient", subject: str, on_delivery: DeliverySink, on_status: StatusSink
+) -> int:
+    """Subscribe to a pull consumer's deliveries: projections.wire.WireClient parses them on its
+    fast path; any other client through delivery_sink. Returns the subscription id."""
+    fast = getattr(client, "subscribe_deliveries", None)
+    if fast is not None:
+        return await fast(subject, on_delivery, on_status)  # type: ignore[no-any-return]
+    return await client.subscribe_raw(subject, delivery_sink(on_delivery, on_status))
 
 
 class RawClient(Protocol):
@@ -128,23 +155,20 @@ async def read_log(
     credit = 0
     last_seq = start_seq - 1
 
-    stream_token = stream.encode()
-
-    def sink(subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+    def on_status(headers: bytes) -> None:
         nonlocal credit
-        if not data and headers and status_of(headers) is not None:
+        if status_of(headers) is not None:
             credit = 0  # 404/408/409: what was asked for will not come; ask again
             arrived.set()
-            return
+
+    def on_delivery(seq: int, subject: bytes, data: bytes) -> None:
+        nonlocal credit
         credit -= 1
-        # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>... or, with a domain and an account
-        # hash in front of the stream, the sequence two tokens later (events/subjects.py)
-        tokens = reply.split(b".", 8)
-        buffer.append((int(tokens[5] if tokens[2] == stream_token else tokens[7]), subject, data))
+        buffer.append((seq, subject, data))
         if len(buffer) >= READ_PULL:
             arrived.set()
 
-    sid = await client.subscribe_raw(inbox, sink)
+    sid = await subscribe_deliveries(client, inbox, on_delivery, on_status)
     read = 0
     handing: asyncio.Task[None] | None = None
     pending: Batch = []

@@ -28,11 +28,11 @@ from actors.runtime import Actor
 from events.envelope import decode_event
 from events.errors import EventError
 from events.stream import when_ready
-from events.subjects import ALL_EVENTS, OUTPUT_STREAM, STREAM, ack_sequence
+from events.subjects import ALL_EVENTS, OUTPUT_STREAM, STREAM
 from projections.batch import Gathered, Prepared
 from projections.derived import OUTPUT_SEQ_BASE, apply_derived
 from projections.errors import DatabaseLocked, ProjectionError
-from projections.intake import RawClient, status_of
+from projections.intake import RawClient, status_of, subscribe_deliveries
 from projections.state import Execution, evolve
 from projections.tables import (
     DDL,
@@ -418,21 +418,19 @@ class _Feed:
         applier = self.applier
         return applier.position if applier is not None else 0
 
-    def on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
-        """A delivery (or a pull's status) on the event loop: gathered and prepared at once."""
+    def on_status(self, headers: bytes) -> None:
+        """A pull's status (on the event loop): what it asked for will not all come."""
         self.last_heard = time.monotonic()
-        if not data and headers:
-            status = status_of(headers)
-            if status in (404, 408, 409):
-                pending = _pending_messages(headers)
-                self.credit = max(self.credit - (pending if pending is not None else PULL_BATCH), 0)
-                self.projector._arrived.set()
-            return
+        status = status_of(headers)
+        if status in (404, 408, 409):
+            pending = _pending_messages(headers)
+            self.credit = max(self.credit - (pending if pending is not None else PULL_BATCH), 0)
+            self.projector._arrived.set()
+
+    def on_delivery(self, seq: int, subject: bytes, data: bytes) -> None:
+        """A delivery (on the event loop): gathered and prepared at once."""
         self.credit -= 1
-        if self.lost:
-            return
-        seq = ack_sequence(reply)
-        if seq < self.expected:
+        if self.lost or seq < self.expected:
             return  # a redelivery of something gathered or applied
         if seq > self.expected and not self.fresh and not self.gaps:
             self.lost = True
@@ -442,7 +440,10 @@ class _Feed:
         self.expected = seq + 1
         gathering = self.gathering
         gathering.add(seq, subject, data)
-        if len(gathering.items) == 1 or self.credit < PULL_BATCH:
+        if len(gathering.items) == 1:
+            self.last_heard = time.monotonic()  # silent() looks only while nothing is gathered
+            self.projector._arrived.set()
+        elif self.credit < PULL_BATCH:
             self.projector._arrived.set()
 
     async def pull(self, intake: RawClient) -> None:
@@ -465,7 +466,7 @@ class _Feed:
             with contextlib.suppress(Exception):
                 await intake.unsubscribe_raw(self.sid)
         self.inbox = intake.new_inbox()
-        self.sid = await intake.subscribe_raw(self.inbox, self.on_raw)
+        self.sid = await subscribe_deliveries(intake, self.inbox, self.on_delivery, self.on_status)
         self.last_heard = time.monotonic()
 
     async def reset_consumer(self) -> None:

@@ -13,18 +13,24 @@ can fall back to nats-py (`connect_reader` does).
 
 import asyncio
 import contextlib
+import re
 import secrets
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import orjson
 
-from projections.intake import IntakeClient, RawClient, RawSink
+from projections.intake import DeliverySink, IntakeClient, RawClient, RawSink, StatusSink, delivery_sink
 
 if TYPE_CHECKING:
     from actors.bus import Bus
 
 READ_SIZE = 1 << 20
+# A JetStream delivery with headers and a reply of the usual 9 tokens
+# ($JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>): subject, sid, stream
+# sequence, header and total sizes in one match, for the subscriptions of subscribe_deliveries.
+# Anything else (statuses, MSG without headers, the longer reply form) takes the general path.
+_DELIVERY = re.compile(rb"HMSG ([^ \r\n]+) (\d+) \$JS\.ACK\.[^ .]+\.[^ .]+\.\d+\.(\d+)\.\d+\.\d+\.\d+ (\d+) (\d+)\r\n")
 
 
 class WireError(RuntimeError):
@@ -38,6 +44,7 @@ class WireClient:
         self._reader = reader
         self._writer = writer
         self._sinks: dict[int, RawSink] = {}
+        self._deliveries: dict[bytes, DeliverySink] = {}  # sid (as on the wire) -> its fast path
         self._next_sid = 0
         self._task: asyncio.Task[None] | None = None
         self.error: BaseException | None = None
@@ -56,8 +63,16 @@ class WireClient:
         await self._writer.drain()
         return sid
 
+    async def subscribe_deliveries(self, subject: str, on_delivery: DeliverySink, on_status: StatusSink) -> int:
+        """Subscribe to a pull consumer's deliveries (projections.intake.subscribe_deliveries):
+        each parsed with one regular-expression match, no split and no reply parsing in Python."""
+        sid = await self.subscribe_raw(subject, delivery_sink(on_delivery, on_status))
+        self._deliveries[str(sid).encode()] = on_delivery
+        return sid
+
     async def unsubscribe_raw(self, sid: int) -> None:
         self._sinks.pop(sid, None)
+        self._deliveries.pop(str(sid).encode(), None)
         self._writer.write(f"UNSUB {sid}\r\n".encode())
         await self._writer.drain()
 
@@ -81,6 +96,8 @@ class WireClient:
         buf = b""
         reader = self._reader
         sinks = self._sinks
+        deliveries = self._deliveries
+        match = _DELIVERY.match
         try:
             while True:
                 data = await reader.read(READ_SIZE)
@@ -90,6 +107,19 @@ class WireClient:
                 pos = 0
                 end = len(buf)
                 while pos < end:
+                    if deliveries:
+                        found = match(buf, pos)
+                        if found is not None:
+                            subject, sid, seq, hlen, tlen = found.groups()
+                            on_delivery = deliveries.get(sid)
+                            if on_delivery is not None:
+                                start = found.end()
+                                stop = start + int(tlen)
+                                if stop + 2 > end:
+                                    break  # the rest of this frame has not arrived yet
+                                on_delivery(int(seq), subject, buf[start + int(hlen) : stop])
+                                pos = stop + 2
+                                continue
                     eol = buf.find(b"\r\n", pos)
                     if eol < 0:
                         break
