@@ -469,15 +469,26 @@ def cmd_down(home: Home, args: Any) -> int:
 # --- queries -----------------------------------------------------------------------------------
 
 
+NO_RESPONDER_WAIT_S = 5.0
+
+
 async def query(system: System, sql: str, *, max_rows: int = 10000) -> dict[str, Any]:
     """Run SQL on the projector's connection after it has applied every event logged so far."""
     request = {"sql": sql, "max_rows": max_rows, "min_seq": await last_sequence(system.bus.js)}
-    try:
-        reply = await system.bus.nc.request(API_SQL, orjson.dumps(request), timeout=60)
-    except (NoRespondersError, NatsTimeoutError):
-        raise CorralError(
-            "no projector answers on this system (was `corral up` started with --actors without projector?)"
-        ) from None
+    deadline = time.monotonic() + NO_RESPONDER_WAIT_S
+    while True:
+        try:
+            reply = await system.bus.nc.request(API_SQL, orjson.dumps(request), timeout=60)
+            break
+        except NoRespondersError:
+            if time.monotonic() < deadline:  # a projector (re)starting subscribes in a moment
+                await asyncio.sleep(0.2)
+                continue
+            raise CorralError(
+                "no projector answers on this system (was `corral up` started with --actors without projector?)"
+            ) from None
+        except NatsTimeoutError:
+            raise CorralError("the projector did not answer within 60 s; see `corral status`") from None
     result: dict[str, Any] = orjson.loads(reply.data)
     if not result.get("ok"):
         raise UsageError(f"SQL error: {result.get('error')}")
