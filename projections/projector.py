@@ -43,7 +43,7 @@ from projections.tables import (
     json_columns_spec,
 )
 from projections.wire import connect_reader
-from projections.worker import ApplyWorker, RemoteApplier
+from projections.worker import LIVE, ApplyWorker, RemoteApplier
 
 log = logging.getLogger(__name__)
 
@@ -584,18 +584,27 @@ class Projector(Actor):
                 await when_ready(self.feeds[0].reset_consumer)
         return True
 
-    async def open_database(self, worker: ApplyWorker | None = None) -> None:
-        """Open (or reopen after a rebuild) the DuckDB file in a worker process (projections.worker)
-        and read the applied positions; `worker` is one to reuse (the rebuild's)."""
-        if worker is None:
+    async def open_database(self) -> None:
+        """Open the DuckDB file in a worker process (projections.worker) and read the applied
+        positions; after a rebuild's swap, in the worker it already has."""
+        if self.worker is None:
             worker = ApplyWorker(self.database, tmp_dir=self.tmp_dir)  # started on the loop's thread
             await asyncio.to_thread(worker.open)
+            self.worker = worker
         else:
-            await asyncio.to_thread(worker.reopen, self.database)
-        self.worker = worker
+            await asyncio.to_thread(self.worker.open, LIVE, self.database)
         self.applier = RemoteApplier(self.worker, STREAM)
         self.output_applier = RemoteApplier(self.worker, OUTPUT_STREAM)
         self.applier.recount_output = len(self.feeds) > 1
+
+    def release_database(self) -> None:
+        """Close the DuckDB file (checkpointed) but keep the worker, for open_database (a rebuild's swap)."""
+        for applier in (self.applier, self.output_applier):
+            if applier is not None:
+                applier.close()
+        self.applier = self.output_applier = None
+        if self.worker is not None:
+            self.worker.release(LIVE)
 
     def close_database(self) -> None:
         for applier in (self.applier, self.output_applier):

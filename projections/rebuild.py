@@ -13,6 +13,7 @@ from pathlib import Path
 from actors.bus import Bus
 from events.subjects import OUTPUT_STREAM, STREAM
 from projections.batch import Gathered
+from projections.errors import ProjectionError
 from projections.intake import RawClient, read_log
 from projections.projector import OUTPUT_EVENTS_FILTER, Projector
 from projections.wire import connect_reader
@@ -21,6 +22,7 @@ from replay.history import last_sequence
 
 Report = Callable[[int, int], Awaitable[None]]
 APPLY_EVERY = 50000
+REBUILD = "rebuild"  # the new file's name in the projector's worker
 
 
 async def _copy_log(client: RawClient, bus: Bus, target: "_Target", *, until: int, report: Report) -> int:
@@ -47,44 +49,34 @@ async def _copy_log(client: RawClient, bus: Bus, target: "_Target", *, until: in
 
 
 class _Target:
-    """The new file's worker process, started while the first batch is read."""
+    """The new file, opened in the live projector's DuckDB worker beside its own file: no process
+    to start, and the swap only closes one file and opens another in that same process."""
 
-    def __init__(self, path: Path, tmp_dir: Path) -> None:
-        self.started = ApplyWorker(path, tmp_dir=tmp_dir)  # on the loop's thread: see ApplyWorker
-        self.starting = asyncio.create_task(self._open())
-        self.worker: ApplyWorker | None = None
+    def __init__(self, worker: ApplyWorker, path: Path) -> None:
+        self.worker = worker
+        self.path = path
         self.appliers: dict[str, RemoteApplier] = {}
 
-    async def _open(self) -> ApplyWorker:
-        await asyncio.to_thread(self.started.open)
-        return self.started
+    async def open(self) -> None:
+        positions = await asyncio.to_thread(self.worker.open, REBUILD, self.path)
+        self.appliers = {
+            stream: RemoteApplier(self.worker, stream, name=REBUILD, position=positions[stream])
+            for stream in (STREAM, OUTPUT_STREAM)
+        }
 
     @property
     def position(self) -> int:
-        return self.appliers[STREAM].position if self.appliers else 0  # a new file starts at 0
-
-    async def _ready(self) -> ApplyWorker:
-        if self.worker is None:
-            self.worker = await self.starting
-            self.appliers = {name: RemoteApplier(self.worker, name) for name in (STREAM, OUTPUT_STREAM)}
-        return self.worker
+        return self.appliers[STREAM].position
 
     async def core(self) -> RemoteApplier:
-        await self._ready()
         return self.appliers[STREAM]
 
     async def output(self) -> RemoteApplier:
-        await self._ready()
         return self.appliers[OUTPUT_STREAM]
 
-    async def close(self, *, keep: bool) -> None:
+    def close(self) -> None:
         for applier in self.appliers.values():
             applier.close()
-        if not self.starting.done():
-            with contextlib.suppress(BaseException):
-                await self.starting
-        if not keep:
-            await asyncio.to_thread(self.started.kill)
 
 
 async def _copy_output(client: RawClient, bus: Bus, target: _Target, *, until: int) -> int:
@@ -122,11 +114,14 @@ async def rebuild_database(bus: Bus, projector: Projector, *, report: Report) ->
     for leftover in (target, Path(str(target) + ".wal")):
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
-    # The new file is written by a worker process of its own (projections.worker), as the live
-    # projector's is: reading the log here and applying there do not share a GIL. It starts while
-    # the first batch is read, and becomes the projector's worker once the new file is swapped in.
-    new = _Target(target, projector.tmp_dir)
-    adopted = False
+    if projector.worker is None:
+        raise ProjectionError(f"the projector cannot rebuild yet: {projector.locked_out or 'no DuckDB file open'}")
+    # The new file is written by the projector's own DuckDB worker process (projections.worker),
+    # as a second file beside the live one: reading the log here and applying there do not share
+    # a GIL, and no process is started. The live projector's batches interleave with it.
+    new = _Target(projector.worker, target)
+    await new.open()
+    swapped = False
     try:
         client = await connect_reader(bus, name="corral-rebuild")
         try:
@@ -137,15 +132,20 @@ async def rebuild_database(bus: Bus, projector: Projector, *, report: Report) ->
                 applied += await _copy_log(client, bus, new, until=projector.position, report=report)
                 if projector.output_position is not None:
                     applied += await _copy_output(client, bus, new, until=projector.output_position)
-                worker = await new._ready()
-                await asyncio.to_thread(worker.release)  # checkpointed and closed, the process kept
-                await asyncio.to_thread(projector.close_database)
+                await asyncio.to_thread(new.worker.release, REBUILD)  # checkpointed and closed
+                await asyncio.to_thread(projector.release_database)
                 os.replace(target, database)
-                await projector.open_database(worker)
-                adopted = True
+                swapped = True
+                await projector.open_database()
         finally:
             with contextlib.suppress(Exception):
                 await client.close()
     finally:
-        await new.close(keep=adopted)
+        new.close()
+        if not swapped:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(new.worker.release, REBUILD, checkpoint=False)
+            for leftover in (target, Path(str(target) + ".wal")):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
     return applied

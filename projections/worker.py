@@ -35,6 +35,7 @@ from projections.errors import DatabaseLocked, ProjectionError, QueryError
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("<Q")
+LIVE = "live"  # the name of the projector's own file in its worker
 
 
 class WorkerFailed(ProjectionError):
@@ -80,13 +81,24 @@ class ApplyWorker:
             stdout=subprocess.PIPE,
         )
 
-    def open(self) -> None:
-        """Open the DuckDB file in the process and read the applied positions (blocking)."""
+    def open(self, name: str = LIVE, database: Path | None = None) -> dict[str, int]:
+        """Open a DuckDB file in the process as `name` and return its applied positions
+        (blocking). "live" is the projector's file (`database`, given at start, by default)."""
         try:
-            self.positions = self.call(("open", str(self.database), str(self.tmp_dir)))
+            positions: dict[str, int] = self.call(("open", name, str(database or self.database), str(self.tmp_dir)))
         except BaseException:
-            self.kill()
+            if name == LIVE:
+                self.kill()
             raise
+        if name == LIVE:
+            self.positions = positions
+            if database is not None:
+                self.database = database
+        return positions
+
+    def release(self, name: str = LIVE, *, checkpoint: bool = True) -> None:
+        """Close one file (checkpointed first, unless dropped); the process stays."""
+        self.call(("release", name, checkpoint))
 
     @property
     def pid(self) -> int:
@@ -123,15 +135,6 @@ class ApplyWorker:
     def query(self, sql: str, *, max_rows: int) -> dict[str, Any]:
         return self.call(("query", sql, max_rows))  # type: ignore[no-any-return]
 
-    def release(self) -> None:
-        """Checkpoint and close the file; the process stays for `reopen`."""
-        self.call(("release",))
-
-    def reopen(self, database: Path) -> None:
-        """Open another file (a rebuilt one, swapped in) in this same process."""
-        self.positions = self.call(("open", str(database), str(self.tmp_dir)))
-        self.database = database
-
     def close(self, *, checkpoint: bool = True) -> None:
         """Checkpoint and close the file, and let the process end."""
         try:
@@ -158,10 +161,11 @@ class ApplyWorker:
 class RemoteApplier:
     """One stream's applier in an ApplyWorker, used as the projector uses BatchApplier and OutputApplier."""
 
-    def __init__(self, worker: ApplyWorker, stream: str) -> None:
+    def __init__(self, worker: ApplyWorker, stream: str, *, name: str = LIVE, position: int | None = None) -> None:
         self.worker = worker
         self.stream = stream
-        self.position = worker.positions[stream]
+        self.name = name  # which of the worker's files
+        self.position = worker.positions[stream] if position is None else position
         self.recount_output = False
         self._file = worker.tmp_dir / f"projector-{os.getpid()}-{id(self)}-{stream}.ndjson"
 
@@ -171,6 +175,7 @@ class RemoteApplier:
         batch = gathered.prepare(self._file)
         request = (
             "apply",
+            self.name,
             self.stream,
             str(batch.file),
             batch.first_seq,
@@ -184,7 +189,7 @@ class RemoteApplier:
         return applied  # type: ignore[no-any-return]
 
     def derive(self) -> None:
-        self.worker.call(("derive", self.stream))
+        self.worker.call(("derive", self.name, self.stream))
 
     def close(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -194,13 +199,31 @@ class RemoteApplier:
 # --- the child's side ----------------------------------------------------------------------------
 
 
+class _Database:
+    """One open DuckDB file of the worker: its connection and one applier per stream."""
+
+    def __init__(self, path: Path, tmp_dir: Path) -> None:
+        from projections.database import open_database
+        from projections.projector import BatchApplier, OutputApplier
+
+        self.con = open_database(path)
+        core = BatchApplier(self.con, tmp_dir=tmp_dir)
+        output = OutputApplier(self.con, tmp_dir=tmp_dir)
+        self.appliers: dict[str, Any] = {core.stream: core, output.stream: output}
+
+    def close(self, *, checkpoint: bool) -> None:
+        if checkpoint:
+            self.con.execute("CHECKPOINT")
+        for applier in self.appliers.values():
+            applier.close()
+        self.con.close()
+
+
 def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
-    from projections.database import open_database
-    from projections.projector import BatchApplier, OutputApplier
     from projections.query import run_query
 
-    con = None
-    appliers: dict[str, Any] = {}
+    # "live" is the projector's file; "rebuild" a new one `corral projections rebuild` fills
+    databases: dict[str, _Database] = {}
     while True:
         request = _read(inp)
         if request is None:
@@ -208,18 +231,14 @@ def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
         op = request[0]
         try:
             if op == "open":
-                _, path, tmp_dir = request
-                if con is not None:
-                    raise RuntimeError("a DuckDB file is open already")
-                con = open_database(Path(path))
-                core = BatchApplier(con, tmp_dir=Path(tmp_dir))
-                appliers = {core.stream: core}
-                output = OutputApplier(con, tmp_dir=Path(tmp_dir))
-                appliers[output.stream] = output
-                reply: tuple[str, Any] = ("ok", {name: a.position for name, a in appliers.items()})
+                _, name, path, tmp_dir = request
+                if name in databases:
+                    raise RuntimeError(f"a DuckDB file is open already as {name!r}")
+                database = databases[name] = _Database(Path(path), Path(tmp_dir))
+                reply: tuple[str, Any] = ("ok", {stream: a.position for stream, a in database.appliers.items()})
             elif op == "apply":
-                _, stream, file, first, last, count, lifecycle, derive, recount = request
-                applier = appliers[stream]
+                _, name, stream, file, first, last, count, lifecycle, derive, recount = request
+                applier = databases[name].appliers[stream]
                 if hasattr(applier, "recount_output"):
                     applier.recount_output = recount
 
@@ -231,28 +250,20 @@ def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
                 applied = applier.apply_prepared(batch, derive=derive)
                 reply = ("ok", (applied, applier.position))
             elif op == "derive":
-                appliers[request[1]].derive()
+                databases[request[1]].appliers[request[2]].derive()
                 reply = ("ok", None)
             elif op == "query":
-                assert con is not None
-                reply = ("ok", run_query(con, request[1], max_rows=request[2]))
-            elif op == "release":
-                if con is not None:
-                    con.execute("CHECKPOINT")
-                    for applier in appliers.values():
-                        applier.close()
-                    con.close()
-                    con = None
-                    appliers = {}
+                reply = ("ok", run_query(databases[LIVE].con, request[1], max_rows=request[2]))
+            elif op == "release":  # close one file (checkpointed, or dropped as it is)
+                _, name, checkpoint = request
+                released = databases.pop(name, None)
+                if released is not None:
+                    released.close(checkpoint=checkpoint)
                 reply = ("ok", None)
             elif op == "close":
-                if con is not None:
-                    if request[1]:
-                        con.execute("CHECKPOINT")
-                    for applier in appliers.values():
-                        applier.close()
-                    con.close()
-                    con = None
+                for database in databases.values():
+                    database.close(checkpoint=request[1])
+                databases = {}
                 _write(out, ("ok", None))
                 break
             else:
@@ -265,10 +276,8 @@ def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
             log.exception("projector worker: %s failed", op)
             reply = ("error", f"{type(exc).__name__}: {exc}")
         _write(out, reply)
-    if con is not None:
-        for applier in appliers.values():
-            applier.close()
-        con.close()
+    for database in databases.values():
+        database.close(checkpoint=False)
 
 
 def _die_with_parent(parent: int) -> None:
