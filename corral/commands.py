@@ -644,10 +644,18 @@ async def cmd_rebuild(home: Home, args: Any) -> int:
             sys.stderr.flush()
 
         sub = await nc.subscribe(progress_inbox, cb=on_progress)
+        deadline = time.monotonic() + NO_RESPONDER_WAIT_S
         try:
-            reply = await nc.request(API_REBUILD, orjson.dumps({"progress": progress_inbox}), timeout=24 * 3600)
-        except NoRespondersError:
-            raise CorralError("no projector answers on this system; start one with `corral up`") from None
+            while True:
+                try:
+                    request = orjson.dumps({"progress": progress_inbox})
+                    reply = await nc.request(API_REBUILD, request, timeout=24 * 3600)
+                    break
+                except NoRespondersError:
+                    if time.monotonic() < deadline:  # a projector (re)starting subscribes in a moment
+                        await asyncio.sleep(0.2)
+                        continue
+                    raise CorralError("no projector answers on this system; start one with `corral up`") from None
         finally:
             await sub.unsubscribe()
     if tty:
