@@ -699,9 +699,7 @@ async def cmd_credentials(home: Home, args: Any) -> int:
     if args.server_env:
         _write_server_env(Path(args.server_env), creds.server_env())
         info(f"wrote the nats-server environment of {len(creds.users)} users to {args.server_env} (mode 0600)")
-    users = [
-        {"user": user, "role": "operator" if user in creds.operators else user} for user in sorted(creds.users)
-    ]
+    users = [{"user": user, "role": "operator" if user in creds.operators else user} for user in sorted(creds.users)]
     path = home.root / "credentials.json"
     if args.json:
         print(orjson.dumps({"file": str(path), "users": users}).decode())

@@ -94,6 +94,7 @@ class SystemLock:
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
+        self._path.parent.mkdir(parents=True, exist_ok=True)  # a fresh CORRAL_HOME
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,6 +110,10 @@ class SystemLock:
             os.close(self._fd)
             self._fd = None
 
+    def holders(self) -> list[int]:
+        """Pids of the processes that have the lock file open (the holder among them); for messages."""
+        return processes_with_open(self._path)
+
     def is_held_elsewhere(self) -> bool:
         if self._fd is not None:
             return False
@@ -116,3 +121,30 @@ class SystemLock:
             self.release()
             return False
         return True
+
+
+def process_alive(pid: Any) -> bool:
+    """Whether `pid` is a live process (a zombie, reaped or not, is dead: it holds nothing)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def processes_with_open(path: Path) -> list[int]:
+    """Pids with a descriptor open on `path` (those this user may inspect)."""
+    target = str(path)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (entry / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) == target:
+                        found.append(int(entry.name))
+                        break
+    return found

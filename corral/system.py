@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -34,7 +35,7 @@ from corral.auth import (
 )
 from corral.config import Config, load_config
 from corral.errors import BusUnavailable, CorralError
-from corral.home import Home, SystemLock
+from corral.home import Home, SystemLock, process_alive
 from corral.server import EmbeddedServer, replace_orphans
 from events.stream import ensure_output_retention
 from events.subjects import API_POSITION, API_REBUILD, API_SQL
@@ -102,21 +103,36 @@ async def _connect(url: str, *, name: str, home: Home, role: str = "operator") -
         ) from None
 
 
-def _runtime_of_running_system(home: Home, lock: SystemLock, timeout_s: float = 5.0) -> dict[str, Any] | None:
-    """The address of the system that holds `home`, or None once its lock is ours (it ended)."""
+def _runtime_of_running_system(home: Home, lock: SystemLock, timeout_s: float = 10.0) -> dict[str, Any] | None:
+    """The address of the system that holds `home`, or None once its lock is ours (it ended).
+
+    Liveness is decided by the process, not by whether its NATS answers: an address whose pid is
+    gone (a `corral up` killed with SIGKILL leaves its runtime.json, and its embedded server may
+    outlive it for a moment) is never joined. The lock of a process that is dying, or of one that
+    is starting and has not published its address yet, is waited for.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         runtime = home.read_runtime()
-        if runtime and runtime.get("ready"):
+        if runtime and runtime.get("ready") and process_alive(runtime.get("pid")):
             return runtime
         if lock.try_acquire():
-            return None  # it was stopping (it clears its address first) and is gone now
+            return None  # it was stopping (it clears its address first), or it died: the home is ours
         if time.monotonic() > deadline:
+            holders = [pid for pid in lock.holders() if pid != os.getpid()]
+            who = ", ".join(f"pid {pid} ({_cmdline(pid)})" for pid in holders) or "a process this user cannot see"
+            stale = f"; {home.runtime_file} names pid {runtime.get('pid')}, which is gone" if runtime else ""
             raise BusUnavailable(
-                f"another Corral process holds {home.root} but did not publish its address "
-                f"in {home.runtime_file}; wait for it to finish, or stop it"
+                f"{home.root} is locked by {who}, which published no address in {timeout_s:.0f}s{stale}; "
+                "wait for it to finish, or stop it (kill PID)"
             )
         time.sleep(0.05)
+
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")).strip()[:120]
+    return "?"
 
 
 @contextlib.asynccontextmanager
@@ -170,7 +186,7 @@ async def open_system(
             server = EmbeddedServer(
                 home.nats_store, log_file=home.server_log, monitor_port=monitor, credentials=credentials
             )
-            await asyncio.to_thread(server.start)
+            await server.start_async()
             url = server.url
         bus = await _connect(url, name=f"corral-{mode}", home=home)
         await _provision_retention(bus, config)  # before any actor reads or writes the log
@@ -303,7 +319,7 @@ async def _supervise_server(system: System, server: EmbeddedServer) -> None:
             f"{server.url} with the same store (restart {server.restarts + 1}; log {server.log_file})\n"
         )
         try:
-            await asyncio.to_thread(server.restart)
+            await server.start_async(restart=True)
         except BusUnavailable as exc:
             sys.stderr.write(f"corral: restarting nats-server failed ({exc}); trying again\n")
             continue

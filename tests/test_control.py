@@ -162,7 +162,19 @@ def test_hard_timeout_extend_and_refusals(cli: Cli, repo: Path, up: subprocess.P
     assert refused.returncode == 1
     assert "no hard timeout" in refused.stderr
     assert refused.stderr.count("\n") == 1
-    assert [e["type"] for e in events(cli, no_timeout)][-1] == "control.rejected"
+
+    # Wait for the rejection of this request, not for "the last event": the agent's own events
+    # (file.touched, output) may be recorded after it.
+    def extend_rejections() -> list[dict]:
+        return [
+            e
+            for e in events(cli, no_timeout)
+            if e["type"] == "control.rejected" and json.loads(e["data"])["request"] == "timeout.extend.requested"
+        ]
+
+    rejected = wait_until(extend_rejections, what="the extend request's control.rejected")
+    assert isinstance(rejected, list) and len(rejected) == 1, rejected
+    assert "no hard timeout" in json.loads(rejected[0]["data"])["reason"]
 
     before = status(cli, timed)["hard_remaining_s"]
     extended = json.loads(cli("extend", timed, "1", "--json", check=True).stdout)
@@ -373,9 +385,11 @@ def test_run_with_a_template_and_flags_overriding_it(cli: Cli, repo: Path, tmp_p
 
 def test_health_lists_every_actor_of_the_running_system(cli: Cli, up: subprocess.Popen[str]) -> None:
     report = wait_until(
-        lambda: (r := json.loads(cli("health", "--json", check=True).stdout))
-        and {a["actor"] for a in r["actors"]} == set(ALL_ACTORS)
-        and r,
+        lambda: (
+            (r := json.loads(cli("health", "--json", check=True).stdout))
+            and {a["actor"] for a in r["actors"]} == set(ALL_ACTORS)
+            and r
+        ),
         30,
         "every actor to report its health",
     )

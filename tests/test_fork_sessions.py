@@ -146,6 +146,11 @@ def test_fork_continues_the_conversation_as_a_new_session(
         assert first.returncode == 0, f"{agent} failed:\n{first.stderr}\n{first.stdout[-3000:]}"
         [original_row] = sql(run, "SELECT execution_id, worktree FROM executions")
         original = original_row["execution_id"]
+        # Say what went wrong rather than time out waiting for a checkpoint of nothing.
+        assert not model_server.unserved, f"{agent} was not served as scripted: {model_server.explain()}"
+        assert (Path(original_row["worktree"]) / FILE_NAME).is_file(), (
+            f"{agent} wrote no {FILE_NAME}; {model_server.explain()}; its output:\n{first.stdout[-2000:]}"
+        )
         checkpoint = last_checkpoint(run, original)
         [session] = sessions_of(run, original)
         [session_file] = session_files(agent, env, session)

@@ -303,7 +303,7 @@ def test_logs_follow_and_tap_with_up_running(cli: Cli, repo: Path, nats_server: 
 
         events = [json.loads(line) for line in _tap_all(cli, execution_id)]
         kinds = [e["type"] for e in events]
-        assert kinds[0] == "execution.requested" and kinds[-1] in ("execution.exited", "checkpoint.created", "output")
+        assert kinds[0] == "execution.requested" and "execution.exited" in kinds
         outputs = [e for e in events if e["type"] == "output"]
         assert "".join(e["data"]["text"] for e in outputs if e["data"]["stream"] == "stdout") == expected_stdout(25, 2)
         assert all(e["stream"] == OUTPUT_STREAM for e in outputs)

@@ -21,6 +21,7 @@ import json
 import re
 import sys
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,6 +51,9 @@ class Recorded:
 class ScriptState:
     requests: list[Recorded] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
+    # Requests the script could not serve as intended (a body it cannot read, no file-writing tool
+    # where one was expected): a test reports these instead of timing out on a missing file.
+    unserved: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     counter: int = 0
     hold_until: threading.Event | None = None  # set by a test: the first tool-offering request waits for it
@@ -183,11 +187,43 @@ def anthropic_events(message: dict[str, Any], blocks: list[dict[str, Any]]) -> l
 # --- OpenAI Responses --------------------------------------------------------------------------
 
 
-def responses_output(body: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    tools = {str(t.get("name") or t.get("type")): t for t in body.get("tools") or []}
+SERVED_CALL = re.compile(r"^call_\d{4,}$")  # the call ids this server hands out
+
+
+def responses_tools(tools: Any) -> dict[str, dict[str, Any]]:
+    """Every tool a Responses request offers, by name: top-level ones, Chat-style `function.name`
+    ones and those grouped inside `namespace` tools (Codex groups some tools that way)."""
+    found: dict[str, dict[str, Any]] = {}
+    for tool in tools if isinstance(tools, list) else []:
+        if not isinstance(tool, dict):
+            continue
+        if isinstance(tool.get("tools"), list):
+            found.update(responses_tools(tool["tools"]))
+        function = tool.get("function") if isinstance(tool.get("function"), dict) else {}
+        name = tool.get("name") or function.get("name") or tool.get("type")
+        if name:
+            found.setdefault(str(name), tool)
+    return found
+
+
+def responses_answered(body: dict[str, Any]) -> bool:
+    """Whether the conversation already carries the result of a call this server made. A CLI may put
+    call outputs of its own into a first request (context it gathered itself); those do not count."""
     items = body.get("input") if isinstance(body.get("input"), list) else []
-    answered = any(isinstance(item, dict) and str(item.get("type", "")).endswith("call_output") for item in items or [])
+    return any(
+        isinstance(item, dict)
+        and str(item.get("type", "")).endswith("call_output")
+        and SERVED_CALL.match(str(item.get("call_id", "")))
+        for item in items
+    )
+
+
+def responses_output(body: dict[str, Any], n: int, unserved: list[str] | None = None) -> list[dict[str, Any]]:
+    tools = responses_tools(body.get("tools"))
+    answered = responses_answered(body)
     call_id = f"call_{n:04d}"
+    if not answered and tools and unserved is not None and not WRITING_TOOLS.intersection(tools):
+        unserved.append(f"request {n}: none of {sorted(WRITING_TOOLS)} among the tools offered: {sorted(tools)}")
     if not answered:
         patch = f"*** Begin Patch\n*** Add File: {FILE_NAME}\n+{FILE_TEXT.strip()}\n*** End Patch\n"
         if tools.get("apply_patch", {}).get("type") == "custom":
@@ -243,6 +279,9 @@ def responses_output(body: dict[str, Any], n: int) -> list[dict[str, Any]]:
     ]
 
 
+WRITING_TOOLS = frozenset({"apply_patch", "shell_command", "exec_command", "shell"})
+
+
 def responses_usage() -> dict[str, Any]:
     return {
         "input_tokens": USAGE_IN,
@@ -253,12 +292,14 @@ def responses_usage() -> dict[str, Any]:
     }
 
 
-def responses_events(body: dict[str, Any], n: int) -> list[tuple[str, dict[str, Any]]]:
+def responses_events(
+    body: dict[str, Any], n: int, unserved: list[str] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     response = {"id": f"resp_{n:04d}", "object": "response", "model": body.get("model"), "status": "in_progress"}
     events: list[tuple[str, dict[str, Any]]] = [
         ("response.created", {"type": "response.created", "response": response})
     ]
-    output = responses_output(body, n)
+    output = responses_output(body, n, unserved)
     for index, item in enumerate(output):
         events.append(
             ("response.output_item.added", {"type": "response.output_item.added", "output_index": index, "item": item})
@@ -336,6 +377,21 @@ def gemini_reply(body: dict[str, Any], model: str) -> dict[str, Any]:
     }
 
 
+def decode_body(raw: bytes, encoding: str) -> bytes:
+    """A request body as sent with Content-Encoding gzip, deflate or zstd (a CLI may compress)."""
+    if encoding in ("identity", ""):
+        return raw
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompress(raw, 16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompress(raw)
+    if encoding == "zstd":
+        import zstandard  # dev dependency
+
+        return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    raise ValueError(f"unknown Content-Encoding {encoding!r}")
+
+
 # --- HTTP --------------------------------------------------------------------------------------
 
 
@@ -372,11 +428,15 @@ class Handler(BaseHTTPRequestHandler):
             return
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        try:
-            body: Any = json.loads(raw) if raw else {}
-        except ValueError:
-            body = {}
         state = self.server.state
+        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        try:
+            body: Any = json.loads(decode_body(raw, encoding)) if raw else {}
+        except (ValueError, OSError, zlib.error) as exc:
+            state.requests.append(Recorded("POST", self.path, None))
+            state.unserved.append(f"POST {self.path}: unreadable body ({encoding}, {len(raw)} bytes): {exc}")
+            self._json({"error": {"message": f"the scripted model server cannot read this body: {exc}"}}, status=400)
+            return
         state.requests.append(Recorded("POST", self.path, body))
         n = state.next_id()
         path = self.path.split("?", 1)[0]
@@ -392,7 +452,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._json(message)
         elif path.endswith("/responses"):
-            self._sse(responses_events(body, n))
+            self._sse(responses_events(body, n, state.unserved))
         elif path.endswith("/chat/completions"):
             self._chat(body, n)
         elif ":countTokens" in path:
@@ -493,6 +553,15 @@ class ModelServer:
     @property
     def leaks(self) -> list[str]:
         return self.http.state.leaks
+
+    @property
+    def unserved(self) -> list[str]:
+        return self.http.state.unserved
+
+    def explain(self) -> str:
+        """What the server saw, for a test's failure message."""
+        posts = [f"{r.method} {r.path}" for r in self.requests]
+        return f"model server: {len(posts)} requests {posts[-8:]}; unserved: {self.unserved or 'none'}"
 
     def __enter__(self) -> "ModelServer":
         self.thread.start()
