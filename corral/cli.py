@@ -95,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     projections = sub.add_parser("projections", help="manage the DuckDB projections")
     psub = projections.add_subparsers(dest="action", metavar="ACTION", required=True)
-    psub.add_parser("rebuild", help="rebuild every table from the event log")
+    rebuild = psub.add_parser("rebuild", help="rebuild every table from the event log")
+    rebuild.add_argument(
+        "--force",
+        action="store_true",
+        help="swap in the rebuilt tables even when they hold less history than the live ones (a trimmed log)",
+    )
 
     def control(name: str, help_text: str) -> argparse.ArgumentParser:
         parser = sub.add_parser(name, help=help_text)

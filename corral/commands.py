@@ -648,7 +648,7 @@ async def cmd_rebuild(home: Home, args: Any) -> int:
         try:
             while True:
                 try:
-                    request = orjson.dumps({"progress": progress_inbox})
+                    request = orjson.dumps({"progress": progress_inbox, "force": bool(args.force)})
                     reply = await nc.request(API_REBUILD, request, timeout=24 * 3600)
                     break
                 except NoRespondersError:
@@ -661,6 +661,8 @@ async def cmd_rebuild(home: Home, args: Any) -> int:
     if tty:
         sys.stderr.write("\n")
     result = orjson.loads(reply.data)
+    if result.get("refused"):
+        raise CorralError(str(result.get("error")))
     if not result.get("ok"):
         raise CorralError(f"rebuild failed: {result.get('error')}; the previous tables are unchanged")
     info(

@@ -41,7 +41,7 @@ from events.stream import ensure_output_retention
 from events.subjects import API_POSITION, API_REBUILD, API_SQL
 from projections.errors import ProjectionError
 from projections.projector import Projector
-from projections.rebuild import rebuild_database
+from projections.rebuild import RebuildRefused, rebuild_database
 from replay.history import last_sequence
 
 log = logging.getLogger(__name__)
@@ -361,8 +361,12 @@ async def _serve_api(system: System) -> None:
                 await nc.publish(progress, orjson.dumps({"done": done, "total": total}))
 
         try:
-            applied = await rebuild_database(projector.bus, projector, report=report)  # as the projector role
+            applied = await rebuild_database(
+                projector.bus, projector, report=report, force=bool(request.get("force"))
+            )  # as the projector role
             reply: dict[str, Any] = {"ok": True, "events": applied, "position": projector.position}
+        except RebuildRefused as exc:
+            reply = {"ok": False, "refused": True, "error": str(exc)}
         except Exception as exc:
             reply = {"ok": False, "error": str(exc)}
         await msg.respond(orjson.dumps(reply))

@@ -9,6 +9,9 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Final
+
+import duckdb
 
 from actors.bus import Bus
 from events.subjects import OUTPUT_STREAM, STREAM
@@ -25,21 +28,36 @@ APPLY_EVERY = 50000
 REBUILD = "rebuild"  # the new file's name in the projector's worker
 
 
-async def _copy_log(client: RawClient, bus: Bus, target: "_Target", *, until: int, report: Report) -> int:
+class RebuildRefused(ProjectionError):
+    """The rebuilt tables would hold less than the live ones (a trimmed log, retention)."""
+
+
+COUNTED: Final = ("executions", "events", "output")
+_COUNT_SQL: Final = "SELECT " + ", ".join(f"(SELECT count(*) FROM {table}) AS {table}" for table in COUNTED)
+
+
+async def _copy_log(
+    client: RawClient, bus: Bus, target: "_Target", *, until: int, report: Report, total: int | None = None
+) -> int:
     """Apply events after the target's position up to `until` from the stream; return how many.
 
     Batches are bulk-loaded (events and execution states) while the next one is read; the
-    derived tables are filled once at the end with the same set-based statements."""
+    derived tables are filled once at the end with the same set-based statements. Progress
+    counts messages read, out of `total` (the stream's message count: a trimmed log has fewer
+    messages than its last sequence)."""
     start = target.position
     if start >= until:
         return 0
     applied = 0
+    read = 0
+    wanted = total if total is not None else until - start
 
     async def apply(batch: Gathered) -> None:
-        nonlocal applied
+        nonlocal applied, read
         applier = await target.core()
+        read += len(batch)
         applied += await asyncio.to_thread(applier.apply_gathered, batch, derive=False)
-        await report(applier.position - start, until - start)
+        await report(min(read, wanted), wanted)
 
     await read_log(
         client, bus.js, start_seq=start + 1, until=until, on_batch=apply, batch_size=APPLY_EVERY, gather=True
@@ -107,8 +125,50 @@ async def _copy_output(client: RawClient, bus: Bus, target: _Target, *, until: i
     return applied
 
 
-async def rebuild_database(bus: Bus, projector: Projector, *, report: Report) -> int:
-    """Rebuild every table of the projector's database from the log; return events applied."""
+def _file_counts(path: Path) -> dict[str, int]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        row = con.execute(_COUNT_SQL).fetchone()
+    finally:
+        con.close()
+    return dict(zip(COUNTED, (int(v) for v in row or (0, 0, 0)), strict=True))
+
+
+def _live_counts(projector: Projector) -> dict[str, int]:
+    answer = projector.query(_COUNT_SQL, max_rows=1)
+    [row] = answer["rows"]
+    return dict(zip(COUNTED, (int(v) for v in row), strict=True))
+
+
+async def _why_less(bus: Bus) -> str:
+    """What the log lost: a trimmed core stream, or output under [retention]."""
+    reasons = []
+    info = await bus.js.stream_info(STREAM)
+    first = int(info.state.first_seq or 1)
+    if first > 1:
+        reasons.append(f"the log {STREAM} starts at sequence {first:,} (the {first - 1:,} before it are gone)")
+    with contextlib.suppress(Exception):
+        output = await bus.js.stream_info(OUTPUT_STREAM)
+        if int(output.state.first_seq or 1) > 1:
+            reasons.append(f"[retention] removed the oldest {int(output.state.first_seq) - 1:,} output chunks")
+    return "; ".join(reasons) or "the log holds less than the tables were built from"
+
+
+def _refusal(live: dict[str, int], new: dict[str, int], why: str) -> str | None:
+    lost = [f"{live[t] - new[t]:,} {t if t != 'output' else 'output rows'}" for t in COUNTED if new[t] < live[t]]
+    if not lost:
+        return None
+    return (
+        f"refused: the rebuilt tables would lose {', '.join(lost)} ({why}); "
+        "the live tables are kept; rebuild anyway with `corral projections rebuild --force`"
+    )
+
+
+async def rebuild_database(bus: Bus, projector: Projector, *, report: Report, force: bool = False) -> int:
+    """Rebuild every table of the projector's database from the log; return events applied.
+
+    Unless `force`, refuses (RebuildRefused, nothing changed) when the new file would hold fewer
+    executions, events or output rows than the live one: history the log no longer has."""
     database = projector.database
     target = database.with_name(database.name + ".rebuild")
     for leftover in (target, Path(str(target) + ".wal")):
@@ -125,7 +185,10 @@ async def rebuild_database(bus: Bus, projector: Projector, *, report: Report) ->
     try:
         client = await connect_reader(bus, name="corral-rebuild")
         try:
-            applied = await _copy_log(client, bus, new, until=await last_sequence(bus.js), report=report)
+            messages = int((await bus.js.stream_info(STREAM)).state.messages or 0)
+            applied = await _copy_log(
+                client, bus, new, until=await last_sequence(bus.js), report=report, total=messages
+            )
             if projector.output_position is not None:
                 applied += await _copy_output(client, bus, new, until=projector.output_position)
             async with projector.paused():
@@ -133,6 +196,11 @@ async def rebuild_database(bus: Bus, projector: Projector, *, report: Report) ->
                 if projector.output_position is not None:
                     applied += await _copy_output(client, bus, new, until=projector.output_position)
                 await asyncio.to_thread(new.worker.release, REBUILD)  # checkpointed and closed
+                if not force:
+                    counts = await asyncio.to_thread(_file_counts, target)
+                    refusal = _refusal(await asyncio.to_thread(_live_counts, projector), counts, await _why_less(bus))
+                    if refusal is not None:
+                        raise RebuildRefused(refusal)
                 await asyncio.to_thread(projector.release_database)
                 os.replace(target, database)
                 swapped = True

@@ -19,6 +19,7 @@ import pytest
 from actors.bus import Bus, connect_bus
 from corral.auth import ENV_CREDS, ENV_PASSWORD, ENV_USER, CredentialSet, ensure_credentials
 from corral.server import EmbeddedServer
+from projections.verify import AUTHORITY
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = ROOT / "examples" / "agent.py"
@@ -120,6 +121,12 @@ class Cli:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+
+
+def recording_actor(kind: str, default: str = "test") -> str:
+    """An actor name the projector accepts for a synthetic event of type `kind` (projections/verify.py)."""
+    roles = AUTHORITY.get(kind)
+    return f"{roles[0]}-test-1" if roles else default
 
 
 def agent_command(*args: str) -> list[str]:

@@ -34,7 +34,7 @@ from events.types import (
 from projections.database import open_database
 from projections.projector import BatchApplier
 from projections.tables import TABLES
-from tests.conftest import Cli, agent_command
+from tests.conftest import Cli, agent_command, recording_actor
 from tests.test_control import detach, start_up, stop_up, wait_state, wait_until
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -105,7 +105,7 @@ def _log(*execution_ids: str) -> list[tuple[int, str, bytes]]:
     merged = sorted((t, i, eid, data) for i, h in enumerate(histories) for eid, data, t in h)
     log = []
     for seq, (offset, _, eid, data) in enumerate(merged, start=1):
-        event = new_event(eid, data, actor="test", ts=T0 + timedelta(seconds=offset))
+        event = new_event(eid, data, actor=recording_actor(data.TYPE), ts=T0 + timedelta(seconds=offset))
         log.append((seq, event.subject, event.to_bytes()))
     return log
 
