@@ -11,16 +11,63 @@ from urllib.parse import urlparse
 import nats
 from nats.aio.client import Client as NATS
 from nats.errors import AuthorizationError
-from nats.js import JetStreamContext
+from nats.js import JetStreamContext, JetStreamManager
+from nats.js.api import ConsumerConfig, ConsumerInfo
+from nats.js.errors import NotFoundError
+from nats.nuid import NUID
 from nats.protocol.parser import PERMISSIONS_ERR
 
-from corral.auth import Credentials, environment_credentials
+from corral.auth import PROVISIONER, ROLES, Credentials, environment_credentials
 from events.envelope import Event, new_event
 from events.publisher import PubAck, Publisher
-from events.stream import cluster_size, ensure_event_stream, replicas_for
+from events.stream import cluster_size, ensure_event_stream, replicas_for, when_ready
+from events.subjects import STREAM
 from events.types import EventData
 
 Clock = Callable[[], datetime]
+
+_nuid = NUID()
+
+
+def named(config: ConsumerConfig | None, **params: Any) -> ConsumerConfig:
+    """A consumer configuration with a name: its durable's, or a fresh random one for an ephemeral.
+
+    nats-py then creates it on `$JS.API.CONSUMER.CREATE.<stream>.<name>[.<filter>]`, the only form
+    NATS users may publish (corral/auth.py): the name-less form takes the name from the payload and
+    would let anyone rewrite anyone's durable. A random name also keeps an ephemeral's name unguessable.
+    """
+    config = (config or ConsumerConfig()).evolve(**params)
+    if not config.name:
+        config.name = config.durable_name or _nuid.next().decode()
+    return config
+
+
+class _NamedConsumers(JetStreamManager):
+    async def add_consumer(
+        self,
+        stream: str,
+        config: ConsumerConfig | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (nats-py's signature)
+        **params: Any,
+    ) -> ConsumerInfo:
+        return await super().add_consumer(stream, named(config, **params), timeout=timeout)
+
+
+class CorralJetStream(JetStreamContext):
+    """nats-py's JetStream context, creating every consumer (ordered ones and KV watchers too) by name."""
+
+    @property
+    def _jsm(self) -> JetStreamManager:
+        return _NamedConsumers(conn=self._nc, prefix=self._prefix, timeout=self._timeout)
+
+    async def add_consumer(
+        self,
+        stream: str,
+        config: ConsumerConfig | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (nats-py's signature)
+        **params: Any,
+    ) -> ConsumerInfo:
+        return await super().add_consumer(stream, named(config, **params), timeout=timeout)
 
 
 def utc_now() -> datetime:
@@ -96,14 +143,21 @@ async def connect_bus(
     connect_timeout_s: float = 2.0,
     replicas: int | None = None,
     credentials: Credentials | None = None,
+    provision: bool | None = None,
 ) -> Bus:
-    """Connect to NATS, make sure the event stream exists and return a ready Bus.
+    """Connect to NATS and return a ready Bus; with `provision`, make sure the event stream exists.
 
     `replicas` None: as many as the cluster has servers, at most 3 (1 on a single server).
     `credentials`: the NATS user of this connection's role (corral/auth.py); None takes
     CORRAL_NATS_USER / CORRAL_NATS_PASSWORD when both are set, else connects without.
+    `provision` False (every role but the provisioner, which alone may create and update streams):
+    the stream is only read; `replicas` is then the stream's (or the wanted count if there is none yet).
+    None: False for the users of Corral's roles but the provisioner, True for others (admin, a user
+    of a server you configured yourself, no user at all).
     """
     credentials = credentials or environment_credentials()
+    if provision is None:
+        provision = credentials is None or credentials.user == PROVISIONER or credentials.user not in ROLES
     servers = url if isinstance(url, list) else [u for u in url.split(",") if u]
     await _probe(servers, connect_timeout_s)
     publisher: Publisher | None = None
@@ -138,8 +192,14 @@ async def connect_bus(
         **({"user": credentials.user, "password": credentials.password} if credentials else {}),
     )
     connecting = False
-    js = nc.jetstream(timeout=10.0)
+    js = CorralJetStream(nc, timeout=10.0)
     wanted = replicas if replicas is not None else replicas_for(cluster_size(nc._server_info, configured=len(servers)))
-    stored = await ensure_event_stream(js, replicas=wanted)
+    if provision:
+        stored = await ensure_event_stream(js, replicas=wanted)
+    else:
+        try:
+            stored = (await when_ready(lambda: js.stream_info(STREAM))).config.num_replicas or 1
+        except NotFoundError:  # not provisioned yet (corral/system.py says so when it matters)
+            stored = wanted
     publisher = await Publisher(nc).start()
     return Bus(nc=nc, js=js, publisher=publisher, servers=servers, replicas=stored, credentials=credentials)

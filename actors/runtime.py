@@ -5,14 +5,15 @@ import contextlib
 import os
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Self
 
 import orjson
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, FetchTimeoutError, ServiceUnavailableError
+from nats.js import JetStreamContext
+from nats.js.errors import FetchTimeoutError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from actors.bus import Bus
@@ -21,6 +22,19 @@ from events.stream import ensure_work_consumer
 from events.subjects import HEALTH_BUCKET, STREAM
 
 HEALTH_INTERVAL_S = 5.0
+# `corral health`: an instance silent for more than this many beats is gone (not alive, whatever its
+# record says), and forgotten once silent for HEALTH_RETENTION_S (a crashed `corral up`'s instances).
+HEALTH_MISSED_BEATS = 3
+HEALTH_RETENTION_S = 600.0
+
+
+def health_key(actor: str, instance: str) -> str:
+    """The key of an instance's record in the health bucket: `<role>.<instance>`.
+
+    The role is the first token, so NATS lets each role write its own instances' keys only
+    (`$KV.corral_health.<role>.>`, corral/auth.py).
+    """
+    return f"{actor}.{instance}"
 
 
 def instance_name(actor: str) -> str:
@@ -41,6 +55,8 @@ class Actor:
         self.bus = bus
         self.instance = instance or instance_name(self.name)
         self.started_at = time.time()
+        self.boot_id = uuid.uuid4().hex  # this process's run of the instance: a restart is another boot
+        self.beat = 0  # how many health records this boot wrote: monotonic
         self.stopping = asyncio.Event()
         self._main: asyncio.Task[None] | None = None
         self._health: KeyValue | None = None
@@ -77,6 +93,9 @@ class Actor:
             "version": __version__,
             "started_at": self.started_at,
             "last_seen": time.time(),
+            "boot_id": self.boot_id,
+            "beat": self.beat,
+            "interval_s": HEALTH_INTERVAL_S,
         }
 
     async def _run_all(self) -> None:
@@ -84,18 +103,20 @@ class Actor:
             tg.create_task(self.run())
             tg.create_task(self._heartbeat())
 
+    @property
+    def health_key(self) -> str:
+        return health_key(self.name, self.instance)
+
     async def _heartbeat(self) -> None:
-        try:
-            self._health = await self.bus.js.key_value(HEALTH_BUCKET)
-        except BucketNotFoundError:
-            with contextlib.suppress(Exception):
-                self._health = await self.bus.js.create_key_value(
-                    KeyValueConfig(bucket=HEALTH_BUCKET, history=1, ttl=3600, replicas=self.bus.replicas)
-                )
+        """Write the health record every HEALTH_INTERVAL_S; the provisioner created the bucket."""
         while not self.stopping.is_set():
+            if self._health is None:
+                with contextlib.suppress(Exception):  # no bucket yet: next beat
+                    self._health = await self.bus.js.key_value(HEALTH_BUCKET)
             if self._health is not None:
+                self.beat += 1
                 with contextlib.suppress(Exception):
-                    await self._health.put(self.instance, orjson.dumps(self.health()))
+                    await self._health.put(self.health_key, orjson.dumps(self.health()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), HEALTH_INTERVAL_S)
 
@@ -122,7 +143,7 @@ class Actor:
         await self.on_stop()
         if self._health is not None:
             with contextlib.suppress(Exception):
-                await self._health.delete(self.instance)
+                await self._health.delete(self.health_key)
 
     async def consume(
         self,
@@ -158,3 +179,51 @@ class Actor:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+# --- reading the health bucket (`corral health`) -----------------------------------------------------
+
+
+async def read_health(js: JetStreamContext) -> list[dict[str, Any]]:
+    """Every live record of the health bucket, with `key`, and `written_at`: the server's time of the write.
+
+    Listed through the bucket stream's subjects (no consumer). The role is the key's first token,
+    which only that role's NATS user may write (corral/auth.py): it wins over the `actor` a record
+    claims. `written_at`, not the record's own `last_seen`, says when the instance last beat.
+    """
+    prefix = f"$KV.{HEALTH_BUCKET}."
+    stream = f"KV_{HEALTH_BUCKET}"
+    try:
+        info = await js.stream_info(stream, subjects_filter=prefix + ">")
+    except NotFoundError:
+        return []
+    records = []
+    for subject in sorted(info.state.subjects or {}):
+        try:
+            msg = await js.get_msg(stream, subject=subject, direct=bool(info.config.allow_direct))
+        except Exception:  # deleted (a stopped actor) or gone since the listing
+            continue
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+            continue
+        try:
+            record = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        key = subject.removeprefix(prefix)
+        role, _, instance = key.partition(".")
+        if instance:  # <role>.<instance>; a key of the layout before it (one token) keeps its claims
+            record["actor"], record["instance"] = role, instance
+        record["key"] = key
+        record["written_at"] = msg.time.timestamp() if msg.time else float(record.get("last_seen") or 0)
+        records.append(record)
+    return records
+
+
+def health_state(record: dict[str, Any], now: float) -> str:
+    """`alive` (beat within HEALTH_MISSED_BEATS beats), `gone` (silent longer), `forgotten` (past the retention)."""
+    silent = now - float(record.get("written_at") or 0)
+    if silent <= HEALTH_MISSED_BEATS * HEALTH_INTERVAL_S:
+        return "alive"
+    return "gone" if silent <= HEALTH_RETENTION_S else "forgotten"

@@ -36,7 +36,8 @@ CREDENTIAL_ENV: Final = (ENV_USER, ENV_PASSWORD, ENV_CREDS)
 
 STREAM: Final = "CORRAL"
 OUTPUT_STREAM: Final = "CORRAL_OUTPUT"  # output events under log retention (docs/retention.md)
-HEALTH_STREAM: Final = "KV_corral_health"
+HEALTH_BUCKET: Final = "corral_health"
+HEALTH_STREAM: Final = f"KV_{HEALTH_BUCKET}"
 DECIDE_API: Final = "corral.api.approval.decide"  # + ".<user>": the user is the subject's last token
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PASSWORD = re.compile(r"[A-Za-z0-9_.~+/=!@#%^&*()-]{8,256}")  # quoted for nats-server: no quote, no backslash
@@ -51,14 +52,20 @@ def _events(*types: str) -> list[str]:
 
 
 def _stream_reads(stream: str) -> tuple[str, ...]:
-    """Reading one stream: its info, direct and API gets, ordered/ephemeral consumers, flow control."""
+    """Reading one stream: its info, direct and API gets, ephemeral/ordered consumers, flow control.
+
+    A consumer is created only with its name in the subject (`CONSUMER.CREATE.<stream>.<name>[.<filter>]`,
+    actors/bus.py names every ephemeral one): the name-less `CONSUMER.CREATE.<stream>` takes the
+    name from the payload, and on nats-server 2.10+ it rewrites an existing durable of that name
+    (tested), so nobody is granted it. `deny` (durable_denies) keeps other roles' durable names out.
+    """
     return (
         f"$JS.API.STREAM.INFO.{stream}",
         f"$JS.API.STREAM.MSG.GET.{stream}",
         f"$JS.API.DIRECT.GET.{stream}",
         f"$JS.API.DIRECT.GET.{stream}.>",
-        f"$JS.API.CONSUMER.CREATE.{stream}",
-        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}.*",
+        f"$JS.API.CONSUMER.CREATE.{stream}.*.>",
         f"$JS.API.CONSUMER.INFO.{stream}.>",
         f"$JS.FC.{stream}.>",
     )
@@ -72,35 +79,45 @@ READ_PUBLISH: Final = (
     "$JS.API.STREAM.NAMES",  # nats-py finds the stream of a subscription by its subject
     *_stream_reads(STREAM),
     *_stream_reads(OUTPUT_STREAM),
-    f"$JS.API.STREAM.INFO.{HEALTH_STREAM}",
-    f"$JS.API.STREAM.MSG.GET.{HEALTH_STREAM}",
-    f"$JS.API.DIRECT.GET.{HEALTH_STREAM}.>",
-    f"$JS.API.CONSUMER.CREATE.{HEALTH_STREAM}",
-    f"$JS.API.CONSUMER.CREATE.{HEALTH_STREAM}.>",
-    f"$JS.API.CONSUMER.INFO.{HEALTH_STREAM}.>",
-    f"$JS.FC.{HEALTH_STREAM}.>",
+    *_stream_reads(HEALTH_STREAM),
 )
 READ_SUBSCRIBE: Final = ("_INBOX.>", "corral.evt.>")
-# What every actor does besides its own events: create the log (or scale it to the cluster) if it
-# connects first, keep its health record.
-ACTOR_PUBLISH: Final = (
-    f"$JS.API.STREAM.CREATE.{STREAM}",
-    f"$JS.API.STREAM.UPDATE.{STREAM}",  # scaled to a cluster's size by whoever connects first
-    f"$JS.API.STREAM.CREATE.{HEALTH_STREAM}",
-    "$KV.corral_health.>",
-)
+# The streams only the provisioner creates and updates (limits, subjects, replicas, sealing):
+# nobody else may publish any other $JS.API.STREAM.* subject than the reads above.
+PROVISIONED_STREAMS: Final = (STREAM, OUTPUT_STREAM, HEALTH_STREAM)
+PROVISIONER: Final = "provisioner"
+
+
+def health_publish(role: str) -> tuple[str, ...]:
+    """What an actor of `role` writes besides its events: its own instances' health records only."""
+    return (f"$KV.{HEALTH_BUCKET}.{role}.>",)
 
 
 def _work_consumers(*durables: str) -> list[str]:
-    """A durable pull consumer shared by the instances of one actor: create, fetch, ack."""
+    """A durable pull consumer shared by the instances of one actor: fetch, ack.
+
+    Creating and updating it is `CONSUMER.CREATE.CORRAL.<durable>[.<filter>]`, granted to
+    everyone by _stream_reads and denied to every role but its owner (durable_denies)."""
     grants = []
     for durable in durables:
-        grants += [
-            f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.{durable}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{durable}",
-            f"$JS.ACK.{STREAM}.{durable}.>",
-        ]
+        grants += [f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{durable}", f"$JS.ACK.{STREAM}.{durable}.>"]
     return grants
+
+
+def durable_denies(durables: Iterable[str]) -> list[str]:
+    """Everything that creates, updates, deletes, fetches from or acks for these durables."""
+    denied = []
+    for stream in (STREAM, OUTPUT_STREAM):
+        for name in durables:
+            denied += [
+                f"$JS.API.CONSUMER.CREATE.{stream}.{name}",
+                f"$JS.API.CONSUMER.CREATE.{stream}.{name}.>",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{name}",
+                f"$JS.API.CONSUMER.DELETE.{stream}.{name}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
+                f"$JS.ACK.{stream}.{name}.>",
+            ]
+    return denied
 
 
 @dataclass(frozen=True)
@@ -110,7 +127,8 @@ class Role:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...] = ()
     responds: bool = False  # may answer requests it received (allow_responses)
-    actor: bool = True  # an actor process: creates the log, writes health
+    actor: bool = True  # an actor process: writes its instances' health records
+    durables: tuple[str, ...] = ()  # durable consumers it alone may create, update and read from
 
 
 SPAWNER_EVENTS: Final = (
@@ -191,7 +209,8 @@ ROLES: Final[dict[str, Role]] = {
         publish=(
             *_events("validation.passed", "validation.failed", "approval.needed", "pause.requested"),
             *_work_consumers("validator", "validator-tools"),
-        )
+        ),
+        durables=("validator", "validator-tools"),
     ),
     "approver": Role(
         publish=tuple(
@@ -216,8 +235,7 @@ ROLES: Final[dict[str, Role]] = {
             *(
                 grant
                 for stream in (STREAM, OUTPUT_STREAM)  # its durable consumers on either stream
-                for grant in (
-                    f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.*",
+                for grant in (  # `projector_<digest>`: any name but another role's durables (deny)
                     f"$JS.API.CONSUMER.DELETE.{stream}.*",
                     f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*",
                     f"$JS.ACK.{stream}.>",
@@ -229,6 +247,14 @@ ROLES: Final[dict[str, Role]] = {
         responds=True,
     ),
     "tap": Role(publish=QUERY_API, actor=False),
+    # `corral up` (or the command that starts the system) before anything else: the streams, their
+    # limits and replicas. Its password stays in the credentials file of the host that provisions.
+    PROVISIONER: Role(
+        publish=tuple(
+            f"$JS.API.STREAM.{verb}.{stream}" for stream in PROVISIONED_STREAMS for verb in ("CREATE", "UPDATE")
+        ),
+        actor=False,
+    ),
 }
 ACTOR_ROLES: Final = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector")
 
@@ -241,11 +267,6 @@ def operator_role(name: str) -> Role:
             *QUERY_API,
             "corral.api.projections.>",
             f"{DECIDE_API}.{name}",
-            f"$JS.API.STREAM.CREATE.{STREAM}",
-            f"$JS.API.STREAM.UPDATE.{STREAM}",
-            # a system it starts applies [retention] (docs/retention.md)
-            f"$JS.API.STREAM.CREATE.{OUTPUT_STREAM}",
-            f"$JS.API.STREAM.UPDATE.{OUTPUT_STREAM}",
         ),
         actor=False,
     )
@@ -274,7 +295,7 @@ def role_of(user: str, operators: Iterable[str]) -> Role | None:
 
 
 def _quote(subjects: Iterable[str], indent: str = "        ") -> str:
-    """Quoted subjects, wrapped to lines of about 110 characters."""
+    """Quoted subjects, wrapped to lines of about 110 characters, the closing bracket 2 spaces left."""
     lines: list[str] = []
     line = ""
     for subject in subjects:
@@ -284,7 +305,7 @@ def _quote(subjects: Iterable[str], indent: str = "        ") -> str:
             line = ""
         line = f"{line} {item}" if line else item
     lines.append(line)
-    return "\n" + "\n".join(indent + text for text in lines).rstrip(",") + "\n      "
+    return "\n" + "\n".join(indent + text for text in lines).rstrip(",") + "\n" + indent[:-2]
 
 
 def render_auth_conf(operators: Iterable[str] = (DEFAULT_OPERATOR,)) -> str:
@@ -305,10 +326,15 @@ def render_auth_conf(operators: Iterable[str] = (DEFAULT_OPERATOR,)) -> str:
         if role is None:  # admin: everything (maintenance by hand; no Corral process uses it)
             perms = '{publish: ">", subscribe: ">"}'
         else:
-            publish = [*READ_PUBLISH, *(ACTOR_PUBLISH if role.actor else ()), *role.publish]
+            publish = [*READ_PUBLISH, *(health_publish(name) if role.actor else ()), *role.publish]
             subscribe = [*READ_SUBSCRIBE, *role.subscribe]
             responses = ", allow_responses: true" if role.responds else ""
-            perms = f"{{\n      publish: [{_quote(publish)}]\n      subscribe: [{_quote(subscribe)}]{responses}\n    }}"
+            denied = durable_denies(d for other, r in ROLES.items() if other != name for d in r.durables)
+            grants = f"[{_quote(publish)}]"
+            if denied:  # deny wins over allow (nats-server)
+                allow, deny = _quote(publish, " " * 10), _quote(denied, " " * 10)
+                grants = f"{{\n        allow: [{allow}]\n        deny: [{deny}]\n      }}"
+            perms = f"{{\n      publish: {grants}\n      subscribe: [{_quote(subscribe)}]{responses}\n    }}"
         lines.append(f"    {{user: {name}, password: ${variable}, permissions: {perms}}}")
 
     for name in (*ROLES, *names):

@@ -13,9 +13,8 @@ from typing import Any
 
 import orjson
 from nats.aio.msg import Msg
-from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 
-from actors.runtime import HEALTH_INTERVAL_S
+from actors.runtime import health_state, read_health
 from actors.shim import request as shim_request
 from corral import render
 from corral.commands import info, query, resolve_execution_id
@@ -23,7 +22,7 @@ from corral.errors import CorralError, UsageError
 from corral.home import Home
 from corral.system import System, open_system
 from events.envelope import new_event
-from events.subjects import HEALTH_BUCKET, STREAM, execution_events
+from events.subjects import STREAM, execution_events
 from events.types import (
     CancelRequested,
     EventData,
@@ -356,51 +355,48 @@ async def cmd_status(home: Home, args: Any) -> int:
 
 
 async def cmd_health(home: Home, args: Any) -> int:
+    """Every actor instance of the last HEALTH_RETENTION_S: alive, or gone (silent > HEALTH_MISSED_BEATS beats).
+
+    Exit 0 when every actor that reported in that time has an alive instance: the instances of a
+    crashed `corral up` show as gone beside their successors, and are forgotten after the retention.
+    """
     async with open_system(home, actors=()) as system:
-        try:
-            kv = await system.bus.js.key_value(HEALTH_BUCKET)
-            keys = await kv.keys()
-        except (BucketNotFoundError, NotFoundError, NoKeysError):
-            keys = []
-        records = []
-        for key in keys:
-            try:
-                entry = await kv.get(key)
-            except Exception:  # deleted between keys() and get()
-                continue
-            if entry.value:
-                records.append(orjson.loads(entry.value))
+        records = await read_health(system.bus.js)
         stream = await system.bus.js.stream_info(STREAM)
         last_seq = int(stream.state.last_seq)
     now = time.time()
     rows = []
-    for record in sorted(records, key=lambda r: (r.get("actor", ""), r.get("instance", ""))):
-        seen = now - float(record.get("last_seen", 0))
+    for record in sorted(records, key=lambda r: (str(r.get("actor", "")), str(r.get("instance", "")))):
+        state = health_state(record, now)
+        if state == "forgotten":
+            continue
         lag = record.get("lag")
         if lag is None and record.get("position") is not None:
             lag = max(0, last_seq - int(record["position"]))
         rows.append(
             {
                 **record,
-                "alive": seen <= 3 * HEALTH_INTERVAL_S,
-                "last_seen_s": round(seen, 1),
+                "state": state,
+                "alive": state == "alive",
+                "last_seen_s": round(max(0.0, now - float(record["written_at"])), 1),
                 "lag": lag,
             }
         )
+    down = sorted({str(r.get("actor")) for r in rows} - {str(r.get("actor")) for r in rows if r["alive"]})
     if args.json:
-        render.print_json({"log_last_seq": last_seq, "actors": rows})
-        return 0
+        render.print_json({"log_last_seq": last_seq, "actors": rows, "down": down})
+        return 1 if down else 0
     if not rows:
         info("no actor has reported; is `corral up` running?")
         return 1
     print(
         render.table(
-            ["actor", "instance", "alive", "last seen", "lag", "version", "detail"],
+            ["actor", "instance", "state", "last seen", "lag", "version", "detail"],
             [
                 [
                     r.get("actor"),
                     r.get("instance"),
-                    "yes" if r["alive"] else "NO",
+                    "ALIVE" if r["alive"] else "gone",
                     render.human_duration(r["last_seen_s"]) + " ago",
                     r["lag"],
                     r.get("version"),
@@ -410,9 +406,12 @@ async def cmd_health(home: Home, args: Any) -> int:
             ],
         )
     )
-    return 0 if all(r["alive"] for r in rows) else 1
+    if down:
+        info(f"no alive instance of: {', '.join(down)}")
+    return 1 if down else 0
 
 
 def _detail(record: dict[str, Any]) -> str:
-    skip = {"actor", "instance", "alive", "last_seen", "last_seen_s", "lag", "version", "host", "pid", "started_at"}
+    skip = {"actor", "instance", "alive", "state", "last_seen", "last_seen_s", "lag", "version", "host", "pid"}
+    skip |= {"started_at", "key", "written_at", "boot_id", "beat", "interval_s"}
     return " ".join(f"{k}={v}" for k, v in record.items() if k not in skip)

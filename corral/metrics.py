@@ -31,16 +31,14 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from actors.approver import APPROVAL_EVENTS, ApprovalBook
-from actors.runtime import HEALTH_INTERVAL_S
+from actors.runtime import HEALTH_INTERVAL_S, health_state, read_health
 from corral.errors import CorralError, UsageError
 from events.envelope import decode_event
 from events.subjects import (
     ALL_EVENTS,
     API_POSITION,
-    HEALTH_BUCKET,
     OUTPUT_STREAM,
     STREAM,
     ack_pending,
@@ -262,26 +260,10 @@ class MetricsCollector:
         return int(info.state.last_seq)
 
     async def _health_records(self) -> list[dict[str, Any]]:
-        """Every record of the health bucket, found through its stream's subjects (no consumer needed)."""
-        js = self.system.bus.js
-        prefix = f"$KV.{HEALTH_BUCKET}."
-        try:
-            kv = await js.key_value(HEALTH_BUCKET)
-            info = await js.stream_info(f"KV_{HEALTH_BUCKET}", subjects_filter=prefix + ">")
-        except (BucketNotFoundError, NotFoundError):
-            return []
-        records = []
-        for subject in sorted(info.state.subjects or {}):
-            try:
-                entry = await kv.get(subject.removeprefix(prefix))
-            except Exception:  # deleted (a stopped actor) or gone since the listing
-                continue
-            if entry.value:
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    record = orjson.loads(entry.value)
-                    if isinstance(record, dict):
-                        records.append(record)
-        return records
+        """Every record of the health bucket (actors/runtime.py read_health: the role from the key,
+        `written_at` from the server), but those forgotten after HEALTH_RETENTION_S."""
+        now = time.time()
+        return [r for r in await read_health(self.system.bus.js) if health_state(r, now) != "forgotten"]
 
     async def _position(self, records: list[dict[str, Any]]) -> int | None:
         """The projector's position: in this process, else by request, else from its health record."""
@@ -441,7 +423,7 @@ class MetricsCollector:
 
 def _age(record: dict[str, Any], now: float) -> float:
     try:
-        return max(0.0, now - float(record.get("last_seen", 0)))
+        return max(0.0, now - float(record.get("written_at", record.get("last_seen", 0))))
     except (TypeError, ValueError):
         return math.inf
 

@@ -29,16 +29,18 @@ from corral.auth import (
     ENV_CREDS,
     ENV_PASSWORD,
     ENV_USER,
+    PROVISIONER,
     AuthError,
     client_credentials,
+    credential_set,
     ensure_credentials,
 )
 from corral.config import Config, load_config
 from corral.errors import BusUnavailable, CorralError
 from corral.home import Home, SystemLock, process_alive
 from corral.server import EmbeddedServer, replace_orphans
-from events.stream import ensure_output_retention
-from events.subjects import API_POSITION, API_REBUILD, API_SQL
+from events.stream import ensure_health_bucket, ensure_output_retention
+from events.subjects import API_POSITION, API_REBUILD, API_SQL, STREAM
 from projections.errors import ProjectionError
 from projections.projector import Projector
 from projections.rebuild import RebuildRefused, rebuild_database
@@ -81,13 +83,16 @@ def nats_url_from_env() -> str | None:
 
 
 async def _connect(url: str, *, name: str, home: Home, role: str = "operator") -> Bus:
-    """Connect as `role` with the credentials found for it (corral/auth.py), or without any."""
+    """Connect as `role` with the credentials found for it (corral/auth.py), or without any.
+
+    Only the provisioner creates and updates the streams; every other role just reads them.
+    """
     try:
         credentials = client_credentials(role, home.root)
     except AuthError as exc:
         raise BusUnavailable(str(exc)) from None
     try:
-        return await connect_bus(url, name=name, credentials=credentials)
+        return await connect_bus(url, name=name, credentials=credentials, provision=role == PROVISIONER)
     except NatsError as exc:
         if not isinstance(exc, AuthorizationError) and "authorization violation" not in str(exc).lower():
             raise
@@ -188,8 +193,8 @@ async def open_system(
             )
             await server.start_async()
             url = server.url
+        await _provision(url, home, config)  # before any actor reads or writes the log
         bus = await _connect(url, name=f"corral-{mode}", home=home)
-        await _provision_retention(bus, config)  # before any actor reads or writes the log
         system = System(home=home, url=url, bus=bus, mode=mode, server=server, lock=lock)
         await _start_actors(system, actors, config=config, max_running=max_running)
         await _serve_api(system)
@@ -218,16 +223,45 @@ async def open_system(
         lock.release()
 
 
-async def _provision_retention(bus: Bus, config: Config) -> None:
-    """Bring the streams to [retention] (docs/retention.md): on every start of a system."""
+async def _provision(url: str, home: Home, config: Config) -> None:
+    """Create the streams and the health bucket, bring them to [retention] and to the cluster's size.
+
+    On every start of a system, as the `provisioner` user: the only one that may create or update
+    streams (corral/auth.py). A host given a credentials file without it (one that runs only some
+    actors of a cluster, docs/deployment.md) provisions nothing: the streams must exist already.
+    """
+    try:
+        found = credential_set(home.root)
+    except AuthError as exc:
+        raise CorralError(str(exc)) from None
+    if found is not None and found.get(PROVISIONER) is None:
+        await _require_streams(url, home)
+        return
+    bus = await _connect(url, name="corral-provisioner", home=home, role=PROVISIONER)
     try:
         await ensure_output_retention(bus.js, config.retention.for_stream(), replicas=bus.replicas)
+        await ensure_health_bucket(bus.js, replicas=bus.replicas)
     except NatsError as exc:
-        await bus.close()
         raise CorralError(
             f"cannot apply [retention] of {config.label} to the streams on NATS ({exc}); "
-            "a server you run yourself needs an operator allowed to create and update CORRAL and CORRAL_OUTPUT"
+            f"a server you run yourself needs the {PROVISIONER} user of nats-auth.conf (docs/security.md)"
         ) from None
+    finally:
+        await bus.close()
+
+
+async def _require_streams(url: str, home: Home) -> None:
+    """Without the provisioner's credentials, the log must have been provisioned by another host."""
+    bus = await _connect(url, name="corral-check", home=home)
+    try:
+        await bus.js.stream_info(STREAM)
+    except NatsError:
+        raise CorralError(
+            f"stream {STREAM} does not exist on NATS at {url}, and the credentials file has no "
+            f"{PROVISIONER} user to create it: start `corral up` on the host that has it first (docs/security.md)"
+        ) from None
+    finally:
+        await bus.close()
 
 
 async def _start_actors(system: System, names: tuple[str, ...], *, config: Config, max_running: int | None) -> None:

@@ -15,6 +15,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -23,6 +24,7 @@ from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from events.subjects import (
     ALL_EVENTS,
+    HEALTH_BUCKET,
     OUTPUT_EVENTS,
     OUTPUT_STREAM,
     OUTPUT_TYPE,
@@ -105,7 +107,8 @@ async def ensure_event_stream(js: JetStreamContext, *, replicas: int = 1) -> int
 
     Returns the stream's replicas. On a cluster with a member down, the creation falls back to
     as many replicas as can be placed (and says so); an existing stream is scaled up when the
-    cluster has grown (best effort: only an operator may update it), never down.
+    cluster has grown (best effort), never down. Only the provisioner may create or update a
+    stream (corral/auth.py): other roles read it (actors/bus.py, `provision=False`).
     """
     try:
         info = await when_ready(lambda: js.stream_info(STREAM))
@@ -124,7 +127,7 @@ async def ensure_event_stream(js: JetStreamContext, *, replicas: int = 1) -> int
         try:
             await js.update_stream(event_stream_config(replicas=replicas, subjects=subjects))
             return replicas
-        except Exception as exc:  # no room for more replicas yet, or a role that may not update streams
+        except Exception as exc:  # no room for more replicas yet
             log.warning("stream %s keeps %s replica(s), not %s: %s", STREAM, have, replicas, exc)
     return have
 
@@ -292,6 +295,7 @@ async def ensure_work_consumer(
 ) -> None:
     """Create the durable pull consumer several actor instances share (each message claimed once)."""
     config = ConsumerConfig(
+        name=durable,  # created on CONSUMER.CREATE.CORRAL.<durable>.<filter>: only its role may (corral/auth.py)
         durable_name=durable,
         filter_subject=filter_subject,
         deliver_policy=DeliverPolicy.ALL,
@@ -301,6 +305,43 @@ async def ensure_work_consumer(
         max_ack_pending=max_ack_pending,
     )
     try:
-        await js.consumer_info(STREAM, durable)
+        current = (await js.consumer_info(STREAM, durable)).config
     except NotFoundError:
         await js.add_consumer(STREAM, config)
+        return
+    if current.filter_subject != filter_subject or current.ack_wait != ack_wait_s:
+        await js.add_consumer(STREAM, config)  # create-or-update: this role's own durable only
+
+
+# --- the health bucket ------------------------------------------------------------------------------
+
+HEALTH_TTL_S = 3600.0  # a record nobody rewrites (an instance killed without stopping) goes after this
+
+
+async def ensure_health_bucket(js: JetStreamContext, *, replicas: int = 1) -> None:
+    """Create the `corral_health` KV bucket, or scale it up to `replicas`: the provisioner's job.
+
+    Each actor instance writes only `<role>.<instance>` (corral/auth.py, actors/runtime.py).
+    """
+    try:
+        info = await when_ready(lambda: js.stream_info(f"KV_{HEALTH_BUCKET}"))
+    except NotFoundError:
+        for count in range(replicas, 0, -1):
+            try:
+                await when_ready(
+                    lambda count=count: js.create_key_value(  # type: ignore[misc]
+                        KeyValueConfig(bucket=HEALTH_BUCKET, history=1, ttl=HEALTH_TTL_S, replicas=count)
+                    )
+                )
+                return
+            except APIError as exc:
+                if exc.err_code not in _PLACEMENT_CODES or count == 1:
+                    raise
+        return
+    have = info.config.num_replicas or 1
+    if have < replicas:
+        info.config.num_replicas = replicas
+        try:
+            await js.update_stream(info.config)
+        except Exception as exc:  # no room for more replicas yet
+            log.warning("bucket %s keeps %s replica(s), not %s: %s", HEALTH_BUCKET, have, replicas, exc)

@@ -143,8 +143,8 @@ async def test_decided_by_is_the_authenticated_user(tmp_path: Path, bus: Bus) ->
     """alice's decision records alice, whatever the payload claims; she cannot use bob's subject."""
     credentials = ensure_credentials(tmp_path / "multi", ["alice", "bob"])
     server = EmbeddedServer(tmp_path / "multi-store", log_file=tmp_path / "multi.log", credentials=credentials).start()
+    admin = await connect_bus(server.url, credentials=credentials.get("admin"))  # provisions the stream
     approver_bus = await connect_bus(server.url, credentials=credentials.get("approver"))
-    admin = await connect_bus(server.url, credentials=credentials.get("admin"))
     alice = await connect_bus(server.url, credentials=credentials.get("alice"))
     approver = Approver(approver_bus, Policy())
     await approver.start()
@@ -219,7 +219,7 @@ def test_credentials_stay_off_command_lines_and_out_of_agents(tmp_path: Path, re
         credentials_file = cli.home / "credentials.json"
         assert credentials_file.stat().st_mode & 0o777 == 0o600
         passwords = [p.encode() for p in read_credentials(credentials_file).users.values()]
-        assert len(passwords) == 10  # 6 actors, tap, alice and bob (no default `operator` then), admin
+        assert len(passwords) == 11  # 6 actors, tap, provisioner, alice and bob (no default `operator` then), admin
         runtime = json.loads((cli.home / "runtime.json").read_text())
         for pid in (runtime["server_pid"], up.pid):
             line = _cmdline(pid)
