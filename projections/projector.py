@@ -8,6 +8,7 @@ redelivered event at or below that position is skipped, never applied twice.
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import os
 import re
@@ -89,10 +90,16 @@ def lock_holder(detail: str) -> str:
     return f"pid {found.group(2)}, {found.group(1)}" if found else detail
 
 
-def consumer_name(database: Path) -> str:
-    """Return the durable consumer name of the projector writing this DuckDB file."""
-    digest = hashlib.sha1(f"{socket.gethostname()}:{database.resolve()}".encode()).hexdigest()
-    return f"projector_{digest[:12]}"
+def consumer_name(database: Path, secret: str = "") -> str:
+    """Return the durable consumer name of the projector writing this DuckDB file.
+
+    `secret` (the projector's NATS password): keyed, so no other role can compute the name of a
+    durable it may not be denied by name (docs/security.md, "The bus: who may do what").
+    """
+    where = f"{socket.gethostname()}:{database.resolve()}".encode()
+    if secret:
+        return f"projector_{hmac.new(secret.encode(), where, hashlib.sha256).hexdigest()[:20]}"
+    return f"projector_{hashlib.sha1(where).hexdigest()[:12]}"
 
 
 def _pending_messages(headers: bytes) -> int | None:
@@ -522,7 +529,7 @@ class Projector(Actor):
         super().__init__(bus, instance=instance)
         self.database = database
         self.tmp_dir = tmp_dir
-        self.durable = consumer_name(database)
+        self.durable = consumer_name(database, bus.credentials.password if bus.credentials else "")
         self.worker: ApplyWorker | None = None  # the process that owns the DuckDB connection
         self.applier: RemoteApplier | None = None
         self.output_applier: RemoteApplier | None = None

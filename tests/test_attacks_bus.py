@@ -10,6 +10,7 @@ configuration and the health record its content. Each role's own work still goes
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -26,12 +27,14 @@ from corral.server import EmbeddedServer
 from events.stream import OutputRetention, ensure_health_bucket, ensure_work_consumer, output_stream_config
 from events.subjects import HEALTH_BUCKET, STREAM, events_of_type
 from events.types import PauseRequested
+from projections.projector import consumer_name
 from replay.history import follow
 
 ROLES = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector", "tap", "operator")
 EVENTS = 40
 VALIDATOR_FILTER = events_of_type("checkpoint.created")
 WATCHDOG_KEY = health_key("watchdog", "watchdog-host-1")
+FOREVER = "2999-01-01T00:00:00Z"
 
 
 @dataclass
@@ -171,6 +174,7 @@ async def test_no_role_can_touch_the_validators_durable(world: World, role: str)
             "legacy durable": await me.attempt(f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.validator", body),
             "delete": await me.attempt(f"$JS.API.CONSUMER.DELETE.{STREAM}.validator"),
             "fetch its work": await me.attempt(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.validator", {"batch": 1}),
+            "pause": await me.attempt(f"$JS.API.CONSUMER.PAUSE.{STREAM}.validator", {"pause_until": FOREVER}),
         }
         assert results == dict.fromkeys(results, "refused"), results
         # A wildcard as the name token passes the subject check; JetStream refuses the mismatch.
@@ -272,7 +276,9 @@ async def test_each_roles_own_work_still_goes_through(world: World, role: str) -
             sub = await bus.js.pull_subscribe_bind("validator", stream=STREAM)
             with pytest.raises(nats.errors.TimeoutError):
                 await sub.fetch(1, timeout=0.5)  # nothing to validate; the fetch itself is allowed
-        if role == "projector":  # its durables: created, replaced, deleted
+        if role == "projector":  # its durables: created, replaced, deleted; named with a key only it has
+            projector_password = world.credentials.users["projector"]
+            assert consumer_name(Path("x.duckdb"), projector_password) != consumer_name(Path("x.duckdb"), "other")
             from nats.js.api import AckPolicy, ConsumerConfig
 
             config = ConsumerConfig(durable_name="projector_0123abcd", ack_policy=AckPolicy.NONE)

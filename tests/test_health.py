@@ -1,0 +1,65 @@
+"""`corral health` after a crashed `corral up` (issue 19, item 5; issue 14, item 4).
+
+The instances of a `corral up` killed with SIGKILL stop beating: after HEALTH_MISSED_BEATS beats
+they show as gone and `corral health` exits 1 (no actor has an alive instance); once a new
+`corral up` runs, its instances are alive beside the gone ones and the exit code is 0 again.
+Liveness is the server's time of each record's last write, not what the record says.
+"""
+
+import json
+import subprocess
+from typing import Any, cast
+
+from actors.runtime import HEALTH_RETENTION_S, health_state
+from corral.system import ALL_ACTORS
+from tests.conftest import Cli
+from tests.test_control import start_up, stop_up, wait_until
+
+
+def health(cli: Cli) -> tuple[int, dict[str, Any]]:
+    done = cli("health", "--json")
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_a_crashed_up_shows_as_gone_then_its_successor_alive(cli: Cli) -> None:
+    first = start_up(cli)
+    try:
+        wait_until(
+            lambda: {a["actor"] for a in health(cli)[1]["actors"] if a["alive"]} == set(ALL_ACTORS),
+            30,
+            "every actor of the first corral up to report",
+        )
+    finally:
+        first.kill()  # SIGKILL: no actor deletes its record
+        first.wait()
+
+    def all_gone() -> tuple[int, dict[str, Any]] | None:
+        code, report = health(cli)
+        return (code, report) if report["actors"] and not any(a["alive"] for a in report["actors"]) else None
+
+    code, report = cast(tuple[int, dict[str, Any]], wait_until(all_gone, 60, "the killed instances to be gone"))
+    assert code == 1 and sorted(report["down"]) == sorted(ALL_ACTORS)
+    assert {a["state"] for a in report["actors"]} == {"gone"}
+    assert all(a["pid"] == first.pid for a in report["actors"])
+    assert "gone" in cli("health").stdout
+
+    second: subprocess.Popen[str] = start_up(cli)
+    try:
+
+        def successors() -> tuple[int, dict[str, Any]] | None:
+            code, report = health(cli)
+            alive = {a["actor"] for a in report["actors"] if a["alive"]}
+            return (code, report) if alive == set(ALL_ACTORS) else None
+
+        code, report = cast(tuple[int, dict[str, Any]], wait_until(successors, 30, "the second corral up to report"))
+        assert code == 0 and report["down"] == []
+        alive = [a for a in report["actors"] if a["alive"]]
+        gone = [a for a in report["actors"] if not a["alive"]]
+        assert {a["pid"] for a in alive} == {second.pid} and {a["pid"] for a in gone} == {first.pid}
+        assert all(a["key"] == f"{a['actor']}.{a['instance']}" and a["beat"] >= 1 for a in report["actors"])
+        # past the retention, the dead instances are forgotten (not listed, not counted)
+        later = max(a["written_at"] for a in gone) + HEALTH_RETENTION_S + 1
+        assert all(health_state(a, later) == "forgotten" for a in gone)
+    finally:
+        stop_up(cli, second)
