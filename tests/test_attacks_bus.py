@@ -302,3 +302,15 @@ async def test_only_the_provisioner_scales_and_updates(world: World) -> None:
     finally:
         await provisioner.close()
     await assert_untouched(world)
+
+
+def test_the_provisioner_is_a_user_of_every_server() -> None:
+    """`corral credentials --server-env` writes every user's variable: the provisioner's too."""
+    from corral.auth import generate
+
+    creds = generate()
+    assert "CORRAL_PASS_PROVISIONER" in creds.server_env()
+    assert "{user: provisioner, password: $CORRAL_PASS_PROVISIONER" in render_auth_conf()
+    users = render_auth_conf().split("{user: ")[1:]
+    writers = [u.split(",", 1)[0] for u in users if "$JS.API.STREAM.UPDATE" in u or "$JS.API.STREAM.CREATE" in u]
+    assert writers == ["provisioner"], writers  # (and admin: ">")
