@@ -34,6 +34,7 @@ from events.ids import is_valid_execution_id, new_execution_id
 from events.schema import all_schemas, event_schema
 from events.subjects import (
     ALL_EVENTS,
+    API_EXPORT,
     API_REBUILD,
     API_SQL,
     OUTPUT_STREAM,
@@ -474,11 +475,28 @@ NO_RESPONDER_WAIT_S = 5.0
 
 async def query(system: System, sql: str, *, max_rows: int = 10000) -> dict[str, Any]:
     """Run SQL on the projector's connection after it has applied every event logged so far."""
-    request = {"sql": sql, "max_rows": max_rows, "min_seq": await last_sequence(system.bus.js)}
+    # the projector stops a query after [sql] timeout (and may wait up to 10 s for its position)
+    wait_s = max(60.0, load_config(system.home).sql.timeout_s + 20.0)
+    return await _ask_projector(system, API_SQL, {"sql": sql, "max_rows": max_rows}, wait_s=wait_s)
+
+
+EXPORT_WAIT_S = 3600.0
+
+
+async def export_query(system: System, sql: str, path: Path) -> int:
+    """Have the projector write the rows of one SELECT to a new Parquet file at `path` (absolute; an
+    operator's request: `tap` may not send it); return how many rows it wrote."""
+    request = {"sql": sql, "path": str(path)}  # absolute: the projector has its own working directory
+    result = await _ask_projector(system, API_EXPORT, request, wait_s=EXPORT_WAIT_S)
+    return int(result["rows"][0][0]) if result["rows"] else 0
+
+
+async def _ask_projector(system: System, subject: str, request: dict[str, Any], *, wait_s: float) -> dict[str, Any]:
+    request = {**request, "min_seq": await last_sequence(system.bus.js)}
     deadline = time.monotonic() + NO_RESPONDER_WAIT_S
     while True:
         try:
-            reply = await system.bus.nc.request(API_SQL, orjson.dumps(request), timeout=60)
+            reply = await system.bus.nc.request(subject, orjson.dumps(request), timeout=wait_s)
             break
         except NoRespondersError:
             if time.monotonic() < deadline:  # a projector (re)starting subscribes in a moment
@@ -488,9 +506,14 @@ async def query(system: System, sql: str, *, max_rows: int = 10000) -> dict[str,
                 "no projector answers on this system (was `corral up` started with --actors without projector?)"
             ) from None
         except NatsTimeoutError:
-            raise CorralError("the projector did not answer within 60 s; see `corral status`") from None
+            raise CorralError(f"the projector did not answer within {wait_s:g} s; see `corral status`") from None
     result: dict[str, Any] = orjson.loads(reply.data)
     if not result.get("ok"):
+        kind = result.get("kind")
+        if kind == "refused":  # not one query (docs/security.md, the query sandbox): nothing ran
+            raise UsageError(f"refused: {result.get('error')}")
+        if kind == "timeout":
+            raise CorralError(f"timed out: {result.get('error')}")
         raise UsageError(f"SQL error: {result.get('error')}")
     return result
 
@@ -502,7 +525,12 @@ async def cmd_sql(home: Home, args: Any) -> int:
         render.print_json(render.records(result["columns"], result["rows"]))
     elif result["columns"]:
         print(render.table(result["columns"], result["rows"]))
-    if result["truncated"]:
+    if result["truncated"] and result.get("cut") == "bytes":
+        info(
+            f"showing the first {len(result['rows'])} rows: the answer reached its size limit; "
+            "select fewer or narrower columns, or add LIMIT"
+        )
+    elif result["truncated"]:
         info(f"showing the first {args.max_rows} rows; raise --max-rows or add LIMIT")
     return 0
 

@@ -323,6 +323,12 @@ class RetentionSettings(_Frozen):
         )
 
 
+class SqlSettings(_Frozen):
+    """[sql] (docs/security.md, the query sandbox): `corral sql` and every query of the CLI."""
+
+    timeout_s: float = 10.0  # a query is interrupted after this long
+
+
 class SecuritySettings(_Frozen):
     """[security] (docs/security.md): NATS operator users and extra secret environment names."""
 
@@ -371,6 +377,7 @@ class Config(_Frozen):
     metrics: MetricsSettings = MetricsSettings()
     security: SecuritySettings = SecuritySettings()
     retention: RetentionSettings = RetentionSettings()
+    sql: SqlSettings = SqlSettings()
     templates: dict[str, Template] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     prices: dict[str, dict[str, float]] = Field(default_factory=dict)  # [prices.MODEL], USD per million tokens
@@ -544,6 +551,10 @@ class _RetentionFile(_Frozen):
     output_max_msgs: Annotated[StrictInt, Field(ge=1)] | None = None
 
 
+class _SqlFile(_Frozen):
+    timeout: Annotated[Duration, Field(gt=0, le=3600)] = 10.0
+
+
 class _PriceFile(_Frozen):
     """One model's price in USD per million tokens (an estimate used where the CLI reports no cost)."""
 
@@ -563,6 +574,7 @@ class _ConfigFile(_Frozen):
     metrics: _MetricsFile = _MetricsFile()
     security: _SecurityFile = _SecurityFile()
     retention: _RetentionFile = _RetentionFile()
+    sql: _SqlFile = _SqlFile()
     templates: dict[str, _TemplateFile] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     prices: dict[str, _PriceFile] = Field(default_factory=dict)
@@ -579,6 +591,7 @@ _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "metrics": tuple(_MetricsFile.model_fields),
     "security": tuple(_SecurityFile.model_fields),
     "retention": tuple(_RetentionFile.model_fields),
+    "sql": tuple(_SqlFile.model_fields),
     "templates.*": tuple(_TemplateFile.model_fields),
 }
 
@@ -724,6 +737,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
             output_max_bytes=parsed.retention.output_max_bytes,
             output_max_msgs=parsed.retention.output_max_msgs,
         ),
+        sql=SqlSettings(timeout_s=parsed.sql.timeout),
         templates={
             name: Template(
                 name=name,

@@ -29,6 +29,7 @@ from corral.commands import (
     _run_and_follow,
     check_command,
     cmd_ps,
+    export_query,
     info,
     parse_since,
     query,
@@ -335,11 +336,9 @@ async def cmd_export(home: Home, args: Any) -> int:
                 elif time_or_seq:
                     stamp = f"{sql_text(time_or_seq['start_time'].isoformat())}::TIMESTAMPTZ"
                     where = "WHERE " + by_time.format(t=stamp)
+                # written by the projector's sandboxed DuckDB in its own directory, then moved here
                 path = partial / f"{table}.parquet"
-                result = await query(
-                    system, f"COPY (SELECT * FROM {table} {where}) TO {sql_text(str(path))} (FORMAT parquet)"
-                )
-                counts[table] = int(result["rows"][0][0]) if result["rows"] else 0
+                counts[table] = await export_query(system, f"SELECT * FROM {table} {where}", path)
         partial.rename(target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -4,9 +4,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,13 @@ from corral.errors import BusUnavailable, CorralError
 from corral.home import Home, SystemLock, process_alive
 from corral.server import EmbeddedServer, replace_orphans
 from events.stream import ensure_health_bucket, ensure_output_retention
-from events.subjects import API_POSITION, API_REBUILD, API_SQL, STREAM
-from projections.errors import ProjectionError
+from events.subjects import API_EXPORT, API_POSITION, API_REBUILD, API_SQL, STREAM
+from projections.errors import ProjectionError, QueryError
 from projections.projector import Projector
+from projections.query import MAX_BYTES as MAX_ANSWER_BYTES
+from projections.query import check_statement
 from projections.rebuild import RebuildRefused, rebuild_database
+from projections.worker import DEFAULT_QUERY_TIMEOUT_S
 from replay.history import last_sequence
 
 log = logging.getLogger(__name__)
@@ -197,7 +201,7 @@ async def open_system(
         bus = await _connect(url, name=f"corral-{mode}", home=home)
         system = System(home=home, url=url, bus=bus, mode=mode, server=server, lock=lock)
         await _start_actors(system, actors, config=config, max_running=max_running)
-        await _serve_api(system)
+        await _serve_api(system, sql_timeout_s=config.sql.timeout_s)
         if server is not None:
             system._supervisor = asyncio.create_task(_supervise_server(system, server))
         home.write_runtime(
@@ -362,29 +366,78 @@ async def _supervise_server(system: System, server: EmbeddedServer) -> None:
             system.home.write_runtime({**runtime, "server_pid": server.process.pid, "server_restarts": server.restarts})
 
 
-async def _serve_api(system: System) -> None:
+def _export_target(path: str) -> Path:
+    target = Path(path)
+    if not target.is_absolute() or target.exists() or not target.parent.is_dir():
+        raise ProjectionError(f"cannot export to {target}: give a new file in an existing directory")
+    return target
+
+
+def _move_export(written: Path, target: Path) -> None:
+    """The worker writes only in its batch directory (docs/security.md): the file goes where asked."""
+    try:
+        shutil.move(written, target)
+    finally:
+        written.unlink(missing_ok=True)
+
+
+async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S) -> None:
     projector = system.projector
     if projector is None:
         return
     nc = projector.bus.nc  # the projector's user answers queries (corral/auth.py)
+    answering: set[asyncio.Task[None]] = set()
 
-    async def on_sql(msg: Msg) -> None:
+    async def answer(msg: Msg, export: bool) -> None:
+        # A sandboxed query in the projector's DuckDB worker (projections/query.py): one of its
+        # query threads, off the apply path; a refusal or a timeout has a `kind` the CLI maps.
+        # An export (operators only) writes a Parquet file there and moves it where asked.
+        reply: dict[str, Any]
         try:
             request = orjson.loads(msg.data)
             if projector.locked_out:
                 raise ProjectionError(f"the projector cannot answer yet: {projector.locked_out}")
+            check_statement(request["sql"])  # refused at once, before waiting for the position
+            target = _export_target(request["path"]) if export else None
             await projector.wait_for_position(
                 int(request.get("min_seq", 0)), timeout_s=10.0, output_seq=await projector.output_last_sequence()
             )
-            result = await asyncio.to_thread(
-                projector.query, request["sql"], max_rows=int(request.get("max_rows", 10000))
-            )
+            worker = projector.worker
+            if worker is None:
+                raise ProjectionError("the projector has no DuckDB file open")
+            if target is not None:
+                answer = worker.submit_export(request["sql"])
+            else:
+                answer = worker.submit_query(
+                    request["sql"],
+                    max_rows=int(request.get("max_rows", 10000)),
+                    max_bytes=min(MAX_ANSWER_BYTES, nc.max_payload - 65536),  # the reply must fit in one message
+                    timeout_s=sql_timeout_s,
+                )
+            result: dict[str, Any] = await asyncio.wrap_future(answer)
+            if target is not None:
+                await asyncio.to_thread(_move_export, Path(result.pop("file")), target)
             reply = {"ok": True, **result}
+        except QueryError as exc:
+            reply = {"ok": False, "error": str(exc), "kind": exc.kind}
         except ProjectionError as exc:
             reply = {"ok": False, "error": str(exc)}
         except Exception as exc:
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        await msg.respond(orjson.dumps(reply, default=str))
+        try:
+            data = orjson.dumps(reply, default=str)
+        except (TypeError, orjson.JSONEncodeError) as exc:  # never leave the asker waiting
+            data = orjson.dumps({"ok": False, "error": f"the answer could not be sent as JSON: {exc}"})
+        await msg.respond(data)
+
+    def answering_task(export: bool) -> Callable[[Msg], Awaitable[None]]:
+        async def on_request(msg: Msg) -> None:
+            # nats-py runs one callback at a time per subscription: each answers on its own task
+            task = asyncio.create_task(answer(msg, export))
+            answering.add(task)
+            task.add_done_callback(answering.discard)
+
+        return on_request
 
     async def on_rebuild(msg: Msg) -> None:
         request = orjson.loads(msg.data) if msg.data else {}
@@ -409,7 +462,8 @@ async def _serve_api(system: System) -> None:
         # Where this projector stands (the metrics of a `corral up` without a projector ask this).
         await msg.respond(orjson.dumps({"position": projector.position, "instance": projector.instance}))
 
-    system._subs.append(await nc.subscribe(API_SQL, cb=on_sql))
+    system._subs.append(await nc.subscribe(API_SQL, cb=answering_task(export=False)))
+    system._subs.append(await nc.subscribe(API_EXPORT, cb=answering_task(export=True)))  # operators only
     system._subs.append(await nc.subscribe(API_REBUILD, cb=on_rebuild))
     system._subs.append(await nc.subscribe(API_POSITION, cb=on_position))
     # The subscriptions are on the projector's connection and the CLI asks on another: the server

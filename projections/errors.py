@@ -19,3 +19,17 @@ class DatabaseLocked(ProjectionError):
 
 class QueryError(ProjectionError):
     """A query failed; the message is DuckDB's own first line."""
+
+    kind = "sql"  # how the NATS answer names it, for the CLI's exit code (corral/commands.py)
+
+
+class QueryRefused(QueryError):
+    """A statement `corral sql` does not run (not exactly one query): nothing ran."""
+
+    kind = "refused"
+
+
+class QueryTimeout(QueryError):
+    """A query stopped after its time ([sql] timeout)."""
+
+    kind = "timeout"

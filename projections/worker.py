@@ -13,29 +13,47 @@ Protocol: pickled frames with an 8-byte length, requests on the child's stdin, r
 stdout, one request at a time. The child ends when its stdin closes (the projector stopped), and
 is killed with the projector's process (PR_SET_PDEATHSIG): a batch in DuckDB's hands is then
 rolled back, never half-applied, exactly as when one process was killed.
+
+Queries (`corral sql`, projections/query.py) have a pipe pair of their own: requests carry an id,
+up to QUERY_THREADS run at once, each on a cursor of its own of the live file's DuckDB instance,
+and their answers come back in the order they finish. A slow query holds neither the apply pipe
+nor another query (DuckDB releases the GIL while it executes). The instance has external access
+off (only the batch directory is readable) and its configuration locked, set once the file is
+attached (`_sandbox`).
 """
 
 import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import pickle
+import queue
 import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
+import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import IO, Any
 
+import duckdb
+
 from projections.batch import Gathered, Prepared
-from projections.errors import DatabaseLocked, ProjectionError, QueryError
+from projections.errors import DatabaseLocked, ProjectionError, QueryError, QueryRefused, QueryTimeout
+from projections.query import INTERRUPT_EVERY_S
 
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("<Q")
 LIVE = "live"  # the name of the projector's own file in its worker
+QUERY_THREADS = 8  # queries running at once in a worker; more wait for one of them
+DEFAULT_QUERY_TIMEOUT_S = 10.0  # [sql] timeout (corral/config.py)
+QUERY_ERRORS: dict[str, type[QueryError]] = {"sql": QueryError, "refused": QueryRefused, "timeout": QueryTimeout}
 
 
 class WorkerFailed(ProjectionError):
@@ -75,11 +93,39 @@ class ApplyWorker:
         self.tmp_dir = tmp_dir
         self.positions: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "projections.worker", str(os.getpid()), str(database)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+        # the queries' own pipes: requests in, answers (by id) out
+        requests_r, requests_w = os.pipe()
+        answers_r, answers_w = os.pipe()
+        try:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "projections.worker",
+                    str(os.getpid()),
+                    str(database),
+                    str(requests_r),
+                    str(answers_w),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=(requests_r, answers_w),
+            )
+        except BaseException:
+            os.close(requests_w)
+            os.close(answers_r)
+            raise
+        finally:
+            os.close(requests_r)
+            os.close(answers_w)
+        self._query_requests = os.fdopen(requests_w, "wb")
+        self._query_lock = threading.Lock()  # one writer at a time on the requests pipe
+        self._pending: dict[int, Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._answers = threading.Thread(
+            target=self._read_answers, args=(os.fdopen(answers_r, "rb"),), name="projector-worker-answers", daemon=True
         )
+        self._answers.start()
 
     def open(self, name: str = LIVE, database: Path | None = None) -> dict[str, int]:
         """Open a DuckDB file in the process as `name` and return its applied positions
@@ -128,12 +174,89 @@ class ApplyWorker:
             return value
         if kind == "locked":
             raise DatabaseLocked(*value)
-        if kind == "query":
-            raise QueryError(value)
         raise WorkerFailed(value)
 
-    def query(self, sql: str, *, max_rows: int) -> dict[str, Any]:
-        return self.call(("query", sql, max_rows))  # type: ignore[no-any-return]
+    def submit_query(
+        self,
+        sql: str,
+        *,
+        max_rows: int,
+        max_bytes: int | None = None,
+        timeout_s: float | None = DEFAULT_QUERY_TIMEOUT_S,
+    ) -> "Future[dict[str, Any]]":
+        """Send a query to the worker; its answer (or QueryError) comes in the future, while
+        applies and other queries go on. Await it with `asyncio.wrap_future`."""
+        from projections.query import MAX_BYTES
+
+        future: Future[dict[str, Any]] = Future()
+        with self._query_lock:
+            if self._process.poll() is not None or self._query_requests.closed:
+                raise WorkerFailed(f"the projector's DuckDB worker (pid {self._process.pid}) is gone")
+            query_id = next(self._ids)
+            self._pending[query_id] = future
+            try:
+                _write(self._query_requests, ("query", query_id, sql, max_rows, max_bytes or MAX_BYTES, timeout_s))
+            except (BrokenPipeError, OSError, ValueError) as exc:
+                self._pending.pop(query_id, None)
+                raise WorkerFailed(f"the projector's DuckDB worker (pid {self._process.pid}) is gone: {exc}") from None
+        return future
+
+    def submit_export(self, sql: str, *, timeout_s: float | None = None) -> "Future[dict[str, Any]]":
+        """Have the worker write the rows of one SELECT to a Parquet file in its batch directory
+        (`corral export`, operators only); the answer's "file" names it, for the caller to move."""
+        future: Future[dict[str, Any]] = Future()
+        with self._query_lock:
+            if self._process.poll() is not None or self._query_requests.closed:
+                raise WorkerFailed(f"the projector's DuckDB worker (pid {self._process.pid}) is gone")
+            query_id = next(self._ids)
+            self._pending[query_id] = future
+            try:
+                _write(self._query_requests, ("query", query_id, sql, 1, 0, timeout_s, True))
+            except (BrokenPipeError, OSError, ValueError) as exc:
+                self._pending.pop(query_id, None)
+                raise WorkerFailed(f"the projector's DuckDB worker (pid {self._process.pid}) is gone: {exc}") from None
+        return future
+
+    def query(
+        self,
+        sql: str,
+        *,
+        max_rows: int,
+        max_bytes: int | None = None,
+        timeout_s: float | None = DEFAULT_QUERY_TIMEOUT_S,
+    ) -> dict[str, Any]:
+        """Run a query and wait for its answer (blocking)."""
+        return self.submit_query(sql, max_rows=max_rows, max_bytes=max_bytes, timeout_s=timeout_s).result()
+
+    def _read_answers(self, answers: IO[bytes]) -> None:
+        """The queries' answers, as they come, to their futures; all fail once the worker is gone."""
+        try:
+            while True:
+                try:
+                    answer = _read(answers)
+                except (OSError, ValueError, EOFError, pickle.UnpicklingError):
+                    answer = None
+                if answer is None:
+                    break
+                query_id, kind, value = answer
+                with self._query_lock:
+                    future = self._pending.pop(query_id, None)
+                if future is None:
+                    continue
+                if kind == "ok":
+                    future.set_result(value)
+                elif kind == "query":
+                    error_kind, message = value
+                    future.set_exception(QUERY_ERRORS.get(error_kind, QueryError)(message))
+                else:
+                    future.set_exception(WorkerFailed(value))
+        finally:
+            with contextlib.suppress(OSError):
+                answers.close()
+            with self._query_lock:
+                pending, self._pending = self._pending, {}
+            for future in pending.values():
+                future.set_exception(WorkerFailed(f"the projector's DuckDB worker (pid {self._process.pid}) is gone"))
 
     def close(self, *, checkpoint: bool = True) -> None:
         """Checkpoint and close the file, and let the process end."""
@@ -147,6 +270,8 @@ class ApplyWorker:
 
     def kill(self) -> None:
         process = self._process
+        with self._query_lock, contextlib.suppress(OSError):
+            self._query_requests.close()
         for stream in (process.stdin, process.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
@@ -199,6 +324,26 @@ class RemoteApplier:
 # --- the child's side ----------------------------------------------------------------------------
 
 
+def _sandbox(con: duckdb.DuckDBPyConnection, path: Path, tmp_dir: Path) -> None:
+    """Close the DuckDB instance to the outside, for the queries on its cursors (`corral sql`):
+    no file read or written but the batch files in `tmp_dir` (read_json of the apply path) and
+    what DuckDB keeps open to itself (the attached file, its WAL, its spill directory, here in
+    `tmp_dir` instead of `.tmp` in the current directory); no ATTACH, COPY, extension installed or
+    loaded, and no setting changed any more. The file itself is attached already."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    allowed = {str(tmp_dir.absolute()) + os.sep, str(tmp_dir.resolve()) + os.sep}
+    listed = ", ".join(_literal(d) for d in sorted(allowed))
+    con.execute("SET GLOBAL TimeZone = 'UTC'")  # every cursor's, as the connection's own
+    con.execute(f"SET temp_directory = {_literal(str(tmp_dir.absolute() / ('duckdb-' + path.name)))}")
+    con.execute(f"SET allowed_directories = [{listed}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 class _Database:
     """One open DuckDB file of the worker: its connection and one applier per stream."""
 
@@ -207,6 +352,13 @@ class _Database:
         from projections.projector import BatchApplier, OutputApplier
 
         self.con = open_database(path)
+        try:
+            _sandbox(self.con, path, tmp_dir)
+        except BaseException:
+            self.con.close()
+            raise
+        self.query_root = self.con.cursor()  # queries' cursors are made from this one, not the apply connection
+        self.tmp_dir = tmp_dir
         core = BatchApplier(self.con, tmp_dir=tmp_dir)
         output = OutputApplier(self.con, tmp_dir=tmp_dir)
         self.appliers: dict[str, Any] = {core.stream: core, output.stream: output}
@@ -219,9 +371,126 @@ class _Database:
         self.con.close()
 
 
-def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
-    from projections.query import run_query
+class _Live:
+    """The live file as the query threads see it: taken away (its queries interrupted and
+    waited for) before it is closed, and given back when it opens again (a rebuild's swap); a
+    query meanwhile waits for it, and an interrupted one runs again on the new file."""
 
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._database: _Database | None = None
+        self._tmp_dir = Path()
+        self._running: set[duckdb.DuckDBPyConnection] = set()
+        self._dropped: set[duckdb.DuckDBPyConnection] = set()
+
+    def give(self, database: _Database) -> None:
+        with self._changed:
+            self._database = database
+            self._tmp_dir = database.tmp_dir
+            self._changed.notify_all()
+
+    def take_away(self) -> None:
+        with self._changed:
+            self._database = None
+            while self._running:  # DuckDB forgets an interrupt between two statements: again until done
+                for cursor in self._running:
+                    self._dropped.add(cursor)
+                    cursor.interrupt()
+                self._changed.wait(INTERRUPT_EVERY_S)
+
+    def _cursor(self, deadline: float) -> duckdb.DuckDBPyConnection:
+        from projections.database import cursor
+
+        with self._changed:
+            while self._database is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise QueryTimeout("the projections were not open within the query's time; try again")
+                self._changed.wait(remaining)
+            query_cursor = cursor(self._database.query_root)
+            self._running.add(query_cursor)
+            return query_cursor
+
+    def _done(self, query_cursor: duckdb.DuckDBPyConnection) -> bool:
+        """Close a query's cursor; True if the file was taken away under it."""
+        with self._changed:
+            self._running.discard(query_cursor)
+            dropped = query_cursor in self._dropped
+            self._dropped.discard(query_cursor)
+            with contextlib.suppress(duckdb.Error):
+                query_cursor.close()
+            self._changed.notify_all()
+            return dropped
+
+    def query(
+        self, sql: str, max_rows: int, max_bytes: int, timeout_s: float | None, export: bool = False
+    ) -> dict[str, Any]:
+        try:
+            return self._query(sql, max_rows, max_bytes, timeout_s, export)
+        except QueryTimeout:
+            from projections.query import timeout_message
+
+            raise QueryTimeout(timeout_message(timeout_s)) from None
+
+    def _query(self, sql: str, max_rows: int, max_bytes: int, timeout_s: float | None, export: bool) -> dict[str, Any]:
+        from projections.query import check_statement, run_export, run_query
+
+        check_statement(sql)  # refused at once, whether the file is open or not
+        started = time.monotonic()
+        deadline = started + (timeout_s or 3600.0)
+        while True:
+            query_cursor = self._cursor(deadline)
+            try:
+                left = None if timeout_s is None else max(0.001, deadline - time.monotonic())
+                if export:
+                    file = self._tmp_dir / f"export-{os.getpid()}-{uuid.uuid4().hex}.parquet"
+                    result = {**run_export(query_cursor, sql, file, timeout_s=left), "file": str(file)}
+                else:
+                    result = run_query(query_cursor, sql, max_rows=max_rows, max_bytes=max_bytes, timeout_s=left)
+            except BaseException as exc:
+                if self._done(query_cursor) and isinstance(exc, QueryError):
+                    continue  # the file was swapped under it (a rebuild): again, on the new one
+                raise
+            self._done(query_cursor)
+            return result
+
+
+def _serve_queries(inp: IO[bytes], out: IO[bytes], live: _Live) -> None:
+    """Read query requests and answer each from one of QUERY_THREADS threads, as it finishes."""
+    jobs: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    writing = threading.Lock()
+
+    def work() -> None:
+        while True:
+            query_id, sql, max_rows, max_bytes, timeout_s, *rest = jobs.get()
+            export = bool(rest and rest[0])  # corral export: a Parquet file instead of rows
+            try:
+                reply: tuple[str, Any] = ("ok", live.query(sql, max_rows, max_bytes, timeout_s, export))
+            except QueryError as exc:
+                reply = ("query", (exc.kind, str(exc)))
+            except Exception as exc:
+                log.exception("projector worker: a query failed")
+                reply = ("error", f"{type(exc).__name__}: {exc}")
+            try:
+                with writing:
+                    _write(out, (query_id, *reply))
+            except (OSError, ValueError):
+                return  # the projector is gone
+
+    for n in range(QUERY_THREADS):
+        threading.Thread(target=work, name=f"query-{n}", daemon=True).start()
+    while True:
+        try:
+            request = _read(inp)
+        except (OSError, ValueError):
+            request = None
+        if request is None:
+            return
+        jobs.put(tuple(request[1:]))
+
+
+def _serve(inp: IO[bytes], out: IO[bytes], live: _Live | None = None) -> None:
+    live = live or _Live()
     # "live" is the projector's file; "rebuild" a new one `corral projections rebuild` fills
     databases: dict[str, _Database] = {}
     while True:
@@ -235,6 +504,8 @@ def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
                 if name in databases:
                     raise RuntimeError(f"a DuckDB file is open already as {name!r}")
                 database = databases[name] = _Database(Path(path), Path(tmp_dir))
+                if name == LIVE:
+                    live.give(database)
                 reply: tuple[str, Any] = ("ok", {stream: a.position for stream, a in database.appliers.items()})
             elif op == "apply":
                 _, name, stream, file, first, last, count, lifecycle, derive, recount = request
@@ -252,15 +523,16 @@ def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
             elif op == "derive":
                 databases[request[1]].appliers[request[2]].derive()
                 reply = ("ok", None)
-            elif op == "query":
-                reply = ("ok", run_query(databases[LIVE].con, request[1], max_rows=request[2]))
             elif op == "release":  # close one file (checkpointed, or dropped as it is)
                 _, name, checkpoint = request
+                if name == LIVE:
+                    live.take_away()
                 released = databases.pop(name, None)
                 if released is not None:
                     released.close(checkpoint=checkpoint)
                 reply = ("ok", None)
             elif op == "close":
+                live.take_away()
                 for database in databases.values():
                     database.close(checkpoint=request[1])
                 databases = {}
@@ -270,12 +542,11 @@ def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
                 reply = ("error", f"unknown request {op!r}")
         except DatabaseLocked as exc:
             reply = ("locked", (exc.path, exc.detail))
-        except QueryError as exc:
-            reply = ("query", str(exc))
         except Exception as exc:
             log.exception("projector worker: %s failed", op)
             reply = ("error", f"{type(exc).__name__}: {exc}")
         _write(out, reply)
+    live.take_away()
     for database in databases.values():
         database.close(checkpoint=False)
 
@@ -292,7 +563,8 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main() -> None:
-    # argv: the projector's pid, and the DuckDB file (shown by `ps`; opened when asked)
+    # argv: the projector's pid, the DuckDB file (shown by `ps`; opened when asked), and the
+    # queries' pipes (requests in, answers out)
     _die_with_parent(int(sys.argv[1]))
     logging.basicConfig(level=logging.WARNING, format="corral projector worker: %(message)s", stream=sys.stderr)
     # Ctrl-C in a terminal reaches the whole process group: the projector decides when this ends
@@ -300,8 +572,17 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not break the protocol
+    live = _Live()
+    if len(sys.argv) > 4:
+        queries = threading.Thread(
+            target=_serve_queries,
+            args=(os.fdopen(int(sys.argv[3]), "rb"), os.fdopen(int(sys.argv[4]), "wb"), live),
+            name="queries",
+            daemon=True,
+        )
+        queries.start()
     with contextlib.suppress(BrokenPipeError):  # the projector is gone: committed stays, the rest rolled back
-        _serve(inp, out)
+        _serve(inp, out, live)
 
 
 if __name__ == "__main__":

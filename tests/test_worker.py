@@ -15,7 +15,7 @@ from events.ids import new_execution_id
 from events.subjects import OUTPUT_STREAM, STREAM
 from events.types import ExecutionRequested, ExecutionStarted, Output
 from projections.batch import Gathered
-from projections.errors import DatabaseLocked, QueryError
+from projections.errors import DatabaseLocked, QueryError, QueryRefused
 from projections.worker import ApplyWorker, RemoteApplier
 
 
@@ -66,7 +66,8 @@ def test_worker_applies_records_rejects_and_answers_queries(tmp_path: Path) -> N
         assert state == [["running", 1]]
         with pytest.raises(QueryError, match="does_not_exist"):
             worker.query("SELECT * FROM does_not_exist", max_rows=10)
-        worker.query("DELETE FROM events", max_rows=10)  # run in a transaction that is rolled back
+        with pytest.raises(QueryRefused, match="DELETE statement is refused"):
+            worker.query("DELETE FROM events", max_rows=10)  # refused before anything runs
         assert worker.query("SELECT count(*) FROM events", max_rows=10)["rows"] == [[3]]
     finally:
         worker.close()
