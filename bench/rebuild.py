@@ -78,8 +78,8 @@ def workload(n: int) -> list[tuple[str, bytes, str]]:
             )
         )
         seq.append(ExecutionExited(exit_code=0, duration_s=1.5))
-        for data in seq:
-            event = new_event(eid, data, actor="bench")
+        for data in seq:  # a checkpoint is the checkpointer's to record (projections/verify.py)
+            event = new_event(eid, data, actor="checkpointer-bench-1" if data.TYPE == "checkpoint.created" else "bench")
             events.append((event.subject, event.to_bytes(), event.id))
     return events[:n]
 
