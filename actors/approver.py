@@ -29,6 +29,7 @@ import getpass
 import hashlib
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -40,7 +41,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from actors.bus import Bus
-from actors.policy import Policy
+from actors.policy import Policy, PolicyError, effective_policy
 from actors.runtime import Actor
 from corral.auth import DECIDE_API
 from events.envelope import decode_event
@@ -69,6 +70,8 @@ REQUESTER: Final = "approver"
 DECISION_REQUEST: Final = "approval.decision.submitted"
 OUTCOMES: Final = ("approval.granted", "approval.denied", "approval.expired")
 REPLAY_EFFECTS_S: Final = 240.0  # reactions to outcomes this recent are re-sent after a restart (dedup: 5 min)
+KILL_GRACE_S: Final = 0.0  # a cancel for a refused, expired or over-budget approval: killed at once, never continued
+POLICY_CACHE: Final = 10_000  # executions whose effective policy is remembered
 
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _EXEC_ALPHABET: Final = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -247,10 +250,25 @@ class Approver(Actor):
     name = "approver"
 
     def __init__(
-        self, bus: Bus, policy: Policy | None = None, *, instance: str | None = None, check_interval_s: float = 0.25
+        self,
+        bus: Bus,
+        policy: Policy | None = None,
+        *,
+        instance: str | None = None,
+        check_interval_s: float = 0.25,
+        policy_table: dict[str, Any] | None = None,
+        templates: dict[str, dict[str, Any] | None] | None = None,
     ) -> None:
+        """`policy` is [policy] of corral.toml; `policy_table` (its keys as written) and `templates`
+        (each template's policy keys) let an execution's template and `--policy FILE` keys apply over it."""
         super().__init__(bus, instance=instance)
         self.policy = policy or Policy()
+        if policy_table is None:
+            policy_table = self.policy.model_dump(mode="json")
+            policy_table["approval_timeout"] = policy_table.pop("approval_timeout_s")
+        self.policy_table = policy_table
+        self.template_policies = templates or {}
+        self._policies: OrderedDict[str, Policy] = OrderedDict()
         self.check_interval_s = check_interval_s
         self.book = ApprovalBook()
         self.caught_up = asyncio.Event()
@@ -401,6 +419,33 @@ class Approver(Actor):
         with contextlib.suppress(Exception):
             await msg.respond(orjson.dumps(reply))
 
+    # --- the policy of an execution ------------------------------------------------------------
+
+    async def policy_for(self, execution_id: str) -> Policy:
+        """The execution's policy: [policy], its template's keys over it, its run's (`--policy FILE`) over both.
+
+        Read from its `execution.requested` (once per execution); without one (an approval recorded
+        by a client for an unknown execution), or with keys that no longer validate, [policy].
+        """
+        cached = self._policies.get(execution_id)
+        if cached is not None:
+            return cached
+        policy = self.policy
+        try:
+            stored = await self.bus.js.get_last_msg(STREAM, event_subject(execution_id, "execution.requested"))
+            request = decode_event(stored.data or b"").data
+        except (NotFoundError, EventError):
+            request = None
+        if isinstance(request, ExecutionRequested) and (request.template or request.policy):
+            try:
+                policy = effective_policy(self.policy_table, self.template_policies, request.template, request.policy)
+            except PolicyError as exc:
+                log.warning("approver: the policy of %s cannot be used (%s); [policy] applies", execution_id, exc)
+        self._policies[execution_id] = policy
+        if len(self._policies) > POLICY_CACHE:
+            self._policies.popitem(last=False)
+        return policy
+
     # --- reacting --------------------------------------------------------------------------------
 
     async def _react(self, execution_id: str, kind: str, raw: dict[str, Any], approval: Approval | None) -> None:
@@ -437,6 +482,7 @@ class Approver(Actor):
         except ValueError:
             self.book.needed.pop(needed_id, None)
             return
+        timeout_s = (await self.policy_for(execution_id)).approval_timeout_s
         now = datetime.now(UTC)
         await self._emit(
             execution_id,
@@ -445,7 +491,7 @@ class Approver(Actor):
                 question=needed.question,
                 options=needed.options,
                 category=needed.category,
-                expires_at=now + timedelta(seconds=self.policy.approval_timeout_s),
+                expires_at=now + timedelta(seconds=timeout_s),
                 source=needed.source,
             ),
             cause=needed_id,
@@ -520,7 +566,7 @@ class Approver(Actor):
         if approval.approval_id in self._effects_done:
             return
         self._effects_done.add(approval.approval_id)
-        p = self.policy
+        p = await self.policy_for(approval.execution_id)
         action: str | None = None
         paused = approval.source in ("validator", "budget")  # the agent waits stopped for the decision
         if approval.state == "granted":
@@ -548,10 +594,10 @@ class Approver(Actor):
                 cause=approval.event_id,
                 event_id=derived_id(approval.event_id, "resume"),
             )
-        elif action == "cancel":
+        elif action == "cancel":  # killed at once: a paused agent is never continued, a running one stops now
             await self._emit(
                 approval.execution_id,
-                CancelRequested(reason=reason, requested_by=REQUESTER),
+                CancelRequested(grace_s=KILL_GRACE_S, reason=reason, requested_by=REQUESTER),
                 cause=approval.event_id,
                 event_id=derived_id(approval.event_id, "cancel"),
             )

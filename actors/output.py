@@ -16,6 +16,7 @@ CONTROL_PREFIX = b'{"corral"'
 MAX_CHUNK_BYTES = 64 * 1024
 PARTIAL_LINE_BYTES = 4096  # a partial line is held back for its end until it is this long
 MEMO_LINE_BYTES = 512  # a control line this short is remembered: an agent repeats its heartbeat line
+MAX_CONTROL_LINE_BYTES = MAX_CHUNK_BYTES  # a longer control line is a protocol error, its bytes dropped
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,16 @@ class ControlLine:
     error: str | None = None
 
 
+def oversized_control_line(head: bytes) -> ControlLine:
+    """The protocol error of a control line longer than MAX_CONTROL_LINE_BYTES (its start is kept)."""
+    text = head[:2000].decode(errors="replace")
+    return ControlLine(text, None, {}, f"control line longer than {MAX_CONTROL_LINE_BYTES} bytes (dropped)")
+
+
 def parse_control_line(line: bytes) -> ControlLine:
     """Parse one `{"corral": KIND, ...}` line."""
+    if len(line.rstrip(b"\r\n")) > MAX_CONTROL_LINE_BYTES:
+        return oversized_control_line(line)
     text = line.decode(errors="replace").rstrip("\r\n")
     try:
         value = orjson.loads(line)
@@ -54,6 +63,7 @@ class OutputCoalescer:
         self._line_start = True
         self._partial = b""
         self._memo: tuple[bytes, ControlLine] | None = None  # the last control line parsed
+        self._dropping = False  # within an oversized control line: its bytes are dropped up to its end
         # Whether flush() would return a chunk: a whole line waits (or a long partial one).
         self.flushable = False
 
@@ -66,7 +76,8 @@ class OutputCoalescer:
         controls: list[ControlLine] = []
         if self.parse_control:
             if (
-                self._line_start
+                not self._dropping
+                and self._line_start
                 and not self._partial
                 and data.startswith(CONTROL_PREFIX)
                 and data.find(b"\n") == len(data) - 1
@@ -89,6 +100,7 @@ class OutputCoalescer:
     def finish(self) -> tuple[str | None, list[ControlLine]]:
         """Return the last chunk and a control line the stream ended with (no newline)."""
         controls = []
+        self._dropping = False
         if self._partial:
             if self._partial.startswith(CONTROL_PREFIX):
                 controls.append(parse_control_line(self._partial))
@@ -135,13 +147,23 @@ class OutputCoalescer:
         self._partial = b""
         out = bytearray()
         pos = 0
+        if self._dropping:  # the rest of an oversized control line
+            end = buf.find(b"\n")
+            if end < 0:
+                return b""
+            self._dropping = False
+            self._line_start = True
+            pos = end + 1
         while pos < len(buf):
             end = buf.find(b"\n", pos)
             piece = buf[pos:] if end < 0 else buf[pos : end + 1]
             maybe_control = self._line_start and (piece.startswith(CONTROL_PREFIX) or CONTROL_PREFIX.startswith(piece))
             if end < 0:
-                if maybe_control and len(piece) < MAX_CHUNK_BYTES:
+                if maybe_control and len(piece) <= MAX_CONTROL_LINE_BYTES:
                     self._partial = piece
+                elif maybe_control:  # a control line too long to take: one protocol error, its bytes dropped
+                    controls.append(oversized_control_line(piece))
+                    self._dropping = True
                 else:
                     out += piece
                     self._line_start = False

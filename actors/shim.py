@@ -52,6 +52,10 @@ STOP_CHECK_S = 2.0
 DISK_CHECK_S = 2.0
 FILE_EVENTS_INTERVAL_S = 0.5
 INPUT_TIMEOUT_S = 5.0
+MAX_INPUT_BYTES = 1 << 20  # `corral input` and input.requested: at most 1 MiB of text (docs/control.md)
+# One control request line on the socket: an input of MAX_INPUT_BYTES whose every character JSON
+# escapes to six bytes, and room for the rest of the request.
+CONTROL_LINE_LIMIT = 6 * MAX_INPUT_BYTES + 64 * 1024
 PR_SET_CHILD_SUBREAPER = 36
 HEARTBEAT_FIELDS: dict[str, type | tuple[type, ...]] = {"note": str, "progress": (int, float), "source": str}
 _IN_MODIFY = 0x00000002
@@ -191,6 +195,11 @@ def signal_pids(pids: list[int] | dict[int, str], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+
+def input_too_large(size: int) -> str:
+    """Why an input of `size` bytes is refused (it names the limit)."""
+    return f"the input is {size} bytes; at most {MAX_INPUT_BYTES} bytes (1 MiB) may be sent to an agent"
 
 
 def heartbeat_problem(fields: dict[str, Any]) -> str | None:
@@ -385,7 +394,9 @@ class Shim:
             libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             asyncio.get_running_loop().add_signal_handler(sig, self._terminate, "spawner_stopped", None, 5.0)
-        server = await asyncio.start_unix_server(self._serve, path=socket_address(self.run_dir))
+        server = await asyncio.start_unix_server(
+            self._serve, path=socket_address(self.run_dir), limit=CONTROL_LINE_LIMIT
+        )
         try:
             await self._run_agent()
         finally:
@@ -488,8 +499,7 @@ class Shim:
             left = self.tree()
             if not left:
                 break
-            signal_pids(left, signal.SIGCONT)
-            signal_pids(left, signal.SIGKILL)
+            signal_pids(left, signal.SIGKILL)  # a stopped process dies too, and is never continued first
             await asyncio.sleep(0.05)
         done.set()
         for task in helpers:
@@ -646,18 +656,33 @@ class Shim:
     # control
 
     def _terminate(self, reason: str, cause: str | None, grace_s: float) -> None:
+        """Stop the agent: SIGTERM to the tree, SIGKILL after `grace_s`.
+
+        A paused tree is killed where it stands (SIGKILL reaches a stopped process; SIGCONT would
+        let it run again, and a stopped process cannot act on SIGTERM anyway), and so is any tree
+        when `grace_s` is 0 (an approval rejected or expired, a budget refused): the agent runs no
+        further instruction.
+        """
         if self.stop_reason is not None or self.process is None or self.process.returncode is not None:
             return
         self.stop_reason = reason
         self.stop_cause = cause
+        self.timers_changed.set()
+        if self.paused_since is not None or grace_s <= 0:
+            self._kill_tree()
+            return
         tree = self.tree()
         signal_pids(tree, signal.SIGTERM)
-        signal_pids(tree, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-        self.timers_changed.set()
+        signal_pids(tree, signal.SIGCONT)  # a process stopped by someone else cannot act on SIGTERM
         asyncio.get_running_loop().call_later(grace_s, self._kill_tree)
 
     def _kill_tree(self) -> None:
-        signal_pids(self.tree(), signal.SIGKILL)
+        """SIGKILL every process of the tree, until none is left (a fork racing the first pass too)."""
+        for _ in range(3):
+            tree = self.tree()
+            if not tree:
+                return
+            signal_pids(tree, signal.SIGKILL)
 
     async def pause(self, cause: str | None) -> dict[str, Any]:
         if self.paused_since is not None:
@@ -708,6 +733,9 @@ class Shim:
         if process is None or process.stdin is None or process.stdin.is_closing():
             refusal = self.adapter.input_refusal() if self.adapter else "the agent's stdin is closed"
             return {"ok": False, "error": refusal}
+        size = len(text.encode(errors="surrogatepass"))
+        if size > MAX_INPUT_BYTES:
+            return {"ok": False, "error": input_too_large(size)}
         data = self.adapter.encode_input(text) if self.adapter is not None else text.encode()
         try:
             process.stdin.write(data)
@@ -749,7 +777,13 @@ class Shim:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await reader.readline()
+            try:
+                line = await reader.readline()
+            except ValueError:  # longer than CONTROL_LINE_LIMIT: answered, not dropped in silence
+                error = f"the control request is longer than {CONTROL_LINE_LIMIT} bytes"
+                writer.write(orjson.dumps({"ok": False, "error": error}) + b"\n")
+                await writer.drain()
+                return
             op: dict[str, Any] = orjson.loads(line) if line else {}
             kind = op.get("op")
             cause = op.get("cause")
@@ -779,9 +813,7 @@ class Shim:
                 reply = await self.pause(cause)
             elif kind == "resume":
                 reply = await self.resume(cause, op.get("max_cost_usd"))
-            elif kind == "cancel":
-                if self.paused_since is not None:
-                    await self.resume(None)
+            elif kind == "cancel":  # a paused agent is killed as it stands, never continued (_terminate)
                 self._terminate(str(op.get("reason") or "cancelled"), cause, float(op.get("grace_s", 10.0)))
                 reply = {"ok": True}
             elif kind == "extend":

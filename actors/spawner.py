@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
-from actors.approver import approval_line
+from actors.approver import approval_line, derived_id
 from actors.bus import Bus
 from actors.errors import WorkspaceError
 from actors.redact import SECRET_PLACEHOLDER
@@ -44,6 +44,7 @@ from corral.auth import CREDENTIAL_ENV, SERVER_ENV_PREFIX
 from events.envelope import Event, decode_event, envelope_bytes, trusted_payload
 from events.errors import EventError, WrongLastSequence
 from events.publisher import PubAck
+from events.stream import MAX_EVENT_BYTES
 from events.subjects import EVENT_PREFIX, STREAM, event_subject, events_of_type, split_subject
 from events.types import (
     CancelRequested,
@@ -79,6 +80,7 @@ APPROVAL_TYPES = ("approval.requested", "approval.granted", "approval.denied", "
 POLL_S = 1.0
 SAVE_OFFSET_EVERY_S = 5.0
 PUMP_GATHER_S = 0.05
+HEADER_ROOM = 1024  # of an event's bytes, left for its NATS headers (Nats-Msg-Id)
 SHIM_CONNECT_S = 10.0
 WATCH_QUIET = b'{"op":"watch","quiet":true}\n'  # the spool is watched with inotify: no byte per append
 WATCH_PLAIN = b'{"op":"watch"}\n'  # a byte per spool append
@@ -147,6 +149,29 @@ class SpoolTail:
     def read(self) -> bytes:
         """The spool's bytes from the offset (at most READ_SIZE)."""
         return os.pread(self.fd, self.READ_SIZE, self.offset)
+
+    def read_line(self, first: bytes, limit: int) -> tuple[bytes | None, int]:
+        """The whole line at the offset, which is longer than `first` (a read without a newline).
+
+        Returns (the line with its newline, its length), or (None, its length) when it is longer
+        than `limit` (only its end is looked for, nothing more is kept), or (None, 0) while its
+        newline is not written yet.
+        """
+        parts = [first]
+        size = len(first)
+        while True:
+            more = os.pread(self.fd, self.READ_SIZE, self.offset + size)
+            if not more:
+                return None, 0
+            newline = more.find(b"\n")
+            taken = more if newline < 0 else more[: newline + 1]
+            size += len(taken)
+            if size <= limit:
+                parts.append(taken)
+            else:
+                parts.clear()
+            if newline >= 0:
+                return (b"".join(parts) if parts else None), size
 
     def save(self) -> None:
         """Remember the offset below which every line is stored (fixed width: one write, no truncation)."""
@@ -700,12 +725,28 @@ class Spawner(Actor):
                             fail(tail, exc)
 
     async def _publish_spool(self, tail: "SpoolTail") -> None:
-        """Publish the whole lines a spool gained; resolve `tail.done` once nothing more will come."""
+        """Publish the whole lines a spool gained; resolve `tail.done` once nothing more will come.
+
+        A spool is read a window (READ_SIZE) at a time; a line longer than a window is read whole
+        (up to what an event may hold; a longer one is recorded as a `protocol.error`, see
+        `_oversized`), so no line, however long, stops the lines after it.
+        """
         run = tail.run
         data = tail.read()
         end = data.rfind(b"\n") + 1
+        lines = data[:end].split(b"\n")[:-1]
+        more = len(data) >= SpoolTail.READ_SIZE
+        oversized = 0
+        if end == 0 and more:  # one line longer than the window
+            whole, length = tail.read_line(data, self.max_line_bytes)
+            end = length
+            more = length > 0
+            if whole is not None:
+                lines = [whole[:-1]]
+            elif length:
+                oversized = length
         send = self.bus.publisher.send
-        for line in data[:end].split(b"\n")[:-1]:
+        for line in lines:
             tail.offset += len(line) + 1
             built = self._envelope(run, line)
             if built is None:
@@ -714,16 +755,54 @@ class Spawner(Actor):
             if kind in TERMINAL:
                 tail.terminal = kind
             tail.acks.append((tail.offset, await send(subject, payload, msg_id=event_id)))
+        if oversized:
+            tail.offset += oversized
+            subject, payload, event_id, _ = self._oversized(run, data, oversized)
+            tail.acks.append((tail.offset, await send(subject, payload, msg_id=event_id)))
         tail.settle()
         if tail.terminal is not None:
             tail.done.set_result(None)
-        elif len(data) >= SpoolTail.READ_SIZE:
+        elif more:
             self._mark(tail)  # more than one read's worth: go on in the next pass
         elif tail.sock is None:
             if end == 0:
                 tail.done.set_result(None)  # the shim is gone and every whole line it wrote is published
             else:
                 self._mark(tail)
+
+    @property
+    def max_event_bytes(self) -> int:
+        """The largest event this spawner publishes: the stream's limit, or the server's if lower,
+        less room for the message's headers."""
+        server = int(getattr(self.bus.nc, "max_payload", 0) or 0)
+        return (min(MAX_EVENT_BYTES, server) if server > 0 else MAX_EVENT_BYTES) - HEADER_ROOM
+
+    @property
+    def max_line_bytes(self) -> int:
+        """The longest spool line read whole: longer ones cannot become an event (the envelope adds)."""
+        return self.max_event_bytes
+
+    def _oversized(self, run: RunningExecution, head: bytes, length: int) -> tuple[str, bytes, str, str]:
+        """A `protocol.error` for a spool line too long to publish (its start kept; derived id, so a
+        republish after a restart is stored once)."""
+        found = head[:40].split(b'"id":"', 1)
+        line_id = found[1][:26].decode(errors="replace") if len(found) == 2 else ""
+        event_id = derived_id(line_id or f"{run.execution_id}-{length}", "oversized")
+        error = ProtocolError(
+            line=head[:2000].decode(errors="replace"),
+            error=f"a spool line of {length} bytes is longer than the largest event ({self.max_event_bytes} bytes)",
+        )
+        payload = envelope_bytes(
+            event_id,
+            error.TYPE,
+            run.execution_id,
+            datetime.now(UTC),
+            self.instance,
+            run.request_id,
+            run.execution_id,
+            error.model_dump(mode="json"),
+        )
+        return event_subject(run.execution_id, error.TYPE), payload, event_id, error.TYPE
 
     def _on_spools(self) -> None:
         """inotify has news: wake the pump, and stop listening until its pass has read it all (one
@@ -821,6 +900,8 @@ class Spawner(Actor):
                 run.execution_id,
                 data,
             )
+            if len(payload) > self.max_event_bytes:  # (its text escaped more in the envelope than in the spool)
+                return self._oversized(run, line, len(line) + 1)
             return event_subject(run.execution_id, kind), payload, event_id, kind
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError, OSError, EventError) as exc:
             sys.stderr.write(f"corral: spawner: {run.execution_id}: unreadable spool line skipped ({exc})\n")

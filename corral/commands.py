@@ -48,6 +48,7 @@ from events.types import EVENT_TYPES, ExecutionRequested, Limits, Timeouts
 from replay.history import follow, last_sequence
 
 CLAIM_TIMEOUT_S = 30.0
+MAX_REQUEST_BYTES = 1 << 20  # an execution.requested event: at most 1 MiB (docs/control.md)
 TERMINAL_TYPES = ("execution.exited", "execution.failed")
 
 
@@ -228,6 +229,7 @@ async def cmd_run(home: Home, args: Any) -> int:
         policy=run_policy,
     )
     execution_id = new_execution_id()
+    check_request_size(new_event(execution_id, request, actor="cli").to_bytes())
     if parent is not None and not args.quiet:
         info(f"{execution_id}: follow-up of {parent.execution_id} in {parent.worktree}")
     if args.detach:
@@ -240,6 +242,20 @@ async def cmd_run(home: Home, args: Any) -> int:
         return 0
     async with open_system(home) as system:
         return await _run_and_follow(system, execution_id, request, quiet=args.quiet)
+
+
+def check_request_size(event: bytes) -> None:
+    """Refuse a request whose event is over MAX_REQUEST_BYTES: one line, nothing published.
+
+    Its command comes back in `execution.started`, and events have a size limit (the stream's);
+    large text belongs in a file of the repository, not in the command line or the task.
+    """
+    if len(event) > MAX_REQUEST_BYTES:
+        raise UsageError(
+            f"the request is {len(event)} bytes; at most {MAX_REQUEST_BYTES} bytes (1 MiB: command, task, env, "
+            "policy and labels together) may be submitted: put large text in a file of the repository; "
+            "nothing was started"
+        )
 
 
 def _run_policy(config: Config, template: str | None, path: str | None) -> dict[str, Any] | None:

@@ -15,13 +15,16 @@ import orjson
 from nats.aio.msg import Msg
 
 from actors.runtime import health_state, read_health
+from actors.shim import MAX_INPUT_BYTES, input_too_large
 from actors.shim import request as shim_request
 from corral import render
 from corral.commands import info, query, resolve_execution_id
+from corral.config import ConfigError, load_config, resolve_run
 from corral.errors import CorralError, UsageError
 from corral.home import Home
 from corral.system import System, open_system
 from events.envelope import new_event
+from events.stream import MAX_EVENT_BYTES
 from events.subjects import STREAM, execution_events
 from events.types import (
     CancelRequested,
@@ -196,13 +199,29 @@ def read_input(args: Any) -> str:
             return sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
         except OSError as exc:
             raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"cannot send {args.file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if args.text is None:
         raise UsageError("nothing to send; give TEXT or --file F (- for stdin)")
     return str(args.text) if args.text.endswith("\n") else args.text + "\n"
 
 
+def check_input_size(text: str) -> None:
+    """Refuse an input over MAX_INPUT_BYTES (1 MiB), or one whose event would be over the stream's limit."""
+    size = len(text.encode(errors="surrogatepass"))
+    if size > MAX_INPUT_BYTES:
+        raise UsageError(f"{input_too_large(size)}; nothing was sent")
+    encoded = len(orjson.dumps(text))
+    if encoded > MAX_EVENT_BYTES - 64 * 1024:
+        raise UsageError(
+            f"the input is {size} bytes but {encoded} once JSON-escaped (control characters), over the "
+            f"{MAX_EVENT_BYTES}-byte event limit; nothing was sent"
+        )
+
+
 async def cmd_input(home: Home, args: Any) -> int:
     text = read_input(args)
+    check_input_size(text)
     async with open_system(home, actors=("projector",)) as system:
         execution_id, _ = await _target(system, args, RUNNING, "send input to")
         answer = await request_and_wait(system, execution_id, InputRequested(text=text), ("input.delivered",))
@@ -233,8 +252,8 @@ async def cmd_cancel(home: Home, args: Any) -> int:
     if args.grace is not None and args.grace < 0:
         raise UsageError("--grace must be 0 or more seconds")
     async with open_system(home, actors=("projector",)) as system:
-        execution_id, _ = await _target(system, args, (*QUEUED, "claimed", *RUNNING), "cancel")
-        grace = args.grace if args.grace is not None else 10.0
+        execution_id, row = await _target(system, args, (*QUEUED, "claimed", *RUNNING), "cancel")
+        grace = args.grace if args.grace is not None else cancel_grace(home, row.get("template"))
         answer = await request_and_wait(
             system,
             execution_id,
@@ -247,6 +266,17 @@ async def cmd_cancel(home: Home, args: Any) -> int:
     how = f"signal {data['signal']}" if data.get("signal") else f"exit code {data.get('exit_code')}"
     _print(args, answer, f"{execution_id}: {data.get('reason', 'ended')} ({how})")
     return 0
+
+
+def cancel_grace(home: Home, template: str | None) -> float:
+    """`cancel_grace` of corral.toml for an execution: its template's, else [defaults]' (10 s)."""
+    try:
+        config = load_config(home)
+        if template is not None and template not in config.templates:
+            template = None  # (the template is gone from corral.toml since): [defaults]
+        return float(resolve_run(config, template, {}).settings.cancel_grace_s)
+    except ConfigError:
+        return 10.0
 
 
 async def cmd_extend(home: Home, args: Any) -> int:

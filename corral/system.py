@@ -295,7 +295,10 @@ async def _start_actors(system: System, names: tuple[str, ...], *, config: Confi
             templates = {t.name: t.policy for t in config.templates.values()}
             actor = Validator(bus, policy=config.policy, templates=templates)
         elif name == "approver":
-            actor = Approver(bus, effective_policy(config.policy, {}, None))
+            templates = {t.name: t.policy for t in config.templates.values()}
+            actor = Approver(
+                bus, effective_policy(config.policy, {}, None), policy_table=config.policy, templates=templates
+            )
         elif name == "projector":
             actor = Projector(bus, database=home.database, tmp_dir=home.tmp)
         else:
