@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--env", action="append", metavar="NAME=VALUE", help="extra environment")
     run.add_argument("--label", action="append", metavar="NAME=VALUE", help="labels to record")
     run.add_argument("--template", "-t", help="a template of corral.toml (`corral templates` lists them)")
-    run.add_argument("--priority", help="queue order: higher runs first (default 0)")
+    run.add_argument("--priority", type=int, metavar="N", help="queue order: higher runs first (default 0)")
     run.add_argument("--timeout", help="hard wall-clock limit, e.g. 30m (frozen while paused; 0 = none)")
     run.add_argument("--idle-timeout", help="stalled after this long without output or heartbeat, e.g. 5m")
     run.add_argument("--spawn-timeout", help="give up if not started this long after being claimed")
@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     tap.add_argument("pattern", nargs="?", help="subject pattern or execution id (default: all)")
     tap.add_argument("--since", help="start at a sequence number, a duration ago (10m) or `all`")
     tap.add_argument("--limit", type=int, help="exit after this many events")
+    tap.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="print the events stored so far and exit (default: keep following, like `nats sub`)",
+    )
 
     sql = sub.add_parser("sql", help="query the DuckDB projections (read-only)")
     sql.add_argument("sql", metavar="SQL")

@@ -640,7 +640,7 @@ def parse_since(text: str) -> dict[str, Any]:
 
 
 async def cmd_tap(home: Home, args: Any) -> int:
-    position = parse_since(args.since) if args.since else {"new_only": True}
+    position = parse_since(args.since) if args.since else ({"start_seq": 1} if args.no_follow else {"new_only": True})
     async with open_system(home, actors=(), role="tap") as system:  # reads only
         pattern = args.pattern or ALL_EVENTS
         if "." not in pattern and pattern not in (">", "*"):
@@ -659,15 +659,20 @@ async def cmd_tap(home: Home, args: Any) -> int:
 
         async def on_event(seq: int, msg: Msg) -> bool:
             nonlocal count
-            if ack_stream(msg.reply) == OUTPUT_STREAM:  # log retention: a sequence of that stream
-                out.write(b'{"seq":%d,"stream":"%s",%s\n' % (seq, OUTPUT_STREAM.encode(), msg.data[1:]))
+            data = msg.data
+            if data[:1] != b"{" or data[-1:] != b"}" or len(data) < 3:  # not an envelope: still one JSON line
+                out.write(orjson.dumps({"seq": seq, "malformed": data.decode(errors="replace")}) + b"\n")
+            elif ack_stream(msg.reply) == OUTPUT_STREAM:  # log retention: a sequence of that stream
+                out.write(b'{"seq":%d,"stream":"%s",%s\n' % (seq, OUTPUT_STREAM.encode(), data[1:]))
             else:
-                out.write(b'{"seq":%d,%s\n' % (seq, msg.data[1:]))
+                out.write(b'{"seq":%d,%s\n' % (seq, data[1:]))
             out.flush()
             count += 1
             return bool(args.limit and count >= args.limit)
 
-        await follow(system.bus.js, pattern, on_event, done=stop, **position)
+        await follow(
+            system.bus.js, pattern, on_event, done=stop, stop_when_caught_up=bool(args.no_follow), **position
+        )
     return 0
 
 

@@ -4,6 +4,7 @@ The file is looked up in order: `$CORRAL_CONFIG` (must exist), `./corral.toml`, 
 no file means all defaults. Every error is one line naming the file and the dotted key (docs/config.md).
 """
 
+import contextlib
 import difflib
 import math
 import os
@@ -164,6 +165,9 @@ def _limit_cpus(value: Any) -> float | None:
         return None
     if _no_limit(value):
         return 0.0
+    if isinstance(value, str):  # from the command line (--cpus 1.5)
+        with contextlib.suppress(ValueError):
+            value = float(value.strip())
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
         return float(value)
     raise ValueError(f"expected a number of CPUs like 1 or 0.5 (got {_show(value)})")
