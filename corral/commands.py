@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ from actors.adapters import build_command, split_words
 from actors.errors import WorkspaceError
 from actors.redact import SECRET_PLACEHOLDER, is_secret_name
 from actors.worktree import repo_root, resolve_commit
-from corral import render
+from corral import attention, render
 from corral.config import Config, load_config, resolve_run
 from corral.errors import CorralError, NotFound, UsageError
 from corral.home import Home, SystemLock
@@ -45,6 +46,7 @@ from events.subjects import (
     execution_events,
 )
 from events.types import EVENT_TYPES, ExecutionRequested, Limits, Timeouts
+from projections.errors import ProjectionError
 from replay.history import follow, last_sequence
 
 CLAIM_TIMEOUT_S = 30.0
@@ -351,7 +353,37 @@ async def _run_and_follow(system: System, execution_id: str, request: ExecutionR
             loop.remove_signal_handler(sig)
     if detached:
         return 130
+    if outcome.get("kind") == "execution.exited":
+        await _after_exit(system, execution_id, outcome)
     return _summarise(execution_id, outcome, quiet=quiet)
+
+
+AFTER_EXIT_WAIT_S = 10.0
+
+
+async def _after_exit(system: System, execution_id: str, outcome: dict[str, Any]) -> None:
+    """What the run summary says besides the exit: why it stopped, and failed validations or pending
+    approvals, which may come after the exit (the exit checkpoint is validated then). With a
+    validator running, wait for the exit checkpoint's validation (at most AFTER_EXIT_WAIT_S)."""
+    ask = functools.partial(query, system)
+    runtime = system.home.read_runtime() if system.mode == "client" else None
+    validating = "validator" in system.actors or bool(runtime and "validator" in (runtime.get("actors") or ()))
+    deadline = time.monotonic() + AFTER_EXIT_WAIT_S
+    with contextlib.suppress(CorralError, ProjectionError):
+        while validating and time.monotonic() < deadline:
+            done = await ask(
+                f"SELECT (SELECT max(n) FROM checkpoints WHERE execution_id = '{execution_id}' "
+                "AND trigger = 'exit') AS cp, "
+                f"(SELECT max(checkpoint) FROM validations WHERE execution_id = '{execution_id}') AS checked"
+            )
+            cp, checked = done["rows"][0]
+            if cp is not None and checked is not None and checked >= cp:
+                break
+            await asyncio.sleep(0.2)
+        result = await ask(f"SELECT {PS_COLUMNS} FROM executions WHERE execution_id = '{execution_id}'")
+        rows = render.records(result["columns"], result["rows"])
+        outcome["reason"] = (await attention.reasons(ask, rows)).get(execution_id)
+        outcome["attention"] = (await attention.needs(ask, [execution_id])).get(execution_id)
 
 
 def _summarise(execution_id: str, outcome: dict[str, Any], *, quiet: bool) -> int:
@@ -364,11 +396,17 @@ def _summarise(execution_id: str, outcome: dict[str, Any], *, quiet: bool) -> in
     code = outcome.get("exit_code")
     sig = outcome.get("signal")
     status = f"exit {code}" if sig is None else f"killed by signal {sig}"
+    reason = outcome.get("reason")
     if not quiet:
+        chunks = outcome.get("chunks", 0)
         info(
-            f"{execution_id} {status} in {render.human_duration(outcome['duration_s'])} · "
-            f"{outcome.get('chunks', 0)} output chunks · `corral logs {execution_id}`"
+            f"{execution_id} {status}{f' ({reason})' if reason else ''} in "
+            f"{render.human_duration(outcome['duration_s'])} · "
+            f"{chunks} output chunk{'s' if chunks != 1 else ''} · `corral logs {execution_id}`"
         )
+    needs_text = attention.needs_text(outcome.get("attention"))
+    if needs_text:  # said even with -q: a human has something to look at
+        info(f"{execution_id} needs you: {needs_text} (`corral approvals`, `corral status {execution_id}`)")
     if sig is not None:
         return 128 + int(sig)
     return int(code) if code is not None else 1
@@ -552,7 +590,8 @@ async def cmd_sql(home: Home, args: Any) -> int:
 
 
 PS_COLUMNS = (
-    "execution_id, state, requested_at, duration_s, exit_code, signal, command, repo, error, worktree, output_bytes"
+    "execution_id, state, requested_at, duration_s, exit_code, signal, command, repo, error, worktree, output_bytes, "
+    "exit_reason"
 )
 
 
@@ -560,7 +599,14 @@ async def cmd_ps(home: Home, args: Any) -> int:
     where = "" if args.all else "WHERE state NOT IN ('exited', 'failed')"
     async with open_system(home, actors=("projector",)) as system:
         result = await query(system, f"SELECT {PS_COLUMNS} FROM executions {where} ORDER BY requested_at DESC")
-    rows = render.records(result["columns"], result["rows"])
+        rows = render.records(result["columns"], result["rows"])
+        ask = functools.partial(query, system)
+        why = await attention.reasons(ask, rows)
+        needed = await attention.needs(ask, [r["execution_id"] for r in rows])
+    for row in rows:
+        row["reason"] = why.get(row["execution_id"])
+        row["attention"] = needed.get(row["execution_id"])
+    rows.sort(key=lambda r: r["attention"] is None)  # runs needing a human first (stable: newest first within)
     if args.json:
         render.print_json(rows)
         return 0
@@ -584,11 +630,14 @@ async def cmd_ps(home: Home, args: Any) -> int:
                 render.human_duration(age) + " ago",
                 render.human_duration(row["duration_s"]),
                 exit_text,
+                row["reason"] or "-",
+                attention.needs_text(row["attention"]) or "-",
                 row["command"],
                 row["error"] or row["repo"],
             ]
         )
-    print(render.table(["id", "state", "age", "duration", "exit", "command", "repo / error"], table_rows))
+    headers = ["id", "state", "age", "duration", "exit", "why", "needs you", "command", "repo / error"]
+    print(render.table(headers, table_rows))
     return 0
 
 
@@ -670,9 +719,7 @@ async def cmd_tap(home: Home, args: Any) -> int:
             count += 1
             return bool(args.limit and count >= args.limit)
 
-        await follow(
-            system.bus.js, pattern, on_event, done=stop, stop_when_caught_up=bool(args.no_follow), **position
-        )
+        await follow(system.bus.js, pattern, on_event, done=stop, stop_when_caught_up=bool(args.no_follow), **position)
     return 0
 
 

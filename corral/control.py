@@ -5,6 +5,8 @@ in answer (its causation id is the request's id), or for `control.rejected` with
 """
 
 import asyncio
+import functools
+import getpass
 import sys
 import time
 from datetime import UTC, datetime
@@ -17,7 +19,7 @@ from nats.aio.msg import Msg
 from actors.runtime import health_state, read_health
 from actors.shim import MAX_INPUT_BYTES, input_too_large
 from actors.shim import request as shim_request
-from corral import render
+from corral import attention, render
 from corral.commands import info, query, resolve_execution_id
 from corral.config import ConfigError, load_config, resolve_run
 from corral.errors import CorralError, UsageError
@@ -44,6 +46,16 @@ QUEUED = ("requested", "queued")
 
 class NotConfirmed(CorralError):
     """No actor confirmed a request in time."""
+
+
+def _requester(system: System) -> str:
+    """Who asks: the authenticated NATS user, else the OS user (shown as the reason of a stop)."""
+    if system.bus.user:
+        return str(system.bus.user)
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 async def execution_row(system: System, execution_id: str) -> dict[str, Any]:
@@ -232,7 +244,12 @@ async def cmd_input(home: Home, args: Any) -> int:
 async def cmd_pause(home: Home, args: Any) -> int:
     async with open_system(home, actors=("projector",)) as system:
         execution_id, _ = await _target(system, args, ("running",), "pause")
-        answer = await request_and_wait(system, execution_id, PauseRequested(reason=args.reason), ("execution.paused",))
+        answer = await request_and_wait(
+            system,
+            execution_id,
+            PauseRequested(reason=args.reason, requested_by=_requester(system)),
+            ("execution.paused",),
+        )
     pids = answer["data"]["pids"]
     _print(args, answer, f"{execution_id}: paused ({len(pids)} process{'es' if len(pids) != 1 else ''} stopped)")
     return 0
@@ -257,7 +274,7 @@ async def cmd_cancel(home: Home, args: Any) -> int:
         answer = await request_and_wait(
             system,
             execution_id,
-            CancelRequested(grace_s=grace, reason=args.reason),
+            CancelRequested(grace_s=grace, reason=args.reason, requested_by=_requester(system)),
             (),
             any_cause=("execution.exited", "execution.failed"),
             timeout_s=grace + CONFIRM_TIMEOUT_S,
@@ -325,6 +342,9 @@ async def cmd_status(home: Home, args: Any) -> int:
         row = await execution_row(system, execution_id)
         position = await queue_position(system, execution_id) if row["state"] in QUEUED else None
         activity_row = await agent_activity(system, execution_id)
+        ask = functools.partial(query, system)
+        reason = (await attention.reasons(ask, [{"execution_id": execution_id, **row}])).get(execution_id)
+        need = (await attention.needs(ask, [execution_id])).get(execution_id)
     live: dict[str, Any] | None = None
     run_dir = home.runs / execution_id
     if row["state"] in RUNNING and run_dir.is_dir():
@@ -362,6 +382,11 @@ async def cmd_status(home: Home, args: Any) -> int:
         "exit_code": row["exit_code"],
         "signal": row["signal"],
         "exit_reason": row["exit_reason"],
+        "reason": reason,
+        "validations_failed": (need or {}).get("validations_failed", 0),
+        "validations_critical": (need or {}).get("critical", 0),
+        "approvals_pending": (need or {}).get("approvals_pending", 0),
+        "needs_you": attention.needs_text(need) or None,
         "error": row["error"],
         "output_bytes": row["output_bytes"],
         "limit_eta_s": limit_eta(row, activity_row),

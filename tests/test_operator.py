@@ -10,7 +10,7 @@ from pathlib import Path
 
 from actors.bus import connect_bus
 from tests.conftest import Cli, agent_command
-from tests.test_control import detach, wait_state
+from tests.test_control import detach, status, wait_state
 from tests.test_control import up as up  # the fixture
 
 
@@ -70,3 +70,51 @@ def test_tap_prints_a_malformed_message_as_one_json_line(cli: Cli, up: subproces
     lines = [json.loads(line) for line in tapped.stdout.splitlines()]  # every line is JSON
     assert [line["malformed"] for line in lines] == ["{}", "not json at all"]
     assert all(isinstance(line["seq"], int) for line in lines)
+
+
+def _ps(cli: Cli) -> dict[str, dict]:
+    return {row["execution_id"]: row for row in json.loads(cli("ps", "--all", "--json", check=True).stdout)}
+
+
+def test_why_an_execution_stopped_is_said_everywhere(cli: Cli, repo: Path, up: subprocess.Popen[str]) -> None:
+    hard = detach(cli, repo, "--timeout", "2s", *agent_command("--steps", "1", "--sleep", "600"))
+    idle = detach(
+        cli, repo, "--idle-timeout", "2s", "--on-stall", "cancel", *agent_command("--steps", "1", "--sleep", "600")
+    )
+    user = detach(cli, repo, *agent_command("--steps", "1", "--sleep", "600"))
+    wait_state(cli, user, "running")
+    cli("cancel", user, "--grace", "0", check=True)
+    for execution_id in (hard, idle, user):
+        wait_state(cli, execution_id, "exited")
+    rows = _ps(cli)
+    assert rows[hard]["reason"] == "hard timeout"
+    assert rows[idle]["reason"] == "idle timeout"
+    assert rows[user]["reason"].startswith("cancelled by ")
+    # the three used to look alike: `sig 15`
+    table = cli("ps", "--all", check=True).stdout
+    assert "hard timeout" in table and "idle timeout" in table and "cancelled by" in table
+    assert status(cli, hard)["reason"] == "hard timeout"
+
+
+def test_paused_at_its_disk_quota_says_so(cli: Cli, repo: Path, up: subprocess.Popen[str]) -> None:
+    command = ["--", "sh", "-c", "head -c 30000000 /dev/zero > big.bin; sleep 600"]
+    execution_id = detach(cli, repo, "--disk", "10M", *command)
+    shown = wait_state(cli, execution_id, "paused")
+    assert shown["reason"].startswith("disk limit ("), shown["reason"]
+    assert _ps(cli)[execution_id]["reason"] == shown["reason"]
+    cli("cancel", execution_id, "--grace", "0", check=True)
+
+
+def test_a_failed_validation_after_the_exit_is_shown(
+    cli: Cli, repo: Path, up: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    policy = tmp_path / "strict.toml"
+    policy.write_text('forbidden_paths = ["NOTES.md"]\n')
+    run = cli("run", "--repo", str(repo), "--policy", str(policy), *agent_command("--steps", "1", "--sleep", "0"))
+    assert run.returncode == 0, run.stderr  # the agent's own exit code
+    [execution_id] = list(_ps(cli))
+    said = [line for line in run.stderr.splitlines() if "needs you" in line]
+    assert said and "validation" in said[0] and "critical" in said[0], run.stderr
+    shown = status(cli, execution_id)
+    assert shown["validations_failed"] >= 1 and shown["validations_critical"] >= 1
+    assert _ps(cli)[execution_id]["attention"]["validations_failed"] >= 1
