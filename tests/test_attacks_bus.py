@@ -306,9 +306,10 @@ async def test_only_the_provisioner_scales_and_updates(world: World) -> None:
 
 def test_the_provisioner_is_a_user_of_every_server() -> None:
     """`corral credentials --server-env` writes every user's variable: the provisioner's too."""
-    from corral.auth import generate
+    from corral import auth
 
-    creds = generate()
+    assert (auth.HEALTH_BUCKET, auth.STREAM, auth.OUTPUT_STREAM) == (HEALTH_BUCKET, STREAM, "CORRAL_OUTPUT")
+    creds = auth.generate()
     assert "CORRAL_PASS_PROVISIONER" in creds.server_env()
     assert "{user: provisioner, password: $CORRAL_PASS_PROVISIONER" in render_auth_conf()
     users = render_auth_conf().split("{user: ")[1:]
