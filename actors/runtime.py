@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -13,13 +14,15 @@ import orjson
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import FetchTimeoutError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import FetchTimeoutError, KeyWrongLastSequenceError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from actors.bus import Bus
 from corral import __version__
 from events.stream import ensure_work_consumer
 from events.subjects import HEALTH_BUCKET, STREAM
+
+log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 5.0
 # `corral health`: an instance silent for more than this many beats is gone (not alive, whatever its
@@ -57,6 +60,7 @@ class Actor:
         self.started_at = time.time()
         self.boot_id = uuid.uuid4().hex  # this process's run of the instance: a restart is another boot
         self.beat = 0  # how many health records this boot wrote: monotonic
+        self.health_overwritten = 0  # records of this instance someone else wrote (and it replaced)
         self.stopping = asyncio.Event()
         self._main: asyncio.Task[None] | None = None
         self._health: KeyValue | None = None
@@ -108,15 +112,37 @@ class Actor:
         return health_key(self.name, self.instance)
 
     async def _heartbeat(self) -> None:
-        """Write the health record every HEALTH_INTERVAL_S; the provisioner created the bucket."""
+        """Write the health record every HEALTH_INTERVAL_S; the provisioner created the bucket.
+
+        Each write after the first expects the revision of the last one: a record someone else
+        wrote meanwhile (the same role's credentials, on this instance's key) is reported and
+        replaced, so a forgery lasts one beat at most while the instance lives.
+        """
+        revision = 0  # of this instance's last confirmed write
         while not self.stopping.is_set():
             if self._health is None:
                 with contextlib.suppress(Exception):  # no bucket yet: next beat
                     self._health = await self.bus.js.key_value(HEALTH_BUCKET)
             if self._health is not None:
                 self.beat += 1
-                with contextlib.suppress(Exception):
-                    await self._health.put(self.health_key, orjson.dumps(self.health()))
+                record = orjson.dumps(self.health())
+                try:
+                    if revision:
+                        revision = await self._health.update(self.health_key, record, last=revision)
+                    else:
+                        revision = await self._health.put(self.health_key, record)
+                except KeyWrongLastSequenceError:
+                    self.health_overwritten += 1
+                    log.warning(
+                        "%s: health record %s was written by another client; rewriting it",
+                        self.instance,
+                        self.health_key,
+                    )
+                    revision = 0
+                    with contextlib.suppress(Exception):
+                        revision = await self._health.put(self.health_key, record)
+                except Exception:  # not confirmed (a reconnect): the next beat writes without expectation
+                    revision = 0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), HEALTH_INTERVAL_S)
 

@@ -6,12 +6,22 @@ they show as gone and `corral health` exits 1 (no actor has an alive instance); 
 Liveness is the server's time of each record's last write, not what the record says.
 """
 
+import asyncio
 import json
 import subprocess
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from actors.runtime import HEALTH_RETENTION_S, health_state
+import orjson
+from nats.js.errors import KeyNotFoundError
+
+from actors.bus import connect_bus
+from actors.runtime import HEALTH_RETENTION_S, Actor, health_state
+from corral.auth import PROVISIONER, CredentialSet
+from corral.server import EmbeddedServer
 from corral.system import ALL_ACTORS
+from events.stream import ensure_health_bucket
+from events.subjects import HEALTH_BUCKET
 from tests.conftest import Cli
 from tests.test_control import start_up, stop_up, wait_until
 
@@ -63,3 +73,56 @@ def test_a_crashed_up_shows_as_gone_then_its_successor_alive(cli: Cli) -> None:
         assert all(health_state(a, later) == "forgotten" for a in gone)
     finally:
         stop_up(cli, second)
+
+
+async def until(check: Callable[[], Awaitable[bool]]) -> None:
+    for _ in range(100000):
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+
+
+async def test_an_instance_replaces_a_record_forged_on_its_key(
+    nats_server: EmbeddedServer, credentials: CredentialSet
+) -> None:
+    """Another client with the same role's credentials writes this instance's key: the instance's
+    next beat notices (its write expects its own last revision) and writes its own record back."""
+
+    class Idle(Actor):
+        name = "spawner"
+
+        async def run(self) -> None:
+            await self.stopping.wait()
+
+    provisioner = await connect_bus(nats_server.url, credentials=credentials.get(PROVISIONER))
+    await ensure_health_bucket(provisioner.js)
+    await provisioner.close()
+    own = await connect_bus(nats_server.url, credentials=credentials.get("spawner"))
+    forger = await connect_bus(nats_server.url, credentials=credentials.get("spawner"))
+    actor = Idle(own, instance="spawner-host-7")
+    await actor.start()
+    try:
+        kv = await forger.js.key_value(HEALTH_BUCKET)
+
+        async def record() -> dict[str, Any]:
+            try:
+                value = (await kv.get(actor.health_key)).value
+            except KeyNotFoundError:
+                return {}
+            return dict(orjson.loads(value or b"{}"))
+
+        async def own_record() -> bool:
+            return (await record()).get("boot_id") == actor.boot_id
+
+        await until(own_record)
+        await kv.put(actor.health_key, orjson.dumps({"boot_id": "forged", "beat": 10**9}))
+
+        async def replaced() -> bool:
+            return actor.health_overwritten == 1 and await own_record()
+
+        await until(replaced)
+        assert (await record())["beat"] == actor.beat
+    finally:
+        await actor.stop()
+        await own.close()
+        await forger.close()
