@@ -315,3 +315,31 @@ def test_the_provisioner_is_a_user_of_every_server() -> None:
     users = render_auth_conf().split("{user: ")[1:]
     writers = [u.split(",", 1)[0] for u in users if "$JS.API.STREAM.UPDATE" in u or "$JS.API.STREAM.CREATE" in u]
     assert writers == ["provisioner"], writers  # (and admin: ">")
+
+
+async def test_a_host_without_the_provisioner_needs_the_streams_first(
+    nats_server: EmbeddedServer, credentials: CredentialSet, tmp_path: Path
+) -> None:
+    """A credentials file without `provisioner` (a host that runs some actors of a cluster) never
+    provisions: on an empty server it says what to do; once the streams exist it works."""
+    import asyncio as aio
+    import json
+
+    from tests.conftest import Cli, cli_environment
+
+    users = {user: password for user, password in credentials.users.items() if user != PROVISIONER}
+    partial = tmp_path / "host2-credentials.json"
+    partial.write_text(json.dumps({"version": 1, "operators": list(credentials.operators), "users": users}))
+    env = cli_environment(CORRAL_HOME=str(tmp_path / "host2"), CORRAL_NATS_URL=nats_server.url)
+    cli = Cli(tmp_path / "host2", {**env, "CORRAL_NATS_CREDS": str(partial)})
+
+    refused = await aio.to_thread(cli, "ps")
+    assert refused.returncode != 0 and "stream CORRAL does not exist" in refused.stderr, refused.stderr
+    assert "no provisioner user" in refused.stderr and refused.stderr.count("\n") == 1
+
+    provisioner = await connect_bus(nats_server.url, credentials=credentials.get(PROVISIONER))
+    await ensure_health_bucket(provisioner.js)
+    await provisioner.close()
+    done = await aio.to_thread(cli, "ps", "--all")
+    assert done.returncode == 0, done.stderr
+    assert "Violation" not in nats_server.log_file.read_text()
