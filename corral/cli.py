@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     up = sub.add_parser("up", help="run NATS, the actors and the projector in the foreground")
-    up.add_argument("--actors", help="comma-separated subset: spawner,watchdog,projector (default: all)")
+    up.add_argument(
+        "--actors",
+        help="comma-separated subset of: spawner, watchdog, checkpointer, validator, approver, projector (default all)",
+    )
     up.add_argument("--max-running", type=int, help="agents this spawner runs at once (default: corral.toml, 4)")
     up.add_argument(
         "--nats",

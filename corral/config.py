@@ -666,8 +666,7 @@ def _error_text(error: ErrorDetails) -> str:
 
 def _validation_message(exc: ValidationError) -> str:
     errors = exc.errors(include_url=False)
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return _error_text(errors[0]) + more
+    return "; ".join(dict.fromkeys(_error_text(error) for error in errors))  # every one, on one line
 
 
 def _one_line(text: str) -> str:

@@ -48,6 +48,25 @@ class NotConfirmed(CorralError):
     """No actor confirmed a request in time."""
 
 
+def status_lines(status: dict[str, Any]) -> list[str]:
+    """`corral status` as text: one `key  value` line per known value; nested values as JSON."""
+    width = max(len(k) for k in status)
+    lines = []
+    for key, value in status.items():
+        if value is None:
+            continue
+        shown = render.human_duration(value) if key.endswith("_s") and isinstance(value, int | float) else value
+        if isinstance(shown, dict | list | tuple):  # agent_features: JSON, not Python's repr
+            shown = orjson.dumps(shown).decode()
+        lines.append(f"{key.ljust(width)}  {render.cell(shown) if not isinstance(shown, str) else shown}")
+    return lines
+
+
+def refusal_text(request: str, execution_id: str, reason: str) -> str:
+    """The one line for a refused control request; an adapter's advice (`--resume EXEC_ID`) gets the id."""
+    return f"{request.removesuffix('.requested')} of {execution_id} refused: {reason.replace('EXEC_ID', execution_id)}"
+
+
 def _requester(system: System) -> str:
     """Who asks: the authenticated NATS user, else the OS user (shown as the reason of a stop)."""
     if system.bus.user:
@@ -181,10 +200,7 @@ async def request_and_wait(
         done.set()
         follower.cancel()
     if answer.get("type") == "control.rejected":
-        raise CorralError(
-            f"{answer['data']['request'].removesuffix('.requested')} of {execution_id} refused: "
-            f"{answer['data']['reason']}"
-        )
+        raise CorralError(refusal_text(answer["data"]["request"], execution_id, str(answer["data"]["reason"])))
     return answer
 
 
@@ -400,12 +416,8 @@ async def cmd_status(home: Home, args: Any) -> int:
     if args.json:
         render.print_json(status)
         return 0
-    width = max(len(k) for k in status)
-    for key, value in status.items():
-        if value is None:
-            continue
-        shown = render.human_duration(value) if key.endswith("_s") and isinstance(value, int | float) else value
-        print(f"{key.ljust(width)}  {render.cell(shown) if not isinstance(shown, str) else shown}")
+    for line in status_lines(status):
+        print(line)
     return 0
 
 

@@ -118,3 +118,26 @@ def test_a_failed_validation_after_the_exit_is_shown(
     shown = status(cli, execution_id)
     assert shown["validations_failed"] >= 1 and shown["validations_critical"] >= 1
     assert _ps(cli)[execution_id]["attention"]["validations_failed"] >= 1
+
+
+def test_up_help_names_every_actor(cli: Cli) -> None:
+    shown = " ".join(cli("up", "--help", check=True).stdout.split())
+    for actor in ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector"):
+        assert actor in shown
+
+
+def test_status_shows_nested_values_as_json() -> None:
+    from corral.control import status_lines
+
+    lines = status_lines({"state": "running", "agent_features": {"resume": True}, "idle_s": 3.0, "pid": None})
+    assert 'agent_features  {"resume":true}' in lines  # not Python's repr ("{'resume': True}")
+    assert not [line for line in lines if line.startswith("pid")]
+
+
+def test_an_adapters_advice_names_the_execution() -> None:
+    """A refusal that tells what to run says it with the real id, not a placeholder."""
+    from corral.control import refusal_text
+
+    assert refusal_text("input.requested", "abc12345", "continue: corral run --resume EXEC_ID 'TEXT'") == (
+        "input of abc12345 refused: continue: corral run --resume abc12345 'TEXT'"
+    )
