@@ -216,6 +216,7 @@ class Spawner(Actor):
         max_running: int = 16,
         stop_grace_s: float = 5.0,
         cancel_grace_s: float = 10.0,
+        template_cancel_grace_s: dict[str, float] | None = None,
         secret_env: tuple[str, ...] = (),
         instance: str | None = None,
     ) -> None:
@@ -224,7 +225,8 @@ class Spawner(Actor):
         self.run_root = run_root or worktrees.parent / "run"
         self.max_running = max_running
         self.stop_grace_s = stop_grace_s
-        self.cancel_grace_s = cancel_grace_s
+        self.cancel_grace_s = cancel_grace_s  # [defaults] cancel_grace: the hard timeout's grace
+        self.template_cancel_grace_s = template_cancel_grace_s or {}  # a template's, over it
         self.secret_env = secret_env
         self.host = socket.gethostname()
         self.running: dict[str, RunningExecution] = {}
@@ -602,7 +604,7 @@ class Spawner(Actor):
             "repo": str(repo),
             "branch": branch,
             "hard_timeout_s": request.timeouts.hard,
-            "cancel_grace_s": self.cancel_grace_s,
+            "cancel_grace_s": self.template_cancel_grace_s.get(request.template or "", self.cancel_grace_s),
             "memory_bytes": request.limits.memory_bytes,
             "cpus": request.limits.cpus,
             "disk_bytes": request.limits.disk_bytes,

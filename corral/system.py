@@ -285,6 +285,9 @@ async def _start_actors(system: System, names: tuple[str, ...], *, config: Confi
                 max_running=max_running or config.spawner.max_running,
                 stop_grace_s=config.spawner.stop_grace_s,
                 cancel_grace_s=config.defaults.cancel_grace_s,
+                template_cancel_grace_s={
+                    t.name: t.cancel_grace_s for t in config.templates.values() if t.cancel_grace_s is not None
+                },
                 secret_env=config.security.secret_env,
             )
         elif name == "watchdog":

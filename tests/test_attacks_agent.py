@@ -243,6 +243,8 @@ def test_ordinary_cancel_takes_cancel_grace(cli: Cli, repo: Path, tmp_path: Path
         )
         for execution_id, grace in ((plain, 1.0), (quick, 2.0)):
             wait_state(cli, execution_id, "running")
+            spec = json.loads((cli.home / "run" / execution_id / "spec.json").read_text())
+            assert spec["cancel_grace_s"] == grace  # the shim's grace after a hard timeout
             done = cli("cancel", execution_id, "--json", check=True)
             assert json.loads(done.stdout)["data"]["signal"] == 9  # SIGTERM ignored: killed after the grace
             cancels = [data_of(e) for e in events(cli, execution_id) if e["type"] == "cancel.requested"]
