@@ -29,17 +29,23 @@ async def git(*args: str, cwd: str | Path) -> str:
 def repo_root(path: str | Path) -> Path:
     """Return the top level of the git repository at path, or raise WorkspaceError."""
     target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise WorkspaceError(str(path), "is a file, not a directory: pass the repository's directory")
     if not target.is_dir():
         raise WorkspaceError(str(path), "no such directory")
     result = subprocess.run(
-        ["git", "-C", str(target), "rev-parse", "--show-toplevel"],
+        ["git", "-C", str(target), "rev-parse", "--is-bare-repository", "--show-toplevel"],
         capture_output=True,
         text=True,
         check=False,
     )
+    if result.stdout.startswith("true"):
+        raise WorkspaceError(
+            str(path), "is a bare repository; agents need a working tree: clone it (git clone PATH DIR) and pass DIR"
+        )
     if result.returncode != 0:
         raise WorkspaceError(str(path), "not a git repository (git init it, or pass --repo)")
-    return Path(result.stdout.strip()).resolve()
+    return Path(result.stdout.splitlines()[-1].strip()).resolve()
 
 
 def resolve_commit(repo: str | Path, ref: str) -> str:

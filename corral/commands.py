@@ -166,6 +166,8 @@ async def cmd_run(home: Home, args: Any) -> int:
 
     config = load_config(home)
     parent = await followup.find_parent(home, args.resume, args.agent) if getattr(args, "resume", None) else None
+    if not parent and not args.agent and not args.template and not [a for a in args.command if a != "--"][:1]:
+        check_command([], Path("."))  # nothing to run is the first thing to say, wherever this is typed
     try:
         repo = repo_root(parent.request.repo if parent else args.repo)
         resolve_commit(repo, args.base)

@@ -1,6 +1,7 @@
 """Bad input: one clear line on stderr, a non-zero exit, nothing half-made."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +22,28 @@ def test_non_git_repo(cli: Cli, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "not a git repository" in _one_error_line(result.stderr)
     assert not (cli.home / "worktrees").exists() or not any((cli.home / "worktrees").iterdir())
+
+
+def test_repo_that_is_a_file_or_bare(cli: Cli, tmp_path: Path) -> None:
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    result = cli("run", "--repo", str(afile), *agent_command())
+    assert result.returncode == 2
+    assert "is a file, not a directory" in _one_error_line(result.stderr)
+    bare = tmp_path / "bare.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
+    result = cli("run", "--repo", str(bare), *agent_command())
+    assert result.returncode == 2
+    assert "is a bare repository" in _one_error_line(result.stderr) and "git clone" in result.stderr
+
+
+def test_no_command_is_said_first_even_outside_a_repo(cli: Cli, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for args in (["--repo", str(plain)], ["--repo", str(plain), "--"]):
+        result = cli("run", *args)
+        assert result.returncode == 2
+        assert "no command to run" in _one_error_line(result.stderr)
 
 
 def test_missing_command(cli: Cli, repo: Path) -> None:
@@ -57,8 +80,10 @@ def test_invalid_sql_changes_nothing(cli: Cli, repo: Path) -> None:
     result = cli("sql", "SELEC * FROM events")
     assert result.returncode == 2
     assert "SQL error: Parser Error" in _one_error_line(result.stderr)
-    # Writes are rolled back: `corral sql` is read-only.
-    assert cli("sql", "DELETE FROM events").returncode == 0
+    # `corral sql` runs queries only: a write is refused before it runs (docs/security.md, the query sandbox).
+    refused = cli("sql", "DELETE FROM events")
+    assert refused.returncode == 2
+    assert "a DELETE statement is refused" in _one_error_line(refused.stderr)
     count = cli("sql", "SELECT count(*) AS n FROM events", "--json", check=True).stdout
     assert '"n": 0' not in count
 
