@@ -40,7 +40,7 @@ from nats.errors import NoRespondersError
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from actors.bus import Bus
+from actors.bus import Bus, PermissionRefused
 from actors.policy import Policy, PolicyError, effective_policy
 from actors.runtime import Actor
 from corral.auth import DECIDE_API
@@ -682,7 +682,9 @@ async def submit_decision(
         "data": data.model_dump(mode="json"),
     }
     try:
-        msg = await bus.nc.request(decision_api(user), orjson.dumps(body), timeout=timeout_s)
+        msg = await bus.request(decision_api(user), orjson.dumps(body), timeout_s=timeout_s)
+    except PermissionRefused as exc:
+        raise DecisionRefused(f"{exc}; this user may not decide approvals (docs/security.md)") from None
     except NoRespondersError:
         raise DecisionRefused(
             "no approver runs to take the decision; start one (`corral up`), `corral health` lists them"

@@ -1,6 +1,7 @@
 """The bus an actor holds: a NATS connection, its JetStream context and a pipelined publisher."""
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from urllib.parse import urlparse
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.errors import AuthorizationError
 from nats.js import JetStreamContext, JetStreamManager
 from nats.js.api import ConsumerConfig, ConsumerInfo
@@ -74,6 +76,39 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+class PermissionRefused(Exception):
+    """The server refused this connection a publish (permissions); the message is the server's."""
+
+
+class Refusals:
+    """Subjects the server refused this connection (permissions), for a request to fail at once
+    instead of waiting for an answer that cannot come (subjects compared without case)."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, list[asyncio.Future[str]]] = {}
+
+    def watch(self, subject: str) -> "asyncio.Future[str]":
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(subject.lower(), []).append(future)
+        return future
+
+    def unwatch(self, subject: str, future: "asyncio.Future[str]") -> None:
+        waiting = self._waiters.get(subject.lower(), [])
+        if future in waiting:
+            waiting.remove(future)
+        if not waiting:
+            self._waiters.pop(subject.lower(), None)
+
+    def refused(self, subject: str, text: str) -> bool:
+        """Tell the requests waiting on `subject`; True when one was (it reports the refusal itself)."""
+        told = False
+        for future in self._waiters.pop(subject.lower(), []):
+            if not future.done():
+                future.set_result(text)
+                told = True
+        return told
+
+
 @dataclass
 class Bus:
     """Everything an actor needs to read and append events."""
@@ -85,6 +120,23 @@ class Bus:
     clock: Clock = utc_now
     replicas: int = 1  # of the event log; KV buckets and other streams use as many
     credentials: Credentials | None = field(default=None, repr=False)  # None: a server without authorization
+    refusals: Refusals = field(default_factory=Refusals)
+
+    async def request(self, subject: str, payload: bytes, *, timeout_s: float) -> Msg:
+        """A core request that fails at once (PermissionRefused) when the server refuses its publish."""
+        refused = self.refusals.watch(subject)
+        sent = asyncio.ensure_future(self.nc.request(subject, payload, timeout=timeout_s))
+        try:
+            waiting: set[asyncio.Future[Any]] = {sent, refused}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if refused.done() and not sent.done():
+                sent.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sent
+                raise PermissionRefused(refused.result())
+            return sent.result()
+        finally:
+            self.refusals.unwatch(subject, refused)
 
     @property
     def user(self) -> str | None:
@@ -162,6 +214,7 @@ async def connect_bus(
     await _probe(servers, connect_timeout_s)
     publisher: Publisher | None = None
     refused: set[str] = set()
+    refusals = Refusals()
     connecting = True
 
     async def on_error(exc: Exception) -> None:
@@ -174,6 +227,8 @@ async def connect_bus(
             return
         subject = text.rsplit(" to ", 1)[-1].strip().strip('"')
         who = credentials.user if credentials else "anonymous"
+        if refusals.refused(subject, f"NATS refused user {who}: {text.removeprefix('nats: ')}"):
+            return  # a request waited for it and reports it as its own error
         if subject not in refused:
             refused.add(subject)
             sys.stderr.write(f"corral: {name}: NATS refused user {who}: {text.removeprefix('nats: ')}\n")
@@ -202,4 +257,6 @@ async def connect_bus(
         except NotFoundError:  # not provisioned yet (corral/system.py says so when it matters)
             stored = wanted
     publisher = await Publisher(nc).start()
-    return Bus(nc=nc, js=js, publisher=publisher, servers=servers, replicas=stored, credentials=credentials)
+    return Bus(
+        nc=nc, js=js, publisher=publisher, servers=servers, replicas=stored, credentials=credentials, refusals=refusals
+    )

@@ -141,3 +141,33 @@ def test_an_adapters_advice_names_the_execution() -> None:
     assert refusal_text("input.requested", "abc12345", "continue: corral run --resume EXEC_ID 'TEXT'") == (
         "input of abc12345 refused: continue: corral run --resume abc12345 'TEXT'"
     )
+
+
+def test_approve_without_permission_fails_with_the_permission_error(tmp_path: Path, repo: Path) -> None:
+    from corral.auth import read_credentials
+    from tests.conftest import cli_environment
+    from tests.test_control import start_up, stop_up, wait_until
+
+    home = tmp_path / "home"
+    env = cli_environment(CORRAL_HOME=str(home))
+    env.pop("CORRAL_NATS_URL", None)
+    cli = Cli(home, env)
+    up = start_up(cli)
+    try:
+        execution_id = detach(cli, repo, *agent_command("ship", "--ask-approval", "deploy", "--steps", "1"))
+
+        def pending() -> str | None:
+            rows = json.loads(cli("approvals", "--json", check=True).stdout)
+            return next((r["approval_id"] for r in rows if r["execution_id"] == execution_id), None)
+
+        approval_id = str(wait_until(pending, 60, "the approval"))
+        tap_password = read_credentials(home / "credentials.json").users["tap"]
+        as_tap = Cli(home, {**env, "CORRAL_NATS_USER": "tap", "CORRAL_NATS_PASSWORD": tap_password})
+        refused = as_tap("approve", approval_id, timeout=60)
+        assert refused.returncode != 0
+        lines = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, refused.stderr
+        assert "may not decide approvals" in lines[0] and "no approver answered" not in lines[0]
+        assert pending() == approval_id  # nothing decided
+    finally:
+        stop_up(cli, up)
