@@ -7,7 +7,7 @@ go, and measured on two cores an apply took 1.5-2x its time alone (bench/ingest.
 docs/performance.md). So the connection, the appliers and their state cache live here, in a
 child process; the projector writes each batch's NDJSON file itself and sends only its bounds
 and state-changing subset over a pipe (`ApplyWorker`, `RemoteApplier`). Queries (`corral sql`)
-are answered here too, on the same connection.
+are answered here too, on cursors of their own (below).
 
 Protocol: pickled frames with an 8-byte length, requests on the child's stdin, replies on its
 stdout, one request at a time. The child ends when its stdin closes (the projector stopped), and
@@ -45,7 +45,14 @@ import duckdb
 
 from projections.batch import Gathered, Prepared
 from projections.errors import DatabaseLocked, ProjectionError, QueryError, QueryRefused, QueryTimeout
-from projections.query import INTERRUPT_EVERY_S
+from projections.query import (
+    INTERRUPT_EVERY_S,
+    MAX_BYTES,
+    check_statement,
+    run_export,
+    run_query,
+    timeout_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,24 +193,16 @@ class ApplyWorker:
     ) -> "Future[dict[str, Any]]":
         """Send a query to the worker; its answer (or QueryError) comes in the future, while
         applies and other queries go on. Await it with `asyncio.wrap_future`."""
-        from projections.query import MAX_BYTES
-
-        future: Future[dict[str, Any]] = Future()
-        with self._query_lock:
-            if self._process.poll() is not None or self._query_requests.closed:
-                raise WorkerFailed(f"the projector's DuckDB worker (pid {self._process.pid}) is gone")
-            query_id = next(self._ids)
-            self._pending[query_id] = future
-            try:
-                _write(self._query_requests, ("query", query_id, sql, max_rows, max_bytes or MAX_BYTES, timeout_s))
-            except (BrokenPipeError, OSError, ValueError) as exc:
-                self._pending.pop(query_id, None)
-                raise WorkerFailed(f"the projector's DuckDB worker (pid {self._process.pid}) is gone: {exc}") from None
-        return future
+        return self._submit(sql, max_rows, max_bytes or MAX_BYTES, timeout_s, False)
 
     def submit_export(self, sql: str, *, timeout_s: float | None = None) -> "Future[dict[str, Any]]":
         """Have the worker write the rows of one SELECT to a Parquet file in its batch directory
         (`corral export`, operators only); the answer's "file" names it, for the caller to move."""
+        return self._submit(sql, 1, 0, timeout_s, True)
+
+    def _submit(
+        self, sql: str, max_rows: int, max_bytes: int, timeout_s: float | None, export: bool
+    ) -> "Future[dict[str, Any]]":
         future: Future[dict[str, Any]] = Future()
         with self._query_lock:
             if self._process.poll() is not None or self._query_requests.closed:
@@ -211,7 +210,7 @@ class ApplyWorker:
             query_id = next(self._ids)
             self._pending[query_id] = future
             try:
-                _write(self._query_requests, ("query", query_id, sql, 1, 0, timeout_s, True))
+                _write(self._query_requests, ("query", query_id, sql, max_rows, max_bytes, timeout_s, export))
             except (BrokenPipeError, OSError, ValueError) as exc:
                 self._pending.pop(query_id, None)
                 raise WorkerFailed(f"the projector's DuckDB worker (pid {self._process.pid}) is gone: {exc}") from None
@@ -428,13 +427,9 @@ class _Live:
         try:
             return self._query(sql, max_rows, max_bytes, timeout_s, export)
         except QueryTimeout:
-            from projections.query import timeout_message
-
             raise QueryTimeout(timeout_message(timeout_s)) from None
 
     def _query(self, sql: str, max_rows: int, max_bytes: int, timeout_s: float | None, export: bool) -> dict[str, Any]:
-        from projections.query import check_statement, run_export, run_query
-
         check_statement(sql)  # refused at once, whether the file is open or not
         started = time.monotonic()
         deadline = started + (timeout_s or 3600.0)
@@ -459,12 +454,18 @@ def _serve_queries(inp: IO[bytes], out: IO[bytes], live: _Live) -> None:
     """Read query requests and answer each from one of QUERY_THREADS threads, as it finishes."""
     jobs: queue.Queue[tuple[Any, ...]] = queue.Queue()
     writing = threading.Lock()
+    counting = threading.Lock()
+    threads = {"started": 0, "idle": 0}  # started as queries come, up to QUERY_THREADS
 
     def work() -> None:
         while True:
-            query_id, sql, max_rows, max_bytes, timeout_s, *rest = jobs.get()
-            export = bool(rest and rest[0])  # corral export: a Parquet file instead of rows
+            with counting:
+                threads["idle"] += 1
+            request = jobs.get()
+            with counting:
+                threads["idle"] -= 1
             try:
+                _, sql, max_rows, max_bytes, timeout_s, export = request  # export: a Parquet file
                 reply: tuple[str, Any] = ("ok", live.query(sql, max_rows, max_bytes, timeout_s, export))
             except QueryError as exc:
                 reply = ("query", (exc.kind, str(exc)))
@@ -473,12 +474,13 @@ def _serve_queries(inp: IO[bytes], out: IO[bytes], live: _Live) -> None:
                 reply = ("error", f"{type(exc).__name__}: {exc}")
             try:
                 with writing:
-                    _write(out, (query_id, *reply))
+                    try:
+                        _write(out, (request[0], *reply))
+                    except (pickle.PicklingError, TypeError, AttributeError) as exc:  # before a byte was written
+                        _write(out, (request[0], "error", f"the answer could not be sent: {exc}"))
             except (OSError, ValueError):
                 return  # the projector is gone
 
-    for n in range(QUERY_THREADS):
-        threading.Thread(target=work, name=f"query-{n}", daemon=True).start()
     while True:
         try:
             request = _read(inp)
@@ -486,7 +488,11 @@ def _serve_queries(inp: IO[bytes], out: IO[bytes], live: _Live) -> None:
             request = None
         if request is None:
             return
-        jobs.put(tuple(request[1:]))
+        with counting:
+            if threads["idle"] == 0 and threads["started"] < QUERY_THREADS:
+                threading.Thread(target=work, name=f"query-{threads['started']}", daemon=True).start()
+                threads["started"] += 1
+        jobs.put(tuple(request[1:]))  # (id, sql, max_rows, max_bytes, timeout_s, export)
 
 
 def _serve(inp: IO[bytes], out: IO[bytes], live: _Live | None = None) -> None:

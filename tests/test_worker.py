@@ -37,13 +37,22 @@ def _batch(first_seq: int) -> tuple[Gathered, str]:
 
 
 def _gone(pid: int, timeout_s: float = 15.0) -> bool:
+    """The process has ended: every thread of it (a zombie leader alone may still have threads
+    closing its files, the DuckDB lock among them)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            with open(f"/proc/{pid}/stat") as stat:
-                if ") Z " in stat.read():
-                    return True
+            tasks = os.listdir(f"/proc/{pid}/task")
         except FileNotFoundError:
+            return True
+        states = []
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                    states.append(stat.read().rsplit(") ", 1)[1][:1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        if all(state in "ZX" for state in states):
             return True
         time.sleep(0.05)
     return False
