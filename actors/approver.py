@@ -4,7 +4,7 @@
   `approval.requested` with an `AP-` id and `expires_at`.
 - A decision request on `corral.api.approval.decide.<user>` (from `corral approve/reject` or any
   NATS client) → `approval.decision.submitted` with `decided_by` = that user: the server lets an
-  operator publish only on its own subject (corral/auth.py), so the decider is the authenticated
+  operator publish only on its own subject (events/auth.py), so the decider is the authenticated
   NATS user, whatever the payload claims.
 - `approval.decision.submitted` (recorded as above, or by any client of a server without users) → the first
   submission in stream order for a pending approval wins: `approval.granted` / `approval.denied`
@@ -43,7 +43,8 @@ from nats.js.errors import NotFoundError
 from actors.bus import Bus, PermissionRefused
 from actors.policy import Policy, PolicyError, effective_policy
 from actors.runtime import Actor
-from corral.auth import DECIDE_API
+from events.approvals import CROCKFORD, OUTCOMES, derived_id, encode
+from events.auth import DECIDE_API
 from events.envelope import decode_event
 from events.errors import EventError, PublishError, WrongLastSequence
 from events.ids import is_valid_execution_id, new_ulid
@@ -68,42 +69,21 @@ APPROVAL_EVENTS: Final = "corral.evt.*.approval.>"
 EXIT_CODE_APPROVAL: Final = 90
 REQUESTER: Final = "approver"
 DECISION_REQUEST: Final = "approval.decision.submitted"
-OUTCOMES: Final = ("approval.granted", "approval.denied", "approval.expired")
 REPLAY_EFFECTS_S: Final = 240.0  # reactions to outcomes this recent are re-sent after a restart (dedup: 5 min)
 KILL_GRACE_S: Final = 0.0  # a cancel for a refused, expired or over-budget approval: killed at once, never continued
 POLICY_CACHE: Final = 10_000  # executions whose effective policy is remembered
 
-_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _EXEC_ALPHABET: Final = "0123456789abcdefghjkmnpqrstvwxyz"
-
-
-def _encode(digest: bytes, alphabet: str, n: int) -> str:
-    value = int.from_bytes(digest, "big")
-    out = []
-    for _ in range(n):
-        out.append(alphabet[value & 31])
-        value >>= 5
-    return "".join(out)
-
-
-def derived_id(base: str, salt: str) -> str:
-    """A ULID derived from another event's id: same time part, random part from a hash.
-
-    Whoever records "the `salt` of event `base`" uses the same id, so JetStream stores it once.
-    """
-    digest = hashlib.sha256(f"{base}|{salt}".encode()).digest()
-    prefix = base[:10] if len(base) == 26 and base[0] in "01234567" else "0" + _encode(digest[16:], _CROCKFORD, 9)
-    return prefix + _encode(digest[:12], _CROCKFORD, 16)
 
 
 def approval_id_for(needed_id: str) -> str:
     """The approval id of an `approval.needed` event: `AP-` and six characters."""
-    return "AP-" + _encode(hashlib.sha256(f"{needed_id}|approval".encode()).digest()[:8], _CROCKFORD, 6)
+    return "AP-" + encode(hashlib.sha256(f"{needed_id}|approval".encode()).digest()[:8], CROCKFORD, 6)
 
 
 def restart_execution_id(approval_id: str) -> str:
     """The id of the execution that restarts a tool which exited 90, after its approval."""
-    return _encode(hashlib.sha256(f"{approval_id}|restart".encode()).digest()[:8], _EXEC_ALPHABET, 8)
+    return encode(hashlib.sha256(f"{approval_id}|restart".encode()).digest()[:8], _EXEC_ALPHABET, 8)
 
 
 def decider() -> str:
@@ -700,44 +680,3 @@ async def submit_decision(
 def decision_subject(execution_id: str) -> str:
     """The subject a decision is published on: `corral.evt.<execution_id>.approval.decision.submitted`."""
     return event_subject(execution_id, DECISION_REQUEST)
-
-
-def approval_line(payload: bytes) -> tuple[str, str] | None:
-    """(execution id, the line the agent gets on stdin) for an approval event, or None.
-
-    approval.requested → `{"corral": "approval_registered", "approval_id", "question", "options"}`
-    (only for approvals the agent asked for itself); granted / denied / expired →
-    `{"corral": "approval_decision", "approval_id", "approved", "choice", "note", "decided_by"}`
-    (`"expired": true` for an expiry).
-    """
-    try:
-        raw = orjson.loads(payload)
-        kind = raw["type"]
-        data = raw["data"]
-        execution_id = raw["execution_id"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return None
-    line: dict[str, Any]
-    if kind == "approval.requested":
-        if (data.get("source") or "agent") != "agent":
-            return None
-        line = {
-            "corral": "approval_registered",
-            "approval_id": data.get("approval_id"),
-            "question": data.get("question"),
-            "options": data.get("options") or [],
-        }
-    elif kind in OUTCOMES:
-        line = {
-            "corral": "approval_decision",
-            "approval_id": data.get("approval_id"),
-            "approved": kind == "approval.granted",
-            "choice": data.get("choice"),
-            "note": data.get("note"),
-            "decided_by": data.get("decided_by"),
-        }
-        if kind == "approval.expired":
-            line["expired"] = True
-    else:
-        return None
-    return str(execution_id), orjson.dumps(line).decode() + "\n"

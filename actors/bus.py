@@ -19,7 +19,7 @@ from nats.js.errors import NotFoundError
 from nats.nuid import NUID
 from nats.protocol.parser import PERMISSIONS_ERR
 
-from corral.auth import PROVISIONER, ROLES, Credentials, environment_credentials
+from events.auth import PROVISIONER, ROLES, Credentials, environment_credentials
 from events.envelope import Event, new_event
 from events.publisher import PubAck, Publisher
 from events.stream import cluster_size, ensure_event_stream, replicas_for, when_ready
@@ -35,7 +35,7 @@ def named(config: ConsumerConfig | None, **params: Any) -> ConsumerConfig:
     """A consumer configuration with a name: its durable's, or a fresh random one for an ephemeral.
 
     nats-py then creates it on `$JS.API.CONSUMER.CREATE.<stream>.<name>[.<filter>]`, the only form
-    NATS users may publish (corral/auth.py): the name-less form takes the name from the payload and
+    NATS users may publish (events/auth.py): the name-less form takes the name from the payload and
     would let anyone rewrite anyone's durable. A random name also keeps an ephemeral's name unguessable.
     """
     config = (config or ConsumerConfig()).evolve(**params)
@@ -200,7 +200,7 @@ async def connect_bus(
     """Connect to NATS and return a ready Bus; with `provision`, make sure the event stream exists.
 
     `replicas` None: as many as the cluster has servers, at most 3 (1 on a single server).
-    `credentials`: the NATS user of this connection's role (corral/auth.py); None takes
+    `credentials`: the NATS user of this connection's role (events/auth.py); None takes
     CORRAL_NATS_USER / CORRAL_NATS_PASSWORD when both are set, else connects without.
     `provision` False (every role but the provisioner, which alone may create and update streams):
     the stream is only read; `replicas` is then the stream's (or the wanted count if there is none yet).

@@ -560,4 +560,3 @@ class Checkpointer(Actor):
             await self._emit(ex, ChangeCommitted(commit=head.strip(), message=message, paths=tuple(paths)), cause)
         except CheckpointError as exc:
             await self._reject(ex, "commit.requested", exc.reason, cause)
-

@@ -281,9 +281,7 @@ class ObjectReader:
         )
         return dict(zip(unique, self.read(unique), strict=True)) if unique else {}
 
-    def _fill_lines(
-        self, changes: list[FileChange], blobs: dict[str, tuple[str, bytes] | None] | None = None
-    ) -> None:
+    def _fill_lines(self, changes: list[FileChange], blobs: dict[str, tuple[str, bytes] | None] | None = None) -> None:
         if blobs is None:
             blobs = self._blobs(changes)
         for change in changes:

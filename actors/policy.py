@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from events.types import Violation
+from events.units import parse_duration  # the one duration syntax of corral.toml
 
 Severity = Literal["info", "warning", "critical"]
 Category = Literal["merge", "deps_add", "secrets", "deploy"]
@@ -257,8 +258,6 @@ def command_segments(command: str) -> list[str]:
 
 
 def _duration(value: Any) -> Any:
-    from corral.config import parse_duration  # the one duration syntax of corral.toml
-
     return parse_duration(value)
 
 

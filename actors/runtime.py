@@ -18,7 +18,7 @@ from nats.js.errors import FetchTimeoutError, KeyWrongLastSequenceError, NotFoun
 from nats.js.kv import KeyValue
 
 from actors.bus import Bus
-from corral import __version__
+from events.auth import VERSION as __version__
 from events.stream import ensure_work_consumer
 from events.subjects import HEALTH_BUCKET, STREAM
 
@@ -35,7 +35,7 @@ def health_key(actor: str, instance: str) -> str:
     """The key of an instance's record in the health bucket: `<role>.<instance>`.
 
     The role is the first token, so NATS lets each role write its own instances' keys only
-    (`$KV.corral_health.<role>.>`, corral/auth.py).
+    (`$KV.corral_health.<role>.>`, events/auth.py).
     """
     return f"{actor}.{instance}"
 
@@ -214,7 +214,7 @@ async def read_health(js: JetStreamContext) -> list[dict[str, Any]]:
     """Every live record of the health bucket, with `key`, and `written_at`: the server's time of the write.
 
     Listed through the bucket stream's subjects (no consumer). The role is the key's first token,
-    which only that role's NATS user may write (corral/auth.py): it wins over the `actor` a record
+    which only that role's NATS user may write (events/auth.py): it wins over the `actor` a record
     claims. `written_at`, not the record's own `last_seen`, says when the instance last beat.
     """
     prefix = f"$KV.{HEALTH_BUCKET}."

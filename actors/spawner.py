@@ -32,7 +32,6 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
-from actors.approver import approval_line, derived_id
 from actors.bus import Bus
 from actors.errors import WorkspaceError
 from actors.redact import SECRET_PLACEHOLDER
@@ -40,7 +39,8 @@ from actors.runtime import Actor
 from actors.sessions import carry_session
 from actors.shim import PUBLISHED, SPEC, SPOOL, SpoolWatch, request, socket_address
 from actors.worktree import add_worktree, remove_worktree, repo_root, resolve_commit
-from corral.auth import CREDENTIAL_ENV, SERVER_ENV_PREFIX
+from events.approvals import approval_line, derived_id
+from events.auth import CREDENTIAL_ENV, SERVER_ENV_PREFIX
 from events.envelope import Event, decode_event, envelope_bytes, trusted_payload
 from events.errors import EventError, WrongLastSequence
 from events.publisher import PubAck

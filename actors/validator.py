@@ -31,7 +31,6 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from actors.approver import derived_id
 from actors.bus import Bus
 from actors.gitobjects import ObjectReaders
 from actors.policy import (
@@ -43,6 +42,7 @@ from actors.policy import (
     git_tampering,
 )
 from actors.runtime import Actor
+from events.approvals import derived_id
 from events.envelope import decode_event
 from events.errors import EventError
 from events.subjects import STREAM, event_subject, events_of_type

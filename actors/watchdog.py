@@ -674,9 +674,7 @@ class Watchdog(Actor):
         t.spawn_timed_out, t.owner = True, True
         await self._react(t)
 
-    async def _record_timed_out(
-        self, t: _Live, kind: Literal["idle", "spawn"], limit_s: float, expected: int
-    ) -> bool:
+    async def _record_timed_out(self, t: _Live, kind: Literal["idle", "spawn"], limit_s: float, expected: int) -> bool:
         """Record `execution.timed_out` once; False when another watchdog recorded it first."""
         try:
             _, seq = await self._emit(

@@ -148,7 +148,7 @@ async def connect_home(home: Path, url: str) -> Any:
     from actors.bus import connect_bus
 
     try:
-        from corral.auth import client_credentials
+        from events.auth import client_credentials
     except ImportError:  # a Corral without NATS authorization
         return await connect_bus(url)
     return await connect_bus(url, credentials=client_credentials("operator", home))

@@ -1,3 +1,5 @@
 """Corral's operator face: the `corral` command, its configuration and the process launcher."""
 
-__version__ = "0.1.0"
+from events.auth import VERSION as __version__
+
+__all__ = ["__version__"]

@@ -791,7 +791,7 @@ async def cmd_credentials(home: Home, args: Any) -> int:
     resolve nats-auth.conf (a cluster node's environment file: systemd `EnvironmentFile=` or
     `set -a; . FILE`), mode 0600. Passwords are never printed.
     """
-    from corral.auth import ensure_credentials
+    from events.auth import ensure_credentials
 
     config = load_config(home)
     home.ensure()

@@ -34,9 +34,11 @@ import actors.checkpointer
 import actors.watchdog
 import events.stream
 from corral import render
-from corral.auth import AuthError, check_name
 from corral.errors import CorralError, UsageError
 from corral.home import Home
+from events.auth import AuthError, check_name
+from events.units import parse_duration
+from events.units import show_value as _show
 
 FILE_NAME = "corral.toml"
 ENV_VAR = "CORRAL_CONFIG"
@@ -73,20 +75,6 @@ class ConfigError(CorralError):
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_PART = r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h|d)"
-_DURATION_RE = re.compile(f"(?:{_DURATION_PART})+", re.IGNORECASE)
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it in TOML (true, not True)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list | tuple):
-        return "an array"
-    return repr(value)
 
 
 def parse_size(value: Any) -> int:
@@ -100,21 +88,6 @@ def parse_size(value: Any) -> int:
         if match:
             return round(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
     raise ValueError(f"expected a size like 512M, 2G, 1.5G (got {_show(value)})")
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string like "30s", "10m", "2h", "1h30m", "500ms", "1d"."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"expected a duration of at least 0 (got {value})")
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip().replace(" ", "")
-        if re.fullmatch(r"\d+(?:\.\d+)?", text):
-            return float(text)
-        if _DURATION_RE.fullmatch(text):
-            return sum(float(n) * _DURATION_UNITS[u.lower()] for n, u in re.findall(_DURATION_PART, text, re.I))
-    raise ValueError(f"expected a duration like 30s, 10m, 2h (got {_show(value)})")
 
 
 def format_duration(seconds: float | None) -> str:

@@ -13,8 +13,8 @@ import sysconfig
 import time
 from pathlib import Path
 
-from corral.auth import CredentialSet
 from corral.errors import BusUnavailable
+from events.auth import CredentialSet
 
 _PR_SET_PDEATHSIG = 1
 
@@ -145,7 +145,7 @@ class EmbeddedServer:
         self.log_file = log_file
         self.port = port or free_port()
         self.config = config if config is not None else find_config()
-        # With credentials: one NATS user per role (corral/auth.py), passwords given to the server
+        # With credentials: one NATS user per role (events/auth.py), passwords given to the server
         # in its environment. Without: no authorization (tests and tools that start a bare server).
         self.credentials = credentials
         self._default_config = config is None

@@ -25,7 +25,11 @@ from actors.runtime import Actor
 from actors.spawner import Spawner
 from actors.validator import Validator
 from actors.watchdog import Watchdog
-from corral.auth import (
+from corral.config import Config, load_config
+from corral.errors import BusUnavailable, CorralError
+from corral.home import Home, SystemLock, process_alive
+from corral.server import EmbeddedServer, replace_orphans
+from events.auth import (
     CREDENTIALS_FILE,
     ENV_CREDS,
     ENV_PASSWORD,
@@ -36,10 +40,6 @@ from corral.auth import (
     credential_set,
     ensure_credentials,
 )
-from corral.config import Config, load_config
-from corral.errors import BusUnavailable, CorralError
-from corral.home import Home, SystemLock, process_alive
-from corral.server import EmbeddedServer, replace_orphans
 from events.stream import ensure_health_bucket, ensure_output_retention
 from events.subjects import API_EXPORT, API_POSITION, API_REBUILD, API_SQL, STREAM
 from projections.errors import ProjectionError, QueryError
@@ -87,7 +87,7 @@ def nats_url_from_env() -> str | None:
 
 
 async def _connect(url: str, *, name: str, home: Home, role: str = "operator") -> Bus:
-    """Connect as `role` with the credentials found for it (corral/auth.py), or without any.
+    """Connect as `role` with the credentials found for it (events/auth.py), or without any.
 
     Only the provisioner creates and updates the streams; every other role just reads them.
     """
@@ -231,7 +231,7 @@ async def _provision(url: str, home: Home, config: Config) -> None:
     """Create the streams and the health bucket, bring them to [retention] and to the cluster's size.
 
     On every start of a system, as the `provisioner` user: the only one that may create or update
-    streams (corral/auth.py). A host given a credentials file without it (one that runs only some
+    streams (events/auth.py). A host given a credentials file without it (one that runs only some
     actors of a cluster, docs/deployment.md) provisions nothing: the streams must exist already.
     """
     try:
@@ -391,7 +391,7 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
     projector = system.projector
     if projector is None:
         return
-    nc = projector.bus.nc  # the projector's user answers queries (corral/auth.py)
+    nc = projector.bus.nc  # the projector's user answers queries (events/auth.py)
     answering: set[asyncio.Task[None]] = set()
 
     async def answer(msg: Msg, export: bool) -> None:

@@ -24,7 +24,7 @@ from actors.limits import disk_usage
 from actors.worktree import remove_worktree
 from corral import render
 from corral.commands import info, query, resolve_execution_id
-from corral.config import ForgeSettings, format_duration, format_size, load_config, parse_duration
+from corral.config import ForgeSettings, format_duration, format_size, load_config
 from corral.control import execution_row
 from corral.errors import CorralError, UsageError
 from corral.forge import Forge, ForgeError, PullRequest, repo_from_remote_url
@@ -39,6 +39,7 @@ from events.types import (
     PullRequestRequested,
     WorkspaceRemoved,
 )
+from events.units import parse_duration
 from projections.state import ACTIVE_STATES
 
 GIT_ENV = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}

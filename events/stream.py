@@ -108,7 +108,7 @@ async def ensure_event_stream(js: JetStreamContext, *, replicas: int = 1) -> int
     Returns the stream's replicas. On a cluster with a member down, the creation falls back to
     as many replicas as can be placed (and says so); an existing stream is scaled up when the
     cluster has grown (best effort), never down. Only the provisioner may create or update a
-    stream (corral/auth.py): other roles read it (actors/bus.py, `provision=False`).
+    stream (events/auth.py): other roles read it (actors/bus.py, `provision=False`).
     """
     try:
         info = await when_ready(lambda: js.stream_info(STREAM))
@@ -295,7 +295,7 @@ async def ensure_work_consumer(
 ) -> None:
     """Create the durable pull consumer several actor instances share (each message claimed once)."""
     config = ConsumerConfig(
-        name=durable,  # created on CONSUMER.CREATE.CORRAL.<durable>.<filter>: only its role may (corral/auth.py)
+        name=durable,  # created on CONSUMER.CREATE.CORRAL.<durable>.<filter>: only its role may (events/auth.py)
         durable_name=durable,
         filter_subject=filter_subject,
         deliver_policy=DeliverPolicy.ALL,
@@ -321,7 +321,7 @@ HEALTH_TTL_S = 3600.0  # a record nobody rewrites (an instance killed without st
 async def ensure_health_bucket(js: JetStreamContext, *, replicas: int = 1) -> None:
     """Create the `corral_health` KV bucket, or scale it up to `replicas`: the provisioner's job.
 
-    Each actor instance writes only `<role>.<instance>` (corral/auth.py, actors/runtime.py).
+    Each actor instance writes only `<role>.<instance>` (events/auth.py, actors/runtime.py).
     """
     try:
         info = await when_ready(lambda: js.stream_info(f"KV_{HEALTH_BUCKET}"))

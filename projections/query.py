@@ -215,7 +215,7 @@ def run_export(
 ) -> dict[str, Any]:
     """Write the rows of one SELECT to a Parquet `file` (in the worker's batch directory, the only
     one its DuckDB may write; the projector moves it where `corral export` asked). Operators only:
-    corral.api.projections.export, which `tap` may not send (corral/auth.py)."""
+    corral.api.projections.export, which `tap` may not send (events/auth.py)."""
     check_statement(sql)
     if _statements(sql)[0].type not in _QUERY_TYPES:
         raise QueryRefused("corral export writes the rows of a query (SELECT)")

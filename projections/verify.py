@@ -9,7 +9,7 @@ reason, in the batch's own transaction:
   duplicate; the first one stays.
 - **authority**: decisions and verdicts carry the actor that made them; an `approval.*` event not
   recorded by an approver, a `validation.*` not by a validator, a `checkpoint.created` not by a
-  checkpointer (the roles allowed to publish these types, corral/auth.py) is refused. A decision
+  checkpointer (the roles allowed to publish these types, events/auth.py) is refused. A decision
   (granted, denied, expired) for an approval that was never requested is refused too.
 - **lifecycle**: an `execution.started` or `execution.exited` of an execution that was never
   requested is refused (checked after the batch's states are folded: a request earlier in the

@@ -1,6 +1,6 @@
 """Fixtures: a real nats-server per test, real git repositories, the real `corral` CLI.
 
-The nats-server runs with Corral's users and permissions (corral/auth.py): its credentials are
+The nats-server runs with Corral's users and permissions (events/auth.py): its credentials are
 generated into the test's CORRAL_HOME (`tmp_path/home`, the `cli` fixture's), so every CLI
 process and actor connects as its own role exactly as in production. The test process itself
 connects as `admin` (CORRAL_NATS_USER / CORRAL_NATS_PASSWORD, set for the test), since tests
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from actors.bus import Bus, connect_bus
-from corral.auth import ENV_CREDS, ENV_PASSWORD, ENV_USER, CredentialSet, ensure_credentials
 from corral.server import EmbeddedServer
+from events.auth import ENV_CREDS, ENV_PASSWORD, ENV_USER, CredentialSet, ensure_credentials
 from projections.verify import AUTHORITY
 
 ROOT = Path(__file__).resolve().parents[1]

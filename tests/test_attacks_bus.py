@@ -22,8 +22,8 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from actors.bus import Bus, connect_bus
 from actors.runtime import HEALTH_INTERVAL_S, health_key, health_state, read_health
-from corral.auth import HEALTH_STREAM, OUTPUT_STREAM, PROVISIONER, CredentialSet, render_auth_conf
 from corral.server import EmbeddedServer
+from events.auth import HEALTH_STREAM, OUTPUT_STREAM, PROVISIONER, CredentialSet, render_auth_conf
 from events.stream import OutputRetention, ensure_health_bucket, ensure_work_consumer, output_stream_config
 from events.subjects import HEALTH_BUCKET, STREAM, events_of_type
 from events.types import PauseRequested
@@ -306,7 +306,7 @@ async def test_only_the_provisioner_scales_and_updates(world: World) -> None:
 
 def test_the_provisioner_is_a_user_of_every_server() -> None:
     """`corral credentials --server-env` writes every user's variable: the provisioner's too."""
-    from corral import auth
+    from events import auth
 
     assert (auth.HEALTH_BUCKET, auth.STREAM, auth.OUTPUT_STREAM) == (HEALTH_BUCKET, STREAM, "CORRAL_OUTPUT")
     creds = auth.generate()

@@ -16,7 +16,7 @@ import duckdb
 from nats.js.api import StreamConfig
 
 from actors.bus import connect_bus
-from corral.auth import read_credentials
+from events.auth import read_credentials
 from events.envelope import new_event
 from events.subjects import STREAM
 from events.types import (

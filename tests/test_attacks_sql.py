@@ -16,8 +16,8 @@ import pytest
 from nats.errors import Error as NatsError
 
 from actors.bus import Bus
-from corral.auth import CredentialSet
 from corral.server import EmbeddedServer
+from events.auth import CredentialSet
 from events.envelope import new_event
 from events.subjects import API_EXPORT, API_SQL, STREAM
 from events.types import ExecutionRequested

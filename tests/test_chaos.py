@@ -28,8 +28,8 @@ from typing import Any
 import nats
 import pytest
 
-from corral.auth import CREDENTIALS_FILE, ENV_CREDS, ENV_PASSWORD, ENV_USER, CredentialSet, credential_set
 from corral.server import EmbeddedServer, find_nats_server
+from events.auth import CREDENTIALS_FILE, ENV_CREDS, ENV_PASSWORD, ENV_USER, CredentialSet, credential_set
 from events.subjects import HEALTH_BUCKET, STREAM
 from tests.conftest import AGENT, CLIENT_CREDENTIAL_ENV, ROOT
 from tests.helpers.cluster import (

@@ -17,9 +17,9 @@ from nats.js.errors import KeyNotFoundError
 
 from actors.bus import connect_bus
 from actors.runtime import HEALTH_RETENTION_S, Actor, health_state
-from corral.auth import PROVISIONER, CredentialSet
 from corral.server import EmbeddedServer
 from corral.system import ALL_ACTORS
+from events.auth import PROVISIONER, CredentialSet
 from events.stream import ensure_health_bucket
 from events.subjects import HEALTH_BUCKET
 from tests.conftest import Cli

@@ -144,7 +144,7 @@ def test_an_adapters_advice_names_the_execution() -> None:
 
 
 def test_approve_without_permission_fails_with_the_permission_error(tmp_path: Path, repo: Path) -> None:
-    from corral.auth import read_credentials
+    from events.auth import read_credentials
     from tests.conftest import cli_environment
     from tests.test_control import start_up, stop_up, wait_until
 

@@ -20,8 +20,8 @@ from actors.approver import Approver, DecisionRefused, approval_id_for, decision
 from actors.bus import Bus, connect_bus
 from actors.policy import Policy
 from actors.redact import Redactor, is_secret_name, secret_values
-from corral.auth import ROLES, CredentialSet, ensure_credentials, operator_role, read_credentials, render_auth_conf
 from corral.server import EmbeddedServer
+from events.auth import ROLES, CredentialSet, ensure_credentials, operator_role, read_credentials, render_auth_conf
 from events.envelope import new_event
 from events.errors import PublishError
 from events.types import (

@@ -22,8 +22,8 @@ from typing import Any
 import nats
 import nats.errors
 
-from corral.auth import CredentialSet, credential_set, environment_credentials
 from corral.server import find_nats_server, stop_process
+from events.auth import CredentialSet, credential_set, environment_credentials
 from events.subjects import ALL_EVENTS
 from replay.history import follow, last_sequence
 

@@ -25,6 +25,7 @@ from typing import Final
 
 import orjson
 
+VERSION: Final = "0.1.0"  # Corral's version (corral.__version__), in the health records
 CREDENTIALS_FILE: Final = "credentials.json"
 DEFAULT_OPERATOR: Final = "operator"
 ENV_USER: Final = "CORRAL_NATS_USER"
@@ -312,7 +313,7 @@ def render_auth_conf(operators: Iterable[str] = (DEFAULT_OPERATOR,)) -> str:
     """The nats-server `authorization` block for every role and these operator users."""
     names = [check_name(o) for o in operators]
     lines = [
-        "# nats-auth.conf — Corral's NATS users, one per actor role, written by corral/auth.py",
+        "# nats-auth.conf — Corral's NATS users, one per actor role, written by events/auth.py",
         "# (render_auth_conf). Passwords are environment variables that Corral sets when it starts the",
         "# embedded server from $CORRAL_HOME/credentials.json; set them yourself for a server you run.",
         "# What each role may do, and why: docs/security.md.",
