@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the events stored so far and exit (default: keep following, like `nats sub`)",
     )
 
+    snapshot = sub.add_parser(
+        "snapshot", help="write a consistent copy of the DuckDB projections that any tool can open while Corral runs"
+    )
+    snapshot.add_argument(
+        "path", nargs="?", metavar="PATH", help="the file to write or replace (default: $CORRAL_HOME/snapshot.duckdb)"
+    )
+    snapshot.add_argument("--json", action="store_true")
     sql = sub.add_parser("sql", help="query the DuckDB projections (read-only)")
     sql.add_argument("sql", metavar="SQL")
     sql.add_argument("--json", action="store_true")
@@ -163,6 +170,7 @@ COMMANDS: dict[str, Any] = {
     "logs": commands.cmd_logs,
     "tap": commands.cmd_tap,
     "sql": commands.cmd_sql,
+    "snapshot": commands.cmd_snapshot,
     "projections": commands.cmd_rebuild,
     "schema": commands.cmd_schema,
     "input": control.cmd_input,

@@ -21,6 +21,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from actors.adapters import build_command, split_words
+from actors.bus import PermissionRefused
 from actors.errors import WorkspaceError
 from actors.redact import SECRET_PLACEHOLDER, is_secret_name
 from actors.worktree import repo_root, resolve_commit
@@ -37,6 +38,7 @@ from events.subjects import (
     ALL_EVENTS,
     API_EXPORT,
     API_REBUILD,
+    API_SNAPSHOT,
     API_SQL,
     OUTPUT_STREAM,
     STREAM,
@@ -465,6 +467,7 @@ async def _run_up(home: Home, args: Any, actors: tuple[str, ...] | None, metrics
             metrics_server.collector = collector
             home.write_runtime({**(home.read_runtime() or {}), "metrics_url": metrics_server.url})
             info(f"metrics: {metrics_server.url}")
+        snapshots = _refresh_snapshots(home, system)
         info("Ctrl-C or SIGTERM stops everything")
         waiters = [asyncio.create_task(stop.wait())] + [
             asyncio.create_task(actor.wait()) for actor in system.actors.values()
@@ -476,6 +479,10 @@ async def _run_up(home: Home, args: Any, actors: tuple[str, ...] | None, metrics
             if not task.cancelled() and task.exception() is not None:
                 info(f"an actor failed: {task.exception()!r}; stopping")
         info("stopping")
+        if snapshots is not None:
+            snapshots.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await snapshots
         if metrics_server is not None:
             metrics_server.collector = None
         if collector is not None:
@@ -539,6 +546,68 @@ async def query(system: System, sql: str, *, max_rows: int = 10000) -> dict[str,
 EXPORT_WAIT_S = 3600.0
 
 
+SNAPSHOT_FILE = "snapshot.duckdb"
+
+
+def _refresh_snapshots(home: Home, system: System) -> "asyncio.Task[None] | None":
+    """[snapshot] every: this `corral up` refreshes the analysts' copy on that interval (its own
+    projector writes it); a failed refresh is said once per failure and tried again next time."""
+    settings = load_config(home).snapshot
+    if settings.every_s <= 0 or system.projector is None:
+        return None
+    target = snapshot_target(home, settings.path)
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(settings.every_s)
+            try:
+                await take_snapshot(system, target)
+            except (CorralError, ProjectionError) as exc:
+                info(f"snapshot to {target} failed: {exc}; trying again in {settings.every_s:g}s")
+
+    info(f"snapshot: {target}, refreshed every {settings.every_s:g}s")
+    return asyncio.create_task(refresh(), name="snapshots")
+
+
+async def take_snapshot(system: System, path: Path) -> dict[str, Any]:
+    """Have the projector copy every table into a DuckDB file at `path` (written aside, then put in
+    place atomically: readers of the previous snapshot keep theirs). Operators only."""
+    request = {"path": str(path)}  # absolute (snapshot_target): the projector has its own working directory
+    return await _ask_projector(system, API_SNAPSHOT, request, wait_s=EXPORT_WAIT_S)
+
+
+def snapshot_target(home: Home, path: str | None) -> Path:
+    target = Path(os.path.abspath(os.path.expanduser(path))) if path else home.root / SNAPSHOT_FILE
+    if target.is_dir() or not target.parent.is_dir():
+        raise UsageError(f"{target}: give a file in an existing directory (it is replaced if it exists)")
+    return target
+
+
+async def cmd_snapshot(home: Home, args: Any) -> int:
+    """`corral snapshot [PATH]`: a read-only copy for analysts (docs/tables.md, "Snapshots")."""
+    target = snapshot_target(home, args.path)
+    started = time.monotonic()
+    async with open_system(home, actors=("projector",)) as system:
+        result = await take_snapshot(system, target)
+    size = target.stat().st_size if target.exists() else 0
+    shown = {
+        "path": str(target),
+        "tables": int(result["rows"][0][0]) if result.get("rows") else 0,
+        "position": result.get("position"),
+        "bytes": size,
+        "taken_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    if args.json:
+        render.print_json(shown)
+        return 0
+    info(
+        f"snapshot of {shown['tables']} tables at log position {shown['position']} written to {shown['path']} "
+        f"({size / 1e6:.1f} MB); open it read-only: duckdb -readonly {shown['path']}"
+    )
+    return 0
+
+
 async def export_query(system: System, sql: str, path: Path) -> int:
     """Have the projector write the rows of one SELECT to a new Parquet file at `path` (absolute; an
     operator's request: `tap` may not send it); return how many rows it wrote."""
@@ -552,8 +621,10 @@ async def _ask_projector(system: System, subject: str, request: dict[str, Any], 
     deadline = time.monotonic() + NO_RESPONDER_WAIT_S
     while True:
         try:
-            reply = await system.bus.nc.request(subject, orjson.dumps(request), timeout=wait_s)
+            reply = await system.bus.request(subject, orjson.dumps(request), timeout_s=wait_s)
             break
+        except PermissionRefused as exc:  # this user may not ask that (tap and an export, a snapshot)
+            raise CorralError(f"{exc} (docs/security.md)") from None
         except NoRespondersError:
             if time.monotonic() < deadline:  # a projector (re)starting subscribes in a moment
                 await asyncio.sleep(0.2)

@@ -306,6 +306,13 @@ class SqlSettings(_Frozen):
     timeout_s: float = 10.0  # a query is interrupted after this long
 
 
+class SnapshotSettings(_Frozen):
+    """[snapshot] (docs/tables.md, "Snapshots"): the analysts' copy `corral up` refreshes by itself."""
+
+    every_s: float = 0.0  # 0: only on demand (`corral snapshot`)
+    path: str | None = None  # default $CORRAL_HOME/snapshot.duckdb
+
+
 class SecuritySettings(_Frozen):
     """[security] (docs/security.md): NATS operator users and extra secret environment names."""
 
@@ -355,9 +362,13 @@ class Config(_Frozen):
     security: SecuritySettings = SecuritySettings()
     retention: RetentionSettings = RetentionSettings()
     sql: SqlSettings = SqlSettings()
+    snapshot: SnapshotSettings = SnapshotSettings()
     templates: dict[str, Template] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     prices: dict[str, dict[str, float]] = Field(default_factory=dict)  # [prices.MODEL], USD per million tokens
+    # [defaults] agent_idle_timeout: None when not written (then [defaults] idle_timeout if written,
+    # else DEFAULT_AGENT_IDLE_TIMEOUT_S); 0 when written "none" (agents are not watched for idleness)
+    agent_idle_timeout_s: float | None = None
     label: str = FILE_NAME  # how messages name the file: relative to the current directory when inside it
 
 
@@ -532,6 +543,11 @@ class _SqlFile(_Frozen):
     timeout: Annotated[Duration, Field(gt=0, le=3600)] = 10.0
 
 
+class _SnapshotFile(_Frozen):
+    every: Annotated[Duration, Field(ge=0)] = 0.0
+    path: StrictStr | None = None
+
+
 class _PriceFile(_Frozen):
     """One model's price in USD per million tokens (an estimate used where the CLI reports no cost)."""
 
@@ -552,6 +568,7 @@ class _ConfigFile(_Frozen):
     security: _SecurityFile = _SecurityFile()
     retention: _RetentionFile = _RetentionFile()
     sql: _SqlFile = _SqlFile()
+    snapshot: _SnapshotFile = _SnapshotFile()
     templates: dict[str, _TemplateFile] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     prices: dict[str, _PriceFile] = Field(default_factory=dict)
@@ -569,6 +586,7 @@ _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "security": tuple(_SecurityFile.model_fields),
     "retention": tuple(_RetentionFile.model_fields),
     "sql": tuple(_SqlFile.model_fields),
+    "snapshot": tuple(_SnapshotFile.model_fields),
     "templates.*": tuple(_TemplateFile.model_fields),
 }
 
@@ -714,6 +732,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
             output_max_msgs=parsed.retention.output_max_msgs,
         ),
         sql=SqlSettings(timeout_s=parsed.sql.timeout),
+        snapshot=SnapshotSettings(every_s=parsed.snapshot.every, path=parsed.snapshot.path),
         templates={
             name: Template(
                 name=name,

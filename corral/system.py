@@ -41,7 +41,7 @@ from events.auth import (
     ensure_credentials,
 )
 from events.stream import ensure_health_bucket, ensure_output_retention
-from events.subjects import API_EXPORT, API_POSITION, API_REBUILD, API_SQL, STREAM
+from events.subjects import API_EXPORT, API_POSITION, API_REBUILD, API_SNAPSHOT, API_SQL, STREAM
 from projections.errors import ProjectionError, QueryError
 from projections.projector import Projector
 from projections.query import MAX_BYTES as MAX_ANSWER_BYTES
@@ -379,6 +379,24 @@ def _export_target(path: str) -> Path:
     return target
 
 
+def _snapshot_target(path: str) -> Path:
+    target = Path(path)
+    if not target.is_absolute() or not target.parent.is_dir() or target.is_dir():
+        raise ProjectionError(f"cannot write a snapshot to {target}: give a file in an existing directory")
+    return target
+
+
+def _replace_snapshot(written: Path, target: Path) -> None:
+    """Put a snapshot in place atomically: a reader of the old one keeps it, a new open gets the new."""
+    staged = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        shutil.move(written, staged)
+        os.replace(staged, target)
+    finally:
+        written.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
+
+
 def _move_export(written: Path, target: Path) -> None:
     """The worker writes only in its batch directory (docs/security.md): the file goes where asked."""
     try:
@@ -394,7 +412,7 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
     nc = projector.bus.nc  # the projector's user answers queries (events/auth.py)
     answering: set[asyncio.Task[None]] = set()
 
-    async def answer(msg: Msg, export: bool) -> None:
+    async def answer(msg: Msg, export: bool | str) -> None:
         # A sandboxed query in the projector's DuckDB worker (projections/query.py): one of its
         # query threads, off the apply path; a refusal or a timeout has a `kind` the CLI maps.
         # An export (operators only) writes a Parquet file there and moves it where asked.
@@ -403,15 +421,19 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
             request = orjson.loads(msg.data)
             if projector.locked_out:
                 raise ProjectionError(f"the projector cannot answer yet: {projector.locked_out}")
-            check_statement(request["sql"])  # refused at once, before waiting for the position
-            target = _export_target(request["path"]) if export else None
+            snapshot = export == "snapshot"
+            if not snapshot:
+                check_statement(request["sql"])  # refused at once, before waiting for the position
+            target = (_snapshot_target if snapshot else _export_target)(request["path"]) if export else None
             await projector.wait_for_position(
                 int(request.get("min_seq", 0)), timeout_s=10.0, output_seq=await projector.output_last_sequence()
             )
             worker = projector.worker
             if worker is None:
                 raise ProjectionError("the projector has no DuckDB file open")
-            if target is not None:
+            if snapshot:
+                answer = worker.submit_snapshot()
+            elif target is not None:
                 answer = worker.submit_export(request["sql"])
             else:
                 answer = worker.submit_query(
@@ -422,7 +444,9 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
                 )
             result: dict[str, Any] = await asyncio.wrap_future(answer)
             if target is not None:
-                await asyncio.to_thread(_move_export, Path(result.pop("file")), target)
+                place = _replace_snapshot if snapshot else _move_export
+                await asyncio.to_thread(place, Path(result.pop("file")), target)
+                result["position"] = projector.position
             reply = {"ok": True, **result}
         except QueryError as exc:
             reply = {"ok": False, "error": str(exc), "kind": exc.kind}
@@ -436,7 +460,7 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
             data = orjson.dumps({"ok": False, "error": f"the answer could not be sent as JSON: {exc}"})
         await msg.respond(data)
 
-    def answering_task(export: bool) -> Callable[[Msg], Awaitable[None]]:
+    def answering_task(export: bool | str) -> Callable[[Msg], Awaitable[None]]:
         async def on_request(msg: Msg) -> None:
             # nats-py runs one callback at a time per subscription: each answers on its own task
             task = asyncio.create_task(answer(msg, export))
@@ -470,6 +494,7 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
 
     system._subs.append(await nc.subscribe(API_SQL, cb=answering_task(export=False)))
     system._subs.append(await nc.subscribe(API_EXPORT, cb=answering_task(export=True)))  # operators only
+    system._subs.append(await nc.subscribe(API_SNAPSHOT, cb=answering_task(export="snapshot")))  # operators only
     system._subs.append(await nc.subscribe(API_REBUILD, cb=on_rebuild))
     system._subs.append(await nc.subscribe(API_POSITION, cb=on_position))
     # The subscriptions are on the projector's connection and the CLI asks on another: the server

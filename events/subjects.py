@@ -22,6 +22,7 @@ PROJECTOR_CONSUMER: Final = "projector"
 API_SQL: Final = "corral.api.sql"
 API_REBUILD: Final = "corral.api.projections.rebuild"
 API_POSITION: Final = "corral.api.projections.position"
+API_SNAPSHOT: Final = "corral.api.projections.snapshot"  # operators only: `corral snapshot` (a DuckDB copy)
 API_EXPORT: Final = "corral.api.projections.export"  # operators only: `corral export` (Parquet files)
 
 HEALTH_BUCKET: Final = "corral_health"

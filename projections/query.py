@@ -29,6 +29,7 @@ from typing import Any
 import duckdb
 import orjson
 
+from projections.database import CATALOG
 from projections.errors import QueryError, QueryRefused, QueryTimeout
 
 MAX_ROWS = 10000
@@ -227,6 +228,26 @@ def run_export(
         written = cursor.execute(statement).fetchall()
     count = int(written[0][0]) if written else 0
     return {"columns": ["Count"], "types": ["BIGINT"], "rows": [[count]], "truncated": False, "cut": None}
+
+
+def run_snapshot(cursor: duckdb.DuckDBPyConnection, file: Path) -> dict[str, Any]:
+    """Copy every table of the live file into a new DuckDB `file` (in the worker's batch directory;
+    the projector moves it where `corral snapshot` asked): one transaction's view, so the copy is
+    consistent, and an analyst can open it with any DuckDB while the projector holds the live one.
+    Operators only: corral.api.projections.snapshot, which `tap` may not send (events/auth.py)."""
+    alias = f"snapshot_{uuid.uuid4().hex[:12]}"
+    try:  # not in _guarded's rolled-back transaction: COPY FROM DATABASE is one committed statement
+        cursor.execute(f"ATTACH {_literal(str(file))} AS {alias}")
+        try:
+            cursor.execute(f"COPY FROM DATABASE {CATALOG} TO {alias}")
+            tables = cursor.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = ?", [alias]).fetchone()
+            cursor.execute(f"CHECKPOINT {alias}")  # everything in the file itself: no WAL beside it
+        finally:
+            cursor.execute(f"DETACH {alias}")
+    except duckdb.Error as exc:
+        raise QueryError(_first_line(exc)) from None
+    count = int(tables[0]) if tables else 0
+    return {"columns": ["tables"], "types": ["BIGINT"], "rows": [[count]], "truncated": False, "cut": None}
 
 
 def _literal(text: str) -> str:

@@ -51,6 +51,7 @@ from projections.query import (
     check_statement,
     run_export,
     run_query,
+    run_snapshot,
     timeout_message,
 )
 
@@ -200,8 +201,13 @@ class ApplyWorker:
         (`corral export`, operators only); the answer's "file" names it, for the caller to move."""
         return self._submit(sql, 1, 0, timeout_s, True)
 
+    def submit_snapshot(self, *, timeout_s: float | None = None) -> "Future[dict[str, Any]]":
+        """Have the worker copy every table into a new DuckDB file in its batch directory
+        (`corral snapshot`, operators only); the answer's "file" names it, for the caller to move."""
+        return self._submit("SELECT 1", 1, 0, timeout_s, "snapshot")
+
     def _submit(
-        self, sql: str, max_rows: int, max_bytes: int, timeout_s: float | None, export: bool
+        self, sql: str, max_rows: int, max_bytes: int, timeout_s: float | None, export: bool | str
     ) -> "Future[dict[str, Any]]":
         future: Future[dict[str, Any]] = Future()
         with self._query_lock:
@@ -422,14 +428,16 @@ class _Live:
             return dropped
 
     def query(
-        self, sql: str, max_rows: int, max_bytes: int, timeout_s: float | None, export: bool = False
+        self, sql: str, max_rows: int, max_bytes: int, timeout_s: float | None, export: bool | str = False
     ) -> dict[str, Any]:
         try:
             return self._query(sql, max_rows, max_bytes, timeout_s, export)
         except QueryTimeout:
             raise QueryTimeout(timeout_message(timeout_s)) from None
 
-    def _query(self, sql: str, max_rows: int, max_bytes: int, timeout_s: float | None, export: bool) -> dict[str, Any]:
+    def _query(
+        self, sql: str, max_rows: int, max_bytes: int, timeout_s: float | None, export: bool | str
+    ) -> dict[str, Any]:
         check_statement(sql)  # refused at once, whether the file is open or not
         started = time.monotonic()
         deadline = started + (timeout_s or 3600.0)
@@ -437,7 +445,10 @@ class _Live:
             query_cursor = self._cursor(deadline)
             try:
                 left = None if timeout_s is None else max(0.001, deadline - time.monotonic())
-                if export:
+                if export == "snapshot":
+                    file = self._tmp_dir / f"snapshot-{os.getpid()}-{uuid.uuid4().hex}.duckdb"
+                    result = {**run_snapshot(query_cursor, file), "file": str(file)}
+                elif export:
                     file = self._tmp_dir / f"export-{os.getpid()}-{uuid.uuid4().hex}.parquet"
                     result = {**run_export(query_cursor, sql, file, timeout_s=left), "file": str(file)}
                 else:
