@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("execution_id", metavar="EXEC_ID")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it exits")
     logs.add_argument("--stream", choices=["stdout", "stderr"], help="only one stream")
+    logs.add_argument("--tail", "-n", type=int, metavar="N", help="only the last N lines (with -f: then live)")
 
     tap = sub.add_parser("tap", help="print events as JSON lines, live")
     tap.add_argument("pattern", nargs="?", help="subject pattern or execution id (default: all)")

@@ -718,30 +718,109 @@ async def cmd_ps(home: Home, args: Any) -> int:
 
 
 async def cmd_logs(home: Home, args: Any) -> int:
+    """Print an execution's output (-f: until it ends; --tail N: the last N lines first).
+
+    Output that log retention dropped is said on stderr before the rest (docs/retention.md): the
+    chunks are numbered 1, 2, ... per execution and dropped oldest first, so the first chunk read
+    says how many went before it.
+    """
+    from collections import deque  # (local: this command's own)
+
+    from events.subjects import ack_time_ns
+    from replay.history import output_expiry
+
+    if args.tail is not None and args.tail < 0:
+        raise UsageError("--tail expects a number of lines (0 or more)")
     async with open_system(home, actors=(), role="tap") as system:  # reads only
         execution_id = await resolve_execution_id(system, args.execution_id)
-        stop = asyncio.Event()
+        js = system.bus.js
+        phase = [asyncio.Event()]
+        interrupted = False
+
+        def interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
+            phase[0].set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, interrupt)
+        first_n: int | None = None  # the number of the first output chunk read
+        last_n = skip_to = 0  # the highest chunk number read; the second pass (--tail -f) skips up to it
+        live = False  # the second pass
+        last_ns = 0  # when the newest event read was stored
+        ended_ns: int | None = None  # when its terminal event was stored
+        # --tail: [stream, line] of the last N lines (a line cut across chunks is joined)
+        tail: deque[list[str]] | None = deque(maxlen=args.tail) if args.tail is not None else None
+        cut = False  # --tail left out earlier lines
+
+        async def notice(n: int) -> None:
+            expiry = await output_expiry(js) if n > 1 else None
+            if expiry is not None:
+                chunks = "output chunk" if n == 2 else f"{n - 1:,} output chunks"
+                info(
+                    f"the first {chunks} of {execution_id} expired under [retention] ({expiry.limits}); "
+                    f"showing from chunk {n:,}"
+                )
+
+        def write(stream: str, text: str) -> None:
+            out = sys.stdout if stream == "stdout" or args.stream else sys.stderr
+            out.write(text)
+            out.flush()
+
+        def keep(stream: str, text: str) -> None:
+            nonlocal cut
+            assert tail is not None
+            for line in text.splitlines(keepends=True):
+                if tail and tail[-1][0] == stream and not tail[-1][1].endswith("\n"):
+                    tail[-1][1] += line
+                    continue
+                cut = cut or len(tail) == tail.maxlen
+                tail.append([stream, line])
 
         async def on_event(seq: int, msg: Msg) -> bool:
+            nonlocal first_n, last_n, last_ns, ended_ns
             kind = msg.subject.split(".", 3)[3]
+            stored = ack_time_ns(msg.reply)
+            last_ns = max(last_ns, stored)
             if kind == "output":
                 data = orjson.loads(msg.data)["data"]
+                n = int(data.get("n") or 0)
+                if live and n and n <= skip_to:
+                    return False  # printed by the first pass
+                last_n = max(last_n, n)
+                if first_n is None:
+                    first_n = n
+                    if tail is None or live:
+                        await notice(n)
                 if args.stream in (None, data["stream"]):
-                    out = sys.stdout if data["stream"] == "stdout" or args.stream else sys.stderr
-                    out.write(data["text"])
-                    out.flush()
+                    if tail is not None and not live:
+                        keep(data["stream"], data["text"])
+                    else:
+                        write(data["stream"], data["text"])
+            elif kind in TERMINAL_TYPES:
+                ended_ns = stored
             return args.follow and kind in TERMINAL_TYPES
 
-        await follow(
-            system.bus.js,
-            execution_events(execution_id),
-            on_event,
-            stop_when_caught_up=not args.follow,
-            done=stop,
-        )
+        subject = execution_events(execution_id)
+        await follow(js, subject, on_event, stop_when_caught_up=not args.follow or tail is not None, done=phase[0])
+        if tail is not None:
+            if first_n is not None and not cut:  # the lines shown start at the first chunk held
+                await notice(first_n)
+            for stream, line in tail:
+                write(stream, line)
+            if args.follow and ended_ns is None and not interrupted:  # then live, from where the first pass was
+                live, skip_to = True, last_n
+                phase[0] = asyncio.Event()
+                since = datetime.fromtimestamp((last_ns - 1_000_000) / 1e9, UTC) if last_ns else None
+                await follow(js, subject, on_event, start_time=since, done=phase[0])
+        if first_n is None and ended_ns is not None:
+            expiry = await output_expiry(js)
+            if expiry is not None and (expiry.oldest is None or expiry.oldest.timestamp() * 1e9 > ended_ns):
+                info(
+                    f"no output of {execution_id} is held: it ended before the oldest output [retention] keeps "
+                    f"({expiry.limits}); whatever it printed expired"
+                )
     return 0
 
 

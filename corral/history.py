@@ -483,17 +483,33 @@ async def cmd_replay(home: Home, args: Any) -> int:
             info(f"{execution_id}: replay of {original} from {request.base[:12]}")
         if args.detach:
             return await _start(home, system, execution_id, request, args)
-        done = asyncio.Event()
-        feeder = asyncio.create_task(_feed(system, execution_id, inputs, decisions, args.speed, done))
-        try:
-            code = await _start(home, system, execution_id, request, args)
-        finally:
-            done.set()
-            with contextlib.suppress(Exception):
-                await feeder
-        if feeder.done() and not feeder.cancelled() and feeder.exception() is not None:
-            info(f"{execution_id}: re-sending inputs or approvals failed: {feeder.exception()}")
-        return code
+        return await _start_feeding(home, system, execution_id, request, args, inputs, decisions, args.speed)
+
+
+async def _start_feeding(
+    home: Home,
+    system: System,
+    execution_id: str,
+    request: ExecutionRequested,
+    args: Any,
+    inputs: list[tuple[float, str]],
+    decisions: list[dict[str, Any] | None],
+    speed: float,
+    *,
+    by: str = "replay",
+) -> int:
+    """Start and follow the execution while recorded inputs and approval decisions are re-sent (`_feed`)."""
+    done = asyncio.Event()
+    feeder = asyncio.create_task(_feed(system, execution_id, inputs, decisions, speed, done, by=by))
+    try:
+        code = await _start(home, system, execution_id, request, args)
+    finally:
+        done.set()
+        with contextlib.suppress(Exception):
+            await feeder
+    if feeder.done() and not feeder.cancelled() and feeder.exception() is not None:
+        info(f"{execution_id}: re-sending inputs or approvals failed: {feeder.exception()}")
+    return code
 
 
 async def _replay_plan(
@@ -518,13 +534,7 @@ async def _replay_plan(
             "requested_by": os.environ.get("USER"),
         }
     )
-    inputs = [
-        (float(r["offset_s"] or 0.0), str(r["text"]))
-        for r in await rows(
-            system, f"SELECT offset_s, text FROM inputs WHERE execution_id = {sql_text(original)} ORDER BY seq"
-        )
-        if not _approval_line(str(r["text"]))  # the replay's own approvals get their own lines
-    ]
+    inputs, _ = await recorded_inputs(system, original)
     approvals = await rows(
         system,
         f"SELECT status, choice, note, decided_by FROM approvals WHERE execution_id = {sql_text(original)} "
@@ -547,6 +557,23 @@ async def _replay_plan(
     return ExecutionRequested.model_validate(request.model_dump()), inputs, decisions
 
 
+async def recorded_inputs(
+    system: System, original: str, *, before_seq: int | None = None
+) -> tuple[list[tuple[float, str]], int]:
+    """The inputs delivered to `original` as (offset from its start, text), in order, and how many came later.
+
+    Only those delivered before the event `before_seq` (a fork's checkpoint) when given; the
+    count is of those at or after it. Approval lines Corral wrote to the agent are left out: a
+    replay's or fork's approvals get their own lines.
+    """
+    found = await rows(
+        system, f"SELECT seq, offset_s, text FROM inputs WHERE execution_id = {sql_text(original)} ORDER BY seq"
+    )
+    kept = [r for r in found if not _approval_line(str(r["text"]))]
+    before = [r for r in kept if before_seq is None or int(r["seq"]) < before_seq]
+    return [(float(r["offset_s"] or 0.0), str(r["text"])) for r in before], len(kept) - len(before)
+
+
 def _approval_line(text: str) -> bool:
     """Is a delivered input one of the approval lines Corral wrote to the agent (actors/approver.approval_line)?
 
@@ -567,8 +594,13 @@ async def _feed(
     decisions: list[dict[str, Any] | None],
     speed: float,
     done: asyncio.Event,
+    *,
+    by: str = "replay",
 ) -> None:
-    """Re-send recorded inputs at their offsets from the start, and answer approvals in order."""
+    """Re-send recorded inputs at their offsets from the start, and answer approvals in order.
+
+    The inputs are `input.requested` with `requested_by` `by` (`replay`, or `fork`).
+    """
     publisher = system.bus.publisher
     pending: set[asyncio.Task[None]] = set()
     asked = 0
@@ -578,9 +610,7 @@ async def _feed(
             delay = (started.timestamp() + offset / speed) - datetime.now(UTC).timestamp()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await publisher.publish(
-                new_event(execution_id, InputRequested(text=text, requested_by="replay"), actor="cli")
-            )
+            await publisher.publish(new_event(execution_id, InputRequested(text=text, requested_by=by), actor="cli"))
 
     async def on_event(seq: int, msg: Msg) -> bool:
         nonlocal asked
@@ -625,7 +655,7 @@ async def find_checkpoint(system: System, execution_id: str, at: str) -> dict[st
         where = f'starts_with("commit", {sql_text(text)})'
     else:
         raise UsageError(f"--at expects a checkpoint number, refs/corral/<id>/<n> or a commit; got {at!r}")
-    found = await rows(system, f'SELECT execution_id, n, ref, "commit", tree FROM checkpoints WHERE {where}')
+    found = await rows(system, f'SELECT execution_id, n, seq, ref, "commit", tree FROM checkpoints WHERE {where}')
     if not found:
         listed = await rows(
             system, f"SELECT n FROM checkpoints WHERE execution_id = {sql_text(execution_id)} ORDER BY n"
@@ -666,6 +696,7 @@ async def cmd_fork(home: Home, args: Any) -> int:
         original = await resolve_execution_id(system, args.execution_id)
         recorded = await recorded_request(system, original)
         checkpoint = await find_checkpoint(system, original, args.at)
+        inputs, later = await recorded_inputs(system, original, before_seq=int(checkpoint["seq"]))
         wanted = args.prompt is not None and recorded.agent != "command" and not args.new_session
         session = await followup.recorded_session(system, original) if wanted else None
     _require_commit(recorded.repo, checkpoint["commit"], f"checkpoint {checkpoint['n']} ({checkpoint['commit'][:12]})")
@@ -701,6 +732,16 @@ async def cmd_fork(home: Home, args: Any) -> int:
     execution_id = new_execution_id()
     if not_continued:
         info(f"{execution_id}: the conversation of {original} is not continued: {not_continued}")
+    resend = _fork_inputs(
+        execution_id,
+        original,
+        int(checkpoint["n"]),
+        inputs,
+        later,
+        how="command" if command else "continues" if continues else "prompt" if args.prompt is not None else "same",
+        detach=args.detach,
+        quiet=args.quiet,
+    )
     async with _system_for(home, args.detach) as system:
         if not args.quiet:
             continued = f", continuing {continues}" if continues else ""
@@ -708,7 +749,67 @@ async def cmd_fork(home: Home, args: Any) -> int:
                 f"{execution_id}: fork of {original} at checkpoint {checkpoint['n']} "
                 f"({checkpoint['commit'][:12]}){continued}"
             )
+        if resend:  # at their offsets from the fork's start, as `corral replay` does
+            return await _start_feeding(home, system, execution_id, request, args, resend, [], 1.0, by="fork")
         return await _start(home, system, execution_id, request, args)
+
+
+def _inputs(count: int) -> str:
+    return f"{count:,} input{'' if count == 1 else 's'}"
+
+
+def _fork_inputs(
+    execution_id: str,
+    original: str,
+    n: int,
+    inputs: list[tuple[float, str]],
+    later: int,
+    *,
+    how: str,
+    detach: bool,
+    quiet: bool,
+) -> list[tuple[float, str]]:
+    """The inputs a fork re-sends (those the original got before checkpoint n), saying what is not sent.
+
+    Only a fork running the original command again gets them, and only while the CLI follows it;
+    `how` is `same`, `command` (-- COMMAND), `prompt` (a new task) or `continues` (an agent
+    conversation continued, which holds them already).
+    """
+    send = f"send input with `corral input {execution_id} TEXT`"
+    if how == "continues":
+        if inputs or later:
+            info(
+                f"{execution_id}: the {_inputs(len(inputs) + later)} {original} got are not re-sent: "
+                "the conversation the fork continues already holds them"
+            )
+        return []
+    if how in ("command", "prompt"):
+        if inputs:
+            why = "the fork runs another command" if how == "command" else "the fork has a new task"
+            info(
+                f"{execution_id}: the {_inputs(len(inputs))} {original} got before checkpoint {n} "
+                f"are not re-sent: {why}; {send}"
+            )
+        return []
+    if detach:
+        if inputs:
+            info(
+                f"{execution_id}: --detach does not re-send the {_inputs(len(inputs))} {original} got before "
+                f"checkpoint {n} (run without --detach to re-send them); {send}"
+            )
+        return []
+    verb = "is" if later == 1 else "are"
+    after = f"the {_inputs(later)} it got after checkpoint {n} {verb} not ({send})" if later else ""
+    if inputs and not quiet:
+        info(
+            f"{execution_id}: re-sending the {_inputs(len(inputs))} {original} got before checkpoint {n}"
+            + (f"; {after}" if after else "")
+        )
+    elif not inputs and later:
+        info(f"{execution_id}: no input is re-sent: {original} got its {_inputs(later)} after checkpoint {n}; {send}")
+    elif later:
+        info(f"{execution_id}: {after}")
+    return inputs
 
 
 # --- compare -----------------------------------------------------------------------------------

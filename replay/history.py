@@ -48,6 +48,55 @@ async def last_sequence(js: JetStreamContext) -> int:
     return int(info.state.last_seq)
 
 
+@dataclass(frozen=True)
+class OutputExpiry:
+    """What log retention dropped from CORRAL_OUTPUT (docs/retention.md)."""
+
+    limits: str  # the stream's limits as the corral.toml keys: `output_max_msgs 50, output_max_age 1h`
+    oldest: datetime | None  # when the oldest output still held was stored (None: none is held)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _size(count: int) -> str:
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if count >= size and count % size == 0:
+            return f"{count // size}{unit}"
+    return f"{count:,} bytes"
+
+
+async def output_expiry(js: JetStreamContext) -> OutputExpiry | None:
+    """What retention dropped from CORRAL_OUTPUT; None when there is no such stream or it dropped nothing.
+
+    Output is dropped oldest first, so an execution's output still held is the newest part of it:
+    the chunk number `n` of the first chunk read says how many went before.
+    """
+    try:
+        info = await js.stream_info(OUTPUT_STREAM)
+    except NotFoundError:
+        return None
+    if info.state.first_seq <= 1:
+        return None
+    config = info.config
+    limits = []
+    if config.max_age:
+        limits.append(f"output_max_age {_duration(float(config.max_age))}")
+    if config.max_bytes is not None and config.max_bytes > 0:
+        limits.append(f"output_max_bytes {_size(int(config.max_bytes))}")
+    if config.max_msgs is not None and config.max_msgs > 0:
+        limits.append(f"output_max_msgs {int(config.max_msgs):,}")
+    oldest = None
+    if info.state.messages:
+        with contextlib.suppress(NotFoundError):
+            oldest = (await js.get_msg(OUTPUT_STREAM, seq=info.state.first_seq, next=True)).time
+    return OutputExpiry(", ".join(limits) or "its limits", oldest)
+
+
 async def follow(
     js: JetStreamContext,
     subject: str,
