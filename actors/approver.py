@@ -43,7 +43,7 @@ from nats.js.errors import NotFoundError
 from actors.bus import Bus, PermissionRefused
 from actors.policy import Policy, PolicyError, effective_policy
 from actors.runtime import Actor
-from events.approvals import CROCKFORD, OUTCOMES, derived_id, encode
+from events.approvals import CROCKFORD, EXIT_CODE_APPROVAL, OUTCOMES, derived_id, encode
 from events.auth import DECIDE_API
 from events.envelope import decode_event
 from events.errors import EventError, PublishError, WrongLastSequence
@@ -66,7 +66,6 @@ from events.types import (
 log = logging.getLogger(__name__)
 
 APPROVAL_EVENTS: Final = "corral.evt.*.approval.>"
-EXIT_CODE_APPROVAL: Final = 90
 REQUESTER: Final = "approver"
 DECISION_REQUEST: Final = "approval.decision.submitted"
 REPLAY_EFFECTS_S: Final = 240.0  # reactions to outcomes this recent are re-sent after a restart (dedup: 5 min)

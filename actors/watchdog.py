@@ -31,6 +31,7 @@ from nats.js.errors import NotFoundError
 
 from actors.bus import Bus
 from actors.runtime import Actor
+from events.approvals import EXIT_CODE_APPROVAL
 from events.envelope import decode_event
 from events.errors import EventError, PublishError, WrongLastSequence
 from events.ids import new_execution_id
@@ -59,6 +60,9 @@ STALL_REASON: Final = "stalled"
 IDLE_CANCEL_REASON: Final = "idle timeout"
 SPAWN_CANCEL_REASON: Final = "spawn timeout"
 RESTART_REASON: Final = "stalled: restarting"
+# A failure older than this when a watchdog starts was another watchdog's to retry (or not): only
+# the failures of a short outage (a restart, a crash) are still decided by the new one.
+OLD_FAILURE_S: Final = 60.0
 
 _PREFIX_LEN: Final = len(EVENT_PREFIX) + 1
 _PRUNE_INTERVAL_S: Final = 10.0
@@ -183,6 +187,8 @@ def classify_exit(
         return "timeout"
     if reason in ("cancelled", "spawner_stopped"):
         return None
+    if reason == "exited" and exit_code == EXIT_CODE_APPROVAL and signal is None:
+        return None  # it asked for an approval: the approver restarts it after the decision
     if reason in ("timeout", "lost"):
         return reason
     if signal is not None:
@@ -216,6 +222,7 @@ class Watchdog(Actor):
         self.settings = settings or WatchdogSettings()
         if self.settings.default_on_stall not in ON_STALL:
             raise ValueError(f"default_on_stall must be one of {', '.join(ON_STALL)}")
+        self._started = time.monotonic()
         self.live: dict[str, _Live] = {}
         self.endings: dict[str, _Ending] = {}
         self.pending_retries: dict[str, _PendingRetry] = {}
@@ -742,7 +749,13 @@ class Watchdog(Actor):
 
     def _retryable(self, ending: _Ending) -> bool:
         s = self.settings
-        return ending.restart or (ending.failure_class in s.retry_on and ending.attempt < 1 + s.retry_max_attempts)
+        if ending.restart:
+            return True
+        if ending.at < self._started - OLD_FAILURE_S:
+            # Decided (or not) before this watchdog started, under the settings then in force: a
+            # watchdog restarted with another retry_on does not re-run old failures.
+            return False
+        return ending.failure_class in s.retry_on and ending.attempt < 1 + s.retry_max_attempts
 
     def _chain_over(self, ending: _Ending) -> None:
         """Nothing more follows this failure: forget it and its chain's failure times."""

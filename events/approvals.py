@@ -11,6 +11,9 @@ from typing import Any, Final
 import orjson
 
 OUTCOMES: Final = ("approval.granted", "approval.denied", "approval.expired")
+# A tool that exits with this code asks for an approval; the approver restarts it once decided
+# (docs/approvals.md), so it is no failure for the watchdog to retry.
+EXIT_CODE_APPROVAL: Final = 90
 CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 

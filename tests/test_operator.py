@@ -171,3 +171,62 @@ def test_approve_without_permission_fails_with_the_permission_error(tmp_path: Pa
         assert pending() == approval_id  # nothing decided
     finally:
         stop_up(cli, up)
+
+
+def test_an_exit_90_tool_is_restarted_once_not_also_retried(cli: Cli, repo: Path, tmp_path: Path) -> None:
+    """Issue 19 item 7: with retry_on = ["exit"], an exit 90 (asks for an approval) is the approver's
+    to restart after the decision; the watchdog does not retry it too (3 approvals for one question)."""
+    from tests.test_approvals import wait_pending
+    from tests.test_control import start_up, stop_up, wait_until
+
+    (tmp_path / "corral.toml").write_text('[watchdog]\nretry_on = ["exit"]\nretry_max_attempts = 2\nretry_backoff = "1s"\n')
+    cli.env["CORRAL_CONFIG"] = str(tmp_path / "corral.toml")
+    up_process = start_up(cli)
+    try:
+        execution_id = detach(cli, repo, *agent_command("tool", "--exit-for-approval", "--steps", "1"))
+        assert wait_state(cli, execution_id, "exited")["exit_code"] == 90
+        approval = wait_pending(cli, execution_id)
+        cli("approve", approval["approval_id"], check=True)
+
+        def children() -> list[dict]:
+            return json.loads(
+                cli(
+                    "sql",
+                    f"SELECT execution_id FROM executions WHERE retry_of = '{execution_id}'",
+                    "--json",
+                    check=True,
+                ).stdout
+            )
+
+        [restart] = wait_until(children, 60, "the restart")  # type: ignore[misc]
+        assert wait_state(cli, restart["execution_id"], "exited")["exit_code"] == 0
+        scheduled = json.loads(
+            cli(
+                "sql",
+                f"SELECT count(*) AS n FROM events WHERE execution_id = '{execution_id}' "
+                "AND type = 'execution.retry_scheduled'",
+                "--json",
+                check=True,
+            ).stdout
+        )
+        assert scheduled == [{"n": 0}]
+        approvals = json.loads(cli("approvals", "--all", "--json", check=True).stdout)
+        assert len([a for a in approvals if a["execution_id"] == execution_id]) == 1
+        assert children() == [restart]
+    finally:
+        stop_up(cli, up_process)
+
+
+def test_a_restarted_watchdog_does_not_retry_old_failures() -> None:
+    """A failure recorded long before this watchdog started was decided under the settings then;
+    one of a short outage (a restart) is still decided."""
+    import time as _time
+
+    from actors.watchdog import OLD_FAILURE_S, Watchdog, WatchdogSettings, _Ending
+
+    watchdog = Watchdog(None, WatchdogSettings(retry_on=("exit",), retry_max_attempts=3))  # type: ignore[arg-type]
+    now = _time.monotonic()
+    old = _Ending("old00001", None, "old00001", 1, "exit", False, now - OLD_FAILURE_S - 3600)
+    recent = _Ending("new00001", None, "new00001", 1, "exit", False, now - 5)
+    assert not watchdog._retryable(old)
+    assert watchdog._retryable(recent)
