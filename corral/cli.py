@@ -156,7 +156,32 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--list", action="store_true", help="list the types and their subjects")
     for module in FEATURES:
         COMMANDS.update(module.add_parsers(sub))
+    _group_commands(parser, sub)
     return parser
+
+
+# `corral --help` lists the commands by topic (every command is in exactly one; a test checks it).
+TOPICS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
+    ("run and control", ("run", "input", "pause", "resume", "cancel", "extend", "priority", "status", "ps", "logs")),
+    ("changes", ("checkpoint", "checkpoints", "changes", "diff", "commit", "rollback", "pr", "worktrees")),
+    ("approvals", ("approvals", "approve", "reject")),
+    ("history", ("search", "compare", "replay", "fork", "export", "tap", "sql", "snapshot")),
+    ("system", ("up", "down", "health", "templates", "credentials", "projections", "schema", "wrap")),
+)
+
+
+def _group_commands(parser: argparse.ArgumentParser, sub: "argparse._SubParsersAction[Any]") -> None:
+    helps = {action.dest: action.help or "" for action in sub._choices_actions}
+    lines = []
+    for topic, names in TOPICS:
+        lines.append(f"{topic}:")
+        lines += [f"  {name:<12} {helps.get(name, '')}" for name in names]
+        lines.append("")
+    lines.append("`corral COMMAND --help` for one command; docs/README.md for the documentation.")
+    parser.epilog = "\n".join(lines)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub.help = "one of the commands below"
+    sub._choices_actions.clear()  # listed by topic in the epilog instead of one long list
 
 
 # Each feature module adds its own subcommands and returns {command name: handler}.

@@ -179,7 +179,9 @@ def test_an_exit_90_tool_is_restarted_once_not_also_retried(cli: Cli, repo: Path
     from tests.test_approvals import wait_pending
     from tests.test_control import start_up, stop_up, wait_until
 
-    (tmp_path / "corral.toml").write_text('[watchdog]\nretry_on = ["exit"]\nretry_max_attempts = 2\nretry_backoff = "1s"\n')
+    (tmp_path / "corral.toml").write_text(
+        '[watchdog]\nretry_on = ["exit"]\nretry_max_attempts = 2\nretry_backoff = "1s"\n'
+    )
     cli.env["CORRAL_CONFIG"] = str(tmp_path / "corral.toml")
     up_process = start_up(cli)
     try:
@@ -230,3 +232,18 @@ def test_a_restarted_watchdog_does_not_retry_old_failures() -> None:
     recent = _Ending("new00001", None, "new00001", 1, "exit", False, now - 5)
     assert not watchdog._retryable(old)
     assert watchdog._retryable(recent)
+
+
+def test_help_lists_every_command_once_by_topic() -> None:
+    import argparse
+
+    from corral.cli import TOPICS, build_parser
+
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    listed = [name for _, names in TOPICS for name in names]
+    assert sorted(listed) == sorted(sub.choices), set(listed) ^ set(sub.choices)
+    shown = parser.format_help()
+    for topic, names in TOPICS:
+        assert f"\n{topic}:\n" in shown
+        assert all(f"\n  {name} " in shown for name in names)
