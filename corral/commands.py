@@ -362,7 +362,7 @@ async def _run_and_follow(system: System, execution_id: str, request: ExecutionR
     return _summarise(execution_id, outcome, quiet=quiet)
 
 
-AFTER_EXIT_WAIT_S = 10.0
+AFTER_EXIT_WAIT_S = 15.0
 
 
 async def _after_exit(system: System, execution_id: str, outcome: dict[str, Any]) -> None:
