@@ -275,6 +275,7 @@ class Shim:
         self.budget_paused = False
         self.live_usage = True  # the CLI reports usage while it runs (else a budget cannot pause it)
         self.watching_files = False
+        self._network_timer: asyncio.TimerHandle | None = None  # the adapter reports the model unreachable
 
     # spool
 
@@ -295,8 +296,8 @@ class Shim:
             self.chunk_number += 1
             self.last_output_at = time.time()
             self.record("output", {"stream": stream, "n": self.chunk_number, "text": text})
-            if self.adapter is not None and stream == "stdout":
-                self._facts(self.adapter.feed(text))
+            if self.adapter is not None:
+                self._facts(self.adapter.feed(text) if stream == "stdout" else self.adapter.feed_stderr(text))
 
     def _facts(self, facts: list[tuple[str, dict[str, Any]]]) -> None:
         ticked = False
@@ -313,6 +314,32 @@ class Shim:
         adapter = self.adapter
         if adapter is not None and adapter.stdin_done and self.process and self.process.stdin:
             self.process.stdin.close()  # every message sent has its answer: let the agent finish
+        if adapter is not None and adapter.unreachable_since is not None and self._network_timer is None:
+            self._watch_network()
+
+    def _watch_network(self) -> None:
+        """The CLI cannot reach its model and retries (its retry lines keep the execution active):
+        after the idle timeout with no progress, record the network failure and end it, as the
+        watchdog's idle timeout would (docs/adapters.md)."""
+        adapter, idle = self.adapter, self.spec.get("network_timeout_s")
+        if adapter is None or not idle or adapter.unreachable_since is None:
+            return
+        wait = adapter.unreachable_since + float(idle) - time.monotonic()
+        self._network_timer = asyncio.get_running_loop().call_later(max(wait, 0.0), self._network_due)
+
+    def _network_due(self) -> None:
+        self._network_timer = None
+        adapter, idle = self.adapter, self.spec.get("network_timeout_s")
+        if adapter is None or adapter.unreachable_since is None or not idle:
+            return
+        if self.paused_since is not None or self.stop_reason is not None or self.process is None:
+            return
+        if time.monotonic() - adapter.unreachable_since < float(idle):
+            self._watch_network()  # progress came and went since: a new episode
+            return
+        self.record(*adapter.network_result())
+        self.record("execution.timed_out", {"kind": "idle", "limit_s": float(idle)})
+        self._terminate("timeout", None, float(self.spec.get("cancel_grace_s") or 10.0))
 
     def _progress(self) -> None:
         """A heartbeat with progress toward the limit the CLI's output lets us measure (budget, else turns)."""
@@ -511,6 +538,8 @@ class Shim:
             self._flush_timer.cancel()
         if self._files_timer is not None:
             self._files_timer.cancel()
+        if self._network_timer is not None:
+            self._network_timer.cancel()
         if watcher is not None:
             loop.remove_reader(watcher.fd)
             watcher.read()

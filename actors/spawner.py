@@ -611,6 +611,8 @@ class Spawner(Actor):
             "max_cost_usd": request.max_cost_usd,
             "secret_env": list(self.secret_env),  # redacted from output by the shim, like *_KEY, *_TOKEN
             "prices": request.prices,
+            # an agent CLI that cannot reach its model is ended after this long (actors/shim.py)
+            "network_timeout_s": request.timeouts.idle if request.on_stall == "cancel" else None,
         }
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / SPOOL).touch()

@@ -4,6 +4,7 @@
 projections with one query each:
 
 - **reason**: why it ended or is paused, in words: `cancelled by alice`, `idle timeout`,
+  `network unreachable` (an agent CLI that never reached its model),
   `hard timeout`, `disk limit (120 MB > 100 MB)`, `approval ap-… denied`, `stalled`,
   `policy: secrets: …`. It is read from the request that stopped it (`cancel.requested`,
   `pause.requested`, their reason and who asked) and from `limit.exceeded`, since the exit itself
@@ -97,6 +98,12 @@ async def reasons(query: Query, rows: Sequence[dict[str, Any]]) -> dict[str, str
         f"arg_max(actor, seq) AS actor FROM events WHERE execution_id IN ({_ids(wanted)}) "
         f"AND type IN ({kinds}) GROUP BY execution_id"
     )
+    # an agent CLI that could not reach its model (actors/adapters: agent.result failure "network")
+    unreachable = await query(
+        f"SELECT DISTINCT execution_id FROM events WHERE execution_id IN ({_ids(wanted)}) "
+        "AND type = 'agent.result' AND data->>'failure' = 'network'"
+    )
+    network = {row[0] for row in unreachable["rows"]}
     last: dict[str, dict[str, Any]] = {}
     for execution_id, kind, data, actor in result["rows"]:
         parsed = orjson.loads(data) if isinstance(data, str | bytes) else (data or {})
@@ -105,6 +112,9 @@ async def reasons(query: Query, rows: Sequence[dict[str, Any]]) -> dict[str, str
         last[execution_id] = {"type": kind, "data": parsed if isinstance(parsed, dict) else {}, "actor": actor}
     out = {}
     for row in rows:
+        if row["execution_id"] in network and row.get("state") in ("exited", "failed"):
+            out[row["execution_id"]] = "network unreachable"
+            continue
         text = describe(row, last.get(row["execution_id"]))
         if text:
             out[row["execution_id"]] = text

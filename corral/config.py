@@ -63,6 +63,9 @@ SETTING_KEYS: dict[str, str] = {
     "max_cost": "max_cost_usd",
 }
 SETTING_FIELDS: tuple[str, ...] = tuple(SETTING_KEYS.values())
+# The idle timeout of agent runs (`--agent`) when nothing else sets one: an agent CLI that cannot
+# reach its model retries quietly for ever otherwise. `[defaults] agent_idle_timeout` changes it.
+DEFAULT_AGENT_IDLE_TIMEOUT_S = 600.0
 
 
 class ConfigError(CorralError):
@@ -415,6 +418,10 @@ class _SettingsFile(_Frozen):
         return {field: value for field, value in values.items() if value is not None}
 
 
+class _DefaultsFile(_SettingsFile):
+    agent_idle_timeout: LimitDuration = None  # [defaults] only: the idle timeout of agent runs
+
+
 class _TemplateFile(_SettingsFile):
     description: StrictStr = ""
     policy: dict[str, Any] | None = None  # overrides [policy] key by key (actors/policy.py validates it)
@@ -558,7 +565,7 @@ class _PriceFile(_Frozen):
 
 
 class _ConfigFile(_Frozen):
-    defaults: _SettingsFile = _SettingsFile()
+    defaults: _DefaultsFile = _DefaultsFile()
     spawner: _SpawnerFile = _SpawnerFile()
     watchdog: _WatchdogFile = _WatchdogFile()
     checkpoints: _CheckpointsFile = _CheckpointsFile()
@@ -576,7 +583,7 @@ class _ConfigFile(_Frozen):
 
 _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "": tuple(_ConfigFile.model_fields),
-    "defaults": tuple(_SettingsFile.model_fields),
+    "defaults": tuple(_DefaultsFile.model_fields),
     "spawner": tuple(_SpawnerFile.model_fields),
     "watchdog": tuple(_WatchdogFile.model_fields),
     "checkpoints": tuple(_CheckpointsFile.model_fields),
@@ -748,6 +755,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
         },
         policy=parsed.policy,
         prices={name: price.model_dump() for name, price in parsed.prices.items()},
+        agent_idle_timeout_s=parsed.defaults.agent_idle_timeout,
         label=label,
     )
 
@@ -796,6 +804,11 @@ def resolve_run(config: Config, template: str | None, flags: dict[str, Any]) -> 
     `flags` keys are ExecutionSettings field names (timeout_s, memory_bytes, ...), "env" (merged over the
     template's env) and "agent"; None means not given. A 0 or "none" limit means no limit. Raw strings
     ("30s", "2G") are accepted too. Unknown template -> ConfigError; bad flag value -> UsageError.
+
+    An agent run (`agent` other than "command") whose idle timeout no flag or template sets gets
+    `[defaults] agent_idle_timeout`, else `[defaults] idle_timeout` if written, else
+    DEFAULT_AGENT_IDLE_TIMEOUT_S; and `on_stall = "cancel"` unless a flag, the template or
+    `[defaults]` says otherwise: it ends instead of running for ever (docs/config.md).
     """
     chosen: Template | None = None
     if template is not None:
@@ -818,6 +831,17 @@ def resolve_run(config: Config, template: str | None, flags: dict[str, Any]) -> 
             agent = value
         else:
             merged[key] = value
+    if agent and agent != "command":
+        chosen_keys = set(chosen.overrides()) if chosen else set()
+        given = {key for key, value in flags.items() if value is not None} | chosen_keys
+        written = config.defaults.model_fields_set
+        if "idle_timeout_s" not in given:
+            if config.agent_idle_timeout_s is not None:
+                merged["idle_timeout_s"] = config.agent_idle_timeout_s
+            elif "idle_timeout_s" not in written:
+                merged["idle_timeout_s"] = DEFAULT_AGENT_IDLE_TIMEOUT_S
+        if "on_stall" not in given and "on_stall" not in written:
+            merged["on_stall"] = "cancel"
     try:
         settings = ExecutionSettings.model_validate(merged)
     except ValidationError as exc:

@@ -53,6 +53,8 @@ def status_lines(status: dict[str, Any]) -> list[str]:
     width = max(len(k) for k in status)
     lines = []
     for key, value in status.items():
+        if value is None and key == "cost_usd" and status.get("agent") not in (None, "command"):
+            value = "unknown (no price for the model: add it under [prices] in corral.toml)"
         if value is None:
             continue
         shown = render.human_duration(value) if key.endswith("_s") and isinstance(value, int | float) else value
@@ -100,10 +102,18 @@ async def agent_activity(system: System, execution_id: str) -> dict[str, Any]:
               WHERE execution_id = '{execution_id}' AND type = 'usage') AS input_tokens,
             (SELECT sum(CAST(data->>'output_tokens' AS BIGINT)) FROM events
               WHERE execution_id = '{execution_id}' AND type = 'usage') AS output_tokens,
-            (SELECT round(sum(CAST(data->>'cost_usd' AS DOUBLE)), 6) FROM events
-              WHERE execution_id = '{execution_id}' AND type = 'usage') AS cost_usd,
-            (SELECT bool_or(CAST(data->>'estimated' AS BOOLEAN)) FROM events
-              WHERE execution_id = '{execution_id}' AND type = 'usage') AS cost_estimated,
+            (SELECT CASE WHEN count(*) > 0 AND count(cost_usd) = 0 THEN NULL  -- every tick unpriced: unknown
+                         ELSE coalesce(round(sum(cost_usd), 10), 0) END FROM usage
+              WHERE execution_id = '{execution_id}') AS cost_usd,
+            -- estimated: an estimate (or unknown cost) after the CLI last reported its total
+            (SELECT coalesce(bool_or((estimated OR cost_usd IS NULL) AND seq > coalesce((
+                SELECT max(seq) FROM events WHERE execution_id = '{execution_id}' AND type = 'usage'
+                  AND CAST(data->>'settled' AS BOOLEAN)), 0)), false) FROM usage
+              WHERE execution_id = '{execution_id}') AS cost_estimated,
+            (SELECT list(DISTINCT coalesce(model, '?') ORDER BY coalesce(model, '?')) FROM usage
+              WHERE execution_id = '{execution_id}' AND cost_usd IS NULL) AS cost_unknown_models,
+            (SELECT last(data->>'failure' ORDER BY seq) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'agent.result') AS failure,
             (SELECT CAST(any_value(data->>'max_cost_usd') AS DOUBLE) FROM events
               WHERE execution_id = '{execution_id}' AND type = 'execution.requested') AS max_cost_usd,
             (SELECT any_value(data->>'resume_of') FROM events
@@ -125,7 +135,10 @@ async def agent_activity(system: System, execution_id: str) -> dict[str, Any]:
     row = render.records(result["columns"], result["rows"])[0]
     if isinstance(row.get("agent_features"), str):
         row["agent_features"] = orjson.loads(row["agent_features"])
-    return {key: value for key, value in row.items() if value not in (None, 0) or key == "agent"}
+    if row.get("agent") in (None, "command"):
+        return {key: value for key, value in row.items() if value not in (None, 0) or key == "agent"}
+    kept = ("agent", "cost_usd", "cost_estimated")  # an agent's cost: 0 when nothing was spent, null when unknown
+    return {key: value for key, value in row.items() if value not in (None, 0, []) or key in kept}
 
 
 def limit_eta(row: dict[str, Any], activity: dict[str, Any]) -> float | None:

@@ -1,5 +1,6 @@
 """Print results for people (aligned tables) and for programs (JSON)."""
 
+import math
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -16,7 +17,10 @@ def cell(value: Any) -> str:
     if isinstance(value, datetime):
         return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, float):
-        return f"{value:.3f}".rstrip("0").rstrip(".")
+        places = 3
+        if 0 < abs(value) < 1 and math.isfinite(value):  # three significant digits: $0.0019 is not 0
+            places = min(max(places, 2 - math.floor(math.log10(abs(value)))), 15)
+        return f"{value:.{places}f}".rstrip("0").rstrip(".")
     text = " ".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
     text = text.replace("\n", "⏎")
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"

@@ -410,9 +410,10 @@ class Usage(EventData):
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float | None = 0.0  # None: unknown (the CLI reported none and the model has no price)
     model: str | None = None
-    estimated: bool = False  # cost computed from tokens with the price table, not reported by the CLI
+    estimated: bool = False  # cost computed from tokens with the price table (or unknown), not reported by the CLI
+    settled: bool = False  # the CLI reported its total cost: with this tick the sum so far is that total
 
 
 @event_type("agent.capabilities")
@@ -431,6 +432,7 @@ class AgentResult(EventData):
     ok: bool
     text: str | None = None
     turns: int | None = None
+    failure: Literal["network"] | None = None  # why it failed, when a class is known: "network" (model unreachable)
 
 
 # --- policy and approvals (validator, approver) ------------------------------------------------

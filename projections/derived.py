@@ -48,7 +48,8 @@ DERIVED_DDL: Final = [
         seq UBIGINT, execution_id VARCHAR, ts TIMESTAMPTZ, offset_s DOUBLE, text VARCHAR, bytes UBIGINT)""",
     """CREATE TABLE IF NOT EXISTS usage (
         seq UBIGINT, execution_id VARCHAR, ts TIMESTAMPTZ, model VARCHAR, input_tokens UBIGINT,
-        output_tokens UBIGINT, cache_read_tokens UBIGINT, cache_write_tokens UBIGINT, cost_usd DOUBLE)""",
+        output_tokens UBIGINT, cache_read_tokens UBIGINT, cache_write_tokens UBIGINT, cost_usd DOUBLE,
+        estimated BOOLEAN)""",
     """CREATE TABLE IF NOT EXISTS tool_calls (
         seq UBIGINT, execution_id VARCHAR, ts TIMESTAMPTZ, call_id VARCHAR, name VARCHAR,
         input_summary VARCHAR, shell_command VARCHAR, ok BOOLEAN, result_summary VARCHAR, result_seq UBIGINT)""",
@@ -155,7 +156,9 @@ BATCH_SQL: Final = [
         CAST(coalesce(data->>'input_tokens', '0') AS UBIGINT), CAST(coalesce(data->>'output_tokens', '0') AS UBIGINT),
         CAST(coalesce(data->>'cache_read_tokens', '0') AS UBIGINT),
         CAST(coalesce(data->>'cache_write_tokens', '0') AS UBIGINT),
-        CAST(coalesce(data->>'cost_usd', '0') AS DOUBLE)
+        CASE WHEN json_type(data->'cost_usd') = 'NULL' THEN NULL  -- unknown: no price for the model
+             ELSE CAST(coalesce(data->>'cost_usd', '0') AS DOUBLE) END,
+        coalesce(CAST(data->>'estimated' AS BOOLEAN), false)
        FROM events WHERE seq > $1 AND type = 'usage' ORDER BY seq""",
     """INSERT INTO tool_calls SELECT seq, execution_id, ts, data->>'call_id', data->>'name',
         data->>'input_summary', data->>'shell_command', NULL, NULL, NULL
@@ -189,7 +192,8 @@ BATCH_SQL: Final = [
              GROUP BY execution_id) AS f
        WHERE executions.execution_id = f.execution_id""",
     """UPDATE executions SET input_tokens = executions.input_tokens + u.input_tokens,
-        output_tokens = executions.output_tokens + u.output_tokens, cost_usd = executions.cost_usd + u.cost_usd
+        output_tokens = executions.output_tokens + u.output_tokens,
+        cost_usd = executions.cost_usd + coalesce(u.cost_usd, 0)
        FROM (SELECT execution_id, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
                     sum(cost_usd) AS cost_usd FROM usage WHERE seq > $1 GROUP BY execution_id) AS u
        WHERE executions.execution_id = u.execution_id""",

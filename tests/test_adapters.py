@@ -280,7 +280,7 @@ def test_codex_and_gemini_cost_is_estimated_from_the_price_table() -> None:
     assert (mine["cost_usd"], mine["estimated"]) == (3.0, True)
     unknown = CodexAdapter(command=["codex", "-m", "nobody-knows"])
     [none] = of_type(unknown.feed('{"type":"turn.completed","usage":{"input_tokens":3,"output_tokens":5}}\n'), "usage")
-    assert (none["cost_usd"], none["estimated"]) == (0.0, False)
+    assert (none["cost_usd"], none["estimated"]) == (None, True)  # unknown, not $0 (issue 19, item 12)
 
 
 def test_price_lookup_takes_the_longest_prefix_without_provider_or_context_suffix() -> None:

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,12 @@ class Adapter:
         self._partial = ""
         self.stdin_done = False  # set by the adapter when the agent should see EOF on stdin
         self.turns = 0  # model calls seen so far (progress against --max-turns)
+        self._stderr_partial = ""
+        # The CLI reports it cannot reach its model and retries: the last such message, and since
+        # when (monotonic) with no progress after it. Any other fact clears it (docs/adapters.md).
+        self.unreachable: str | None = None
+        self.unreachable_since: float | None = None
+        self.failure_recorded = False  # an agent.result with `failure` was recorded
 
     # stdout -> facts
 
@@ -76,21 +83,77 @@ class Adapter:
                 facts.extend(self.parse_line(line.rstrip("\r")))
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue  # a line of a shape this adapter does not know stays plain output
-        return self.priced(facts)
+        return self.priced(self.classified(facts))
+
+    def feed_stderr(self, text: str) -> list[Fact]:
+        """Take a chunk of stderr: only what tells that the CLI cannot reach its model is read there."""
+        lines = (self._stderr_partial + text).split("\n")
+        self._stderr_partial = lines.pop()
+        for line in lines:
+            self.stderr_line(line.rstrip("\r"))
+        return []
+
+    def stderr_line(self, line: str) -> None:
+        """One line of stderr; by default a network error printed there marks the model unreachable."""
+        if network_error(line):
+            self.network_trouble(line)
 
     def finish(self) -> list[Fact]:
-        """The agent exited: the facts of a last unterminated line and of anything held back."""
+        """The agent exited: the facts of a last unterminated line and of anything held back.
+
+        A CLI that was still failing to reach its model when it exited, and said nothing more,
+        gets an `agent.result` with `failure: "network"`.
+        """
         facts = self.parse_line(self._partial) if self._partial.strip() else []
         self._partial = ""
-        return self.priced(facts + self.flush())
+        if self._stderr_partial.strip():
+            self.stderr_line(self._stderr_partial)
+        self._stderr_partial = ""
+        facts = self.classified(facts + self.flush())
+        if self.unreachable and not self.failure_recorded and not any(k == "agent.result" for k, _ in facts):
+            facts.append(self.network_result())
+        return self.priced(facts)
+
+    def network_trouble(self, message: str) -> None:
+        """The CLI says it cannot reach its model (and usually retries): remember since when."""
+        self.unreachable = summarize(message.strip(), 300)
+        if self.unreachable_since is None:
+            self.unreachable_since = time.monotonic()
+
+    def network_result(self) -> Fact:
+        """The failure recorded when the CLI never got through to its model (the shim ends it, or it gave up)."""
+        self.failure_recorded = True
+        text = f"network unreachable: {self.unreachable or 'the model could not be reached'}"
+        return ("agent.result", {"ok": False, "text": text, "turns": self.turns or None, "failure": "network"})
+
+    def classified(self, facts: list[Fact]) -> list[Fact]:
+        """Progress clears the unreachable state; a failed result while unreachable is a network failure."""
+        was = self.unreachable
+        for kind, data in facts:
+            if kind == "agent.result":
+                if not data.get("ok") and (was or self.unreachable or network_error(str(data.get("text") or ""))):
+                    data["failure"] = "network"
+                    self.failure_recorded = True
+            else:
+                self.unreachable = self.unreachable_since = None
+        return facts
 
     def priced(self, facts: list[Fact]) -> list[Fact]:
-        """Usage ticks the CLI gave no cost for get one from the price table, flagged `estimated`."""
+        """Usage ticks the CLI gave no cost for get one from the price table, flagged `estimated`.
+
+        A model with no price gets `cost_usd: null` (unknown, not $0) and `estimated: true`. Model
+        names lose a context suffix (`claude-opus-4-8[1m]` -> `claude-opus-4-8`), so one model's
+        ticks carry one name.
+        """
         for _, data in (f for f in facts if f[0] == "usage"):
+            if isinstance(data.get("model"), str):
+                data["model"] = model_name(data["model"])
             if data.get("cost_usd") is None:
                 cost = estimate_cost(data, self.prices)
-                data["cost_usd"] = cost or 0.0
-                data["estimated"] = cost is not None
+                if cost is None and not any(data.get(f) for f in TOKEN_FIELDS):
+                    cost = 0.0  # no tokens: nothing spent, whatever the price
+                data["cost_usd"] = cost
+                data["estimated"] = True
         return facts
 
     def max_turns(self) -> int | None:
@@ -284,6 +347,28 @@ DEFAULT_PRICES: dict[str, tuple[float, float, float, float]] = {
     "test-model": (1.0, 2.0, 0.1, 0.0),
 }
 PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+
+
+def model_name(model: str) -> str:
+    """A model as usage rows name it: without a `[1m]`-style context-window suffix."""
+    return re.sub(r"\[[^\]]*\]$", "", model.strip()) or model
+
+
+# What the CLIs print when they cannot reach their model server (connection refused, no route, DNS,
+# "waiting for network"); an HTTP error from a server that answered is not one of them.
+NETWORK_ERROR = re.compile(
+    r"waiting for network|connection (?:error|failed|refused|reset)|failed to connect|fetch failed|"
+    r"ECONNREFUSED|ECONNRESET|ENOTFOUND|EAI_AGAIN|ENETUNREACH|EHOSTUNREACH|network is unreachable|"
+    r"APIConnectionError|Exception - Connection|getaddrinfo|name resolution|error sending request|"
+    r"Unable to connect",
+    re.IGNORECASE,
+)
+
+
+def network_error(text: str) -> bool:
+    """Whether a line or message says the model server could not be reached."""
+    return bool(text) and NETWORK_ERROR.search(text) is not None
 
 
 def model_key(model: str) -> str:
@@ -310,8 +395,7 @@ def estimate_cost(tick: dict[str, Any], prices: dict[str, Any] | None = None) ->
     price = price_of(tick.get("model"), prices)
     if price is None:
         return None
-    fields = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
-    counts = [int(tick.get(f) or 0) for f in fields]
+    counts = [int(tick.get(f) or 0) for f in TOKEN_FIELDS]
     return round(sum(n * p for n, p in zip(counts, price, strict=True)) / 1e6, 10)
 
 

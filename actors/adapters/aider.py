@@ -9,7 +9,7 @@ without --message, so the shim closes its stdin.
 import re
 from typing import Any
 
-from actors.adapters import Adapter, Fact
+from actors.adapters import Adapter, Fact, network_error
 
 PROGRAM = "aider"
 INSTALL = "pip install aider-chat"
@@ -63,6 +63,9 @@ class AiderAdapter(Adapter):
 
     def parse_line(self, line: str) -> list[Fact]:
         line = line.strip()
+        if network_error(line):  # litellm's "...Exception - Connection error.", then "Retrying in N seconds..."
+            self.network_trouble(line)
+            return []
         if match := MODEL.match(line):
             self.model = match["model"]
             return []

@@ -9,7 +9,7 @@ as stream-json user messages; stdin is closed once every message sent has its `r
 import json
 from typing import Any
 
-from actors.adapters import Adapter, Fact, estimate_cost, json_object, probe, summarize
+from actors.adapters import Adapter, Fact, estimate_cost, json_object, network_error, probe, summarize
 
 PROGRAM = "claude"
 INSTALL = "npm install @anthropic-ai/claude-code"
@@ -115,6 +115,12 @@ class ClaudeCodeAdapter(Adapter):
                     },
                 )
             ]
+        if kind == "system" and record.get("subtype") == "api_retry":
+            # No HTTP status: the request never got an answer (connection refused, DNS, no route).
+            if record.get("error_status") is None or network_error(str(record.get("error") or "")):
+                attempt = f"attempt {record.get('attempt')} of {record.get('max_retries')}"
+                self.network_trouble(f"cannot reach the model API, retrying ({attempt}): {record.get('error')}")
+            return []
         if kind == "assistant":
             message = record.get("message") or {}
             return self._live_usage(message) + self._assistant(message)
@@ -225,6 +231,8 @@ class ClaudeCodeAdapter(Adapter):
                 first = facts[0][1]
                 first["cost_usd"] = round(first["cost_usd"] - self.estimated_cost, 10)
                 self.estimated_cost = 0.0
+            for _, tick in facts:
+                tick["settled"] = True  # the total so far is what Claude Code reported: no estimate left
         elif isinstance(record.get("usage"), dict):
             usage = record["usage"]
             facts.append(
@@ -236,9 +244,11 @@ class ClaudeCodeAdapter(Adapter):
                         "cache_read_tokens": int(usage.get("cache_read_input_tokens") or 0),
                         "cache_write_tokens": int(usage.get("cache_creation_input_tokens") or 0),
                         "cost_usd": round(float(record.get("total_cost_usd") or 0.0) - self.estimated_cost, 10),
+                        "settled": True,
                     },
                 )
             )
+            self.estimated_cost = 0.0
         ok = record.get("subtype") == "success" and not record.get("is_error")
         text = record.get("result")
         facts.append(

@@ -10,7 +10,7 @@ Codex reports no cost; usage ticks carry tokens only.
 import re
 from typing import Any
 
-from actors.adapters import Adapter, Fact, json_object, summarize
+from actors.adapters import Adapter, Fact, json_object, network_error, summarize
 
 PROGRAM = "codex"
 INSTALL = "npm install @openai/codex"
@@ -108,6 +108,11 @@ class CodexAdapter(Adapter):
                 "model": self.model,
             }
             return [("usage", tick), ("agent.result", {"ok": True, "text": self.last_message, "turns": self.turns})]
+        if kind == "error":  # "Reconnecting... waiting for network (...)", "stream error: ..."
+            message = str(record.get("message") or "")
+            if network_error(message) or message.lower().startswith(("reconnecting", "stream error")):
+                self.network_trouble(message)
+            return []
         if kind == "turn.failed":
             error = (record.get("error") or {}).get("message")
             return [("agent.result", {"ok": False, "text": summarize(error or "turn failed"), "turns": self.turns})]

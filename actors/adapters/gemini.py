@@ -8,7 +8,7 @@ tokens). Gemini reads a piped stdin as part of the prompt, so the shim closes it
 
 from typing import Any
 
-from actors.adapters import Adapter, Fact, json_object, summarize
+from actors.adapters import Adapter, Fact, json_object, network_error, summarize
 
 PROGRAM = "gemini"
 INSTALL = "npm install @google/gemini-cli"
@@ -56,6 +56,9 @@ class GeminiAdapter(Adapter):
         if record is None:
             return []
         kind = record.get("type")
+        if kind == "error" and network_error(str(record.get("message") or "")):
+            self.network_trouble(str(record["message"]))
+            return []
         if kind == "message":
             if record.get("role") == "assistant" and isinstance(record.get("content"), str):
                 self.text.append(record["content"])
