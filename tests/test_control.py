@@ -257,12 +257,18 @@ def test_agent_survives_a_killed_spawner_and_nothing_is_lost(cli: Cli, repo: Pat
 
 def test_agent_that_ends_while_no_spawner_watches_is_reconciled(cli: Cli, repo: Path) -> None:
     up = start_up(cli)
-    execution_id = detach(cli, repo, *agent_command("--steps", "3", "--sleep", "0.3", "--exit", "3"))
+    # Slow enough that the kill lands while it runs, even on a loaded machine (a CLI poll may take 1 s).
+    execution_id = detach(cli, repo, *agent_command("--steps", "3", "--sleep", "2", "--exit", "3"))
     wait_state(cli, execution_id, "running")
     os.kill(up.pid, signal.SIGKILL)
     up.wait()
     run_dir = cli.home / "run" / execution_id
-    wait_until(lambda: b"execution.exited" in (run_dir / "spool.jsonl").read_bytes(), 30, "the agent to finish")
+    assert run_dir.is_dir(), "the kill must land while the agent runs"
+
+    def finished() -> bool:
+        return b"execution.exited" in (run_dir / "spool.jsonl").read_bytes()
+
+    wait_until(finished, 30, "the agent to finish")
     up = start_up(cli)
     try:
         final = wait_state(cli, execution_id, "exited")
