@@ -556,9 +556,20 @@ class Spawner(Actor):
     async def _emit(self, run: RunningExecution, data: EventData, cause: str | None = None) -> PubAck:
         return await self.bus.emit(run.execution_id, data, actor=self.instance, causation_id=cause or run.request_id)
 
+    @staticmethod
+    def _unstarted_exit(run: RunningExecution) -> ExecutionExited:
+        return ExecutionExited(
+            exit_code=None,
+            duration_s=0.0,
+            reason="cancelled" if run.stop_reason == "cancelled" else "spawner_stopped",
+        )
+
     async def _execute(self, run: RunningExecution, request: ExecutionRequested) -> None:
         branch = f"corral/{run.execution_id}"
         path = self.worktrees / run.execution_id
+        if run.stop_reason is not None:  # cancelled (a spawn timeout, a user) before anything was made
+            await self._emit(run, self._unstarted_exit(run), run.stop_cause)
+            return
         try:
             repo = repo_root(request.repo)
             if request.worktree:  # a follow-up continues in its parent's worktree and branch
@@ -572,14 +583,15 @@ class Spawner(Actor):
         except WorkspaceError as exc:
             await self._emit(run, ExecutionFailed(stage="workspace", error=str(exc)))
             return
+        if run.stop_reason is not None and not request.worktree:
+            # Cancelled while its worktree was being made: nothing ran in it, so it goes again.
+            with contextlib.suppress(WorkspaceError):
+                await remove_worktree(repo, path, branch=branch)
+            await self._emit(run, self._unstarted_exit(run), run.stop_cause)
+            return
         await self._emit(run, WorkspaceCreated(path=str(path), branch=branch, repo=str(repo), base_commit=base_commit))
         if run.stop_reason is not None:
-            exited = ExecutionExited(
-                exit_code=None,
-                duration_s=0.0,
-                reason="cancelled" if run.stop_reason == "cancelled" else "spawner_stopped",
-            )
-            await self._emit(run, exited, run.stop_cause)
+            await self._emit(run, self._unstarted_exit(run), run.stop_cause)
             return
         env = {
             **agent_environment(request.env),

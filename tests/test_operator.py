@@ -247,3 +247,29 @@ def test_help_lists_every_command_once_by_topic() -> None:
     for topic, names in TOPICS:
         assert f"\n{topic}:\n" in shown
         assert all(f"\n  {name} " in shown for name in names)
+
+
+def test_a_spawn_timed_out_execution_leaves_no_worktree(cli: Cli, repo: Path, up: subprocess.Popen[str]) -> None:
+    """Issue 19 item 14: cancelled (here by its spawn timeout) while its worktree is being made, an
+    execution that never started gets no worktree and no branch."""
+    hook = repo / ".git" / "hooks" / "post-checkout"
+    hook.write_text("#!/bin/sh\nsleep 4\n")  # `git worktree add` runs it: the add takes 4 s
+    hook.chmod(0o755)
+    execution_id = detach(cli, repo, "--spawn-timeout", "1s", *agent_command("--steps", "1", "--sleep", "0"))
+    final = wait_state(cli, execution_id, "exited")
+    assert final["exit_reason"] == "cancelled"
+    kinds = [
+        row["type"]
+        for row in json.loads(
+            cli(
+                "sql", f"SELECT type FROM events WHERE execution_id = '{execution_id}' ORDER BY seq", "--json",
+                check=True,
+            ).stdout
+        )
+    ]  # fmt: skip
+    assert "execution.started" not in kinds and "workspace.created" not in kinds, kinds
+    assert not (cli.home / "worktrees" / execution_id).exists()
+    branches = subprocess.run(
+        ["git", "-C", str(repo), "branch", "--list", f"corral/{execution_id}"], capture_output=True, text=True
+    ).stdout
+    assert branches.strip() == ""
