@@ -30,7 +30,7 @@ from events.types import (
 )
 from projections.database import open_database
 from projections.projector import BatchApplier
-from tests.conftest import Cli, agent_command, cli_environment, recording_actor
+from tests.conftest import Cli, agent_command, recording_actor
 from tests.test_control import start_up, stop_up, wait_until
 
 # --- the applier, on a real DuckDB file ----------------------------------------------------------
@@ -130,14 +130,6 @@ def test_a_rebuild_of_the_same_log_screens_the_same_way(tmp_path: Path) -> None:
 # --- a real system, attacked with the admin credential ------------------------------------------
 
 
-def _home_cli(tmp_path: Path) -> Cli:
-    home = tmp_path / "home"
-    home.mkdir(parents=True, exist_ok=True)
-    env = cli_environment(CORRAL_HOME=str(home))
-    env.pop("CORRAL_NATS_URL", None)
-    return Cli(home, env)
-
-
 def _sql(cli: Cli, query: str) -> list[dict[str, Any]]:
     return json.loads(cli("sql", query, "--json", check=True).stdout)  # type: ignore[no-any-return]
 
@@ -166,8 +158,8 @@ async def _trim_as_admin(cli: Cli, keep: int) -> None:
         await bus.close()
 
 
-def test_forged_and_repeated_events_published_as_admin_are_rejected(tmp_path: Path, repo: Path) -> None:
-    cli = _home_cli(tmp_path)
+def test_forged_and_repeated_events_published_as_admin_are_rejected(embedded_cli: Cli, repo: Path) -> None:
+    cli = embedded_cli
     up = start_up(cli)
     try:
         real = cli("run", "--repo", str(repo), "-q", *agent_command("one", "--steps", "1"), check=True)
@@ -205,8 +197,8 @@ def test_forged_and_repeated_events_published_as_admin_are_rejected(tmp_path: Pa
         stop_up(cli, up)
 
 
-def test_rebuild_from_a_trimmed_log_refuses_unless_forced(tmp_path: Path, repo: Path) -> None:
-    cli = _home_cli(tmp_path)
+def test_rebuild_from_a_trimmed_log_refuses_unless_forced(embedded_cli: Cli, repo: Path) -> None:
+    cli = embedded_cli
     up = start_up(cli)
     try:
         for name in ("one", "two", "three"):

@@ -143,15 +143,11 @@ def test_an_adapters_advice_names_the_execution() -> None:
     )
 
 
-def test_approve_without_permission_fails_with_the_permission_error(tmp_path: Path, repo: Path) -> None:
+def test_approve_without_permission_fails_with_the_permission_error(embedded_cli: Cli, repo: Path) -> None:
     from events.auth import read_credentials
-    from tests.conftest import cli_environment
     from tests.test_control import start_up, stop_up, wait_until
 
-    home = tmp_path / "home"
-    env = cli_environment(CORRAL_HOME=str(home))
-    env.pop("CORRAL_NATS_URL", None)
-    cli = Cli(home, env)
+    cli, home, env = embedded_cli, embedded_cli.home, embedded_cli.env
     up = start_up(cli)
     try:
         execution_id = detach(cli, repo, *agent_command("ship", "--ask-approval", "deploy", "--steps", "1"))

@@ -36,6 +36,22 @@ def _delivered(cli: Cli, execution_id: str, text: str) -> bool:
     return any(row["text"] == text for row in rows)
 
 
+def _hold_lock(cli: Cli, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding the home's system lock for `seconds` (read "held" from it first)."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(float(sys.argv[2]))",
+            str(cli.home / "system.lock"),
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_sigkilled_up_is_replaced_every_time(embedded_cli: Cli, repo: Path) -> None:
     """Five rounds: an agent gets input, is paused and resumed, `corral up` is SIGKILLed, a new
     `corral up` starts in the same home, adopts the agent and delivers input to it."""
@@ -78,17 +94,7 @@ def test_a_dead_systems_address_is_never_joined(embedded_cli: Cli, tmp_path: Pat
     (cli.home / "runtime.json").write_text(
         json.dumps({"url": "nats://127.0.0.1:9", "pid": dead.pid, "mode": "up", "ready": True})
     )
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(2)",
-            str(cli.home / "system.lock"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = _hold_lock(cli, 2)
     assert holder.stdout is not None and holder.stdout.readline() == "held\n"
     started = time.monotonic()
     up = start_up(cli)
@@ -104,17 +110,7 @@ def test_a_dead_systems_address_is_never_joined(embedded_cli: Cli, tmp_path: Pat
 def test_a_lock_holder_that_never_publishes_is_named(embedded_cli: Cli) -> None:
     cli = embedded_cli
     cli.home.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-            str(cli.home / "system.lock"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = _hold_lock(cli, 60)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         result = cli("ps", timeout=60)

@@ -8,7 +8,7 @@ from pathlib import Path
 import duckdb
 
 from events.auth import read_credentials
-from tests.conftest import Cli, agent_command, cli_environment
+from tests.conftest import Cli, agent_command
 from tests.test_control import detach, start_up, stop_up, wait_state, wait_until
 from tests.test_control import up as up  # the fixture
 
@@ -61,11 +61,8 @@ def test_snapshot_opens_while_the_system_runs_and_is_replaced_atomically(
     assert len(bad.stderr.strip().splitlines()) == 1 and "existing directory" in bad.stderr
 
 
-def test_tap_may_not_take_a_snapshot(tmp_path: Path, repo: Path) -> None:
-    home = tmp_path / "home"
-    env = cli_environment(CORRAL_HOME=str(home))
-    env.pop("CORRAL_NATS_URL", None)
-    cli = Cli(home, env)
+def test_tap_may_not_take_a_snapshot(embedded_cli: Cli, tmp_path: Path) -> None:
+    cli, home, env = embedded_cli, embedded_cli.home, embedded_cli.env
     up_process = start_up(cli)
     try:
         tap = read_credentials(home / "credentials.json").users["tap"]
