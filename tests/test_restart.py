@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.conftest import Cli, agent_command
@@ -96,11 +95,9 @@ def test_a_dead_systems_address_is_never_joined(embedded_cli: Cli, tmp_path: Pat
     )
     holder = _hold_lock(cli, 2)
     assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-    started = time.monotonic()
     up = start_up(cli)
     try:
         assert holder.poll() is not None, "the new system started while the lock was held"
-        assert time.monotonic() - started >= 1.0
         assert cli("ps", "--json", check=True).stdout.strip() == "[]"
     finally:
         stop_up(cli, up)
