@@ -25,6 +25,11 @@ from typing import Final
 
 import orjson
 
+from events.subjects import API_POSITION, API_SQL
+from events.subjects import HEALTH_BUCKET as HEALTH_BUCKET
+from events.subjects import OUTPUT_STREAM as OUTPUT_STREAM
+from events.subjects import STREAM as STREAM
+
 VERSION: Final = "0.1.0"  # Corral's version (corral.__version__), in the health records
 CREDENTIALS_FILE: Final = "credentials.json"
 DEFAULT_OPERATOR: Final = "operator"
@@ -35,9 +40,6 @@ SERVER_ENV_PREFIX: Final = "CORRAL_PASS_"
 # Every variable that carries a NATS credential: an agent never inherits them (actors/spawner.py).
 CREDENTIAL_ENV: Final = (ENV_USER, ENV_PASSWORD, ENV_CREDS)
 
-STREAM: Final = "CORRAL"
-OUTPUT_STREAM: Final = "CORRAL_OUTPUT"  # output events under log retention (docs/retention.md)
-HEALTH_BUCKET: Final = "corral_health"
 HEALTH_STREAM: Final = f"KV_{HEALTH_BUCKET}"
 DECIDE_API: Final = "corral.api.approval.decide"  # + ".<user>": the user is the subject's last token
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -177,7 +179,7 @@ OPERATOR_EVENTS: Final = (
     "pr.failed",
     "workspace.removed",
 )
-QUERY_API: Final = ("corral.api.sql", "corral.api.projections.position")
+QUERY_API: Final = (API_SQL, API_POSITION)
 
 ROLES: Final[dict[str, Role]] = {
     "spawner": Role(publish=tuple(_events(*SPAWNER_EVENTS))),
