@@ -14,6 +14,7 @@ repeated), and each lifecycle event (claimed, started, exited) must be there onc
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +47,7 @@ from tests.helpers.cluster import (
 pytestmark = pytest.mark.slow
 
 STEPS, SLEEP_S, LINES = 50, 0.2, 2  # about 10 s per agent, a line every 0.1 s: long enough to break things under it
+FROZEN_S = 2.0  # (b): how long the embedded server is frozen before it is killed
 LIFECYCLE = ("execution.claimed", "execution.started", "execution.exited")
 
 
@@ -284,8 +286,13 @@ async def test_embedded_server_killed_and_restarted(ups: list[Up], repo: Path, t
     runs = await asyncio.to_thread(submit, up.home, repo, [f"embedded task {i}" for i in range(4)])
     await wait_for_output(url, list(runs), chunks=2, home=up.home)
     assert not await ended(url, up.home), "an agent ended before the server was killed"
-    os.kill(server_pid, 9)
-    killed_at = time.time()
+    # Frozen first, then killed: what the spawners sent to the frozen server is lost with it and
+    # must be sent again, and the agents' output meanwhile waits in their spools. (A bare kill is
+    # restarted within a fraction of a second, too short a window to prove anything.)
+    frozen_at = time.time()
+    os.kill(server_pid, signal.SIGSTOP)
+    await asyncio.sleep(FROZEN_S)
+    os.kill(server_pid, signal.SIGKILL)
 
     def restarted() -> float | None:
         current = up.runtime() or {}
@@ -299,8 +306,8 @@ async def test_embedded_server_killed_and_restarted(ups: list[Up], repo: Path, t
     assert (up.runtime() or {}).get("server_restarts") == 1
     # What the agents printed while no server ran was spooled by their shims and published after.
     stored = await read_log(url, home=up.home)
-    meanwhile = [e for e in stored if e["type"] == "output" and killed_at < _epoch(e["ts"]) < back_at]
-    print(f"chaos (b): server down {back_at - killed_at:.1f}s; {len(meanwhile)} output events produced meanwhile")
+    meanwhile = [e for e in stored if e["type"] == "output" and frozen_at < _epoch(e["ts"]) < back_at]
+    print(f"chaos (b): server down {back_at - frozen_at:.1f}s; {len(meanwhile)} output events produced meanwhile")
     assert meanwhile, "no output was produced while the server was down: the test proved nothing"
 
 
