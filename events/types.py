@@ -56,6 +56,14 @@ class Timeouts(BaseModel):
     spawn: float | None = None
 
 
+class SandboxRequest(BaseModel):
+    """The sandbox an execution asks for (actors/sandbox.py; [sandbox] of corral.toml, --sandbox, --network)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    mode: Literal["auto", "on", "off"] = "auto"
+    network: Literal["open", "none"] = "open"
+
+
 class Limits(BaseModel):
     """Resource limits of an execution's process group."""
 
@@ -97,6 +105,7 @@ class ExecutionRequested(EventData):
     resume_session: str | None = None  # the session id continued (the CLI's own)
     worktree: str | None = None  # run in this existing worktree (a follow-up's parent's) instead of a new one
     policy: dict[str, Any] | None = None  # the run's own policy keys (`--policy FILE`), over its template's
+    sandbox: SandboxRequest | None = None  # None (an older client): the spawner's default, auto with open network
 
 
 @event_type("execution.claimed")
@@ -133,6 +142,8 @@ class ExecutionStarted(EventData):
     host: str
     command: tuple[str, ...]
     cwd: str
+    # the sandbox in force: {"mode": "bwrap", "network": "open"|"none"} or {"mode": "off"}; None from an older shim
+    sandbox: dict[str, str] | None = None
 
 
 @event_type("output")
