@@ -34,6 +34,7 @@ from pydantic import (
     field_validator,
 )
 
+from actors.shellpolicy import ShellRules, command_regex, command_segments
 from events.types import Violation
 from events.units import parse_duration  # the one duration syntax of corral.toml
 
@@ -237,23 +238,6 @@ def compile_globs(patterns: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile("(?:" + "|".join(parts) + r")\Z") if parts else None
 
 
-def command_regex(patterns: Iterable[str]) -> re.Pattern[str] | None:
-    """One regex matching a whole shell command against any glob (`*` matches anything)."""
-    parts = []
-    for pattern in patterns:
-        words = pattern.strip().split()
-        parts.append(r"\s+".join(re.escape(w).replace(r"\*", ".*").replace(r"\?", ".") for w in words))
-    return re.compile(r"\s*(?:" + "|".join(parts) + r")\s*\Z", re.S) if parts else None
-
-
-_SEGMENT_SPLIT = re.compile(r"\s*(?:&&|\|\||;|\n)\s*")
-
-
-def command_segments(command: str) -> list[str]:
-    """The simple commands of a shell line (split on `;`, `&&`, `||`, newlines); pipes stay whole."""
-    return [s for s in _SEGMENT_SPLIT.split(command.strip()) if s]
-
-
 # --- the policy ------------------------------------------------------------------------------------
 
 
@@ -353,6 +337,11 @@ class Policy(BaseModel):
                 Finding(None, "max_lines", None, f"{total_lines} lines changed (policy allows {self.max_lines})")
             )
         return [self.violation(f) for f in findings]
+
+    @cached_property
+    def shell_rules(self) -> ShellRules:
+        """`shell_allow` and `shell_deny`, as the hooks apply them before a command runs (actors/shellpolicy.py)."""
+        return ShellRules(allow=self.shell_allow, deny=self.shell_deny)
 
     def check_command(self, command: str) -> list[Violation]:
         """Violations of one shell command an agent reports running."""
@@ -482,8 +471,6 @@ class _Compiled:
     secret_ok: re.Pattern[str] | None = field(init=False)
     secrets: re.Pattern[str] = field(init=False)
     secret_names: list[str] = field(init=False)
-    shell_allow: re.Pattern[str] | None = field(init=False)
-    shell_deny: re.Pattern[str] | None = field(init=False)
     commands: list[tuple[str, re.Pattern[str]]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -497,8 +484,6 @@ class _Compiled:
         patterns = {**SECRET_PATTERNS, **{f"pattern {i + 1}": rx for i, rx in enumerate(p.secret_patterns)}}
         self.secret_names = list(patterns)
         self.secrets = re.compile("|".join(f"(?P<s{i}>{rx})" for i, rx in enumerate(patterns.values())))
-        self.shell_allow = command_regex(p.shell_allow)
-        self.shell_deny = command_regex(p.shell_deny)
         self.commands = [
             (category, rx)
             for category, patterns_ in (
@@ -549,19 +534,10 @@ class _Compiled:
         return out
 
     def command_findings(self, command: str) -> list[Finding]:
-        out: list[Finding] = []
+        # the allow/deny lists: the very evaluation the CLIs' pre-tool hooks run (actors/shellpolicy.py)
+        out = [Finding(None, rule, "shell", message) for rule, message in self.policy.shell_rules.findings(command)]
         whole = command.strip()
         segments = command_segments(whole) or [whole]
-        deny = self.shell_deny
-        if deny is not None:
-            hit = next((s for s in (whole, *segments) if deny.match(s)), None)
-            if hit is not None:
-                out.append(Finding(None, "shell_deny", "shell", f"denied shell command: {hit[:200]}"))
-        if self.shell_allow is not None:
-            for segment in segments:
-                if not self.shell_allow.match(segment):
-                    out.append(Finding(None, "shell_not_allowed", "shell", f"not in the allow list: {segment[:200]}"))
-                    break
         for category, rx in self.commands:
             hit = next((s for s in segments if rx.match(s)), None)
             if hit is not None:
