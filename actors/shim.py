@@ -671,14 +671,28 @@ class Shim:
                 await asyncio.wait_for(self.timers_changed.wait(), wait)
 
     async def _disk_quota(self, done: asyncio.Event, maximum: int) -> None:
+        """Record a disk quota reached, and pause the agent there (docs/control.md).
+
+        A worktree on its own file system (actors/diskquota.py) cannot grow past the quota: the
+        kernel refused the writes with ENOSPC, and one statvfs per poll sees it full. Elsewhere
+        the worktree is walked like du, and the agent paused after the fact.
+        """
+        from actors import diskquota
         from actors.limits import disk_usage
 
+        cwd = Path(self.spec["cwd"])
+        kernel = diskquota.is_mounted(cwd)
         while not done.is_set():
             await asyncio.sleep(DISK_CHECK_S)
             if self.paused_since is not None or self.stop_reason is not None:
                 continue
-            used = await asyncio.to_thread(disk_usage, Path(self.spec["cwd"]))
-            if used > maximum:
+            if kernel:
+                used, usable = diskquota.usage(cwd)
+                full = used > maximum or usable - used < diskquota.BLOCK
+            else:
+                used = await asyncio.to_thread(disk_usage, cwd)
+                full = used > maximum
+            if full:
                 self.record("limit.exceeded", {"limit": "disk", "value": used, "maximum": maximum})
                 await self.pause(None)
 

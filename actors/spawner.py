@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
+from actors import diskquota
 from actors.bus import Bus
 from actors.errors import WorkspaceError
 from actors.redact import SECRET_PLACEHOLDER
@@ -258,6 +259,7 @@ class Spawner(Actor):
 
     async def prepare(self) -> None:
         self.run_root.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(diskquota.remount_all, self.worktrees)  # disk-quota images a reboot unmounted
         # Before any shim is adopted or started: shims take inotify instances too (file watching).
         self._spool_watch = SpoolWatch.open()
         if self._spool_watch is not None:
@@ -579,7 +581,9 @@ class Spawner(Actor):
                 # git races when worktrees of one repository are added at once (it reads a half-made
                 # one's metadata), so adds are serialized per repository.
                 async with self._repo_locks.setdefault(str(repo), asyncio.Lock()):
-                    await add_worktree(repo, path, branch=branch, commit=base_commit)
+                    await add_worktree(
+                        repo, path, branch=branch, commit=base_commit, disk_bytes=request.limits.disk_bytes
+                    )
         except WorkspaceError as exc:
             await self._emit(run, ExecutionFailed(stage="workspace", error=str(exc)))
             return

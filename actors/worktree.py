@@ -1,4 +1,8 @@
-"""Git worktrees: one per execution, on branch corral/<id>, created and removed with plain git."""
+"""Git worktrees: one per execution, on branch corral/<id>, created and removed with plain git.
+
+A worktree with a disk limit is first made the mount point of its own file system of that size
+(actors/diskquota.py), then checked out into; removing the worktree removes that file system.
+"""
 
 import asyncio
 import os
@@ -6,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from actors import diskquota
 from actors.errors import WorkspaceError
 
 
@@ -62,20 +67,41 @@ def resolve_commit(repo: str | Path, ref: str) -> str:
     return result.stdout.strip()
 
 
-async def add_worktree(repo: Path, path: Path, *, branch: str, commit: str) -> None:
-    """Create a worktree at path on a new branch starting at commit."""
+async def add_worktree(repo: Path, path: Path, *, branch: str, commit: str, disk_bytes: int | None = None) -> None:
+    """Create a worktree at path on a new branch starting at commit.
+
+    With `disk_bytes`, on a machine that allows loop mounts, path is first the mount of an ext4
+    image of that size, so the kernel refuses writes past it (elsewhere the shim polls).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    await git("worktree", "add", "--quiet", "-b", branch, str(path), commit, cwd=repo)
+    quota = bool(disk_bytes) and diskquota.unavailable() is None
+    if quota:
+        assert disk_bytes is not None
+        await asyncio.to_thread(diskquota.create, path, disk_bytes)
+    try:
+        await git("worktree", "add", "--quiet", "-b", branch, str(path), commit, cwd=repo)
+    except WorkspaceError as exc:
+        if quota:
+            await asyncio.to_thread(diskquota.release, path)
+            if "No space left" in exc.reason:
+                raise WorkspaceError(
+                    exc.repo, f"the checkout does not fit in the disk limit ({disk_bytes} bytes): raise --disk"
+                ) from None
+        raise
 
 
 async def remove_worktree(repo: Path, path: Path, *, branch: str | None = None) -> None:
-    """Remove a worktree and (optionally) its branch, leaving nothing behind."""
-    try:
-        await git("worktree", "remove", "--force", str(path), cwd=repo)
-    except WorkspaceError:
-        if path.exists():  # noqa: ASYNC240 - one stat call
-            shutil.rmtree(path, ignore_errors=True)
+    """Remove a worktree and (optionally) its branch, leaving nothing behind (its disk image too)."""
+    if await asyncio.to_thread(diskquota.release, path):
+        # Its files went with its image (unmounted, deleted): git only has to forget it.
         await git("worktree", "prune", cwd=repo)
+    else:
+        try:
+            await git("worktree", "remove", "--force", str(path), cwd=repo)
+        except WorkspaceError:
+            if path.exists():  # noqa: ASYNC240 - one stat call
+                shutil.rmtree(path, ignore_errors=True)
+            await git("worktree", "prune", cwd=repo)
     if branch:
         try:
             await git("branch", "-D", branch, cwd=repo)

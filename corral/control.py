@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from nats.aio.msg import Msg
 
+from actors import diskquota
 from actors.runtime import health_state, read_health
 from actors.shim import MAX_INPUT_BYTES, input_too_large
 from actors.shim import request as shim_request
@@ -359,6 +360,20 @@ async def queue_position(system: System, execution_id: str) -> int | None:
     return int(result["rows"][0][0]) if result["rows"] else None
 
 
+async def disk_limit_in_force(system: System, execution_id: str, worktree: str | None) -> str | None:
+    """How the execution's disk limit holds: "kernel quota (loop ext4)" when its worktree is its own
+    file system here (actors/diskquota.py), else "polled every 2 s"; None without a disk limit."""
+    result = await query(
+        system,
+        f"SELECT data->'limits'->>'disk_bytes' AS disk FROM events "
+        f"WHERE execution_id = '{execution_id}' AND type = 'execution.requested' LIMIT 1",
+    )
+    rows = render.records(result["columns"], result["rows"])
+    if not rows or not rows[0]["disk"]:
+        return None
+    return diskquota.describe(worktree) if worktree else diskquota.describe()
+
+
 def _age(ts: str | None, now: datetime) -> float | None:
     if not ts:
         return None
@@ -374,6 +389,7 @@ async def cmd_status(home: Home, args: Any) -> int:
         ask = functools.partial(query, system)
         reason = (await attention.reasons(ask, [{"execution_id": execution_id, **row}])).get(execution_id)
         need = (await attention.needs(ask, [execution_id])).get(execution_id)
+        disk = await disk_limit_in_force(system, execution_id, row["worktree"])
     live: dict[str, Any] | None = None
     run_dir = home.runs / execution_id
     if row["state"] in RUNNING and run_dir.is_dir():
@@ -421,6 +437,7 @@ async def cmd_status(home: Home, args: Any) -> int:
         "limit_eta_s": limit_eta(row, activity_row),
         **activity_row,
     }
+    status["disk"] = disk
     if status["hard_remaining_s"] is None and row["hard_deadline"] and row["state"] == "running":
         status["hard_remaining_s"] = -(_age(row["hard_deadline"], now) or 0.0)
     activity = [t for t in (row["last_output_at"], row["last_heartbeat_at"], row["started_at"]) if t]

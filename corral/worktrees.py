@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from actors import diskquota
 from actors.errors import WorkspaceError
 from actors.limits import disk_usage
 from actors.worktree import remove_worktree
@@ -286,6 +287,7 @@ async def executions_by_id(system: System) -> dict[str, dict[str, Any]]:
 
 
 async def inventory(home: Home, system: System) -> list[Worktree]:
+    await asyncio.to_thread(diskquota.remount_all, home.worktrees)  # after a reboot: their files are in images
     dirs = await asyncio.to_thread(scan_dirs, home)  # before the query: a newer directory is then in the log too
     rows = await executions_by_id(system)
     return await asyncio.to_thread(build_inventory, home, dirs, rows)
@@ -378,6 +380,7 @@ async def remove(item: Worktree) -> None:
     path = Path(item.path)
     repo = item.repo if item.repo and os.path.isdir(item.repo) else None  # noqa: ASYNC240 - one stat call
     if repo is None or item.problem:
+        await asyncio.to_thread(diskquota.release, path)  # its disk-quota mount and image, if it has one
         await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
     if repo is not None:
         await remove_worktree(Path(repo), path, branch=item.branch)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from actors.bus import Bus, connect_bus
+from actors.diskquota import release_all
 from corral.server import EmbeddedServer
 from events.auth import ENV_CREDS, ENV_PASSWORD, ENV_USER, CredentialSet, ensure_credentials
 from projections.verify import AUTHORITY
@@ -26,6 +27,16 @@ AGENT = ROOT / "examples" / "agent.py"
 
 
 CLIENT_CREDENTIAL_ENV = (ENV_USER, ENV_PASSWORD, ENV_CREDS)
+
+
+@pytest.fixture(autouse=True)
+def _disk_quota_mounts_released(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Worktrees outlive their runs, and so do their disk-quota mounts (actors/diskquota.py): a
+    test's are released when it ends, so no loop device or mount is left behind (helper DISK)."""
+    root = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if root is not None:
+        release_all(root)
 
 
 @pytest.fixture
