@@ -187,9 +187,11 @@ async def _decide(home: Home, args: Any, approve: bool) -> int:
     if args.json:
         render.print_json(answer)
     else:
-        verb = "approved" if answer["type"] == "approval.granted" else "rejected"
-        extra = f" (choice {choice})" if choice else ""
-        print(f"{approval.approval_id}: {verb}{extra}; execution {approval.execution_id}")
+        if choice:  # the answer is the option picked, whatever its wording ("no" is not "approved")
+            print(f"{approval.approval_id}: answered {choice!r}; execution {approval.execution_id}")
+        else:
+            verb = "approved" if answer["type"] == "approval.granted" else "rejected"
+            print(f"{approval.approval_id}: {verb}; execution {approval.execution_id}")
     return 0
 
 

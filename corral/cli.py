@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it exits")
     logs.add_argument("--stream", choices=["stdout", "stderr"], help="only one stream")
     logs.add_argument("--tail", "-n", type=int, metavar="N", help="only the last N lines (with -f: then live)")
+    logs.add_argument("--since", metavar="DURATION", help="only output of the last DURATION (90s, 10m, 2h, 1d)")
+    logs.add_argument("--timestamps", "-t", action="store_true", help="put the time each line was produced before it")
+    logs.add_argument("--json", action="store_true", help="one JSON object per output chunk: ts, stream, n, text")
 
     tap = sub.add_parser("tap", help="print events as JSON lines, live")
     tap.add_argument("pattern", nargs="?", help="subject pattern or execution id (default: all)")

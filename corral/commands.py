@@ -720,6 +720,9 @@ async def cmd_ps(home: Home, args: Any) -> int:
 async def cmd_logs(home: Home, args: Any) -> int:
     """Print an execution's output (-f: until it ends; --tail N: the last N lines first).
 
+    --since starts at output produced a duration ago; --timestamps puts the time each line's chunk
+    was produced before the line; --json prints one JSON object per chunk ({ts, stream, n, text}).
+
     Output that log retention dropped is said on stderr before the rest (docs/retention.md): the
     chunks are numbered 1, 2, ... per execution and dropped oldest first, so the first chunk read
     says how many went before it.
@@ -731,6 +734,15 @@ async def cmd_logs(home: Home, args: Any) -> int:
 
     if args.tail is not None and args.tail < 0:
         raise UsageError("--tail expects a number of lines (0 or more)")
+    since_from: datetime | None = None
+    if args.since is not None:
+        match = DURATION.match(args.since)
+        if not match:
+            raise UsageError(f"--since expects a duration like 90s, 10m, 2h or 1d; got {args.since!r}")
+        unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        since_from = datetime.now(UTC) - timedelta(seconds=float(match.group(1)) * unit)
+    if args.json and args.timestamps:
+        raise UsageError("--json already carries each chunk's time (ts); leave out --timestamps")
     async with open_system(home, actors=(), role="tap") as system:  # reads only
         execution_id = await resolve_execution_id(system, args.execution_id)
         js = system.bus.js
@@ -751,7 +763,7 @@ async def cmd_logs(home: Home, args: Any) -> int:
         last_ns = 0  # when the newest event read was stored
         ended_ns: int | None = None  # when its terminal event was stored
         # --tail: [stream, line] of the last N lines (a line cut across chunks is joined)
-        tail: deque[list[str]] | None = deque(maxlen=args.tail) if args.tail is not None else None
+        tail: deque[list[Any]] | None = deque(maxlen=args.tail) if args.tail is not None else None
         cut = False  # --tail left out earlier lines
 
         async def notice(n: int) -> None:
@@ -763,12 +775,23 @@ async def cmd_logs(home: Home, args: Any) -> int:
                     f"showing from chunk {n:,}"
                 )
 
-        def write(stream: str, text: str) -> None:
+        line_start = {"stdout": True, "stderr": True}  # --timestamps: the stream's next text starts a line
+
+        def write(stream: str, text: str, ts: str, n: int) -> None:
+            if args.json:
+                sys.stdout.buffer.write(orjson.dumps({"ts": ts, "stream": stream, "n": n, "text": text}) + b"\n")
+                sys.stdout.flush()
+                return
             out = sys.stdout if stream == "stdout" or args.stream else sys.stderr
+            if args.timestamps and text:
+                lines = text.splitlines(keepends=True)
+                stamped = [f"{ts} {line}" if i or line_start[stream] else line for i, line in enumerate(lines)]
+                line_start[stream] = text.endswith("\n")
+                text = "".join(stamped)
             out.write(text)
             out.flush()
 
-        def keep(stream: str, text: str) -> None:
+        def keep(stream: str, text: str, ts: str, n: int) -> None:
             nonlocal cut
             assert tail is not None
             for line in text.splitlines(keepends=True):
@@ -776,7 +799,7 @@ async def cmd_logs(home: Home, args: Any) -> int:
                     tail[-1][1] += line
                     continue
                 cut = cut or len(tail) == tail.maxlen
-                tail.append([stream, line])
+                tail.append([stream, line, ts, n])
 
         async def on_event(seq: int, msg: Msg) -> bool:
             nonlocal first_n, last_n, last_ns, ended_ns
@@ -784,7 +807,8 @@ async def cmd_logs(home: Home, args: Any) -> int:
             stored = ack_time_ns(msg.reply)
             last_ns = max(last_ns, stored)
             if kind == "output":
-                data = orjson.loads(msg.data)["data"]
+                event = orjson.loads(msg.data)
+                data, ts = event["data"], str(event.get("ts") or "")
                 n = int(data.get("n") or 0)
                 if live and n and n <= skip_to:
                     return False  # printed by the first pass
@@ -795,20 +819,27 @@ async def cmd_logs(home: Home, args: Any) -> int:
                         await notice(n)
                 if args.stream in (None, data["stream"]):
                     if tail is not None and not live:
-                        keep(data["stream"], data["text"])
+                        keep(data["stream"], data["text"], ts, n)
                     else:
-                        write(data["stream"], data["text"])
+                        write(data["stream"], data["text"], ts, n)
             elif kind in TERMINAL_TYPES:
                 ended_ns = stored
             return args.follow and kind in TERMINAL_TYPES
 
         subject = execution_events(execution_id)
-        await follow(js, subject, on_event, stop_when_caught_up=not args.follow or tail is not None, done=phase[0])
+        await follow(
+            js,
+            subject,
+            on_event,
+            start_time=since_from,
+            stop_when_caught_up=not args.follow or tail is not None,
+            done=phase[0],
+        )
         if tail is not None:
             if first_n is not None and not cut:  # the lines shown start at the first chunk held
                 await notice(first_n)
-            for stream, line in tail:
-                write(stream, line)
+            for stream, line, ts, n in tail:
+                write(stream, line, ts, n)
             if args.follow and ended_ns is None and not interrupted:  # then live, from where the first pass was
                 live, skip_to = True, last_n
                 phase[0] = asyncio.Event()

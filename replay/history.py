@@ -193,12 +193,24 @@ async def _follow_one(
         pending_bytes_limit=-1,
     )
     try:
+        if stop_when_caught_up and await _nothing_to_deliver(js, sub, STREAM, subject):
+            finished.set()  # a start past the newest match (--since 1s): no delivery will come to say so
         await finished.wait()
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
     if failure:
         raise failure[0]
+
+
+async def _nothing_to_deliver(js: JetStreamContext, sub: Any, stream: str, subject: str) -> bool:
+    """Whether the consumer just created has nothing to deliver (and delivered nothing)."""
+    try:
+        info = await sub.consumer_info()
+        return bool(info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq))
+    except Exception:  # the stream's own view: no subject matches
+        state = await js.stream_info(stream, subjects_filter=subject)
+        return not state.state.subjects
 
 
 @dataclass
@@ -298,12 +310,7 @@ class _Merge:
 
     async def _nothing_matches(self, source: _Source) -> bool:
         """Whether the consumer just created has nothing to deliver (and delivered nothing)."""
-        try:
-            info = await source.sub.consumer_info()
-            return bool(info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq))
-        except Exception:  # the stream's own view: no subject matches
-            stream = await self.js.stream_info(source.stream, subjects_filter=self.subject)
-            return not stream.state.subjects
+        return await _nothing_to_deliver(self.js, source.sub, source.stream, self.subject)
 
     def _take(self, now: float, waiting_since: float | None) -> tuple[_Source | None, float | None]:
         """The source whose head is handed over next, or None (and since when the merge waits)."""

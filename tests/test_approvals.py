@@ -48,7 +48,7 @@ def test_agent_asks_is_registered_and_resumes_after_approve(cli: Cli, repo: Path
         assert bad_choice.returncode == 2 and bad_choice.stderr.count("\n") == 1 and "yes, no" in bad_choice.stderr
 
         done = cli("approve", approval["approval_id"].lower(), "--choice", "yes", "--note", "go", check=True)
-        assert f"{approval['approval_id']}: approved (choice yes)" in done.stdout
+        assert f"{approval['approval_id']}: answered 'yes'" in done.stdout
         final = wait_state(cli, execution_id, "exited")
         assert final["exit_code"] == 0
         assert f"{approval['approval_id']} approved choice=yes" in logs(cli, execution_id)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 from tests.conftest import Cli, agent_command, processes_mentioning
@@ -160,3 +161,29 @@ def _corral() -> list[str]:
     import sys
 
     return [sys.executable, "-m", "corral"]
+
+
+def test_logs_json_timestamps_and_since(cli: Cli, repo: Path) -> None:
+    cli("run", "--repo", str(repo), "-q", *agent_command("stamped", "--steps", "2"), check=True)
+    execution_id = json.loads(cli("ps", "--all", "--json", check=True).stdout)[0]["execution_id"]
+
+    chunks = [json.loads(line) for line in cli("logs", execution_id, "--json", check=True).stdout.splitlines()]
+    assert chunks, "no output chunk printed"
+    assert {"ts", "stream", "n", "text"} <= set(chunks[0])
+    assert [c["n"] for c in chunks] == sorted(c["n"] for c in chunks)
+    plain = cli("logs", execution_id, "--stream", "stdout", check=True).stdout
+    assert "".join(c["text"] for c in chunks if c["stream"] == "stdout") == plain
+
+    stamped = cli("logs", execution_id, "--stream", "stdout", "--timestamps", check=True).stdout.splitlines()
+    assert len(stamped) == len(plain.splitlines())
+    for line, original in zip(stamped, plain.splitlines(), strict=True):
+        ts, _, rest = line.partition(" ")
+        assert rest == original
+        datetime.fromisoformat(ts)  # an ISO time before each line
+
+    assert cli("logs", execution_id, "--since", "1h", check=True).stdout == cli("logs", execution_id, check=True).stdout
+    time.sleep(1.5)
+    assert cli("logs", execution_id, "--since", "1s", check=True).stdout == ""  # all of it is older
+
+    bad = cli("logs", execution_id, "--since", "yesterday")
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "--since" in bad.stderr
