@@ -159,6 +159,7 @@ SPAWNER_EVENTS: Final = (
     "agent.message",
     "tool.called",
     "tool.result",
+    "shell.blocked",
     "usage",
     "agent.result",
     "agent.capabilities",

@@ -413,6 +413,18 @@ class ToolResult(EventData):
     summary: str
 
 
+@event_type("shell.blocked")
+class ShellBlocked(EventData):
+    """The agent CLI's pre-tool mechanism refused a shell command under the policy: it did not run."""
+
+    agent: str
+    command: str
+    rule: str  # shell_deny, shell_not_allowed
+    message: str = ""
+    call_id: str | None = None
+    mechanism: str = "hook"  # hook (Claude Code, Codex), policy_engine (Gemini CLI)
+
+
 @event_type("usage")
 class Usage(EventData):
     """Tokens and cost since the previous usage event (a tick, not a total)."""

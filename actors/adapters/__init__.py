@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from actors.shellpolicy import ShellRules
+
 Fact = tuple[str, dict[str, Any]]  # (event type, payload)
 
 AGENTS: dict[str, str] = {
@@ -56,11 +58,18 @@ class Adapter:
         command: Sequence[str] = (),
         cwd: str | None = None,
         prices: dict[str, Any] | None = None,
+        shell_policy: dict[str, Any] | None = None,
     ) -> None:
         self.task = task
         self.command = list(command)
         self.cwd = cwd
         self.prices = prices or {}
+        # The execution's shell allow/deny lists, as its CLI's pre-tool hook applies them: a call
+        # they refuse is held until the CLI's answer shows it blocked (`shell.blocked`).
+        self.shell_rules: ShellRules | None = None
+        if shell_policy:
+            with contextlib.suppress(ValueError):
+                self.shell_rules = ShellRules.from_data(shell_policy)
         self._partial = ""
         self.stdin_done = False  # set by the adapter when the agent should see EOF on stdin
         self.turns = 0  # model calls seen so far (progress against --max-turns)
@@ -89,14 +98,27 @@ class Adapter:
         """Take a chunk of stderr: only what tells that the CLI cannot reach its model is read there."""
         lines = (self._stderr_partial + text).split("\n")
         self._stderr_partial = lines.pop()
+        facts: list[Fact] = []
         for line in lines:
-            self.stderr_line(line.rstrip("\r"))
-        return []
+            facts.extend(self.stderr_line(line.rstrip("\r")))
+        return self.classified(facts) if facts else []
 
-    def stderr_line(self, line: str) -> None:
+    def stderr_line(self, line: str) -> list[Fact]:
         """One line of stderr; by default a network error printed there marks the model unreachable."""
         if network_error(line):
             self.network_trouble(line)
+        return []
+
+    def refused(self, command: Any) -> tuple[str, str] | None:
+        """(rule, message) when the execution's shell lists refuse `command` (its hook will block it)."""
+        if self.shell_rules is None or not isinstance(command, str):
+            return None
+        return self.shell_rules.refusal(command)
+
+    def blocked(self, command: str, rule: str, message: str, call_id: str | None, mechanism: str) -> Fact:
+        """The `shell.blocked` fact of a command the CLI's pre-tool mechanism refused (it did not run)."""
+        data = {"agent": self.name, "command": command[:4000], "rule": rule, "message": message[:500]}
+        return ("shell.blocked", {**data, "call_id": call_id, "mechanism": mechanism})
 
     def finish(self) -> list[Fact]:
         """The agent exited: the facts of a last unterminated line and of anything held back.
@@ -107,7 +129,7 @@ class Adapter:
         facts = self.parse_line(self._partial) if self._partial.strip() else []
         self._partial = ""
         if self._stderr_partial.strip():
-            self.stderr_line(self._stderr_partial)
+            facts.extend(self.stderr_line(self._stderr_partial))
         self._stderr_partial = ""
         facts = self.classified(facts + self.flush())
         if self.unreachable and not self.failure_recorded and not any(k == "agent.result" for k, _ in facts):
@@ -226,8 +248,41 @@ def load_adapter(spec: dict[str, Any]) -> Adapter | None:
     if not agent or agent == "command" or agent not in AGENTS:
         return None
     return adapter_class(agent)(
-        task=spec.get("task"), command=spec.get("command") or (), cwd=spec.get("cwd"), prices=spec.get("prices")
+        task=spec.get("task"),
+        command=spec.get("command") or (),
+        cwd=spec.get("cwd"),
+        prices=spec.get("prices"),
+        shell_policy=spec.get("shell_policy"),
     )
+
+
+def shell_guard(
+    agent: str | None, command: Sequence[str], env: dict[str, str], rules: ShellRules, run_dir: Path
+) -> tuple[list[str], dict[str, str], list[str]]:
+    """The agent's command and environment with its CLI's pre-tool mechanism applying `rules`, and
+    the files that mechanism reads (to be readable inside the sandbox); ValueError if it cannot be
+    applied (one line saying why and what to do).
+
+    Each adapter module's `shell_guard` knows its CLI (docs/policy.md, "Before a command runs");
+    a plain command, or a CLI without one, is returned unchanged.
+    """
+    module_name = AGENTS.get(agent or "")
+    guard = getattr(importlib.import_module(module_name), "shell_guard", None) if module_name else None
+    if guard is None or rules.empty:
+        return list(command), dict(env), []
+    guarded: tuple[list[str], dict[str, str], list[str]] = guard(list(command), dict(env), rules, run_dir)
+    return guarded
+
+
+def hook_command() -> str:
+    """The PreToolUse hook command Claude Code and Codex run for each shell command (actors/shellhook.py).
+
+    `-I`: the worktree (the hook's cwd) and PYTHON* variables stay out of its import path.
+    """
+    import shlex
+    import sys
+
+    return f"{shlex.quote(sys.executable)} -I -m actors.shellhook"
 
 
 def find_program(name: str) -> str | None:

@@ -1,4 +1,4 @@
-"""aider: `aider --message TASK --yes-always --no-auto-commits ...`; plain text, no JSON stream.
+"""aider: `aider --message TASK --yes-always --no-auto-commits --no-suggest-shell-commands ...`; plain text.
 
 Recognised lines: `Model: NAME with ... edit format` (model), `Applied edit to PATH` (file edit),
 `Creating empty file PATH` (marks it created), `Tokens: 1.2k sent, 30 received. Cost: $0.01
@@ -22,6 +22,9 @@ DEFAULTS = (
     "--no-fancy-input",
     "--no-show-release-notes",
     "--no-show-model-warnings",
+    # Shell commands the model suggests are never run under Corral: --yes-always answers "no" to
+    # them (aider asks for an explicit yes), and with this aider does not ask the model for any.
+    "--no-suggest-shell-commands",
 )
 TOKENS = re.compile(r"^Tokens: (?P<parts>.*?)\.(?: Cost: \$(?P<cost>[\d.]+) message.*)?$")
 PART = re.compile(r"(?P<n>[\d.]+)(?P<unit>[kKmM]?) (?P<what>sent|received|cache write|cache hit)")

@@ -7,14 +7,27 @@ as stream-json user messages; stdin is closed once every message sent has its `r
 """
 
 import json
+from pathlib import Path
 from typing import Any
 
-from actors.adapters import Adapter, Fact, estimate_cost, json_object, network_error, probe, summarize
+from actors.adapters import (
+    Adapter,
+    Fact,
+    estimate_cost,
+    hook_command,
+    json_object,
+    network_error,
+    probe,
+    summarize,
+)
+from actors.shellpolicy import ENV, MARKER, ShellRules
 
 PROGRAM = "claude"
 INSTALL = "npm install @anthropic-ai/claude-code"
 FILE_TOOLS = ("Write", "Edit", "MultiEdit", "NotebookEdit")
 PROBES = (["--version"], ["--help"])
+NO_HOOKS = ("--bare", "--safe-mode")  # options under which Claude Code runs no hooks at all
+NO_HOOKS_ENV = ("CLAUDE_CODE_SIMPLE", "CLAUDE_CODE_SAFE_MODE")  # what those options set
 
 
 def features(help_text: str) -> dict[str, bool]:
@@ -62,6 +75,68 @@ def command_line(
     return [program, "-p", task, "--output-format", "stream-json", "--verbose", *permission, *extra]
 
 
+def shell_guard(
+    command: list[str], env: dict[str, str], rules: ShellRules, run_dir: Path
+) -> tuple[list[str], dict[str, str], list[str]]:
+    """A PreToolUse hook on Bash in the execution's own settings (`--settings JSON`), the lists in its env.
+
+    Claude Code takes one `--settings` (the last one given): any the run already has are merged
+    into Corral's (their hooks kept, Corral's added). `disableAllHooks` is set false, so no
+    project or user settings file in the worktree can turn the hook off; `--bare` and
+    `--safe-mode` run no hooks and are refused.
+    """
+    settings: dict[str, Any] = {}
+    out: list[str] = []
+    words = iter(command)
+    for word in words:
+        if word in NO_HOOKS:
+            raise ValueError(
+                f"claude {word} runs no hooks, so Corral's shell policy could not be enforced; drop {word}"
+            )
+        if word == "--settings" or word.startswith("--settings="):
+            value = word.split("=", 1)[1] if "=" in word else next(words, "")
+            settings = _merge_settings(settings, _load_settings(value))
+        else:
+            out.append(word)
+    found = settings.get("hooks")
+    hooks: dict[str, Any] = found if isinstance(found, dict) else {}
+    listed = hooks.get("PreToolUse")
+    pre: list[Any] = listed if isinstance(listed, list) else []
+    guard = {"matcher": "Bash", "hooks": [{"type": "command", "command": hook_command(), "timeout": 60}]}
+    settings = {**settings, "hooks": {**hooks, "PreToolUse": [*pre, guard]}, "disableAllHooks": False}
+    guarded_env = {k: v for k, v in env.items() if k not in NO_HOOKS_ENV}
+    guarded_env[ENV] = rules.to_json()
+    return [out[0], "--settings", json.dumps(settings, separators=(",", ":")), *out[1:]], guarded_env, []
+
+
+def _load_settings(value: str) -> dict[str, Any]:
+    """A `--settings` value: a JSON object, or the path of a file holding one."""
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            text = Path(value).read_text()
+        except OSError as exc:
+            raise ValueError(f"claude --settings {value}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        loaded = json.loads(text)
+    except ValueError:
+        raise ValueError(f"claude --settings {value[:200]}: not a JSON object") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"claude --settings {value[:200]}: not a JSON object")
+    return loaded
+
+
+def _merge_settings(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = {**base, **extra}
+    hooks: dict[str, Any] = {}
+    for source in (base.get("hooks"), extra.get("hooks")):
+        for event, groups in (source if isinstance(source, dict) else {}).items():
+            hooks[event] = [*hooks.get(event, []), *(groups if isinstance(groups, list) else [])]
+    if hooks:
+        merged["hooks"] = hooks
+    return merged
+
+
 def user_message(text: str) -> bytes:
     message = {"type": "user", "message": {"role": "user", "content": [{"type": "text", "text": text}]}}
     return json.dumps(message).encode() + b"\n"
@@ -83,6 +158,9 @@ class ClaudeCodeAdapter(Adapter):
         self.model_totals: dict[str, dict[str, float]] = {}
         self.calls: set[str] = set()  # model calls (assistant message ids) already ticked
         self.estimated_cost = 0.0  # live estimates not yet replaced by a result's reported cost
+        # Bash calls the shell policy refuses, held until their result shows the hook blocked them:
+        # tool_use id -> (the tool.called fact, command, rule, message)
+        self.held: dict[str, tuple[Fact, str, str, str]] = {}
 
     def initial_input(self) -> bytes:
         return user_message(self.task or "") if self.stream_input else b""
@@ -140,17 +218,36 @@ class ClaudeCodeAdapter(Adapter):
                 tool_input = block.get("input") or {}
                 self.tools[str(block.get("id"))] = (name, tool_input)
                 shell = tool_input.get("command") if name == "Bash" else None
-                facts.append(
-                    (
-                        "tool.called",
-                        {
-                            "call_id": block.get("id"),
-                            "name": name,
-                            "input_summary": summarize(tool_input),
-                            "shell_command": shell if isinstance(shell, str) else None,
-                        },
-                    )
+                called: Fact = (
+                    "tool.called",
+                    {
+                        "call_id": block.get("id"),
+                        "name": name,
+                        "input_summary": summarize(tool_input),
+                        "shell_command": shell if isinstance(shell, str) else None,
+                    },
                 )
+                refusal = self.refused(shell)
+                if refusal is not None and isinstance(shell, str):
+                    self.held[str(block.get("id"))] = (called, shell, *refusal)
+                else:
+                    facts.append(called)
+        return facts
+
+    def _held_result(self, call_id: str, ok: bool, text: str) -> list[Fact]:
+        """A held Bash call's result: blocked by the hook (the command did not run) or, should the
+        hook have let it through, the call as usual (the validator then judges it)."""
+        called, command, rule, message = self.held.pop(call_id)
+        if not ok and MARKER in text:
+            kind, data = called
+            # no shell_command: nothing ran for the validator to judge; shell.blocked says what was refused
+            return [(kind, {**data, "shell_command": None}), self.blocked(command, rule, message, call_id, "hook")]
+        return [called]
+
+    def flush(self) -> list[Fact]:
+        """Calls still held when the CLI ends never got a result: recorded as called, for the validator."""
+        facts = [called for called, *_ in self.held.values()]
+        self.held.clear()
         return facts
 
     def _live_usage(self, message: dict[str, Any]) -> list[Fact]:
@@ -193,9 +290,12 @@ class ClaudeCodeAdapter(Adapter):
             result = block.get("content")
             if isinstance(result, list):
                 result = "\n".join(str(part.get("text", "")) for part in result if isinstance(part, dict))
+            held = self._held_result(call_id, ok, str(result or "")) if call_id in self.held else []
+            facts.extend(held[:1])  # the call first, then its result, then what was blocked
             facts.append(
                 ("tool.result", {"call_id": call_id, "name": name, "ok": ok, "summary": summarize(result or "")})
             )
+            facts.extend(held[1:])
             if ok and name in FILE_TOOLS:
                 path = tool_input.get("file_path") or tool_input.get("notebook_path")
                 detail = record.get("tool_use_result")

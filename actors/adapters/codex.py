@@ -7,15 +7,20 @@ end when it is not a terminal, so the shim closes it: `corral input` is refused 
 Codex reports no cost; usage ticks carry tokens only.
 """
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
-from actors.adapters import Adapter, Fact, json_object, network_error, summarize
+from actors.adapters import Adapter, Fact, hook_command, json_object, network_error, summarize
+from actors.shellpolicy import ENV, MARKER, ShellRules, refused_rule
 
 PROGRAM = "codex"
 INSTALL = "npm install @openai/codex"
 CHANGE_KINDS = {"add": "created", "update": "modified", "delete": "deleted"}
 PROBES = (["--version"], ["exec", "--help"])
+# What Codex logs on stderr for a tool call its PreToolUse hook blocked (no JSON item is printed for it).
+HOOK_BLOCKED = re.compile(r"Command blocked by PreToolUse hook: (?P<reason>.*?)\. Command: (?P<command>.*)$")
 
 
 def features(help_text: str) -> dict[str, bool]:
@@ -75,6 +80,33 @@ def command_line(
     ]
 
 
+def shell_guard(
+    command: list[str], env: dict[str, str], rules: ShellRules, run_dir: Path
+) -> tuple[list[str], dict[str, str], list[str]]:
+    """A PreToolUse hook on Bash given as a `-c` override, the lists in its environment.
+
+    Codex runs a hook that is not managed only once a person has trusted it in its TUI, so the run
+    gets `--dangerously-bypass-hook-trust` (for this invocation only; hooks a person disabled stay
+    disabled, and untrusted project-local configuration is still not loaded). A `-c hooks...` of
+    the run's own would replace Corral's hook and is refused.
+    """
+    for index, word in enumerate(command):
+        following = command[index + 1] if index + 1 < len(command) else ""
+        value = following if word in ("-c", "--config") else word.split("=", 1)[1] if "=" in word else ""
+        key = value.split("=", 1)[0].strip() if word.startswith(("-c", "--config")) else ""
+        if key.startswith("hooks") or key == "features.hooks":
+            raise ValueError(f"codex -c {value[:80]} would replace or turn off Corral's shell-policy hook; drop it")
+        feature = following if word == "--disable" else word.split("=", 1)[1] if word.startswith("--disable=") else ""
+        if feature == "hooks":
+            raise ValueError("codex --disable hooks would turn off Corral's shell-policy hook; drop it")
+    handler = f'{{type="command",command={json.dumps(hook_command())},timeout=60}}'
+    override = f'hooks.PreToolUse=[{{matcher="Bash",hooks=[{handler}]}}]'
+    at = command.index("--json") if "--json" in command else len(command)
+    trust = ["--dangerously-bypass-hook-trust", "-c", "features.hooks=true", "-c", override]
+    guarded = [*command[:at], *trust, *command[at:]]
+    return guarded, {**env, ENV: rules.to_json()}, []
+
+
 class CodexAdapter(Adapter):
     name = "codex"
     keeps_stdin = False
@@ -117,6 +149,17 @@ class CodexAdapter(Adapter):
             error = (record.get("error") or {}).get("message")
             return [("agent.result", {"ok": False, "text": summarize(error or "turn failed"), "turns": self.turns})]
         return []
+
+    def stderr_line(self, line: str) -> list[Fact]:
+        """Codex reports a command its hook blocked only in its log: that line becomes `shell.blocked`."""
+        found = HOOK_BLOCKED.search(line)
+        if found is None or MARKER not in found["reason"]:
+            return super().stderr_line(line)
+        command = found["command"]
+        rule = refused_rule(found["reason"]) or "shell_deny"
+        refusal = self.refused(command)
+        message = refusal[1] if refusal is not None else found["reason"]
+        return [self.blocked(command, refusal[0] if refusal is not None else rule, message, None, "hook")]
 
     def _item(self, item: dict[str, Any], *, completed: bool) -> list[Fact]:
         item_id = str(item.get("id"))

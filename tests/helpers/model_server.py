@@ -9,6 +9,8 @@ It answers, well enough for the real CLIs:
 
 The script, per conversation: if the request offers a tool that can write files and carries no tool
 result yet, answer with one call of that tool creating FILE_NAME; otherwise answer with FINAL_TEXT.
+A test that sets `state.shell_commands` gets shell tool calls instead: the conversation's k-th
+request (k tool results so far) calls the CLI's shell tool with the k-th command, then FINAL_TEXT.
 Side requests (titles, routing, next-speaker checks) get text or a JSON object shaped by their schema.
 Every request is recorded in `requests`. The server also refuses CONNECT (point HTTPS_PROXY at it to
 catch a CLI that tries to leave the machine: those land in `leaks`).
@@ -58,6 +60,8 @@ class ScriptState:
     counter: int = 0
     hold_until: threading.Event | None = None  # set by a test: the first tool-offering request waits for it
     held: threading.Event = field(default_factory=threading.Event)
+    # Set by a test: shell commands to call one per round trip, in order (tests/test_shell_policy.py).
+    shell_commands: list[str] | None = None
 
     def next_id(self) -> int:
         with self.lock:
@@ -105,17 +109,28 @@ def json_for_schema(schema: Any) -> Any:
 # --- Anthropic Messages ------------------------------------------------------------------------
 
 
-def anthropic_reply(body: dict[str, Any], n: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def anthropic_reply(
+    body: dict[str, Any], n: int, shell: list[str] | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The whole message and its content blocks."""
     tools = {t.get("name") for t in body.get("tools") or []}
-    answered = any(
-        isinstance(block, dict) and block.get("type") == "tool_result"
+    results = sum(
+        1
         for message in body.get("messages") or []
         if isinstance(message.get("content"), list)
         for block in message["content"]
+        if isinstance(block, dict) and block.get("type") == "tool_result"
     )
+    answered = results > 0
     blocks: list[dict[str, Any]]
-    if "Write" in tools and not answered:
+    if shell is not None and "Bash" in tools and results < len(shell):
+        command = shell[results]
+        blocks = [{"type": "tool_use", "id": f"toolu_{n:04d}", "name": "Bash", "input": {"command": command}}]
+        stop = "tool_use"
+    elif shell is not None:
+        blocks = [{"type": "text", "text": FINAL_TEXT}]
+        stop = "end_turn"
+    elif "Write" in tools and not answered:
         blocks = [
             {"type": "text", "text": f"I will create {FILE_NAME}."},
             {
@@ -218,10 +233,52 @@ def responses_answered(body: dict[str, Any]) -> bool:
     )
 
 
-def responses_output(body: dict[str, Any], n: int, unserved: list[str] | None = None) -> list[dict[str, Any]]:
+def responses_shell_call(tools: dict[str, dict[str, Any]], n: int, command: str) -> list[dict[str, Any]]:
+    """A call of whichever shell tool the request offers, running `command`."""
+    for name, args in (
+        ("shell_command", {"command": command}),
+        ("exec_command", {"cmd": command}),
+        ("shell", {"command": ["bash", "-lc", command]}),
+    ):
+        if name in tools:
+            return [
+                {
+                    "type": "function_call",
+                    "id": f"fc_{n}",
+                    "call_id": f"call_{n:04d}",
+                    "name": name,
+                    "arguments": json.dumps(args),
+                    "status": "completed",
+                }
+            ]
+    return []
+
+
+def responses_results(body: dict[str, Any]) -> int:
+    """How many results of calls this server made the conversation carries."""
+    found = body.get("input")
+    items: list[Any] = found if isinstance(found, list) else []
+    return sum(
+        1
+        for item in items
+        if isinstance(item, dict)
+        and str(item.get("type", "")).endswith("call_output")
+        and SERVED_CALL.match(str(item.get("call_id", ""))) is not None
+    )
+
+
+def responses_output(
+    body: dict[str, Any], n: int, unserved: list[str] | None = None, shell: list[str] | None = None
+) -> list[dict[str, Any]]:
     tools = responses_tools(body.get("tools"))
     answered = responses_answered(body)
     call_id = f"call_{n:04d}"
+    if shell is not None and tools:
+        done = responses_results(body)
+        called = responses_shell_call(tools, n, shell[done]) if done < len(shell) else []
+        if called:
+            return called
+        answered = True  # the script is done: the final answer
     if not answered and tools and unserved is not None and not WRITING_TOOLS.intersection(tools):
         unserved.append(f"request {n}: none of {sorted(WRITING_TOOLS)} among the tools offered: {sorted(tools)}")
     if not answered:
@@ -293,13 +350,13 @@ def responses_usage() -> dict[str, Any]:
 
 
 def responses_events(
-    body: dict[str, Any], n: int, unserved: list[str] | None = None
+    body: dict[str, Any], n: int, unserved: list[str] | None = None, shell: list[str] | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
     response = {"id": f"resp_{n:04d}", "object": "response", "model": body.get("model"), "status": "in_progress"}
     events: list[tuple[str, dict[str, Any]]] = [
         ("response.created", {"type": "response.created", "response": response})
     ]
-    output = responses_output(body, n, unserved)
+    output = responses_output(body, n, unserved, shell)
     for index, item in enumerate(output):
         events.append(
             ("response.output_item.added", {"type": "response.output_item.added", "output_index": index, "item": item})
@@ -329,9 +386,11 @@ def responses_events(
 # --- OpenAI Chat Completions (aider) ----------------------------------------------------------
 
 
-def chat_text(body: dict[str, Any]) -> str:
+def chat_text(body: dict[str, Any], shell: list[str] | None = None) -> str:
     if body.get("tools"):
         return FINAL_TEXT
+    if shell is not None:  # aider: shell commands are suggested in a fenced block of the answer
+        return f"{FINAL_TEXT}\n\n```bash\n" + "\n".join(shell) + "\n```\n"
     return f"{FINAL_TEXT}\n\n{FILE_NAME}\n```\n{FILE_TEXT}```\n"
 
 
@@ -342,22 +401,28 @@ def chat_usage() -> dict[str, int]:
 # --- Gemini ------------------------------------------------------------------------------------
 
 
-def gemini_reply(body: dict[str, Any], model: str) -> dict[str, Any]:
+def gemini_reply(body: dict[str, Any], model: str, shell: list[str] | None = None) -> dict[str, Any]:
     declared = {
         str(decl.get("name"))
         for tool in body.get("tools") or []
         for decl in tool.get("functionDeclarations") or tool.get("function_declarations") or []
     }
-    answered = any(
-        "functionResponse" in part or "function_response" in part
+    results = sum(
+        1
         for content in body.get("contents") or []
         for part in content.get("parts") or []
+        if "functionResponse" in part or "function_response" in part
     )
+    answered = results > 0
     config = body.get("generationConfig") or {}
     parts: list[dict[str, Any]]
     if config.get("responseMimeType") == "application/json":
         schema = config.get("responseJsonSchema") or config.get("responseSchema")
         parts = [{"text": json.dumps(json_for_schema(schema))}]
+    elif shell is not None and "run_shell_command" in declared and results < len(shell):
+        parts = [{"functionCall": {"name": "run_shell_command", "args": {"command": shell[results]}}}]
+    elif shell is not None and declared:
+        parts = [{"text": FINAL_TEXT}]
     elif "write_file" in declared and not answered:
         parts = [
             {"functionCall": {"name": "write_file", "args": {"file_path": target_path(body), "content": FILE_TEXT}}}
@@ -446,20 +511,20 @@ class Handler(BaseHTTPRequestHandler):
             if state.hold_until is not None and body.get("tools") and not state.held.is_set():
                 state.held.set()
                 state.hold_until.wait(120)
-            message, blocks = anthropic_reply(body, n)
+            message, blocks = anthropic_reply(body, n, state.shell_commands if body.get("tools") else None)
             if body.get("stream"):
                 self._sse([(kind, data) for kind, data in anthropic_events(message, blocks)])
             else:
                 self._json(message)
         elif path.endswith("/responses"):
-            self._sse(responses_events(body, n, state.unserved))
+            self._sse(responses_events(body, n, state.unserved, state.shell_commands))
         elif path.endswith("/chat/completions"):
             self._chat(body, n)
         elif ":countTokens" in path:
             self._json({"totalTokens": USAGE_IN})
         elif ":streamGenerateContent" in path or ":generateContent" in path:
             model = path.rsplit("/", 1)[-1].split(":", 1)[0]
-            reply = gemini_reply(body, model)
+            reply = gemini_reply(body, model, state.shell_commands)
             if ":stream" in path:
                 self._sse([(None, reply)])
             else:
@@ -470,7 +535,7 @@ class Handler(BaseHTTPRequestHandler):
             self._json({"error": {"message": f"the scripted model server does not serve {path}"}}, status=404)
 
     def _chat(self, body: dict[str, Any], n: int) -> None:
-        text = chat_text(body)
+        text = chat_text(body, self.server.state.shell_commands)
         model = body.get("model", "test-model")
         if not body.get("stream"):
             self._json(
