@@ -13,6 +13,9 @@ read last-per-subject, so a restart costs one message per execution and type) an
   checkpoint the result, record `change.rolled_back`, resume the agent if it was running.
 - `commit.requested`: a real commit on the execution's branch, recorded as `change.committed`.
 
+Files larger than `[checkpoints] max_file_size` are left out of every checkpoint (never copied
+into `.git`) and listed as `skipped` in `checkpoint.created`; the validator flags them.
+
 A request that cannot be carried out is answered with `control.rejected` and the reason; the
 CLI waits for the answer whose causation id is its request.
 """
@@ -32,8 +35,10 @@ from nats.js.api import DeliverPolicy
 
 from actors.bus import Bus
 from actors.checkpoints import (
+    DEFAULT_MAX_FILE_BYTES,
     IDENTITY,
     CheckpointError,
+    Skipped,
     Snapshot,
     checkpoint_ref,
     git,
@@ -53,6 +58,7 @@ from events.types import (
     FileStat,
     PauseRequested,
     ResumeRequested,
+    SkippedFile,
 )
 
 log = logging.getLogger(__name__)
@@ -88,6 +94,7 @@ class CheckpointSettings:
     on_pause: bool = True
     on_exit: bool = True
     on_approval: bool = True
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files are left out of checkpoints; 0 = no limit
 
 
 @dataclass
@@ -99,6 +106,7 @@ class _Execution:
     n: int = 0
     last_commit: str | None = None
     last_tree: str | None = None
+    last_skipped: tuple[Skipped, ...] = ()  # the files the newest checkpoint left out (too large)
     cp_seq: int = 0  # stream sequence of the newest checkpoint.created of this execution
     started: bool = False
     ended_seq: int = 0
@@ -288,6 +296,7 @@ class Checkpointer(Actor):
         ex.cp_seq = seq
         if data["n"] >= ex.n:
             ex.n, ex.last_commit, ex.last_tree = data["n"], data["commit"], data["tree"]
+            ex.last_skipped = tuple(Skipped(f["path"], f["size"]) for f in data.get("skipped") or ())
 
     def _on_removed(self, ex: _Execution, raw: dict[str, Any], seq: int, live: bool) -> None:
         ex.removed = True
@@ -414,6 +423,8 @@ class Checkpointer(Actor):
                 parent=parent,
                 parent_tree=ex.last_tree,
                 message=f"corral checkpoint {ex.execution_id} #{n} ({trigger})",
+                max_file_bytes=self.settings.max_file_bytes,
+                skipped_before=ex.last_skipped,
             )
         except CheckpointError as exc:
             if "already exists" in exc.reason:
@@ -436,6 +447,7 @@ class Checkpointer(Actor):
             trigger=trigger,
             files=tuple(FileStat(path=f.path, added=f.added, deleted=f.deleted) for f in snap.files),
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            skipped=tuple(SkippedFile(path=f.path, size=f.size) for f in snap.skipped),
         )
         event = self.bus.event(ex.execution_id, data, actor=self.instance, causation_id=cause)
         try:
@@ -444,7 +456,7 @@ class Checkpointer(Actor):
             # Another checkpointer recorded a checkpoint meanwhile: ours is not part of the chain.
             await git("update-ref", "-d", snap.ref, snap.commit, cwd=ex.worktree, check=False)
             raise CheckpointError(str(ex.worktree), "another checkpointer recorded a checkpoint first") from None
-        ex.n, ex.last_commit, ex.last_tree = snap.n, snap.commit, snap.tree
+        ex.n, ex.last_commit, ex.last_tree, ex.last_skipped = snap.n, snap.commit, snap.tree, snap.skipped
         ex.cp_seq = max(ex.cp_seq, ack.seq)
         ex.touched, ex.dirty = 0, False
         ex.last_checkpoint_at = time.monotonic()

@@ -9,6 +9,9 @@ and files are never touched, and git's stat cache keeps `add -A` fast):
     git update-ref refs/corral/<id>/<n> COMMIT ''   # create-only: two writers never share an n
     git diff-tree -r --numstat PARENT_TREE TREE     # files and +/- (beside commit-tree/update-ref)
 
+A file larger than `max_file_bytes` ([checkpoints] max_file_size) is kept out of `git add` by
+pathspec, so it is never copied into the repository's object store, and is listed as skipped.
+
 Restores (rollback) also go through a temporary index: `read-tree` the target, then
 `checkout-index` writes its files; files the target does not have are deleted.
 """
@@ -16,6 +19,7 @@ Restores (rollback) also go through a temporary index: `read-tree` the target, t
 import asyncio
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -78,8 +82,34 @@ def parse_numstat(text: str) -> list[FileStat]:
     return stats
 
 
-async def snapshot_tree(worktree: Path, index: Path) -> str:
+DEFAULT_MAX_FILE_BYTES: Final = 50 << 20  # [checkpoints] max_file_size
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file left out of a checkpoint: larger than [checkpoints] max_file_size."""
+
+    path: str
+    size: int
+
+
+async def snapshot_tree(worktree: Path, index: Path, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
     """Stage the whole worktree into `index` (created from the worktree's own index) and return its tree."""
+    tree, _ = await snapshot_tree_skipping(worktree, index, max_file_bytes=max_file_bytes)
+    return tree
+
+
+async def snapshot_tree_skipping(
+    worktree: Path, index: Path, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> tuple[str, list[Skipped]]:
+    """Stage the worktree into `index` and return its tree, and the files too large to stage.
+
+    `git add` writes every file it stages into the repository's object store, outside any disk
+    quota of the worktree: a 300 MB file the agent made would be copied into `.git`. Files
+    larger than `max_file_bytes` (0: no limit) are excluded by pathspec: a new one stays out of
+    the tree, a tracked one keeps the version already staged. Only what git would stage is
+    looked at (untracked and modified files, .gitignore respected), one lstat each.
+    """
     if not index.exists():  # noqa: ASYNC240 - one stat call
         index.parent.mkdir(parents=True, exist_ok=True)
         _, own, _ = await git("rev-parse", "--git-path", "index", cwd=worktree)
@@ -88,9 +118,25 @@ async def snapshot_tree(worktree: Path, index: Path) -> str:
             own_path = worktree / own_path
         _copy_if_present(own_path, index)  # its stat cache makes the first `add -A` cheap
     env = {"GIT_INDEX_FILE": str(index)}
-    await git("add", "-A", cwd=worktree, env=env)
+    skipped = await _too_large(worktree, env, max_file_bytes) if max_file_bytes else []
+    excluded = [f":(exclude,literal){s.path}" for s in skipped]
+    await git("add", "-A", *(["--", ".", *excluded] if excluded else []), cwd=worktree, env=env)
     _, tree, _ = await git("write-tree", cwd=worktree, env=env)
-    return tree.strip()
+    return tree.strip(), skipped
+
+
+async def _too_large(worktree: Path, env: dict[str, str], limit: int) -> list[Skipped]:
+    """The files `git add -A` would stage that are larger than `limit`, by path."""
+    _, out, _ = await git("ls-files", "-z", "--others", "--modified", "--exclude-standard", cwd=worktree, env=env)
+    found = []
+    for name in dict.fromkeys(n for n in out.split("\0") if n):  # a modified file may be listed twice
+        try:
+            st = os.lstat(worktree / name)
+        except OSError:
+            continue  # deleted: `add -A` records that, nothing is copied
+        if stat.S_ISREG(st.st_mode) and st.st_size > limit:
+            found.append(Skipped(name, st.st_size))
+    return found
 
 
 async def tree_of(repo: str | Path, commit: str) -> str:
@@ -106,6 +152,7 @@ class Snapshot:
     tree: str
     parent: str
     files: list[FileStat]
+    skipped: tuple[Skipped, ...] = ()
 
 
 async def take_checkpoint(
@@ -117,10 +164,17 @@ async def take_checkpoint(
     parent: str,
     parent_tree: str,
     message: str,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    skipped_before: tuple[Skipped, ...] = (),
 ) -> Snapshot | None:
-    """Commit the worktree's state as checkpoint n on its hidden ref; None when nothing changed."""
-    tree = await snapshot_tree(worktree, index)
-    if tree == parent_tree:
+    """Commit the worktree's state as checkpoint n on its hidden ref; None when nothing changed.
+
+    Files over `max_file_bytes` are not in it (`Snapshot.skipped`); a new such file alone (the
+    tree unchanged, the skipped files not those of the previous checkpoint) is a checkpoint too,
+    so that the log says it is there and was left out.
+    """
+    tree, skipped = await snapshot_tree_skipping(worktree, index, max_file_bytes=max_file_bytes)
+    if tree == parent_tree and tuple(skipped) == tuple(skipped_before):
         return None
     ref = checkpoint_ref(execution_id, n)
 
@@ -130,10 +184,10 @@ async def take_checkpoint(
         return out.strip()
 
     # The numstat needs only the two trees: it runs beside commit-tree + update-ref.
-    commit, (_, stat, _) = await asyncio.gather(
+    commit, (_, numstat_out, _) = await asyncio.gather(
         commit_and_ref(), git("diff-tree", "-r", "--numstat", "--no-renames", parent_tree, tree, cwd=worktree)
     )
-    return Snapshot(n, ref, commit, tree, parent, parse_numstat(stat))
+    return Snapshot(n, ref, commit, tree, parent, parse_numstat(numstat_out), tuple(skipped))
 
 
 async def numstat(repo: str | Path, old: str, new: str, paths: list[str] | None = None) -> list[FileStat]:

@@ -38,6 +38,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Final
@@ -221,8 +222,11 @@ def remount_all(worktrees: Path) -> list[Path]:
     for image in sorted(disks.glob(f"*{IMAGE_SUFFIX}")):
         worktree = worktrees / image.name.removesuffix(IMAGE_SUFFIX)
         if worktree.is_dir():
-            if remount(worktree):
-                mounted.append(worktree)
+            try:
+                if remount(worktree):
+                    mounted.append(worktree)
+            except DiskQuotaError as exc:  # one damaged image must not keep the others (or corral up) down
+                sys.stderr.write(f"corral: {exc}\n")
         elif now - image.stat().st_mtime > ORPHAN_AGE_S:
             image.unlink(missing_ok=True)
     return mounted

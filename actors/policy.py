@@ -347,6 +347,22 @@ class Policy(BaseModel):
         """Violations of one shell command an agent reports running."""
         return [self.violation(f) for f in self._compiled.command_findings(command)]
 
+    def check_skipped(self, skipped: Iterable[tuple[str, int]]) -> list[Violation]:
+        """The `max_file_size` rule: files a checkpoint left out for their size ([checkpoints]
+        max_file_size). They are not in the repository, so no other rule has seen their content."""
+        return [
+            self.violation(
+                Finding(
+                    path,
+                    "max_file_size",
+                    None,
+                    f"{size} bytes: larger than [checkpoints] max_file_size, left out of the checkpoint "
+                    "(its content was not checked)",
+                )
+            )
+            for path, size in skipped
+        ]
+
     def violation(self, finding: "Finding") -> Violation:
         return Violation(
             path=finding.path,

@@ -245,6 +245,7 @@ class Validator(Actor):
                     )
                 )
             violations.extend(policy.check_files(changes, cache=self.cache))
+        violations.extend(policy.check_skipped((f.path, f.size) for f in data.skipped))
         if ctx.worktree is not None:
             now = await asyncio.to_thread(git_protection_paths, ctx.worktree)
             before = self.baselines.setdefault(execution_id, now)

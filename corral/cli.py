@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--on-stall", choices=["notify", "pause", "cancel", "restart"], help="what a stall does")
     run.add_argument("--memory", help="address-space limit of the agent, e.g. 2G")
     run.add_argument("--cpus", help="CPUs the agent may use, e.g. 1")
-    run.add_argument("--disk", help="worktree disk quota; the agent is paused past it, e.g. 5G")
+    run.add_argument("--disk", help="worktree disk quota: writes past it fail (ENOSPC), the agent is paused, e.g. 5G")
     run.add_argument(
         "--max-cost",
         metavar="USD",

@@ -258,6 +258,7 @@ class CheckpointsSettings(_Frozen):
     on_pause: bool = True
     on_exit: bool = True
     on_approval: bool = True
+    max_file_bytes: int = 50 << 20  # larger files are left out of checkpoints (never copied into .git); 0 = no limit
 
     def for_actor(self) -> "actors.checkpointer.CheckpointSettings":
         """The checkpointer actor's settings from this section."""
@@ -470,6 +471,7 @@ class _CheckpointsFile(_Frozen):
     on_pause: StrictBool = True
     on_exit: StrictBool = True
     on_approval: StrictBool = True
+    max_file_size: LimitSize = 50 << 20
 
 
 class _WorktreesFile(_Frozen):
@@ -728,6 +730,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
             on_pause=parsed.checkpoints.on_pause,
             on_exit=parsed.checkpoints.on_exit,
             on_approval=parsed.checkpoints.on_approval,
+            max_file_bytes=parsed.checkpoints.max_file_size or 0,
         ),
         worktrees=WorktreesSettings(retention_s=parsed.worktrees.retention),
         forge=ForgeSettings(**parsed.forge.model_dump()),

@@ -314,6 +314,12 @@ class FileStat(BaseModel):
     deleted: int | None
 
 
+class SkippedFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str
+    size: int
+
+
 @event_type("file.touched")
 class FileTouched(EventData):
     path: str
@@ -335,6 +341,8 @@ class CheckpointCreated(EventData):
     trigger: str
     files: tuple[FileStat, ...]
     duration_ms: float
+    # files larger than [checkpoints] max_file_size, left out of the checkpoint (never copied into .git)
+    skipped: tuple[SkippedFile, ...] = ()
 
 
 @event_type("commit.requested")

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from actors import diskquota
+from actors.limits import disk_usage
 from tests.conftest import Cli
 from tests.test_control import detach, events, start_up, status, stop_up, wait_state, wait_until
 from tests.test_control import up as up  # the fixture
@@ -189,3 +190,58 @@ def test_a_quota_worktree_is_a_worktree_and_comes_back_after_a_reboot(cli: Cli, 
         stop_up(cli, up)
     prune_all(cli)
     assert not mounted_at(worktree) and list((cli.home / "disks").iterdir()) == []
+
+
+# --- checkpoints never copy a huge file into .git --------------------------------------------------
+
+HUGE = """
+import os, time
+chunk = os.urandom(1 << 20)  # 300 different-looking MiB for zlib: a repeat 1 MiB apart is beyond its window
+with open("huge.bin", "wb") as f:
+    for _ in range(300):
+        f.write(chunk)
+with open("small.txt", "w") as f:
+    f.write("small\\n")
+print("written", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_pause_checkpoint_leaves_a_300_mb_file_out_of_git(cli: Cli, repo: Path, up: subprocess.Popen[str]) -> None:
+    git_dir = repo / ".git"
+    before = disk_usage(git_dir)
+    execution_id = detach(cli, repo, "--disk", "400M", "--", sys.executable, "-c", HUGE)
+    wait_until(lambda: "written" in logs(cli, execution_id), 60, "the agent to write its files")
+    cli("pause", execution_id, check=True)
+
+    def pause_checkpoint() -> dict[str, Any] | None:
+        for e in events(cli, execution_id):
+            if e["type"] == "checkpoint.created" and (data := json.loads(e["data"]))["trigger"] == "pause":
+                return dict(data)
+        return None
+
+    checkpoint = wait_until(pause_checkpoint, 60, "the pause checkpoint")
+    assert isinstance(checkpoint, dict)
+    assert checkpoint["skipped"] == [{"path": "huge.bin", "size": 300 * MB}]
+    assert [f["path"] for f in checkpoint["files"]] == ["small.txt"]
+    tree = subprocess.run(
+        ["git", "ls-tree", "-r", "--name-only", checkpoint["commit"]], cwd=repo, capture_output=True, text=True
+    ).stdout.split()
+    assert "small.txt" in tree and "huge.bin" not in tree
+
+    def flagged() -> list[dict[str, Any]]:
+        return [
+            v
+            for e in events(cli, execution_id)
+            if e["type"] == "validation.failed" and json.loads(e["data"])["checkpoint"] == checkpoint["n"]
+            for v in json.loads(e["data"])["violations"]
+        ]
+
+    violations = wait_until(flagged, 60, "the validator's verdict")
+    assert isinstance(violations, list)
+    [size_rule] = [v for v in violations if v["rule"] == "max_file_size"]
+    assert size_rule["path"] == "huge.bin" and size_rule["severity"] == "warning"
+    # a diff of the live worktree stages it too: it must not copy the file either
+    assert "small.txt" in cli("diff", execution_id, check=True).stdout
+    assert disk_usage(git_dir) - before < 10 * MB  # not 300 MB more
+    cli("cancel", execution_id, "--grace", "0", check=True)
