@@ -50,6 +50,8 @@ READ_SIZE = 64 * 1024
 DRAIN_AFTER_EXIT_S = 2.0
 STOP_CHECK_S = 2.0
 DISK_CHECK_S = 2.0
+GROUP_CHECK_S = 1.0  # how often the cgroup's OOM kill and refused-fork counters are read
+CGROUPS = "cgroups.json"  # the execution's cgroup directories, for a spawner cleaning up after a dead shim
 FILE_EVENTS_INTERVAL_S = 0.5
 INPUT_TIMEOUT_S = 5.0
 MAX_INPUT_BYTES = 1 << 20  # `corral input` and input.requested: at most 1 MiB of text (docs/control.md)
@@ -265,7 +267,10 @@ class Shim:
         self.stop_cause: str | None = None
         self.finished = asyncio.Event()
         self.last_output_at: float | None = None
-        self.cgroup: Any = None
+        self.cgroup: Any = None  # the execution's cgroup(s) (actors/limits.py), None: per-process limits
+        self.limits_in_force = "none"
+        self.oom_kills = 0  # the OOM kills in the group recorded so far
+        self.pids_refused = 0  # the forks pids.max refused, as of the last check
         self._flushed_at = dict.fromkeys(self.coalescers, -FLUSH_INTERVAL_S)  # loop time of each stream's last chunk
         self._flush_timer: asyncio.TimerHandle | None = None  # one for both streams
         self._files_timer: asyncio.TimerHandle | None = None
@@ -411,7 +416,79 @@ class Shim:
         return self.process.pid if self.process else None
 
     def tree(self) -> dict[int, str]:
-        return process_tree(os.getpid(), self.pid) if self.pid else {}
+        """The agent's processes: its parent chain and process group, and everything in its cgroup."""
+        found = process_tree(os.getpid(), self.pid) if self.pid else {}
+        if self.cgroup is not None:
+            for pid in self.cgroup.pids():
+                if pid not in found and (stat := _read_stat(pid)) is not None and stat[0] not in ("Z", "X"):
+                    found[pid] = stat[0]
+        return found
+
+    # limits (actors/limits.py): a cgroup per execution where the machine has one
+
+    def _limits(self) -> Any:
+        """Make the execution's cgroup (every execution, limits or not: pause, cancel and exit act
+        on the whole group) and return the `preexec_fn` that joins the agent to it; where no cgroup
+        can be made, the per-process rlimit+affinity `preexec_fn` (or None)."""
+        from actors.limits import PER_PROCESS, execution_group, make_preexec
+
+        spec = self.spec
+        memory, cpus, pids_max = spec.get("memory_bytes"), spec.get("cpus"), spec.get("pids_max")
+        self.cgroup = execution_group(f"corral-{spec['execution_id']}", memory, cpus, pids_max)
+        if self.cgroup is not None:
+            self.limits_in_force = self.cgroup.description
+            # Written before the agent starts: a spawner that finds this shim dead kills and removes them.
+            paths = [str(path) for path in self.cgroup.paths]
+            tmp = self.run_dir / (CGROUPS + ".tmp")
+            tmp.write_bytes(orjson.dumps({"version": self.cgroup.version, "paths": paths}))
+            tmp.rename(self.run_dir / CGROUPS)
+            return self.cgroup.join_preexec()
+        self.limits_in_force = PER_PROCESS if memory or cpus else "none"
+        return make_preexec(memory, cpus)
+
+    def _check_group(self) -> None:
+        """Record the limits the kernel enforced since the last check: OOM kills, refused forks."""
+        group = self.cgroup
+        if group is None:
+            return
+        kills = group.oom_kills()
+        if kills > self.oom_kills:
+            self.oom_kills = kills
+            peak = group.memory_peak()
+            maximum = self.spec.get("memory_bytes")
+            self.record(
+                "limit.exceeded",
+                {"limit": "memory", "value": peak if peak is not None else maximum, "maximum": maximum},
+            )
+        refused = group.pids_refused()
+        if refused > self.pids_refused:
+            first = self.pids_refused == 0
+            self.pids_refused = refused
+            if first:  # a fork bomb is refused thousands of times: recorded once
+                maximum = self.spec.get("pids_max")
+                self.record("limit.exceeded", {"limit": "pids", "value": len(group.pids()), "maximum": maximum})
+
+    async def _group_watch(self, done: asyncio.Event) -> None:
+        while not done.is_set():
+            await asyncio.sleep(GROUP_CHECK_S)
+            with contextlib.suppress(OSError):
+                self._check_group()
+
+    def _close_group(self, returncode: int) -> None:
+        """The agent has exited: record what the group's limits did, kill what is left in it, remove it.
+
+        An agent that did not exit 0 after the OOM killer struck in its group ended because of
+        its memory limit: that is its exit reason (unless something stopped it first).
+        """
+        group = self.cgroup
+        if group is None:
+            return
+        with contextlib.suppress(OSError):
+            self._check_group()
+        if self.oom_kills and self.stop_reason is None and returncode != 0 and self.spec.get("memory_bytes"):
+            self.stop_reason = "memory_limit"
+        with contextlib.suppress(OSError):
+            group.close(timeout=5.0)
 
     # main
 
@@ -437,20 +514,7 @@ class Shim:
     async def _run_agent(self) -> None:
         spec = self.spec
         command: list[str] = spec["command"]
-        preexec = None
-        if spec.get("memory_bytes") or spec.get("cpus"):
-            from actors.limits import CgroupLimit, cgroup_v2_available, make_preexec
-
-            if cgroup_v2_available():
-                try:
-                    self.cgroup = CgroupLimit(
-                        f"corral-{spec['execution_id']}", spec.get("memory_bytes"), spec.get("cpus")
-                    )
-                    preexec = self.cgroup.join_preexec()
-                except OSError:
-                    self.cgroup = None
-            if preexec is None:
-                preexec = make_preexec(spec.get("memory_bytes"), spec.get("cpus"))
+        preexec = self._limits()
         if self.adapter is not None:  # what this host's CLI supports (cached per binary): recorded first
             capabilities = await asyncio.to_thread(probe, self.adapter.name, command[0])
             self.live_usage = bool(capabilities["features"].get("live_usage"))
@@ -491,6 +555,7 @@ class Shim:
                 "host": socket.gethostname(),
                 "command": command,
                 "cwd": spec["cwd"],
+                "limits": self.limits_in_force,
             },
         )
         os.close(out_w)
@@ -511,6 +576,8 @@ class Shim:
         loop.add_signal_handler(signal.SIGCHLD, reap_orphans, process.pid)
         if spec.get("disk_bytes"):
             helpers.append(asyncio.create_task(self._disk_quota(done, int(spec["disk_bytes"]))))
+        if self.cgroup is not None:
+            helpers.append(asyncio.create_task(self._group_watch(done)))
         if watcher is not None:
             loop.add_reader(watcher.fd, self._files_changed, watcher)
         returncode = await process.wait()
@@ -531,9 +598,7 @@ class Shim:
         done.set()
         for task in helpers:
             task.cancel()
-        if self.cgroup is not None:
-            with contextlib.suppress(OSError):
-                self.cgroup.close()
+        self._close_group(returncode)
         if self._flush_timer is not None:
             self._flush_timer.cancel()
         if self._files_timer is not None:
@@ -720,7 +785,14 @@ class Shim:
         asyncio.get_running_loop().call_later(grace_s, self._kill_tree)
 
     def _kill_tree(self) -> None:
-        """SIGKILL every process of the tree, until none is left (a fork racing the first pass too)."""
+        """SIGKILL every process of the tree, until none is left (a fork racing the first pass too).
+
+        With a cgroup, the whole group first: frozen while it is killed (v1) or cgroup.kill (v2),
+        so nothing forks its way out, and a daemon that left the parent chain dies too.
+        """
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                self.cgroup.kill()
         for _ in range(3):
             tree = self.tree()
             if not tree:
@@ -730,6 +802,8 @@ class Shim:
     async def pause(self, cause: str | None) -> dict[str, Any]:
         if self.paused_since is not None:
             return {"ok": False, "error": "already paused"}
+        if self.cgroup is not None:
+            return await self._freeze(cause)
         deadline = time.monotonic() + STOP_CHECK_S
         while True:
             tree = self.tree()
@@ -752,6 +826,8 @@ class Shim:
         if self.budget_paused:  # past the budget: go on up to the new one (none given: no limit)
             self.budget_paused = False
             self.budget = max_cost_usd
+        if self.cgroup is not None:
+            return await self._thaw(cause)
         deadline = time.monotonic() + STOP_CHECK_S
         while True:
             tree = self.tree()
@@ -770,6 +846,40 @@ class Shim:
         self.timers_changed.set()
         self.record("execution.resumed", {"pids": sorted(tree)}, cause)
         return {"ok": True, "pids": sorted(tree)}
+
+    async def _freeze(self, cause: str | None) -> dict[str, Any]:
+        """Pause through the freezer: the whole group stops at once, so no process forks its way
+        out between two rounds of signals (the signal rounds are the fallback without a cgroup)."""
+        group = self.cgroup
+        try:
+            frozen = await asyncio.to_thread(group.freeze, STOP_CHECK_S)
+        except OSError as exc:
+            return {"ok": False, "error": f"cannot freeze the agent's cgroup: {exc}"}
+        if not frozen:
+            with contextlib.suppress(OSError):
+                group.thaw()
+            return {"ok": False, "error": f"the agent's processes did not freeze within {STOP_CHECK_S:.0f}s"}
+        pids = sorted(group.pids())
+        self.paused_since = time.monotonic()
+        self.timers_changed.set()
+        self.record("execution.paused", {"pids": pids}, cause)
+        return {"ok": True, "pids": pids}
+
+    async def _thaw(self, cause: str | None) -> dict[str, Any]:
+        group = self.cgroup
+        try:
+            group.thaw()
+        except OSError as exc:
+            return {"ok": False, "error": f"cannot thaw the agent's cgroup: {exc}"}
+        pids = sorted(group.pids())
+        paused_for = time.monotonic() - (self.paused_since or time.monotonic())
+        self.paused_total += paused_for
+        if self.deadline is not None:
+            self.deadline += paused_for
+        self.paused_since = None
+        self.timers_changed.set()
+        self.record("execution.resumed", {"pids": pids}, cause)
+        return {"ok": True, "pids": pids}
 
     async def deliver_input(self, text: str, cause: str | None) -> dict[str, Any]:
         process = self.process

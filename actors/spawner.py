@@ -624,6 +624,7 @@ class Spawner(Actor):
             "memory_bytes": request.limits.memory_bytes,
             "cpus": request.limits.cpus,
             "disk_bytes": request.limits.disk_bytes,
+            "pids_max": request.limits.pids_max,
             "max_cost_usd": request.max_cost_usd,
             "secret_env": list(self.secret_env),  # redacted from output by the shim, like *_KEY, *_TOKEN
             "prices": request.prices,
@@ -929,6 +930,7 @@ class Spawner(Actor):
 
     async def _lost(self, run: RunningExecution) -> None:
         """The shim died without recording an exit: kill what is left of the agent, record it lost."""
+        await asyncio.to_thread(remove_cgroups, run.run_dir)
         kill_marked(f"CORRAL_EXECUTION_ID={run.execution_id}".encode())
         started_at = None
         for line in read_from(run.run_dir / SPOOL, 0).splitlines():
@@ -991,6 +993,21 @@ def read_from(path: Path, offset: int) -> bytes:
             return reader.read()
     except FileNotFoundError:
         return b""
+
+
+def remove_cgroups(run_dir: Path) -> None:
+    """Kill everything in the cgroups a dead shim made for its agent, and remove them: a daemon
+    that dropped its environment (kill_marked cannot find it) still dies (actors/limits.py)."""
+    from actors.limits import remove_groups
+    from actors.shim import CGROUPS
+
+    try:
+        written = orjson.loads((run_dir / CGROUPS).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return  # no cgroup (or the shim died before making one)
+    left = remove_groups([Path(p) for p in written.get("paths", [])])
+    if left:
+        sys.stderr.write(f"corral: spawner: cgroups left after killing their processes: {left}\n")
 
 
 def kill_marked(marker: bytes) -> None:

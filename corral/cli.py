@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--idle-timeout", help="stalled after this long without output or heartbeat, e.g. 5m")
     run.add_argument("--spawn-timeout", help="give up if not started this long after being claimed")
     run.add_argument("--on-stall", choices=["notify", "pause", "cancel", "restart"], help="what a stall does")
-    run.add_argument("--memory", help="address-space limit of the agent, e.g. 2G")
-    run.add_argument("--cpus", help="CPUs the agent may use, e.g. 1")
+    run.add_argument("--memory", help="memory limit of the agent's whole process tree, e.g. 2G")
+    run.add_argument("--cpus", help="CPU quota of the agent's whole process tree, e.g. 1")
+    run.add_argument("--pids", help="processes (and threads) the agent's tree may have, e.g. 512; none: no limit")
     run.add_argument("--disk", help="worktree disk quota: writes past it fail (ENOSPC), the agent is paused, e.g. 5G")
     run.add_argument(
         "--max-cost",

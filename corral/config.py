@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 import actors.checkpointer
+import actors.limits
 import actors.watchdog
 import events.stream
 from corral import render
@@ -59,6 +60,7 @@ SETTING_KEYS: dict[str, str] = {
     "memory": "memory_bytes",
     "cpus": "cpus",
     "disk": "disk_bytes",
+    "pids": "pids_max",
     "priority": "priority",
     "max_cost": "max_cost_usd",
 }
@@ -149,6 +151,20 @@ def _limit_cpus(value: Any) -> float | None:
     raise ValueError(f"expected a number of CPUs like 1 or 0.5 (got {_show(value)})")
 
 
+def _limit_count(value: Any) -> int | None:
+    """A number of processes (pids): a whole number, or "none"."""
+    if value is None:
+        return None
+    if _no_limit(value):
+        return 0
+    if isinstance(value, str):  # from the command line (--pids 512)
+        with contextlib.suppress(ValueError):
+            value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"expected a number of processes like 512, or none (got {_show(value)})")
+
+
 def parse_cost(value: Any) -> float:
     """USD from a number or a string like "2.50" or "$2.50" (a budget)."""
     if isinstance(value, str):
@@ -184,6 +200,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 LimitDuration = Annotated[float | None, BeforeValidator(_limit_duration)]
 LimitSize = Annotated[int | None, BeforeValidator(_limit_size)]
 LimitCpus = Annotated[float | None, BeforeValidator(_limit_cpus)]
+LimitCount = Annotated[int | None, BeforeValidator(_limit_count)]
 LimitCost = Annotated[float | None, BeforeValidator(_limit_cost)]
 Command = Annotated[tuple[StrictStr, ...], BeforeValidator(_argv)]
 
@@ -209,11 +226,19 @@ class ExecutionSettings(_Frozen):
     memory_bytes: LimitSize = None
     cpus: LimitCpus = None
     disk_bytes: LimitSize = None
+    pids_max: LimitCount = actors.limits.DEFAULT_PIDS_MAX  # processes and threads of the agent's cgroup
     priority: StrictInt = 0
     max_cost_usd: LimitCost = None  # budget: the agent is paused for an approval when its cost reaches it
 
     @field_validator(
-        "timeout_s", "idle_timeout_s", "spawn_timeout_s", "memory_bytes", "cpus", "disk_bytes", "max_cost_usd"
+        "timeout_s",
+        "idle_timeout_s",
+        "spawn_timeout_s",
+        "memory_bytes",
+        "cpus",
+        "disk_bytes",
+        "pids_max",
+        "max_cost_usd",
     )
     @classmethod
     def _zero_is_no_limit(cls, value: float | None) -> float | None:
@@ -225,7 +250,12 @@ class ExecutionSettings(_Frozen):
 
     def limits(self) -> dict[str, Any]:
         """As events.types.Limits fields."""
-        return {"memory_bytes": self.memory_bytes, "cpus": self.cpus, "disk_bytes": self.disk_bytes}
+        return {
+            "memory_bytes": self.memory_bytes,
+            "cpus": self.cpus,
+            "disk_bytes": self.disk_bytes,
+            "pids_max": self.pids_max,
+        }
 
 
 class SpawnerSettings(_Frozen):
@@ -344,6 +374,7 @@ class Template(_Frozen):
     memory_bytes: int | None = None
     cpus: float | None = None
     disk_bytes: int | None = None
+    pids_max: int | None = None
     priority: int | None = None
     max_cost_usd: float | None = None
     policy: dict[str, Any] | None = None  # this template's [templates.NAME.policy], over [policy]
@@ -411,6 +442,7 @@ class _SettingsFile(_Frozen):
     memory: LimitSize = None
     cpus: LimitCpus = None
     disk: LimitSize = None
+    pids: LimitCount = None
     priority: StrictInt | None = None
     max_cost: LimitCost = None
 

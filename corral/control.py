@@ -374,6 +374,19 @@ async def disk_limit_in_force(system: System, execution_id: str, worktree: str |
     return diskquota.describe(worktree) if worktree else diskquota.describe()
 
 
+async def limits_in_force(system: System, execution_id: str) -> str | None:
+    """What limited the agent's processes, as its shim said when it started it: "cgroup v1 (memory,
+    cpu, pids, freezer)", "cgroup v2", "per process (rlimit+affinity)" (actors/limits.py)."""
+    result = await query(
+        system,
+        f"SELECT last(data->>'limits' ORDER BY seq) AS limits FROM events "
+        f"WHERE execution_id = '{execution_id}' AND type = 'execution.started'",
+    )
+    rows = render.records(result["columns"], result["rows"])
+    value = rows[0]["limits"] if rows else None
+    return str(value) if value else None
+
+
 def _age(ts: str | None, now: datetime) -> float | None:
     if not ts:
         return None
@@ -386,6 +399,7 @@ async def cmd_status(home: Home, args: Any) -> int:
         row = await execution_row(system, execution_id)
         position = await queue_position(system, execution_id) if row["state"] in QUEUED else None
         activity_row = await agent_activity(system, execution_id)
+        limits = await limits_in_force(system, execution_id)
         ask = functools.partial(query, system)
         reason = (await attention.reasons(ask, [{"execution_id": execution_id, **row}])).get(execution_id)
         need = (await attention.needs(ask, [execution_id])).get(execution_id)
@@ -424,6 +438,7 @@ async def cmd_status(home: Home, args: Any) -> int:
         "idle_s": None,
         "last_stalled_at": row["last_stalled_at"],
         "processes": live["processes"] if live else None,
+        "limits": limits,
         "exit_code": row["exit_code"],
         "signal": row["signal"],
         "exit_reason": row["exit_reason"],

@@ -71,6 +71,7 @@ class Limits(BaseModel):
     memory_bytes: int | None = None
     cpus: float | None = None
     disk_bytes: int | None = None
+    pids_max: int | None = None  # processes and threads of the whole tree (cgroup pids.max)
 
 
 # --- execution lifecycle (spawner) -------------------------------------------------------------
@@ -144,6 +145,9 @@ class ExecutionStarted(EventData):
     cwd: str
     # the sandbox in force: {"mode": "bwrap", "network": "open"|"none"} or {"mode": "off"}; None from an older shim
     sandbox: dict[str, str] | None = None
+    # what limits the agent's processes: "cgroup v1 (memory, cpu, pids, freezer)", "cgroup v2",
+    # "per process (rlimit+affinity)" or "none" (actors/limits.py); None from an older shim
+    limits: str | None = None
 
 
 @event_type("output")
@@ -179,7 +183,8 @@ class ExecutionExited(EventData):
     exit_code: int | None
     signal: int | None = None
     duration_s: float
-    reason: Literal["exited", "cancelled", "timeout", "spawner_stopped", "lost"] = "exited"
+    # memory_limit: the OOM killer struck in the execution's cgroup and the agent did not exit 0
+    reason: Literal["exited", "cancelled", "timeout", "spawner_stopped", "lost", "memory_limit"] = "exited"
 
 
 @event_type("execution.failed")
@@ -291,7 +296,7 @@ class ExecutionCrashLoop(EventData):
 
 @event_type("limit.exceeded")
 class LimitExceeded(EventData):
-    limit: Literal["memory", "cpu", "disk", "cost"]
+    limit: Literal["memory", "cpu", "disk", "cost", "pids"]
     value: float
     maximum: float
 

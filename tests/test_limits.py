@@ -11,7 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from actors.limits import CgroupLimit, cgroup_v2_available, describe_limits, disk_usage, make_preexec
+from actors.limits import (
+    PER_PROCESS,
+    CgroupLimit,
+    CgroupV1Limit,
+    cgroup_v1_available,
+    cgroup_v2_available,
+    describe_limits,
+    disk_usage,
+    execution_group,
+    group_paths,
+    make_preexec,
+    remove_groups,
+)
 
 PY = sys.executable
 MB = 1024 * 1024
@@ -99,7 +111,12 @@ def test_memory_and_cpus_together() -> None:
 
 
 def test_describe_limits() -> None:
-    assert describe_limits() == ("cgroup v2" if cgroup_v2_available() else "rlimit+affinity")
+    if cgroup_v2_available():
+        assert describe_limits() == "cgroup v2"
+    elif cgroup_v1_available():
+        assert describe_limits() == "cgroup v1 (memory, cpu, pids, freezer)"
+    else:
+        assert describe_limits() == PER_PROCESS == "per process (rlimit+affinity)"
 
 
 def test_cpu_max_value() -> None:
@@ -141,9 +158,104 @@ def test_cgroup_limit_applies_and_cleans_up() -> None:
 @pytest.mark.skipif(
     Path("/sys/fs/cgroup/cgroup.controllers").is_file(), reason="unified hierarchy: availability depends on delegation"
 )
-def test_no_unified_hierarchy_means_rlimits() -> None:
+def test_no_unified_hierarchy_means_v1_or_rlimits() -> None:
     assert not cgroup_v2_available()
-    assert describe_limits() == "rlimit+affinity"
+    assert describe_limits() == (CgroupV1Limit.description if cgroup_v1_available() else PER_PROCESS)
+
+
+# cgroup v1 (this machine's): real groups, real processes
+
+needs_v1 = pytest.mark.skipif(
+    not cgroup_v1_available(),
+    reason="cgroup v1 is not usable here (no memory, cpu, pids and freezer hierarchies mounted under "
+    "/sys/fs/cgroup that this user may create groups in)",
+)
+FORK_TREE = (
+    "import os, sys, time\n"
+    "for _ in range(int(sys.argv[1])):\n"
+    "    if os.fork() == 0:\n"
+    "        time.sleep(60)\n"
+    "        os._exit(0)\n"
+    "print('forked', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def _name() -> str:
+    return f"corral-test-{uuid.uuid4().hex[:8]}"
+
+
+@needs_v1
+def test_v1_group_applies_every_limit_and_cleans_up() -> None:
+    group = CgroupV1Limit(_name(), memory_bytes=100 * MB, cpus=0.5, pids_max=20)
+    try:
+        assert {p.parent.name for p in group.paths} == {"corral"}
+        memory, cpu, pids = group.dirs["memory"], group.dirs["cpu"], group.dirs["pids"]
+        assert int((memory / "memory.limit_in_bytes").read_text()) == 100 * MB
+        assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        assert (cpu / "cpu.cfs_period_us").read_text().strip() == "100000"
+        assert (pids / "pids.max").read_text().strip() == "20"
+        # joined before exec in every hierarchy; 300 MB of touched memory: the OOM killer ends it
+        code = "print(open('/proc/self/cgroup').read(), flush=True)\nbig = b'x' * (300 * 1024 * 1024)\n"
+        result = run_child(code, group.join_preexec())
+        for controller in ("memory", "cpu", "pids", "freezer"):
+            assert any(
+                controller in line.split(":")[1].split(",") and line.endswith("/corral/" + group.dirs["pids"].name)
+                for line in result.stdout.splitlines()
+            ), result.stdout
+        assert result.returncode == -signal.SIGKILL
+        assert group.oom_kills() >= 1
+        assert group.memory_peak() is not None and group.memory_peak() <= 100 * MB  # type: ignore[operator]
+        # 30 forks under pids.max 20: refused past it, counted
+        forks = (
+            "import os, time\nn = 0\ntry:\n    for _ in range(30):\n        if os.fork() == 0:\n"
+            "            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    pass\n"
+            "print(n, flush=True)\n"
+        )
+        forker = subprocess.Popen([PY, "-c", forks], preexec_fn=group.join_preexec(), stdout=subprocess.PIPE, text=True)
+        assert forker.stdout is not None and int(forker.stdout.readline()) < 20
+        assert group.pids_refused() >= 1
+        assert group.pids()  # the sleeping children
+    finally:
+        group.close()
+    assert not any(path.exists() for path in group.paths)
+    assert not group.pids()
+
+
+@needs_v1
+def test_v1_freeze_stops_a_forking_tree_at_once_and_kill_leaves_nothing() -> None:
+    group = CgroupV1Limit(_name(), pids_max=200)
+    child = subprocess.Popen(
+        [PY, "-c", FORK_TREE, "20"], preexec_fn=group.join_preexec(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "forked\n"
+        assert group.freeze()
+        members = sorted(group.pids())
+        assert len(members) == 21
+        assert all(Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "D" for pid in members)
+        group.thaw()
+        assert not group.frozen()
+        assert group.kill()
+        assert child.wait(timeout=30) == -signal.SIGKILL
+        assert group.pids() == []
+    finally:
+        group.close()
+
+
+@needs_v1
+def test_remove_groups_kills_and_removes_what_a_dead_shim_left() -> None:
+    group = execution_group(_name(), 200 * MB, 1.0, 100)
+    assert isinstance(group, CgroupV1Limit)
+    assert sorted(group.paths) == sorted(group_paths(group.dirs["pids"].name))
+    child = subprocess.Popen(
+        [PY, "-c", FORK_TREE, "5"], preexec_fn=group.join_preexec(), stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None and child.stdout.readline() == "forked\n"
+    assert remove_groups(group.paths) == []
+    assert child.wait(timeout=30) == -signal.SIGKILL
+    assert not any(path.exists() for path in group.paths)
+    assert remove_groups(group.paths) == []  # already gone: nothing to do
 
 
 # disk usage
