@@ -434,15 +434,28 @@ def test_gemini_runs_no_denied_command(cli: Cli, repo: Path, tmp_path: Path, mod
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("suggest", [[], ["--suggest-shell-commands"]], ids=["default", "suggest-on"])
 def test_aider_runs_no_command_the_model_suggests(
-    cli: Cli, repo: Path, tmp_path: Path, model_server: ModelServer
+    suggest: list[str], cli: Cli, repo: Path, tmp_path: Path, model_server: ModelServer
 ) -> None:
     """aider has no pre-tool hook: under Corral it runs no shell command the model suggests at all,
-    denied or allowed (--yes-always answers "no" to them, --no-suggest-shell-commands asks for none)."""
+    denied or allowed: --no-suggest-shell-commands (a default) asks for none, and even with
+    suggestions turned back on --yes-always answers "no" to them (aider asks for an explicit yes)."""
     # (--sandbox off: aider writes the repository's .git/config when it starts, which the sandbox
     # keeps read-only; what is tested here is aider's own handling of suggested commands)
-    found = run_scripted("aider", cli, repo, tmp_path, model_server, [], ("--sandbox", "off"))
+    # (--edit-format diff: the format whose parser takes ```bash blocks as suggested commands)
+    extra = ["--edit-format", "diff", *suggest]
+    found = run_scripted("aider", cli, repo, tmp_path, model_server, extra, ("--sandbox", "off"))
     assert not (found["worktree"] / "denied-marker.txt").exists(), "the denied command ran"
     assert not (found["worktree"] / "allowed-marker.txt").exists(), "aider ran a command the model suggested"
-    assert model_saw(model_server, DENIED)  # the model did suggest them
     assert found["blocked"] == []  # nothing was refused by a hook: nothing was run
+    output = "".join(
+        r["text"] or ""
+        for r in sql(found["run"], "SELECT data->>'text' AS text FROM events WHERE type = 'output' ORDER BY seq")
+    )
+    assert DENIED in output  # the model did suggest them (aider prints its answer)
+    # aider shows the commands it considers running as one block padded to the longest line
+    # (`confirm_ask`), then answers "no" under --yes-always without printing the question
+    considered = f"{DENIED} \n{ALLOWED}"
+    assert (considered in output) == bool(suggest), output[-2000:]
+    assert "Running touch" not in output
