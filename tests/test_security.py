@@ -304,7 +304,7 @@ def test_approval_decided_by_operator_user_end_to_end(tmp_path: Path, repo: Path
 
         approval_id = wait_until(pending, 60, "the approval")
         done = alice("approve", str(approval_id), "--choice", "yes", check=True)
-        assert "approved" in done.stdout
+        assert f"{approval_id}: answered 'yes'" in done.stdout
         rows = json.loads(alice("approvals", "--all", "--json", check=True).stdout)
         decided = next(r for r in rows if r["approval_id"] == approval_id)
         assert decided["state"] == "granted" and decided["decided_by"] == "alice"
