@@ -22,6 +22,14 @@ plus one block. "Past the limit" then means one block past it, as with the poll 
 The inode ratio is one inode per block, so a tree of small files never runs out of inodes
 before it runs out of blocks.
 
+Large folios: since Linux 6.16 ext4 caches a file's pages in folios of up to 2 MiB, and a write
+whose next folio does not fit fails whole: a 4 MB write into a 1 MB quota wrote nothing and left
+the file system looking 1 MB free, so "is it full?" could not tell a refused write. ext4 keeps
+large folios off for a file system with the `verity` feature (a flag only; no file here is a
+verity file), so the image is made with it: writes then fill the quota to its last block before
+ENOSPC, and a full file system means a refused write. A kernel that will not mount it gets an
+image without it.
+
 The mount goes with the worktree (`release`, from actors/worktree.py `remove_worktree`). After a
 reboot the images are still there and the mounts are not: `remount_all` (the spawner's start,
 `corral worktrees`) mounts the image of every worktree directory still present, after
@@ -51,6 +59,7 @@ KERNEL: Final = "kernel quota (loop ext4)"
 POLLED: Final = "polled every 2 s"
 MOUNT_OPTIONS: Final = "loop,nosuid,nodev,noatime"
 JOURNAL_FROM: Final = 16 << 20  # smaller file systems get no journal (mke2fs refuses one below 2,048 blocks)
+FULL_MARGIN: Final = 2 * BLOCK  # less free than this after a refused write: the file system is full
 RESERVE_CAP: Final = 4096  # clusters the kernel holds back at mount: 1/50 of the blocks, at most this
 ORPHAN_AGE_S: Final = 60.0  # an image without its worktree is removed once it is this old (not being made)
 _SUPERBLOCK: Final = 1024
@@ -139,7 +148,11 @@ def create(worktree: Path, limit: int) -> Path:
         raise DiskQuotaError(str(worktree), "exists and is not empty: cannot mount its disk quota there")
     try:
         format_image(image, limit)
-        _mount(image, worktree)
+        try:
+            _mount(image, worktree)
+        except DiskQuotaError:  # a kernel that will not mount the verity feature: without it
+            format_image(image, limit, verity=False)
+            _mount(image, worktree)
         with contextlib.suppress(FileNotFoundError):
             (worktree / "lost+found").rmdir()
     except BaseException:
@@ -232,6 +245,13 @@ def remount_all(worktrees: Path) -> list[Path]:
     return mounted
 
 
+def full(worktree: Path, maximum: int) -> int | None:
+    """The bytes used, when the worktree's file system is past `maximum` or has no block left
+    (a write was refused: ENOSPC); None while there is room. One statvfs."""
+    used, usable = usage(worktree)
+    return used if used > maximum or usable - used < FULL_MARGIN else None
+
+
 def usage(worktree: Path) -> tuple[int, int]:
     """(bytes used, bytes usable in all) of the file system mounted at the worktree: one statvfs."""
     st = os.statvfs(worktree)
@@ -242,7 +262,7 @@ def usage(worktree: Path) -> tuple[int, int]:
 # --- the image ------------------------------------------------------------------------------------
 
 
-def format_image(image: Path, limit: int) -> int:
+def format_image(image: Path, limit: int, *, verity: bool = True) -> int:
     """Make `image` an ext4 file system whose usable space is at least limit + one block; return its size.
 
     mke2fs's overhead is not a formula worth keeping in step with e2fsprogs: it is read back from
@@ -255,7 +275,7 @@ def format_image(image: Path, limit: int) -> int:
     size = _round((target + journal + RESERVE_CAP * BLOCK * (target > 700 << 20)) / _share(target))
     best = None
     for _ in range(8):
-        _mkfs(image, size, journal=journal)
+        _mkfs(image, size, journal=journal, verity=verity)
         usable = _usable_after_mount(image)
         if target <= usable <= target + slack:
             return size
@@ -264,7 +284,7 @@ def format_image(image: Path, limit: int) -> int:
         size = _round(size + (target - usable) / _share(size))
     if best is None:
         raise DiskQuotaError(str(image), f"cannot size an ext4 image for {limit} bytes")
-    _mkfs(image, best, journal=journal)
+    _mkfs(image, best, journal=journal, verity=verity)
     return best
 
 
@@ -287,7 +307,7 @@ def _round(size: float) -> int:
     return -(-int(size) // BLOCK) * BLOCK
 
 
-def _mkfs(image: Path, size: int, *, journal: int) -> None:
+def _mkfs(image: Path, size: int, *, journal: int, verity: bool) -> None:
     with open(image, "wb") as f:  # a fresh sparse file: nothing of an earlier attempt stays
         f.truncate(size)
     command = [
@@ -298,7 +318,7 @@ def _mkfs(image: Path, size: int, *, journal: int) -> None:
         "-b", str(BLOCK),
         "-I", "256",
         "-i", str(BLOCK),  # an inode per block: small files never run out of inodes first
-        "-O", "^resize_inode" + ("" if journal else ",^has_journal"),
+        "-O", ",".join(["^resize_inode", *(["verity"] if verity else []), *([] if journal else ["^has_journal"])]),
         "-E", "assume_storage_prezeroed=1,nodiscard",  # a sparse file reads zeros: nothing to write
         "-L", "corral-quota",
     ]  # fmt: skip

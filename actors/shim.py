@@ -614,6 +614,7 @@ class Shim:
             self._output(stream, coalescer.flush(final=True))
         if self.adapter is not None:
             self._facts(self.adapter.finish())
+        self._disk_full_at_exit()
         self.record(
             "execution.exited",
             {
@@ -735,6 +736,19 @@ class Shim:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.timers_changed.wait(), wait)
 
+    _disk_exceeded = False  # limit.exceeded (disk) recorded
+
+    def _disk_full_at_exit(self) -> None:
+        """Record the quota reached by an agent that ended on its ENOSPC before the next poll saw it."""
+        from actors import diskquota
+
+        maximum, cwd = self.spec.get("disk_bytes"), Path(self.spec["cwd"])
+        if maximum and not self._disk_exceeded and diskquota.is_mounted(cwd):
+            used = diskquota.full(cwd, int(maximum))
+            if used is not None:
+                self._disk_exceeded = True
+                self.record("limit.exceeded", {"limit": "disk", "value": used, "maximum": int(maximum)})
+
     async def _disk_quota(self, done: asyncio.Event, maximum: int) -> None:
         """Record a disk quota reached, and pause the agent there (docs/control.md).
 
@@ -752,12 +766,13 @@ class Shim:
             if self.paused_since is not None or self.stop_reason is not None:
                 continue
             if kernel:
-                used, usable = diskquota.usage(cwd)
-                full = used > maximum or usable - used < diskquota.BLOCK
+                full_at = diskquota.full(cwd, maximum)
+                full, used = full_at is not None, full_at or 0
             else:
                 used = await asyncio.to_thread(disk_usage, cwd)
                 full = used > maximum
             if full:
+                self._disk_exceeded = True
                 self.record("limit.exceeded", {"limit": "disk", "value": used, "maximum": maximum})
                 await self.pause(None)
 

@@ -341,8 +341,9 @@ def test_memory_limit_and_disk_quota(cli: Cli, repo: Path, up: subprocess.Popen[
     else:  # its cgroup: the OOM killer ends it, and the run says why (tests/test_containment_limits.py)
         assert result.returncode == 128 + signal.SIGKILL, result.stderr
         assert "memory limit" in result.stderr
-    writer = (
-        "import time\nopen('big.bin', 'wb').write(b'x' * 4_000_000)\nprint('written', flush=True)\ntime.sleep(600)\n"
+    writer = (  # the kernel refuses the write past the quota (actors/diskquota.py): the agent goes on
+        "import time\ntry:\n    open('big.bin', 'wb').write(b'x' * 4_000_000)\nexcept OSError as exc:\n"
+        "    print(exc, flush=True)\nprint('written', flush=True)\ntime.sleep(600)\n"
     )
     execution_id = detach(cli, repo, "--disk", "1M", "--", sys.executable, "-c", writer)
     paused = wait_state(cli, execution_id, "paused", timeout=30)

@@ -245,3 +245,16 @@ def test_a_pause_checkpoint_leaves_a_300_mb_file_out_of_git(cli: Cli, repo: Path
     assert "small.txt" in cli("diff", execution_id, check=True).stdout
     assert disk_usage(git_dir) - before < 10 * MB  # not 300 MB more
     cli("cancel", execution_id, "--grace", "0", check=True)
+
+
+def test_an_agent_that_dies_of_its_enospc_still_leaves_the_quota_on_record(
+    cli: Cli, repo: Path, up: subprocess.Popen[str]
+) -> None:
+    crash = "open('big.bin', 'wb').write(b'x' * 4_000_000)"  # OSError: the agent ends before any poll
+    done = cli("run", "--repo", str(repo), "--disk", "1M", "--", sys.executable, "-c", crash)
+    assert done.returncode == 1 and "No space left on device" in done.stderr, done.stderr
+    execution_id = json.loads(cli("ps", "--all", "--json", check=True).stdout)[0]["execution_id"]
+    kinds = [e["type"] for e in events(cli, execution_id)]
+    assert kinds.index("limit.exceeded") < kinds.index("execution.exited")
+    [exceeded] = disk_events(cli, execution_id)
+    assert exceeded["maximum"] == MB < exceeded["value"]
