@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_ENV = "CORRAL_CGROUP"  # a delegated cgroup v2 directory to create execution groups in
+CGROUP_ENV = "CORRAL_CGROUP"  # a delegated cgroup v2 directory to create execution groups in; "off": none
 CPU_PERIOD_US = 100_000
 MIN_CPU_QUOTA_US = 1_000  # the kernel's minimum
 V1_CONTROLLERS = ("memory", "cpu", "pids", "freezer")  # the v1 hierarchies an execution needs
@@ -197,7 +197,7 @@ def _own_cgroup() -> Path | None:
 
 def _cgroup_base() -> Path | None:
     explicit = os.environ.get(CGROUP_ENV)
-    return Path(explicit) if explicit else _own_cgroup()
+    return Path(explicit) if explicit and not _cgroups_off() else _own_cgroup()
 
 
 @functools.cache
@@ -297,10 +297,11 @@ class CgroupLimit:
 
     @staticmethod
     def _enable_controllers(parent: Path) -> None:
+        """Give the parent's children the memory, cpu and pids controllers it has (a limit on one
+        it lacks then fails to be written, with OSError)."""
         enabled = _read_words(parent / "cgroup.subtree_control")
         available = _read_words(parent / "cgroup.controllers")
-        wanted = ["memory", "cpu"] + (["pids"] if "pids" in available else [])
-        missing = [c for c in wanted if c not in enabled]
+        missing = [c for c in ("memory", "cpu", "pids") if c in available and c not in enabled]
         if missing:
             (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in missing) + "\n")
 
@@ -619,7 +620,10 @@ def execution_group(
     name: str, memory_bytes: int | None = None, cpus: float | None = None, pids_max: int | None = None
 ) -> ExecutionGroup | None:
     """The groups of one execution in whichever cgroup version this machine offers; None when
-    neither can be made here (then `make_preexec()`'s per-process limits are what is left)."""
+    neither can be made here, or $CORRAL_CGROUP is "off" (then `make_preexec()`'s per-process
+    limits are what is left)."""
+    if _cgroups_off():
+        return None
     try:
         if (CGROUP_ROOT / "cgroup.controllers").is_file():
             if cgroup_v2_available():
@@ -677,9 +681,16 @@ def _kill_until_empty(path: Path, timeout: float) -> None:
         time.sleep(0.005)
 
 
+def _cgroups_off() -> bool:
+    """$CORRAL_CGROUP=off: no cgroups even where they could be made (per-process limits only)."""
+    return os.environ.get(CGROUP_ENV, "").strip().lower() == "off"
+
+
 def describe_limits() -> str:
     """How this machine limits agents: "cgroup v2", "cgroup v1 (memory, cpu, pids, freezer)" or
     "per process (rlimit+affinity)"."""
+    if _cgroups_off():
+        return PER_PROCESS
     if cgroup_v2_available():
         return CgroupLimit.description
     if cgroup_v1_available():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from actors import limits
 from actors.limits import (
     PER_PROCESS,
     CgroupLimit,
@@ -326,3 +327,39 @@ def test_disk_usage_of_missing_path_and_of_a_file(tmp_path: Path) -> None:
     assert disk_usage(tmp_path / "nope") == 0
     (tmp_path / "f").write_bytes(os.urandom(50_000))
     assert disk_usage(tmp_path / "f") == _blocks(tmp_path / "f")
+
+
+# cgroup v2's freezer and kill, where a v2 hierarchy is mounted at all (a hybrid set-up's
+# /sys/fs/cgroup/unified has no resource controllers, but freezes and kills like any v2 group)
+
+UNIFIED = next(
+    (p for p in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")) if (p / "cgroup.controllers").is_file()),
+    None,
+)
+
+
+@pytest.mark.skipif(
+    UNIFIED is None or not os.access(UNIFIED, os.W_OK), reason="no writable cgroup v2 hierarchy mounted"
+)
+def test_v2_group_freezes_and_kills_a_forking_tree() -> None:
+    assert UNIFIED is not None
+    hybrid = Path("/sys/fs/cgroup/unified") == UNIFIED
+    base = UNIFIED if hybrid else (limits._cgroup_base() or UNIFIED)  # on a v2 machine: our own group
+    try:
+        group = CgroupLimit(_name(), base=base)
+    except OSError as exc:
+        pytest.skip(f"cannot make a v2 group in {base}: {exc}")
+    child = subprocess.Popen(
+        [PY, "-c", FORK_TREE, "10"], preexec_fn=group.join_preexec(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "forked\n"
+        assert group.freeze() and group.frozen()
+        assert len(group.pids()) == 11
+        group.thaw()
+        assert not group.frozen()
+        assert group.kill()
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        group.close()
+    assert not group.path.exists()
