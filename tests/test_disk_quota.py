@@ -258,3 +258,23 @@ def test_an_agent_that_dies_of_its_enospc_still_leaves_the_quota_on_record(
     assert kinds.index("limit.exceeded") < kinds.index("execution.exited")
     [exceeded] = disk_events(cli, execution_id)
     assert exceeded["maximum"] == MB < exceeded["value"]
+
+
+def test_the_agent_cannot_unmount_or_grow_its_quota(cli: Cli, repo: Path, up: subprocess.Popen[str]) -> None:
+    images = cli.home / "disks"
+    escape = (
+        'umount "$PWD" 2>&1; echo "umount rc=$?"; '
+        f'truncate -s 10G {images}/*.img 2>&1; echo "truncate rc=$?"; '
+        "dd if=/dev/zero of=fill bs=1M count=64 status=none 2>&1; echo dd rc=$?; sleep 600"
+    )
+    execution_id = detach(cli, repo, "--disk", "20M", "--", "sh", "-c", escape)
+    paused = wait_state(cli, execution_id, "paused", timeout=60)  # the quota held: full, recorded, paused
+    worktree = Path(paused["worktree"])
+    output = str(wait_until(lambda: "dd rc=" in (text := logs(cli, execution_id)) and text, 30, "the agent's tries"))
+    assert "umount rc=0" not in output and "truncate rc=0" not in output, output
+    assert "No space left on device" in output
+    assert mounted_at(worktree)
+    [image] = list(images.iterdir())
+    assert image.stat().st_size < 40 * MB  # not grown to 10G
+    assert allocated(worktree) <= 20 * MB + MB
+    cli("cancel", execution_id, "--grace", "0", check=True)
