@@ -33,6 +33,7 @@ import orjson
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
+from actors import diskquota
 from actors.bus import Bus
 from actors.checkpoints import (
     DEFAULT_MAX_FILE_BYTES,
@@ -401,6 +402,14 @@ class Checkpointer(Actor):
     async def checkpoint(self, ex: _Execution, trigger: str, cause: str | None) -> Snapshot | None:
         """Take one checkpoint now (serialized per execution); None when nothing changed."""
         if not ex.ready() or ex.base_commit is None:
+            return None
+        assert ex.worktree is not None
+        # After a reboot a disk-quota worktree is an empty mount point until its image is mounted
+        # again (corral up's spawner does it, maybe after this): never checkpoint it empty.
+        try:
+            await asyncio.to_thread(diskquota.remount, ex.worktree)
+        except diskquota.DiskQuotaError as exc:
+            log.warning("checkpointer: %s", exc)
             return None
         async with ex.lock:
             return await self._checkpoint_locked(ex, trigger, cause)

@@ -41,6 +41,7 @@ Without root or loop devices `unavailable()` says why, and the shim polls as bef
 
 import contextlib
 import errno
+import fcntl
 import functools
 import os
 import shutil
@@ -214,11 +215,16 @@ def remount(worktree: Path) -> bool:
     image = image_of(worktree)
     if not image.is_file() or is_mounted(worktree) or not worktree.is_dir():
         return False
-    # -p: fix what is safe to fix unattended; 0 clean, 1 fixed, 2 fixed (reboot: not for an image)
-    check = _run(["e2fsck", "-p", str(image)])
-    if check.returncode > 2:
-        raise DiskQuotaError(str(worktree), f"its disk image needs a manual fsck: e2fsck {image}")
-    _mount(image, worktree)
+    with open(image, "rb") as held:
+        # corral up's spawner, its checkpointer and `corral worktrees` may all try at once
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if is_mounted(worktree):
+            return False
+        # -p: fix what is safe to fix unattended; 0 clean, 1 fixed, 2 fixed (reboot: not for an image)
+        check = _run(["e2fsck", "-p", str(image)])
+        if check.returncode > 2:
+            raise DiskQuotaError(str(worktree), f"its disk image needs a manual fsck: e2fsck {image}")
+        _mount(image, worktree)
     return True
 
 
