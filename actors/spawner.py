@@ -220,6 +220,8 @@ class Spawner(Actor):
         template_cancel_grace_s: dict[str, float] | None = None,
         secret_env: tuple[str, ...] = (),
         instance: str | None = None,
+        policy: dict[str, Any] | None = None,
+        policy_templates: dict[str, dict[str, Any] | None] | None = None,
     ) -> None:
         super().__init__(bus, instance=instance)
         self.worktrees = worktrees
@@ -229,6 +231,10 @@ class Spawner(Actor):
         self.cancel_grace_s = cancel_grace_s  # [defaults] cancel_grace: the hard timeout's grace
         self.template_cancel_grace_s = template_cancel_grace_s or {}  # a template's, over it
         self.secret_env = secret_env
+        # [policy] and the templates' policies: each execution's effective policy (its shell lists
+        # go into its agent CLI's pre-tool mechanism, actors/adapters)
+        self.policy = policy or {}
+        self.policy_templates = policy_templates or {}
         self.host = socket.gethostname()
         self.running: dict[str, RunningExecution] = {}
         self.pending: dict[str, Pending] = {}
@@ -566,6 +572,32 @@ class Spawner(Actor):
             reason="cancelled" if run.stop_reason == "cancelled" else "spawner_stopped",
         )
 
+    def _shell_guard(self, spec: dict[str, Any], request: ExecutionRequested, run_dir: Path) -> str | None:
+        """Put the execution's shell allow/deny lists into its agent CLI's own pre-tool mechanism.
+
+        The command and environment in `spec` get the CLI's hook or policy file (actors/adapters,
+        docs/policy.md "Before a command runs"); `shell_policy` tells the shim's adapter what the
+        CLI will refuse (recorded as `shell.blocked`); `readable` lists the files the CLI reads
+        for it, which the sandbox shows it read-only. Returns why it cannot be done (one line).
+        """
+        from actors.adapters import shell_guard
+        from actors.policy import PolicyError, effective_policy
+
+        try:
+            policy = effective_policy(self.policy, self.policy_templates, request.template, request.policy)
+        except PolicyError:
+            policy = effective_policy(self.policy, {}, None)  # as the validator falls back
+        rules = policy.shell_rules
+        try:
+            spec["command"], spec["env"], readable = shell_guard(
+                request.agent, spec["command"], spec["env"], rules, run_dir
+            )
+        except (ValueError, OSError) as exc:
+            return f"cannot apply the shell policy: {exc}"
+        spec["shell_policy"] = {"allow": list(rules.allow), "deny": list(rules.deny)}
+        spec["readable"] = readable
+        return None
+
     async def _execute(self, run: RunningExecution, request: ExecutionRequested) -> None:
         branch = f"corral/{run.execution_id}"
         path = self.worktrees / run.execution_id
@@ -632,6 +664,13 @@ class Spawner(Actor):
             "network_timeout_s": request.timeouts.idle if request.on_stall == "cancel" else None,
         }
         run.run_dir.mkdir(parents=True, exist_ok=True)
+        refused = self._shell_guard(spec, request, run.run_dir)  # the shell policy, before a command runs
+        if refused is not None:
+            await self._emit(run, ExecutionFailed(stage="spawn", error=refused))
+            shutil.rmtree(run.run_dir, ignore_errors=True)
+            if not request.worktree:
+                await remove_worktree(repo, path, branch=branch)
+            return
         (run.run_dir / SPOOL).touch()
         tmp = run.run_dir / (SPEC + ".tmp")
         tmp.write_bytes(orjson.dumps(spec))

@@ -289,6 +289,8 @@ async def _start_actors(system: System, names: tuple[str, ...], *, config: Confi
                     t.name: t.cancel_grace_s for t in config.templates.values() if t.cancel_grace_s is not None
                 },
                 secret_env=config.security.secret_env,
+                policy=config.policy,
+                policy_templates={t.name: t.policy for t in config.templates.values()},
             )
         elif name == "watchdog":
             actor = Watchdog(bus, config.watchdog.for_actor(cancel_grace_s=config.defaults.cancel_grace_s))
