@@ -278,3 +278,22 @@ def test_the_agent_cannot_unmount_or_grow_its_quota(cli: Cli, repo: Path, up: su
     assert image.stat().st_size < 40 * MB  # not grown to 10G
     assert allocated(worktree) <= 20 * MB + MB
     cli("cancel", execution_id, "--grace", "0", check=True)
+
+
+def test_where_no_loop_mount_can_be_made_the_quota_is_polled(cli: Cli, repo: Path) -> None:
+    cli.env[diskquota.ENV] = "poll"  # what a machine without root or loop devices gets
+    up = start_up(cli)
+    try:
+        execution_id = detach(
+            cli, repo, "--disk", "10M", "--", "sh", "-c", "head -c 30000000 /dev/zero > big.bin; sleep 600"
+        )
+        paused = wait_state(cli, execution_id, "paused", timeout=60)
+        assert paused["disk"] == "polled every 2 s"
+        worktree = Path(paused["worktree"])
+        assert not mounted_at(worktree) and not (cli.home / "disks").exists()
+        assert (worktree / "big.bin").stat().st_size == 30_000_000  # after the fact: the poll pauses, nothing refuses
+        [exceeded] = disk_events(cli, execution_id)
+        assert exceeded["value"] > exceeded["maximum"] == 10 * MB
+        cli("cancel", execution_id, "--grace", "0", check=True)
+    finally:
+        stop_up(cli, up)
