@@ -297,3 +297,17 @@ def test_where_no_loop_mount_can_be_made_the_quota_is_polled(cli: Cli, repo: Pat
         cli("cancel", execution_id, "--grace", "0", check=True)
     finally:
         stop_up(cli, up)
+
+
+def test_cancelled_while_its_worktree_is_made_leaves_no_mount_or_image(
+    cli: Cli, repo: Path, up: subprocess.Popen[str]
+) -> None:
+    hook = repo / ".git" / "hooks" / "post-checkout"
+    hook.write_text("#!/bin/sh\nsleep 4\n")  # `git worktree add` runs it: the add (into the mount) takes 4 s
+    hook.chmod(0o755)
+    execution_id = detach(cli, repo, "--disk", "20M", "--spawn-timeout", "1s", "--", "true")
+    final = wait_state(cli, execution_id, "exited")
+    assert final["exit_reason"] == "cancelled"
+    worktree = cli.home / "worktrees" / execution_id
+    assert not worktree.exists() and not mounted_at(worktree)
+    assert list((cli.home / "disks").iterdir()) == []
