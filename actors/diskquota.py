@@ -317,8 +317,14 @@ def _round(size: float) -> int:
 
 
 def _mkfs(image: Path, size: int, *, journal: int, verity: bool) -> None:
-    with open(image, "wb") as f:  # a fresh sparse file: nothing of an earlier attempt stays
-        f.truncate(size)
+    # a fresh sparse file (nothing of an earlier attempt stays), readable by Corral's user only:
+    # it holds the worktree's files
+    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
     command = [
         "mkfs.ext4",
         "-q",

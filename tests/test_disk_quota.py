@@ -73,6 +73,7 @@ def test_an_image_holds_the_limit_and_goes_without_a_trace(tmp_path: Path) -> No
         _, usable = diskquota.usage(worktree)
         assert limit < usable <= limit + max(16 * 4096, limit // 2000), (limit, usable)  # about the limit
         assert image.stat().st_blocks * 512 < 8 * MB  # sparse: the size is not taken from the host's disk
+        assert image.stat().st_mode & 0o777 == 0o600  # it holds the worktree: for Corral's user only
         assert diskquota.quota_mounts(tmp_path) == [worktree]
         assert diskquota.release(worktree)
         assert not mounted_at(worktree) and not worktree.exists() and not image.exists()
