@@ -494,3 +494,24 @@ def test_aider_runs_no_command_the_model_suggests(
     considered = f"{DENIED} \n{ALLOWED}"
     assert (considered in output) == bool(suggest), output[-2000:]
     assert "Running touch" not in output
+
+
+@pytest.mark.parametrize(
+    ("agent", "extra", "said"),
+    [
+        ("claude-code", ["--bare"], "claude --bare runs no hooks"),
+        ("claude-code", ["--safe-mode"], "claude --safe-mode runs no hooks"),
+        ("codex", ["--disable", "hooks"], "codex --disable hooks would turn off"),
+        ("codex", ["-c", "features.hooks=false"], "codex -c features.hooks=false would replace or turn off"),
+    ],
+)
+def test_corral_run_refuses_options_that_switch_the_hook_off(
+    agent: str, extra: list[str], said: str, cli: Cli, repo: Path
+) -> None:
+    if find_program(PROGRAMS[agent]) is None:
+        pytest.skip(f"{PROGRAMS[agent]} is not installed (bash .ci/run installs it under .agents/); not run")
+    done = cli("run", "--agent", agent, "--repo", str(repo), "do it", "--", *extra)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert said in line, line
+    assert sql(cli, "SELECT count(*) AS n FROM executions") == [{"n": 0}]  # nothing was requested

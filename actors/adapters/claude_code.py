@@ -50,6 +50,11 @@ def command_line(
     recorded session file is only read (a fork's spawner copies it to the new worktree's project
     directory first: actors/sessions.py).
     """
+    for word in extra:
+        if word in NO_HOOKS:  # refused here, before anything is requested (the spawner checks again)
+            raise ValueError(
+                f"claude {word} runs no hooks, so Corral's shell policy could not be enforced; drop {word}"
+            )
     permission = (
         []
         if any(a.startswith(("--permission-mode", "--dangerously")) for a in extra)

@@ -52,6 +52,9 @@ def command_line(
 ) -> list[str]:
     """`codex exec`; with `resume`, `codex exec resume SESSION` (appends to that session), or with
     `fork` too, `codex exec fork SESSION` (a new session from a copy of it; the recorded one is only read)."""
+    problem = hook_problem(extra)  # refused here, before anything is requested (the spawner checks again)
+    if problem:
+        raise ValueError(problem)
     chosen = any(a.startswith(("--sandbox", "-s", "--dangerously")) or "sandbox_mode" in a for a in extra)
     if resume:
         defaults = [] if chosen else ["-c", 'sandbox_mode="workspace-write"']
@@ -80,6 +83,20 @@ def command_line(
     ]
 
 
+def hook_problem(words: list[str]) -> str | None:
+    """Why these Codex options would replace or turn off the shell-policy hook (one line), or None."""
+    for index, word in enumerate(words):
+        following = words[index + 1] if index + 1 < len(words) else ""
+        value = following if word in ("-c", "--config") else word.split("=", 1)[1] if "=" in word else ""
+        key = value.split("=", 1)[0].strip() if word.startswith(("-c", "--config")) else ""
+        if key.startswith("hooks") or key == "features.hooks":
+            return f"codex -c {value[:80]} would replace or turn off Corral's shell-policy hook; drop it"
+        feature = following if word == "--disable" else word.split("=", 1)[1] if word.startswith("--disable=") else ""
+        if feature == "hooks":
+            return "codex --disable hooks would turn off Corral's shell-policy hook; drop it"
+    return None
+
+
 def shell_guard(
     command: list[str], env: dict[str, str], rules: ShellRules, run_dir: Path
 ) -> tuple[list[str], dict[str, str], list[str]]:
@@ -90,15 +107,9 @@ def shell_guard(
     disabled, and untrusted project-local configuration is still not loaded). A `-c hooks...` of
     the run's own would replace Corral's hook and is refused.
     """
-    for index, word in enumerate(command):
-        following = command[index + 1] if index + 1 < len(command) else ""
-        value = following if word in ("-c", "--config") else word.split("=", 1)[1] if "=" in word else ""
-        key = value.split("=", 1)[0].strip() if word.startswith(("-c", "--config")) else ""
-        if key.startswith("hooks") or key == "features.hooks":
-            raise ValueError(f"codex -c {value[:80]} would replace or turn off Corral's shell-policy hook; drop it")
-        feature = following if word == "--disable" else word.split("=", 1)[1] if word.startswith("--disable=") else ""
-        if feature == "hooks":
-            raise ValueError("codex --disable hooks would turn off Corral's shell-policy hook; drop it")
+    problem = hook_problem(command)
+    if problem:
+        raise ValueError(problem)
     handler = f'{{type="command",command={json.dumps(hook_command())},timeout=60}}'
     override = f'hooks.PreToolUse=[{{matcher="Bash",hooks=[{handler}]}}]'
     at = command.index("--json") if "--json" in command else len(command)
