@@ -15,7 +15,6 @@ this too.
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 ENV: Final = "CORRAL_SHELL_POLICY"  # the lists, as JSON, in the environment of the CLI (and so of its hooks)
@@ -40,18 +39,28 @@ def command_segments(command: str) -> list[str]:
     return [s for s in _SEGMENT_SPLIT.split(command.strip()) if s]
 
 
-@dataclass(frozen=True)
 class ShellRules:
-    """`shell_allow` and `shell_deny` of one policy, compiled once."""
+    """`shell_allow` and `shell_deny` of one policy, compiled once.
 
-    allow: tuple[str, ...] = ()
-    deny: tuple[str, ...] = ()
-    _allow: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
-    _deny: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    A plain class, not a dataclass: `dataclasses` imports `inspect`, a third of the hook's start.
+    """
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_allow", command_regex(self.allow))
-        object.__setattr__(self, "_deny", command_regex(self.deny))
+    __slots__ = ("_allow", "_deny", "allow", "deny")
+
+    def __init__(self, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> None:
+        self.allow: tuple[str, ...] = tuple(allow)
+        self.deny: tuple[str, ...] = tuple(deny)
+        self._allow = command_regex(self.allow)
+        self._deny = command_regex(self.deny)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ShellRules) and (self.allow, self.deny) == (other.allow, other.deny)
+
+    def __hash__(self) -> int:
+        return hash((self.allow, self.deny))
+
+    def __repr__(self) -> str:
+        return f"ShellRules(allow={self.allow!r}, deny={self.deny!r})"
 
     def findings(self, command: str) -> list[tuple[str, str]]:
         """(rule, message) for each list the command breaks: the whole line and each of its parts
