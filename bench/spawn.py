@@ -1,0 +1,196 @@
+"""Spawn benchmark: request -> agent running, p50/p95 over N spawns, with and without containment.
+
+Each configuration runs under its own real `corral up` (embedded NATS), all at once, their spawns
+taken in turn (so each sees the same load of the moment):
+- none: no cgroup (`CORRAL_CGROUP=off`: per-process limits) and no sandbox (the baseline);
+- cgroups: the execution's cgroup (actors/limits.py: v1 memory, cpu, pids, freezer groups, or v2),
+  no sandbox;
+- cgroups+sandbox: both (only where this Corral has the sandbox, actors/sandbox.py, and bwrap works).
+
+One spawn at a time: a request is published, and the agent (`sh -c 'date +%s.%N'`) prints the
+time it starts running; request -> running is that time minus the time just before the publish
+(one clock, one host). The first spawns of each configuration warm up and are not counted.
+The cgroup configurations run with a memory and a CPU limit too, so every limit is written.
+
+    .venv/bin/python bench/spawn.py [--n 200] [--warmup 5]
+
+Prints a table, the overhead over the baseline (target: <= 20 ms p50 for cgroups + sandbox),
+and ends with one JSON line.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import connect_home, make_repo, sql, start_up, stop_up, wait_ready, write_config
+from events.envelope import new_event
+from events.ids import new_execution_id
+from events.types import ExecutionRequested, Limits
+
+AGENT = ("sh", "-c", "date +%s.%N")
+
+
+def sandbox_usable() -> bool:
+    """This Corral has the sandbox (actors/sandbox.py) and bwrap works here."""
+    try:
+        from actors import sandbox
+    except ImportError:
+        return False
+    return "sandbox" in ExecutionRequested.model_fields and sandbox.probe() is None
+
+
+def request(repo: Path, *, cgroups: bool, sandboxed: bool) -> ExecutionRequested:
+    fields: dict[str, Any] = {"command": AGENT, "repo": str(repo)}
+    if cgroups:
+        fields["limits"] = Limits(memory_bytes=512 << 20, cpus=1.0, pids_max=256)
+    if "sandbox" in ExecutionRequested.model_fields:
+        fields["sandbox"] = {"mode": "on" if sandboxed else "off"}
+    return ExecutionRequested(**fields)
+
+
+async def started_at(bus: Any, execution_id: str, timeout_s: float = 60.0) -> tuple[float, str | None]:
+    """(the agent's own start time, the limits and sandbox its execution.started names) once it printed it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = await sql(
+            bus,
+            f"SELECT type, data->>'text', concat_ws(', ', data->>'limits', 'sandbox ' || (data->'sandbox'->>'mode')), "
+            f"data->>'error' FROM events "
+            f"WHERE execution_id = '{execution_id}' AND type IN ('output', 'execution.started', 'execution.failed')",
+        )
+        output = [text for kind, text, _, _ in rows if kind == "output"]
+        failed = [error for kind, _, _, error in rows if kind == "execution.failed"]
+        if failed:
+            raise RuntimeError(f"{execution_id} failed: {failed[0]}")
+        if output:
+            limits = next((limit for kind, _, limit, _ in rows if kind == "execution.started"), None)
+            return float(output[0].split()[0]), limits
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{execution_id} did not start within {timeout_s:.0f}s")
+
+
+@dataclass
+class Configuration:
+    """One configuration's own `corral up`, and what its spawns measured."""
+
+    label: str
+    cgroups: bool
+    sandboxed: bool
+    up: Any = None
+    bus: Any = None
+    repo: Path | None = None
+    latencies: list[float] = field(default_factory=list)
+    seen: set[str | None] = field(default_factory=set)
+
+    async def start(self, root: Path) -> None:
+        home = root / f"home-{self.label.replace('+', '-')}"
+        write_config(home, 4)
+        saved = os.environ.get("CORRAL_CGROUP")
+        if not self.cgroups:
+            os.environ["CORRAL_CGROUP"] = "off"  # inherited by `corral up`, its spawner and shims
+        try:
+            self.up = start_up(home, root)
+        finally:
+            if saved is None:
+                os.environ.pop("CORRAL_CGROUP", None)
+            else:
+                os.environ["CORRAL_CGROUP"] = saved
+        self.bus = await connect_home(home, await wait_ready(home, self.up))
+        self.repo = make_repo(root / f"repo-{self.label.replace('+', '-')}")
+
+    async def spawn(self, *, counted: bool) -> None:
+        assert self.repo is not None
+        execution_id = new_execution_id()
+        requested = request(self.repo, cgroups=self.cgroups, sandboxed=self.sandboxed)
+        event = new_event(execution_id, requested, actor="bench")
+        before = time.time()
+        await self.bus.publisher.publish(event)
+        running, in_force = await started_at(self.bus, execution_id)
+        if counted:
+            self.latencies.append((running - before) * 1000)
+            self.seen.add(in_force)
+
+    async def stop(self) -> None:
+        if self.bus is not None:
+            with contextlib.suppress(Exception):
+                await self.bus.close()
+        if self.up is not None:
+            stop_up(self.up, self.label)
+
+    def result(self) -> dict[str, Any]:
+        cuts = statistics.quantiles(self.latencies, n=20)
+        return {
+            "label": self.label,
+            "n": len(self.latencies),
+            "p50_ms": statistics.median(self.latencies),
+            "p95_ms": cuts[18],
+            "limits": sorted(str(x) for x in self.seen),
+        }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=200, help="spawns measured per configuration")
+    parser.add_argument("--warmup", type=int, default=5, help="spawns first made and not counted")
+    args = parser.parse_args()
+    from actors.limits import PER_PROCESS, describe_limits
+
+    configs = [("none", False, False)]
+    if describe_limits() != PER_PROCESS:
+        configs.append(("cgroups", True, False))
+    else:
+        print("no usable cgroups on this machine: only the baseline is measured", flush=True)
+    if sandbox_usable():
+        configs.append(("cgroups+sandbox", describe_limits() != PER_PROCESS, True))
+    else:
+        print("no sandbox in this Corral (actors/sandbox.py) or bwrap does not work here: not measured", flush=True)
+    root = Path(tempfile.mkdtemp(prefix="corral-spawn-"))
+    systems = [Configuration(label, cgroups, sandboxed) for label, cgroups, sandboxed in configs]
+    try:
+        for system in systems:
+            await system.start(root)
+        # Round robin, one spawn at a time: every configuration under the same load of the moment.
+        for i in range(args.warmup + args.n):
+            for system in systems:
+                await system.spawn(counted=i >= args.warmup)
+    finally:
+        for system in systems:
+            await system.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    results = [system.result() for system in systems]
+    base = results[0]
+    print(
+        f"{'configuration':<16} {'spawns':>6} {'p50':>9} {'p95':>9} {'p50 vs none':>12} {'overhead p50':>13}  in force"
+    )
+    for result in results:
+        ratio = result["p50_ms"] / base["p50_ms"] if base["p50_ms"] else float("inf")
+        result["ratio_p50"] = ratio
+        result["overhead_p50_ms"] = result["p50_ms"] - base["p50_ms"]
+        print(
+            f"{result['label']:<16} {result['n']:>6} {result['p50_ms']:>7.1f}ms {result['p95_ms']:>7.1f}ms "
+            f"{ratio:>11.2f}x {result['overhead_p50_ms']:>+11.1f}ms  {', '.join(result['limits'])}",
+            flush=True,
+        )
+    contained = results[-1]
+    if len(results) > 1:
+        verdict = "met" if contained["overhead_p50_ms"] <= 20 else "MISSED"
+        print(f"target: {contained['label']} overhead <= 20 ms p50: {verdict} ({contained['overhead_p50_ms']:+.1f} ms)")
+    print(json.dumps({"bench": "spawn", "results": results}))
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
