@@ -36,6 +36,7 @@ from typing import Any
 
 import orjson
 
+import actors.sandbox as sandbox
 from actors.adapters import load_adapter, probe
 from actors.filewatch import FileWatcher
 from actors.output import ControlLine, OutputCoalescer
@@ -527,7 +528,7 @@ class Shim:
         err_r, err_w = os.pipe()
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *command,
+                *sandbox.wrap(spec, command),  # bwrap around it unless [sandbox] mode = "off" (actors/sandbox.py)
                 cwd=spec["cwd"],
                 env=spec["env"],
                 stdin=asyncio.subprocess.PIPE,
@@ -554,6 +555,7 @@ class Shim:
                 "pgid": self.process.pid,
                 "host": socket.gethostname(),
                 "command": command,
+                "sandbox": sandbox.in_force(spec),
                 "cwd": spec["cwd"],
                 "limits": self.limits_in_force,
             },
@@ -580,7 +582,7 @@ class Shim:
             helpers.append(asyncio.create_task(self._group_watch(done)))
         if watcher is not None:
             loop.add_reader(watcher.fd, self._files_changed, watcher)
-        returncode = await process.wait()
+        returncode = sandbox.exit_status(spec, await process.wait())  # bwrap's 128+N is signal N
         try:
             # A grandchild may hold the pipes open after the agent exits; don't wait forever.
             await asyncio.wait_for(asyncio.shield(readers), DRAIN_AFTER_EXIT_S)
@@ -945,6 +947,10 @@ class Shim:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if not sandbox.peer_outside(writer.get_extra_info("socket")):  # an agent reaching a shim's socket
+                writer.write(b'{"ok":false,"error":"refused: the caller runs inside a sandbox"}\n')
+                await writer.drain()
+                return
             try:
                 line = await reader.readline()
             except ValueError:  # longer than CONTROL_LINE_LIMIT: answered, not dropped in silence

@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
+import actors.sandbox as sandbox
 from actors import diskquota
 from actors.bus import Bus
 from actors.errors import WorkspaceError
@@ -220,6 +221,8 @@ class Spawner(Actor):
         template_cancel_grace_s: dict[str, float] | None = None,
         secret_env: tuple[str, ...] = (),
         instance: str | None = None,
+        sandbox_program: str = sandbox.DEFAULT_BWRAP,
+        sandbox_hide: tuple[Path, ...] | None = None,
         policy: dict[str, Any] | None = None,
         policy_templates: dict[str, dict[str, Any] | None] | None = None,
     ) -> None:
@@ -231,6 +234,11 @@ class Spawner(Actor):
         self.cancel_grace_s = cancel_grace_s  # [defaults] cancel_grace: the hard timeout's grace
         self.template_cancel_grace_s = template_cancel_grace_s or {}  # a template's, over it
         self.secret_env = secret_env
+        # The sandbox (actors/sandbox.py): the bwrap binary ([sandbox] bwrap), what agents must not
+        # see ($CORRAL_HOME; by default the worktrees and run directories), and the policy whose
+        # shell deny list makes binaries unexecutable inside it.
+        self.sandbox_program = sandbox_program
+        self.sandbox_hide = sandbox_hide if sandbox_hide is not None else (worktrees, self.run_root)
         # [policy] and the templates' policies: each execution's effective policy (its shell lists
         # go into its agent CLI's pre-tool mechanism, actors/adapters)
         self.policy = policy or {}
@@ -604,6 +612,11 @@ class Spawner(Actor):
         if run.stop_reason is not None:  # cancelled (a spawn timeout, a user) before anything was made
             await self._emit(run, self._unstarted_exit(run), run.stop_cause)
             return
+        try:  # refused before anything is made when it asks for a sandbox this host cannot make
+            confinement = await asyncio.to_thread(self._sandbox, request)
+        except sandbox.SandboxUnavailable as exc:
+            await self._emit(run, ExecutionFailed(stage="spawn", error=str(exc)))
+            return
         try:
             repo = repo_root(request.repo)
             if request.worktree:  # a follow-up continues in its parent's worktree and branch
@@ -625,6 +638,8 @@ class Spawner(Actor):
                 await remove_worktree(repo, path, branch=branch)
             await self._emit(run, self._unstarted_exit(run), run.stop_cause)
             return
+        if confinement["mode"] != "off":  # before the validator's baseline of git's files (workspace.created)
+            await asyncio.to_thread(sandbox.prepare_worktree, path)
         await self._emit(run, WorkspaceCreated(path=str(path), branch=branch, repo=str(repo), base_commit=base_commit))
         if run.stop_reason is not None:
             await self._emit(run, self._unstarted_exit(run), run.stop_cause)
@@ -662,6 +677,7 @@ class Spawner(Actor):
             "prices": request.prices,
             # an agent CLI that cannot reach its model is ended after this long (actors/shim.py)
             "network_timeout_s": request.timeouts.idle if request.on_stall == "cancel" else None,
+            "sandbox": confinement,  # actors/sandbox.py wraps the command in the shim
         }
         run.run_dir.mkdir(parents=True, exist_ok=True)
         refused = self._shell_guard(spec, request, run.run_dir)  # the shell policy, before a command runs
@@ -684,6 +700,25 @@ class Spawner(Actor):
                 await remove_worktree(repo, path, branch=branch)
             return
         await self._follow(run)
+
+    def _sandbox(self, request: ExecutionRequested) -> dict[str, Any]:
+        """The spec's sandbox for a request (SandboxUnavailable: refused, one line saying what to do)."""
+        from actors.policy import SHELL_DENY, PolicyError, effective_policy
+
+        wanted = request.sandbox
+        try:
+            deny: tuple[str, ...] = effective_policy(
+                self.policy, self.policy_templates, request.template, request.policy
+            ).shell_deny
+        except PolicyError:
+            deny = SHELL_DENY
+        return sandbox.decide(
+            wanted.mode if wanted else None,
+            wanted.network if wanted else None,
+            program=self.sandbox_program,
+            hide=self.sandbox_hide,
+            deny=deny,
+        )
 
     def _adopt(self, run_dir: Path) -> tuple[RunningExecution, str]:
         """Take over a shim (alive or not) left by a spawner that is gone; return it and its agent."""

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a follow-up: continue that finished execution's agent session, in its worktree and branch",
     )
     run.add_argument("--policy", metavar="FILE", help="a TOML file of policy keys for this run (over [policy])")
+    run.add_argument(
+        "--sandbox",
+        choices=["auto", "on", "off"],
+        help="confine the agent (docs/sandbox.md; default [sandbox] mode, auto): off runs it unconfined",
+    )
+    run.add_argument("--network", metavar="open|none", help="the agent's network in the sandbox (default open)")
     run.add_argument("--detach", "-d", action="store_true", help="print the execution id and return")
     run.add_argument("--quiet", "-q", action="store_true", help="only the agent's own output")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")

@@ -47,7 +47,7 @@ from events.subjects import (
     events_of_type,
     execution_events,
 )
-from events.types import EVENT_TYPES, ExecutionRequested, Limits, Timeouts
+from events.types import EVENT_TYPES, ExecutionRequested, Limits, SandboxRequest, Timeouts
 from projections.errors import ProjectionError
 from replay.history import follow, last_sequence
 
@@ -194,6 +194,8 @@ async def cmd_run(home: Home, args: Any) -> int:
             "max_cost_usd": getattr(args, "max_cost", None),
             "env": {**(parent.request.env if parent else {}), **parse_env(args.env or [])},
             "agent": args.agent or (parent.request.agent if parent else None),
+            "sandbox": getattr(args, "sandbox", None),
+            "network": getattr(args, "network", None),
         },
     )
     refuse_secret_env(resolved.env, config.security.secret_env)
@@ -239,6 +241,7 @@ async def cmd_run(home: Home, args: Any) -> int:
         resume_session=parent.session_id if parent else None,
         worktree=parent.worktree if parent else None,
         policy=run_policy,
+        sandbox=SandboxRequest.model_validate({"mode": resolved.sandbox, "network": resolved.network}),
     )
     execution_id = new_execution_id()
     check_request_size(new_event(execution_id, request, actor="cli").to_bytes())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -120,6 +121,16 @@ def format_size(size: int | None) -> str:
         if size >= scale:
             return f"{round(size / scale, 2):g}{unit}"
     return str(size)
+
+
+def _network(value: str) -> str:
+    """A sandbox network setting: "open" or "none" ("allow" is refused with what to use instead)."""
+    from actors.sandbox import network_problem
+
+    problem = network_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 def _no_limit(value: Any) -> bool:
@@ -354,6 +365,15 @@ class SecuritySettings(_Frozen):
     secret_env: tuple[str, ...] = ()  # names whose values are secrets besides *KEY*, *TOKEN*, ...
 
 
+class SandboxSettings(_Frozen):
+    """[sandbox] (docs/sandbox.md): how agents are confined; templates and `corral run` flags override
+    mode and network."""
+
+    mode: Literal["auto", "on", "off"] = "auto"  # auto and on: refused where no sandbox can be made
+    network: Literal["open", "none"] = "open"
+    bwrap: str = "bwrap"  # the bubblewrap binary: a path, or a name looked up on PATH
+
+
 class Template(_Frozen):
     """A named set of overrides; every setting left None falls through to [defaults].
 
@@ -378,6 +398,8 @@ class Template(_Frozen):
     priority: int | None = None
     max_cost_usd: float | None = None
     policy: dict[str, Any] | None = None  # this template's [templates.NAME.policy], over [policy]
+    sandbox: str | None = None  # over [sandbox] mode: auto, on, off
+    network: str | None = None  # over [sandbox] network: open, none
 
     def overrides(self) -> dict[str, Any]:
         """The settings this template sets (field name -> value)."""
@@ -398,6 +420,7 @@ class Config(_Frozen):
     retention: RetentionSettings = RetentionSettings()
     sql: SqlSettings = SqlSettings()
     snapshot: SnapshotSettings = SnapshotSettings()
+    sandbox: SandboxSettings = SandboxSettings()
     templates: dict[str, Template] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     prices: dict[str, dict[str, float]] = Field(default_factory=dict)  # [prices.MODEL], USD per million tokens
@@ -416,6 +439,8 @@ class ResolvedRun(_Frozen):
     args: tuple[str, ...] = ()  # the template's extra args, appended to whichever command runs
     agent: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    sandbox: str = "auto"  # [sandbox] mode < template < --sandbox: auto, on, off
+    network: str = "open"  # [sandbox] network < template < --network: open, none
 
     @property
     def command_prefix(self) -> tuple[str, ...]:
@@ -462,6 +487,8 @@ class _TemplateFile(_SettingsFile):
     agent: Annotated[StrictStr, Field(min_length=1)] | None = None
     env: dict[str, StrictStr] = Field(default_factory=dict)
     args: tuple[StrictStr, ...] = ()
+    sandbox: Literal["auto", "on", "off"] | None = None
+    network: Annotated[StrictStr, AfterValidator(_network)] | None = None
 
     @field_validator("env")
     @classmethod
@@ -598,6 +625,12 @@ class _PriceFile(_Frozen):
     cache_write: Annotated[float, Field(ge=0)] = 0.0
 
 
+class _SandboxFile(_Frozen):
+    mode: Literal["auto", "on", "off"] = "auto"
+    network: Annotated[StrictStr, AfterValidator(_network)] = "open"
+    bwrap: Annotated[StrictStr, Field(min_length=1)] = "bwrap"
+
+
 class _ConfigFile(_Frozen):
     defaults: _DefaultsFile = _DefaultsFile()
     spawner: _SpawnerFile = _SpawnerFile()
@@ -610,6 +643,7 @@ class _ConfigFile(_Frozen):
     retention: _RetentionFile = _RetentionFile()
     sql: _SqlFile = _SqlFile()
     snapshot: _SnapshotFile = _SnapshotFile()
+    sandbox: _SandboxFile = _SandboxFile()
     templates: dict[str, _TemplateFile] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     prices: dict[str, _PriceFile] = Field(default_factory=dict)
@@ -628,6 +662,7 @@ _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "retention": tuple(_RetentionFile.model_fields),
     "sql": tuple(_SqlFile.model_fields),
     "snapshot": tuple(_SnapshotFile.model_fields),
+    "sandbox": tuple(_SandboxFile.model_fields),
     "templates.*": tuple(_TemplateFile.model_fields),
 }
 
@@ -775,6 +810,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
         ),
         sql=SqlSettings(timeout_s=parsed.sql.timeout),
         snapshot=SnapshotSettings(every_s=parsed.snapshot.every, path=parsed.snapshot.path),
+        sandbox=SandboxSettings(**parsed.sandbox.model_dump()),
         templates={
             name: Template(
                 name=name,
@@ -784,6 +820,8 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
                 agent=t.agent,
                 env=t.env,
                 policy=t.policy,
+                sandbox=t.sandbox,
+                network=t.network,
                 **t.fields(),
             )
             for name, t in sorted(parsed.templates.items())
@@ -853,10 +891,14 @@ def resolve_run(config: Config, template: str | None, flags: dict[str, Any]) -> 
     merged: dict[str, Any] = config.defaults.model_dump()
     env: dict[str, str] = dict(chosen.env) if chosen else {}
     agent = chosen.agent if chosen else None
+    sandboxing: dict[str, str] = {"sandbox": config.sandbox.mode, "network": config.sandbox.network}
+    for key in SANDBOX_FLAGS:
+        if chosen is not None and getattr(chosen, key) is not None:
+            sandboxing[key] = getattr(chosen, key)
     if chosen:
         merged.update(chosen.overrides())
     for key, value in flags.items():
-        if key not in SETTING_FIELDS and key not in ("env", "agent"):
+        if key not in SETTING_FIELDS and key not in ("env", "agent", *SANDBOX_FLAGS):
             raise TypeError(f"resolve_run: unknown flag {key!r}")
         if value is None:
             continue
@@ -864,6 +906,8 @@ def resolve_run(config: Config, template: str | None, flags: dict[str, Any]) -> 
             env.update(value)
         elif key == "agent":
             agent = value
+        elif key in SANDBOX_FLAGS:
+            sandboxing[key] = _sandbox_flag(key, value)
         else:
             merged[key] = value
     if agent and agent != "command":
@@ -891,7 +935,25 @@ def resolve_run(config: Config, template: str | None, flags: dict[str, Any]) -> 
         args=chosen.args if chosen else (),
         agent=agent,
         env=env,
+        sandbox=sandboxing["sandbox"],
+        network=sandboxing["network"],
     )
+
+
+SANDBOX_FLAGS = ("sandbox", "network")
+
+
+def _sandbox_flag(key: str, value: str) -> str:
+    """`--sandbox auto|on|off` or `--network open|none`, checked (UsageError: one line)."""
+    from actors.sandbox import MODES, network_problem
+
+    if key == "network":
+        problem = network_problem(value)
+        if problem:
+            raise UsageError(f"--network: {problem}")
+    elif value not in MODES:
+        raise UsageError(f"--sandbox: expected one of {', '.join(MODES)} (got {value!r})")
+    return value
 
 
 def _unknown_template(config: Config, name: str) -> str:

@@ -123,6 +123,9 @@ async def agent_activity(system: System, execution_id: str) -> dict[str, Any]:
               WHERE execution_id = '{execution_id}' AND type = 'agent.capabilities') AS agent_version,
             (SELECT last(data->'features' ORDER BY seq) FROM events
               WHERE execution_id = '{execution_id}' AND type = 'agent.capabilities') AS agent_features,
+            -- the sandbox its shim started it in (actors/sandbox.py): mode bwrap and its network, or off
+            (SELECT last(data->'sandbox' ORDER BY seq) FROM events
+              WHERE execution_id = '{execution_id}' AND type = 'execution.started') AS sandbox,
             (SELECT last(CAST(data->>'progress' AS DOUBLE) ORDER BY seq) FROM events
               WHERE execution_id = '{execution_id}' AND type = 'heartbeat' AND data->>'progress' IS NOT NULL)
               AS progress,
@@ -136,6 +139,8 @@ async def agent_activity(system: System, execution_id: str) -> dict[str, Any]:
     row = render.records(result["columns"], result["rows"])[0]
     if isinstance(row.get("agent_features"), str):
         row["agent_features"] = orjson.loads(row["agent_features"])
+    if isinstance(row.get("sandbox"), str):
+        row["sandbox"] = orjson.loads(row["sandbox"])
     if row.get("agent") in (None, "command"):
         return {key: value for key, value in row.items() if value not in (None, 0) or key == "agent"}
     kept = ("agent", "cost_usd", "cost_estimated")  # an agent's cost: 0 when nothing was spent, null when unknown

@@ -289,6 +289,9 @@ async def _start_actors(system: System, names: tuple[str, ...], *, config: Confi
                     t.name: t.cancel_grace_s for t in config.templates.values() if t.cancel_grace_s is not None
                 },
                 secret_env=config.security.secret_env,
+                # the sandbox (docs/sandbox.md): its bwrap; agents never see $CORRAL_HOME
+                sandbox_program=config.sandbox.bwrap,
+                sandbox_hide=(home.root,),
                 policy=config.policy,
                 policy_templates={t.name: t.policy for t in config.templates.values()},
             )

@@ -440,6 +440,9 @@ def isolated_env(agent: str, base: dict[str, str], tmp: Path, server: ModelServe
     """HOME, config and credentials for one CLI, all pointing at the model server; and extra CLI args."""
     home = tmp / "agent-home"
     home.mkdir()
+    # A git identity of its own: aider writes one into the repository's .git/config when it finds
+    # none, and the sandbox keeps that file read-only (docs/sandbox.md).
+    (home / ".gitconfig").write_text("[user]\n\tname = Agent\n\temail = agent@example.com\n")
     env = {
         key: value
         for key, value in base.items()

@@ -160,13 +160,12 @@ def test_long_output_line_is_recorded_whole_and_the_run_returns(cli: Cli, repo: 
 
 
 def test_input_of_one_mib_is_delivered_whole_and_one_byte_more_is_refused(cli: Cli, repo: Path, tmp_path: Path) -> None:
-    received = tmp_path / "received.bin"
-    command = script(
+    command = script(  # it writes what it read in its worktree: the sandbox lets it write nowhere else
         tmp_path,
         "reader.py",
         "import sys\n"
         f"data = sys.stdin.buffer.read({MAX_INPUT_BYTES})\n"
-        f"open({str(received)!r}, 'wb').write(data)\n"
+        "open('received.bin', 'wb').write(data)\n"
         "print(f'got {len(data)} bytes', flush=True)\n",
     )
     text = "".join(f"line {i:07d} of the input\n" for i in range(MAX_INPUT_BYTES // 26 + 1))[:MAX_INPUT_BYTES]
@@ -187,7 +186,7 @@ def test_input_of_one_mib_is_delivered_whole_and_one_byte_more_is_refused(cli: C
         assert f"delivered {MAX_INPUT_BYTES} bytes" in sent.stdout
         final = wait_state(cli, execution_id, "exited")
         assert final["exit_code"] == 0
-        assert received.read_bytes() == text.encode()
+        assert (cli.home / "worktrees" / execution_id / "received.bin").read_bytes() == text.encode()
         delivered = [data_of(e) for e in events(cli, execution_id) if e["type"] == "input.delivered"]
         assert [d["bytes"] for d in delivered] == [MAX_INPUT_BYTES] and delivered[0]["text"] == text
         assert sum(e["type"] == "input.requested" for e in events(cli, execution_id)) == 1
@@ -214,7 +213,9 @@ def test_rejected_agent_paused_for_an_approval_runs_no_further(cli: Cli, repo: P
     )
     up = start_up(cli)
     try:
-        execution_id = detach(cli, repo, *command)
+        # Unsandboxed: its ticks go to tmp_path, outside its worktree (in the worktree, each tick
+        # would be a checkpoint under after_files = 1, and change what is measured here).
+        execution_id = detach(cli, repo, "--sandbox", "off", *command)
         approval = wait_pending(cli, execution_id)
         assert approval["source"] == "validator"
         wait_state(cli, execution_id, "paused")  # every process of the tree is stopped (checked in /proc)

@@ -97,3 +97,12 @@ class AiderAdapter(Adapter):
 
 
 ADAPTER = AiderAdapter
+
+
+def state_paths(env: Any) -> list[tuple[Any, bool]]:
+    """Sandbox hook (actors/sandbox.py): what aider writes besides the worktree (its chat history
+    files are in the repository's root, the worktree), (path, is a directory): ~/.aider (caches,
+    analytics, installs)."""
+    from pathlib import Path
+
+    return [(Path(env.get("HOME") or Path.home()) / ".aider", True)]

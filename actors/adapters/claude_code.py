@@ -371,3 +371,17 @@ class ClaudeCodeAdapter(Adapter):
 
 
 ADAPTER = ClaudeCodeAdapter
+
+
+def state_paths(env: Any) -> list[tuple[Any, bool]]:
+    """Sandbox hook (actors/sandbox.py): what Claude Code writes besides the worktree, (path, is a directory).
+
+    Its config directory ($CLAUDE_CONFIG_DIR or ~/.claude: sessions, todos, settings) and, without
+    $CLAUDE_CONFIG_DIR, ~/.claude.json (its global state).
+    """
+    from pathlib import Path
+
+    home = Path(env.get("HOME") or Path.home())
+    if env.get("CLAUDE_CONFIG_DIR"):
+        return [(Path(env["CLAUDE_CONFIG_DIR"]), True)]
+    return [(home / ".claude", True), (home / ".claude.json", False)]

@@ -229,3 +229,11 @@ class CodexAdapter(Adapter):
 
 
 ADAPTER = CodexAdapter
+
+
+def state_paths(env: Any) -> list[tuple[Any, bool]]:
+    """Sandbox hook (actors/sandbox.py): what Codex writes besides the worktree, (path, is a directory):
+    $CODEX_HOME or ~/.codex (config, sessions, logs)."""
+    from pathlib import Path
+
+    return [(Path(env.get("CODEX_HOME") or Path(env.get("HOME") or Path.home()) / ".codex"), True)]

@@ -184,3 +184,11 @@ class GeminiAdapter(Adapter):
 
 
 ADAPTER = GeminiAdapter
+
+
+def state_paths(env: Any) -> list[tuple[Any, bool]]:
+    """Sandbox hook (actors/sandbox.py): what Gemini CLI writes besides the worktree, (path, is a directory):
+    ~/.gemini (settings, chats, tmp)."""
+    from pathlib import Path
+
+    return [(Path(env.get("HOME") or Path.home()) / ".gemini", True)]
