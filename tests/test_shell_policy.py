@@ -355,13 +355,14 @@ def run_scripted(
     server: ModelServer,
     extra: list[str],
     run_args: tuple[str, ...] = (),
+    policy_text: str = 'shell_deny = ["touch denied-*", "sudo *"]\n',
 ) -> dict[str, Any]:
-    """`corral run --agent AGENT` with a deny list, the model asking for DENIED then ALLOWED."""
+    """`corral run --agent AGENT` with a deny list (or `policy_text`), the model asking for DENIED then ALLOWED."""
     if find_program(PROGRAMS[agent]) is None:
         pytest.skip(f"{PROGRAMS[agent]} is not installed (bash .ci/run installs it under .agents/); not run")
     server.http.state.shell_commands = [DENIED, ALLOWED]
     policy = tmp_path / "policy.toml"
-    policy.write_text('shell_deny = ["touch denied-*", "sudo *"]\n')
+    policy.write_text(policy_text)
     env, args = isolated_env(agent, cli.env, tmp_path, server)
     run = Cli(cli.home, env)
     done = run(
@@ -515,3 +516,20 @@ def test_corral_run_refuses_options_that_switch_the_hook_off(
     [line] = done.stderr.strip().splitlines()
     assert said in line, line
     assert sql(cli, "SELECT count(*) AS n FROM executions") == [{"n": 0}]  # nothing was requested
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agent", ["claude-code", "codex", "gemini"])
+def test_an_allow_list_refuses_every_command_it_does_not_list(
+    agent: str, cli: Cli, repo: Path, tmp_path: Path, model_server: ModelServer
+) -> None:
+    extra = ["--sandbox", "danger-full-access"] if agent == "codex" else []  # (see test_codex_runs_no_denied_command)
+    policy = 'shell_allow = ["touch allowed-*"]\nshell_deny = []\n'
+    found = run_scripted(agent, cli, repo, tmp_path, model_server, extra, policy_text=policy)
+    assert not (found["worktree"] / "denied-marker.txt").exists(), "a command off the allow list ran"
+    assert (found["worktree"] / "allowed-marker.txt").exists(), f"the allowed one did not run: {model_server.explain()}"
+    mechanism = "policy_engine" if agent == "gemini" else "hook"
+    assert found["blocked"] == [
+        {"agent": agent, "command": DENIED, "rule": "shell_not_allowed", "mechanism": mechanism}
+    ]
+    assert model_saw(model_server, f"{MARKER}: refused (shell_not_allowed)")
