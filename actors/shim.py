@@ -505,6 +505,10 @@ class Shim:
         try:
             await self._run_agent()
         finally:
+            # however the shim ends (a spawn failure, a bug): no group, frozen or not, outlives it
+            if self.cgroup is not None:
+                with contextlib.suppress(OSError):
+                    self.cgroup.close(timeout=5.0)
             server.close()
             for writer in [*self.watchers, *self.quiet_watchers]:
                 writer.close()
