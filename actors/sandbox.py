@@ -26,6 +26,7 @@ import contextlib
 import fnmatch
 import functools
 import importlib
+import json
 import os
 import shutil
 import socket
@@ -89,12 +90,15 @@ def decide(
     program: str = DEFAULT_BWRAP,
     hide: Iterable[str | Path] = (),
     deny: Iterable[str] = (),
+    path_var: str | None = None,
 ) -> dict[str, Any]:
     """The spec's `sandbox` entry for a request; SandboxUnavailable if it asks for one that cannot be made.
 
     `auto` (the default) and `on` both need a working sandbox: only an explicit `off` runs the
     agent unconfined. `hide`: directories the agent must not see ($CORRAL_HOME). `deny`: the
-    shell deny list's patterns (only bare command names become unexecutable binaries).
+    shell deny list's patterns (only bare command names become unexecutable binaries), found on
+    `path_var` (the agent's PATH) and the standard directories: resolved here, in the long-lived
+    spawner, where the directory listings are cached.
     """
     mode = mode or "auto"
     network = network or "open"
@@ -112,8 +116,16 @@ def decide(
         "network": network,
         "bwrap": find_bwrap(program),
         "hide": [str(Path(p).resolve()) for p in hide],
-        "deny": denied_names(deny),
+        "deny": (names := denied_names(deny)),
+        "deny_paths": [str(p) for p in denied_paths(tuple(names), path_var or os.environ.get("PATH") or os.defpath)],
     }
+
+
+def for_run(decided: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """The spec's sandbox for one run directory: where its private branch directory goes."""
+    if decided.get("mode") != "bwrap":
+        return decided
+    return {**decided, "branch_dir": str(Path(run_dir) / "branch")}
 
 
 def network_problem(network: str) -> str | None:
@@ -246,13 +258,18 @@ def sandbox_args(spec: Mapping[str, Any]) -> list[str]:
             args += ["--dir", os.path.normpath(value)]
     # 3. writable: the worktree, git's files of this execution's own operations, the CLI's state
     writable: list[Path] = [cwd]
-    for key in ("objects", "gitdir", "branch_dir", "reflog"):
+    for key in ("objects", "gitdir", "reflog"):
         if git.get(key) is not None:
             writable.append(git[key])
     writable += state_paths(spec.get("agent"), env)
     for path in writable:
         if path.exists():
             args += ["--bind", str(path), str(path)]
+    # its branch: the directory of its ref (refs/heads/corral) is, inside, a private one holding
+    # only its own ref; `sync_branch` moves what the agent committed to the real ref when it ends
+    private = _private_branch(sandbox.get("branch_dir"), git.get("common"), git.get("branch"))
+    if private is not None:
+        args += ["--bind", str(private[0]), str(private[1])]
     # 4. read-only again: what in those would change what git does, and other executions' branches
     for path in git.get("protected", ()):
         args += ["--ro-bind", str(path), str(path)]
@@ -261,8 +278,12 @@ def sandbox_args(spec: Mapping[str, Any]) -> list[str]:
     for path in spec.get("readable") or ():
         args += ["--ro-bind", str(path), str(path)]
     # 5. denied programs: /dev/null wherever the agent's PATH finds them
-    for path in _denied_paths(sandbox.get("deny") or (), env.get("PATH") or os.defpath):
-        args += ["--ro-bind", "/dev/null", str(path)]
+    deny_paths = sandbox.get("deny_paths")
+    if deny_paths is None:  # a spec written by an older spawner
+        deny_paths = denied_paths(tuple(sandbox.get("deny") or ()), env.get("PATH") or os.defpath)
+    for path in (Path(p) for p in deny_paths):
+        if path.is_file():
+            args += ["--ro-bind", "/dev/null", str(path)]
     # 6. the hiding tmpfs read-only (what was bound inside it stays writable): a write there fails
     for path in hidden:
         args += ["--remount-ro", str(path)]
@@ -335,11 +356,25 @@ def home_of(env: Mapping[str, str]) -> Path:
 STANDARD_BIN_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
-def _denied_paths(names: Iterable[str], path_var: str) -> list[Path]:
-    """Every file a denied name (or name glob) finds on `path_var` or the standard directories, and
-    the file it resolves to (one bind covers every path to it, /bin/su and /usr/bin/su alike)."""
+def denied_paths(names: tuple[str, ...], path_var: str) -> list[Path]:
+    """Every file a denied name (or name glob) finds on `path_var` or the standard directories, as
+    the file it resolves to (one bind covers every path to it, /bin/su and /usr/bin/su alike).
+
+    Cached by the directories' modification times: a program installed or removed is seen.
+    """
+    dirs = tuple(dict.fromkeys(d for d in [*path_var.split(os.pathsep), *STANDARD_BIN_DIRS] if d.startswith("/")))
+    stamps = []
+    for directory in dirs:
+        try:
+            stamps.append(os.stat(directory).st_mtime_ns)
+        except OSError:
+            stamps.append(0)
+    return _denied_paths(names, dirs, tuple(stamps))
+
+
+@functools.lru_cache(maxsize=64)
+def _denied_paths(names: tuple[str, ...], dirs: tuple[str, ...], _stamps: tuple[int, ...]) -> list[Path]:
     found: list[Path] = []
-    dirs = list(dict.fromkeys(d for d in [*path_var.split(os.pathsep), *STANDARD_BIN_DIRS] if d.startswith("/")))
     for name in names:
         for directory in dirs:
             try:
@@ -388,15 +423,88 @@ def _git_paths(worktree: Path) -> dict[str, Any]:
         head = ""
     if head.startswith("ref: refs/heads/"):
         ref = head.removeprefix("ref: ")
-        branch = common / ref
-        if branch.parent != common / "refs" / "heads":  # corral/<id>: its directory, never refs/heads itself
-            out["branch_dir"] = branch.parent
-            with contextlib.suppress(OSError):
-                protected += [p for p in branch.parent.iterdir() if p.name != branch.name and p.is_file()]
+        if (common / ref).parent != common / "refs" / "heads":  # corral/<id>: never refs/heads itself
+            out["branch"] = ref
         if (common / "logs" / ref).is_file():
             out["reflog"] = common / "logs" / ref
     out["protected"] = [p for p in protected if p.exists()]
     return out
+
+
+def _private_branch(directory: str | None, common: Path | None, ref: str | None) -> tuple[Path, Path] | None:
+    """Make the private directory of the execution's branch ref: (it, where it is bound inside).
+
+    Git updates a ref by writing `<ref>.lock` in the ref's directory and renaming it over the ref,
+    so the directory must be writable; the real `refs/heads/corral` holds every execution's branch.
+    Inside the sandbox that directory is a private one with only this execution's ref (the others
+    stay readable through packed-refs only if packed); its value at start is kept beside it.
+    """
+    if not directory or common is None or ref is None:
+        return None
+    start = _read_ref(common, ref)
+    if start is None:
+        return None
+    private = Path(directory)
+    private.mkdir(parents=True, exist_ok=True)
+    (private / Path(ref).name).write_text(start + "\n")
+    meta = {"common": str(common), "ref": ref, "start": start}
+    Path(f"{private}.json").write_text(json.dumps(meta))
+    target = common / Path(ref).parent
+    target.mkdir(parents=True, exist_ok=True)
+    return private, target
+
+
+def _read_ref(common: Path, ref: str) -> str | None:
+    """A branch's commit from its loose file, else from packed-refs (None if it has none)."""
+    with contextlib.suppress(OSError):
+        value = (common / ref).read_text().strip()
+        if value and not value.startswith("ref:"):
+            return value
+    with contextlib.suppress(OSError):
+        for line in (common / "packed-refs").read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1] == ref:
+                return parts[0]
+    return None
+
+
+def sync_branch(spec: Mapping[str, Any]) -> str | None:
+    """After the agent ended: its private branch ref onto the real one (compare-and-swap).
+
+    Returns what happened in one line when something did (moved, or why not), else None. The
+    real ref moved meanwhile (`corral commit` while it ran) is left alone: the agent's commits stay
+    reachable from its worktree's reflog, and the line says so.
+    """
+    directory = (spec.get("sandbox") or {}).get("branch_dir")
+    if not directory:
+        return None
+    try:
+        meta = json.loads(Path(f"{directory}.json").read_text())
+        now = (Path(directory) / Path(meta["ref"]).name).read_text().strip()
+    except (OSError, ValueError, KeyError):
+        return None
+    if not now or now == meta["start"]:
+        return None
+    done = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(spec["cwd"]),
+            "update-ref",
+            "-m",
+            "corral: the agent's commits",
+            meta["ref"],
+            now,
+            meta["start"],
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        why = " ".join(done.stderr.split())[:300]
+        return f"{meta['ref']} not moved to the agent's {now[:12]}: {why}"
+    return f"{meta['ref']} moved to the agent's {now[:12]}"
 
 
 def prepare_worktree(worktree: str | Path) -> None:

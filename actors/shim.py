@@ -587,6 +587,9 @@ class Shim:
         if watcher is not None:
             loop.add_reader(watcher.fd, self._files_changed, watcher)
         returncode = sandbox.exit_status(spec, await process.wait())  # bwrap's 128+N is signal N
+        synced = await asyncio.to_thread(sandbox.sync_branch, spec)  # its commits onto its real branch
+        if synced and " not moved " in synced:
+            self._output("stderr", f"corral: {synced}\n")
         try:
             # A grandchild may hold the pipes open after the agent exits; don't wait forever.
             await asyncio.wait_for(asyncio.shield(readers), DRAIN_AFTER_EXIT_S)

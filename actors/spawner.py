@@ -677,7 +677,7 @@ class Spawner(Actor):
             "prices": request.prices,
             # an agent CLI that cannot reach its model is ended after this long (actors/shim.py)
             "network_timeout_s": request.timeouts.idle if request.on_stall == "cancel" else None,
-            "sandbox": confinement,  # actors/sandbox.py wraps the command in the shim
+            "sandbox": sandbox.for_run(confinement, run.run_dir),  # the shim wraps the command in it
         }
         run.run_dir.mkdir(parents=True, exist_ok=True)
         refused = self._shell_guard(spec, request, run.run_dir)  # the shell policy, before a command runs
@@ -718,6 +718,7 @@ class Spawner(Actor):
             program=self.sandbox_program,
             hide=self.sandbox_hide,
             deny=deny,
+            path_var=request.env.get("PATH"),  # the agent's, where its run sets one
         )
 
     def _adopt(self, run_dir: Path) -> tuple[RunningExecution, str]:

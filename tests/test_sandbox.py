@@ -102,6 +102,9 @@ attempt("worktree_git_link", lambda: write(".git", "gitdir: /tmp\n"))
 attempt("hooks", lambda: write(common / "hooks" / "post-checkout", "#!/bin/sh\ntouch /tmp/pwned\n"))
 attempt("repo_config", lambda: write(common / "config", "[core]\n\thooksPath = /tmp\n", "a"))
 attempt("git_config", lambda: run("git", "config", "core.hooksPath", "/tmp"))
+attempt("other_branch_file", lambda: write(common / "refs" / "heads" / "corral" / "other", "0" * 40 + "\n"))
+attempt("other_branch_ref", lambda: run("git", "update-ref", "refs/heads/corral/other2", "HEAD"))
+attempt("main_branch", lambda: run("git", "update-ref", "refs/heads/main", "HEAD"))
 attempt("credentials", lambda: Path(os.environ["CORRAL_HOME"], "credentials.json").read_text()[:20])
 attempt("corral_home", lambda: sorted(os.listdir(os.environ["CORRAL_HOME"])))
 attempt("su", lambda: run("su", "-c", "true"))
@@ -125,6 +128,9 @@ def test_a_hostile_agent_writes_only_its_worktree_and_commits_only_its_branch(
     policy.write_text('shell_deny = ["mytool", "su *"]\n')
     host_tmp_name = f"corral-escape-{uuid.uuid4().hex}"
     hooks_before = sorted(p.name for p in (repo / ".git" / "hooks").iterdir())
+    git(repo, "branch", "corral/other")  # another execution's branch
+    git(repo, "branch", "corral/other2")
+    branches_before = git(repo, "for-each-ref", "--format=%(refname) %(objectname)")
     config_before = (repo / ".git" / "config").read_text()
     done = cli(
         "run",
@@ -166,6 +172,10 @@ def test_a_hostile_agent_writes_only_its_worktree_and_commits_only_its_branch(
         assert sorted(p.name for p in (repo / ".git" / "hooks").iterdir()) == hooks_before
         assert (repo / ".git" / "config").read_text() == config_before
         assert not seen["git_config"]["ok"] and "Read-only file system" in seen["git_config"]["error"]
+        # other branches: another execution's (written in its private refs directory: lost) and main
+        assert not seen["main_branch"]["ok"] and "Read-only file system" in seen["main_branch"]["error"]
+        after = git(repo, "for-each-ref", "--format=%(refname) %(objectname)").splitlines()
+        assert [line for line in after if f"corral/{execution_id}" not in line] == branches_before.splitlines()
         # Corral's home: not there at all
         assert not seen["credentials"]["ok"] and "FileNotFoundError" in seen["credentials"]["error"]
         assert seen["corral_home"]["ok"] and seen["corral_home"]["result"] == ["worktrees"]  # its own, only
@@ -348,6 +358,7 @@ def test_bwrap_argv_in_order_hides_corral_home_after_what_it_rebinds(repo: Path,
         "env": {"PATH": "/usr/bin:/bin", "CORRAL_HOME": str(home)},
         "sandbox": {"mode": "bwrap", "network": "none", "bwrap": "bwrap", "hide": [str(home)], "deny": []},
     }
+    spec["sandbox"] = sandbox.for_run(spec["sandbox"], tmp_path / "run")
     args = sandbox.sandbox_args(spec)
     pairs = [(args[i], args[i + 1]) for i in range(len(args) - 1) if args[i].startswith("--")]
     index = {pair: n for n, pair in enumerate(pairs)}
@@ -355,7 +366,11 @@ def test_bwrap_argv_in_order_hides_corral_home_after_what_it_rebinds(repo: Path,
     assert index[("--tmpfs", str(home))] < index[("--bind", str(worktree))]
     gitdir = repo / ".git" / "worktrees" / "x1"
     assert index[("--bind", str(gitdir))] < index[("--ro-bind", str(gitdir / "config.worktree"))]
-    assert ("--bind", str(repo / ".git" / "refs" / "heads" / "corral")) in index
+    private = tmp_path / "run" / "branch"  # its branch's directory inside: only its own ref
+    bound = [args[i + 1 : i + 3] for i in range(len(args) - 2) if args[i] == "--bind"]
+    assert [str(private), str(repo / ".git" / "refs" / "heads" / "corral")] in bound
+    assert [p.name for p in private.iterdir()] == ["x1"]
+    assert (private / "x1").read_text().strip() == git(repo, "rev-parse", "corral/x1")
     assert "--unshare-net" in args and ("--cap-drop", "ALL") in index
     assert args[-2:] == ["--chdir", str(worktree)]
     git(repo, "worktree", "remove", "--force", str(worktree))
