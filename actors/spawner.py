@@ -1007,6 +1007,8 @@ class Spawner(Actor):
         """The shim died without recording an exit: kill what is left of the agent, record it lost."""
         await asyncio.to_thread(remove_cgroups, run.run_dir)
         kill_marked(f"CORRAL_EXECUTION_ID={run.execution_id}".encode())
+        with contextlib.suppress(OSError, ValueError):  # what it committed in its sandbox, onto its branch
+            await asyncio.to_thread(sandbox.sync_branch, orjson.loads((run.run_dir / SPEC).read_bytes()))
         started_at = None
         for line in read_from(run.run_dir / SPOOL, 0).splitlines():
             if b'"type":"execution.started"' in line:

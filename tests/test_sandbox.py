@@ -11,6 +11,7 @@ branch, write its worktree) still works.
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from actors import sandbox
-from tests.conftest import Cli, git
+from tests.conftest import Cli, git, processes_mentioning
 
 pytestmark = pytest.mark.skipif(
     sandbox.probe() is not None, reason=f"bubblewrap cannot make a sandbox here: {sandbox.probe()}"
@@ -382,3 +383,26 @@ def test_bwrap_reports_a_killed_agent_as_its_signal() -> None:
     assert sandbox.exit_status(spec, 137) == -9
     assert sandbox.exit_status(spec, 3) == 3
     assert sandbox.exit_status({"sandbox": {"mode": "off"}}, 137) == 137
+
+
+def test_commits_reach_the_branch_when_the_shim_dies(cli: Cli, repo: Path) -> None:
+    """The shim moves the agent's branch when the agent ends; a shim killed first leaves it to the
+    spawner, which records the execution lost and moves the branch then."""
+    from tests.test_control import detach, start_up, stop_up, wait_state, wait_until
+
+    up = start_up(cli)
+    try:
+        script = "echo x > f.txt && git add f.txt && git commit -qm 'before the shim died' && echo committed; sleep 600"
+        execution_id = detach(cli, repo, "--", "sh", "-c", script)
+        wait_until(lambda: "committed" in cli("logs", execution_id).stdout, 60, "the agent's commit")
+        assert git(repo, "log", "-1", "--format=%s", f"corral/{execution_id}") != "before the shim died"  # inside only
+        run_dir = str(cli.home / "run" / execution_id)
+        [shim] = [
+            pid for pid in processes_mentioning(run_dir) if b"actors.shim" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        os.kill(shim, signal.SIGKILL)
+        final = wait_state(cli, execution_id, "exited", "failed")
+        assert final["exit_reason"] == "lost", final
+        assert git(repo, "log", "-1", "--format=%s", f"corral/{execution_id}") == "before the shim died"
+    finally:
+        stop_up(cli, up)
