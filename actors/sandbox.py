@@ -234,7 +234,7 @@ def sandbox_args(spec: Mapping[str, Any]) -> list[str]:
     sandbox = spec.get("sandbox") or {}
     env: Mapping[str, str] = spec.get("env") or {}
     cwd = Path(spec["cwd"])
-    hidden = [Path(p) for p in sandbox.get("hide") or ()]
+    hidden = [Path(p) for p in sandbox.get("hide") or () if os.path.isdir(p)]  # (a missing one hides nothing)
     args = _base_args(network=str(sandbox.get("network", "open")))
     git = _git_paths(cwd)
 
