@@ -381,9 +381,12 @@ class Checkpointer(Actor):
             except (CheckpointError, PublishError) as exc:
                 self.stats["failed"] += 1
                 log.warning("checkpointer: %s: %s", ex.execution_id, exc)
-            except Exception:
+            except Exception as exc:
                 self.stats["failed"] += 1
-                log.exception("checkpointer: %s: checkpoint failed", ex.execution_id)
+                if not ex.ready():  # its worktree went away meanwhile (a spawn that failed late, a prune)
+                    log.warning("checkpointer: %s: no checkpoint, its worktree is gone (%s)", ex.execution_id, exc)
+                else:
+                    log.exception("checkpointer: %s: checkpoint failed", ex.execution_id)
 
     async def _demanded(self, ex: _Execution, cause: str | None) -> None:
         if not ex.ready():
