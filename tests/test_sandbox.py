@@ -178,6 +178,7 @@ def test_a_hostile_agent_writes_only_its_worktree_and_commits_only_its_branch(
         after = git(repo, "for-each-ref", "--format=%(refname) %(objectname)").splitlines()
         assert [line for line in after if f"corral/{execution_id}" not in line] == branches_before.splitlines()
         # Corral's home: not there at all
+        assert (cli.home / "credentials.json").is_file()  # there, outside
         assert not seen["credentials"]["ok"] and "FileNotFoundError" in seen["credentials"]["error"]
         assert seen["corral_home"]["ok"] and seen["corral_home"]["result"] == ["worktrees"]  # its own, only
         # denied binaries: the default deny list's `su *`, and a program of the run's policy on its PATH
