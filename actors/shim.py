@@ -516,6 +516,26 @@ class Shim:
             os.close(self.spool_fd)
         return 0
 
+    @staticmethod
+    def _file_events_note(spec: dict[str, Any], watcher: FileWatcher | None) -> dict[str, Any]:
+        """Whether live file events flow, and a warning when they were wanted but cannot."""
+        if not spec.get("watch_files", True):
+            return {"file_events": False}
+        if watcher is not None:
+            return {"file_events": True}
+        try:
+            limit = Path("/proc/sys/fs/inotify/max_user_instances").read_text().strip()
+            where = f"this user's {limit} inotify instances (fs.inotify.max_user_instances) are used up"
+        except OSError:
+            where = "inotify is not available here"
+        return {
+            "file_events": False,
+            "warnings": [
+                f"no live file events: {where}; checkpoints are still taken on pause, exit, approval and "
+                "`corral checkpoint`, but not after N files (raise the sysctl to get them back)"
+            ],
+        }
+
     async def _run_agent(self) -> None:
         spec = self.spec
         command: list[str] = spec["command"]
@@ -562,6 +582,7 @@ class Shim:
                 "sandbox": sandbox.in_force(spec),
                 "cwd": spec["cwd"],
                 "limits": self.limits_in_force,
+                **self._file_events_note(spec, watcher),
             },
         )
         os.close(out_w)

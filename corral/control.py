@@ -365,6 +365,19 @@ async def queue_position(system: System, execution_id: str) -> int | None:
     return int(result["rows"][0][0]) if result["rows"] else None
 
 
+async def limits_in_force(system: System, execution_id: str) -> str | None:
+    """What limited the agent's processes, as its shim said when it started it: "cgroup v1 (memory,
+    cpu, pids, freezer)", "cgroup v2", "per process (rlimit+affinity)" (actors/limits.py)."""
+    result = await query(
+        system,
+        f"SELECT last(data->>'limits' ORDER BY seq) AS limits FROM events "
+        f"WHERE execution_id = '{execution_id}' AND type = 'execution.started'",
+    )
+    rows = render.records(result["columns"], result["rows"])
+    value = rows[0]["limits"] if rows else None
+    return str(value) if value else None
+
+
 async def disk_limit_in_force(system: System, execution_id: str, worktree: str | None) -> str | None:
     """How the execution's disk limit holds: "kernel quota (loop ext4)" when its worktree is its own
     file system here (actors/diskquota.py), else "polled every 2 s"; None without a disk limit."""
@@ -379,17 +392,17 @@ async def disk_limit_in_force(system: System, execution_id: str, worktree: str |
     return diskquota.describe(worktree) if worktree else diskquota.describe()
 
 
-async def limits_in_force(system: System, execution_id: str) -> str | None:
-    """What limited the agent's processes, as its shim said when it started it: "cgroup v1 (memory,
-    cpu, pids, freezer)", "cgroup v2", "per process (rlimit+affinity)" (actors/limits.py)."""
+async def start_warnings(system: System, execution_id: str) -> list[str]:
+    """What its shim warned about when it started the agent (no live file events, ...)."""
     result = await query(
         system,
-        f"SELECT last(data->>'limits' ORDER BY seq) AS limits FROM events "
-        f"WHERE execution_id = '{execution_id}' AND type = 'execution.started'",
+        f"SELECT data->'warnings' AS warnings FROM events "
+        f"WHERE execution_id = '{execution_id}' AND type = 'execution.started' ORDER BY seq DESC LIMIT 1",
     )
     rows = render.records(result["columns"], result["rows"])
-    value = rows[0]["limits"] if rows else None
-    return str(value) if value else None
+    raw = rows[0]["warnings"] if rows else None
+    found = orjson.loads(raw) if isinstance(raw, str) else raw
+    return [str(w) for w in found] if isinstance(found, list) else []
 
 
 def _age(ts: str | None, now: datetime) -> float | None:
@@ -409,6 +422,7 @@ async def cmd_status(home: Home, args: Any) -> int:
         reason = (await attention.reasons(ask, [{"execution_id": execution_id, **row}])).get(execution_id)
         need = (await attention.needs(ask, [execution_id])).get(execution_id)
         disk = await disk_limit_in_force(system, execution_id, row["worktree"])
+        warnings = await start_warnings(system, execution_id)
     live: dict[str, Any] | None = None
     run_dir = home.runs / execution_id
     if row["state"] in RUNNING and run_dir.is_dir():
@@ -458,6 +472,7 @@ async def cmd_status(home: Home, args: Any) -> int:
         **activity_row,
     }
     status["disk"] = disk
+    status["warning"] = "; ".join(warnings) or None  # start_warnings
     if status["hard_remaining_s"] is None and row["hard_deadline"] and row["state"] == "running":
         status["hard_remaining_s"] = -(_age(row["hard_deadline"], now) or 0.0)
     activity = [t for t in (row["last_output_at"], row["last_heartbeat_at"], row["started_at"]) if t]

@@ -148,6 +148,10 @@ class ExecutionStarted(EventData):
     # what limits the agent's processes: "cgroup v1 (memory, cpu, pids, freezer)", "cgroup v2",
     # "per process (rlimit+affinity)" or "none" (actors/limits.py); None from an older shim
     limits: str | None = None
+    # live file events (file.touched) for this execution: False when none could be watched (no
+    # inotify instance left: fs.inotify.max_user_instances), with the reason in `warnings`
+    file_events: bool | None = None
+    warnings: tuple[str, ...] = ()
 
 
 @event_type("output")

@@ -269,3 +269,77 @@ def test_a_spawn_timed_out_execution_leaves_no_worktree(cli: Cli, repo: Path, up
         ["git", "-C", str(repo), "branch", "--list", f"corral/{execution_id}"], capture_output=True, text=True
     ).stdout
     assert branches.strip() == ""
+
+
+class _InotifyStarver:
+    """Holds every inotify instance this user may open (EMFILE: the per-user limit), and takes any
+    that another process frees meanwhile, until closed."""
+
+    def __init__(self) -> None:
+        import ctypes
+        import threading
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.held: list[int] = []
+        self._stop = threading.Event()
+        self._grab()
+        assert self.held, "no inotify instance could be taken at all"
+        self._thread = threading.Thread(target=self._keep, daemon=True)
+        self._thread.start()
+
+    def _grab(self) -> None:
+        import ctypes
+        import os
+
+        while len(self.held) < 100_000:
+            fd = self._libc.inotify_init1(os.O_CLOEXEC)
+            if fd < 0:
+                assert ctypes.get_errno() in (24, 23), os.strerror(ctypes.get_errno())  # EMFILE / ENFILE
+                return
+            self.held.append(fd)
+        raise AssertionError("inotify instances never ran out")
+
+    def _keep(self) -> None:
+        while not self._stop.wait(0.005):
+            self._grab()
+
+    def close(self) -> None:
+        import os
+
+        self._stop.set()
+        self._thread.join()
+        for fd in self.held:
+            os.close(fd)
+
+
+def test_no_live_file_events_is_said_on_the_execution(cli: Cli, repo: Path, up: subprocess.Popen[str]) -> None:
+    """Issue 19, item 11: with every inotify instance in use, an execution says it has no live file events."""
+
+    def started(execution_id: str) -> dict[str, object]:
+        rows = json.loads(
+            cli(
+                "sql",
+                f"SELECT data->'file_events' AS file_events, data->'warnings' AS warnings FROM events "
+                f"WHERE execution_id = '{execution_id}' AND type = 'execution.started'",
+                "--json",
+                check=True,
+            ).stdout
+        )
+        assert len(rows) == 1
+        return {k: json.loads(v) if isinstance(v, str) else v for k, v in rows[0].items()}
+
+    starver = _InotifyStarver()
+    try:
+        starved = detach(cli, repo, *agent_command("--steps", "1", "--sleep", "0"))
+        wait_state(cli, starved, "exited")
+    finally:
+        starver.close()
+    note = started(starved)
+    assert note["file_events"] is False
+    assert any("inotify" in w and "max_user_instances" in w for w in note["warnings"]), note  # type: ignore[union-attr]
+    shown = cli("status", starved, check=True).stdout
+    assert "no live file events" in shown, shown
+
+    normal = detach(cli, repo, *agent_command("--steps", "1", "--sleep", "0"))
+    wait_state(cli, normal, "exited")
+    assert started(normal) == {"file_events": True, "warnings": []}
