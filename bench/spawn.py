@@ -74,9 +74,9 @@ async def started_at(bus: Any, execution_id: str, timeout_s: float = 60.0) -> tu
         failed = [error for kind, _, _, error in rows if kind == "execution.failed"]
         if failed:
             raise RuntimeError(f"{execution_id} failed: {failed[0]}")
-        if output:
-            limits = next((limit for kind, _, limit, _ in rows if kind == "execution.started"), None)
-            return float(output[0].split()[0]), limits
+        started = [limit for kind, _, limit, _ in rows if kind == "execution.started"]
+        if output and started:  # (the projector may show the output a moment before the start)
+            return float(output[0].split()[0]), started[0]
         await asyncio.sleep(0.05)
     raise RuntimeError(f"{execution_id} did not start within {timeout_s:.0f}s")
 
