@@ -679,6 +679,10 @@ class Spawner(Actor):
             "network_timeout_s": request.timeouts.idle if request.on_stall == "cancel" else None,
             "sandbox": sandbox.for_run(confinement, run.run_dir),  # the shim wraps the command in it
         }
+        if confinement["mode"] != "off":  # a CLI's own bubblewrap cannot nest in Corral's
+            from actors.adapters import in_corral_sandbox
+
+            spec["command"] = in_corral_sandbox(request.agent, request.command)
         run.run_dir.mkdir(parents=True, exist_ok=True)
         refused = self._shell_guard(spec, request, run.run_dir)  # the shell policy, before a command runs
         if refused is not None:

@@ -778,3 +778,18 @@ def test_follow_up_of_a_plain_command_is_refused(cli: Cli, repo: Path) -> None:
         f"corral: error: {row['execution_id']} ran a plain command: there is no agent session to continue"
     ]
     assert len(sql(cli, "SELECT execution_id FROM executions")) == 1  # nothing was started
+
+
+def test_codex_hands_its_confinement_to_corrals_sandbox() -> None:
+    """Codex's own sandbox is a bubblewrap that cannot nest in Corral's ("setting up uid map:
+    Operation not permitted", every command failed): inside Corral's it runs with full access."""
+    from actors.adapters import in_corral_sandbox
+
+    plain = codex_command("codex", "do it", [])
+    assert "workspace-write" in plain
+    confined = in_corral_sandbox("codex", plain)
+    assert "workspace-write" not in confined and confined[confined.index("--sandbox") + 1] == "danger-full-access"
+    resumed = in_corral_sandbox("codex", codex_command("codex", "go on", ["-s", "read-only"], resume="th-1"))
+    assert 'sandbox_mode="danger-full-access"' in resumed and "read-only" not in " ".join(resumed)
+    assert in_corral_sandbox("claude-code", ["claude", "-p", "x"]) == ["claude", "-p", "x"]
+    assert in_corral_sandbox(None, ["sh", "-c", "--sandbox x"]) == ["sh", "-c", "--sandbox x"]

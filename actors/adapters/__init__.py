@@ -274,6 +274,19 @@ def shell_guard(
     return guarded
 
 
+def in_corral_sandbox(agent: str | None, command: Sequence[str]) -> list[str]:
+    """The agent's command for a run inside Corral's sandbox (actors/sandbox.py).
+
+    A CLI whose own sandbox is itself a bubblewrap (Codex's, on Linux) cannot make one inside
+    Corral's: every command fails ("bwrap: setting up uid map: Operation not permitted"). Its
+    adapter module's `in_corral_sandbox` hands the confinement to Corral's sandbox instead, which
+    already keeps writes to the worktree and applies the network policy. Others run unchanged.
+    """
+    module_name = AGENTS.get(agent or "")
+    rewrite = getattr(importlib.import_module(module_name), "in_corral_sandbox", None) if module_name else None
+    return list(command) if rewrite is None else list(rewrite(list(command)))
+
+
 def hook_command() -> str:
     """The PreToolUse hook command Claude Code and Codex run for each shell command (actors/shellhook.py).
 

@@ -47,6 +47,28 @@ def sandbox_as_config(extra: list[str]) -> list[str]:
     return out
 
 
+FULL_ACCESS = "danger-full-access"
+
+
+def in_corral_sandbox(command: list[str]) -> list[str]:
+    """Codex's own sandbox is a bubblewrap too, and one cannot be made inside Corral's: its sandbox
+    mode becomes danger-full-access (whatever was asked: read-only included), so Corral's sandbox
+    is what confines it (docs/sandbox.md, "Agents with a sandbox of their own")."""
+    out: list[str] = []
+    words = iter(command)
+    for arg in words:
+        if arg in ("--sandbox", "-s"):
+            next(words, None)
+            out += [arg, FULL_ACCESS]
+        elif arg.startswith("--sandbox="):
+            out.append(f"--sandbox={FULL_ACCESS}")
+        elif arg.startswith("sandbox_mode=") and out and out[-1] in ("-c", "--config"):
+            out.append(f'sandbox_mode="{FULL_ACCESS}"')
+        else:
+            out.append(arg)
+    return out
+
+
 def command_line(
     program: str, task: str, extra: list[str], *, resume: str | None = None, fork: bool = False
 ) -> list[str]:
