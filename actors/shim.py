@@ -452,21 +452,21 @@ class Shim:
         group = self.cgroup
         if group is None:
             return
+        # (only the execution's own limits are recorded: one of a group above it has no maximum here)
         kills = group.oom_kills()
         if kills > self.oom_kills:
             self.oom_kills = kills
             peak = group.memory_peak()
             maximum = self.spec.get("memory_bytes")
-            self.record(
-                "limit.exceeded",
-                {"limit": "memory", "value": peak if peak is not None else maximum, "maximum": maximum},
-            )
+            if maximum:
+                value = peak if peak is not None else maximum
+                self.record("limit.exceeded", {"limit": "memory", "value": value, "maximum": maximum})
         refused = group.pids_refused()
         if refused > self.pids_refused:
             first = self.pids_refused == 0
             self.pids_refused = refused
-            if first:  # a fork bomb is refused thousands of times: recorded once
-                maximum = self.spec.get("pids_max")
+            maximum = self.spec.get("pids_max")
+            if first and maximum:  # a fork bomb is refused thousands of times: recorded once
                 self.record("limit.exceeded", {"limit": "pids", "value": len(group.pids()), "maximum": maximum})
 
     async def _group_watch(self, done: asyncio.Event) -> None:
