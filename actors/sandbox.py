@@ -116,6 +116,7 @@ def decide(
         "network": network,
         "bwrap": find_bwrap(program),
         "hide": [str(Path(p).resolve()) for p in hide],
+        "restore": _signal_restorer(),  # probed here once, not in every shim
         "deny": (names := denied_names(deny)),
         "deny_paths": [str(p) for p in denied_paths(tuple(names), path_var or os.environ.get("PATH") or os.defpath)],
     }
@@ -171,7 +172,7 @@ def wrap(spec: Mapping[str, Any], command: Sequence[str]) -> list[str]:
     if sandbox.get("mode") != "bwrap":
         return list(command)
     bwrap = [str(sandbox["bwrap"]), *sandbox_args(spec), "--"]
-    restore = _signal_restorer()
+    restore = sandbox["restore"] if "restore" in sandbox else _signal_restorer()
     if restore is None:
         return [*bwrap, *command]
     # bwrap's own processes (its monitor outside, its init inside) ignore the signals the shim
