@@ -43,6 +43,19 @@ INSTALL_HINT = 'install bubblewrap (apt-get install bubblewrap) or set [sandbox]
 PROBE_TIMEOUT_S = 10.0
 HIDDEN_TMP = Path("/tmp")
 TMP_VARS = ("TMPDIR", "TMP", "TEMP")
+# Sockets of daemons that act for whoever connects (as root: on the whole host): covered by /dev/null.
+CONTROL_SOCKETS: tuple[str, ...] = (
+    "/run/docker.sock",
+    "/var/run/docker.sock",
+    "/run/containerd/containerd.sock",
+    "/run/podman/podman.sock",
+    "/run/crio/crio.sock",
+    "/run/dbus/system_bus_socket",
+    "/var/run/dbus/system_bus_socket",
+    "/run/systemd/private",
+    "/run/snapd.socket",
+    "/run/libvirt/libvirt-sock",
+)
 # Signals an agent's exit status may carry through bwrap (it exits 128 + N for a child killed by N).
 _MAX_SIGNAL = 64
 
@@ -285,6 +298,11 @@ def sandbox_args(spec: Mapping[str, Any]) -> list[str]:
     for path in (Path(p) for p in deny_paths):
         if path.is_file():
             args += ["--ro-bind", "/dev/null", str(path)]
+    # the host daemons' control sockets: a read-only mount does not stop connect(), and root on
+    # the Docker socket or the system bus (systemd-run) is root on the host
+    for socket_path in CONTROL_SOCKETS:
+        if os.path.exists(socket_path) and not os.path.isdir(socket_path):
+            args += ["--ro-bind", "/dev/null", socket_path]
     # 6. the hiding tmpfs read-only (what was bound inside it stays writable): a write there fails
     for path in hidden:
         args += ["--remount-ro", str(path)]

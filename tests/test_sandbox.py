@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import uuid
@@ -407,3 +408,33 @@ def test_commits_reach_the_branch_when_the_shim_dies(cli: Cli, repo: Path) -> No
         assert git(repo, "log", "-1", "--format=%s", f"corral/{execution_id}") == "before the shim died"
     finally:
         stop_up(cli, up)
+
+
+def test_a_host_daemons_control_socket_is_covered(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only mount does not stop connect(): the Docker socket or the system bus would give
+    root on the host. Tried with a socket of the test's own at such a place (in /run, seen inside)."""
+    path = f"/run/corral-test-{uuid.uuid4().hex[:12]}.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+    worktree = tmp_path / "wt"
+    git(repo, "worktree", "add", "-q", "-b", "corral/sock", str(worktree))
+    code = f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({path!r}); print('connected')"
+    spec = {
+        "cwd": str(worktree),
+        "command": [sys.executable, "-c", code],
+        "env": {"PATH": os.environ["PATH"]},
+        "sandbox": sandbox.decide("on", "none"),
+    }
+    try:
+        reached = []
+        for sockets in ((), (path,)):
+            monkeypatch.setattr(sandbox, "CONTROL_SOCKETS", sockets)
+            done = subprocess.run(sandbox.wrap(spec, spec["command"]), capture_output=True, text=True, check=False)
+            reached.append((done.returncode, done.stdout.strip(), done.stderr.strip().splitlines()[-1:]))
+        assert reached[0][:2] == (0, "connected"), reached  # the control: not covered, it connects
+        assert reached[1][0] == 1 and reached[1][2] == ["ConnectionRefusedError: [Errno 111] Connection refused"]
+    finally:
+        server.close()
+        os.unlink(path)
+        git(repo, "worktree", "remove", "--force", str(worktree))
