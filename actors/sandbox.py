@@ -16,7 +16,10 @@ git's own files; the validator only saw that afterwards. Inside it (docs/sandbox
 - no capabilities (root inside cannot remount), no new privileges; under `network = "none"` a
   network namespace of its own (loopback only);
 - binaries of the shell deny list that are a bare command name (`sudo *`, `mkfs*`) covered by
-  /dev/null wherever its PATH finds them.
+  /dev/null wherever its PATH finds them, and so are the host daemons' control sockets
+  (`CONTROL_SOCKETS`: Docker, the D-Bus system bus, ...);
+- a private `refs/heads/corral/` holding only its own branch ref (`sync_branch` moves the real
+  one when it ends).
 
 `wrap` runs in the shim just before the agent starts (the paths are looked at then); `decide`
 runs in the spawner (is a sandbox possible, what goes in the spec). Standard library only.
