@@ -365,17 +365,22 @@ async def queue_position(system: System, execution_id: str) -> int | None:
     return int(result["rows"][0][0]) if result["rows"] else None
 
 
-async def limits_in_force(system: System, execution_id: str) -> str | None:
-    """What limited the agent's processes, as its shim said when it started it: "cgroup v1 (memory,
-    cpu, pids, freezer)", "cgroup v2", "per process (rlimit+affinity)" (actors/limits.py)."""
+async def started_facts(system: System, execution_id: str) -> tuple[str | None, list[str]]:
+    """What its shim said when it started the agent (one query of execution.started): what limited
+    its processes, "cgroup v1 (memory, cpu, pids, freezer)", "cgroup v2", "per process
+    (rlimit+affinity)" (actors/limits.py), and its warnings (no live file events, ...)."""
     result = await query(
         system,
-        f"SELECT last(data->>'limits' ORDER BY seq) AS limits FROM events "
-        f"WHERE execution_id = '{execution_id}' AND type = 'execution.started'",
+        f"SELECT data->>'limits' AS limits, data->'warnings' AS warnings FROM events "
+        f"WHERE execution_id = '{execution_id}' AND type = 'execution.started' ORDER BY seq DESC LIMIT 1",
     )
     rows = render.records(result["columns"], result["rows"])
-    value = rows[0]["limits"] if rows else None
-    return str(value) if value else None
+    if not rows:
+        return None, []
+    raw = rows[0]["warnings"]
+    found = orjson.loads(raw) if isinstance(raw, str) else raw
+    warnings = [str(w) for w in found] if isinstance(found, list) else []
+    return (str(rows[0]["limits"]) if rows[0]["limits"] else None), warnings
 
 
 async def disk_limit_in_force(system: System, execution_id: str, worktree: str | None) -> str | None:
@@ -392,19 +397,6 @@ async def disk_limit_in_force(system: System, execution_id: str, worktree: str |
     return diskquota.describe(worktree) if worktree else diskquota.describe()
 
 
-async def start_warnings(system: System, execution_id: str) -> list[str]:
-    """What its shim warned about when it started the agent (no live file events, ...)."""
-    result = await query(
-        system,
-        f"SELECT data->'warnings' AS warnings FROM events "
-        f"WHERE execution_id = '{execution_id}' AND type = 'execution.started' ORDER BY seq DESC LIMIT 1",
-    )
-    rows = render.records(result["columns"], result["rows"])
-    raw = rows[0]["warnings"] if rows else None
-    found = orjson.loads(raw) if isinstance(raw, str) else raw
-    return [str(w) for w in found] if isinstance(found, list) else []
-
-
 def _age(ts: str | None, now: datetime) -> float | None:
     if not ts:
         return None
@@ -417,12 +409,11 @@ async def cmd_status(home: Home, args: Any) -> int:
         row = await execution_row(system, execution_id)
         position = await queue_position(system, execution_id) if row["state"] in QUEUED else None
         activity_row = await agent_activity(system, execution_id)
-        limits = await limits_in_force(system, execution_id)
+        limits, warnings = await started_facts(system, execution_id)
         ask = functools.partial(query, system)
         reason = (await attention.reasons(ask, [{"execution_id": execution_id, **row}])).get(execution_id)
         need = (await attention.needs(ask, [execution_id])).get(execution_id)
         disk = await disk_limit_in_force(system, execution_id, row["worktree"])
-        warnings = await start_warnings(system, execution_id)
     live: dict[str, Any] | None = None
     run_dir = home.runs / execution_id
     if row["state"] in RUNNING and run_dir.is_dir():
@@ -472,7 +463,7 @@ async def cmd_status(home: Home, args: Any) -> int:
         **activity_row,
     }
     status["disk"] = disk
-    status["warning"] = "; ".join(warnings) or None  # start_warnings
+    status["warning"] = "; ".join(warnings) or None
     if status["hard_remaining_s"] is None and row["hard_deadline"] and row["state"] == "running":
         status["hard_remaining_s"] = -(_age(row["hard_deadline"], now) or 0.0)
     activity = [t for t in (row["last_output_at"], row["last_heartbeat_at"], row["started_at"]) if t]
