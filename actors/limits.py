@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 __all__ = [
     "CgroupLimit",
@@ -232,7 +233,22 @@ def cgroup_v2_available() -> bool:
             probe.rmdir()
 
 
-class CgroupLimit:
+class _Group:
+    """What both cgroup versions' execution groups share: `with` closes (kills and removes) the group."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class CgroupLimit(_Group):
     """A cgroup v2 group for one execution, with memory.max, cpu.max and pids.max; removed by `close()`.
 
         with CgroupLimit("corral-k3x9q2mf", memory_bytes=2 << 30, cpus=1.5) as group:
@@ -370,14 +386,6 @@ class CgroupLimit:
         self.path.rmdir()  # EBUSY while processes remain
         self._closed = True
 
-    def __enter__(self) -> "CgroupLimit":
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
 
 # cgroup v1
 
@@ -445,7 +453,7 @@ def cgroup_v1_available() -> bool:
                 probe.rmdir()
 
 
-class CgroupV1Limit:
+class CgroupV1Limit(_Group):
     """The cgroup v1 groups of one execution: a directory named `name` under a `corral` parent in
     each of the memory, cpu (and cpuacct), pids and freezer hierarchies, inside this process's
     own group there; removed by `close()`.
@@ -586,14 +594,6 @@ class CgroupV1Limit:
         if errors:
             raise errors[0]
         self._closed = True
-
-    def __enter__(self) -> "CgroupV1Limit":
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def _kill_v1(freezer: Path, timeout: float) -> bool:
