@@ -44,7 +44,7 @@ from actors.bus import Bus, PermissionRefused
 from actors.policy import Policy, PolicyError, effective_policy
 from actors.runtime import Actor
 from events.approvals import CROCKFORD, EXIT_CODE_APPROVAL, OUTCOMES, derived_id, encode
-from events.auth import DECIDE_API
+from events.auth import DECIDE_API, TOKEN_DECIDE_API
 from events.envelope import decode_event
 from events.errors import EventError, PublishError, WrongLastSequence
 from events.ids import is_valid_execution_id, new_ulid
@@ -268,6 +268,8 @@ class Approver(Actor):
     async def prepare(self) -> None:
         # Decisions are taken from the start (recorded now, decided once the history is read).
         self._subs.append(await self.bus.nc.subscribe(f"{DECIDE_API}.*", queue="approver", cb=self._on_submit))
+        # the HTTP gateway's operator tokens: `decide.token.<name>`, the name is the decider
+        self._subs.append(await self.bus.nc.subscribe(f"{TOKEN_DECIDE_API}.*", queue="approver", cb=self._on_submit))
 
     async def run(self) -> None:
         js = self.bus.js
@@ -648,12 +650,16 @@ async def submit_decision(
     *,
     causation_id: str | None = None,
     timeout_s: float = 15.0,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """Send a decision to the approvers as this bus's NATS user; return {id, seq, decided_by} of the record.
 
     Without NATS users the subject names the claimed decider (data.decided_by, else the OS user).
+    `token`: the HTTP gateway decides for one of its bearer tokens (`decide.token.<name>`, which only
+    the `api` user may publish): the token's name is the decider.
     """
     user = bus.user or data.decided_by or decider()
+    subject = decision_api(user) if token is None else f"{TOKEN_DECIDE_API}.{re.sub(r'[^A-Za-z0-9_-]', '_', token)}"
     body = {
         "execution_id": execution_id,
         "id": new_ulid(),
@@ -661,7 +667,7 @@ async def submit_decision(
         "data": data.model_dump(mode="json"),
     }
     try:
-        msg = await bus.request(decision_api(user), orjson.dumps(body), timeout_s=timeout_s)
+        msg = await bus.request(subject, orjson.dumps(body), timeout_s=timeout_s)
     except PermissionRefused as exc:
         raise DecisionRefused(f"{exc}; this user may not decide approvals (docs/security.md)") from None
     except NoRespondersError:

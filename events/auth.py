@@ -42,6 +42,8 @@ CREDENTIAL_ENV: Final = (ENV_USER, ENV_PASSWORD, ENV_CREDS)
 
 HEALTH_STREAM: Final = f"KV_{HEALTH_BUCKET}"
 DECIDE_API: Final = "corral.api.approval.decide"  # + ".<user>": the user is the subject's last token
+# + ".<token name>": a decision the HTTP gateway (role `api`) takes for one of its bearer tokens
+TOKEN_DECIDE_API: Final = f"{DECIDE_API}.token"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PASSWORD = re.compile(r"[A-Za-z0-9_.~+/=!@#%^&*()-]{8,256}")  # quoted for nats-server: no quote, no backslash
 
@@ -231,7 +233,7 @@ ROLES: Final[dict[str, Role]] = {
                 "execution.requested",
             )
         ),
-        subscribe=(f"{DECIDE_API}.*",),
+        subscribe=(f"{DECIDE_API}.*", f"{TOKEN_DECIDE_API}.*"),
         responds=True,
     ),
     "projector": Role(
@@ -251,6 +253,22 @@ ROLES: Final[dict[str, Role]] = {
         responds=True,
     ),
     "tap": Role(publish=QUERY_API, actor=False),
+    # Sends webhook/Slack/ntfy notifications (actors/notifier.py): one shared durable, its records.
+    "notifier": Role(
+        publish=(*_events("notification.sent", "notification.failed"), *_work_consumers("notifier")),
+        durables=("notifier",),
+    ),
+    # The HTTP gateway (corral/http.py) for its operator tokens: what an operator may do, and
+    # decisions only on `decide.token.<name>` (the approver records the token's name as decider).
+    "api": Role(
+        publish=(
+            *_events(*OPERATOR_EVENTS),
+            *QUERY_API,
+            "corral.api.projections.>",
+            f"{TOKEN_DECIDE_API}.*",
+        ),
+        actor=False,
+    ),
     # `corral up` (or the command that starts the system) before anything else: the streams, their
     # limits and replicas. Its password stays in the credentials file of the host that provisions.
     PROVISIONER: Role(
@@ -260,7 +278,7 @@ ROLES: Final[dict[str, Role]] = {
         actor=False,
     ),
 }
-ACTOR_ROLES: Final = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector")
+ACTOR_ROLES: Final = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector", "notifier")
 
 
 def operator_role(name: str) -> Role:
@@ -280,7 +298,7 @@ def check_name(name: str, what: str = "operator name") -> str:
     """Return name if it can be a NATS user and a subject token, else raise AuthError."""
     if not _NAME.fullmatch(name):
         raise AuthError(f"{what} {name!r}: use 1-64 letters, digits, '_' or '-'")
-    if name in ROLES or name == "admin":
+    if name in ROLES or name in ("admin", "token"):
         raise AuthError(f"{what} {name!r} is a built-in role; choose another name")
     return name
 
