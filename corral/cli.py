@@ -7,7 +7,20 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
-from corral import __version__, approvals, changes, commands, config, control, history, worktrees, wrap
+from corral import (
+    __version__,
+    approvals,
+    changes,
+    commands,
+    config,
+    control,
+    history,
+    mcp_server,
+    notify,
+    tokens,
+    worktrees,
+    wrap,
+)
 from corral.errors import CorralError
 from corral.home import Home
 from events.errors import EventError
@@ -177,6 +190,7 @@ TOPICS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("approvals", ("approvals", "approve", "reject")),
     ("history", ("search", "compare", "replay", "fork", "export", "tap", "sql", "snapshot")),
     ("system", ("up", "down", "health", "templates", "credentials", "projections", "schema", "wrap")),
+    ("api and notifications", ("token", "mcp", "notify")),
 )
 
 
@@ -195,7 +209,7 @@ def _group_commands(parser: argparse.ArgumentParser, sub: "argparse._SubParsersA
 
 
 # Each feature module adds its own subcommands and returns {command name: handler}.
-FEATURES: Final = (changes, worktrees, history, approvals)
+FEATURES: Final = (changes, worktrees, history, approvals, tokens, mcp_server, notify)
 
 
 COMMANDS: dict[str, Any] = {
