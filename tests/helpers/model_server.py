@@ -11,6 +11,8 @@ The script, per conversation: if the request offers a tool that can write files 
 result yet, answer with one call of that tool creating FILE_NAME; otherwise answer with FINAL_TEXT.
 A test that sets `state.shell_commands` gets shell tool calls instead: the conversation's k-th
 request (k tool results so far) calls the CLI's shell tool with the k-th command, then FINAL_TEXT.
+A test that sets `state.tool_calls` (Anthropic only) gets its (tool name, input) calls the same way,
+e.g. an MCP tool (`mcp__corral__run`, tests/test_mcp.py).
 Side requests (titles, routing, next-speaker checks) get text or a JSON object shaped by their schema.
 Every request is recorded in `requests`. The server also refuses CONNECT (point HTTPS_PROXY at it to
 catch a CLI that tries to leave the machine: those land in `leaks`).
@@ -62,6 +64,8 @@ class ScriptState:
     held: threading.Event = field(default_factory=threading.Event)
     # Set by a test: shell commands to call one per round trip, in order (tests/test_shell_policy.py).
     shell_commands: list[str] | None = None
+    # Set by a test: (tool name, input) calls to make one per round trip, in order (tests/test_mcp.py).
+    tool_calls: list[tuple[str, dict[str, Any]]] | None = None
 
     def next_id(self) -> int:
         with self.lock:
@@ -110,7 +114,10 @@ def json_for_schema(schema: Any) -> Any:
 
 
 def anthropic_reply(
-    body: dict[str, Any], n: int, shell: list[str] | None = None
+    body: dict[str, Any],
+    n: int,
+    shell: list[str] | None = None,
+    calls: list[tuple[str, dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The whole message and its content blocks."""
     tools = {t.get("name") for t in body.get("tools") or []}
@@ -123,7 +130,14 @@ def anthropic_reply(
     )
     answered = results > 0
     blocks: list[dict[str, Any]]
-    if shell is not None and "Bash" in tools and results < len(shell):
+    if calls is not None and results < len(calls) and calls[results][0] in tools:
+        name, arguments = calls[results]
+        blocks = [{"type": "tool_use", "id": f"toolu_{n:04d}", "name": name, "input": arguments}]
+        stop = "tool_use"
+    elif calls is not None:
+        blocks = [{"type": "text", "text": FINAL_TEXT}]
+        stop = "end_turn"
+    elif shell is not None and "Bash" in tools and results < len(shell):
         command = shell[results]
         blocks = [{"type": "tool_use", "id": f"toolu_{n:04d}", "name": "Bash", "input": {"command": command}}]
         stop = "tool_use"
@@ -511,7 +525,10 @@ class Handler(BaseHTTPRequestHandler):
             if state.hold_until is not None and body.get("tools") and not state.held.is_set():
                 state.held.set()
                 state.hold_until.wait(120)
-            message, blocks = anthropic_reply(body, n, state.shell_commands if body.get("tools") else None)
+            tooled = bool(body.get("tools"))
+            message, blocks = anthropic_reply(
+                body, n, state.shell_commands if tooled else None, state.tool_calls if tooled else None
+            )
             if body.get("stream"):
                 self._sse([(kind, data) for kind, data in anthropic_events(message, blocks)])
             else:
