@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -406,6 +407,51 @@ class Template(_Frozen):
         return {name: getattr(self, name) for name in SETTING_FIELDS if getattr(self, name) is not None}
 
 
+# --- [[notify]]: notifications that reach a human (docs/notifications.md) ----------------------
+
+NotifyKind = Literal["webhook", "slack", "ntfy"]
+# What a target gets when its entry names no `events`: the moments a human is needed or should know.
+# `execution.exited` counts only when the exit is not a success (docs/notifications.md).
+DEFAULT_NOTIFY_EVENTS: tuple[str, ...] = (
+    "approval.requested",
+    "execution.stalled",
+    "execution.crash_loop",
+    "limit.exceeded",
+    "execution.failed",
+    "execution.exited",
+)
+# Never notified: output is most of the log, and a notification about a notification would loop.
+UNNOTIFIABLE_EVENTS: frozenset[str] = frozenset({"output", "heartbeat", "notification.sent", "notification.failed"})
+
+
+class NotifyTarget(_Frozen):
+    """One `[[notify]]` entry, checked: where to send which events (actors/notifier.py sends them).
+
+    `url` may itself be a secret (a Slack incoming webhook's is): it is never logged nor recorded;
+    events and messages name a target by `name` (default `kind:host`).
+    """
+
+    name: str
+    kind: NotifyKind
+    url: str = Field(repr=False)
+    events: tuple[str, ...] = DEFAULT_NOTIFY_EVENTS
+    labels: dict[str, str] = Field(default_factory=dict)  # all must equal the execution's labels
+    templates: tuple[str, ...] = ()  # any of them (none: every execution)
+    secret_env: str | None = None  # webhook only: the variable holding the HMAC-SHA256 secret
+    link_base: str | None = None  # the HTTP API's public URL, for links in messages
+    on_success: bool = False  # execution.exited with exit code 0 notifies too
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "?"
+
+    def for_actor(self) -> "actors.notifier.Target":
+        """The notifier's target (imported here: httpx is loaded only where notifications are sent)."""
+        import actors.notifier
+
+        return actors.notifier.Target(**self.model_dump())
+
+
 class Config(_Frozen):
     source: Path | None = None
     searched: tuple[Path, ...] = ()
@@ -424,6 +470,7 @@ class Config(_Frozen):
     templates: dict[str, Template] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     prices: dict[str, dict[str, float]] = Field(default_factory=dict)  # [prices.MODEL], USD per million tokens
+    notify: tuple[NotifyTarget, ...] = ()  # [[notify]] entries (docs/notifications.md)
     # [defaults] agent_idle_timeout: None when not written (then [defaults] idle_timeout if written,
     # else DEFAULT_AGENT_IDLE_TIMEOUT_S); 0 when written "none" (agents are not watched for idleness)
     agent_idle_timeout_s: float | None = None
@@ -625,6 +672,64 @@ class _PriceFile(_Frozen):
     cache_write: Annotated[float, Field(ge=0)] = 0.0
 
 
+_HTTP_URL = re.compile(r"https?://[^\s/?#@]+(?:[/?#]\S*)?")
+
+
+class _NotifyFile(_Frozen):
+    """One `[[notify]]` table as written."""
+
+    kind: NotifyKind
+    url: StrictStr
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
+    events: tuple[StrictStr, ...] = DEFAULT_NOTIFY_EVENTS
+    labels: dict[str, StrictStr] = Field(default_factory=dict)
+    templates: tuple[StrictStr, ...] = ()
+    secret_env: StrictStr | None = None
+    link_base: StrictStr | None = None
+    on_success: StrictBool = False
+
+    @field_validator("url", "link_base")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        # The URL may be a secret (Slack's are): the message never repeats it.
+        if value is not None and not _HTTP_URL.fullmatch(value):
+            if "@" in urlsplit(value).netloc:
+                raise ValueError("expected a URL without user:password@ (got one with credentials in it)")
+            scheme = value.split(":", 1)[0][:10] if ":" in value else ""
+            got = f"a URL starting {scheme + ':'!r}" if scheme.isalpha() else "no scheme"
+            raise ValueError(f"expected an http:// or https:// URL (got {got})")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _event_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from events.types import EVENT_TYPES
+
+        if not value:
+            raise ValueError("expected at least one event type (leave events out for the default ones)")
+        for name in value:
+            if name in UNNOTIFIABLE_EVENTS:
+                raise ValueError(f"{name!r} cannot be notified")
+            if name not in EVENT_TYPES:
+                close = difflib.get_close_matches(name, list(EVENT_TYPES), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else " (`corral schema` lists the event types)"
+                raise ValueError(f"unknown event type {name!r}{hint}")
+        return tuple(dict.fromkeys(value))
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.fullmatch(value):
+            raise ValueError(f"expected the name of an environment variable, like HOOK_SECRET (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> "_NotifyFile":
+        if self.secret_env is not None and self.kind != "webhook":
+            raise ValueError(f'secret_env is for kind = "webhook" only (this one is {self.kind!r})')
+        return self
+
+
 class _SandboxFile(_Frozen):
     mode: Literal["auto", "on", "off"] = "auto"
     network: Annotated[StrictStr, AfterValidator(_network)] = "open"
@@ -647,6 +752,7 @@ class _ConfigFile(_Frozen):
     templates: dict[str, _TemplateFile] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     prices: dict[str, _PriceFile] = Field(default_factory=dict)
+    notify: list[_NotifyFile] = Field(default_factory=list)  # [[notify]]
 
 
 _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
@@ -664,6 +770,7 @@ _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "snapshot": tuple(_SnapshotFile.model_fields),
     "sandbox": tuple(_SandboxFile.model_fields),
     "templates.*": tuple(_TemplateFile.model_fields),
+    "notify.*": tuple(_NotifyFile.model_fields),
 }
 
 _TYPE_MESSAGES = {
@@ -705,7 +812,7 @@ def _error_text(error: ErrorDetails) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         parent = [str(p) for p in loc[:-1]]
-        scope = "templates.*" if len(parent) == 2 and parent[0] == "templates" else ".".join(parent)
+        scope = f"{parent[0]}.*" if len(parent) == 2 and parent[0] in ("templates", "notify") else ".".join(parent)
         known = _KNOWN_KEYS.get(scope, ())
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})" if known else ""
@@ -828,9 +935,40 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
         },
         policy=parsed.policy,
         prices={name: price.model_dump() for name, price in parsed.prices.items()},
+        notify=_notify_targets(parsed.notify, set(parsed.templates), label),
         agent_idle_timeout_s=parsed.defaults.agent_idle_timeout,
         label=label,
     )
+
+
+def _notify_targets(entries: list[_NotifyFile], templates: set[str], label: str) -> tuple[NotifyTarget, ...]:
+    """[[notify]] as NotifyTargets: names unique (default `kind:host`), template filters defined."""
+    targets: list[NotifyTarget] = []
+    for i, entry in enumerate(entries):
+        host = urlsplit(entry.url).hostname or "?"
+        name = entry.name or f"{entry.kind}:{host}"
+        if any(t.name == name for t in targets):
+            raise ConfigError(
+                f"{label}: notify[{i}].name: another [[notify]] entry is named {name!r}; give each a distinct name"
+            )
+        for template in entry.templates:
+            if template not in templates:
+                known = ", ".join(sorted(templates)) or "none defined"
+                raise ConfigError(f"{label}: notify[{i}].templates: no template {template!r} (known: {known})")
+        targets.append(
+            NotifyTarget(
+                name=name,
+                kind=entry.kind,
+                url=entry.url,
+                events=entry.events,
+                labels=entry.labels,
+                templates=entry.templates,
+                secret_env=entry.secret_env,
+                link_base=entry.link_base.rstrip("/") if entry.link_base else None,
+                on_success=entry.on_success,
+            )
+        )
+    return tuple(targets)
 
 
 def _check_policies(policy: dict[str, Any], templates: dict[str, dict[str, Any] | None], label: str) -> None:

@@ -52,7 +52,9 @@ from replay.history import last_sequence
 
 log = logging.getLogger(__name__)
 
-ALL_ACTORS = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector")
+# The notifier runs on every host, idle without [[notify]] entries (no consumer: it claims nothing
+# that a host with entries would send), so every host reports the same actors (`corral health`).
+ALL_ACTORS = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector", "notifier")
 SERVER_CHECK_S = 0.5
 
 
@@ -309,6 +311,10 @@ async def _start_actors(system: System, names: tuple[str, ...], *, config: Confi
             )
         elif name == "projector":
             actor = Projector(bus, database=home.database, tmp_dir=home.tmp)
+        elif name == "notifier":
+            from actors.notifier import Notifier  # [[notify]] (docs/notifications.md)
+
+            actor = Notifier(bus, [target.for_actor() for target in config.notify])
         else:
             raise CorralError(f"unknown actor {name!r}; known: {', '.join(ALL_ACTORS)}")
         await actor.start()
@@ -322,7 +328,7 @@ async def _shutdown(system: System) -> None:
             await sub.unsubscribe()
     try:
         # No reaction to the agents a stopping spawner ends; then their exit checkpoints.
-        for name in ("watchdog", "spawner", "checkpointer", "validator", "approver"):
+        for name in ("watchdog", "spawner", "checkpointer", "validator", "approver", "notifier"):
             actor = system.actors.get(name)
             if actor is not None:
                 await actor.stop()

@@ -562,3 +562,37 @@ class ReplayDiverged(EventData):
     at_event: str
     expected: str
     actual: str
+
+
+# --- notifications (notifier) ------------------------------------------------------------------
+
+
+@event_type("notification.sent")
+class NotificationSent(EventData):
+    """A [[notify]] target accepted a notification about event `event_id` (a 2xx answer).
+
+    `target` is the entry's name (default `kind:host`): never its URL, which may be a secret.
+    """
+
+    target: str
+    kind: Literal["webhook", "slack", "ntfy"]
+    event_id: str
+    event_type: str
+    attempt: int
+    status_code: int
+    duration_ms: float
+
+
+@event_type("notification.failed")
+class NotificationFailed(EventData):
+    """One attempt to notify a target failed; `final` when no attempt follows (docs/notifications.md)."""
+
+    target: str
+    kind: Literal["webhook", "slack", "ntfy"]
+    event_id: str
+    event_type: str
+    attempt: int
+    status_code: int | None = None  # None: no answer (connection refused, timeout, no secret)
+    error: str
+    final: bool = False
+    retry_in_s: float | None = None
