@@ -45,6 +45,8 @@ from pydantic import BaseModel, Field
 
 from corral.errors import CorralError
 from corral.home import Home
+from events.errors import EventError
+from projections.errors import ProjectionError
 
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
@@ -229,6 +231,9 @@ def build_server(connection: Connection, role: str) -> "MCPServer[Any]":
         except CorralError as exc:
             log.info("%s: %s", name, exc.message)
             return result(exc.message, error=True)
+        except (ProjectionError, EventError) as exc:  # one line too, as the CLI prints them
+            log.info("%s: %s", name, exc)
+            return result(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, error=True)
 
     def tool(name: str, description: str, *, read_only: bool, destructive: bool = False) -> Callable[[Any], Any]:
         if name not in allowed:  # the model sees up front what this server refuses

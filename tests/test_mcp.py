@@ -93,6 +93,9 @@ async def test_a_coordinator_runs_a_command_and_reads_it_back(cli: Cli, repo: Pa
             assert (ended["state"], ended["exit_code"]) == ("exited", 0)
             assert execution_id in {row["execution_id"] for row in await ok(session, "list", all=True)}
             assert execution_id not in {row["execution_id"] for row in await ok(session, "list")}  # not running
+            labelled = await ok(session, "list", all=True, label="via=mcp")
+            assert [row["execution_id"] for row in labelled] == [execution_id]
+            assert await ok(session, "list", all=True, label="via=mcp' OR '1'='1") == []  # quoted, not SQL
             assert (await ok(session, "status", execution_id=execution_id[:6]))["execution_id"] == execution_id
             lines = await ok(session, "logs", execution_id=execution_id, tail=5)
             assert [line["text"] for line in lines] == ["hello from mcp\n"]
