@@ -30,7 +30,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -272,7 +272,9 @@ NTFY_TAGS: Final = {
 }
 
 
-def build_request(target: Target, note: Notification, environ: Any = os.environ) -> tuple[dict[str, str], bytes]:
+def build_request(
+    target: Target, note: Notification, environ: Mapping[str, str] = os.environ
+) -> tuple[dict[str, str], bytes]:
     """(headers, body) of the POST telling `target` about `note`; raises MissingSecret."""
     headers = {"User-Agent": f"corral-notifier/{VERSION}"}
     link = note.link(target.link_base)
@@ -369,7 +371,9 @@ class Attempt:
         return not self.fatal and (code is None or code in (408, 429) or code >= 500)
 
 
-async def post(client: "httpx.AsyncClient", target: Target, note: Notification, environ: Any = os.environ) -> Attempt:
+async def post(
+    client: "httpx.AsyncClient", target: Target, note: Notification, environ: Mapping[str, str] = os.environ
+) -> Attempt:
     """One attempt; never raises."""
     import httpx
 
@@ -416,6 +420,23 @@ def _ms(started: float) -> float:
 
 # --- the actor ------------------------------------------------------------------------------------
 
+# Webhook secrets taken out of this process's environment by the first notifier that needed them.
+_WITHHELD: dict[str, str] = {}
+
+
+def withhold_secrets(targets: Sequence[Target]) -> dict[str, str]:
+    """The targets' webhook secrets, removed from os.environ (kept here for the notifiers).
+
+    Agents inherit the environment of the process that spawns them (actors/spawner.py): a secret
+    left there would let any agent sign webhooks as Corral. Taken once per process; later
+    notifiers of the same process find them here.
+    """
+    for target in targets:
+        name = target.secret_env
+        if name and name not in _WITHHELD and os.environ.get(name):
+            _WITHHELD[name] = os.environ.pop(name)
+    return {t.secret_env: _WITHHELD[t.secret_env] for t in targets if t.secret_env and t.secret_env in _WITHHELD}
+
 
 class Notifier(Actor):
     """Delivers each matching event to its [[notify]] targets once across instances; records each attempt."""
@@ -442,6 +463,7 @@ class Notifier(Actor):
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: httpx.AsyncClient | None = None
+        self._secrets = withhold_secrets(self.targets)
 
     @property
     def event_types(self) -> tuple[str, ...]:
@@ -575,7 +597,7 @@ class Notifier(Actor):
             if claim is not None:
                 with contextlib.suppress(Exception):
                     await claim.in_progress()  # the claim lasts ACK_WAIT_S from now
-            result = await post(self._client, target, note)
+            result = await post(self._client, target, note, self._secrets)
             if result.ok:
                 self.sent += 1
                 await self._record(

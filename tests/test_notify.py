@@ -41,6 +41,10 @@ SECRET = "s3cret-hmac-key-for-tests"
 SLACK_TOKEN = "XOXSLACKTOKEN1234"
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # many notifications at once: the default backlog (5) resets connections
+
+
 class Receiver:
     """An HTTP server on a free loopback port recording every POST; `script[path]` lists the status
     codes of its first answers (then 200)."""
@@ -68,7 +72,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -454,8 +458,10 @@ secret_env = "HOOK_SECRET"
         assert body["event"]["data"]["category"] == "deploy" and body["event"]["data"]["question"]
         cli("approve", approval_id, "--choice", "yes", check=True)
 
-        failing = detach(cli, repo, "--", "sh", "-c", "exit 3")
+        # The agent inherits `corral up`'s environment, but not the webhook secret: it cannot sign.
+        failing = detach(cli, repo, "--", "sh", "-c", 'echo "secret=[$HOOK_SECRET]"; exit 3')
         wait_until(lambda: told("execution.exited", failing), 60, "the failed exit's notification")
+        assert "secret=[]" in cli("logs", failing).stdout
         rows = json.loads(
             cli("sql", "SELECT execution_id, data FROM events WHERE type = 'notification.sent'", "--json").stdout
         )
