@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js.api import DeliverPolicy
 
 from actors.bus import Bus, connect_bus
 from actors.notifier import Notifier, Target
@@ -419,6 +420,20 @@ async def test_an_old_event_is_not_sent(
         await _until(lambda: len(receiver.at("/t")) == 1, "the fresh event")
         await _until(lambda: notifier.stale == 1, "the old one dropped")
         assert receiver.at("/t")[0]["headers"]["X-Corral-Delivery"] == fresh.id
+        await notifier.stop()
+
+        # Restarted with more event types: the shared consumer is updated, not replaced (nothing replayed).
+        wider = Target(name="t", kind="webhook", url=f"{receiver.base}/t", events=("approval.requested", "pr.failed"))
+        notifier = Notifier(nbus, [wider])
+        await notifier.start()
+        info = await nbus.js.consumer_info("CORRAL", "notifier")
+        assert sorted(info.config.filter_subjects or []) == [
+            "corral.evt.*.approval.requested",
+            "corral.evt.*.pr.failed",
+        ]
+        assert DeliverPolicy(info.config.deliver_policy) == DeliverPolicy.NEW
+        await asyncio.sleep(1.0)
+        assert len(receiver.at("/t")) == 1
     finally:
         await notifier.stop()
         await nbus.close()
