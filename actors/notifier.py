@@ -196,11 +196,12 @@ class Notification:
         return [f"corral status {self.execution_id}", f"corral logs {self.execution_id}"]
 
     def link(self, base: str | None) -> str | None:
-        if not base:
-            return None
-        if self.approval_id:
-            return f"{base}/api/approvals?execution={self.execution_id}"
-        return f"{base}/api/executions/{self.execution_id}"
+        """The execution in the HTTP API (docs/api.md), when its public URL is configured."""
+        return f"{base}/api/executions/{self.execution_id}" if base else None
+
+    def decision_url(self, base: str | None) -> str | None:
+        """Where an operator token POSTs `{"decision": "approve"|"reject"}` (docs/api.md)."""
+        return f"{base}/api/approvals/{self.approval_id}/decision" if base and self.approval_id else None
 
 
 def _clip(text: str, limit: int = MAX_TEXT) -> str:
@@ -303,6 +304,7 @@ def build_request(
             "commands": note.commands(),
             "link": link,
             "approval_id": note.approval_id,
+            "decision_url": note.decision_url(target.link_base),
             "execution": {
                 "id": note.execution_id,
                 "labels": note.context.labels,

@@ -210,7 +210,8 @@ secret_env = "NOT_SET_ANYWHERE"
     body = json.loads(hook["body"])
     assert body["test"] is True and body["approval_id"] == "AP-TEST00"
     assert body["commands"] == ["corral approve AP-TEST00", "corral reject AP-TEST00"]
-    assert body["link"] == "https://corral.example.com/api/approvals?execution=EX-TEST"
+    assert body["link"] == "https://corral.example.com/api/executions/EX-TEST"
+    assert body["decision_url"] == "https://corral.example.com/api/approvals/AP-TEST00/decision"
     assert hook["headers"]["X-Corral-Event"] == "approval.requested"
     assert receiver.at("/unsigned") == []  # nothing is sent unsigned
 
