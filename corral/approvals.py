@@ -10,7 +10,7 @@ See docs/approvals.md and docs/security.md.
 
 import argparse
 import asyncio
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlparse
 
@@ -20,9 +20,9 @@ from nats.aio.msg import Msg
 from actors.approver import APPROVAL_EVENTS, ApprovalBook, DecisionRefused, decider, submit_decision
 from corral import render
 from corral.control import CONFIRM_TIMEOUT_S, NotConfirmed
-from corral.errors import CorralError, UsageError
+from corral.errors import Conflict, CorralError, NotFound, UsageError
 from corral.home import Home
-from corral.system import System, open_system
+from corral.system import System
 from events.subjects import execution_events, split_subject
 from events.types import ApprovalDecisionSubmitted
 from replay.history import follow
@@ -51,6 +51,12 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> d
     return {"approvals": cmd_approvals, "approve": cmd_approve, "reject": cmd_reject}
 
 
+class UnknownApproval(NotFound):
+    """No approval has that id (HTTP 404; `corral approve` exits 1 as it always did)."""
+
+    exit_code = 1
+
+
 async def read_book(system: System) -> ApprovalBook:
     """Every approval in the log, as the approver sees it."""
     book = ApprovalBook()
@@ -71,30 +77,28 @@ def _age(ts: datetime, now: datetime) -> float:
 
 
 async def cmd_approvals(home: Home, args: Any) -> int:
-    async with open_system(home, actors=()) as system:
-        book = await read_book(system)
-    now = datetime.now(UTC)
-    pending = sorted((a for a in book.approvals.values() if a.state == "pending"), key=lambda a: a.seq)
-    decided = sorted((a for a in book.approvals.values() if a.state != "pending"), key=lambda a: -a.seq)
-    shown = pending + (decided if args.all else [])
+    from corral.client import Client
+
+    async with Client.connect(home, actors=()) as client:
+        listed = await client.approvals(all=args.all)
     if args.json:
-        render.print_json([{**a.as_dict(), "age_s": round(_age(a.requested_at, now), 3)} for a in shown])
+        render.print_json(listed)
         return 0
-    if not shown:
+    if not listed:
         print("no pending approvals" if not args.all else "no approvals")
         return 0
     rows = []
-    for a in shown:
-        question = a.question if len(a.question) <= 70 else a.question[:67] + "..."
-        state = a.state if a.state == "pending" else f"{a.state} ({a.decided_by or '-'})"
+    for a in listed:
+        question = a["question"] if len(a["question"]) <= 70 else a["question"][:67] + "..."
+        state = a["state"] if a["state"] == "pending" else f"{a['state']} ({a['decided_by'] or '-'})"
         rows.append(
             [
-                a.approval_id,
-                a.execution_id,
+                a["approval_id"],
+                a["execution_id"],
                 state,
-                a.category,
-                a.source,
-                render.human_duration(_age(a.requested_at, now)),
+                a["category"],
+                a["source"],
+                render.human_duration(a["age_s"]),
                 question,
             ]
         )
@@ -103,7 +107,12 @@ async def cmd_approvals(home: Home, args: Any) -> int:
 
 
 async def submit_and_wait(
-    system: System, execution_id: str, data: ApprovalDecisionSubmitted, *, timeout_s: float = CONFIRM_TIMEOUT_S
+    system: System,
+    execution_id: str,
+    data: ApprovalDecisionSubmitted,
+    *,
+    timeout_s: float = CONFIRM_TIMEOUT_S,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """Send a decision to the approvers as this connection's NATS user; return the outcome it caused.
 
@@ -111,7 +120,7 @@ async def submit_and_wait(
     with its id; the outcome, or the `control.rejected` saying who decided first, names it as cause.
     """
     try:
-        record = await submit_decision(system.bus, execution_id, data, timeout_s=timeout_s)
+        record = await submit_decision(system.bus, execution_id, data, timeout_s=timeout_s, token=token)
     except DecisionRefused as exc:
         raise CorralError(str(exc)) from None
     answer: dict[str, Any] = {}
@@ -150,48 +159,74 @@ def _decided_by(system: System) -> str:
     return decider()
 
 
+async def decide(
+    system: System,
+    approval_id: str,
+    *,
+    approve: bool,
+    choice: str | None = None,
+    note: str | None = None,
+    raise_budget: float | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """Grant or deny a pending approval as this connection's user (or for the HTTP gateway's `token`);
+    return the approval.granted / approval.denied event it caused."""
+    book = await read_book(system)
+    approval = book.find(approval_id)
+    if approval is None:
+        raise UnknownApproval(f"no approval {approval_id!r}; `corral approvals --all` lists them")
+    if approval.state != "pending":
+        raise Conflict(approval.decided_text())
+    if choice is not None and approval.options and choice not in approval.options:
+        raise UsageError(f"--choice must be one of: {', '.join(approval.options)} (got {choice!r})")
+    if raise_budget is not None and approval.source != "budget":
+        raise UsageError(f"--raise-budget is for budget approvals; {approval.approval_id} is not one")
+    if raise_budget is not None and raise_budget <= 0:
+        raise UsageError(f"--raise-budget must be more than 0 USD (got {raise_budget})")
+    data = ApprovalDecisionSubmitted(
+        approval_id=approval.approval_id,
+        approve=approve,
+        choice=choice,
+        note=note,
+        decided_by=token or _decided_by(system),
+        raise_budget_usd=raise_budget,
+    )
+    try:
+        return await submit_and_wait(system, approval.execution_id, data, token=token)
+    except NotConfirmed:
+        raise NotConfirmed(
+            f"no approver answered about {approval.approval_id} within 15s; the decision is recorded and "
+            "applies when an approver runs (`corral health`)"
+        ) from None
+    except CorralError as exc:
+        message = exc.message
+        message = message.split(" refused: ", 1)[1] if " refused: " in message else message
+        if "already decided" in message or "already expired" in message:
+            raise Conflict(message) from None
+        raise type(exc)(message) from None
+
+
 async def _decide(home: Home, args: Any, approve: bool) -> int:
+    from corral.client import Client
+
     choice = getattr(args, "choice", None)
-    async with open_system(home, actors=("approver",)) as system:
-        book = await read_book(system)
-        approval = book.find(args.approval_id)
-        if approval is None:
-            raise CorralError(f"no approval {args.approval_id!r}; `corral approvals --all` lists them")
-        if approval.state != "pending":
-            raise CorralError(approval.decided_text())
-        if choice is not None and approval.options and choice not in approval.options:
-            raise UsageError(f"--choice must be one of: {', '.join(approval.options)} (got {choice!r})")
-        raise_budget = getattr(args, "raise_budget", None)
-        if raise_budget is not None and approval.source != "budget":
-            raise UsageError(f"--raise-budget is for budget approvals; {approval.approval_id} is not one")
-        if raise_budget is not None and raise_budget <= 0:
-            raise UsageError(f"--raise-budget must be more than 0 USD (got {raise_budget})")
-        data = ApprovalDecisionSubmitted(
-            approval_id=approval.approval_id,
+    async with Client.connect(home, actors=("approver",)) as client:
+        answer = await client.decide(
+            args.approval_id,
             approve=approve,
             choice=choice,
             note=args.note,
-            decided_by=_decided_by(system),
-            raise_budget_usd=raise_budget,
+            raise_budget=getattr(args, "raise_budget", None),
         )
-        try:
-            answer = await submit_and_wait(system, approval.execution_id, data)
-        except NotConfirmed:
-            raise CorralError(
-                f"no approver answered about {approval.approval_id} within 15s; the decision is recorded and "
-                "applies when an approver runs (`corral health`)"
-            ) from None
-        except CorralError as exc:
-            message = exc.message
-            raise CorralError(message.split(" refused: ", 1)[1] if " refused: " in message else message) from None
+    approval_id, execution_id = answer["data"]["approval_id"], answer["execution_id"]
     if args.json:
         render.print_json(answer)
     else:
         if choice:  # the answer is the option picked, whatever its wording ("no" is not "approved")
-            print(f"{approval.approval_id}: answered {choice!r}; execution {approval.execution_id}")
+            print(f"{approval_id}: answered {choice!r}; execution {execution_id}")
         else:
             verb = "approved" if answer["type"] == "approval.granted" else "rejected"
-            print(f"{approval.approval_id}: {verb}; execution {approval.execution_id}")
+            print(f"{approval_id}: {verb}; execution {execution_id}")
     return 0
 
 

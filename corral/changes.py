@@ -223,17 +223,37 @@ async def _name_status(repo: Path, old: str, new: str, paths: list[str] | None =
     return status
 
 
-async def cmd_changes(home: Home, args: Any) -> int:
-    async with open_system(home, actors=()) as system:
-        ws = await _target(home, system, args.execution_id)
-    since_n, since = ws.checkpoint(args.since) if args.since is not None else (0, ws.base_commit)
+async def changed_files(home: Home, ws: Workspace, since_cp: str | None) -> list[dict[str, Any]]:
+    """Files changed from checkpoint `since_cp` (or the base commit) to the worktree as it is now."""
+    _, since = ws.checkpoint(since_cp) if since_cp is not None else (0, ws.base_commit)
     try:
         now = await _live_tree(home, ws)
         stats = await numstat(ws.repo, since, now)
         status = await _name_status(ws.repo, since, now)
     except CheckpointError as exc:
         raise CorralError(f"cannot read the changes of {ws.execution_id}: {exc.reason}") from None
-    rows = _file_rows(stats, status)
+    return _file_rows(stats, status)
+
+
+async def diff_of(
+    home: Home, ws: Workspace, paths: list[str], from_cp: str | None, to_cp: str | None
+) -> dict[str, Any]:
+    """{execution_id, from, to, diff}: from checkpoint `from_cp` (or the base) to `to_cp` (or now)."""
+    relative = ws.relative_paths(paths) if paths else []
+    _, old = ws.checkpoint(from_cp) if from_cp is not None else (0, ws.base_commit)
+    try:
+        new = ws.checkpoint(to_cp)[1] if to_cp is not None else await _live_tree(home, ws)
+        text = await unified_diff(ws.repo, old, new, [p for p in relative if p != "."])
+    except CheckpointError as exc:
+        raise CorralError(f"cannot diff {ws.execution_id}: {exc.reason}") from None
+    return {"execution_id": ws.execution_id, "from": old, "to": new, "diff": text}
+
+
+async def cmd_changes(home: Home, args: Any) -> int:
+    async with open_system(home, actors=()) as system:
+        ws = await _target(home, system, args.execution_id)
+    since_n = ws.checkpoint(args.since)[0] if args.since is not None else 0
+    rows = await changed_files(home, ws, args.since)
     if args.json:
         render.print_json(rows)
         return 0
@@ -252,17 +272,11 @@ async def cmd_changes(home: Home, args: Any) -> int:
 async def cmd_diff(home: Home, args: Any) -> int:
     async with open_system(home, actors=()) as system:
         ws = await _target(home, system, args.execution_id)
-    paths = ws.relative_paths(args.path) if args.path else []
-    _, old = ws.checkpoint(args.from_cp) if args.from_cp is not None else (0, ws.base_commit)
-    try:
-        new = ws.checkpoint(args.to_cp)[1] if args.to_cp is not None else await _live_tree(home, ws)
-        text = await unified_diff(ws.repo, old, new, [p for p in paths if p != "."])
-    except CheckpointError as exc:
-        raise CorralError(f"cannot diff {ws.execution_id}: {exc.reason}") from None
+    result = await diff_of(home, ws, list(args.path or []), args.from_cp, args.to_cp)
     if args.json:
-        render.print_json({"execution_id": ws.execution_id, "from": old, "to": new, "diff": text})
+        render.print_json(result)
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(result["diff"])
     return 0
 
 

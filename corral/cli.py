@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus metrics on PORT (docs/metrics.md)")
     up.add_argument("--metrics-address", metavar="ADDR", help="address the metrics port binds (default: 127.0.0.1)")
+    up.add_argument(
+        "--http", metavar="HOST:PORT", help="serve the HTTP API there (default: [http] address, 127.0.0.1:8765)"
+    )
+    up.add_argument("--no-http", action="store_true", help="do not serve the HTTP API")
 
     down = sub.add_parser("down", help="stop a running `corral up`")
     down.add_argument("--timeout", type=float, default=30.0)

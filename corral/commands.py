@@ -12,7 +12,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import orjson
@@ -20,19 +20,17 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from actors.adapters import build_command, split_words
 from actors.bus import PermissionRefused
-from actors.errors import WorkspaceError
 from actors.redact import SECRET_PLACEHOLDER, is_secret_name
-from actors.worktree import repo_root, resolve_commit
 from corral import attention, render
-from corral.config import Config, load_config, resolve_run
+from corral.client import RunSpec, build_request
+from corral.config import Config, load_config
 from corral.errors import CorralError, NotFound, UsageError
 from corral.home import Home, SystemLock
 from corral.metrics import MetricsCollector, MetricsServer, parse_port
 from corral.system import System, open_system
 from events.envelope import new_event
-from events.ids import is_valid_execution_id, new_execution_id
+from events.ids import is_valid_execution_id
 from events.schema import all_schemas, event_schema
 from events.subjects import (
     ALL_EVENTS,
@@ -47,9 +45,12 @@ from events.subjects import (
     events_of_type,
     execution_events,
 )
-from events.types import EVENT_TYPES, ExecutionRequested, Limits, SandboxRequest, Timeouts
+from events.types import EVENT_TYPES, ExecutionRequested
 from projections.errors import ProjectionError
 from replay.history import follow, last_sequence
+
+if TYPE_CHECKING:
+    from corral.http import HttpServer
 
 CLAIM_TIMEOUT_S = 30.0
 MAX_REQUEST_BYTES = 1 << 20  # an execution.requested event: at most 1 MiB (docs/control.md)
@@ -163,90 +164,51 @@ def start_background_system(home: Home) -> int:
     raise CorralError(f"background `corral up` did not become ready in 20s; see {home.up_log}")
 
 
-async def cmd_run(home: Home, args: Any) -> int:
-    from corral import followup  # (it reads history, which imports this module)
-
-    config = load_config(home)
-    parent = await followup.find_parent(home, args.resume, args.agent) if getattr(args, "resume", None) else None
-    if not parent and not args.agent and not args.template and not [a for a in args.command if a != "--"][:1]:
-        check_command([], Path("."))  # nothing to run is the first thing to say, wherever this is typed
-    try:
-        repo = repo_root(parent.request.repo if parent else args.repo)
-        resolve_commit(repo, args.base)
-    except WorkspaceError as exc:
-        raise UsageError(str(exc)) from None
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
-    resolved = resolve_run(
-        config,
-        args.template,
-        {
-            "timeout_s": args.timeout,
-            "idle_timeout_s": args.idle_timeout,
-            "spawn_timeout_s": args.spawn_timeout,
-            "on_stall": args.on_stall,
-            "memory_bytes": args.memory,
-            "cpus": args.cpus,
-            "disk_bytes": args.disk,
-            "pids_max": getattr(args, "pids", None),
-            "priority": args.priority,
-            "max_cost_usd": getattr(args, "max_cost", None),
-            "env": {**(parent.request.env if parent else {}), **parse_env(args.env or [])},
-            "agent": args.agent or (parent.request.agent if parent else None),
-            "sandbox": getattr(args, "sandbox", None),
-            "network": getattr(args, "network", None),
-        },
-    )
-    refuse_secret_env(resolved.env, config.security.secret_env)
-    task = args.task
-    agent_args: list[str] = []
-    if resolved.agent and resolved.agent != "command":
-        try:  # the adapter builds the CLI's command line from the task (actors/adapters)
-            task, extra = split_words(args.task, list(args.command))
-            # A follow-up passes the parent's CLI arguments again unless new ones are given.
-            agent_args = list(parent.request.agent_args) if parent and not extra else [*resolved.args, *extra]
-            built = build_command(resolved.agent, task, agent_args, resume=parent.resume_arg if parent else None)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        command = check_command(built, repo, args.base)
-        followup.check_budget_support(resolved.agent, command[0], resolved.settings.max_cost_usd)
-    else:
-        command = check_command(list(resolved.argv(command)), repo, args.base)
-    settings = resolved.settings
-    run_policy = _run_policy(config, resolved.template, getattr(args, "policy", None))
-    request = ExecutionRequested(
-        command=tuple(command),
-        repo=str(repo),
+def run_spec(args: Any) -> RunSpec:
+    """`corral run`'s arguments as the client's RunSpec (the shape POST /api/executions takes)."""
+    return RunSpec(
+        repo=args.repo,
         base=args.base,
-        task=task,
-        agent=resolved.agent or "command",
-        template=resolved.template,
-        env=resolved.env,
-        priority=settings.priority,
-        timeouts=Timeouts(hard=settings.timeout_s, idle=settings.idle_timeout_s, spawn=settings.spawn_timeout_s),
-        limits=Limits(
-            memory_bytes=settings.memory_bytes,
-            cpus=settings.cpus,
-            disk_bytes=settings.disk_bytes,
-            pids_max=settings.pids_max,
-        ),
-        on_stall=settings.on_stall,
+        command=list(args.command),
+        agent=args.agent,
+        task=args.task,
+        env=parse_env(args.env or []),
         labels=parse_env(args.label or []),
-        requested_by=os.environ.get("USER"),
-        max_cost_usd=settings.max_cost_usd,
-        prices=config.prices,
-        agent_args=tuple(agent_args),
-        resume_of=parent.execution_id if parent else None,
-        resume_session=parent.session_id if parent else None,
-        worktree=parent.worktree if parent else None,
-        policy=run_policy,
-        sandbox=SandboxRequest.model_validate({"mode": resolved.sandbox, "network": resolved.network}),
+        template=args.template,
+        priority=args.priority,
+        timeout=args.timeout,
+        idle_timeout=args.idle_timeout,
+        spawn_timeout=args.spawn_timeout,
+        on_stall=args.on_stall,
+        memory=args.memory,
+        cpus=args.cpus,
+        disk=args.disk,
+        pids=getattr(args, "pids", None),
+        max_cost=getattr(args, "max_cost", None),
+        sandbox=getattr(args, "sandbox", None),
+        network=getattr(args, "network", None),
+        policy=_policy_file(getattr(args, "policy", None)),
+        resume=getattr(args, "resume", None),
     )
-    execution_id = new_execution_id()
-    check_request_size(new_event(execution_id, request, actor="cli").to_bytes())
-    if parent is not None and not args.quiet:
-        info(f"{execution_id}: follow-up of {parent.execution_id} in {parent.worktree}")
+
+
+def _policy_file(path: str | None) -> dict[str, Any] | None:
+    """The policy keys of `corral run --policy FILE` (checked over [policy] by the client)."""
+    if not path:
+        return None
+    from actors.policy import PolicyError, read_policy_file
+
+    try:
+        return read_policy_file(path)
+    except PolicyError as exc:
+        raise UsageError(f"{exc}; nothing was started") from None
+
+
+async def cmd_run(home: Home, args: Any) -> int:
+    execution_id, request = await build_request(home, run_spec(args))  # checked before anything starts
+    parent_id = request.resume_of
+    if parent_id is not None and not args.quiet:
+        info(f"{execution_id}: follow-up of {parent_id} in {request.worktree}")
     if args.detach:
         if not SystemLock(home).is_held_elsewhere():
             pid = start_background_system(home)
@@ -477,6 +439,7 @@ async def _run_up(home: Home, args: Any, actors: tuple[str, ...] | None, metrics
             home.write_runtime({**(home.read_runtime() or {}), "metrics_url": metrics_server.url})
             info(f"metrics: {metrics_server.url}")
         snapshots = _refresh_snapshots(home, system)
+        http = await _serve_http(home, system, args)
         info("Ctrl-C or SIGTERM stops everything")
         waiters = [asyncio.create_task(stop.wait())] + [
             asyncio.create_task(actor.wait()) for actor in system.actors.values()
@@ -492,12 +455,44 @@ async def _run_up(home: Home, args: Any, actors: tuple[str, ...] | None, metrics
             snapshots.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await snapshots
+        if http is not None:
+            await http.stop()
         if metrics_server is not None:
             metrics_server.collector = None
         if collector is not None:
             await collector.stop()
     info("stopped")
     return 0
+
+
+async def _serve_http(home: Home, system: System, args: Any) -> "HttpServer | None":
+    """The HTTP API of this `corral up` (docs/api.md): --http ADDR, else [http] address; --no-http or
+    [http] enabled = false: none. An address given with --http that cannot be bound stops `corral up`;
+    the configured one is said and skipped (another `corral up` on this host may hold it). runtime.json
+    gets `http_url` (null when none is served)."""
+    from corral.http import AddressInUse, HttpServer
+
+    settings = load_config(home).http
+    server: HttpServer | None = None
+    if not getattr(args, "no_http", False) and (settings.enabled or getattr(args, "http", None)):
+        server = HttpServer(
+            system,
+            getattr(args, "http", None) or settings.address,
+            ssl_certfile=settings.tls_cert,
+            ssl_keyfile=settings.tls_key,
+            max_failed_logins=settings.max_failed_logins,
+        )
+        try:
+            await server.start()
+        except AddressInUse as exc:
+            if getattr(args, "http", None):
+                raise
+            info(f"HTTP API not served: {exc.message}")
+            server = None
+    home.write_runtime({**(home.read_runtime() or {}), "http_url": server.url if server else None})
+    if server is not None:
+        info(f"http: {server.url}/api (docs: {server.url}/docs; tokens: `corral token create NAME --role operator`)")
+    return server
 
 
 def check_nats_urls(value: str) -> str:
@@ -678,17 +673,10 @@ PS_COLUMNS = (
 
 
 async def cmd_ps(home: Home, args: Any) -> int:
-    where = "" if args.all else "WHERE state NOT IN ('exited', 'failed')"
-    async with open_system(home, actors=("projector",)) as system:
-        result = await query(system, f"SELECT {PS_COLUMNS} FROM executions {where} ORDER BY requested_at DESC")
-        rows = render.records(result["columns"], result["rows"])
-        ask = functools.partial(query, system)
-        why = await attention.reasons(ask, rows)
-        needed = await attention.needs(ask, [r["execution_id"] for r in rows])
-    for row in rows:
-        row["reason"] = why.get(row["execution_id"])
-        row["attention"] = needed.get(row["execution_id"])
-    rows.sort(key=lambda r: r["attention"] is None)  # runs needing a human first (stable: newest first within)
+    from corral.client import Client
+
+    async with Client.connect(home, actors=("projector",)) as client:
+        rows = await client.executions(all=args.all)
     if args.json:
         render.print_json(rows)
         return 0

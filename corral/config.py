@@ -328,6 +328,16 @@ class MetricsSettings(_Frozen):
     nats_monitor_port: int | None = None  # the embedded nats-server's own monitoring port (-m)
 
 
+class HttpSettings(_Frozen):
+    """`corral up`'s HTTP API (docs/api.md): where it binds, or off; TLS with a certificate and key."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1:8765"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_failed_logins: int = 10  # per client address and minute; then 429 until the minute has passed
+
+
 class RetentionSettings(_Frozen):
     """[retention] (docs/retention.md): limits of the output stream; any limit set turns it on."""
 
@@ -461,6 +471,7 @@ class Config(_Frozen):
     checkpoints: CheckpointsSettings = CheckpointsSettings()
     worktrees: WorktreesSettings = WorktreesSettings()
     forge: ForgeSettings = ForgeSettings()
+    http: HttpSettings = HttpSettings()
     metrics: MetricsSettings = MetricsSettings()
     security: SecuritySettings = SecuritySettings()
     retention: RetentionSettings = RetentionSettings()
@@ -622,6 +633,14 @@ class _MetricsFile(_Frozen):
     nats_monitor_port: Annotated[StrictInt, Field(ge=1, le=65535)] | None = None
 
 
+class _HttpFile(_Frozen):
+    enabled: StrictBool = True
+    address: Annotated[StrictStr, Field(min_length=1)] = "127.0.0.1:8765"
+    tls_cert: Annotated[StrictStr, Field(min_length=1)] | None = None
+    tls_key: Annotated[StrictStr, Field(min_length=1)] | None = None
+    max_failed_logins: Annotated[StrictInt, Field(ge=1)] = 10
+
+
 class _SecurityFile(_Frozen):
     operators: Annotated[tuple[StrictStr, ...], Field(min_length=1)] = ("operator",)
     secret_env: tuple[StrictStr, ...] = ()
@@ -743,6 +762,7 @@ class _ConfigFile(_Frozen):
     checkpoints: _CheckpointsFile = _CheckpointsFile()
     worktrees: _WorktreesFile = _WorktreesFile()
     forge: _ForgeFile = _ForgeFile()
+    http: _HttpFile = _HttpFile()
     metrics: _MetricsFile = _MetricsFile()
     security: _SecurityFile = _SecurityFile()
     retention: _RetentionFile = _RetentionFile()
@@ -763,6 +783,7 @@ _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "checkpoints": tuple(_CheckpointsFile.model_fields),
     "worktrees": tuple(_WorktreesFile.model_fields),
     "forge": tuple(_ForgeFile.model_fields),
+    "http": tuple(_HttpFile.model_fields),
     "metrics": tuple(_MetricsFile.model_fields),
     "security": tuple(_SecurityFile.model_fields),
     "retention": tuple(_RetentionFile.model_fields),
@@ -908,6 +929,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
         ),
         worktrees=WorktreesSettings(retention_s=parsed.worktrees.retention),
         forge=ForgeSettings(**parsed.forge.model_dump()),
+        http=HttpSettings(**parsed.http.model_dump()),
         metrics=MetricsSettings(**parsed.metrics.model_dump()),
         security=SecuritySettings(**parsed.security.model_dump()),
         retention=RetentionSettings(
@@ -1105,26 +1127,29 @@ def _unknown_template(config: Config, name: str) -> str:
 # --- corral templates --------------------------------------------------------------------------
 
 
+def template_rows(config: Config) -> list[dict[str, Any]]:
+    """Every template of corral.toml, resolved over [defaults] (`corral templates --json`, GET /api/templates)."""
+    return [
+        {
+            "name": t.name,
+            "description": t.description,
+            "command": list(t.command) if t.command else None,
+            "args": list(t.args),
+            "agent": t.agent,
+            "env": t.env,
+            "overrides": t.overrides(),
+            "settings": run.settings.model_dump(),
+            "source": str(config.source),
+        }
+        for t, run in ((t, resolve_run(config, name, {})) for name, t in config.templates.items())
+    ]
+
+
 def cmd_templates(home: Home, args: Any) -> int:
     config = load_config(home)
     rows = [(t, resolve_run(config, name, {})) for name, t in config.templates.items()]
     if getattr(args, "json", False):
-        render.print_json(
-            [
-                {
-                    "name": t.name,
-                    "description": t.description,
-                    "command": list(t.command) if t.command else None,
-                    "args": list(t.args),
-                    "agent": t.agent,
-                    "env": t.env,
-                    "overrides": t.overrides(),
-                    "settings": run.settings.model_dump(),
-                    "source": str(config.source),
-                }
-                for t, run in rows
-            ]
-        )
+        render.print_json(template_rows(config))
     elif rows:
         print(
             render.table(

@@ -8,7 +8,6 @@ import asyncio
 import functools
 import getpass
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,26 +16,19 @@ import orjson
 from nats.aio.msg import Msg
 
 from actors import diskquota
-from actors.runtime import health_state, read_health
 from actors.shim import MAX_INPUT_BYTES, input_too_large
 from actors.shim import request as shim_request
 from corral import attention, render
 from corral.commands import info, query, resolve_execution_id
 from corral.config import ConfigError, load_config, resolve_run
-from corral.errors import CorralError, UsageError
+from corral.errors import Conflict, CorralError, UsageError
 from corral.home import Home
-from corral.system import System, open_system
+from corral.system import System
 from events.envelope import new_event
 from events.stream import MAX_EVENT_BYTES
-from events.subjects import STREAM, execution_events
+from events.subjects import execution_events
 from events.types import (
-    CancelRequested,
     EventData,
-    InputRequested,
-    PauseRequested,
-    PriorityRequested,
-    ResumeRequested,
-    TimeoutExtendRequested,
 )
 from replay.history import follow
 
@@ -46,7 +38,9 @@ QUEUED = ("requested", "queued")
 
 
 class NotConfirmed(CorralError):
-    """No actor confirmed a request in time."""
+    """No actor confirmed a request in time (the request is recorded)."""
+
+    status = 504
 
 
 def status_lines(status: dict[str, Any]) -> list[str]:
@@ -172,8 +166,8 @@ def require_state(execution_id: str, row: dict[str, Any], allowed: tuple[str, ..
     if state in allowed:
         return
     if state in ("exited", "failed"):
-        raise CorralError(f"{execution_id} has {_describe_end(row)}; there is nothing to {action}")
-    raise CorralError(f"{execution_id} is {state}; {action} needs it {' or '.join(allowed)}")
+        raise Conflict(f"{execution_id} has {_describe_end(row)}; there is nothing to {action}")
+    raise Conflict(f"{execution_id} is {state}; {action} needs it {' or '.join(allowed)}")
 
 
 async def request_and_wait(
@@ -185,12 +179,14 @@ async def request_and_wait(
     timeout_s: float = CONFIRM_TIMEOUT_S,
     any_cause: tuple[str, ...] = (),
     actor: str = "spawner",
+    actor_name: str = "cli",
 ) -> dict[str, Any]:
     """Append a request; return the confirming event (as a dict), raise on rejection or silence.
 
     `confirm` types must carry the request as causation; `any_cause` types count whatever caused them.
+    `actor_name` is who the request says it comes from (`cli`, or `api` for the HTTP gateway).
     """
-    event = new_event(execution_id, data, actor="cli")
+    event = new_event(execution_id, data, actor=actor_name)
     answer: dict[str, Any] = {}
     done = asyncio.Event()
 
@@ -219,7 +215,7 @@ async def request_and_wait(
         done.set()
         follower.cancel()
     if answer.get("type") == "control.rejected":
-        raise CorralError(refusal_text(answer["data"]["request"], execution_id, str(answer["data"]["reason"])))
+        raise Conflict(refusal_text(answer["data"]["request"], execution_id, str(answer["data"]["reason"])))
     return answer
 
 
@@ -267,56 +263,46 @@ def check_input_size(text: str) -> None:
 
 
 async def cmd_input(home: Home, args: Any) -> int:
+    from corral.client import Client
+
     text = read_input(args)
     check_input_size(text)
-    async with open_system(home, actors=("projector",)) as system:
-        execution_id, _ = await _target(system, args, RUNNING, "send input to")
-        answer = await request_and_wait(system, execution_id, InputRequested(text=text), ("input.delivered",))
-    _print(args, answer, f"{execution_id}: delivered {answer['data']['bytes']} bytes to stdin")
+    async with Client.connect(home, actors=("projector",)) as client:
+        answer = await client.input(args.execution_id, text)
+    _print(args, answer, f"{answer['execution_id']}: delivered {answer['data']['bytes']} bytes to stdin")
     return 0
 
 
 async def cmd_pause(home: Home, args: Any) -> int:
-    async with open_system(home, actors=("projector",)) as system:
-        execution_id, _ = await _target(system, args, ("running",), "pause")
-        answer = await request_and_wait(
-            system,
-            execution_id,
-            PauseRequested(reason=args.reason, requested_by=_requester(system)),
-            ("execution.paused",),
-        )
+    from corral.client import Client
+
+    async with Client.connect(home, actors=("projector",)) as client:
+        answer = await client.pause(args.execution_id, args.reason)
     pids = answer["data"]["pids"]
-    _print(args, answer, f"{execution_id}: paused ({len(pids)} process{'es' if len(pids) != 1 else ''} stopped)")
+    text = f"{answer['execution_id']}: paused ({len(pids)} process{'es' if len(pids) != 1 else ''} stopped)"
+    _print(args, answer, text)
     return 0
 
 
 async def cmd_resume(home: Home, args: Any) -> int:
-    async with open_system(home, actors=("projector",)) as system:
-        execution_id, _ = await _target(system, args, ("paused",), "resume")
-        answer = await request_and_wait(
-            system, execution_id, ResumeRequested(reason=args.reason), ("execution.resumed",)
-        )
-    _print(args, answer, f"{execution_id}: resumed")
+    from corral.client import Client
+
+    async with Client.connect(home, actors=("projector",)) as client:
+        answer = await client.resume(args.execution_id, args.reason)
+    _print(args, answer, f"{answer['execution_id']}: resumed")
     return 0
 
 
 async def cmd_cancel(home: Home, args: Any) -> int:
+    from corral.client import Client
+
     if args.grace is not None and args.grace < 0:
         raise UsageError("--grace must be 0 or more seconds")
-    async with open_system(home, actors=("projector",)) as system:
-        execution_id, row = await _target(system, args, (*QUEUED, "claimed", *RUNNING), "cancel")
-        grace = args.grace if args.grace is not None else cancel_grace(home, row.get("template"))
-        answer = await request_and_wait(
-            system,
-            execution_id,
-            CancelRequested(grace_s=grace, reason=args.reason, requested_by=_requester(system)),
-            (),
-            any_cause=("execution.exited", "execution.failed"),
-            timeout_s=grace + CONFIRM_TIMEOUT_S,
-        )
+    async with Client.connect(home, actors=("projector",)) as client:
+        answer = await client.cancel(args.execution_id, grace_s=args.grace, reason=args.reason)
     data = answer["data"]
     how = f"signal {data['signal']}" if data.get("signal") else f"exit code {data.get('exit_code')}"
-    _print(args, answer, f"{execution_id}: {data.get('reason', 'ended')} ({how})")
+    _print(args, answer, f"{answer['execution_id']}: {data.get('reason', 'ended')} ({how})")
     return 0
 
 
@@ -332,25 +318,23 @@ def cancel_grace(home: Home, template: str | None) -> float:
 
 
 async def cmd_extend(home: Home, args: Any) -> int:
+    from corral.client import Client
+
     if args.seconds <= 0:
         raise UsageError("SECONDS must be more than 0")
-    async with open_system(home, actors=("projector",)) as system:
-        execution_id, _ = await _target(system, args, RUNNING, "extend")
-        answer = await request_and_wait(
-            system, execution_id, TimeoutExtendRequested(seconds=args.seconds), ("timeout.extended",)
-        )
-    _print(args, answer, f"{execution_id}: hard timeout now {answer['data']['hard_deadline']}")
+    async with Client.connect(home, actors=("projector",)) as client:
+        answer = await client.extend(args.execution_id, args.seconds)
+    _print(args, answer, f"{answer['execution_id']}: hard timeout now {answer['data']['hard_deadline']}")
     return 0
 
 
 async def cmd_priority(home: Home, args: Any) -> int:
-    async with open_system(home, actors=("projector",)) as system:
-        execution_id, _ = await _target(system, args, QUEUED, "reprioritise")
-        answer = await request_and_wait(
-            system, execution_id, PriorityRequested(priority=args.priority), ("priority.changed",)
-        )
-        position = await queue_position(system, execution_id)
-    _print(args, answer, f"{execution_id}: priority {args.priority}, queue position {position}")
+    from corral.client import Client
+
+    async with Client.connect(home, actors=("projector",)) as client:
+        answer = await client.priority(args.execution_id, args.priority)
+    position = answer.pop("queue_position")
+    _print(args, answer, f"{answer['execution_id']}: priority {args.priority}, queue position {position}")
     return 0
 
 
@@ -404,16 +388,29 @@ def _age(ts: str | None, now: datetime) -> float | None:
 
 
 async def cmd_status(home: Home, args: Any) -> int:
-    async with open_system(home, actors=("projector",)) as system:
-        execution_id = await resolve_execution_id(system, args.execution_id)
-        row = await execution_row(system, execution_id)
-        position = await queue_position(system, execution_id) if row["state"] in QUEUED else None
-        activity_row = await agent_activity(system, execution_id)
-        limits, warnings = await started_facts(system, execution_id)
-        ask = functools.partial(query, system)
-        reason = (await attention.reasons(ask, [{"execution_id": execution_id, **row}])).get(execution_id)
-        need = (await attention.needs(ask, [execution_id])).get(execution_id)
-        disk = await disk_limit_in_force(system, execution_id, row["worktree"])
+    from corral.client import Client
+
+    async with Client.connect(home, actors=("projector",)) as client:
+        status = await client.status(args.execution_id)
+    if args.json:
+        render.print_json(status)
+        return 0
+    for line in status_lines(status):
+        print(line)
+    return 0
+
+
+async def status_of(system: System, execution_id: str) -> dict[str, Any]:
+    """Everything known about one execution: its row, queue place, activity, limits, what it needs."""
+    home = system.home
+    row = await execution_row(system, execution_id)
+    position = await queue_position(system, execution_id) if row["state"] in QUEUED else None
+    activity_row = await agent_activity(system, execution_id)
+    limits, warnings = await started_facts(system, execution_id)
+    ask = functools.partial(query, system)
+    reason = (await attention.reasons(ask, [{"execution_id": execution_id, **row}])).get(execution_id)
+    need = (await attention.needs(ask, [execution_id])).get(execution_id)
+    disk = await disk_limit_in_force(system, execution_id, row["worktree"])
     live: dict[str, Any] | None = None
     run_dir = home.runs / execution_id
     if row["state"] in RUNNING and run_dir.is_dir():
@@ -469,12 +466,7 @@ async def cmd_status(home: Home, args: Any) -> int:
     activity = [t for t in (row["last_output_at"], row["last_heartbeat_at"], row["started_at"]) if t]
     if activity and row["state"] == "running":
         status["idle_s"] = _age(max(activity), now)
-    if args.json:
-        render.print_json(status)
-        return 0
-    for line in status_lines(status):
-        print(line)
-    return 0
+    return status
 
 
 async def cmd_health(home: Home, args: Any) -> int:
@@ -483,31 +475,13 @@ async def cmd_health(home: Home, args: Any) -> int:
     Exit 0 when every actor that reported in that time has an alive instance: the instances of a
     crashed `corral up` show as gone beside their successors, and are forgotten after the retention.
     """
-    async with open_system(home, actors=()) as system:
-        records = await read_health(system.bus.js)
-        stream = await system.bus.js.stream_info(STREAM)
-        last_seq = int(stream.state.last_seq)
-    now = time.time()
-    rows = []
-    for record in sorted(records, key=lambda r: (str(r.get("actor", "")), str(r.get("instance", "")))):
-        state = health_state(record, now)
-        if state == "forgotten":
-            continue
-        lag = record.get("lag")
-        if lag is None and record.get("position") is not None:
-            lag = max(0, last_seq - int(record["position"]))
-        rows.append(
-            {
-                **record,
-                "state": state,
-                "alive": state == "alive",
-                "last_seen_s": round(max(0.0, now - float(record["written_at"])), 1),
-                "lag": lag,
-            }
-        )
-    down = sorted({str(r.get("actor")) for r in rows} - {str(r.get("actor")) for r in rows if r["alive"]})
+    from corral.client import Client
+
+    async with Client.connect(home, actors=()) as client:
+        health = await client.health()
+    rows, down = health["actors"], health["down"]
     if args.json:
-        render.print_json({"log_last_seq": last_seq, "actors": rows, "down": down})
+        render.print_json(health)
         return 1 if down else 0
     if not rows:
         info("no actor has reported; is `corral up` running?")

@@ -44,23 +44,27 @@ class Parent:
         return self.session_id or ""
 
 
-async def find_parent(home: Home, prefix: str, agent: str | None) -> Parent:
-    """The finished execution a follow-up continues; UsageError saying why when it cannot be."""
-    async with open_system(home, actors=("projector",)) as system:
-        execution_id = await resolve_execution_id(system, prefix)
-        request = await recorded_request(system, execution_id)
-        quoted = sql_text(execution_id)
-        found = await rows(system, f"SELECT state, worktree FROM executions WHERE execution_id = {quoted}")
-        session = await recorded_session(system, execution_id)
-        row = found[0] if found else {"state": "requested", "worktree": None}
-        busy = []
-        if row["worktree"]:
-            states = ", ".join(sql_text(s) for s in ACTIVE_STATES)
-            busy = await rows(
-                system,
-                f"SELECT execution_id FROM executions WHERE worktree = {sql_text(row['worktree'])} "
-                f"AND state IN ({states}) AND execution_id <> {quoted}",
-            )
+async def find_parent(home: Home, prefix: str, agent: str | None, system: System | None = None) -> Parent:
+    """The finished execution a follow-up continues; UsageError saying why when it cannot be.
+
+    `system`: a connected one (the HTTP gateway's); without, one is joined or started for the lookup."""
+    if system is None:
+        async with open_system(home, actors=("projector",)) as opened:
+            return await find_parent(home, prefix, agent, opened)
+    execution_id = await resolve_execution_id(system, prefix)
+    request = await recorded_request(system, execution_id)
+    quoted = sql_text(execution_id)
+    found = await rows(system, f"SELECT state, worktree FROM executions WHERE execution_id = {quoted}")
+    session = await recorded_session(system, execution_id)
+    row = found[0] if found else {"state": "requested", "worktree": None}
+    busy = []
+    if row["worktree"]:
+        states = ", ".join(sql_text(s) for s in ACTIVE_STATES)
+        busy = await rows(
+            system,
+            f"SELECT execution_id FROM executions WHERE worktree = {sql_text(row['worktree'])} "
+            f"AND state IN ({states}) AND execution_id <> {quoted}",
+        )
     if request.agent == "command":
         raise UsageError(f"{execution_id} ran a plain command: there is no agent session to continue")
     if agent and agent != request.agent:

@@ -25,9 +25,11 @@ _REMOTE_URL = re.compile(r"(?:[^/:@]+@)?[^/:]+[:/](?P<owner>[A-Za-z0-9_.-]+)/(?P
 class ForgeError(CorralError):
     """The forge refused a request or could not be reached."""
 
+    status = 502  # the HTTP API's answer: a gateway (the forge) failed
+
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.forge_status = status  # what the forge answered, if it did
 
 
 @dataclass(frozen=True)

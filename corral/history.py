@@ -265,6 +265,42 @@ async def search(
     return sorted(hits, key=lambda h: -int(h["seq"]))[:limit]
 
 
+async def search_hits(
+    system: System,
+    text: str,
+    *,
+    regex: bool = False,
+    execution_id: str | None = None,
+    event_type: str | None = None,
+    since: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """`corral search` (and GET /api/search): checked input, the hits with their snippets."""
+    if not text:
+        raise UsageError("nothing to search for; give TEXT")
+    if limit < 1:
+        raise UsageError("--limit must be 1 or more")
+    if regex:
+        check_regex(text)
+    sql_text(text)
+    _type_filter(event_type)
+    _since_filter(since)
+
+    async def fetch(sql: str) -> list[dict[str, Any]]:
+        return await rows(system, sql, max_rows=limit)
+
+    hits = await search(
+        fetch, text, regex=regex, execution_id=execution_id, event_type=event_type, since=since, limit=limit
+    )
+    return [
+        {
+            **{k: hit[k] for k in ("seq", "execution_id", "ts", "type", "text")},
+            "snippet": snippet(hit["text"] or "", text, regex=regex),
+        }
+        for hit in hits
+    ]
+
+
 async def cmd_search(home: Home, args: Any) -> int:
     if not args.text:
         raise UsageError("nothing to search for; give TEXT")
@@ -272,17 +308,13 @@ async def cmd_search(home: Home, args: Any) -> int:
         raise UsageError("--limit must be 1 or more")
     if args.regex:
         check_regex(args.text)
-    sql_text(args.text)
+    sql_text(args.text)  # bad input is said before anything starts
     _type_filter(args.event_type)
     _since_filter(args.since)
     async with open_system(home, actors=("projector",)) as system:
         execution_id = await resolve_execution_id(system, args.execution_id) if args.execution_id else None
-
-        async def fetch(sql: str) -> list[dict[str, Any]]:
-            return await rows(system, sql, max_rows=args.limit)
-
-        hits = await search(
-            fetch,
+        hits = await search_hits(
+            system,
             args.text,
             regex=args.regex,
             execution_id=execution_id,
@@ -290,8 +322,6 @@ async def cmd_search(home: Home, args: Any) -> int:
             since=args.since,
             limit=args.limit,
         )
-    for hit in hits:
-        hit["snippet"] = snippet(hit["text"] or "", args.text, regex=args.regex)
     if args.json:
         render.print_json(
             [{k: hit[k] for k in ("seq", "execution_id", "ts", "type", "snippet", "text")} for hit in hits]
@@ -918,16 +948,23 @@ def tree_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {"same_tree": False, "stat": result.stdout.rstrip(), "error": None}
 
 
+async def compare_executions(system: System, a_id: str, b_id: str) -> dict[str, Any]:
+    """`corral compare --json` (and GET /api/compare): both summaries, their tree diff, the aligned timeline."""
+    a, b = await _summary(system, a_id), await _summary(system, b_id)
+    diff = tree_diff(a, b)
+    timeline = align(a.pop("timeline"), b.pop("timeline"))
+    return {"a": a, "b": b, "tree_diff": diff, "timeline": timeline}
+
+
 async def cmd_compare(home: Home, args: Any) -> int:
     async with open_system(home, actors=("projector",)) as system:
         a_id = await resolve_execution_id(system, args.a)
         b_id = await resolve_execution_id(system, args.b)
-        a, b = await _summary(system, a_id), await _summary(system, b_id)
-    diff = tree_diff(a, b)
-    timeline = align(a.pop("timeline"), b.pop("timeline"))
+        compared = await compare_executions(system, a_id, b_id)
     if args.json:
-        render.print_json({"a": a, "b": b, "tree_diff": diff, "timeline": timeline})
+        render.print_json(compared)
         return 0
+    a, b, diff, timeline = compared["a"], compared["b"], compared["tree_diff"], compared["timeline"]
 
     def outcome(s: dict[str, Any]) -> str:
         if s["signal"] is not None:

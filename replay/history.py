@@ -107,8 +107,12 @@ async def follow(
     new_only: bool = False,
     stop_when_caught_up: bool = False,
     done: asyncio.Event | None = None,
+    output_start_seq: int | None = None,
 ) -> None:
     """Deliver matching events to `handle` in stored order until it returns True or `done` is set.
+
+    `output_start_seq` (with `start_seq`): where output starts in CORRAL_OUTPUT, exactly (a client
+    resuming after the last event of each stream it saw, e.g. SSE's Last-Event-ID).
 
     `seq` given to `handle` is the event's sequence in its own stream (`ack_stream(msg.reply)`
     names it): CORRAL, or CORRAL_OUTPUT for output events under log retention. `start_seq` is a
@@ -135,7 +139,7 @@ async def follow(
         )
         return
     await _Merge(js, subject, handle, finished, stop_when_caught_up).run(
-        start_seq=start_seq, start_time=start_time, new_only=new_only
+        start_seq=start_seq, start_time=start_time, new_only=new_only, output_start_seq=output_start_seq
     )
 
 
@@ -246,10 +250,19 @@ class _Merge:
         self.wake = asyncio.Event()
         self.drain_to: int | None = None  # set once a core event stopped the follow: output up to here
 
-    async def run(self, *, start_seq: int | None, start_time: datetime | None, new_only: bool) -> None:
+    async def run(
+        self,
+        *,
+        start_seq: int | None,
+        start_time: datetime | None,
+        new_only: bool,
+        output_start_seq: int | None = None,
+    ) -> None:
         output_start: dict[str, Any] = {"start_seq": None, "start_time": start_time, "new_only": new_only}
         # A CORRAL sequence means nothing in CORRAL_OUTPUT: output starts where that event was stored.
-        if start_seq is not None:
+        if output_start_seq is not None:
+            output_start = {"start_seq": output_start_seq, "start_time": None, "new_only": False}
+        elif start_seq is not None:
             where = await self._output_start(start_seq)
             output_start = {"start_seq": None, "start_time": None, "new_only": False, **where}
         try:

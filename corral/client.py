@@ -1,0 +1,721 @@
+"""The one client every face uses: the CLI, the HTTP API, the MCP server, tests and third-party scripts.
+
+`Client` owns the operations on a Corral system over NATS (submit, list, status, events, live
+control, changes, approvals, history, SQL, health, templates) and returns plain JSON-ready values
+(the shapes the HTTP API serves). It raises `CorralError`s whose `message` is the one line the CLI
+prints and whose `status` is the HTTP status the API answers with. Faces only parse and render.
+
+    async with Client.connect(Home.from_env()) as client:
+        execution_id = await client.submit(RunSpec(repo=".", command=["make", "test"]))
+        async for event in client.events(execution_id=execution_id):
+            ...
+
+See docs/sdk.md.
+"""
+
+import asyncio
+import contextlib
+import functools
+import os
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.adapters import build_command, split_words
+from actors.bus import PermissionRefused
+from actors.errors import WorkspaceError
+from actors.runtime import health_state, read_health
+from actors.worktree import repo_root, resolve_commit
+from corral import attention, render
+from corral.config import Config, ConfigError, load_config, resolve_run
+from corral.errors import CorralError, Forbidden, UsageError
+from corral.home import Home
+from corral.system import System, open_system
+from events.envelope import new_event
+from events.ids import new_execution_id
+from events.subjects import ALL_EVENTS, OUTPUT_STREAM, STREAM, ack_stream, execution_events
+from events.types import (
+    CancelRequested,
+    EventData,
+    ExecutionRequested,
+    InputRequested,
+    Limits,
+    PauseRequested,
+    PriorityRequested,
+    ResumeRequested,
+    SandboxRequest,
+    TimeoutExtendRequested,
+    Timeouts,
+)
+from replay.history import follow
+
+TERMINAL = ("execution.exited", "execution.failed")
+RUNNING = ("running", "paused")
+QUEUED = ("requested", "queued")
+CONFIRM_TIMEOUT_S = 15.0
+PS_COLUMNS = (
+    "execution_id, state, requested_at, duration_s, exit_code, signal, command, repo, error, worktree, output_bytes, "
+    "exit_reason, agent, template, priority, started_at, ended_at"
+)
+
+
+class RunSpec(BaseModel):
+    """What `corral run` takes (and `POST /api/executions`): a command, or an agent and a task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo: str = Field(".", description="git repository to branch from (a path on the host that runs Corral)")
+    base: str = Field("HEAD", description="commit or ref to start from")
+    command: list[str] = Field(default_factory=list, description="the program and its arguments")
+    agent: Literal["command", "claude-code", "codex", "gemini", "aider"] | None = None
+    task: str | None = Field(None, description="the task text (an agent's prompt)")
+    env: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    template: str | None = Field(None, description="a template of corral.toml")
+    priority: int | None = None
+    timeout: str | float | None = Field(None, description="hard wall-clock limit, e.g. 30m")
+    idle_timeout: str | float | None = None
+    spawn_timeout: str | float | None = None
+    on_stall: Literal["notify", "pause", "cancel", "restart"] | None = None
+    memory: str | int | None = Field(None, description="memory limit, e.g. 2G")
+    cpus: str | float | None = None
+    disk: str | int | None = None
+    pids: str | int | None = None
+    max_cost: str | float | None = Field(None, description="budget in USD")
+    sandbox: str | None = None
+    network: str | None = None
+    policy: dict[str, Any] | None = Field(None, description="policy keys for this run (over [policy])")
+    resume: str | None = Field(None, description="a follow-up of this finished execution (id or prefix)")
+
+
+def _one_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+class Client:
+    """Operations on one Corral system, as one NATS role (`operator`, `tap`, or the HTTP gateway's `api`).
+
+    `decider`: the bearer token's name when the HTTP gateway acts for one (decisions are recorded
+    as taken by it)."""
+
+    def __init__(self, system: System, *, role: str = "operator", decider: str | None = None) -> None:
+        self.system = system
+        self.role = role
+        self.decider = decider
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls, home: Home, *, role: str = "operator", actors: tuple[str, ...] | None = None
+    ) -> AsyncIterator["Client"]:
+        """Join the `corral up` running on `home`, or start a system (every actor) for this context."""
+        kwargs: dict[str, Any] = {"role": role}
+        if actors is not None:
+            kwargs["actors"] = actors
+        async with open_system(home, **kwargs) as system:
+            yield cls(system, role=role)
+
+    @property
+    def home(self) -> Home:
+        return self.system.home
+
+    @property
+    def read_only(self) -> bool:
+        return self.role == "tap"
+
+    def _require_operator(self, action: str) -> None:
+        if self.read_only:
+            raise Forbidden(f"a read-only (tap) client may not {action}; use an operator token or user")
+
+    # --- ids and queries -----------------------------------------------------------------------
+
+    async def resolve(self, prefix: str) -> str:
+        """The one execution id starting with `prefix`, or NotFound."""
+        from corral.commands import resolve_execution_id
+
+        return await resolve_execution_id(self.system, prefix)
+
+    async def query(self, sql: str, *, max_rows: int = 10000) -> dict[str, Any]:
+        """Run SQL (the projector's read-only sandbox) once it applied every event logged so far."""
+        from corral.commands import query
+
+        try:
+            return await query(self.system, sql, max_rows=max_rows)
+        except PermissionRefused as exc:
+            raise Forbidden(_one_line(exc)) from None
+
+    async def sql(self, sql: str, *, max_rows: int = 10000) -> dict[str, Any]:
+        """`corral sql`: {columns, rows, truncated, ...}. Refused statements raise UsageError."""
+        if max_rows < 1:
+            raise UsageError("max_rows must be 1 or more")
+        return await self.query(sql, max_rows=max_rows)
+
+    async def records(self, sql: str) -> list[dict[str, Any]]:
+        result = await self.query(sql)
+        return render.records(result["columns"], result["rows"])
+
+    # --- submit --------------------------------------------------------------------------------
+
+    async def build_request(self, spec: RunSpec) -> tuple[str, ExecutionRequested]:
+        """Check a RunSpec as `corral run` does; return (new execution id, its request): nothing is sent."""
+        return await build_request(self.home, spec, system=self.system, requested_by=self.decider)
+
+    async def publish_request(self, execution_id: str, request: ExecutionRequested) -> int:
+        """Append the request to the log; return its sequence."""
+        self._require_operator("start executions")
+        try:
+            ack = await self.system.bus.publisher.publish(new_event(execution_id, request, actor=self._actor))
+        except PermissionRefused as exc:
+            raise Forbidden(_one_line(exc)) from None
+        return int(ack.seq)
+
+    async def submit(self, spec: RunSpec) -> str:
+        """Check and submit a run; return its execution id (it is queued for a spawner)."""
+        self._require_operator("start executions")
+        execution_id, request = await self.build_request(spec)
+        await self.publish_request(execution_id, request)
+        return execution_id
+
+    @property
+    def _actor(self) -> str:
+        return "api" if self.decider else "cli"
+
+    # --- reading -------------------------------------------------------------------------------
+
+    async def executions(
+        self, *, all: bool = False, state: str | None = None, label: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """`corral ps`: executions, those needing a human first, then newest first."""
+        where = [] if all or state else ["state NOT IN ('exited', 'failed')"]
+        if state:
+            where.append(f"state = {_sql_text(state)}")
+        if label:
+            name, _, value = label.partition("=")
+            where.append(
+                f"execution_id IN (SELECT execution_id FROM events WHERE type = 'execution.requested' "
+                f"AND data->'labels'->>{_sql_text(name)} = {_sql_text(value)})"
+            )
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        cap = f"LIMIT {int(limit)}" if limit else ""
+        rows = await self.records(f"SELECT {PS_COLUMNS} FROM executions {clause} ORDER BY requested_at DESC {cap}")
+        ask = functools.partial(self.query)
+        why = await attention.reasons(ask, rows)
+        needed = await attention.needs(ask, [r["execution_id"] for r in rows])
+        for row in rows:
+            row["reason"] = why.get(row["execution_id"])
+            row["attention"] = needed.get(row["execution_id"])
+        rows.sort(key=lambda r: r["attention"] is None)  # stable: newest first within each group
+        return rows
+
+    async def status(self, prefix: str) -> dict[str, Any]:
+        """`corral status`: everything known about one execution, live timers from its shim when local."""
+        from corral.control import status_of
+
+        return await status_of(self.system, await self.resolve(prefix))
+
+    async def logs(self, prefix: str, *, tail: int | None = None, stream: str | None = None) -> list[dict[str, Any]]:
+        """The output held for an execution: [{seq, ts, stream, n, text}] chunks (the last `tail` lines)."""
+        if tail is not None and tail < 0:
+            raise UsageError("tail expects a number of lines (0 or more)")
+        execution_id = await self.resolve(prefix)
+        chunks: list[dict[str, Any]] = []
+
+        async def on_event(seq: int, msg: Msg) -> bool:
+            if msg.subject.endswith(".output"):
+                event = orjson.loads(msg.data)
+                data = event["data"]
+                if stream in (None, data["stream"]):
+                    chunks.append(
+                        {
+                            "seq": seq,
+                            "ts": event.get("ts"),
+                            "stream": data["stream"],
+                            "n": data.get("n"),
+                            "text": data["text"],
+                        }
+                    )
+            return False
+
+        await follow(self.system.bus.js, execution_events(execution_id), on_event, stop_when_caught_up=True)
+        if tail is None:
+            return chunks
+        lines: deque[dict[str, Any]] = deque(maxlen=tail) if tail else deque(maxlen=0)
+        for chunk in chunks:
+            for line in str(chunk["text"]).splitlines(keepends=True):
+                last = lines[-1] if lines else None
+                if last and last["stream"] == chunk["stream"] and not str(last["text"]).endswith("\n"):
+                    last["text"] += line
+                else:
+                    lines.append({**chunk, "text": line})
+        return list(lines)
+
+    async def events(
+        self,
+        *,
+        subject: str | None = None,
+        execution_id: str | None = None,
+        start_seq: int | None = None,
+        output_start_seq: int | None = None,
+        since: str | None = None,
+        since_time: datetime | None = None,
+        new_only: bool = False,
+        follow_live: bool = True,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Events in stored order: each is the envelope plus `seq` and `stream` (CORRAL or CORRAL_OUTPUT).
+
+        `start_seq` is a CORRAL sequence, `output_start_seq` a CORRAL_OUTPUT one (where output sits
+        under log retention); `since` is a duration (10m) or a sequence; with `follow_live` the
+        iteration goes on with new events until the caller stops it, else it ends once caught up.
+        """
+        from corral.commands import parse_since
+
+        pattern = subject or ALL_EVENTS
+        if execution_id is not None:
+            pattern = execution_events(await self.resolve(execution_id))
+        check_subject(pattern)
+        position: dict[str, Any] = {}
+        if start_seq is not None:
+            position["start_seq"] = start_seq
+        elif since_time is not None:
+            position["start_time"] = since_time
+        elif since:
+            position = parse_since(since)
+        elif new_only:
+            position["new_only"] = True
+        if output_start_seq is not None:
+            position["output_start_seq"] = output_start_seq
+        queue: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue(maxsize=1000)
+        done = asyncio.Event()
+
+        async def on_event(seq: int, msg: Msg) -> bool:
+            data = msg.data
+            try:
+                event = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                event = {"malformed": data.decode(errors="replace")}
+            if not isinstance(event, dict):
+                event = {"malformed": data.decode(errors="replace")}
+            event["seq"] = seq
+            event["stream"] = OUTPUT_STREAM if ack_stream(msg.reply) == OUTPUT_STREAM else STREAM
+            await queue.put(event)
+            return False
+
+        async def run() -> None:
+            try:
+                await follow(
+                    self.system.bus.js, pattern, on_event, done=done, stop_when_caught_up=not follow_live, **position
+                )
+                await queue.put(None)
+            except BaseException as exc:  # handed to the reader
+                await queue.put(exc)
+
+        task = asyncio.create_task(run())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            done.set()
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def wait(self, prefix: str, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """Until the execution has ended (exited or failed); return its status."""
+        execution_id = await self.resolve(prefix)
+        ended = asyncio.Event()
+
+        async def on_event(seq: int, msg: Msg) -> bool:
+            if msg.subject.split(".", 3)[3] in TERMINAL:
+                ended.set()
+                return True
+            return False
+
+        done = asyncio.Event()
+        follower = asyncio.create_task(follow(self.system.bus.js, execution_events(execution_id), on_event, done=done))
+        try:
+            await asyncio.wait_for(ended.wait(), timeout_s)
+        except TimeoutError:
+            raise CorralError(f"{execution_id} did not end within {timeout_s:g}s") from None
+        finally:
+            done.set()
+            follower.cancel()
+            with contextlib.suppress(BaseException):
+                await follower
+        return await self.status(execution_id)
+
+    # --- live control --------------------------------------------------------------------------
+
+    async def _control(
+        self,
+        prefix: str,
+        allowed: tuple[str, ...],
+        action: str,
+        data: EventData,
+        confirm: tuple[str, ...],
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        from corral.control import execution_row, request_and_wait, require_state
+
+        self._require_operator(action)
+        execution_id = await self.resolve(prefix)
+        row = await execution_row(self.system, execution_id)
+        require_state(execution_id, row, allowed, action)
+        try:
+            return await request_and_wait(self.system, execution_id, data, confirm, actor_name=self._actor, **kwargs)
+        except PermissionRefused as exc:
+            raise Forbidden(_one_line(exc)) from None
+
+    async def input(self, prefix: str, text: str) -> dict[str, Any]:
+        """Deliver `text` to the agent's stdin as it is (add the newline yourself); the input.delivered event."""
+        from corral.control import check_input_size
+
+        check_input_size(text)
+        return await self._control(prefix, RUNNING, "send input to", InputRequested(text=text), ("input.delivered",))
+
+    async def pause(self, prefix: str, reason: str | None = None) -> dict[str, Any]:
+        return await self._control(
+            prefix,
+            ("running",),
+            "pause",
+            PauseRequested(reason=reason, requested_by=self.requester),
+            ("execution.paused",),
+        )
+
+    async def resume(self, prefix: str, reason: str | None = None) -> dict[str, Any]:
+        return await self._control(
+            prefix, ("paused",), "resume", ResumeRequested(reason=reason), ("execution.resumed",)
+        )
+
+    async def cancel(self, prefix: str, *, grace_s: float | None = None, reason: str | None = None) -> dict[str, Any]:
+        """Stop an execution (SIGTERM, SIGKILL after the grace); the execution.exited/failed event."""
+        from corral.control import cancel_grace, execution_row
+
+        if grace_s is not None and grace_s < 0:
+            raise UsageError("grace must be 0 or more seconds")
+        self._require_operator("cancel")
+        execution_id = await self.resolve(prefix)
+        if grace_s is None:
+            grace_s = cancel_grace(self.home, (await execution_row(self.system, execution_id)).get("template"))
+        return await self._control(
+            execution_id,
+            (*QUEUED, "claimed", *RUNNING),
+            "cancel",
+            CancelRequested(grace_s=grace_s, reason=reason, requested_by=self.requester),
+            (),
+            any_cause=TERMINAL,
+            timeout_s=grace_s + CONFIRM_TIMEOUT_S,
+        )
+
+    async def extend(self, prefix: str, seconds: float) -> dict[str, Any]:
+        if seconds <= 0:
+            raise UsageError("seconds must be more than 0")
+        return await self._control(
+            prefix, RUNNING, "extend", TimeoutExtendRequested(seconds=seconds), ("timeout.extended",)
+        )
+
+    async def priority(self, prefix: str, priority: int) -> dict[str, Any]:
+        from corral.control import queue_position
+
+        answer = await self._control(
+            prefix, QUEUED, "reprioritise", PriorityRequested(priority=priority), ("priority.changed",)
+        )
+        answer["queue_position"] = await queue_position(self.system, str(answer["execution_id"]))
+        return answer
+
+    @property
+    def requester(self) -> str:
+        """Who asks, as recorded in pause/cancel requests: the token's name, else the NATS/OS user."""
+        from corral.control import _requester
+
+        return self.decider or _requester(self.system)
+
+    # --- changes -------------------------------------------------------------------------------
+
+    async def checkpoints(self, prefix: str) -> list[dict[str, Any]]:
+        from corral.changes import workspace
+
+        return (await workspace(self.system, await self.resolve(prefix))).checkpoints
+
+    async def changes(self, prefix: str, *, since: str | None = None) -> list[dict[str, Any]]:
+        """Files changed since the base commit (or checkpoint `since`): [{path, status, added, deleted}]."""
+        from corral.changes import changed_files, workspace
+
+        ws = await workspace(self.system, await self.resolve(prefix))
+        return await changed_files(self.home, ws, since)
+
+    async def diff(
+        self, prefix: str, *, paths: list[str] | None = None, from_cp: str | None = None, to_cp: str | None = None
+    ) -> dict[str, Any]:
+        """{execution_id, from, to, diff}: the unified diff from a checkpoint (or the base) to another (or now)."""
+        from corral.changes import diff_of, workspace
+
+        ws = await workspace(self.system, await self.resolve(prefix))
+        return await diff_of(self.home, ws, paths or [], from_cp, to_cp)
+
+    # --- approvals -----------------------------------------------------------------------------
+
+    async def approvals(self, *, all: bool = False) -> list[dict[str, Any]]:
+        """Pending approvals (oldest first), then with `all` the decided ones (newest first)."""
+        from corral.approvals import read_book
+
+        book = await read_book(self.system)
+        now = datetime.now(UTC)
+        pending = sorted((a for a in book.approvals.values() if a.state == "pending"), key=lambda a: a.seq)
+        decided = sorted((a for a in book.approvals.values() if a.state != "pending"), key=lambda a: -a.seq)
+        return [
+            {**a.as_dict(), "age_s": round(max(0.0, (now - a.requested_at).total_seconds()), 3)}
+            for a in pending + (decided if all else [])
+        ]
+
+    async def decide(
+        self,
+        approval_id: str,
+        *,
+        approve: bool,
+        choice: str | None = None,
+        note: str | None = None,
+        raise_budget: float | None = None,
+    ) -> dict[str, Any]:
+        """Grant or deny a pending approval (the first decision wins); the approval.granted/denied event.
+
+        Already decided or expired: Conflict, naming who decided when."""
+        from corral.approvals import decide
+
+        self._require_operator("decide approvals")
+        try:
+            return await decide(
+                self.system,
+                approval_id,
+                approve=approve,
+                choice=choice,
+                note=note,
+                raise_budget=raise_budget,
+                token=self.decider,
+            )
+        except PermissionRefused as exc:
+            raise Forbidden(_one_line(exc)) from None
+
+    # --- history -------------------------------------------------------------------------------
+
+    async def search(
+        self,
+        pattern: str,
+        *,
+        regex: bool = False,
+        execution_id: str | None = None,
+        event_type: str | None = None,
+        since: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        from corral.history import search_hits
+
+        target = await self.resolve(execution_id) if execution_id else None
+        return await search_hits(
+            self.system, pattern, regex=regex, execution_id=target, event_type=event_type, since=since, limit=limit
+        )
+
+    async def compare(self, first: str, second: str) -> dict[str, Any]:
+        from corral.history import compare_executions
+
+        return await compare_executions(self.system, await self.resolve(first), await self.resolve(second))
+
+    # --- system --------------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """Every actor instance of the health retention: alive or gone; `down` names actors with none alive."""
+        try:
+            records = await read_health(self.system.bus.js)
+            stream = await self.system.bus.js.stream_info(STREAM)
+        except NatsError as exc:
+            raise CorralError(f"cannot read health records: {_one_line(exc)}") from None
+        last_seq = int(stream.state.last_seq)
+        now = time.time()
+        rows = []
+        for record in sorted(records, key=lambda r: (str(r.get("actor", "")), str(r.get("instance", "")))):
+            state = health_state(record, now)
+            if state == "forgotten":
+                continue
+            lag = record.get("lag")
+            if lag is None and record.get("position") is not None:
+                lag = max(0, last_seq - int(record["position"]))
+            rows.append(
+                {
+                    **record,
+                    "state": state,
+                    "alive": state == "alive",
+                    "last_seen_s": round(max(0.0, now - float(record["written_at"])), 1),
+                    "lag": lag,
+                }
+            )
+        down = sorted({str(r.get("actor")) for r in rows} - {str(r.get("actor")) for r in rows if r["alive"]})
+        return {"log_last_seq": last_seq, "actors": rows, "down": down}
+
+    def templates(self) -> list[dict[str, Any]]:
+        """corral.toml's templates, resolved ([defaults] under each)."""
+        from corral.config import template_rows
+
+        return template_rows(load_config(self.home))
+
+
+async def build_request(
+    home: Home, spec: RunSpec, *, system: System | None = None, requested_by: str | None = None
+) -> tuple[str, ExecutionRequested]:
+    """Check a RunSpec as `corral run` does and return (new execution id, its request): nothing is sent.
+
+    `system`: a connected one to look a follow-up's parent up in (else one is joined for that)."""
+    from corral import followup
+    from corral.commands import check_command, check_request_size, refuse_secret_env
+
+    config = load_config(home)
+    parent = await followup.find_parent(home, spec.resume, spec.agent, system) if spec.resume else None
+    command = list(spec.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not parent and not spec.agent and not spec.template and not command:
+        check_command([], Path("."))  # "nothing to run" first, wherever it comes from
+    try:
+        repo = repo_root(parent.request.repo if parent else spec.repo)
+        resolve_commit(repo, spec.base)
+    except WorkspaceError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        resolved = resolve_run(
+            config,
+            spec.template,
+            {
+                "timeout_s": _text(spec.timeout),
+                "idle_timeout_s": _text(spec.idle_timeout),
+                "spawn_timeout_s": _text(spec.spawn_timeout),
+                "on_stall": spec.on_stall,
+                "memory_bytes": _text(spec.memory),
+                "cpus": _text(spec.cpus),
+                "disk_bytes": _text(spec.disk),
+                "pids_max": _text(spec.pids),
+                "priority": spec.priority,
+                "max_cost_usd": _text(spec.max_cost),
+                "env": {**(parent.request.env if parent else {}), **spec.env},
+                "agent": spec.agent or (parent.request.agent if parent else None),
+                "sandbox": spec.sandbox,
+                "network": spec.network,
+            },
+        )
+    except ConfigError as exc:
+        raise UsageError(exc.message) from None
+    refuse_secret_env(resolved.env, config.security.secret_env)
+    task = spec.task
+    agent_args: list[str] = []
+    if resolved.agent and resolved.agent != "command":
+        try:  # the adapter builds the CLI's command line from the task (actors/adapters)
+            task, extra = split_words(spec.task, command)
+            agent_args = list(parent.request.agent_args) if parent and not extra else [*resolved.args, *extra]
+            built = build_command(resolved.agent, task, agent_args, resume=parent.resume_arg if parent else None)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        command = check_command(built, repo, spec.base)
+        followup.check_budget_support(resolved.agent, command[0], resolved.settings.max_cost_usd)
+    else:
+        command = check_command(list(resolved.argv(command)), repo, spec.base)
+    settings = resolved.settings
+    policy = _checked_policy(config, resolved.template, spec.policy)
+    request = ExecutionRequested(
+        command=tuple(command),
+        repo=str(repo),
+        base=spec.base,
+        task=task,
+        agent=resolved.agent or "command",
+        template=resolved.template,
+        env=resolved.env,
+        priority=settings.priority,
+        timeouts=Timeouts(hard=settings.timeout_s, idle=settings.idle_timeout_s, spawn=settings.spawn_timeout_s),
+        limits=Limits(
+            memory_bytes=settings.memory_bytes,
+            cpus=settings.cpus,
+            disk_bytes=settings.disk_bytes,
+            pids_max=settings.pids_max,
+        ),
+        on_stall=settings.on_stall,
+        labels=spec.labels,
+        requested_by=requested_by or os.environ.get("USER"),
+        max_cost_usd=settings.max_cost_usd,
+        prices=config.prices,
+        agent_args=tuple(agent_args),
+        resume_of=parent.execution_id if parent else None,
+        resume_session=parent.session_id if parent else None,
+        worktree=parent.worktree if parent else None,
+        policy=policy,
+        sandbox=SandboxRequest.model_validate({"mode": resolved.sandbox, "network": resolved.network}),
+    )
+    execution_id = new_execution_id()
+    check_request_size(new_event(execution_id, request, actor="cli").to_bytes())
+    return execution_id, request
+
+
+SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_*>-]+$")
+
+
+def check_subject(pattern: str) -> None:
+    """A subject pattern of the event log (corral.evt.<id>.<type>, `*` and `>` wildcards), else UsageError."""
+    tokens = pattern.split(".")
+    if (
+        not pattern.startswith("corral.evt.")
+        or any(not SUBJECT_TOKEN.match(t) for t in tokens)
+        or any(">" in t and t != ">" for t in tokens)
+        or ">" in tokens[:-1]
+        or any("*" in t and t != "*" for t in tokens)
+    ):
+        raise UsageError(
+            f"{pattern!r} is not a subject of the event log; subjects look like corral.evt.<id>.> "
+            "or corral.evt.*.execution.exited"
+        )
+
+
+def _text(value: Any) -> Any:
+    """Numbers from JSON become the text the duration/size parsers read (`30` seconds, `2e9` bytes)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    return value
+
+
+def _sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _checked_policy(config: Config, template: str | None, keys: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Per-run policy keys, checked over [policy] and the template's (actors/policy.py)."""
+    if not keys:
+        return None
+    from actors.policy import PolicyError, effective_policy
+
+    try:
+        templates = {t.name: t.policy for t in config.templates.values()}
+        effective_policy(config.policy, templates, template, keys)
+    except PolicyError as exc:
+        raise UsageError(f"policy: {exc}; nothing was started") from None
+    return keys
+
+
+def since_time(text: str) -> datetime:
+    """A duration (90s, 10m, 2h, 1d) before now."""
+    from corral.commands import DURATION
+
+    match = DURATION.match(text)
+    if not match:
+        raise UsageError(f"expected a duration like 90s, 10m, 2h or 1d; got {text!r}")
+    unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return datetime.now(UTC) - timedelta(seconds=float(match.group(1)) * unit)

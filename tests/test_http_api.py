@@ -1,0 +1,408 @@
+"""The HTTP API against a real `corral up` (uvicorn on a free port), real tokens, a real HTTP client.
+
+Every state-changing route is attacked with no token, an unknown token, a revoked token and a
+read-only (tap) token; SSE is read, cut mid-stream and resumed with Last-Event-ID.
+"""
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Cli, agent_command, cli_environment, make_repo
+from tests.test_control import start_up, stop_up, wait_until
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One `corral up --http 127.0.0.1:0` (embedded NATS) for the module, an operator and a tap token."""
+    root = tmp_path_factory.mktemp("http")
+    env = cli_environment(CORRAL_HOME=str(root / "home"))
+    env.pop("CORRAL_NATS_URL", None)
+    cli = Cli(root / "home", env)
+    repo = make_repo(root / "repo")
+    cli.home.mkdir(parents=True, exist_ok=True)  # the attacks below fail many logins on purpose
+    (cli.home / "corral.toml").write_text("[http]\nmax_failed_logins = 100000\n")
+    up = start_up(cli, "--http", "127.0.0.1:0")
+    try:
+        runtime = json.loads((cli.home / "runtime.json").read_text())
+        url = wait_until(
+            lambda: json.loads((cli.home / "runtime.json").read_text()).get("http_url"), 30, "the HTTP address"
+        )
+        assert runtime["pid"] == up.pid
+        operator = cli("token", "create", "alice", "--role", "operator", check=True).stdout.strip()
+        tap = cli("token", "create", "tapper", "--role", "tap", check=True).stdout.strip()
+        yield {"cli": cli, "url": url, "repo": repo, "operator": operator, "tap": tap, "up": up}
+    finally:
+        stop_up(cli, up)
+
+
+def client(api: dict[str, Any], token: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {api[token]}"} if token else {}
+    return httpx.Client(base_url=api["url"], headers=headers, timeout=60)
+
+
+def error_of(response: httpx.Response, status: int) -> str:
+    """The response is a JSON error with this status and one line of text."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == status and isinstance(body["error"], str) and "\n" not in body["error"]
+    return str(body["error"])
+
+
+def submit(api: dict[str, Any], command: list[str], **extra: Any) -> str:
+    with client(api, "operator") as http:
+        response = http.post("/api/executions", json={"repo": str(api["repo"]), "command": command, **extra})
+    assert response.status_code == 201, response.text
+    return str(response.json()["execution_id"])
+
+
+def state_of(api: dict[str, Any], execution_id: str) -> dict[str, Any]:
+    with client(api, "tap") as http:
+        response = http.get(f"/api/executions/{execution_id}")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def wait_for_state(api: dict[str, Any], execution_id: str, *states: str) -> dict[str, Any]:
+    return wait_until(  # type: ignore[return-value]
+        lambda: (s := state_of(api, execution_id))["state"] in states and s, 60, f"{execution_id} {states}"
+    )
+
+
+def read_sse(response: httpx.Response, count: int) -> list[dict[str, Any]]:
+    """The next `count` events of an SSE response: {id, event, data}; comments skipped."""
+    found: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    for line in response.iter_lines():
+        if line.startswith(":") or line.startswith("retry:"):
+            continue
+        if not line:
+            if "data" in current:
+                found.append(current)
+                if len(found) == count:
+                    return found
+            current = {}
+            continue
+        key, _, value = line.partition(": ")
+        current[key] = json.loads(value) if key == "data" else value
+    return found
+
+
+def test_probes_need_no_token_and_openapi_lists_the_routes(api: dict[str, Any]) -> None:
+    with client(api) as http:
+        assert http.get("/healthz").json() == {"ok": True}
+        ready = http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["ok"] is True
+        spec = http.get("/openapi.json").json()
+        for path in (
+            "/api/executions",
+            "/api/executions/{execution_id}/input",
+            "/api/approvals/{approval_id}/decision",
+            "/api/events",
+            "/api/sql",
+        ):
+            assert path in spec["paths"], path
+        assert "RunSpec" in spec["components"]["schemas"]
+        assert http.get("/docs").status_code == 200
+
+
+STATE_CHANGING = [
+    ("POST", "/api/executions", {"repo": ".", "command": ["true"]}),
+    ("POST", "/api/executions/{id}/input", {"text": "x"}),
+    ("POST", "/api/executions/{id}/pause", None),
+    ("POST", "/api/executions/{id}/resume", None),
+    ("POST", "/api/executions/{id}/cancel", None),
+    ("POST", "/api/executions/{id}/extend", {"seconds": 5}),
+    ("POST", "/api/executions/{id}/priority", {"priority": 3}),
+    ("POST", "/api/approvals/AP-NOPE00/decision", {"decision": "approve"}),
+]
+READING = [
+    ("GET", "/api/executions", None),
+    ("GET", "/api/executions/{id}", None),
+    ("GET", "/api/executions/{id}/logs", None),
+    ("GET", "/api/approvals", None),
+    ("GET", "/api/search?q=x", None),
+    ("POST", "/api/sql", {"sql": "SELECT 1"}),
+    ("GET", "/api/health", None),
+    ("GET", "/api/templates", None),
+]
+
+
+def test_every_route_refuses_callers_without_a_valid_token(api: dict[str, Any]) -> None:
+    execution_id = submit(api, ["sh", "-c", "sleep 60"])
+    wait_for_state(api, execution_id, "running")
+    revoked = api["cli"]("token", "create", "gone", "--role", "operator", check=True).stdout.strip()
+    assert api["cli"]("token", "revoke", "gone", check=True).returncode == 0
+    with httpx.Client(base_url=api["url"], timeout=30) as http:
+        for method, path, body in STATE_CHANGING + READING:
+            target = path.replace("{id}", execution_id)
+            for headers in ({}, {"Authorization": "Bearer corral_not-a-token"}, {"Authorization": f"Bearer {revoked}"}):
+                response = http.request(method, target, json=body, headers=headers)
+                error_of(response, 401)
+                assert response.headers["www-authenticate"].startswith("Bearer")
+            # the tap token reads, and is refused (403) everything that changes state
+            tap = {"Authorization": f"Bearer {api['tap']}"}
+            response = http.request(method, target, json=body, headers=tap)
+            if (method, path, body) in STATE_CHANGING:
+                assert "read-only" in error_of(response, 403)
+            else:
+                assert response.status_code == 200, (target, response.text)
+    # nothing the refused calls asked for happened: still running, not paused, no input delivered
+    assert state_of(api, execution_id)["state"] == "running"
+    with client(api, "tap") as http:
+        rows = http.post(
+            "/api/sql",
+            json={"sql": f"SELECT type FROM events WHERE execution_id = '{execution_id}' AND type LIKE '%requested'"},
+        ).json()["rows"]
+    assert rows == [["execution.requested"]]
+    with client(api, "operator") as http:
+        assert http.post(f"/api/executions/{execution_id}/cancel", json={"grace_s": 0}).status_code == 200
+
+
+def test_tokens_are_stored_hashed_and_listed_without_secrets(api: dict[str, Any]) -> None:
+    cli = api["cli"]
+    stored = (cli.home / "tokens.json").read_text()
+    assert api["operator"] not in stored and api["tap"] not in stored
+    assert (cli.home / "tokens.json").stat().st_mode & 0o777 == 0o600
+    listed = json.loads(cli("token", "list", "--json", check=True).stdout)
+    assert {(t["name"], t["role"]) for t in listed} >= {("alice", "operator"), ("tapper", "tap")}
+    assert api["operator"] not in json.dumps(listed)
+    again = cli("token", "create", "alice", "--role", "operator")
+    assert again.returncode == 1 and again.stderr.count("\n") == 1 and "exists" in again.stderr
+    bad_role = cli("token", "create", "bob", "--role", "admin")
+    assert bad_role.returncode == 2
+    bad_name = cli("token", "create", "no/slash", "--role", "tap")
+    assert bad_name.returncode == 2 and bad_name.stderr.count("\n") == 1
+    unknown = cli("token", "revoke", "nobody")
+    assert unknown.returncode == 2 and "no token named" in unknown.stderr
+    assert json.loads(cli("token", "list", "--json", check=True).stdout) == listed  # nothing changed
+
+
+def test_run_input_pause_resume_logs_cancel_over_http(api: dict[str, Any]) -> None:
+    execution_id = submit(
+        api, agent_command("--steps", "1", "--sleep", "0", "--read-input")[1:], labels={"team": "web"}
+    )
+    wait_for_state(api, execution_id, "running")
+    with client(api, "operator") as http:
+        delivered = http.post(f"/api/executions/{execution_id}/input", json={"text": "hello agent"})
+        assert delivered.status_code == 200, delivered.text
+        assert delivered.json()["type"] == "input.delivered" and delivered.json()["data"]["bytes"] == 12
+        wait_until(
+            lambda: (
+                "input: hello agent"
+                in "".join(c["text"] for c in http.get(f"/api/executions/{execution_id}/logs").json())
+            ),
+            60,
+            "the agent to echo its input",
+        )
+        paused = http.post(f"/api/executions/{execution_id}/pause", json={"reason": "lunch"})
+        assert paused.status_code == 200 and paused.json()["type"] == "execution.paused"
+        assert "pause needs it running" in error_of(http.post(f"/api/executions/{execution_id}/pause"), 409)
+        assert state_of(api, execution_id)["state"] == "paused"
+        assert http.post(f"/api/executions/{execution_id}/resume").json()["type"] == "execution.resumed"
+        extended = http.post(f"/api/executions/{execution_id}/extend", json={"seconds": 60})
+        assert extended.status_code in (200, 409), extended.text  # 409: no hard timeout to extend
+        listed = http.get("/api/executions", params={"label": "team=web"}).json()
+        assert [r["execution_id"] for r in listed] == [execution_id]
+        tail = http.get(f"/api/executions/{execution_id}/logs", params={"tail": 1}).json()
+        assert len(tail) == 1
+        ended = http.post(f"/api/executions/{execution_id}/cancel", json={"grace_s": 1, "reason": "done"})
+        assert ended.status_code == 200 and ended.json()["type"] in ("execution.exited", "execution.failed")
+        assert "nothing to cancel" in error_of(http.post(f"/api/executions/{execution_id}/cancel"), 409)
+        requests = http.post(
+            "/api/sql",
+            json={
+                "sql": "SELECT type, actor, data->>'requested_by' AS who FROM events "
+                f"WHERE execution_id = '{execution_id}' AND type IN ('pause.requested', 'execution.requested') "
+                "ORDER BY seq"
+            },
+        ).json()["rows"]
+    assert requests == [["execution.requested", "api", "alice"], ["pause.requested", "api", "alice"]]
+
+
+def test_bad_input_gets_one_json_error_and_changes_nothing(api: dict[str, Any]) -> None:
+    with client(api, "operator") as http:
+        before = http.post("/api/sql", json={"sql": "SELECT count(*) FROM events"}).json()["rows"][0][0]
+        assert "no execution matches" in error_of(http.get("/api/executions/zzzzzzzz"), 404)
+        assert "not an execution id" in error_of(http.get("/api/executions/NOT-AN-ID!/logs"), 404)
+        assert "bogus" in error_of(http.post("/api/executions", json={"repo": ".", "bogus": 1}), 422)
+        assert "no such directory" in error_of(
+            http.post("/api/executions", json={"repo": "/nonexistent/repo", "command": ["true"]}), 400
+        )
+        assert "no command to run" in error_of(http.post("/api/executions", json={"repo": str(api["repo"])}), 400)
+        assert error_of(
+            http.post("/api/executions", content=b"{not json", headers={"content-type": "application/json"}), 422
+        )
+        assert "timeout" in error_of(
+            http.post("/api/executions", json={"repo": str(api["repo"]), "command": ["true"], "timeout": "soon"}), 400
+        )
+        assert "not a subject" in error_of(http.get("/api/events", params={"subject": "foo.>"}), 400)
+        assert "no approval" in error_of(
+            http.post("/api/approvals/AP-NOPE00/decision", json={"decision": "approve"}), 404
+        )
+        assert error_of(http.post("/api/approvals/AP-NOPE00/decision", json={"decision": "maybe"}), 422)
+        # the SQL sandbox holds over HTTP too
+        for sql in (
+            "DROP TABLE events",
+            f"SELECT content FROM read_text('{api['cli'].home}/credentials.json')",
+            "COPY events TO '/tmp/stolen.csv'",
+            "SELECT 1; DELETE FROM executions",
+        ):
+            refusal = error_of(http.post("/api/sql", json={"sql": sql}), 400)
+            assert "refused" in refusal or "file system operations are disabled" in refusal, sql
+        assert not Path("/tmp/stolen.csv").exists()
+        after = http.post("/api/sql", json={"sql": "SELECT count(*) FROM events"}).json()["rows"][0][0]
+    assert after == before  # not one event from all of that
+
+
+def test_sse_resumes_with_last_event_id_without_loss_or_repeat(api: dict[str, Any]) -> None:
+    execution_id = submit(api, ["sh", "-c", "for i in $(seq 1 30); do echo line $i; done"])
+    wait_for_state(api, execution_id, "exited")
+    headers = {"Authorization": f"Bearer {api['tap']}"}
+    with httpx.Client(base_url=api["url"], headers=headers, timeout=30) as http:
+        with http.stream("GET", f"/api/executions/{execution_id}/events", params={"follow": "false"}) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            everything = read_sse(response, 10_000)
+        assert everything[0]["event"] == "execution.requested"
+        assert [int(e["id"]) for e in everything] == [e["data"]["seq"] for e in everything]
+        assert len({e["id"] for e in everything}) == len(everything)
+        # a live follower cut after 5 events, then resumed from the last id it saw
+        with http.stream("GET", f"/api/executions/{execution_id}/events") as response:
+            first = read_sse(response, 5)
+        with http.stream(
+            "GET",
+            f"/api/executions/{execution_id}/events",
+            params={"follow": "false"},
+            headers={"Last-Event-ID": first[-1]["id"]},
+        ) as response:
+            rest = read_sse(response, 10_000)
+    assert [e["id"] for e in first + rest] == [e["id"] for e in everything]
+    assert sum(e["data"]["data"]["text"].count("line") for e in everything if e["event"] == "output") == 30
+
+
+def test_sse_follows_live_events_with_a_subject_filter(api: dict[str, Any]) -> None:
+    headers = {"Authorization": f"Bearer {api['tap']}"}
+    with (
+        httpx.Client(base_url=api["url"], headers=headers, timeout=60) as http,
+        http.stream("GET", "/api/events", params={"subject": "corral.evt.*.execution.exited"}) as response,
+    ):
+        execution_id = submit(api, ["true"])
+        exits = read_sse(response, 1)
+    assert exits[0]["event"] == "execution.exited" and exits[0]["data"]["execution_id"] == execution_id
+
+
+def test_approval_decided_over_http_records_the_token_name(api: dict[str, Any]) -> None:
+    execution_id = submit(api, agent_command("deploy", "--ask-approval", "deploy", "--steps", "1")[1:])
+    with client(api, "operator") as http:
+        approval = wait_until(
+            lambda: next((a for a in http.get("/api/approvals").json() if a["execution_id"] == execution_id), None),
+            60,
+            "the approval",
+        )
+        assert "read-only" in error_of(
+            httpx.post(
+                f"{api['url']}/api/approvals/{approval['approval_id']}/decision",
+                json={"decision": "approve", "choice": "yes"},
+                headers={"Authorization": f"Bearer {api['tap']}"},
+            ),
+            403,
+        )
+        assert "must be one of" in error_of(
+            http.post(
+                f"/api/approvals/{approval['approval_id']}/decision", json={"decision": "approve", "choice": "x"}
+            ),
+            400,
+        )
+        granted = http.post(
+            f"/api/approvals/{approval['approval_id']}/decision", json={"decision": "approve", "choice": "yes"}
+        )
+        assert granted.status_code == 200, granted.text
+        assert granted.json()["type"] == "approval.granted"
+        assert granted.json()["data"]["decided_by"] == "alice"
+        again = http.post(f"/api/approvals/{approval['approval_id']}/decision", json={"decision": "reject"})
+        assert "already decided: granted by alice" in error_of(again, 409)
+    assert wait_for_state(api, execution_id, "exited")["exit_code"] == 0
+
+
+def test_failed_logins_are_rate_limited(tmp_path: Path) -> None:
+    env = cli_environment(CORRAL_HOME=str(tmp_path / "home"))
+    env.pop("CORRAL_NATS_URL", None)
+    cli = Cli(tmp_path / "home", env)
+    up = start_up(cli, "--http", "127.0.0.1:0", "--actors", "projector")
+    try:
+        url = wait_until(lambda: json.loads((cli.home / "runtime.json").read_text()).get("http_url"), 30, "HTTP")
+        assert listening_sockets(up.pid) == 1
+        good = cli("token", "create", "ok", "--role", "tap", check=True).stdout.strip()
+        with httpx.Client(base_url=str(url), timeout=30) as http:
+            assert http.get("/api/health", headers={"Authorization": f"Bearer {good}"}).status_code == 200
+            statuses = [
+                http.get("/api/health", headers={"Authorization": f"Bearer wrong-{i}"}).status_code for i in range(12)
+            ]
+            assert statuses[:10] == [401] * 10 and statuses[10:] == [429, 429]
+            blocked = http.get("/api/health", headers={"Authorization": f"Bearer {good}"})
+            assert "too many failed logins" in error_of(blocked, 429) and int(blocked.headers["retry-after"]) > 0
+    finally:
+        stop_up(cli, up)
+
+
+def test_an_address_in_use_is_one_line_and_the_default_is_skipped(tmp_path: Path) -> None:
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    env = cli_environment(CORRAL_HOME=str(tmp_path / "home"))
+    env.pop("CORRAL_NATS_URL", None)
+    cli = Cli(tmp_path / "home", env)
+    try:
+        taken = cli("up", "--http", f"127.0.0.1:{port}", "--actors", "projector", timeout=60)
+        assert taken.returncode == 1
+        assert f"cannot serve HTTP on 127.0.0.1:{port}" in taken.stderr and "--no-http" in taken.stderr
+        assert "Traceback" not in taken.stderr
+        assert not (cli.home / "runtime.json").exists()
+        bad = cli("up", "--http", "localhost:http", "--actors", "projector", timeout=60)
+        assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+        (cli.home / "corral.toml").write_text(f'[http]\naddress = "127.0.0.1:{port}"\n')
+        up = start_up(cli, "--actors", "projector")  # the configured address is taken: said, and up runs on
+        try:
+            wait_until(lambda: "http_url" in json.loads((cli.home / "runtime.json").read_text()), 30, "HTTP decided")
+            assert json.loads((cli.home / "runtime.json").read_text())["http_url"] is None
+        finally:
+            stop_up(cli, up)
+        assert "HTTP API not served" in (up.stderr.read() if up.stderr else "")
+    finally:
+        holder.close()
+
+
+def test_no_http_serves_nothing(tmp_path: Path) -> None:
+    env = cli_environment(CORRAL_HOME=str(tmp_path / "home"))
+    env.pop("CORRAL_NATS_URL", None)
+    cli = Cli(tmp_path / "home", env)
+    up = start_up(cli, "--no-http", "--actors", "projector")
+    try:
+        assert "http_url" not in json.loads((cli.home / "runtime.json").read_text())
+        assert listening_sockets(up.pid) == 0  # (NATS is its own process; no metrics port either)
+    finally:
+        stop_up(cli, up)
+
+
+def listening_sockets(pid: int) -> int:
+    """How many TCP sockets process `pid` listens on (from /proc: no tool needed)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    listening = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                listening += 1
+    return listening
