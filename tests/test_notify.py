@@ -29,6 +29,7 @@ from events.types import (
     ApprovalRequested,
     EventData,
     ExecutionExited,
+    ExecutionFailed,
     ExecutionRequested,
     NotificationFailed,
     NotificationSent,
@@ -398,6 +399,34 @@ async def test_a_failing_target_gives_up_after_the_last_attempt(
     finally:
         await notifier.stop()
         await nbus.close()
+
+
+async def test_a_stopping_notifier_hands_its_claim_to_another(
+    bus: Bus, nats_server: EmbeddedServer, credentials: CredentialSet, receiver: Receiver
+) -> None:
+    """`corral down` on one host while it waits to retry: another host's notifier sends it, once."""
+    receiver.script["/x"] = [503]
+    target = Target(name="x", kind="webhook", url=f"{receiver.base}/x", events=("execution.failed",))
+    buses = [await _notifier_bus(nats_server, credentials, f"notifier-{i}") for i in range(2)]
+    first = Notifier(buses[0], [target], instance="notifier-first", backoff_s=60.0)
+    second = Notifier(buses[1], [target], instance="notifier-second", backoff_s=0.01)
+    try:
+        await first.start()
+        failed = _event("EX-STOP", ExecutionFailed(stage="spawn", error="no such file"), actor="spawner-t-1")
+        await bus.publisher.publish(failed)
+        await _until(lambda: first.failed == 1, "the first attempt (503)")
+        await second.start()
+        await first.stop()  # waits a moment for its retry, then gives the claim back
+        await _until(lambda: second.sent == 1, "the second notifier's delivery")
+        await asyncio.sleep(0.5)
+        assert [r["status"] for r in receiver.received] == [503, 200]
+        records = [(e.actor, type(e.data).__name__) for e in await _notifications(bus)]
+        assert records == [("notifier-first", "NotificationFailed"), ("notifier-second", "NotificationSent")]
+    finally:
+        for n in (first, second):
+            await n.stop()
+        for b in buses:
+            await b.close()
 
 
 async def test_an_old_event_is_not_sent(
