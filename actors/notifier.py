@@ -44,7 +44,7 @@ from nats.js.errors import FetchTimeoutError, NotFoundError, ServiceUnavailableE
 
 from actors.bus import Bus
 from actors.runtime import Actor
-from events.approvals import derived_id
+from events.approvals import EXIT_CODE_APPROVAL, derived_id
 from events.auth import VERSION
 from events.envelope import Event, decode_event
 from events.errors import EventError
@@ -100,9 +100,12 @@ class Target:
 
 
 def failed_exit(data: dict[str, Any]) -> bool:
-    """An exit worth telling: not code 0, and not one someone caused knowingly: a cancel they asked
-    for, or a `corral down` stopping the agents of its host."""
-    return data.get("exit_code") != 0 and data.get("reason") not in ("cancelled", "spawner_stopped")
+    """An exit worth telling: not code 0, not code 90 (a tool asking for an approval: the
+    approval.requested that follows says it, docs/approvals.md), and not one someone caused
+    knowingly: a cancel they asked for, or a `corral down` stopping the agents of its host."""
+    if data.get("exit_code") in (0, EXIT_CODE_APPROVAL):
+        return False
+    return data.get("reason") not in ("cancelled", "spawner_stopped")
 
 
 @dataclass(frozen=True)

@@ -314,6 +314,10 @@ async def test_two_notifiers_deliver_once_retry_and_filter(
             await bus.publisher.publish(event)
         await bus.publisher.publish(_event(fast, Output(stream="stdout", n=1, text="noise"), actor="spawner-t-1"))
         await bus.publisher.publish(_event(red, ExecutionExited(exit_code=0, duration_s=1.0), actor="spawner-t-1"))
+        await bus.publisher.publish(_event(red, ExecutionExited(exit_code=90, duration_s=1.0), actor="spawner-t-1"))
+        await bus.publisher.publish(
+            _event(red, ExecutionExited(exit_code=None, signal=15, reason="cancelled", duration_s=1.0), actor="s-1")
+        )
         failed_exit = _event(fast, ExecutionExited(exit_code=3, duration_s=1.0), actor="spawner-t-1")
         await bus.publisher.publish(failed_exit)
 
@@ -328,7 +332,7 @@ async def test_two_notifiers_deliver_once_retry_and_filter(
             return [r["headers"].get("X-Corral-Delivery") or "" for r in receiver.at(path)]
 
         every = sorted(e.id for e in approvals)
-        assert sorted(ids("/all")) == sorted([*every, failed_exit.id])  # once each; the exit 0 is not told
+        assert sorted(ids("/all")) == sorted([*every, failed_exit.id])  # once each; exits 0, 90, cancelled not told
         assert sorted(ids("/flaky")) == every
         assert sorted(ids("/red")) == sorted(e.id for e in approvals if e.execution_id == red)
         assert all(signature_ok(r) for r in receiver.at("/all"))
