@@ -473,6 +473,55 @@ async def test_an_old_event_is_not_sent(
         await nbus.close()
 
 
+# --- the bus: nobody else touches the notifier's durable; the notifier records nothing else ----------
+
+OTHER_ROLES = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector", "tap", "operator", "api")
+
+
+async def test_the_notifier_durable_and_role_hold_under_attack(
+    bus: Bus, nats_server: EmbeddedServer, credentials: CredentialSet, receiver: Receiver
+) -> None:
+    """Switch notifications off (rewrite the filter, delete, pause) or steal them (fetch): refused for
+    every other role; the notifier itself may not request executions, decide, or forge approvals."""
+    from tests.test_attacks_bus import FOREVER, attacker
+
+    target = Target(name="t", kind="webhook", url=f"{receiver.base}/t", events=("approval.requested",))
+    nbus = await _notifier_bus(nats_server, credentials, "notifier")
+    notifier = Notifier(nbus, [target])
+    await notifier.start()
+    await notifier.stop()  # its durable stays
+    stream = "CORRAL"
+    config = {"name": "notifier", "filter_subject": "corral.evt.*.nothing", "ack_policy": "explicit"}
+    body: dict[str, Any] = {"stream_name": stream, "config": {**config, "durable_name": "notifier"}}
+    try:
+        for role in OTHER_ROLES:
+            me = await attacker(nats_server, credentials, role)
+            try:
+                results = {
+                    "named": await me.attempt(f"$JS.API.CONSUMER.CREATE.{stream}.notifier", body),
+                    "named+filter": await me.attempt(f"$JS.API.CONSUMER.CREATE.{stream}.notifier.corral.evt.*.x", body),
+                    "delete": await me.attempt(f"$JS.API.CONSUMER.DELETE.{stream}.notifier"),
+                    "fetch": await me.attempt(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.notifier", {"batch": 1}),
+                    "pause": await me.attempt(f"$JS.API.CONSUMER.PAUSE.{stream}.notifier", {"pause_until": FOREVER}),
+                    "record": await me.publish("corral.evt.atk00001.notification.sent", b"{}"),
+                }
+                assert results == dict.fromkeys(results, "refused"), (role, results)
+            finally:
+                await me.nc.close()
+        info = await bus.js.consumer_info(stream, "notifier")
+        assert info.config.filter_subjects == ["corral.evt.*.approval.requested"]
+
+        me = await attacker(nats_server, credentials, "notifier")
+        try:
+            for kind in ("execution.requested", "approval.granted", "approval.requested", "cancel.requested"):
+                assert await me.publish(f"corral.evt.atk00001.{kind}", b"{}") == "refused", kind
+            assert await me.publish("corral.api.approval.decide.operator", b"{}") == "refused"
+        finally:
+            await me.nc.close()
+    finally:
+        await nbus.close()
+
+
 # --- end to end: corral up, a real agent asking, a real failure ---------------------------------------
 
 
