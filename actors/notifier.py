@@ -489,7 +489,7 @@ class Notifier(Actor):
             return  # idle: no consumer, so a host without [[notify]] claims nothing another host would send
         import httpx
 
-        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self._client = httpx.AsyncClient(follow_redirects=False)
         await self._ensure_consumer()
 
     async def _ensure_consumer(self) -> None:

@@ -60,7 +60,7 @@ async def _test(targets: tuple[NotifyTarget, ...]) -> list[dict[str, Any]]:
     from actors.notifier import post, sample_notification
 
     note = sample_notification()
-    async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+    async with httpx.AsyncClient(follow_redirects=False) as client:
         attempts = await asyncio.gather(*(post(client, t.for_actor(), note) for t in targets))
     rows = []
     for target, attempt in zip(targets, attempts, strict=True):
