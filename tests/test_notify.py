@@ -525,31 +525,37 @@ async def test_the_notifier_durable_and_role_hold_under_attack(
 # --- end to end: corral up, a real agent asking, a real failure ---------------------------------------
 
 
-def test_corral_up_notifies_an_approval_and_a_failed_exit(cli: Cli, repo: Path, receiver: Receiver) -> None:
-    write_config(
-        cli,
-        f"""
+def test_two_corral_up_hosts_notify_an_approval_and_failed_exits_once(cli: Cli, repo: Path, receiver: Receiver) -> None:
+    """Two `corral up` on one NATS (another host's home, with the system's credentials file), both
+    with the same [[notify]]: a real agent's approval and real failed exits reach the webhook once each."""
+    config = f"""
 [[notify]]
 name = "ops"
 kind = "webhook"
 url = "{receiver.base}/ops"
 secret_env = "HOOK_SECRET"
-""",
-    )
+"""
+    write_config(cli, config)
     cli.env["HOOK_SECRET"] = SECRET
+    home = cli.home.parent / "other-host"
+    other = Cli(home, {**cli.env, "CORRAL_HOME": str(home), "CORRAL_NATS_CREDS": str(cli.home / "credentials.json")})
     up = start_up(cli)
+    write_config(other, config)
+    second = start_up(other, "--actors", "notifier")
     try:
         asking = detach(cli, repo, *agent_command("deploy", "--ask-approval", "deploy", "--steps", "1"))
 
-        def told(kind: str, execution_id: str) -> dict[str, Any] | None:
+        def told(kind: str, execution_id: str) -> list[dict[str, Any]]:
+            found = []
             for request in receiver.at("/ops"):
                 body = json.loads(request["body"])
                 if body["event"]["type"] == kind and body["execution"]["id"] == execution_id:
-                    return request
-            return None
+                    found.append(request)
+            return found
 
-        request = wait_until(lambda: told("approval.requested", asking), 60, "the approval's notification")
-        assert isinstance(request, dict) and signature_ok(request)
+        wait_until(lambda: told("approval.requested", asking), 60, "the approval's notification")
+        request = told("approval.requested", asking)[0]
+        assert signature_ok(request)
         body = json.loads(request["body"])
         approval_id = body["approval_id"]
         assert approval_id.startswith("AP-") and body["commands"][0] == f"corral approve {approval_id}"
@@ -557,22 +563,26 @@ secret_env = "HOOK_SECRET"
         cli("approve", approval_id, "--choice", "yes", check=True)
 
         # The agent inherits `corral up`'s environment, but not the webhook secret: it cannot sign.
-        failing = detach(cli, repo, "--", "sh", "-c", 'echo "secret=[$HOOK_SECRET]"; exit 3')
-        wait_until(lambda: told("execution.exited", failing), 60, "the failed exit's notification")
-        assert "secret=[]" in cli("logs", failing).stdout
-        rows = json.loads(
-            cli("sql", "SELECT execution_id, data FROM events WHERE type = 'notification.sent'", "--json").stdout
-        )
-        wait_until(
-            lambda: {r["execution_id"] for r in json.loads(
-                cli("sql", "SELECT execution_id FROM events WHERE type = 'notification.sent'", "--json").stdout
-            )} >= {asking, failing},
-            30,
-            "the notification.sent records",
-        )  # fmt: skip
-        assert all(json.loads(r["data"])["target"] == "ops" for r in rows)
-        assert told("execution.exited", asking) is None  # it exited 0 after the approval
+        failing = [detach(cli, repo, "--", "sh", "-c", f'echo "secret=[$HOOK_SECRET]"; exit {3 + n}') for n in range(4)]
+        wait_until(lambda: all(told("execution.exited", e) for e in failing), 60, "the failed exits' notifications")
+        assert "secret=[]" in cli("logs", failing[0]).stdout
+
+        def recorded() -> list[dict[str, Any]]:
+            query = "SELECT execution_id, data FROM events WHERE type = 'notification.sent'"
+            return json.loads(cli("sql", query, "--json", check=True).stdout)  # type: ignore[no-any-return]
+
+        wait_until(lambda: {r["execution_id"] for r in recorded()} >= {asking, *failing}, 30, "the records")
+        time.sleep(1.0)  # a second delivery would show by now
+        for n, execution_id in enumerate(failing):
+            (exited,) = told("execution.exited", execution_id)
+            assert json.loads(exited["body"])["event"]["data"]["exit_code"] == 3 + n
+        assert len(told("approval.requested", asking)) == 1 and told("execution.exited", asking) == []  # it exited 0
+        assert len(receiver.at("/ops")) == 5
+        assert sorted(r["execution_id"] for r in recorded()) == sorted([asking, *failing])
+        assert {json.loads(r["data"])["target"] for r in recorded()} == {"ops"}
         health = json.loads(cli("health", "--json").stdout)
-        assert any(a["actor"] == "notifier" and a["alive"] and a.get("targets") == 1 for a in health["actors"])
+        notifiers = [a for a in health["actors"] if a["actor"] == "notifier" and a["alive"]]
+        assert {a["pid"] for a in notifiers} == {up.pid, second.pid} and {a["targets"] for a in notifiers} == {1}
     finally:
+        stop_up(other, second)
         stop_up(cli, up)
