@@ -22,7 +22,7 @@ from actors.checkpoints import CheckpointError, FileStat, git, numstat, snapshot
 from corral import render
 from corral.commands import info, resolve_execution_id
 from corral.control import request_and_wait
-from corral.errors import CorralError, NotFound, UsageError
+from corral.errors import Conflict, CorralError, NotFound, UsageError
 from corral.home import Home
 from corral.system import System, open_system
 from events.subjects import STREAM, event_subject
@@ -283,26 +283,80 @@ async def cmd_diff(home: Home, args: Any) -> int:
 # --- acting commands -----------------------------------------------------------------------------
 
 
+async def take_checkpoint(
+    system: System, ws: Workspace, *, actor_name: str = "cli"
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Have the checkpointer take a checkpoint now: (its checkpoint.created event, None), or
+    (None, "nothing changed since checkpoint N") when nothing changed since the last one."""
+    if not ws.present:
+        raise Conflict(f"the worktree of {ws.execution_id} is gone ({ws.path}); there is nothing to checkpoint")
+    try:
+        answer = await request_and_wait(
+            system,
+            ws.execution_id,
+            CheckpointRequested(trigger="demand"),
+            ("checkpoint.created",),
+            actor="checkpointer",
+            actor_name=actor_name,
+        )
+    except CorralError as exc:
+        if NOTHING_CHANGED in exc.message:
+            return None, exc.message.split(": ", 1)[-1]
+        raise
+    return answer, None
+
+
+async def commit_changes(
+    system: System, ws: Workspace, message: str, paths: list[str], *, actor_name: str = "cli"
+) -> dict[str, Any]:
+    """Commit the worktree (or these paths) on the execution's branch: the change.committed event."""
+    if not message.strip():
+        raise UsageError("the commit message is empty; give one with -m")
+    if not ws.present:
+        raise Conflict(f"the worktree of {ws.execution_id} is gone ({ws.path}); there is nothing to commit")
+    relative = ws.relative_paths(paths) if paths else []
+    return await request_and_wait(
+        system,
+        ws.execution_id,
+        CommitRequested(message=message, paths=tuple(relative)),
+        ("change.committed",),
+        actor="checkpointer",
+        actor_name=actor_name,
+    )
+
+
+async def rollback_to(
+    system: System, ws: Workspace, to_cp: str | None, paths: list[str], *, actor_name: str = "cli"
+) -> tuple[int, list[str], dict[str, Any]]:
+    """Restore the worktree (or these paths) to checkpoint `to_cp` (default: the last; 0 = the base):
+    (checkpoint number, paths, the change.rolled_back event)."""
+    if not ws.present:
+        raise Conflict(f"the worktree of {ws.execution_id} is gone ({ws.path}); there is nothing to roll back")
+    if to_cp is None and not ws.checkpoints:
+        raise Conflict(f"{ws.execution_id} has no checkpoint to roll back to; give --to 0 for its base commit")
+    n = ws.checkpoint(to_cp)[0] if to_cp is not None else int(ws.checkpoints[-1]["n"])
+    relative = ws.relative_paths(paths) if paths else []
+    answer = await request_and_wait(
+        system,
+        ws.execution_id,
+        RollbackRequested(to_checkpoint=n, paths=tuple(p for p in relative if p != ".")),
+        ("change.rolled_back",),
+        timeout_s=ROLLBACK_TIMEOUT_S,
+        actor="checkpointer",
+        actor_name=actor_name,
+    )
+    return n, relative, answer
+
+
 async def cmd_checkpoint(home: Home, args: Any) -> int:
     async with open_system(home, actors=("checkpointer",)) as system:
         ws = await _target(home, system, args.execution_id)
-        if not ws.present:
-            raise CorralError(f"the worktree of {ws.execution_id} is gone ({ws.path}); there is nothing to checkpoint")
-        try:
-            answer = await request_and_wait(
-                system,
-                ws.execution_id,
-                CheckpointRequested(trigger="demand"),
-                ("checkpoint.created",),
-                actor="checkpointer",
-            )
-        except CorralError as exc:
-            if NOTHING_CHANGED in exc.message:
-                info(f"{ws.execution_id}: {exc.message.split(': ', 1)[-1]}; no checkpoint taken")
-                if args.json:
-                    render.print_json({"execution_id": ws.execution_id, "checkpoint": None})
-                return 0
-            raise
+        answer, unchanged = await take_checkpoint(system, ws)
+    if answer is None:
+        info(f"{ws.execution_id}: {unchanged}; no checkpoint taken")
+        if args.json:
+            render.print_json({"execution_id": ws.execution_id, "checkpoint": None})
+        return 0
     data = answer["data"]
     added, deleted = _totals(data["files"])
     if args.json:
@@ -320,16 +374,7 @@ async def cmd_commit(home: Home, args: Any) -> int:
         raise UsageError("the commit message is empty; give one with -m")
     async with open_system(home, actors=("checkpointer",)) as system:
         ws = await _target(home, system, args.execution_id)
-        if not ws.present:
-            raise CorralError(f"the worktree of {ws.execution_id} is gone ({ws.path}); there is nothing to commit")
-        paths = ws.relative_paths(args.path) if args.path else []
-        answer = await request_and_wait(
-            system,
-            ws.execution_id,
-            CommitRequested(message=args.message, paths=tuple(paths)),
-            ("change.committed",),
-            actor="checkpointer",
-        )
+        answer = await commit_changes(system, ws, args.message, list(args.path or []))
     if args.json:
         render.print_json(answer)
     else:
@@ -340,20 +385,7 @@ async def cmd_commit(home: Home, args: Any) -> int:
 async def cmd_rollback(home: Home, args: Any) -> int:
     async with open_system(home, actors=("checkpointer",)) as system:
         ws = await _target(home, system, args.execution_id)
-        if not ws.present:
-            raise CorralError(f"the worktree of {ws.execution_id} is gone ({ws.path}); there is nothing to roll back")
-        if args.to_cp is None and not ws.checkpoints:
-            raise CorralError(f"{ws.execution_id} has no checkpoint to roll back to; give --to 0 for its base commit")
-        n = ws.checkpoint(args.to_cp)[0] if args.to_cp is not None else int(ws.checkpoints[-1]["n"])
-        paths = ws.relative_paths(args.path) if args.path else []
-        answer = await request_and_wait(
-            system,
-            ws.execution_id,
-            RollbackRequested(to_checkpoint=n, paths=tuple(p for p in paths if p != ".")),
-            ("change.rolled_back",),
-            timeout_s=ROLLBACK_TIMEOUT_S,
-            actor="checkpointer",
-        )
+        n, paths, answer = await rollback_to(system, ws, args.to_cp, list(args.path or []))
     data = answer["data"]
     if args.json:
         render.print_json(answer)

@@ -20,10 +20,10 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from nats.aio.msg import Msg
@@ -58,6 +58,7 @@ from events.types import (
 )
 from replay.history import follow
 
+T = TypeVar("T")
 TERMINAL = ("execution.exited", "execution.failed")
 RUNNING = ("running", "paused")
 QUEUED = ("requested", "queued")
@@ -465,6 +466,43 @@ class Client:
 
         ws = await workspace(self.system, await self.resolve(prefix))
         return await diff_of(self.home, ws, paths or [], from_cp, to_cp)
+
+    async def checkpoint(self, prefix: str) -> dict[str, Any]:
+        """Take a checkpoint now: the checkpoint.created event, or {checkpoint: None, reason} when
+        nothing changed since the last one."""
+        from corral.changes import take_checkpoint, workspace
+
+        self._require_operator("take checkpoints")
+        ws = await workspace(self.system, await self.resolve(prefix))
+        answer, unchanged = await self._refusals(take_checkpoint(self.system, ws, actor_name=self._actor))
+        return (
+            answer if answer is not None else {"execution_id": ws.execution_id, "checkpoint": None, "reason": unchanged}
+        )
+
+    async def commit(self, prefix: str, message: str, paths: list[str] | None = None) -> dict[str, Any]:
+        """Commit the worktree (or these paths, relative to it) on the execution's branch."""
+        from corral.changes import commit_changes, workspace
+
+        self._require_operator("commit")
+        ws = await workspace(self.system, await self.resolve(prefix))
+        return await self._refusals(commit_changes(self.system, ws, message, paths or [], actor_name=self._actor))
+
+    async def rollback(
+        self, prefix: str, *, to_cp: str | None = None, paths: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Restore the worktree (or these paths) to checkpoint `to_cp` (default: the last; "0": the base)."""
+        from corral.changes import rollback_to, workspace
+
+        self._require_operator("roll back")
+        ws = await workspace(self.system, await self.resolve(prefix))
+        _, _, answer = await self._refusals(rollback_to(self.system, ws, to_cp, paths or [], actor_name=self._actor))
+        return answer
+
+    async def _refusals(self, operation: Awaitable[T]) -> T:
+        try:
+            return await operation
+        except PermissionRefused as exc:
+            raise Forbidden(_one_line(exc)) from None
 
     # --- approvals -----------------------------------------------------------------------------
 

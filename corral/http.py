@@ -91,6 +91,16 @@ class DecisionBody(_Body):
     raise_budget: float | None = Field(None, gt=0, description="a budget approval: continue until this cost (USD)")
 
 
+class CommitBody(_Body):
+    message: str = Field(min_length=1)
+    paths: list[str] = Field(default_factory=list, description="relative to the worktree; none: everything")
+
+
+class RollbackBody(_Body):
+    to: int | str | None = Field(None, description="a checkpoint number; 0 is the base commit; none: the last")
+    paths: list[str] = Field(default_factory=list, description="relative to the worktree; none: everything")
+
+
 class SqlBody(_Body):
     sql: str
     max_rows: int = Field(10000, ge=1, le=100000)
@@ -311,6 +321,24 @@ def create_app(gateway: Gateway) -> FastAPI:
     ) -> dict[str, Any]:
         """The unified diff from checkpoint `from` (or the base) to `to` (or now), optionally for some paths."""
         return await who.client.diff(execution_id, paths=path, from_cp=from_, to_cp=to)
+
+    @app.post("/api/executions/{execution_id}/checkpoint", tags=["changes"])
+    async def checkpoint(who: Operator, execution_id: str) -> dict[str, Any]:
+        """Take a checkpoint now (`checkpoint: null` with the reason when nothing changed)."""
+        return await who.client.checkpoint(execution_id)
+
+    @app.post("/api/executions/{execution_id}/commit", tags=["changes"])
+    async def commit(who: Operator, execution_id: str, body: CommitBody) -> dict[str, Any]:
+        """Commit the worktree (or `paths`) on the execution's branch."""
+        return await who.client.commit(execution_id, body.message, body.paths)
+
+    @app.post("/api/executions/{execution_id}/rollback", tags=["changes"])
+    async def rollback(who: Operator, execution_id: str, body: RollbackBody | None = None) -> dict[str, Any]:
+        """Restore the worktree (or `paths`) to checkpoint `to` (default: the last; "0": the base commit)."""
+        body = body or RollbackBody(to=None)
+        return await who.client.rollback(
+            execution_id, to_cp=None if body.to is None else str(body.to), paths=body.paths
+        )
 
     @app.get("/api/executions/{execution_id}/events", tags=["events"])
     async def execution_events(

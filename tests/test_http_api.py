@@ -120,6 +120,9 @@ STATE_CHANGING = [
     ("POST", "/api/executions/{id}/extend", {"seconds": 5}),
     ("POST", "/api/executions/{id}/priority", {"priority": 3}),
     ("POST", "/api/approvals/AP-NOPE00/decision", {"decision": "approve"}),
+    ("POST", "/api/executions/{id}/checkpoint", None),
+    ("POST", "/api/executions/{id}/commit", {"message": "m"}),
+    ("POST", "/api/executions/{id}/rollback", {"to": 0}),
 ]
 READING = [
     ("GET", "/api/executions", None),
@@ -406,3 +409,38 @@ def listening_sockets(pid: int) -> int:
             if fields[3] == "0A" and fields[9] in inodes:
                 listening += 1
     return listening
+
+
+def test_checkpoint_changes_diff_rollback_commit_over_http(api: dict[str, Any]) -> None:
+    execution_id = submit(api, ["sh", "-c", "sleep 60"])
+    worktree = Path(wait_for_state(api, execution_id, "running")["worktree"])
+    (worktree / "a.txt").write_text("one\n")
+    with client(api, "operator") as http:
+        first = http.post(f"/api/executions/{execution_id}/checkpoint")
+        assert first.status_code == 200, first.text
+        assert first.json()["type"] == "checkpoint.created" and first.json()["data"]["n"] == 1
+        unchanged = http.post(f"/api/executions/{execution_id}/checkpoint").json()
+        assert unchanged["checkpoint"] is None and "nothing changed since checkpoint 1" in unchanged["reason"]
+        (worktree / "a.txt").write_text("two\n")
+        (worktree / "b.txt").write_text("new\n")
+        changed = {f["path"]: f["status"] for f in http.get(f"/api/executions/{execution_id}/changes").json()}
+        assert changed == {"a.txt": "A", "b.txt": "A"}
+        since = {f["path"] for f in http.get(f"/api/executions/{execution_id}/changes", params={"since": 1}).json()}
+        assert since == {"a.txt", "b.txt"}
+        diff = http.get(f"/api/executions/{execution_id}/diff", params={"path": "a.txt", "from": 1}).json()["diff"]
+        assert "-one" in diff and "+two" in diff and "b.txt" not in diff
+        assert "outside the worktree" in error_of(
+            http.get(f"/api/executions/{execution_id}/diff", params={"path": "../../etc/passwd"}), 400
+        )
+        assert "has no checkpoint 9" in error_of(
+            http.post(f"/api/executions/{execution_id}/rollback", json={"to": 9}), 404
+        )
+        rolled = http.post(f"/api/executions/{execution_id}/rollback", json={"to": 1, "paths": ["a.txt"]})
+        assert rolled.status_code == 200, rolled.text
+        assert (worktree / "a.txt").read_text() == "one\n" and (worktree / "b.txt").read_text() == "new\n"
+        assert "empty" in error_of(http.post(f"/api/executions/{execution_id}/commit", json={"message": " "}), 400)
+        committed = http.post(f"/api/executions/{execution_id}/commit", json={"message": "from the API"})
+        assert committed.status_code == 200 and committed.json()["type"] == "change.committed"
+        checkpoints = http.get(f"/api/executions/{execution_id}/checkpoints").json()
+        assert [cp["n"] for cp in checkpoints][:1] == [1]
+        http.post(f"/api/executions/{execution_id}/cancel", json={"grace_s": 0})
