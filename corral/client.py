@@ -498,6 +498,24 @@ class Client:
         _, _, answer = await self._refusals(rollback_to(self.system, ws, to_cp, paths or [], actor_name=self._actor))
         return answer
 
+    async def pr(
+        self,
+        prefix: str,
+        *,
+        title: str,
+        body: str | None = None,
+        base: str | None = None,
+        remote: str | None = None,
+    ) -> dict[str, Any]:
+        """Push the execution's branch and open a pull request on the forge ([forge] in corral.toml)."""
+        from corral.worktrees import open_pr
+
+        self._require_operator("open pull requests")
+        execution_id = await self.resolve(prefix)
+        return await self._refusals(
+            open_pr(self.system, execution_id, title=title, body=body, base=base, remote=remote, actor_name=self._actor)
+        )
+
     async def _refusals(self, operation: Awaitable[T]) -> T:
         try:
             return await operation

@@ -101,6 +101,13 @@ class RollbackBody(_Body):
     paths: list[str] = Field(default_factory=list, description="relative to the worktree; none: everything")
 
 
+class PullRequestBody(_Body):
+    title: str = Field(min_length=1)
+    body: str | None = None
+    base: str | None = Field(None, description="branch to merge into (default: the forge's default branch)")
+    remote: str | None = Field(None, description="git remote to push to (default: [forge] remote)")
+
+
 class SqlBody(_Body):
     sql: str
     max_rows: int = Field(10000, ge=1, le=100000)
@@ -339,6 +346,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         return await who.client.rollback(
             execution_id, to_cp=None if body.to is None else str(body.to), paths=body.paths
         )
+
+    @app.post("/api/executions/{execution_id}/pr", tags=["changes"])
+    async def pull_request(who: Operator, execution_id: str, body: PullRequestBody) -> dict[str, Any]:
+        """Push the branch and open a pull request ([forge] in corral.toml); 502 when the forge fails."""
+        return await who.client.pr(execution_id, title=body.title, body=body.body, base=body.base, remote=body.remote)
 
     @app.get("/api/executions/{execution_id}/events", tags=["events"])
     async def execution_events(

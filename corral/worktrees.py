@@ -590,51 +590,77 @@ def push_and_open(plan: PrPlan, *, title: str, body: str | None, base: str | Non
     return pull, base
 
 
-async def _record(system: System, execution_id: str, data: EventData, cause: str | None = None) -> str:
-    event = new_event(execution_id, data, actor="cli", causation_id=cause)
+async def _record(
+    system: System, execution_id: str, data: EventData, cause: str | None = None, *, actor_name: str = "cli"
+) -> str:
+    event = new_event(execution_id, data, actor=actor_name, causation_id=cause)
     await system.bus.publisher.publish(event)
     return event.id
 
 
-async def cmd_pr(home: Home, args: Any) -> int:
-    title = (args.title or "").strip()
+async def open_pr(
+    system: System,
+    execution_id: str,
+    *,
+    title: str,
+    body: str | None = None,
+    base: str | None = None,
+    remote: str | None = None,
+    actor_name: str = "cli",
+) -> dict[str, Any]:
+    """Push the execution's branch and open a pull request (pr.requested, then pr.opened or pr.failed):
+    {execution_id, number, url, branch, base, remote, repo, commits, uncommitted}."""
+    title = (title or "").strip()
     if not title:
         raise UsageError("--title must not be empty")
-    forge = load_config(home).forge
-    remote = args.remote or forge.remote
-    async with open_system(home, actors=("projector",)) as system:
-        execution_id = await resolve_execution_id(system, args.execution_id)
-        row = await execution_row(system, execution_id)
-        plan = await asyncio.to_thread(plan_pr, execution_id, row, forge, remote)
-        if plan.uncommitted and not args.json:
-            info(f"note: {plan.uncommitted} uncommitted file(s) in {row['worktree']} are not part of the pull request")
-        requested = PullRequestRequested(title=title, body=args.body, base=args.base)
-        request_id = await _record(system, execution_id, requested)
-        try:
-            pull, base = await asyncio.to_thread(push_and_open, plan, title=title, body=args.body, base=args.base)
-        except CorralError as exc:
-            await _record(system, execution_id, PullRequestFailed(error=exc.message), request_id)
-            raise
-        await _record(
-            system, execution_id, PullRequestOpened(url=pull.url, number=pull.number, branch=plan.branch), request_id
-        )
-    result = {
+    forge = load_config(system.home).forge
+    row = await execution_row(system, execution_id)
+    plan = await asyncio.to_thread(plan_pr, execution_id, row, forge, remote or forge.remote)
+    requested = PullRequestRequested(title=title, body=body, base=base)
+    request_id = await _record(system, execution_id, requested, actor_name=actor_name)
+    try:
+        pull, merged_into = await asyncio.to_thread(push_and_open, plan, title=title, body=body, base=base)
+    except CorralError as exc:
+        await _record(system, execution_id, PullRequestFailed(error=exc.message), request_id, actor_name=actor_name)
+        raise
+    await _record(
+        system,
+        execution_id,
+        PullRequestOpened(url=pull.url, number=pull.number, branch=plan.branch),
+        request_id,
+        actor_name=actor_name,
+    )
+    return {
         "execution_id": execution_id,
         "number": pull.number,
         "url": pull.url,
         "branch": plan.branch,
-        "base": base,
+        "base": merged_into,
         "remote": plan.remote,
         "repo": plan.forge_repo,
         "commits": plan.ahead,
+        "uncommitted": plan.uncommitted,
     }
+
+
+async def cmd_pr(home: Home, args: Any) -> int:
+    if not (args.title or "").strip():
+        raise UsageError("--title must not be empty")
+    async with open_system(home, actors=("projector",)) as system:
+        execution_id = await resolve_execution_id(system, args.execution_id)
+        result = await open_pr(
+            system, execution_id, title=args.title, body=args.body, base=args.base, remote=args.remote
+        )
+    uncommitted = result.pop("uncommitted")
     if args.json:
         render.print_json(result)
     else:
-        print(pull.url)
+        if uncommitted:
+            info(f"note: {uncommitted} uncommitted file(s) in the worktree are not part of the pull request")
+        print(result["url"])
         info(
-            f"{execution_id}: pull request #{pull.number} opened: {plan.branch} → {base} "
-            f"({plan.ahead} commit{'s' if plan.ahead != 1 else ''}, pushed to {plan.remote})"
+            f"{execution_id}: pull request #{result['number']} opened: {result['branch']} → {result['base']} "
+            f"({result['commits']} commit{'s' if result['commits'] != 1 else ''}, pushed to {result['remote']})"
         )
     return 0
 
