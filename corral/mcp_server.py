@@ -1,15 +1,16 @@
 """`corral mcp`: the Corral client as MCP tools over stdio, so an agent can start and watch executions.
 
 A coordinator agent (Claude Code with `--mcp-config`, Codex, Gemini CLI) starts `corral mcp` as a
-child and calls its tools: run, list, status, logs, wait, input, cancel, changes, diff, approvals,
-decide, search. Every tool is one call of `corral.client.Client` (the same client the CLI and the
-HTTP API use), its result is JSON text, and a refusal or bad input is an MCP tool error carrying the
-client's one-line message, so the model reads what to do next instead of a traceback.
+child and calls its tools: run, list, status, logs, events, wait, input, cancel, changes, diff,
+approvals, decide, search. Every tool is one call of `corral.client.Client` (the same client the
+CLI and the HTTP API use), its result is JSON text, and a refusal or bad input is an MCP tool
+error carrying the client's one-line message, so the model reads what to do next instead of a
+traceback.
 
 Roles (`--role`), because the agent on the other end is not the operator:
 
-- `tap` (the default): read only (list, status, logs, wait, changes, diff, approvals, search). A
-  server someone adds to an agent's global settings then cannot start or stop anything.
+- `tap` (the default): read only (list, status, logs, events, wait, changes, diff, approvals,
+  search). A server someone adds to an agent's global settings then cannot start or stop anything.
 - `coordinator`: also run, input and cancel; the agent drives other executions. It still cannot
   decide approvals: an approval is the human's gate, and an agent that could approve would approve
   its own requests (or its workers').
@@ -35,7 +36,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, cast
 
@@ -46,6 +47,7 @@ from pydantic import BaseModel, Field
 from corral.errors import CorralError
 from corral.home import Home
 from events.errors import EventError
+from events.subjects import STREAM
 from projections.errors import ProjectionError
 
 if TYPE_CHECKING:
@@ -57,7 +59,7 @@ log = logging.getLogger("corral.mcp")
 
 ROLES: Final = ("tap", "coordinator", "operator")
 DEFAULT_ROLE: Final = "tap"
-READ_TOOLS: Final = ("list", "status", "logs", "wait", "changes", "diff", "approvals", "search")
+READ_TOOLS: Final = ("list", "status", "logs", "events", "wait", "changes", "diff", "approvals", "search")
 CONTROL_TOOLS: Final = ("run", "input", "cancel")
 DECIDE_TOOLS: Final = ("decide",)
 ALLOWED: Final[dict[str, frozenset[str]]] = {
@@ -71,6 +73,7 @@ CLIENT_ROLE: Final = {"tap": "tap", "coordinator": "operator", "operator": "oper
 MAX_TAIL: Final = 2000
 MAX_LIST: Final = 1000
 MAX_SEARCH: Final = 500
+MAX_EVENTS: Final = 1000
 MAX_WAIT_S: Final = 600.0
 DIFF_LIMIT: Final = 200_000  # characters of a diff in one result (agents' tool results are bounded)
 
@@ -81,7 +84,8 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> d
         "mcp",
         help="serve Corral to agents as MCP tools over stdio (docs/mcp.md)",
         description="An MCP server on stdin/stdout for a coordinator agent (Claude Code --mcp-config, Codex, "
-        "Gemini CLI): run, list, status, logs, wait, input, cancel, changes, diff, approvals, decide, search. "
+        "Gemini CLI): run, list, status, logs, events, wait, input, cancel, changes, diff, approvals, decide, "
+        "search. "
         "See docs/mcp.md for each agent's configuration.",
     )
     mcp.add_argument(
@@ -301,6 +305,42 @@ def build_server(connection: Connection, role: str) -> "MCPServer[Any]":
         tail: Annotated[int, Field(ge=1, le=MAX_TAIL, description="how many of the last lines")] = 100,
     ) -> CallToolResult:
         return await call("logs", lambda client: client.logs(execution_id, tail=tail))
+
+    @tool(
+        "events",
+        "An execution's recorded events in order (execution.started, tool.called, file.touched, approval.requested, "
+        "agent.result, execution.exited...; output is what `logs` returns): the first `limit` after `after_seq`, "
+        "and last_seq to pass as after_seq next time.",
+        read_only=True,
+    )
+    async def events(
+        execution_id: ExecArg,
+        after_seq: Annotated[int | None, Field(ge=0, description="only events after this seq (a last_seq)")] = None,
+        types: Annotated[list[str] | None, Field(description='only these types, e.g. ["tool.called"]')] = None,
+        limit: Annotated[int, Field(ge=1, le=MAX_EVENTS, description="at most this many events")] = 100,
+    ) -> CallToolResult:
+        async def collect(client: "Client") -> Any:
+            found: list[dict[str, Any]] = []
+            more = False
+            start = None if after_seq is None else after_seq + 1
+            stored = cast(  # an async generator, typed as the iterator it is used as
+                "AsyncGenerator[dict[str, Any], None]",
+                client.events(execution_id=execution_id, start_seq=start, follow_live=False),
+            )
+            async with contextlib.aclosing(stored):  # stops its reader at once when `limit` is reached
+                async for event in stored:
+                    if event.get("stream") != STREAM or event.get("type") == "output":
+                        continue
+                    if types and event.get("type") not in types:
+                        continue
+                    if len(found) == limit:
+                        more = True
+                        break
+                    found.append(event)
+            last_seq = found[-1]["seq"] if found else after_seq
+            return {"events": found, "last_seq": last_seq, "more": more}
+
+        return await call("events", collect)
 
     @tool(
         "wait",

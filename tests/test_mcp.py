@@ -100,6 +100,18 @@ async def test_a_coordinator_runs_a_command_and_reads_it_back(cli: Cli, repo: Pa
             lines = await ok(session, "logs", execution_id=execution_id, tail=5)
             assert [line["text"] for line in lines] == ["hello from mcp\n"]
             assert any(hit["execution_id"] == execution_id for hit in await ok(session, "search", query="hello from"))
+            recorded = await ok(session, "events", execution_id=execution_id)
+            kinds = [event["type"] for event in recorded["events"]]
+            assert kinds[0] == "execution.requested" and "execution.exited" in kinds and "output" not in kinds
+            assert recorded["last_seq"] == recorded["events"][-1]["seq"] and recorded["more"] is False
+            one = await ok(session, "events", execution_id=execution_id, limit=1)
+            assert (one["events"], one["more"]) == (recorded["events"][:1], True)
+            after = await ok(session, "events", execution_id=execution_id, after_seq=one["last_seq"])
+            assert after["events"] == recorded["events"][1:]  # polling from a last_seq misses nothing
+            done = await ok(session, "events", execution_id=execution_id, after_seq=recorded["last_seq"])
+            assert (done["events"], done["last_seq"]) == ([], recorded["last_seq"])
+            exited = await ok(session, "events", execution_id=execution_id, types=["execution.exited"])
+            assert [event["data"]["exit_code"] for event in exited["events"]] == [0]
             assert await ok(session, "changes", execution_id=execution_id) == []
             assert (await ok(session, "diff", execution_id=execution_id))["truncated"] is False
             assert await ok(session, "approvals") == []
