@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.bus import connect_bus
 from actors.checkpointer import Checkpointer, _Execution
+from bench.common import print_result
 from corral.server import EmbeddedServer
 from events.ids import new_execution_id
 from events.stream import ensure_event_stream
@@ -123,6 +124,20 @@ async def main() -> None:
     print(f"  raw git plumbing (tmp index + write-tree + commit-tree + update-ref): p50 {raw_p50:.1f} ms")
     print(f"  corral checkpointer (+ numstat + checkpoint.created stored):         p50 {corral_p50:.1f} ms")
     print(f"  ratio corral/raw: {corral_p50 / raw_p50:.2f}x (target <= 1.5x)")
+    ratio = corral_p50 / raw_p50
+    print_result(
+        "checkpoint",
+        "p50_ms",
+        corral_p50,
+        "baseline_p50_ms",
+        raw_p50,
+        ratio=ratio,
+        target="<= 1.5x the raw git plumbing (p50)",
+        met=ratio <= 1.5,
+        files=args.files,
+        changed=args.changed,
+        rounds=args.rounds,
+    )
 
 
 if __name__ == "__main__":

@@ -164,6 +164,48 @@ async def sql(bus: Any, text: str, *, max_rows: int = 10000) -> list[Any]:
     return rows
 
 
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 3 if abs(value) < 100 else 1)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def print_result(
+    bench: str,
+    figure: str,
+    value: float | None,
+    baseline: str,
+    baseline_value: float | None,
+    *,
+    ratio: float | None,
+    target: str,
+    met: bool | None,
+    **extra: Any,
+) -> None:
+    """A benchmark's last stdout line, after its human table: one JSON object a machine reads.
+
+    `figure` names the headline figure (its key in the object), `baseline` the same figure of
+    the baseline measured in the same run; `ratio` is as the bench's table prints it (its
+    docstring says which way is better); `target` says the goal in words and `met` whether this
+    run reached it (None: no target, or not judged at this size). bench/all.py reads these lines.
+    """
+    line = {
+        "bench": bench,
+        "figure": figure,
+        figure: value,
+        baseline: baseline_value,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+        **extra,
+    }
+    print(json.dumps(_rounded(line)), flush=True)
+
+
 def profile_up(out: str) -> int:
     """Run `corral up` in this process; SIGUSR1 starts cProfile, SIGUSR2 stops it and writes `out`."""
     from corral.cli import main

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors import diskquota
 from actors.worktree import add_worktree, remove_worktree
+from bench.common import print_result
 from corral.config import parse_size
 
 
@@ -47,7 +48,9 @@ async def main() -> None:
     parser.add_argument("--disk", default="1G")
     args = parser.parse_args()
     if diskquota.unavailable():
-        raise SystemExit(f"no kernel quota here: {diskquota.unavailable()}")
+        print(f"no kernel quota here: {diskquota.unavailable()}")
+        print_result("disk_quota", "add_p50_ms", None, "baseline_add_p50_ms", None, ratio=None, target="none", met=None)
+        raise SystemExit(1)
     limit = parse_size(args.disk)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
@@ -72,6 +75,21 @@ async def main() -> None:
             print(f"  add {kind:5}  {ms(add[kind])}    remove {kind:5}  {ms(remove[kind])}")
         extra = statistics.median(add["quota"]) - statistics.median(add["plain"])
         print(f"  the quota adds {extra * 1000:.1f} ms (p50) to making a worktree")
+        quota, plain = statistics.median(add["quota"]) * 1000, statistics.median(add["plain"]) * 1000
+        print_result(
+            "disk_quota",
+            "add_p50_ms",
+            quota,
+            "baseline_add_p50_ms",
+            plain,
+            ratio=quota / plain,
+            target="none (the quota's cost is reported)",
+            met=None,
+            remove_p50_ms=statistics.median(remove["quota"]) * 1000,
+            baseline_remove_p50_ms=statistics.median(remove["plain"]) * 1000,
+            files=args.files,
+            rounds=args.rounds,
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import orjson
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from actors.bus import connect_bus
-from bench.common import RAW_EVENTS_DDL, insert_raw_events, raw_events_table
+from bench.common import RAW_EVENTS_DDL, insert_raw_events, print_result, raw_events_table
 from corral.server import EmbeddedServer
 from events.envelope import new_event
 from events.ids import new_execution_id
@@ -156,6 +156,17 @@ async def main() -> None:
     print(f"raw baseline (nats-py pull + pyarrow + DuckDB): {raw_rate:,.0f} events/s ({raw_s:.2f}s)")
     print(f"corral projector (events + output + executions): {corral_rate:,.0f} events/s ({corral_s:.2f}s)")
     print(f"ratio corral/raw: {corral_rate / raw_rate:.2f}x   [{datetime.now(UTC):%Y-%m-%d}, n={n:,}]")
+    print_result(
+        "ingest",
+        "events_per_s",
+        corral_rate,
+        "baseline_per_s",
+        raw_rate,
+        ratio=corral_rate / raw_rate,
+        target=">= 100000 events/s",
+        met=corral_rate >= 100_000,
+        events=n,
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import orjson
 from nats.js.api import DeliverPolicy
 
 from actors.bus import connect_bus
+from bench.common import print_result
 from bench.ingest import publish_all
 from corral.server import EmbeddedServer
 from events.envelope import new_event
@@ -155,6 +156,17 @@ async def main() -> None:
     print(
         f"ratio corral/raw: {corral_rate / raw_rate:.2f}x   target >= 100,000 events/s   "
         f"[{datetime.now(UTC):%Y-%m-%d}, n={n:,}]"
+    )
+    print_result(
+        "rebuild",
+        "events_per_s",
+        corral_rate,
+        "baseline_per_s",
+        raw_rate,
+        ratio=corral_rate / raw_rate,
+        target=">= 100000 events/s",
+        met=corral_rate >= 100_000,
+        events=n,
     )
 
 

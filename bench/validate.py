@@ -39,6 +39,7 @@ from actors.policy import (
     parse_diff,
     read_diff,
 )
+from bench.common import print_result
 
 
 def git(repo: Path, *args: str) -> str:
@@ -151,6 +152,19 @@ def main() -> int:
         print(f"{name:<10} {p50:8.2f} {pct(times[name], 0.9):8.2f} {p50 / base_p50:11.2f}x")
     cold = statistics.median(times["cold"])
     print(f"target p50 <= 10 ms for 100 files: {'met' if cold <= 10 else 'NOT met'} (cold {cold:.2f} ms)")
+    print_result(
+        "validate",
+        "cold_p50_ms",
+        cold,
+        "baseline_p50_ms",
+        base_p50,
+        ratio=cold / base_p50,
+        target="cold p50 <= 10 ms (100 files)",
+        met=cold <= 10,
+        warm_p50_ms=statistics.median(times["warm"]),
+        files=changed,
+        runs=args.runs,
+    )
     return 0
 
 

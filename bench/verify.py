@@ -9,7 +9,6 @@ Prints events/s for both, the ratio and the screening's share, then one JSON lin
 """
 
 import argparse
-import json
 import random
 import shutil
 import statistics
@@ -21,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import projections.projector as projector_module
+from bench.common import print_result
 from events.envelope import new_event
 from events.ids import new_execution_id
 from events.types import (
@@ -103,16 +103,17 @@ def main() -> int:
     print(f"corral (screened)       {corral:>10,.0f} events/s   ratio {corral / base:.2f}x")
     cost = 1 - corral / base
     print(f"screening costs {cost:.1%} of apply throughput (target <= 10%: {'met' if cost <= 0.10 else 'NOT met'})")
-    print(
-        json.dumps(
-            {
-                "bench": "verify",
-                "events": args.events,
-                "baseline_events_per_s": round(base),
-                "corral_events_per_s": round(corral),
-                "ratio": round(corral / base, 3),
-            }
-        )
+    print_result(
+        "verify",
+        "events_per_s",
+        corral,
+        "baseline_per_s",
+        base,
+        ratio=corral / base,
+        target="the screening costs <= 10% of apply throughput",
+        met=cost <= 0.10,
+        events=args.events,
+        rounds=args.rounds,
     )
     return 0
 

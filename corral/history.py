@@ -214,6 +214,92 @@ def snippet(text: str, pattern: str, *, regex: bool) -> str:
 Fetch = Callable[[str], Awaitable[list[dict[str, Any]]]]
 
 
+_BREAKS: Final = frozenset("^$.()")
+_QUANTIFIERS: Final = frozenset("*?{")
+_CANDIDATES: Final = 2000  # at most this many events are named by sequence number; more are scanned
+
+
+def required_literal(pattern: str) -> str | None:
+    """The longest run of plain characters (3 or more) that every match of `pattern` contains, or
+    None when there is none or the pattern is beyond this simple reading (alternation, flags and
+    (?...) groups, \\x \\p \\Q and numbered escapes, POSIX classes). Only runs outside groups
+    count, and a character a quantifier makes optional is dropped, so the run is certain.
+
+    `contains(text, run)` is a cheap, exact prefilter to RE2 (DuckDB does not extract literals).
+    """
+    if "|" in pattern or "(?" in pattern or "[:" in pattern or re.search(r"\\[xpPQ0-9]", pattern):
+        return None
+    best, run, depth, i = "", "", 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        literal = None
+        if c == "\\":
+            escaped = pattern[i + 1 : i + 2]
+            if escaped and not escaped.isalnum():
+                literal = escaped
+            i += 2
+        elif c == "[":  # a class: skip it ("[]" and "[^]" start with a literal "]")
+            i += 2 if pattern[i + 1 : i + 2] == "]" else 3 if pattern[i + 1 : i + 3] == "^]" else 1
+            while i < len(pattern) and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
+            i += 1
+        elif c in _QUANTIFIERS:  # the character before it was left out of the run already
+            if c == "{":
+                end = pattern.find("}", i)
+                if end < 0:
+                    return None
+                i = end
+            i += 1
+        else:
+            depth += c == "("
+            depth -= c == ")"
+            literal = None if c in _BREAKS or c == "+" else c
+            i += 1
+        if literal is not None and depth == 0 and pattern[i : i + 1] not in _QUANTIFIERS:
+            run += literal
+            best = max(best, run, key=len)
+        else:
+            if literal is not None and depth == 0 and pattern[i : i + 1] == "+":
+                best = max(best, run + literal, key=len)
+            run = ""
+    return best if len(best) >= 3 else None
+
+
+async def _regex_other_events(
+    fetch: Fetch, filters: list[str], pattern: str, literal: str | None, hits: list[dict[str, Any]], limit: int
+) -> list[dict[str, Any]]:
+    """The newest `limit` events other than output whose payload matches `pattern` (SQL-quoted).
+
+    Reading `events.data` decompresses whole row groups, output payloads included (most of
+    them): the cost of a full scan, whatever the type filter. Two things avoid most of it. With
+    `limit` output hits already, only newer events can still be among the newest: the seq bound
+    lets DuckDB skip older row groups by their zone maps. And with a literal every match
+    contains, the `search` table (the lowercased payloads, uncompressed, so a type filter reads
+    only those rows) names the few candidates first; often none, and `events` is not read.
+    """
+    where = [*filters, "type <> 'output'"]
+    if len(hits) >= limit:
+        where.append(f"seq > {min(int(h['seq']) for h in hits)}")
+    if literal:
+        # lower() maps each character alone: a payload containing `literal` contains it lowercased
+        needle = f"lower({sql_text(literal)})"
+        found = await fetch(
+            f"SELECT count(*) AS n, CASE WHEN count(*) <= {_CANDIDATES} THEN list(seq) END AS seqs FROM search "
+            f"WHERE {' AND '.join(where)} AND CASE WHEN type <> 'output' THEN contains(text, {needle}) END"
+        )
+        if not found or not found[0]["n"]:
+            return []
+        if found[0]["seqs"]:
+            seqs = [int(s) for s in found[0]["seqs"]]
+            where.append(f"seq BETWEEN {min(seqs)} AND {max(seqs)} AND seq IN ({', '.join(map(str, seqs))})")
+        where.append(f"contains(CAST(data AS VARCHAR), {sql_text(literal)})")
+    where.append(f"regexp_matches(CAST(data AS VARCHAR), {pattern})")
+    return await fetch(
+        f"SELECT seq, execution_id, ts, type, CAST(data AS VARCHAR) AS text FROM events "
+        f"WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT {limit}"
+    )
+
+
 async def search(
     fetch: Fetch,
     text: str,
@@ -252,16 +338,15 @@ async def search(
             texts.update((r["seq"], r["text"]) for r in found)
         return [{**h, "text": texts.get(h["seq"], "")} for h in hits]
     pattern = sql_text(text)
+    literal = required_literal(text)
     prefix = (event_type or "").rstrip("*")
     hits = []
     if event_type is None or event_type == "output" or (event_type.endswith("*") and "output".startswith(prefix)):
-        where = " AND ".join([*filters, f"regexp_matches(text, {pattern})"])
+        must = [f"contains(text, {sql_text(literal)})"] if literal else []
+        where = " AND ".join([*filters, *must, f"regexp_matches(text, {pattern})"])
         hits += await fetch(f"SELECT seq, execution_id, ts, 'output' AS type, text FROM output WHERE {where} {order}")
     if event_type != "output":
-        where = " AND ".join([*filters, "type <> 'output'", f"regexp_matches(CAST(data AS VARCHAR), {pattern})"])
-        hits += await fetch(
-            f"SELECT seq, execution_id, ts, type, CAST(data AS VARCHAR) AS text FROM events WHERE {where} {order}"
-        )
+        hits += await _regex_other_events(fetch, filters, pattern, literal, hits, limit)
     return sorted(hits, key=lambda h: -int(h["seq"]))[:limit]
 
 
