@@ -1,0 +1,278 @@
+"""The web console in a real browser: Playwright driving Debian's chromium, headless, against a real `corral up`.
+
+One `corral up --http 127.0.0.1:0` and one browser serve the whole module. The tests sign in
+through the form, act through the pages, and check the outcome through the JSON API (another face
+of the same client) or the worktree on disk. Screenshots of the main pages are written to
+docs/screenshots/ so they show the console as it is. Attacks: a tap token pressing control
+buttons (403 shown, nothing done), a form post without the CSRF token (refused, nothing done),
+a session used after sign-out, a bad token and a forged sign-in post.
+"""
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, Cli, agent_command, cli_environment, make_repo
+from tests.test_control import start_up, stop_up, wait_until
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium: apt-get install -y chromium")
+SHOTS = ROOT / "docs" / "screenshots"
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("web")
+    env = cli_environment(CORRAL_HOME=str(root / "home"))
+    env.pop("CORRAL_NATS_URL", None)
+    cli = Cli(root / "home", env)
+    repo = make_repo(root / "repo")
+    up = start_up(cli, "--http", "127.0.0.1:0")
+    try:
+        url = wait_until(
+            lambda: json.loads((cli.home / "runtime.json").read_text()).get("http_url"), 30, "the HTTP address"
+        )
+        operator = cli("token", "create", "alice", "--role", "operator", check=True).stdout.strip()
+        tap = cli("token", "create", "watcher", "--role", "tap", check=True).stdout.strip()
+        with playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+            try:
+                yield {"cli": cli, "url": str(url), "repo": repo, "operator": operator, "tap": tap, "browser": browser}
+            finally:
+                browser.close()
+    finally:
+        stop_up(cli, up)
+
+
+def api(console: dict[str, Any], token: str = "operator") -> httpx.Client:
+    return httpx.Client(base_url=console["url"], headers={"Authorization": f"Bearer {console[token]}"}, timeout=60)
+
+
+def submit(console: dict[str, Any], command: list[str], **extra: Any) -> str:
+    with api(console) as http:
+        response = http.post("/api/executions", json={"repo": str(console["repo"]), "command": command, **extra})
+    assert response.status_code == 201, response.text
+    return str(response.json()["execution_id"])
+
+
+def status(console: dict[str, Any], execution_id: str) -> dict[str, Any]:
+    with api(console, "tap") as http:
+        return dict(http.get(f"/api/executions/{execution_id}").json())
+
+
+def wait_state(console: dict[str, Any], execution_id: str, *states: str) -> dict[str, Any]:
+    return wait_until(  # type: ignore[return-value]
+        lambda: (s := status(console, execution_id))["state"] in states and s, 60, f"{execution_id} {states}"
+    )
+
+
+def output(console: dict[str, Any], execution_id: str) -> str:
+    with api(console, "tap") as http:
+        return "".join(c["text"] for c in http.get(f"/api/executions/{execution_id}/logs").json())
+
+
+def sign_in(console: dict[str, Any], token: str = "operator", **context: Any) -> Any:
+    """A new browser context (its own cookies) signed in through the form; its page."""
+    ctx = console["browser"].new_context(**context)
+    ctx.set_default_timeout(TIMEOUT_MS)
+    page = ctx.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.goto(console["url"] + "/")
+    assert "/login" in page.url  # not signed in: sent to the form
+    page.fill("input[name=token]", console[token])
+    page.click("button[type=submit]")
+    page.wait_for_selector("#fleet", state="attached")
+    return page
+
+
+def shot(page: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=False)
+
+
+def flash(page: Any, expected: str) -> str:
+    """The page's message, once it says `expected`."""
+    page.locator("#flash:not([hidden])", has_text=expected).wait_for()
+    return str(page.text_content("#flash"))
+
+
+def test_sign_in_then_a_new_run_appears_live_and_its_output_streams(console: dict[str, Any]) -> None:
+    page = sign_in(console, viewport={"width": 1280, "height": 800})
+    try:
+        page.wait_for_timeout(300)  # the page's event stream is connected before the run is submitted
+        script = "for i in 1 2 3 4 5 6; do printf '\\033[32mgreen %s\\033[0m plain\\n' $i; sleep 0.3; done"
+        execution_id = submit(console, ["sh", "-c", script], labels={"team": "web"})
+        row = page.wait_for_selector(f"#x-{execution_id}")  # appeared without a reload
+        assert row is not None and "team=web" in (row.text_content() or "")
+        page.wait_for_selector(f"#x-{execution_id}[data-state=running], #x-{execution_id}[data-state=exited]")
+        page.click(f"#x-{execution_id} a.xid")
+        page.wait_for_url(f"**/x/{execution_id}")
+        page.locator("#output", has_text="green 6").wait_for()
+        assert page.locator("#output span.fg32").count() >= 6  # ANSI green rendered as a colour, not as escapes
+        assert "\x1b" not in (page.text_content("#output") or "")
+        page.wait_for_selector("#x-state.s-exited")
+        page.wait_for_selector("#timeline li[data-type='execution.exited']")
+        page.fill("#timeline-filter", "exited")
+        assert page.locator("#timeline li:not([hidden])").count() == 1
+        shot(page, "execution")
+        page.goto(console["url"] + "/?label=team%3Dweb")
+        page.wait_for_selector(f"#x-{execution_id}[data-state=exited]")
+        assert page.locator("#fleet-rows tr").count() == 1  # the label filter, kept in the URL
+        page.goto(console["url"] + "/")
+        shot(page, "fleet")
+    finally:
+        page.context.close()
+
+
+def test_approval_in_the_phone_inbox_approved_lets_the_agent_finish(console: dict[str, Any]) -> None:
+    phone = sign_in(console, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    desk = sign_in(console)
+    try:
+        execution_id = submit(console, agent_command("deploy", "--ask-approval", "deploy", "--steps", "1")[1:])
+        phone.goto(console["url"] + "/approvals")
+        card = phone.wait_for_selector("article.approval.pending")  # arrives live, or is there already
+        assert "may I deploy?" in (card.text_content() or "")
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the phone
+        assert phone.title().startswith("(1)")  # the title badge counts the pending approval
+        desk.goto(console["url"] + "/approvals")
+        desk.wait_for_selector("article.approval.pending")
+        shot(phone, "approvals-phone")
+        phone.click("article.approval.pending button.approve[value=yes]")
+        assert "approved (yes)" in flash(phone, "approved")
+        assert wait_state(console, execution_id, "exited")["exit_code"] == 0
+        assert "approved choice=yes" in output(console, execution_id)
+        # the desktop inbox, open meanwhile, re-renders live: the card moved to the decided ones, with who decided
+        decided = desk.wait_for_selector("article.approval.decided")
+        assert "granted by alice (yes)" in (decided.text_content() or "")
+        # a decision posted from a page that still showed the card: refused, saying who was first
+        approval_id = str(decided.get_attribute("id"))[3:]
+        late = desk.request.post(
+            f"{console['url']}/approvals/{approval_id}/decide",
+            form={"csrf": desk.get_attribute("body", "data-csrf"), "decision": "reject"},
+            headers={"Accept": "application/json"},
+        )
+        assert late.status == 409 and "already decided: granted by alice" in late.json()["error"]
+        with api(console) as http:
+            granted = http.post(
+                "/api/sql",
+                json={
+                    "sql": f"SELECT data->>'decided_by' FROM events WHERE execution_id = '{execution_id}' "
+                    "AND type = 'approval.granted'"
+                },
+            ).json()["rows"]
+        assert granted == [["alice"]]
+    finally:
+        phone.context.close()
+        desk.context.close()
+
+
+def test_line_comment_reaches_the_agent_and_a_file_is_rolled_back(console: dict[str, Any]) -> None:
+    script = "printf 'changed\\n' >> README.md; echo new > other.txt; echo ready; exec cat"
+    execution_id = submit(console, ["sh", "-c", script])
+    wait_until(lambda: "ready" in output(console, execution_id), 60, "the run to edit its files")
+    worktree = Path(status(console, execution_id)["worktree"])
+    page = sign_in(console, viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(f"{console['url']}/x/{execution_id}/changes")
+        readme = "section.file[data-path='README.md']"
+        page.wait_for_selector(readme)
+        page.click(f"{readme} tr.add[data-line='2']")  # the added line
+        page.fill("tr.comment-box textarea", "say why this line changed")
+        page.click("tr.comment-box button.add-comment")
+        page.click("section.file[data-path='other.txt'] tr.add")
+        page.fill("tr.comment-box textarea", "drop this file")
+        page.click("tr.comment-box button.add-comment")
+        shot(page, "changes")
+        page.click("#send-comments")
+        assert "2 comments sent to the running agent" in flash(page, "comments sent")
+        wait_until(
+            lambda: (
+                "- README.md:2: say why this line changed\n- other.txt:1: drop this file"
+                in output(console, execution_id)
+            ),
+            30,
+            "the comments on the agent's stdin (cat echoes them)",
+        )
+        assert (worktree / "README.md").read_text() == "# demo\nchanged\n"
+        page.click(f"{readme} form button.danger")  # roll README.md back to the base (confirm accepted)
+        assert "rolled back README.md to checkpoint 0" in flash(page, "rolled back")
+        assert (worktree / "README.md").read_text() == "# demo\n"
+        assert (worktree / "other.txt").read_text() == "new\n"  # only that file
+    finally:
+        page.context.close()
+        with api(console) as http:
+            http.post(f"/api/executions/{execution_id}/cancel", json={"grace_s": 0})
+
+
+def test_tap_cannot_press_controls_csrf_is_required_and_sign_out_ends_the_session(console: dict[str, Any]) -> None:
+    execution_id = submit(console, ["sh", "-c", "echo up; sleep 60"])
+    wait_state(console, execution_id, "running")
+    tap = sign_in(console, "tap")
+    operator = sign_in(console)
+    try:
+        tap.goto(f"{console['url']}/x/{execution_id}")
+        tap.click("button[value=pause]")
+        message = flash(tap, "403")
+        assert message.startswith("403: ") and "read-only" in message
+        tap.click("button[value=cancel]")
+        assert "may not cancel" in flash(tap, "cancel")
+        shot(tap, "tap-refused")
+        # a state-changing post with the session cookie but without the CSRF token: refused
+        refused = operator.request.post(f"{console['url']}/x/{execution_id}/pause", form={"reason": "csrf"})
+        assert refused.status == 403 and "CSRF" in refused.json()["error"]
+        wrong = operator.request.post(f"{console['url']}/x/{execution_id}/pause", form={"csrf": "guess"})
+        assert wrong.status == 403
+        assert status(console, execution_id)["state"] == "running"  # nothing was paused or cancelled
+        # the operator's own button works
+        operator.goto(f"{console['url']}/x/{execution_id}")
+        operator.click("button[value=pause]")
+        assert flash(operator, "paused") == "paused"
+        assert status(console, execution_id)["state"] == "paused"
+        # sign out: the cookie no longer opens anything, even replayed by hand
+        cookie = next(c for c in operator.context.cookies() if c["name"] == "corral_session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        operator.click("#sign-out")
+        operator.wait_for_url("**/login**")
+        replay = console["browser"].new_context()
+        replay.add_cookies([cookie])
+        again = replay.new_page()
+        again.goto(console["url"] + "/")
+        assert "/login" in again.url
+        assert replay.request.get(f"{console['url']}/ui/events").status == 401
+        replay.close()
+    finally:
+        tap.context.close()
+        operator.context.close()
+        with api(console) as http:
+            http.post(f"/api/executions/{execution_id}/cancel", json={"grace_s": 0})
+
+
+def test_sign_in_refuses_bad_tokens_and_forged_posts(console: dict[str, Any]) -> None:
+    ctx = console["browser"].new_context()
+    try:
+        page = ctx.new_page()
+        page.goto(console["url"] + "/login")
+        page.fill("input[name=token]", "corral_not-a-token")
+        page.click("button[type=submit]")
+        assert "unknown or revoked token" in flash(page, "unknown")
+        shot(page, "login")
+        # a sign-in posted from elsewhere carries no sign-in cookie: refused, no session
+        forged = httpx.post(f"{console['url']}/login", data={"token": console["operator"], "csrf": "x"})
+        assert forged.status_code == 403 and "corral_session" not in forged.headers.get("set-cookie", "")
+        # an open redirect through `next` is not followed
+        page.goto(console["url"] + "/login?next=//evil.example/")
+        page.fill("input[name=token]", console["operator"])
+        page.click("button[type=submit]")
+        page.wait_for_selector("#fleet", state="attached")
+        assert page.url.rstrip("/") == console["url"]
+        headers = page.request.get(console["url"] + "/").headers
+        assert "script-src 'self'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
+    finally:
+        ctx.close()
