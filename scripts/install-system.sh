@@ -9,6 +9,22 @@
 # CORRAL_REQUIRE_SANDBOX=1 (set by .ci/run): then it exits 1 when no sandbox can be made.
 BWRAP="${CORRAL_BWRAP:-bwrap}"
 
+# chromium: the headless browser the web console's tests drive through Playwright (tests/test_web.py,
+# bench/console.py; Playwright itself comes with the dev extra). Installed as root with apt-get when
+# missing; CORRAL_REQUIRE_BROWSER=1 (set by .ci/run) makes a missing browser an error.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "install-system: installing chromium (apt-get install -y chromium) for the console's browser tests"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+      || echo "install-system: apt-get install chromium failed; the browser tests will skip" >&2
+  else
+    echo "install-system: no chromium (as root: apt-get install chromium); the browser tests will skip" >&2
+  fi
+  if [ "${CORRAL_REQUIRE_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then exit 1; fi
+fi
+
 missing() {
   echo "install-system: $1" >&2
   echo "install-system: without it, corral run refuses to start agents: install bubblewrap" \
