@@ -584,6 +584,66 @@ class Client:
             self.system, pattern, regex=regex, execution_id=target, event_type=event_type, since=since, limit=limit
         )
 
+    async def replay(self, prefix: str) -> dict[str, Any]:
+        """Run an execution again from its base commit with its command and environment (secrets
+        left out): {execution_id, replay_of, notes}. Its inputs and approvals are not fed to the
+        replay (`corral replay` without --detach does that, following it)."""
+        from corral.history import _replay_plan
+
+        self._require_operator("replay executions")
+        original = await self.resolve(prefix)
+        request, inputs, decisions = await _replay_plan(self.system, original, ask_approvals=True)
+        request = request.model_copy(update={"requested_by": self.decider or request.requested_by})
+        execution_id = new_execution_id()
+        await self.publish_request(execution_id, request)
+        notes = []
+        if inputs or decisions:
+            notes.append(
+                f"{original} had {len(inputs)} input(s) and {len(decisions)} approval(s); they are not re-sent "
+                "(send input and decide approvals as the replay asks)"
+            )
+        return {"execution_id": execution_id, "replay_of": original, "notes": notes}
+
+    async def fork(
+        self,
+        prefix: str,
+        *,
+        at: str,
+        prompt: str | None = None,
+        command: list[str] | None = None,
+        new_session: bool = False,
+    ) -> dict[str, Any]:
+        """Start a new execution from checkpoint `at` of another: the same command, `command`, or a new
+        `prompt` for its agent (continuing its session unless `new_session`): {execution_id, fork_of,
+        checkpoint, continues, notes}. Inputs the original got are not re-sent."""
+        from corral.history import plan_fork
+
+        self._require_operator("fork executions")
+        original = await self.resolve(prefix)
+        planned = await plan_fork(
+            self.system,
+            original,
+            at=at,
+            prompt=prompt,
+            command=command,
+            new_session=new_session,
+            requested_by=self.decider,
+        )
+        execution_id = new_execution_id()
+        await self.publish_request(execution_id, planned.request)
+        notes = [f"the conversation of {original} is not continued: {planned.not_continued}"] * bool(
+            planned.not_continued
+        )
+        if planned.inputs or planned.later:
+            notes.append(f"the {len(planned.inputs) + planned.later} input(s) {original} got are not re-sent")
+        return {
+            "execution_id": execution_id,
+            "fork_of": original,
+            "checkpoint": int(planned.checkpoint["n"]),
+            "continues": planned.continues,
+            "notes": notes,
+        }
+
     async def compare(self, first: str, second: str) -> dict[str, Any]:
         from corral.history import compare_executions
 

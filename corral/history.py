@@ -8,6 +8,7 @@ new `execution.requested` built from the recorded one and follow it like `corral
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import difflib
 import os
 import re
@@ -799,21 +800,41 @@ def _with_prompt(command: tuple[str, ...], task: str | None, prompt: str) -> tup
     return tuple(prompt if part == task else part for part in command)
 
 
-async def cmd_fork(home: Home, args: Any) -> int:
+@dataclasses.dataclass
+class ForkPlanned:
+    """A fork's request, and what the CLI says and re-sends around it."""
+
+    request: ExecutionRequested
+    checkpoint: dict[str, Any]
+    inputs: list[tuple[float, str]]  # the original's inputs before the checkpoint, at their offsets
+    later: int  # how many it got after
+    continues: str | None  # the agent session continued
+    not_continued: str | None  # why the conversation is not continued
+
+
+async def plan_fork(
+    system: System,
+    original: str,
+    *,
+    at: str,
+    prompt: str | None = None,
+    command: list[str] | None = None,
+    new_session: bool = False,
+    requested_by: str | None = None,
+) -> ForkPlanned:
+    """The request of a fork of `original` at checkpoint `at` (the same command, another command, or
+    a new prompt for its agent, continuing its session unless `new_session`): checked, not sent."""
     from corral import followup  # (it imports this module)
 
-    args, command = fork_arguments(args)
-    if command and args.prompt is not None:
+    if command and prompt is not None:
         raise UsageError("give either --prompt or -- COMMAND, not both")
-    if args.new_session and args.prompt is None:
+    if new_session and prompt is None:
         raise UsageError("--new-session goes with --prompt TEXT (the task of the new conversation)")
-    async with open_system(home, actors=("projector",)) as system:
-        original = await resolve_execution_id(system, args.execution_id)
-        recorded = await recorded_request(system, original)
-        checkpoint = await find_checkpoint(system, original, args.at)
-        inputs, later = await recorded_inputs(system, original, before_seq=int(checkpoint["seq"]))
-        wanted = args.prompt is not None and recorded.agent != "command" and not args.new_session
-        session = await followup.recorded_session(system, original) if wanted else None
+    recorded = await recorded_request(system, original)
+    checkpoint = await find_checkpoint(system, original, at)
+    inputs, later = await recorded_inputs(system, original, before_seq=int(checkpoint["seq"]))
+    wanted = prompt is not None and recorded.agent != "command" and not new_session
+    session = await followup.recorded_session(system, original) if wanted else None
     _require_commit(recorded.repo, checkpoint["commit"], f"checkpoint {checkpoint['n']} ({checkpoint['commit'][:12]})")
     update: dict[str, Any] = {
         "base": checkpoint["commit"],
@@ -823,7 +844,7 @@ async def cmd_fork(home: Home, args: Any) -> int:
         "replay_of": None,
         "attempt": 1,
         "retry_of": None,
-        "requested_by": os.environ.get("USER"),
+        "requested_by": requested_by or os.environ.get("USER"),
         "resume_of": None,  # a fork of a follow-up runs in its own new worktree, not the follow-up's
         "resume_session": None,
         "worktree": None,
@@ -831,19 +852,35 @@ async def cmd_fork(home: Home, args: Any) -> int:
     not_continued = continues = None
     if command:
         update["command"] = tuple(check_command(command, Path(recorded.repo), checkpoint["commit"]))
-    elif args.prompt is not None and recorded.agent == "command":
-        update["command"] = _with_prompt(recorded.command, recorded.task, args.prompt)
-        update["task"] = args.prompt
-        not_continued = None if args.new_session else f"{original} ran a plain command, which has no agent session"
-    elif args.prompt is not None:  # an agent CLI: its adapter builds the command, continuing the session if it can
+    elif prompt is not None and recorded.agent == "command":
+        update["command"] = _with_prompt(recorded.command, recorded.task, prompt)
+        update["task"] = prompt
+        not_continued = None if new_session else f"{original} ran a plain command, which has no agent session"
+    elif prompt is not None:  # an agent CLI: its adapter builds the command, continuing the session if it can
         plan = followup.plan_fork(
-            original, recorded, session, args.prompt, commit=checkpoint["commit"], new_session=args.new_session
+            original, recorded, session, prompt, commit=checkpoint["commit"], new_session=new_session
         )
         update["command"] = tuple(check_command(list(plan.command), Path(recorded.repo), checkpoint["commit"]))
-        update["task"] = args.prompt
+        update["task"] = prompt
         update["resume_session"] = plan.session
         not_continued, continues = plan.not_continued, plan.continues
     request = ExecutionRequested.model_validate({**recorded.model_dump(), **update})
+    return ForkPlanned(request, checkpoint, inputs, later, continues, not_continued)
+
+
+async def cmd_fork(home: Home, args: Any) -> int:
+    args, command = fork_arguments(args)
+    if command and args.prompt is not None:
+        raise UsageError("give either --prompt or -- COMMAND, not both")
+    if args.new_session and args.prompt is None:
+        raise UsageError("--new-session goes with --prompt TEXT (the task of the new conversation)")
+    async with open_system(home, actors=("projector",)) as system:
+        original = await resolve_execution_id(system, args.execution_id)
+        planned = await plan_fork(
+            system, original, at=args.at, prompt=args.prompt, command=command, new_session=args.new_session
+        )
+    request, checkpoint, inputs, later = planned.request, planned.checkpoint, planned.inputs, planned.later
+    continues, not_continued = planned.continues, planned.not_continued
     execution_id = new_execution_id()
     if not_continued:
         info(f"{execution_id}: the conversation of {original} is not continued: {not_continued}")

@@ -108,6 +108,13 @@ class PullRequestBody(_Body):
     remote: str | None = Field(None, description="git remote to push to (default: [forge] remote)")
 
 
+class ForkBody(_Body):
+    at: int | str = Field(description="the checkpoint to start from")
+    prompt: str | None = Field(None, description="a new task for its agent")
+    command: list[str] | None = Field(None, description="another command to run instead")
+    new_session: bool = Field(False, description="with prompt: a new conversation instead of continuing it")
+
+
 class SqlBody(_Body):
     sql: str
     max_rows: int = Field(10000, ge=1, le=100000)
@@ -351,6 +358,18 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def pull_request(who: Operator, execution_id: str, body: PullRequestBody) -> dict[str, Any]:
         """Push the branch and open a pull request ([forge] in corral.toml); 502 when the forge fails."""
         return await who.client.pr(execution_id, title=body.title, body=body.body, base=body.base, remote=body.remote)
+
+    @app.post("/api/executions/{execution_id}/replay", status_code=201, tags=["history"])
+    async def replay(who: Operator, execution_id: str) -> dict[str, Any]:
+        """Run it again from its base commit (its inputs and approvals are not re-sent): 201 with the new id."""
+        return await who.client.replay(execution_id)
+
+    @app.post("/api/executions/{execution_id}/fork", status_code=201, tags=["history"])
+    async def fork(who: Operator, execution_id: str, body: ForkBody) -> dict[str, Any]:
+        """A new execution from checkpoint `at`: the same command, `command`, or a new `prompt`."""
+        return await who.client.fork(
+            execution_id, at=str(body.at), prompt=body.prompt, command=body.command, new_session=body.new_session
+        )
 
     @app.get("/api/executions/{execution_id}/events", tags=["events"])
     async def execution_events(

@@ -33,6 +33,8 @@ AUTHORITY: Final[dict[str, tuple[str, ...]]] = {
     "validation.passed": ("validator",),
     "validation.failed": ("validator",),
     "checkpoint.created": ("checkpointer",),
+    "notification.sent": ("notifier",),
+    "notification.failed": ("notifier",),
 }
 DECISIONS: Final = ("approval.granted", "approval.denied", "approval.expired")
 LIFECYCLE_NEEDS_REQUEST: Final = ("execution.started", "execution.exited")

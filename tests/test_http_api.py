@@ -123,6 +123,9 @@ STATE_CHANGING = [
     ("POST", "/api/executions/{id}/checkpoint", None),
     ("POST", "/api/executions/{id}/commit", {"message": "m"}),
     ("POST", "/api/executions/{id}/rollback", {"to": 0}),
+    ("POST", "/api/executions/{id}/pr", {"title": "t"}),
+    ("POST", "/api/executions/{id}/replay", None),
+    ("POST", "/api/executions/{id}/fork", {"at": 0}),
 ]
 READING = [
     ("GET", "/api/executions", None),
@@ -444,3 +447,36 @@ def test_checkpoint_changes_diff_rollback_commit_over_http(api: dict[str, Any]) 
         checkpoints = http.get(f"/api/executions/{execution_id}/checkpoints").json()
         assert [cp["n"] for cp in checkpoints][:1] == [1]
         http.post(f"/api/executions/{execution_id}/cancel", json={"grace_s": 0})
+
+
+def test_replay_and_fork_over_http(api: dict[str, Any]) -> None:
+    original = submit(api, ["sh", "-c", "echo v1 > f.txt; echo wrote"])
+    assert wait_for_state(api, original, "exited")["exit_code"] == 0
+    with client(api, "operator") as http:
+        checkpoints = wait_until(
+            lambda: http.get(f"/api/executions/{original}/checkpoints").json(), 60, "the exit checkpoint"
+        )
+        n = checkpoints[-1]["n"]
+        replayed = http.post(f"/api/executions/{original}/replay")
+        assert replayed.status_code == 201, replayed.text
+        assert replayed.json()["replay_of"] == original
+        forked = http.post(f"/api/executions/{original}/fork", json={"at": n, "command": ["cat", "f.txt"]})
+        assert forked.status_code == 201, forked.text
+        assert forked.json()["fork_of"] == original and forked.json()["checkpoint"] == n
+        assert "has no checkpoint '99'" in error_of(http.post(f"/api/executions/{original}/fork", json={"at": 99}), 404)
+        assert "not both" in error_of(
+            http.post(f"/api/executions/{original}/fork", json={"at": n, "command": ["true"], "prompt": "x"}), 400
+        )
+    replay_id, fork_id = replayed.json()["execution_id"], forked.json()["execution_id"]
+    assert wait_for_state(api, replay_id, "exited")["exit_code"] == 0
+    assert wait_for_state(api, fork_id, "exited")["exit_code"] == 0
+    with client(api, "tap") as http:
+        assert "v1" in "".join(c["text"] for c in http.get(f"/api/executions/{fork_id}/logs").json())
+        lineage = http.post(
+            "/api/sql",
+            json={
+                "sql": f"SELECT replay_of, fork_of FROM executions WHERE execution_id IN ('{replay_id}', '{fork_id}') "
+                "ORDER BY replay_of NULLS LAST"
+            },
+        ).json()["rows"]
+    assert lineage == [[original, None], [None, original]]

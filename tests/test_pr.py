@@ -284,3 +284,31 @@ def test_bad_input_changes_nothing(pr_cli: Cli, repo: Path, remote: Path, forge:
 )
 def test_repo_from_remote_url(url: str, repo: str | None) -> None:
     assert repo_from_remote_url(url) == repo
+
+
+def test_pr_over_the_http_api(pr_cli: Cli, repo: Path, remote: Path, forge: FakeForge) -> None:
+    """POST /api/executions/{id}/pr does what `corral pr` does, in `corral up` (its [forge] and token)."""
+    import httpx
+
+    from tests.test_control import start_up, stop_up, wait_until
+
+    up = start_up(pr_cli, "--http", "127.0.0.1:0")
+    try:
+        url = wait_until(lambda: json.loads((pr_cli.home / "runtime.json").read_text()).get("http_url"), 30, "HTTP")
+        token = pr_cli("token", "create", "carol", "--role", "operator", check=True).stdout.strip()
+        execution_id, worktree = run_agent(pr_cli, repo)
+        commit_all(worktree, "agent work")
+        with httpx.Client(base_url=str(url), headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+            assert http.post(f"/api/executions/{execution_id}/pr", json={"title": ""}).status_code == 422
+            opened = http.post(f"/api/executions/{execution_id}/pr", json={"title": "Fix it", "body": "by the API"})
+            assert opened.status_code == 200, opened.text
+            assert opened.json()["number"] == 42 and opened.json()["branch"] == f"corral/{execution_id}"
+            forge.answers[("POST", "/api/repos/acme/widgets/pulls")] = (422, {"message": "A pull request exists"})
+            failed = http.post(f"/api/executions/{execution_id}/pr", json={"title": "Again"})
+            assert failed.status_code == 502 and "A pull request exists" in failed.json()["error"]
+        kinds = [e["type"] for e in pr_events(pr_cli, execution_id)]
+        assert kinds == ["pr.requested", "pr.opened", "pr.requested", "pr.failed"]
+        posted = [r for r in forge.requests if r["method"] == "POST"]
+        assert posted[0]["json"]["title"] == "Fix it" and posted[0]["json"]["body"] == "by the API"
+    finally:
+        stop_up(pr_cli, up)
