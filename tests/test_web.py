@@ -107,8 +107,11 @@ def test_sign_in_then_a_new_run_appears_live_and_its_output_streams(console: dic
     page = sign_in(console, viewport={"width": 1280, "height": 800})
     try:
         page.wait_for_timeout(300)  # the page's event stream is connected before the run is submitted
-        script = "for i in 1 2 3 4 5 6; do printf '\\033[32mgreen %s\\033[0m plain\\n' $i; sleep 0.3; done"
-        execution_id = submit(console, ["sh", "-c", script], labels={"team": "web"})
+        script = (
+            "for i in 1 2 3 4 5 6; do printf '\\033[32mgreen %s\\033[0m plain\\n' $i; sleep 0.3; done; "
+            "echo '<img src=x id=pwned-out>'"
+        )
+        execution_id = submit(console, ["sh", "-c", script], labels={"team": "web", "note": "<b id=pwned-label>x</b>"})
         row = page.wait_for_selector(f"#x-{execution_id}")  # appeared without a reload
         assert row is not None and "team=web" in (row.text_content() or "")
         page.wait_for_selector(f"#x-{execution_id}[data-state=running], #x-{execution_id}[data-state=exited]")
@@ -121,10 +124,15 @@ def test_sign_in_then_a_new_run_appears_live_and_its_output_streams(console: dic
         page.wait_for_selector("#timeline li[data-type='execution.exited']")
         page.fill("#timeline-filter", "exited")
         assert page.locator("#timeline li:not([hidden])").count() == 1
+        page.locator("#output", has_text="<img src=x id=pwned-out>").wait_for()  # markup shown as text
+        assert page.locator("#pwned-out").count() == 0
         shot(page, "execution")
         page.goto(console["url"] + "/?label=team%3Dweb")
         page.wait_for_selector(f"#x-{execution_id}[data-state=exited]")
         assert page.locator("#fleet-rows tr").count() == 1  # the label filter, kept in the URL
+        assert "<b id=pwned-label>x</b>" in (page.text_content(f"#x-{execution_id}") or "")
+        assert "<img src=x id=pwned-out>" in (page.text_content(f"#x-{execution_id} .c-last") or "")
+        assert page.locator("#pwned-label, #pwned-out").count() == 0  # escaped by the server, not parsed
         page.goto(console["url"] + "/")
         shot(page, "fleet")
     finally:
