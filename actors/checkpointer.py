@@ -119,6 +119,7 @@ class _Execution:
     task: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     removed: bool = False
+    exit_made: bool | None = None  # its exit checkpoint was taken (True) or nothing had changed (False)
 
     @property
     def running(self) -> bool:
@@ -375,7 +376,9 @@ class Checkpointer(Actor):
                 if others:
                     trigger = min((t for t, _ in others), key=TRIGGER_ORDER.index)
                     cause = next((c for t, c in others if t == trigger and c), None)
-                    await self.checkpoint(ex, trigger, cause)
+                    made = await self.checkpoint(ex, trigger, cause)
+                    if trigger == "exit":
+                        ex.exit_made = made is not None
                 for cause in demands:
                     await self._demanded(ex, cause)
             except (CheckpointError, PublishError) as exc:
@@ -387,6 +390,21 @@ class Checkpointer(Actor):
                     log.warning("checkpointer: %s: no checkpoint, its worktree is gone (%s)", ex.execution_id, exc)
                 else:
                     log.exception("checkpointer: %s: checkpoint failed", ex.execution_id)
+
+    async def exit_checkpoint(self, execution_id: str, timeout_s: float) -> bool | None:
+        """Wait (at most `timeout_s`) for the exit checkpoint of an execution that ended: True when
+        one was published, False when none will come (nothing had changed), None when unknown.
+
+        `corral run`, with this checkpointer in its own process, then waits for the validation of
+        an exit checkpoint only when there is one (there is no event for "nothing changed").
+        """
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            ex = self.executions.get(execution_id)
+            if ex is not None and ex.exit_made is not None:
+                return ex.exit_made
+            await asyncio.sleep(0.01)
+        return None
 
     async def _demanded(self, ex: _Execution, cause: str | None) -> None:
         if not ex.ready():

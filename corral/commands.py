@@ -344,6 +344,11 @@ async def _after_exit(system: System, execution_id: str, outcome: dict[str, Any]
     runtime = system.home.read_runtime() if system.mode == "client" else None
     validating = "validator" in system.actors or bool(runtime and "validator" in (runtime.get("actors") or ()))
     deadline = time.monotonic() + AFTER_EXIT_WAIT_S
+    from actors.checkpointer import Checkpointer
+
+    checkpointer = system.actors.get("checkpointer")
+    if validating and isinstance(checkpointer, Checkpointer):  # ours: it says whether an exit checkpoint comes
+        validating = await checkpointer.exit_checkpoint(execution_id, AFTER_EXIT_WAIT_S) is not False
     with contextlib.suppress(CorralError, ProjectionError):
         while validating and time.monotonic() < deadline:
             done = await ask(
