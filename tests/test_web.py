@@ -238,11 +238,17 @@ def test_tap_cannot_press_controls_csrf_is_required_and_sign_out_ends_the_sessio
         wrong = operator.request.post(f"{console['url']}/x/{execution_id}/pause", form={"csrf": "guess"})
         assert wrong.status == 403
         assert status(console, execution_id)["state"] == "running"  # nothing was paused or cancelled
-        # the operator's own button works
+        # the operator's own button works; a fleet view filtered on `paused`, open meanwhile, gets the row live
+        watch = operator.context.new_page()
+        watch.goto(f"{console['url']}/?state=paused")
+        watch.wait_for_selector("#fleet", state="attached")
+        assert watch.locator(f"#x-{execution_id}").count() == 0
         operator.goto(f"{console['url']}/x/{execution_id}")
         operator.click("button[value=pause]")
         assert flash(operator, "paused") == "paused"
         assert status(console, execution_id)["state"] == "paused"
+        watch.wait_for_selector(f"#x-{execution_id}[data-state=paused]")
+        watch.close()
         # sign out: the cookie no longer opens anything, even replayed by hand
         cookie = next(c for c in operator.context.cookies() if c["name"] == "corral_session")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"

@@ -47,6 +47,8 @@ def _conditions(filters: dict[str, str], *, with_state: bool = True) -> list[str
             f"(contains(x.execution_id, {q}) OR contains(lower(coalesce(x.task, '')), {q}) "
             f"OR contains(lower(array_to_string(x.command, ' ')), {q}) OR contains(lower(x.repo), {q}))"
         )
+    if filters.get("id"):
+        where.append(f"x.execution_id = {_sql(filters['id'])}")
     if filters.get("label"):
         name, _, value = filters["label"].partition("=")
         where.append(
@@ -236,6 +238,14 @@ def add_routes(app: FastAPI, console: Console) -> None:
             who, rows, counts, filters, limit=limit, total=total, approvals=approvals, message=message_of(request)
         )
         return html(body)
+
+    @app.get("/ui/row/{execution_id}", include_in_schema=False)
+    async def fleet_row(request: Request, execution_id: str) -> Response:
+        """One fleet row, if it matches the page's filters: for a run that enters the filtered state live."""
+        who = await console.who(request)
+        filters = {k: request.query_params.get(k, "").strip() for k in FILTERS}
+        rows, _ = await fleet_data(who.client, {**filters, "id": await who.client.resolve(execution_id)}, 1)
+        return html(pages.fleet_row(rows[0])) if rows else Response(status_code=204)
 
     # --- one execution -------------------------------------------------------------------------
 

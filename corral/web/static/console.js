@@ -268,12 +268,30 @@
         row.classList.remove('need');
       }
     }
+    async function fetchRow(id, type) {
+      // a run entering the filtered state (say `running`) that the page did not list: the server renders its row
+      const response = await fetch(`/ui/row/${encodeURIComponent(id)}${window.location.search}`, {
+        credentials: 'same-origin',
+      });
+      if (response.status !== 200 || $(`#x-${CSS.escape(id)}`)) return;
+      const holder = document.createElement('tbody');
+      holder.innerHTML = await response.text(); // server-rendered, every value escaped there
+      const tr = holder.firstElementChild;
+      if (!tr) return;
+      rows.insertBefore(tr, tr.classList.contains('need') ? rows.firstChild : firstPlain());
+      $('#fleet-empty').hidden = true;
+      tick();
+      signal(id, type);
+    }
     handlers.push((type, ev) => {
       const id = ev.execution_id;
       if (!id) return;
       if (type === 'execution.requested') { addRow(ev); return; }
       const row = $(`#x-${CSS.escape(id)}`);
-      if (!row) return;
+      if (!row) {
+        if (filters.state && STATE_OF[type] === filters.state) fetchRow(id, type);
+        return;
+      }
       const d = ev.data || {};
       if (STATE_OF[type]) setState(row, STATE_OF[type], ev);
       else if (type === 'output') {
