@@ -166,7 +166,7 @@ async def sql(bus: Any, text: str, *, max_rows: int = 10000) -> list[Any]:
 
 def _rounded(value: Any) -> Any:
     if isinstance(value, float):
-        return round(value, 3 if abs(value) < 100 else 1)
+        return round(value, 3 if abs(value) < 100 else 1) if value == value and abs(value) != float("inf") else None
     if isinstance(value, dict):
         return {k: _rounded(v) for k, v in value.items()}
     if isinstance(value, list):

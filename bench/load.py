@@ -48,6 +48,7 @@ from bench.common import (
     make_repo,
     nats_server_of,
     pids_matching,
+    print_result,
     raw_events_table,
     start_up,
     stop_up,
@@ -419,6 +420,26 @@ async def main() -> None:
             f"{n:>6} {raw['events_s']:>13,.0f} {corral['events_s']:>8,.0f} "
             f"{raw['lag_p50']:>8.2f}/{raw['lag_p99']:<7.2f}s {corral['lag_p50']:>5.2f}/{corral['lag_p99']:<6.2f}s "
             f"{raw['cpu']:>7.1f}% {corral['cpu']:>7.1f}% {ratio:>9.1f}x"
+        )
+    if results:
+        n, raw, corral = results[-1]
+        print_result(
+            "load",
+            "lag_p99_s",
+            corral["lag_p99"],
+            "baseline_lag_p99_s",
+            raw["lag_p99"],
+            ratio=corral["lag_p99"] / raw["lag_p99"] if raw["lag_p99"] else None,
+            target="lag p99 <= 0.25 s",
+            met=corral["lag_p99"] <= 0.25,
+            agents=n,
+            lines_per_s=args.lines,
+            lag_p50_s=corral["lag_p50"],
+            baseline_lag_p50_s=raw["lag_p50"],
+            events_per_s=corral["events_s"],
+            baseline_events_per_s=raw["events_s"],
+            cpu_pct=corral["cpu"],
+            baseline_cpu_pct=raw["cpu"],
         )
 
 

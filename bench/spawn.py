@@ -21,7 +21,6 @@ and ends with one JSON line.
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -34,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import connect_home, make_repo, sql, start_up, stop_up, wait_ready, write_config
+from bench.common import connect_home, make_repo, print_result, sql, start_up, stop_up, wait_ready, write_config
 from events.envelope import new_event
 from events.ids import new_execution_id
 from events.types import ExecutionRequested, Limits
@@ -187,7 +186,19 @@ async def main() -> None:
     if len(results) > 1:
         verdict = "met" if contained["overhead_p50_ms"] <= 20 else "MISSED"
         print(f"target: {contained['label']} overhead <= 20 ms p50: {verdict} ({contained['overhead_p50_ms']:+.1f} ms)")
-    print(json.dumps({"bench": "spawn", "results": results}))
+    print_result(
+        "spawn",
+        "p50_ms",
+        contained["p50_ms"],
+        "baseline_p50_ms",
+        base["p50_ms"],
+        ratio=contained["ratio_p50"],
+        target="cgroups + sandbox overhead <= 20 ms p50",
+        met=contained["overhead_p50_ms"] <= 20 if len(results) > 1 else None,
+        configuration=contained["label"],
+        overhead_p50_ms=contained["overhead_p50_ms"],
+        results=results,
+    )
     with contextlib.suppress(Exception):
         sys.stdout.flush()
 

@@ -47,6 +47,7 @@ from bench.common import (
     make_repo,
     nats_server_of,
     pids_matching,
+    print_result,
     sql,
     start_up,
     stop_up,
@@ -293,6 +294,7 @@ async def main() -> None:
         f"{'ratio':>6} {'nats cpu':>9} "
         f"{'stalls':>7} {'stall p50':>10} {'stall max':>10}"
     )
+    last: tuple[int, dict[str, Any], float] | None = None
     try:
         for n in (int(x) for x in args.agents.split(",")):
             baseline = await measure_baseline(n, args.window)
@@ -307,8 +309,29 @@ async def main() -> None:
                 flush=True,
             )
             print(f"         corral up's other threads: {result['other_threads'] or 'none'}", flush=True)
+            last = (n, result, baseline)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if last is not None:
+        n, result, baseline = last
+        stalls_ok = result["stalls"] == result["expected_stalls"] and result["stall_max"] <= 1.0
+        print_result(
+            "supervise",
+            "cpu_pct",
+            result["corral_cpu"],
+            "baseline_cpu_pct",
+            baseline,
+            ratio=result["corral_cpu"] / baseline if baseline else None,
+            target="< 30 % of one core at 500 agents; every stall reported within the idle timeout + 1 s",
+            met=(result["corral_cpu"] < 30 if n >= 500 else None) if stalls_ok else False,
+            agents=n,
+            shims_cpu_pct=result["shims_cpu"],
+            loop_cpu_pct=result["loop_cpu"],
+            nats_cpu_pct=result["nats_cpu"],
+            stalls=result["stalls"],
+            expected_stalls=result["expected_stalls"],
+            stall_max_s=result["stall_max"],
+        )
 
 
 if __name__ == "__main__":
