@@ -290,3 +290,35 @@ def test_sign_in_refuses_bad_tokens_and_forged_posts(console: dict[str, Any]) ->
         assert "script-src 'self'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
     finally:
         ctx.close()
+
+
+def test_start_a_run_from_the_form_then_search_compare_and_health(console: dict[str, Any]) -> None:
+    page = sign_in(console, viewport={"width": 1280, "height": 900})
+    try:
+        first = submit(console, ["sh", "-c", "echo needle-one"])
+        page.goto(console["url"] + "/new")
+        page.fill("input[name=repo]", str(console["repo"]))
+        page.fill("input[name=command]", "sh -c 'echo needle-two'")
+        page.fill("input[name=labels]", "from=form")
+        page.click("button[value=start]")
+        page.wait_for_url("**/x/*")  # the new run's page
+        second = page.url.rsplit("/", 1)[-1]
+        page.locator("#output", has_text="needle-two").wait_for()
+        wait_state(console, first, "exited")
+        with api(console, "tap") as http:
+            assert http.get("/api/executions", params={"label": "from=form"}).json()[0]["execution_id"] == second
+        page.goto(console["url"] + "/search?q=needle")
+        page.wait_for_selector(f"td a.xid[href='/x/{second}']")
+        assert page.locator(f"td a.xid[href='/x/{first}']").count() >= 1
+        page.goto(f"{console['url']}/compare?a={first}&b={second}")
+        page.wait_for_selector("table.compare")
+        page.goto(console["url"] + "/health")
+        assert "projector" in (page.text_content("main") or "")
+        bad = page.request.post(
+            console["url"] + "/new",
+            form={"csrf": page.get_attribute("body", "data-csrf"), "repo": "/nonexistent/repo", "command": "true"},
+            headers={"Accept": "application/json"},
+        )
+        assert bad.status == 400 and "no such directory" in bad.json()["error"]
+    finally:
+        page.context.close()
