@@ -213,6 +213,18 @@ def test_line_comment_reaches_the_agent_and_a_file_is_rolled_back(console: dict[
         assert "rolled back README.md to checkpoint 0" in flash(page, "rolled back")
         assert (worktree / "README.md").read_text() == "# demo\n"
         assert (worktree / "other.txt").read_text() == "new\n"  # only that file
+        # once it ended, comments cannot reach a plain command: said, nothing started
+        with api(console) as http:
+            http.post(f"/api/executions/{execution_id}/cancel", json={"grace_s": 0})
+        late = page.request.post(
+            f"{console['url']}/x/{execution_id}/review",
+            form={
+                "csrf": page.get_attribute("body", "data-csrf"),
+                "comments": json.dumps([{"path": "README.md", "line": 2, "text": "too late"}]),
+            },
+            headers={"Accept": "application/json"},
+        )
+        assert late.status == 409 and "no agent CLI that can be resumed" in late.json()["error"]
     finally:
         page.context.close()
         with api(console) as http:
