@@ -298,6 +298,8 @@ def test_sign_in_refuses_bad_tokens_and_forged_posts(console: dict[str, Any]) ->
         page.click("button[type=submit]")
         page.wait_for_selector("#fleet", state="attached")
         assert page.url.rstrip("/") == console["url"]
+        missing = page.request.get(console["url"] + "/x/zzzzzzzz")
+        assert missing.status == 404 and "no execution matches" in missing.text() and "<html" in missing.text()
         headers = page.request.get(console["url"] + "/").headers
         assert "script-src 'self'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
     finally:

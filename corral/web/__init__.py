@@ -13,7 +13,6 @@ the CSRF secret and is refused (403) without it; the sign-in form carries a one-
 own cookie (double submit), so a foreign page cannot sign a browser in either. docs/console.md.
 """
 
-import asyncio
 import hmac
 import secrets
 import time
@@ -27,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 
 from corral.client import Client
-from corral.errors import CorralError, Forbidden, UsageError
+from corral.errors import Forbidden, UsageError
 from corral.tokens import Token
 
 STATIC = Path(__file__).parent / "static"
@@ -202,12 +201,3 @@ async def sse(client: Client, request: Request, **kwargs: Any) -> StreamingRespo
     response = await _sse(client, request, **kwargs)
     response.headers.update({k: v for k, v in SECURITY_HEADERS.items() if k != "Cache-Control"})
     return response
-
-
-async def first(*awaitables: Any) -> list[Any]:
-    """Await several client calls together; an error in one is returned in its place."""
-    results = await asyncio.gather(*awaitables, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException) and not isinstance(result, CorralError | Exception):
-            raise result
-    return list(results)

@@ -793,3 +793,8 @@ def new_page(who: Any, templates: list[dict[str, Any]], *, approvals: int, value
         cls="stack",
     )
     return layout("Start a run", f"<h1>Start a run</h1>{form}", page="new", who=who, approvals=approvals)
+
+
+def problem_page(who: Any, message: str) -> str:
+    main = f'<h1>Not here</h1><p class="error">{e(message)}</p><p><a href="/">back to the fleet</a></p>'
+    return layout("Not here", main, page="problem", who=who)

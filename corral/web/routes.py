@@ -252,7 +252,10 @@ def add_routes(app: FastAPI, console: Console) -> None:
     @app.get("/x/{execution_id}", include_in_schema=False)
     async def execution(request: Request, execution_id: str) -> Response:
         who = await console.who(request)
-        status = await who.client.status(execution_id)
+        try:
+            status = await who.client.status(execution_id)
+        except CorralError as exc:  # no such execution: a page saying so, not the API's JSON
+            return html(pages.problem_page(who, exc.message), exc.status)
         resolved = str(status["execution_id"])
         if resolved != execution_id:
             return RedirectResponse(f"/x/{resolved}", status_code=303)
@@ -323,7 +326,10 @@ def add_routes(app: FastAPI, console: Console) -> None:
     @app.get("/x/{execution_id}/changes", include_in_schema=False)
     async def changes(request: Request, execution_id: str) -> Response:
         who = await console.who(request)
-        resolved = await who.client.resolve(execution_id)
+        try:
+            resolved = await who.client.resolve(execution_id)
+        except CorralError as exc:
+            return html(pages.problem_page(who, exc.message), exc.status)
         params = request.query_params
         from_cp = params.get("from") or None
         to_cp = params.get("to") or None
