@@ -631,7 +631,7 @@ def approval_card(a: dict[str, Any], csrf: str) -> str:
     budget = (
         '<input name="raise_budget" type="number" step="0.01" min="0" placeholder="raise budget to $" '
         'aria-label="raise budget (USD)" class="narrow">'
-        if a.get("category") == "budget"
+        if "budget" in (a.get("category"), a.get("source"))
         else ""
     )
     form = action_form(

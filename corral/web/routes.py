@@ -141,6 +141,38 @@ async def lineage(client: Client, execution_id: str) -> list[dict[str, Any]]:
     return links
 
 
+async def approval_context(client: Client, approvals: list[dict[str, Any]]) -> None:
+    """What led to each pending approval, as far as the tables tell: the run's last tool call (the
+    command it wants to run), its last failed validation, its cost for a budget question."""
+    ids = sorted({str(a["execution_id"]) for a in approvals if a.get("state") == "pending"})
+    if not ids:
+        return
+    quoted = _ids(ids)
+    tools = await client.query(
+        "SELECT execution_id, arg_max(coalesce(shell_command, name || ' ' || coalesce(input_summary, '')), seq) "
+        f"FROM tool_calls WHERE execution_id IN ({quoted}) GROUP BY 1"
+    )
+    failed = await client.query(
+        "SELECT execution_id, arg_max(CAST(details AS VARCHAR), seq) FROM validations "
+        f"WHERE NOT passed AND execution_id IN ({quoted}) GROUP BY 1"
+    )
+    costs = await client.query(f"SELECT execution_id, cost_usd FROM executions WHERE execution_id IN ({quoted})")
+    tool_of, failed_of, cost_of = dict(tools["rows"]), dict(failed["rows"]), dict(costs["rows"])
+    for a in approvals:
+        if a.get("state") != "pending":
+            continue
+        xid = a["execution_id"]
+        lines = []
+        if tool_of.get(xid):
+            lines.append(f"last tool call: {str(tool_of[xid])[:500]}")
+        if failed_of.get(xid):
+            lines.append(f"failed validation: {str(failed_of[xid])[:1500]}")
+        if a.get("category") == "budget" or a.get("source") == "budget":
+            lines.append(f"cost so far: ${float(cost_of.get(xid) or 0):.4f}")
+        if lines:
+            a["context"] = "\n".join(lines)
+
+
 def review_message(comments: list[dict[str, Any]], summary: str) -> str:
     """The line comments as one message for the agent (the text recorded in its input or follow-up event)."""
     lines = ["Review comments on your changes (from the Corral console):"]
@@ -422,12 +454,14 @@ def add_routes(app: FastAPI, console: Console) -> None:
     async def approvals(request: Request) -> Response:
         who = await console.who(request)
         found = await who.client.approvals(all=True)
+        await approval_context(who.client, found)
         return html(pages.approvals_page(who, found, message=message_of(request)))
 
     @app.get("/ui/approvals", include_in_schema=False)
     async def approvals_fragment(request: Request) -> Response:
         who = await console.who(request)
         found = await who.client.approvals(all=True)
+        await approval_context(who.client, found)
         return html(pages.inbox(found, who.session.csrf))
 
     @app.post("/approvals/{approval_id}/decide", include_in_schema=False)
