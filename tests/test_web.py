@@ -156,6 +156,13 @@ def test_approval_in_the_phone_inbox_approved_lets_the_agent_finish(console: dic
         assert "approved (yes)" in flash(phone, "approved")
         assert wait_state(console, execution_id, "exited")["exit_code"] == 0
         assert "approved choice=yes" in output(console, execution_id)
+        for path in ("/", f"/x/{execution_id}"):  # the fleet and the run's tail fit the phone too
+            phone.goto(console["url"] + path)
+            phone.wait_for_selector("#fleet-rows tr, #output", state="attached")
+            assert phone.evaluate("document.documentElement.scrollWidth") <= 390, path
+        phone.goto(console["url"] + "/")
+        phone.wait_for_selector(f"#x-{execution_id}")
+        shot(phone, "fleet-phone")
         # the desktop inbox, open meanwhile, re-renders live: the card moved to the decided ones, with who decided
         decided = desk.wait_for_selector("article.approval.decided")
         assert "granted by alice (yes)" in (decided.text_content() or "")
