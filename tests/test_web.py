@@ -239,12 +239,13 @@ def test_line_comment_reaches_the_agent_and_a_file_is_rolled_back(console: dict[
 
 
 def test_tap_cannot_press_controls_csrf_is_required_and_sign_out_ends_the_session(console: dict[str, Any]) -> None:
-    execution_id = submit(console, ["sh", "-c", "echo up; sleep 60"])
+    execution_id = submit(console, ["sh", "-c", "echo up; sleep 60"], timeout="10m")
     wait_state(console, execution_id, "running")
     tap = sign_in(console, "tap")
     operator = sign_in(console)
     try:
         tap.goto(f"{console['url']}/x/{execution_id}")
+        tap.locator("#x-left", has_text="9m").wait_for()  # the hard timeout's time left, counting down
         tap.click("button[value=pause]")
         message = flash(tap, "403")
         assert message.startswith("403: ") and "read-only" in message

@@ -296,6 +296,13 @@ def status_list(status: dict[str, Any]) -> str:
             f'data-ended="{e(ts_text(status.get("ended_at")))}">{seconds(status.get("elapsed_s"))}</span>',
         ),
         ("hard timeout", seconds(status.get("timeout_s"))),
+        (
+            "time left",
+            f'<span id="x-left" data-deadline="{e(ts_text(status.get("hard_deadline")))}">'
+            f"{seconds(status.get('hard_remaining_s'))}</span>"
+            if status.get("hard_deadline") and status.get("state") in ("running", "paused")
+            else "",
+        ),
         ("idle timeout", seconds(status.get("idle_timeout_s"))),
         (
             "exit",

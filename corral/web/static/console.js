@@ -87,8 +87,13 @@
       const cell = $('.c-duration', row);
       if (cell) cell.textContent = span((Date.now() - Date.parse(row.dataset.started)) / 1000);
     }
+    const left = $('#x-left');
+    const running = $('#x-state') && $('#x-state').textContent === 'running';
+    if (left && left.dataset.deadline && running) {
+      left.textContent = span((Date.parse(left.dataset.deadline) - Date.now()) / 1000);
+    }
     const elapsed = $('#x-elapsed');
-    if (elapsed && elapsed.dataset.started && !elapsed.dataset.ended) {
+    if (elapsed && elapsed.dataset.started && !elapsed.dataset.ended && running) {
       elapsed.textContent = span((Date.now() - Date.parse(elapsed.dataset.started)) / 1000);
     }
   }
@@ -423,6 +428,7 @@
           if (d.duration_s !== undefined && d.duration_s !== null) elapsed.textContent = span(d.duration_s);
         }
       }
+      if (type === 'timeout.extended' && d.hard_deadline && $('#x-left')) $('#x-left').dataset.deadline = d.hard_deadline;
       if (type === 'approval.requested') $('#x-need').textContent = 'approval pending';
       if (['approval.granted', 'approval.denied', 'approval.expired'].includes(type)) $('#x-need').textContent = '';
     });
