@@ -78,10 +78,12 @@ def output(console: dict[str, Any], execution_id: str) -> str:
         return "".join(c["text"] for c in http.get(f"/api/executions/{execution_id}/logs").json())
 
 
-def sign_in(console: dict[str, Any], token: str = "operator", **context: Any) -> Any:
+def sign_in(console: dict[str, Any], token: str = "operator", *, init: str | None = None, **context: Any) -> Any:
     """A new browser context (its own cookies) signed in through the form; its page."""
     ctx = console["browser"].new_context(**context)
     ctx.set_default_timeout(TIMEOUT_MS)
+    if init:
+        ctx.add_init_script(init)
     page = ctx.new_page()
     page.on("dialog", lambda dialog: dialog.accept())
     page.goto(console["url"] + "/")
@@ -90,6 +92,17 @@ def sign_in(console: dict[str, Any], token: str = "operator", **context: Any) ->
     page.click("button[type=submit]")
     page.wait_for_selector("#fleet", state="attached")
     return page
+
+
+# Records the notifications a page shows (headless chromium has no notification centre to look at).
+RECORD_NOTIFICATIONS = """
+window.__notes = [];
+window.Notification = class {
+  constructor(title, options) { window.__notes.push(`${title}: ${(options || {}).body || ''}`); }
+  static get permission() { return 'granted'; }
+  static requestPermission() { return Promise.resolve('granted'); }
+};
+"""
 
 
 def shot(page: Any, name: str) -> None:
@@ -141,9 +154,15 @@ def test_sign_in_then_a_new_run_appears_live_and_its_output_streams(console: dic
 
 def test_approval_in_the_phone_inbox_approved_lets_the_agent_finish(console: dict[str, Any]) -> None:
     phone = sign_in(console, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
-    desk = sign_in(console)
+    desk = sign_in(console, init=RECORD_NOTIFICATIONS)
     try:
+        desk.wait_for_timeout(300)  # its event stream is connected before the agent asks
         execution_id = submit(console, agent_command("deploy", "--ask-approval", "deploy", "--steps", "1")[1:])
+        # attention on the open console tab: a notification and the title badge
+        desk.locator("#nav-approvals", has_text="1").wait_for()
+        assert desk.title().startswith("(1) ")
+        notes = desk.evaluate("window.__notes")
+        assert any(n.startswith("Approval needed: ") and "may I deploy?" in n for n in notes), notes
         phone.goto(console["url"] + "/approvals")
         card = phone.wait_for_selector("article.approval.pending")  # arrives live, or is there already
         assert "may I deploy?" in (card.text_content() or "")
