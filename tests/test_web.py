@@ -239,6 +239,13 @@ def test_line_comment_reaches_the_agent_and_a_file_is_rolled_back(console: dict[
         assert "rolled back README.md to checkpoint 0" in flash(page, "rolled back")
         assert (worktree / "README.md").read_text() == "# demo\n"
         assert (worktree / "other.txt").read_text() == "new\n"  # only that file
+        # a checkpoint now (or the one the rollback made); the diff from the base to it, side by side: other.txt only
+        with api(console) as http:
+            assert http.post(f"/api/executions/{execution_id}/checkpoint").status_code == 200
+            n = http.get(f"/api/executions/{execution_id}/checkpoints").json()[-1]["n"]
+        page.goto(f"{console['url']}/x/{execution_id}/changes?from=0&to={n}&view=split")
+        page.wait_for_selector("section.file[data-path='other.txt'] table.split td.code.add")
+        assert page.locator("section.file[data-path='README.md']").count() == 0
         # once it ended, comments cannot reach a plain command: said, nothing started
         with api(console) as http:
             http.post(f"/api/executions/{execution_id}/cancel", json={"grace_s": 0})
