@@ -318,6 +318,10 @@ class Spawner(Actor):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_S)
 
+    async def stop(self) -> None:
+        self._wake.set()  # the loop's wait ends now, not at its next poll (POLL_S): a quicker `corral run`
+        await super().stop()
+
     async def on_stop(self) -> None:
         """Stop every agent this spawner runs (SIGTERM, SIGKILL after the grace) and record their exits."""
         for sub in self._subs:

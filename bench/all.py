@@ -35,6 +35,7 @@ ORDER = [
     "rebuild",
     "search",
     "disk_quota",
+    "startup",
     "spawn",
     "notify",
     "api",
@@ -50,13 +51,14 @@ QUICK: dict[str, list[str]] = {
     "rebuild": ["--events", "30000"],
     "search": ["--rows", "100000", "--repeat", "3"],
     "disk_quota": ["--files", "50", "--rounds", "3"],
+    "startup": ["--runs", "3"],
     "spawn": ["--n", "10", "--warmup", "2"],
     "notify": ["--events", "60", "--rate", "20"],
     "supervise": ["--agents", "20", "--window", "5"],
     "load": ["--agents", "20", "--duration", "5"],
 }
 # Benches whose JSON line predates print_result: where their headline figures are.
-HEADLINES = {"notify": ("corral_p99_ms", "baseline_p99_ms", "ratio_p99", "target_p99_ms")}
+HEADLINES = {"notify": ("corral_p99_ms", "baseline_p99_ms", "ratio_p99")}
 
 
 def benches() -> list[str]:
@@ -110,8 +112,9 @@ def headline(result: dict[str, Any]) -> tuple[str, Any, Any, Any, Any]:
         figure = result["figure"]
         baseline = next((k for k in result if k.startswith("baseline")), "")
         return figure, result.get(figure), result.get(baseline), result.get("ratio"), result.get("target")
-    figure, baseline, ratio, target = HEADLINES.get(result["bench"], ("", "", "ratio", "target"))
-    return figure, result.get(figure), result.get(baseline), result.get(ratio), result.get(target)
+    figure, baseline, ratio = HEADLINES.get(result["bench"], ("", "", "ratio"))
+    target = result.get("target") or next((f"{k} {v}" for k, v in result.items() if k.startswith("target")), None)
+    return figure, result.get(figure), result.get(baseline), result.get(ratio), target
 
 
 def cell(value: Any) -> str:

@@ -1,0 +1,117 @@
+"""Start-up benchmark: `corral run` of a 0.1 s agent with no system running, beside the bare work.
+
+Each `corral run` starts the embedded system (nats-server, every actor, the projector's DuckDB
+worker), runs the agent in a worktree, prints its summary and stops everything: the wall time
+of the whole command, and the CPU its process tree used (children waited for, from
+getrusage). The baseline, in the same run and alternating with it: what the run does without
+Corral, `git worktree add` + the same agent as a subprocess + `git worktree remove`.
+
+    .venv/bin/python bench/startup.py [--runs 10] [--compare /path/to/other/checkout]
+
+--compare also runs `corral run` from another checkout of Corral (its code first on PYTHONPATH,
+same interpreter and packages), alternating with this one: a before/after in the same run on
+a shared machine. Each tree has its own CORRAL_HOME, warmed by one run not counted. Target:
+p50 <= 1.5 s. Ends with one JSON line.
+"""
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import make_repo, print_result
+
+AGENT = ["sh", "-c", "sleep 0.1; echo done"]
+
+
+def timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and every child it waited for)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0 or "done" not in done.stdout:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def corral_run(tree: Path | None, home: Path, repo: Path, root: Path) -> tuple[float, float]:
+    env = {**os.environ, "CORRAL_HOME": str(home)}
+    env.pop("CORRAL_NATS_URL", None)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return timed([sys.executable, "-m", "corral", "run", "--repo", str(repo), "-q", "--", *AGENT], env, root)
+
+
+def bare_run(repo: Path, root: Path, n: int) -> tuple[float, float]:
+    """git worktree add, the agent, git worktree remove: the work without Corral."""
+    path = root / f"bare-{n}"
+    script = (
+        f"git -C {repo} worktree add -q -b bare/{n} {path} HEAD && "
+        f"(cd {path} && {' '.join(AGENT[:2])} '{AGENT[2]}') && "
+        f"git -C {repo} worktree remove --force {path}"
+    )
+    return timed(["sh", "-c", script], dict(os.environ), root)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--runs", type=int, default=10, help="runs counted per configuration")
+    parser.add_argument("--compare", type=Path, help="another checkout of Corral to run alternately")
+    args = parser.parse_args()
+    if args.compare is not None and not (args.compare / "corral" / "__init__.py").is_file():
+        parser.error(f"--compare {args.compare}: not a checkout of Corral (no corral/__init__.py)")
+    root = Path(tempfile.mkdtemp(prefix="corral-startup-"))
+    configs: dict[str, Path | None] = {"corral": None}
+    if args.compare is not None:
+        configs[f"compare ({args.compare.name})"] = args.compare.resolve()
+    figures: dict[str, list[tuple[float, float]]] = {name: [] for name in [*configs, "bare"]}
+    try:
+        repo = make_repo(root / "repo")
+        for i in range(args.runs + 1):  # the first of each warms its home and the page cache
+            for name, tree in configs.items():
+                result = corral_run(tree, root / f"home-{list(configs).index(name)}", repo, root)
+                if i:
+                    figures[name].append(result)
+            result = bare_run(repo, root, i)
+            if i:
+                figures["bare"].append(result)
+            print(f"  {i}/{args.runs}", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"`corral run` of `{' '.join(AGENT)}`, no system running: {args.runs} runs each, alternating")
+    print(f"{'':<24} {'wall p50':>9} {'wall max':>9} {'cpu p50':>8}")
+    p50 = {name: statistics.median(w for w, _ in runs) for name, runs in figures.items()}
+    for name, runs in figures.items():
+        walls, cpus = [w for w, _ in runs], [c for _, c in runs]
+        print(f"{name:<24} {p50[name]:8.2f}s {max(walls):8.2f}s {statistics.median(cpus):7.2f}s")
+    print(f"target: corral p50 <= 1.5 s: {'met' if p50['corral'] <= 1.5 else 'NOT met'}")
+    print_result(
+        "startup",
+        "wall_p50_s",
+        p50["corral"],
+        "baseline_wall_p50_s",
+        p50["bare"],
+        ratio=p50["corral"] / p50["bare"],
+        target="corral run p50 <= 1.5 s",
+        met=p50["corral"] <= 1.5,
+        cpu_p50_s=statistics.median(c for _, c in figures["corral"]),
+        baseline_cpu_p50_s=statistics.median(c for _, c in figures["bare"]),
+        runs=args.runs,
+        compare_wall_p50_s=next((p50[name] for name in configs if name != "corral"), None),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
