@@ -13,6 +13,7 @@ projections with one query each:
   can arrive after the agent has exited (the exit checkpoint is validated then).
 """
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -93,15 +94,17 @@ async def reasons(query: Query, rows: Sequence[dict[str, Any]]) -> dict[str, str
     if not wanted:
         return {}
     kinds = ", ".join(f"'{k}'" for k in _STOPPERS)
-    result = await query(
-        f"SELECT execution_id, arg_max(type, seq) AS type, arg_max(data, seq) AS data, "
-        f"arg_max(actor, seq) AS actor FROM events WHERE execution_id IN ({_ids(wanted)}) "
-        f"AND type IN ({kinds}) GROUP BY execution_id"
-    )
-    # an agent CLI that could not reach its model (actors/adapters: agent.result failure "network")
-    unreachable = await query(
-        f"SELECT DISTINCT execution_id FROM events WHERE execution_id IN ({_ids(wanted)}) "
-        "AND type = 'agent.result' AND data->>'failure' = 'network'"
+    result, unreachable = await asyncio.gather(
+        query(
+            f"SELECT execution_id, arg_max(type, seq) AS type, arg_max(data, seq) AS data, "
+            f"arg_max(actor, seq) AS actor FROM events WHERE execution_id IN ({_ids(wanted)}) "
+            f"AND type IN ({kinds}) GROUP BY execution_id"
+        ),
+        # an agent CLI that could not reach its model (actors/adapters: agent.result failure "network")
+        query(
+            f"SELECT DISTINCT execution_id FROM events WHERE execution_id IN ({_ids(wanted)}) "
+            "AND type = 'agent.result' AND data->>'failure' = 'network'"
+        ),
     )
     network = {row[0] for row in unreachable["rows"]}
     last: dict[str, dict[str, Any]] = {}
@@ -159,3 +162,56 @@ def needs_text(need: dict[str, int] | None) -> str:
         n = need["approvals_pending"]
         parts.append(f"{n} approval{'s' if n != 1 else ''} pending")
     return ", ".join(parts)
+
+
+# --- one query for a page of executions -----------------------------------------------------------
+
+ANNOTATIONS = ("_stop_type", "_stop_data", "_stop_actor", "_unreachable", "_failed", "_critical", "_pending")
+
+
+def annotated(page_sql: str, order: str) -> str:
+    """`page_sql` (a SELECT of `executions` rows, with execution_id and state) with the columns
+    `annotate` turns into each row's reason and attention: one query instead of three (a listing
+    pays one round trip to the projector, not four)."""
+    kinds = ", ".join(f"'{k}'" for k in _STOPPERS)
+    return (
+        f"WITH page AS ({page_sql}), "
+        "stops AS (SELECT execution_id, arg_max(type, seq) AS _stop_type, arg_max(data, seq) AS _stop_data, "
+        f"arg_max(actor, seq) AS _stop_actor FROM events WHERE type IN ({kinds}) "
+        "AND execution_id IN (SELECT execution_id FROM page WHERE state IN ('paused', 'exited', 'failed')) "
+        "GROUP BY execution_id), "
+        "unreachable AS (SELECT DISTINCT execution_id, true AS _unreachable FROM events "
+        "WHERE type = 'agent.result' AND data->>'failure' = 'network' "
+        "AND execution_id IN (SELECT execution_id FROM page WHERE state IN ('exited', 'failed'))), "
+        "checks AS (SELECT execution_id, count(*) FILTER (WHERE NOT passed) AS _failed, "
+        "count(*) FILTER (WHERE critical > 0) AS _critical FROM validations "
+        "WHERE execution_id IN (SELECT execution_id FROM page) GROUP BY execution_id), "
+        "asks AS (SELECT execution_id, count(*) AS _pending FROM approvals "
+        "WHERE (status IS NULL OR status = 'pending') AND execution_id IN (SELECT execution_id FROM page) "
+        "GROUP BY execution_id) "
+        "SELECT page.*, _stop_type, _stop_data, _stop_actor, _unreachable, _failed, _critical, _pending "
+        "FROM page LEFT JOIN stops USING (execution_id) LEFT JOIN unreachable USING (execution_id) "
+        f"LEFT JOIN checks USING (execution_id) LEFT JOIN asks USING (execution_id) ORDER BY {order}"
+    )
+
+
+def annotate(rows: list[dict[str, Any]]) -> None:
+    """Turn the columns `annotated` added into `reason` and `attention` (as `reasons` and `needs` say)."""
+    for row in rows:
+        extra = {name: row.pop(name, None) for name in ANNOTATIONS}
+        last = None
+        kind = extra["_stop_type"]
+        if kind and kind not in ("execution.resumed", "execution.timed_out"):
+            raw = extra["_stop_data"]
+            parsed = orjson.loads(raw) if isinstance(raw, str | bytes) else (raw or {})
+            last = {"type": kind, "data": parsed if isinstance(parsed, dict) else {}, "actor": extra["_stop_actor"]}
+        if extra["_unreachable"] and row.get("state") in ("exited", "failed"):
+            row["reason"] = "network unreachable"
+        else:
+            row["reason"] = describe(row, last)
+        failed, pending = int(extra["_failed"] or 0), int(extra["_pending"] or 0)
+        row["attention"] = (
+            {"validations_failed": failed, "critical": int(extra["_critical"] or 0), "approvals_pending": pending}
+            if failed or pending
+            else None
+        )

@@ -15,7 +15,6 @@ See docs/sdk.md.
 
 import asyncio
 import contextlib
-import functools
 import os
 import re
 import time
@@ -42,7 +41,7 @@ from corral.home import Home
 from corral.system import System, open_system
 from events.envelope import new_event
 from events.ids import new_execution_id
-from events.subjects import ALL_EVENTS, OUTPUT_STREAM, STREAM, ack_stream, execution_events
+from events.subjects import ALL_EVENTS, API_SQL, OUTPUT_STREAM, STREAM, ack_stream, execution_events
 from events.types import (
     CancelRequested,
     EventData,
@@ -112,6 +111,7 @@ class Client:
         self.system = system
         self.role = role
         self.decider = decider
+        self._query_wait_s: float | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -147,10 +147,14 @@ class Client:
 
     async def query(self, sql: str, *, max_rows: int = 10000) -> dict[str, Any]:
         """Run SQL (the projector's read-only sandbox) once it applied every event logged so far."""
-        from corral.commands import query
+        from corral.commands import _ask_projector
 
+        if self._query_wait_s is None:  # the projector stops a query after [sql] timeout
+            self._query_wait_s = max(60.0, load_config(self.home).sql.timeout_s + 20.0)
         try:
-            return await query(self.system, sql, max_rows=max_rows)
+            return await _ask_projector(
+                self.system, API_SQL, {"sql": sql, "max_rows": max_rows}, wait_s=self._query_wait_s
+            )
         except PermissionRefused as exc:
             raise Forbidden(_one_line(exc)) from None
 
@@ -192,10 +196,7 @@ class Client:
 
     # --- reading -------------------------------------------------------------------------------
 
-    async def executions(
-        self, *, all: bool = False, state: str | None = None, label: str | None = None, limit: int | None = None
-    ) -> list[dict[str, Any]]:
-        """`corral ps`: executions, those needing a human first, then newest first."""
+    def _filter(self, *, all: bool, state: str | None, label: str | None) -> str:
         where = [] if all or state else ["state NOT IN ('exited', 'failed')"]
         if state:
             where.append(f"state = {_sql_text(state)}")
@@ -205,17 +206,39 @@ class Client:
                 f"execution_id IN (SELECT execution_id FROM events WHERE type = 'execution.requested' "
                 f"AND data->'labels'->>{_sql_text(name)} = {_sql_text(value)})"
             )
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        cap = f"LIMIT {int(limit)}" if limit else ""
-        rows = await self.records(f"SELECT {PS_COLUMNS} FROM executions {clause} ORDER BY requested_at DESC {cap}")
-        ask = functools.partial(self.query)
-        why = await attention.reasons(ask, rows)
-        needed = await attention.needs(ask, [r["execution_id"] for r in rows])
-        for row in rows:
-            row["reason"] = why.get(row["execution_id"])
-            row["attention"] = needed.get(row["execution_id"])
-        rows.sort(key=lambda r: r["attention"] is None)  # stable: newest first within each group
+        return f"WHERE {' AND '.join(where)}" if where else ""
+
+    async def executions(
+        self,
+        *,
+        all: bool = False,
+        state: str | None = None,
+        label: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """`corral ps`: executions, those needing a human first, then newest first; a page of `limit`
+        rows from `offset` of that order (the order is SQL's: a page never misses one needing you)."""
+        if (limit is not None and limit < 1) or offset < 0:
+            raise UsageError("limit must be 1 or more and offset 0 or more")
+        clause = self._filter(all=all, state=state, label=label)
+        page = f"LIMIT {int(limit)} OFFSET {int(offset)}" if limit else (f"OFFSET {int(offset)}" if offset else "")
+        needing = (
+            "(execution_id IN (SELECT execution_id FROM approvals WHERE status IS NULL OR status = 'pending') "
+            "OR execution_id IN (SELECT execution_id FROM validations WHERE NOT passed))"
+        )
+        order = f"{needing} DESC, requested_at DESC"
+        page_sql = f"SELECT {PS_COLUMNS} FROM executions {clause} ORDER BY {order} {page}"
+        rows = await self.records(
+            attention.annotated(page_sql, "coalesce(_pending, 0) + coalesce(_failed, 0) = 0, requested_at DESC")
+        )
+        attention.annotate(rows)
         return rows
+
+    async def count_executions(self, *, all: bool = False, state: str | None = None, label: str | None = None) -> int:
+        """How many executions `executions` would list without a limit."""
+        result = await self.query(f"SELECT count(*) FROM executions {self._filter(all=all, state=state, label=label)}")
+        return int(result["rows"][0][0])
 
     async def status(self, prefix: str) -> dict[str, Any]:
         """`corral status`: everything known about one execution, live timers from its shim when local."""

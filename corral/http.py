@@ -23,7 +23,7 @@ import orjson
 import uvicorn
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from nats.errors import ConnectionClosedError, NoServersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel, ConfigDict, Field
@@ -142,6 +142,7 @@ class Gateway:
         self.tokens = TokenBook(tokens_path(system.home))
         self.limiter = FailureLimiter(limit=max_failed_logins)
         self._buses: dict[str, Bus] = {}
+        self._clients: dict[tuple[str, str], Client] = {}
         self._lock = asyncio.Lock()
 
     async def bus(self, role: str) -> Bus:
@@ -154,9 +155,14 @@ class Gateway:
             return bus
 
     async def client(self, token: Token) -> Client:
+        """The client acting for this token (kept while its connection lives: it caches settings)."""
         bus = await self.bus(token.role)
-        system = System(home=self.system.home, url=self.system.url, bus=bus, mode="client")
-        return Client(system, role=token.role, decider=token.name)
+        key = (token.name, token.role)
+        client = self._clients.get(key)
+        if client is None or client.system.bus is not bus:
+            system = System(home=self.system.home, url=self.system.url, bus=bus, mode="client")
+            client = self._clients[key] = Client(system, role=token.role, decider=token.name)
+        return client
 
     async def close(self) -> None:
         for bus in self._buses.values():
@@ -259,13 +265,21 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.get("/api/executions", tags=["executions"])
     async def list_executions(
         who: Auth,
+        response: Response,
         all: bool = True,
         state: str | None = None,
         label: Annotated[str | None, Query(description="NAME=VALUE")] = None,
-        limit: Annotated[int | None, Query(ge=1, le=100000)] = None,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[dict[str, Any]]:
-        """Executions, those needing a human first, then newest first (`corral ps --all --json`)."""
-        return await who.client.executions(all=all, state=state, label=label, limit=limit)
+        """Executions, those needing a human first, then newest first (`corral ps --all --json`): a page of
+        `limit` from `offset`; the header `X-Total-Count` says how many there are."""
+        total, rows = await asyncio.gather(
+            who.client.count_executions(all=all, state=state, label=label),
+            who.client.executions(all=all, state=state, label=label, limit=limit, offset=offset),
+        )
+        response.headers["X-Total-Count"] = str(total)
+        return list(rows)
 
     @app.post("/api/executions", status_code=201, tags=["executions"])
     async def submit(who: Operator, spec: RunSpec, request: Request) -> CreatedExecution:

@@ -480,3 +480,62 @@ def test_replay_and_fork_over_http(api: dict[str, Any]) -> None:
             },
         ).json()["rows"]
     assert lineage == [[original, None], [None, original]]
+
+
+async def test_the_api_user_decides_only_as_a_token_and_tap_cannot_decide(api: dict[str, Any]) -> None:
+    """The bus itself holds: the gateway's NATS user `api` may not decide as an operator (or as
+    anyone outside `decide.token.*`), and `tap` may not decide at all, whatever the server checks."""
+    import asyncio
+
+    import nats
+
+    from events.auth import read_credentials
+
+    url = json.loads((api["cli"].home / "runtime.json").read_text())["url"]
+    users = read_credentials(api["cli"].home / "credentials.json")
+    for user, subject in (
+        ("api", "corral.api.approval.decide.operator"),
+        ("api", "corral.api.approval.decide.alice"),
+        ("tap", "corral.api.approval.decide.token.alice"),
+        ("tap", "corral.evt.abcdefgh.pause.requested"),
+    ):
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))  # noqa: B023 (each connection is closed before the next loop)
+
+        creds = users.get(user)
+        assert creds is not None
+        raw = await nats.connect(url, user=creds.user, password=creds.password, error_cb=on_error)
+        try:
+            await raw.publish(subject, b"{}")
+            await raw.flush()
+            for _ in range(200):
+                if errors:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await raw.close()
+        assert errors and f'permissions violation for publish to "{subject}"' in errors[0], (user, subject)
+
+
+def test_the_sdk_example_of_the_docs_runs_and_approves(api: dict[str, Any], tmp_path: Path) -> None:
+    """docs/sdk.md's script, as printed there: submit, follow, approve what the agent asks."""
+    import re
+    import subprocess
+    import sys
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "sdk.md").read_text()
+    script = tmp_path / "approve_all.py"
+    script.write_text(re.search(r"```python\n(.*?)```", text, re.S).group(1))  # type: ignore[union-attr]
+    agent = agent_command("deploy", "--ask-approval", "deploy", "--steps", "1")[1:]
+    result = subprocess.run(
+        [sys.executable, str(script), str(api["repo"]), "--", *agent],
+        env=api["cli"].env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[the agent asks:" in result.stdout and "approved choice=yes" in result.stdout
+    assert re.search(r"\[\w{8}: exited, exit code 0\]", result.stdout)

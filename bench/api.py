@@ -1,0 +1,283 @@
+"""The HTTP API under load: SSE fan-out latency, and listing executions over a large history.
+
+1. SSE fan-out: `--clients` SSE streams (`GET /api/events?subject=...`) follow every event while
+   this process publishes `--rate` events/s for `--seconds`; each event carries the time it was
+   published, so latency publish → client is measured per client and event (p50/p99). Baseline in
+   the same run: as many plain nats-py subscribers on the same subject, same events. Target
+   (issue 16): p99 ≤ 200 ms and ≤ 2× the subscribers' p99, at 100 clients and 1,000 events/s.
+   The clients are raw asyncio HTTP/1.1 readers in this process (the cheapest client Python has),
+   so the client side costs the same for both paths.
+2. `GET /api/executions` over `--history` executions (each requested, started and exited, published
+   as synthetic events): p50/p99 of 20 requests with the default page, beside the same SQL through
+   the client in this process (`corral sql`'s path without HTTP). Target: p50 ≤ 50 ms.
+
+Runs its own `corral up --http 127.0.0.1:0 --actors projector` (embedded NATS) on a temporary
+CORRAL_HOME. Ends with one JSON line.
+
+    .venv/bin/python bench/api.py [--clients 100] [--rate 1000] [--seconds 10] [--history 10000]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import print_result, stop_up
+
+EXECUTION = "benchsse"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def start_up(home: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "CORRAL_HOME": str(home)}
+    env.pop("CORRAL_NATS_URL", None)
+    command = [sys.executable, "-m", "corral", "up", "--http", "127.0.0.1:0", "--actors", "projector"]
+    with open(home / "up.err", "wb") as err:
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=str(cwd))
+
+
+async def wait_http(home: Path, up: subprocess.Popen[bytes]) -> tuple[str, str]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if up.poll() is not None:
+            raise RuntimeError(f"corral up exited; see {home / 'up.err'}")
+        runtime = home / "runtime.json"
+        if runtime.exists():
+            data = json.loads(runtime.read_text() or "{}")
+            if data.get("http_url"):
+                return str(data["url"]), str(data["http_url"])
+        await asyncio.sleep(0.05)
+    raise RuntimeError("no HTTP address within 60 s")
+
+
+async def sse_client(
+    host: str, port: int, token: str, subject: str, arrived: list[float], ready: asyncio.Event
+) -> None:
+    """One SSE stream read with asyncio streams: records publish → arrival of every event (ms)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"GET /api/events?subject={subject} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
+    await writer.drain()
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            if line.startswith(b"retry:"):
+                ready.set()
+            elif line.startswith(b"data: "):
+                now = time.perf_counter()
+                event = orjson.loads(line[6:])
+                arrived.append((now - float(event["data"]["text"])) * 1000)
+    finally:
+        writer.close()
+
+
+async def fanout(
+    url: str, http_url: str, admin: Any, token: str, clients: int, rate: float, seconds: float
+) -> dict[str, Any]:
+    from actors.bus import connect_bus
+    from events.envelope import new_event
+    from events.types import Output
+
+    bus = await connect_bus(url, name="bench-api", credentials=admin)
+    subject = f"corral.evt.{EXECUTION}.output"
+    host, port = http_url.removeprefix("http://").rsplit(":", 1)
+    sse: list[list[float]] = [[] for _ in range(clients)]
+    readies = [asyncio.Event() for _ in range(clients)]
+    tasks = [
+        asyncio.create_task(sse_client(host, int(port), token, subject, sse[i], readies[i])) for i in range(clients)
+    ]
+    subs: list[list[float]] = [[] for _ in range(clients)]
+
+    def on(index: int) -> Any:
+        async def cb(msg: Any) -> None:
+            now = time.perf_counter()
+            subs[index].append((now - float(orjson.loads(msg.data)["data"]["text"])) * 1000)
+
+        return cb
+
+    nats_subs = [await bus.nc.subscribe(subject, cb=on(i)) for i in range(clients)]
+    await bus.nc.flush()
+    await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 60)
+    await asyncio.sleep(0.5)  # every stream's consumer is in place
+    total = int(rate * seconds)
+    start = time.perf_counter()
+    batch = max(1, int(rate / 100))  # every 10 ms
+    sent = 0
+    while sent < total:
+        for _ in range(min(batch, total - sent)):
+            sent += 1
+            event = new_event(
+                EXECUTION, Output(stream="stdout", text=repr(time.perf_counter()), n=sent), actor="spawner-bench-1"
+            )
+            await bus.js.publish(event.subject, event.to_bytes(), headers={"Nats-Msg-Id": event.id})
+        await asyncio.sleep(max(0.0, start + sent / rate - time.perf_counter()))
+    elapsed = time.perf_counter() - start
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and min(len(a) for a in sse) < total:  # noqa: ASYNC110 (other tasks fill them)
+        await asyncio.sleep(0.1)
+    for task in tasks:
+        task.cancel()
+    for sub in nats_subs:
+        await sub.unsubscribe()
+    await bus.close()
+    sse_all = [v for a in sse for v in a]
+    sub_all = [v for a in subs for v in a]
+    return {
+        "published": total,
+        "publish_rate": total / elapsed,
+        "sse_received": len(sse_all),
+        "sub_received": len(sub_all),
+        "sse_p50": statistics.median(sse_all) if sse_all else float("nan"),
+        "sse_p99": pct(sse_all, 0.99),
+        "sub_p50": statistics.median(sub_all) if sub_all else float("nan"),
+        "sub_p99": pct(sub_all, 0.99),
+    }
+
+
+async def history(url: str, http_url: str, admin: Any, token: str, home: Path, count: int) -> dict[str, Any]:
+    from actors.bus import connect_bus
+    from corral.client import PS_COLUMNS, Client
+    from corral.home import Home
+    from corral.system import System
+    from events.envelope import new_event
+    from events.ids import new_execution_id
+    from events.types import ExecutionExited, ExecutionRequested, ExecutionStarted
+
+    bus = await connect_bus(url, name="bench-api-history", credentials=admin)
+    acks = []
+    for i in range(count):
+        eid = new_execution_id()
+        for data, actor in (
+            (ExecutionRequested(command=("true",), repo="/tmp/bench", base="HEAD"), "cli"),
+            (
+                ExecutionStarted(pid=1000 + i, pgid=1000 + i, command=("true",), host="bench", cwd="/tmp"),
+                "spawner-bench-1",
+            ),
+            (ExecutionExited(exit_code=i % 3, duration_s=0.5), "spawner-bench-1"),
+        ):
+            event = new_event(eid, data, actor=actor)
+            acks.append(await bus.js.publish_async(event.subject, event.to_bytes(), headers={"Nats-Msg-Id": event.id}))
+        if len(acks) > 3000:
+            await asyncio.gather(*acks)
+            acks.clear()
+    await asyncio.gather(*acks)
+    client = Client(System(home=Home(home), url=url, bus=bus, mode="client"), role="operator")
+    rows = await client.sql("SELECT count(*) FROM executions")
+    http_ms: list[float] = []
+    sql_ms: list[float] = []
+    client_ms: list[float] = []
+    async with httpx.AsyncClient(base_url=http_url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as http:
+        for _ in range(20):
+            started = time.perf_counter()
+            response = await http.get("/api/executions")
+            http_ms.append((time.perf_counter() - started) * 1000)
+            assert response.status_code == 200, response.text
+            shown = len(response.json())
+            started = time.perf_counter()
+            await client.sql(f"SELECT {PS_COLUMNS} FROM executions ORDER BY requested_at DESC LIMIT 100")
+            sql_ms.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            await client.executions(all=True, limit=100)
+            client_ms.append((time.perf_counter() - started) * 1000)
+    await bus.close()
+    return {
+        "executions": rows["rows"][0][0],
+        "shown": shown,
+        "http_p50": statistics.median(http_ms),
+        "http_p99": pct(http_ms, 0.99),
+        "sql_p50": statistics.median(sql_ms),
+        "client_p50": statistics.median(client_ms),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--history", type=int, default=10000)
+    args = parser.parse_args()
+    from events.auth import ensure_credentials
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        home.mkdir()
+        up = start_up(home, Path(tmp))
+        try:
+            url, http_url = asyncio.run(wait_http(home, up))
+            env = {**os.environ, "CORRAL_HOME": str(home)}
+            token = subprocess.run(
+                [sys.executable, "-m", "corral", "token", "create", "bench", "--role", "operator"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            admin = ensure_credentials(home).get("admin")
+            fan = asyncio.run(fanout(url, http_url, admin, token, args.clients, args.rate, args.seconds))
+            listed = asyncio.run(history(url, http_url, admin, token, home, args.history))
+        finally:
+            stop_up(up, "(api bench)")
+    expected = fan["published"] * args.clients
+    print(f"SSE fan-out: {args.clients} clients, {fan['published']} events at {fan['publish_rate']:.0f}/s")
+    print(f"{'path':<36} {'received':>10} {'p50 ms':>9} {'p99 ms':>9}")
+    print(
+        f"{'corral: publish -> SSE client':<36} {fan['sse_received']:>10} {fan['sse_p50']:9.1f} {fan['sse_p99']:9.1f}"
+    )
+    base = "baseline: publish -> nats-py sub"
+    print(f"{base:<36} {fan['sub_received']:>10} {fan['sub_p50']:9.1f} {fan['sub_p99']:9.1f}")
+    ratio = fan["sse_p99"] / max(fan["sub_p99"], 0.001)
+    sse_met = fan["sse_p99"] <= 200 and ratio <= 2 and fan["sse_received"] == expected
+    missing = expected - fan["sse_received"]
+    print(f"ratio (p99) {ratio:.2f}x; {missing} SSE deliveries missing")
+    print(f"target p99 <= 200 ms and <= 2x the subscribers: {'met' if sse_met else 'NOT met'}")
+    print(f"GET /api/executions over {listed['executions']} executions ({listed['shown']} rows answered):")
+    print(f"  HTTP p50 {listed['http_p50']:.1f} ms, p99 {listed['http_p99']:.1f} ms")
+    print(f"  baseline: the page's SQL through the client, p50 {listed['sql_p50']:.1f} ms")
+    print(f"  (the client's executions() in this process, no HTTP: p50 {listed['client_p50']:.1f} ms)")
+    list_met = listed["http_p50"] <= 50
+    print(f"  target p50 <= 50 ms: {'met' if list_met else 'NOT met'}")
+    print_result(
+        "api",
+        "sse_p99_ms",
+        fan["sse_p99"],
+        "subscriber_p99_ms",
+        fan["sub_p99"],
+        ratio=ratio,
+        target="SSE p99 <= 200 ms and <= 2x subscribers; GET /api/executions p50 <= 50 ms over 10k",
+        met=sse_met and list_met,
+        clients=args.clients,
+        rate=args.rate,
+        sse_p50_ms=fan["sse_p50"],
+        sse_missing=expected - fan["sse_received"],
+        list_p50_ms=listed["http_p50"],
+        list_p99_ms=listed["http_p99"],
+        list_sql_p50_ms=listed["sql_p50"],
+        list_client_p50_ms=listed["client_p50"],
+        executions=listed["executions"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
