@@ -9,6 +9,7 @@ a session used after sign-out, a bad token and a forged sign-in post.
 """
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -237,6 +238,8 @@ def test_line_comment_reaches_the_agent_and_a_file_is_rolled_back(console: dict[
         assert (worktree / "README.md").read_text() == "# demo\nchanged\n"
         page.click(f"{readme} form button.danger")  # roll README.md back to the base (confirm accepted)
         assert "rolled back README.md to checkpoint 0" in flash(page, "rolled back")
+        page.wait_for_url(re.compile(r"msg=rolled"))  # the page shows the new diff (with the message)
+        assert page.locator("section.file[data-path='README.md']").count() == 0
         assert (worktree / "README.md").read_text() == "# demo\n"
         assert (worktree / "other.txt").read_text() == "new\n"  # only that file
         # a checkpoint now (or the one the rollback made); the diff from the base to it, side by side: other.txt only
