@@ -106,6 +106,12 @@ window.Notification = class {
 """
 
 
+def live(page: Any) -> None:
+    """Until the page's event stream is open (and the server's consumer behind it has started)."""
+    page.wait_for_selector("body[data-live='1']", state="attached")
+    page.wait_for_timeout(500)
+
+
 def shot(page: Any, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=False)
@@ -120,7 +126,7 @@ def flash(page: Any, expected: str) -> str:
 def test_sign_in_then_a_new_run_appears_live_and_its_output_streams(console: dict[str, Any]) -> None:
     page = sign_in(console, viewport={"width": 1280, "height": 800})
     try:
-        page.wait_for_timeout(300)  # the page's event stream is connected before the run is submitted
+        live(page)  # the page's event stream is connected before the run is submitted
         script = (
             "for i in 1 2 3 4 5 6; do printf '\\033[32mgreen %s\\033[0m plain\\n' $i; sleep 0.3; done; "
             "echo '<img src=x id=pwned-out>'"
@@ -157,7 +163,7 @@ def test_approval_in_the_phone_inbox_approved_lets_the_agent_finish(console: dic
     phone = sign_in(console, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
     desk = sign_in(console, init=RECORD_NOTIFICATIONS)
     try:
-        desk.wait_for_timeout(300)  # its event stream is connected before the agent asks
+        live(desk)  # its event stream is connected before the agent asks
         execution_id = submit(console, agent_command("deploy", "--ask-approval", "deploy", "--steps", "1")[1:])
         # attention on the open console tab: a notification and the title badge
         desk.locator("#nav-approvals", has_text="1").wait_for()
@@ -290,7 +296,7 @@ def test_tap_cannot_press_controls_csrf_is_required_and_sign_out_ends_the_sessio
         # the operator's own button works; a fleet view filtered on `paused`, open meanwhile, gets the row live
         watch = operator.context.new_page()
         watch.goto(f"{console['url']}/?state=paused")
-        watch.wait_for_selector("#fleet", state="attached")
+        live(watch)
         assert watch.locator(f"#x-{execution_id}").count() == 0
         operator.goto(f"{console['url']}/x/{execution_id}")
         operator.click("button[value=pause]")

@@ -159,10 +159,14 @@
     return source;
   }
   if (body.dataset.csrf) {
-    stream('/ui/events', (type, ev) => {
+    const live = stream('/ui/events', (type, ev) => {
       attention(type, ev);
       for (const handle of handlers) handle(type, ev);
     });
+    // body[data-live]: 1 while the page's stream is open, 0 while the browser reconnects (it resumes
+    // after the last event it saw, Last-Event-ID); the header says so
+    live.addEventListener('open', () => { body.dataset.live = '1'; });
+    live.addEventListener('error', () => { body.dataset.live = '0'; });
   }
 
   // --- fleet -------------------------------------------------------------------------------------
