@@ -288,10 +288,11 @@ def test_tap_cannot_press_controls_csrf_is_required_and_sign_out_ends_the_sessio
         assert "may not cancel" in flash(tap, "cancel")
         shot(tap, "tap-refused")
         # a state-changing post with the session cookie but without the CSRF token: refused
-        refused = operator.request.post(f"{console['url']}/x/{execution_id}/pause", form={"reason": "csrf"})
+        target = f"{console['url']}/x/{execution_id}/pause"
+        refused = operator.request.post(target, form={"reason": "csrf"}, headers={"Accept": "application/json"})
         assert refused.status == 403 and "CSRF" in refused.json()["error"]
-        wrong = operator.request.post(f"{console['url']}/x/{execution_id}/pause", form={"csrf": "guess"})
-        assert wrong.status == 403
+        wrong = operator.request.post(target, form={"csrf": "guess"})  # as a browser without the script posts
+        assert wrong.status == 403 and "CSRF token is missing or wrong" in wrong.text() and "<html" in wrong.text()
         assert status(console, execution_id)["state"] == "running"  # nothing was paused or cancelled
         # the operator's own button works; a fleet view filtered on `paused`, open meanwhile, gets the row live
         watch = operator.context.new_page()

@@ -803,5 +803,5 @@ def new_page(who: Any, templates: list[dict[str, Any]], *, approvals: int, value
 
 
 def problem_page(who: Any, message: str) -> str:
-    main = f'<h1>Not here</h1><p class="error">{e(message)}</p><p><a href="/">back to the fleet</a></p>'
-    return layout("Not here", main, page="problem", who=who)
+    main = f'<h1>Refused</h1><p class="error">{e(message)}</p><p><a href="/">back to the fleet</a></p>'
+    return layout("Refused", main, page="problem", who=who)

@@ -5,9 +5,11 @@ token: 403, a decided approval: 409, ...) reaches the browser as the API's JSON 
 script shows as a message.
 """
 
+import functools
 import json
 import secrets
 import shlex
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,7 +19,18 @@ from pydantic import ValidationError
 from corral import attention
 from corral.client import Client, RunSpec
 from corral.errors import Conflict, CorralError, UsageError
-from corral.web import LOGIN_COOKIE, SECURITY_HEADERS, SESSION_COOKIE, Console, done, html, pages, safe_next, sse
+from corral.web import (
+    LOGIN_COOKIE,
+    SECURITY_HEADERS,
+    SESSION_COOKIE,
+    Console,
+    done,
+    html,
+    pages,
+    safe_next,
+    sse,
+    wants_json,
+)
 
 FLEET_LIMIT = 200
 MAX_FLEET_LIMIT = 5000
@@ -200,6 +213,24 @@ def parse_comments(raw: str) -> list[dict[str, Any]]:
     return found
 
 
+Handler = Callable[..., Awaitable[Response]]
+
+
+def form_errors(handler: Handler) -> Handler:
+    """A refused form post: the API's JSON error for the script, a page saying it for a browser without it."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request, *args: Any, **kwargs: Any) -> Response:
+        try:
+            return await handler(request, *args, **kwargs)
+        except CorralError as exc:
+            if wants_json(request):
+                raise
+            return html(pages.problem_page(None, exc.message), exc.status)
+
+    return wrapped
+
+
 def add_routes(app: FastAPI, console: Console) -> None:
     def message_of(request: Request) -> str | None:
         return request.query_params.get("msg") or None
@@ -246,6 +277,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
         return response
 
     @app.post("/logout", include_in_schema=False)
+    @form_errors
     async def logout(request: Request) -> Response:
         who, _ = await console.acting(request)
         console.sessions.close(who.sid)
@@ -350,7 +382,11 @@ def add_routes(app: FastAPI, console: Console) -> None:
             return await control(request, execution_id, action)
 
         app.add_api_route(
-            f"/x/{{execution_id}}/{action}", handler, methods=["POST"], include_in_schema=False, name=f"web-{action}"
+            f"/x/{{execution_id}}/{action}",
+            form_errors(handler),
+            methods=["POST"],
+            include_in_schema=False,
+            name=f"web-{action}",
         )
 
     # --- changes and review --------------------------------------------------------------------
@@ -396,6 +432,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
         return html(body)
 
     @app.post("/x/{execution_id}/rollback", include_in_schema=False)
+    @form_errors
     async def rollback(request: Request, execution_id: str) -> Response:
         who, form = await console.acting(request)
         paths = [form["path"]] if form.get("path") else []
@@ -405,6 +442,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
         return done(request, f"rolled back {what} to checkpoint {to or 'the last'}", back=f"/x/{execution_id}/changes")
 
     @app.post("/x/{execution_id}/commit", include_in_schema=False)
+    @form_errors
     async def commit(request: Request, execution_id: str) -> Response:
         who, form = await console.acting(request)
         answer = await who.client.commit(execution_id, form.get("message", ""), [])
@@ -412,6 +450,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
         return done(request, f"committed {commit_id}".strip(), back=f"/x/{execution_id}/changes")
 
     @app.post("/x/{execution_id}/pr", include_in_schema=False)
+    @form_errors
     async def pull_request(request: Request, execution_id: str) -> Response:
         who, form = await console.acting(request)
         title = form.get("title", "").strip()
@@ -422,6 +461,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
         return done(request, f"pull request opened {url}".strip(), back=f"/x/{execution_id}/changes")
 
     @app.post("/x/{execution_id}/review", include_in_schema=False)
+    @form_errors
     async def review(request: Request, execution_id: str) -> Response:
         who, form = await console.acting(request)
         comments = parse_comments(form.get("comments", "[]"))
@@ -465,6 +505,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
         return html(pages.inbox(found, who.session.csrf))
 
     @app.post("/approvals/{approval_id}/decide", include_in_schema=False)
+    @form_errors
     async def decide(request: Request, approval_id: str) -> Response:
         who, form = await console.acting(request)
         decision = form.get("decision")
@@ -537,6 +578,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
         return html(pages.new_page(who, templates, approvals=await pending_count(who.client), values=values))
 
     @app.post("/new", include_in_schema=False)
+    @form_errors
     async def start(request: Request) -> Response:
         who, form = await console.acting(request)
         try:
