@@ -5,8 +5,10 @@
    published, so latency publish → client is measured per client and event (p50/p99). Baseline in
    the same run: as many plain nats-py subscribers on the same subject, same events. Target
    (issue 16): p99 ≤ 200 ms and ≤ 2× the subscribers' p99, at 100 clients and 1,000 events/s.
-   The clients are raw asyncio HTTP/1.1 readers in this process (the cheapest client Python has),
-   so the client side costs the same for both paths.
+   The clients are raw asyncio HTTP/1.1 readers (the cheapest client Python has) in two worker
+   processes; the subscribers likewise, measured after the SSE clients (not at the same time, so
+   neither competes with the other for the two cores). Latency is wall clock (time.time()),
+   publish → parsed by the client.
 2. `GET /api/executions` over `--history` executions (each requested, started and exited, published
    as synthetic events): p50/p99 of 20 requests with the default page, beside the same SQL through
    the client in this process (`corral sql`'s path without HTTP). Target: p50 ≤ 50 ms.
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import print_result, stop_up
 
 EXECUTION = "benchsse"
+WORKERS = 2  # client processes (the machine has 2 cores; each process holds half the clients)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -66,9 +69,7 @@ async def wait_http(home: Path, up: subprocess.Popen[bytes]) -> tuple[str, str]:
     raise RuntimeError("no HTTP address within 60 s")
 
 
-async def sse_client(
-    host: str, port: int, token: str, subject: str, arrived: list[float], ready: asyncio.Event
-) -> None:
+async def sse_client(host: str, port: int, token: str, subject: str, arrived: list[float], ready: Any) -> None:
     """One SSE stream read with asyncio streams: records publish → arrival of every event (ms)."""
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(
@@ -82,75 +83,140 @@ async def sse_client(
             if not line:
                 return
             if line.startswith(b"retry:"):
-                ready.set()
+                ready()
             elif line.startswith(b"data: "):
-                now = time.perf_counter()
+                now = time.time()
                 event = orjson.loads(line[6:])
                 arrived.append((now - float(event["data"]["text"])) * 1000)
     finally:
         writer.close()
 
 
-async def fanout(
-    url: str, http_url: str, admin: Any, token: str, clients: int, rate: float, seconds: float
-) -> dict[str, Any]:
+def client_worker(kind: str, count: int, target: str, secret: str, subject: str, expected: int, conn: Any) -> None:
+    """A process of `count` clients (SSE streams or nats-py subscribers): says "ready", then sends
+    back every latency once each client got `expected` events (or 60 s passed)."""
+
+    async def main() -> list[float]:
+        lists: list[list[float]] = [[] for _ in range(count)]
+        ready = [asyncio.Event() for _ in range(count)]
+        tasks: list[Any] = []
+        if kind == "sse":
+            host, port = target.removeprefix("http://").rsplit(":", 1)
+            tasks = [
+                asyncio.create_task(sse_client(host, int(port), secret, subject, lists[i], ready[i].set))
+                for i in range(count)
+            ]
+        else:
+            import nats
+
+            user, password = secret.split(":", 1)
+            nc = await nats.connect(target, user=user, password=password, pending_size=-1)
+
+            def on(index: int) -> Any:
+                async def cb(msg: Any) -> None:
+                    lists[index].append((time.time() - float(orjson.loads(msg.data)["data"]["text"])) * 1000)
+
+                return cb
+
+            for i in range(count):
+                await nc.subscribe(subject, cb=on(i), pending_msgs_limit=-1, pending_bytes_limit=-1)
+                ready[i].set()
+            await nc.flush()
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 60)
+        conn.send("ready")
+        deadline = time.monotonic() + 60
+        await asyncio.to_thread(conn.poll, None)  # "published": the publisher is done
+        conn.recv()
+        while time.monotonic() < deadline and min(len(a) for a in lists) < expected:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        for task in tasks:
+            task.cancel()
+        return [v for a in lists for v in a]
+
+    conn.send(asyncio.run(main()))
+
+
+async def publish(url: str, admin: Any, rate: float, total: int) -> float:
+    """`total` output events at `rate`/s, each carrying the wall time it was published; the rate reached."""
     from actors.bus import connect_bus
     from events.envelope import new_event
     from events.types import Output
 
     bus = await connect_bus(url, name="bench-api", credentials=admin)
-    subject = f"corral.evt.{EXECUTION}.output"
-    host, port = http_url.removeprefix("http://").rsplit(":", 1)
-    sse: list[list[float]] = [[] for _ in range(clients)]
-    readies = [asyncio.Event() for _ in range(clients)]
-    tasks = [
-        asyncio.create_task(sse_client(host, int(port), token, subject, sse[i], readies[i])) for i in range(clients)
-    ]
-    subs: list[list[float]] = [[] for _ in range(clients)]
-
-    def on(index: int) -> Any:
-        async def cb(msg: Any) -> None:
-            now = time.perf_counter()
-            subs[index].append((now - float(orjson.loads(msg.data)["data"]["text"])) * 1000)
-
-        return cb
-
-    nats_subs = [await bus.nc.subscribe(subject, cb=on(i)) for i in range(clients)]
-    await bus.nc.flush()
-    await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 60)
-    await asyncio.sleep(0.5)  # every stream's consumer is in place
-    total = int(rate * seconds)
     start = time.perf_counter()
     batch = max(1, int(rate / 100))  # every 10 ms
     sent = 0
     while sent < total:
+        acks = []
         for _ in range(min(batch, total - sent)):
             sent += 1
             event = new_event(
-                EXECUTION, Output(stream="stdout", text=repr(time.perf_counter()), n=sent), actor="spawner-bench-1"
+                EXECUTION, Output(stream="stdout", text=repr(time.time()), n=sent), actor="spawner-bench-1"
             )
-            await bus.js.publish(event.subject, event.to_bytes(), headers={"Nats-Msg-Id": event.id})
+            acks.append(await bus.js.publish_async(event.subject, event.to_bytes(), headers={"Nats-Msg-Id": event.id}))
+        await asyncio.gather(*acks)
         await asyncio.sleep(max(0.0, start + sent / rate - time.perf_counter()))
     elapsed = time.perf_counter() - start
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and min(len(a) for a in sse) < total:  # noqa: ASYNC110 (other tasks fill them)
-        await asyncio.sleep(0.1)
-    for task in tasks:
-        task.cancel()
-    for sub in nats_subs:
-        await sub.unsubscribe()
     await bus.close()
-    sse_all = [v for a in sse for v in a]
-    sub_all = [v for a in subs for v in a]
+    return total / elapsed
+
+
+def phase(
+    kind: str, clients: int, target: str, secret: str, url: str, admin: Any, rate: float, total: int
+) -> dict[str, Any]:
+    """One measurement: clients in WORKERS processes, the publisher in this one."""
+    import multiprocessing
+
+    subject = f"corral.evt.{EXECUTION}.output"
+    context = multiprocessing.get_context("spawn")
+    shares = [clients // WORKERS + (1 if i < clients % WORKERS else 0) for i in range(WORKERS)]
+    pipes, processes = [], []
+    for share in shares:
+        if not share:
+            continue
+        parent, child = context.Pipe()
+        process = context.Process(target=client_worker, args=(kind, share, target, secret, subject, total, child))
+        process.start()
+        pipes.append(parent)
+        processes.append(process)
+    for pipe in pipes:
+        if not pipe.poll(90):
+            raise RuntimeError(f"{kind} clients not ready within 90 s")
+        pipe.recv()
+    time.sleep(0.5)  # every stream's consumer is in place
+    rate_reached = asyncio.run(publish(url, admin, rate, total))
+    for pipe in pipes:
+        pipe.send("published")
+    latencies: list[float] = []
+    for pipe in pipes:
+        latencies += pipe.recv()
+    for process in processes:
+        process.join(30)
+    return {
+        "received": len(latencies),
+        "expected": total * clients,
+        "rate": rate_reached,
+        "p50": statistics.median(latencies) if latencies else float("nan"),
+        "p99": pct(latencies, 0.99),
+    }
+
+
+def fanout(
+    url: str, http_url: str, admin: Any, token: str, clients: int, rate: float, seconds: float
+) -> dict[str, Any]:
+    """The SSE clients, then (alone, so they do not compete) as many nats-py subscribers."""
+    total = int(rate * seconds)
+    sse = phase("sse", clients, http_url, token, url, admin, rate, total)
+    subs = phase("nats", clients, url, f"{admin.user}:{admin.password}", url, admin, rate, total)
     return {
         "published": total,
-        "publish_rate": total / elapsed,
-        "sse_received": len(sse_all),
-        "sub_received": len(sub_all),
-        "sse_p50": statistics.median(sse_all) if sse_all else float("nan"),
-        "sse_p99": pct(sse_all, 0.99),
-        "sub_p50": statistics.median(sub_all) if sub_all else float("nan"),
-        "sub_p99": pct(sub_all, 0.99),
+        "publish_rate": min(sse["rate"], subs["rate"]),
+        "sse_received": sse["received"],
+        "sub_received": subs["received"],
+        "sse_p50": sse["p50"],
+        "sse_p99": sse["p99"],
+        "sub_p50": subs["p50"],
+        "sub_p99": subs["p99"],
     }
 
 
@@ -234,7 +300,7 @@ def main() -> int:
                 check=True,
             ).stdout.strip()
             admin = ensure_credentials(home).get("admin")
-            fan = asyncio.run(fanout(url, http_url, admin, token, args.clients, args.rate, args.seconds))
+            fan = fanout(url, http_url, admin, token, args.clients, args.rate, args.seconds)
             listed = asyncio.run(history(url, http_url, admin, token, home, args.history))
         finally:
             stop_up(up, "(api bench)")

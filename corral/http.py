@@ -30,14 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.bus import Bus
-from corral import __version__
+from corral import __version__, sse
 from corral.client import Client, RunSpec, check_subject
 from corral.commands import parse_since
 from corral.errors import CorralError, Forbidden, UsageError
 from corral.system import System, _connect
 from corral.tokens import FailureLimiter, Token, TokenBook, tokens_path
 from events.errors import EventError
-from events.subjects import OUTPUT_STREAM
+from events.subjects import ALL_EVENTS, OUTPUT_STREAM, execution_events
 from projections.errors import ProjectionError
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,12 @@ class SqlBody(_Body):
 class CreatedExecution(BaseModel):
     execution_id: str
     url: str
+
+
+def _json(data: Any, *, headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer encoded by orjson as it is (FastAPI's own encoder walks every value in Python:
+    for a page of executions, most of the time the request took)."""
+    return Response(orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS), media_type="application/json", headers=headers)
 
 
 # --- the gateway -------------------------------------------------------------------------------
@@ -262,24 +268,22 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     # --- executions ----------------------------------------------------------------------------
 
-    @app.get("/api/executions", tags=["executions"])
+    @app.get("/api/executions", tags=["executions"], response_model=list[dict[str, Any]])
     async def list_executions(
         who: Auth,
-        response: Response,
         all: bool = True,
         state: str | None = None,
         label: Annotated[str | None, Query(description="NAME=VALUE")] = None,
         limit: Annotated[int, Query(ge=1, le=10000)] = 100,
         offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> list[dict[str, Any]]:
+    ) -> Response:
         """Executions, those needing a human first, then newest first (`corral ps --all --json`): a page of
         `limit` from `offset`; the header `X-Total-Count` says how many there are."""
         total, rows = await asyncio.gather(
             who.client.count_executions(all=all, state=state, label=label),
             who.client.executions(all=all, state=state, label=label, limit=limit, offset=offset),
         )
-        response.headers["X-Total-Count"] = str(total)
-        return list(rows)
+        return _json(rows, headers={"X-Total-Count": str(total)})
 
     @app.post("/api/executions", status_code=201, tags=["executions"])
     async def submit(who: Operator, spec: RunSpec, request: Request) -> CreatedExecution:
@@ -320,15 +324,15 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def priority(who: Operator, execution_id: str, body: PriorityBody) -> dict[str, Any]:
         return await who.client.priority(execution_id, body.priority)
 
-    @app.get("/api/executions/{execution_id}/logs", tags=["executions"])
+    @app.get("/api/executions/{execution_id}/logs", tags=["executions"], response_model=list[dict[str, Any]])
     async def logs(
         who: Auth,
         execution_id: str,
         tail: Annotated[int | None, Query(ge=0)] = None,
         stream: Literal["stdout", "stderr"] | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> Response:
         """Output held for the execution: chunks {seq, ts, stream, n, text}; with `tail`, the last lines."""
-        return await who.client.logs(execution_id, tail=tail, stream=stream)
+        return _json(await who.client.logs(execution_id, tail=tail, stream=stream))
 
     @app.get("/api/executions/{execution_id}/checkpoints", tags=["changes"])
     async def checkpoints(who: Auth, execution_id: str) -> list[dict[str, Any]]:
@@ -435,10 +439,10 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def compare(who: Auth, a: str, b: str) -> dict[str, Any]:
         return await who.client.compare(a, b)
 
-    @app.post("/api/sql", tags=["history"])
-    async def sql(who: Auth, body: SqlBody) -> dict[str, Any]:
+    @app.post("/api/sql", tags=["history"], response_model=dict[str, Any])
+    async def sql(who: Auth, body: SqlBody) -> Response:
         """One read-only query in the projections' sandbox (docs/security.md): {columns, rows, truncated}."""
-        return await who.client.sql(body.sql, max_rows=body.max_rows)
+        return _json(await who.client.sql(body.sql, max_rows=body.max_rows))
 
     @app.get("/api/events", tags=["events"])
     async def events(
@@ -488,6 +492,9 @@ def _position(last_event_id: str) -> dict[str, Any]:
     return position
 
 
+_HUBS = sse.Hubs()  # live consumers shared by the SSE clients of this process, by subject
+
+
 async def _sse(
     client: Client,
     request: Request,
@@ -496,6 +503,7 @@ async def _sse(
     execution_id: str | None = None,
     since: str | None = None,
     follow: bool = True,
+    hubs: sse.Hubs = _HUBS,
 ) -> StreamingResponse:
     if subject is not None:
         check_subject(subject)  # bad input answers as JSON, before the stream starts
@@ -519,6 +527,23 @@ async def _sse(
         position = {"since": since}
     else:
         position = {"new_only": True}
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if not two_streams:  # one stream: shared live consumers (corral/sse.py)
+        pattern = execution_events(execution_id) if execution_id else (subject or ALL_EVENTS)
+        start_time = None
+        if "since" in position:
+            found = parse_since(position["since"])
+            position.update(found)
+        hub = hubs.get(js, pattern) if follow else None
+        body = sse.stream(
+            js,
+            hub,
+            pattern,
+            start_seq=position.get("start_seq"),
+            start_time=position.get("start_time", start_time),
+            heartbeat_s=HEARTBEAT_S,
+        )
+        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
     seen = {"core": "-", "output": "-"}
     if last_event_id:
         core, _, output = last_event_id.partition(":")
@@ -567,7 +592,6 @@ async def _sse(
             with contextlib.suppress(BaseException):
                 await events.aclose()  # type: ignore[attr-defined]
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
 
@@ -627,6 +651,9 @@ class HttpServer:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Accepted connections inherit it: without, a keep-alive response written in two parts
+            # (head, body) waits for the client's delayed ACK, 40 ms per request (measured).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((self.host, self.port))
             sock.listen(128)
             sock.setblocking(False)
@@ -650,6 +677,7 @@ class HttpServer:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(self._task, 5)
         await self.gateway.close()
+        await _HUBS.close()
         if self._socket is not None:
             self._socket.close()
 

@@ -1,0 +1,220 @@
+"""Server-Sent Events for many clients: one live consumer per subject, shared; exact resumption.
+
+Each SSE client used to have its own ordered consumer on the log, so a hundred browsers following
+every event made the server read, parse and encode every event a hundred times. Here one `Hub`
+per subject pattern reads the live log once and encodes each event's SSE frame once; every
+client following that pattern gets the same bytes.
+
+A client that starts in the past (`since`, `Last-Event-ID`) first catches up with its own
+consumer, then joins the hub: it registers with the hub *before* catching up, so every event
+stored after that moment is in its queue, and skips what the catch-up already sent (by sequence:
+one stream, one order). A client too slow for the live rate (its queue full) is ended; its
+browser reconnects with `Last-Event-ID` and catches up, so nothing is lost and the others never
+wait for it.
+
+With log retention on (output in its own stream, two sequences per position) the per-client
+path of corral/http.py is used instead.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from events.subjects import STREAM
+from replay.history import follow
+
+log = logging.getLogger(__name__)
+
+QUEUE_FRAMES = 20000  # a client further behind than this is ended (it resumes with Last-Event-ID)
+BATCH_FRAMES = 512  # frames written at once when a client has a backlog: one write, not 512
+
+
+def frame(seq: int, data: bytes) -> bytes:
+    """The SSE frame of one stored event: its envelope plus `seq` and `stream`, id = the sequence."""
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        event = None
+    if not isinstance(event, dict):
+        event = {"malformed": data.decode(errors="replace")}
+    event["seq"] = seq
+    event["stream"] = STREAM
+    kind = str(event.get("type") or "message").encode()
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, kind, orjson.dumps(event))
+
+
+class Subscriber:
+    """One client's place in a hub: its frames, in order, with their sequences."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=QUEUE_FRAMES)
+        self.overflowed = False
+
+    def offer(self, seq: int, data: bytes) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait((seq, data))
+        except asyncio.QueueFull:
+            self.overflowed = True  # ended at its next read; it resumes from its last id
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.get_nowait()
+                self.queue.put_nowait(None)
+
+
+class Hub:
+    """The live events of one subject pattern, read once (an ordered consumer from now on)."""
+
+    def __init__(self, js: JetStreamContext, subject: str) -> None:
+        self.js = js
+        self.subject = subject
+        self.subscribers: set[Subscriber] = set()
+        self._sub: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _start(self) -> None:
+        async def on_msg(msg: Msg) -> None:
+            seq = int(msg.metadata.sequence.stream)
+            data = frame(seq, msg.data)
+            for subscriber in list(self.subscribers):
+                subscriber.offer(seq, data)
+
+        self._sub = await self.js.subscribe(
+            self.subject,
+            stream=STREAM,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+            config=ConsumerConfig(),
+            cb=on_msg,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
+
+    async def join(self) -> Subscriber:
+        """A new subscriber: every event the hub delivers from now on reaches it."""
+        async with self._lock:
+            if self._sub is None:
+                await self._start()
+            subscriber = Subscriber()
+            self.subscribers.add(subscriber)
+            return subscriber
+
+    async def leave(self, subscriber: Subscriber) -> None:
+        async with self._lock:
+            self.subscribers.discard(subscriber)
+            if not self.subscribers and self._sub is not None:
+                sub, self._sub = self._sub, None
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def close(self) -> None:
+        async with self._lock:
+            self.subscribers.clear()
+            if self._sub is not None:
+                with contextlib.suppress(Exception):
+                    await self._sub.unsubscribe()
+                self._sub = None
+
+
+class Hubs:
+    """The hubs of one server, by subject pattern."""
+
+    def __init__(self) -> None:
+        self._hubs: dict[str, Hub] = {}
+
+    def get(self, js: JetStreamContext, subject: str) -> Hub:
+        hub = self._hubs.get(subject)
+        if hub is None or hub.js is not js:
+            hub = self._hubs[subject] = Hub(js, subject)
+        return hub
+
+    async def close(self) -> None:
+        for hub in self._hubs.values():
+            await hub.close()
+        self._hubs.clear()
+
+
+async def stream(
+    js: JetStreamContext,
+    hub: Hub | None,
+    subject: str,
+    *,
+    start_seq: int | None,
+    start_time: Any = None,
+    heartbeat_s: float,
+) -> AsyncIterator[bytes]:
+    """The SSE body: catch up from `start_seq` (or `start_time`; both None: from now on), then live
+    through `hub` (None: catch up only, then end)."""
+    yield b"retry: 1000\n\n"
+    subscriber = await hub.join() if hub is not None else None
+    try:
+        last = 0
+        if start_seq is not None or start_time is not None:
+            backlog: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=BATCH_FRAMES * 4)
+
+            async def on_event(seq: int, msg: Msg) -> bool:
+                await backlog.put(frame(seq, msg.data))
+                nonlocal last
+                last = seq
+                return False
+
+            async def catch_up() -> None:
+                try:
+                    await follow(
+                        js, subject, on_event, start_seq=start_seq, start_time=start_time, stop_when_caught_up=True
+                    )
+                finally:
+                    await backlog.put(None)
+
+            task = asyncio.create_task(catch_up())
+            try:
+                while True:
+                    item = await backlog.get()
+                    if item is None:
+                        break
+                    chunk = [item]
+                    while len(chunk) < BATCH_FRAMES and not backlog.empty():
+                        more = backlog.get_nowait()
+                        if more is None:
+                            backlog.put_nowait(None)
+                            break
+                        chunk.append(more)
+                    yield b"".join(chunk)
+                task.result()
+            finally:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if subscriber is None:
+            return
+        while True:
+            try:
+                got = await asyncio.wait_for(subscriber.queue.get(), heartbeat_s)
+            except TimeoutError:
+                yield b": heartbeat\n\n"
+                continue
+            ended = got is None
+            frames: list[tuple[int, bytes]] = [] if got is None else [got]
+            while not ended and len(frames) < BATCH_FRAMES and not subscriber.queue.empty():
+                queued = subscriber.queue.get_nowait()
+                if queued is None:
+                    ended = True
+                else:
+                    frames.append(queued)
+            shown = [data for seq, data in frames if seq > last]
+            if frames:
+                last = max(last, frames[-1][0])
+            if shown:
+                yield b"".join(shown)
+            if ended:
+                return  # too slow for the live rate: the client reconnects with Last-Event-ID
+    finally:
+        if hub is not None and subscriber is not None:
+            await hub.leave(subscriber)
