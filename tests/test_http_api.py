@@ -6,6 +6,7 @@ read-only (tap) token; SSE is read, cut mid-stream and resumed with Last-Event-I
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -539,3 +540,54 @@ def test_the_sdk_example_of_the_docs_runs_and_approves(api: dict[str, Any], tmp_
     assert result.returncode == 0, result.stderr
     assert "[the agent asks:" in result.stdout and "approved choice=yes" in result.stdout
     assert re.search(r"\[\w{8}: exited, exit code 0\]", result.stdout)
+
+
+def test_sse_joining_the_live_stream_mid_run_loses_and_repeats_nothing(api: dict[str, Any]) -> None:
+    """Several followers start (catch up, then join the shared live consumer) while output pours in."""
+    import threading
+
+    execution_id = submit(api, ["sh", "-c", "sleep 1; for i in $(seq 1 400); do echo line $i; done; sleep 1"])
+    headers = {"Authorization": f"Bearer {api['tap']}"}
+    seen: list[list[dict[str, Any]]] = [[] for _ in range(4)]
+
+    def follower(index: int) -> None:
+        time.sleep(0.3 * index)  # staggered: some before the output starts, some in the middle of it
+        with (
+            httpx.Client(base_url=api["url"], headers=headers, timeout=120) as http,
+            http.stream("GET", f"/api/executions/{execution_id}/events") as response,
+        ):
+            for event in iter_sse(response):
+                seen[index].append(event)
+                if event["event"] in ("execution.exited", "execution.failed"):
+                    return
+
+    threads = [threading.Thread(target=follower, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    with (
+        httpx.Client(base_url=api["url"], headers=headers, timeout=60) as http,
+        http.stream("GET", f"/api/executions/{execution_id}/events", params={"follow": "false"}) as response,
+    ):
+        everything = read_sse(response, 100_000)
+    end = next(i for i, e in enumerate(everything) if e["event"] in ("execution.exited", "execution.failed"))
+    stored = [e["id"] for e in everything[: end + 1]]  # (a checkpoint or validation may come after the exit)
+    for events in seen:
+        assert [e["id"] for e in events] == stored, "each follower: every event up to the exit, in order, once"
+    output = "".join(e["data"]["data"]["text"] for e in seen[-1] if e["event"] == "output")
+    assert output.count("line ") == 400
+
+
+def iter_sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    current: dict[str, Any] = {}
+    for line in response.iter_lines():
+        if line.startswith((":", "retry:")):
+            continue
+        if not line:
+            if "data" in current:
+                yield current
+            current = {}
+            continue
+        key, _, value = line.partition(": ")
+        current[key] = json.loads(value) if key == "data" else value
