@@ -308,8 +308,12 @@ def test_tap_cannot_press_controls_csrf_is_required_and_sign_out_ends_the_sessio
         # sign out: the cookie no longer opens anything, even replayed by hand
         cookie = next(c for c in operator.context.cookies() if c["name"] == "corral_session")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        other = operator.context.new_page()  # another tab of the same session, its stream open
+        other.goto(console["url"] + "/")
+        live(other)
         operator.click("#sign-out")
         operator.wait_for_url("**/login**")
+        other.wait_for_url("**/login**")  # its stream ended with the session: sent to the sign-in form
         replay = console["browser"].new_context()
         replay.add_cookies([cookie])
         again = replay.new_page()
@@ -378,5 +382,17 @@ def test_start_a_run_from_the_form_then_search_compare_and_health(console: dict[
             headers={"Accept": "application/json"},
         )
         assert bad.status == 400 and "no such directory" in bad.json()["error"]
+    finally:
+        page.context.close()
+
+
+def test_revoking_the_token_ends_its_open_pages(console: dict[str, Any]) -> None:
+    console["temp"] = console["cli"]("token", "create", "temp", "--role", "operator", check=True).stdout.strip()
+    page = sign_in(console, "temp")
+    try:
+        live(page)
+        console["cli"]("token", "revoke", "temp", check=True)
+        page.wait_for_url("**/login**")  # the open stream ended (checked every few seconds), then 401
+        assert page.request.get(console["url"] + "/approvals").url.split("?")[0].endswith("/login")
     finally:
         page.context.close()

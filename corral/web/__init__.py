@@ -13,9 +13,12 @@ the CSRF secret and is refused (403) without it; the sign-in form carries a one-
 own cookie (double submit), so a foreign page cannot sign a browser in either. docs/console.md.
 """
 
+import asyncio
+import contextlib
 import hmac
 import secrets
 import time
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ LOGIN_COOKIE = "corral_login"
 SESSION_IDLE_S = 12 * 3600.0
 MAX_SESSIONS = 10_000
 MAX_FORM_BYTES = 1_000_000
+TOKEN_CHECK_S = 2.0  # how soon an open stream notices its token was revoked
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -55,6 +59,7 @@ class Session:
     role: str
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     seen: float = field(default_factory=time.monotonic)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set at sign-out: its open streams stop
 
 
 class Sessions:
@@ -67,7 +72,7 @@ class Sessions:
         if len(self._by_id) >= MAX_SESSIONS:
             self._expire()
             while len(self._by_id) >= MAX_SESSIONS:  # the oldest go first
-                del self._by_id[next(iter(self._by_id))]
+                self.close(next(iter(self._by_id)))
         sid = secrets.token_urlsafe(32)
         self._by_id[sid] = Session(token_text, token.name, token.role)
         return sid
@@ -80,20 +85,21 @@ class Sessions:
             return None
         now = time.monotonic()
         if now - session.seen > SESSION_IDLE_S:
-            del self._by_id[sid]
+            self.close(sid)
             return None
         session.seen = now
         return session
 
     def close(self, sid: str | None) -> None:
-        if sid:
-            self._by_id.pop(sid, None)
+        session = self._by_id.pop(sid, None) if sid else None
+        if session is not None:
+            session.ended.set()
 
     def _expire(self) -> None:
         now = time.monotonic()
         for sid, session in list(self._by_id.items()):
             if now - session.seen > SESSION_IDLE_S:
-                del self._by_id[sid]
+                self.close(sid)
 
 
 class SignIn(Exception):
@@ -194,10 +200,45 @@ def mount(app: FastAPI, gateway: Any) -> None:
     add_routes(app, console)
 
 
-async def sse(client: Client, request: Request, **kwargs: Any) -> StreamingResponse:
-    """The API's SSE stream (corral/http.py), for a cookie session instead of a bearer token."""
+async def sse(who: Who, console: Console, request: Request, **kwargs: Any) -> StreamingResponse:
+    """The API's SSE stream (corral/http.py), for a cookie session instead of a bearer token.
+
+    The stream ends when its session does (sign-out, expiry) or its token is revoked; the browser's
+    EventSource then reconnects, gets 401 and the page goes to the sign-in form."""
     from corral.http import _sse
 
-    response = await _sse(client, request, **kwargs)
+    response = await _sse(who.client, request, **kwargs)
     response.headers.update({k: v for k, v in SECURITY_HEADERS.items() if k != "Cache-Control"})
+    response.body_iterator = _while_signed_in(response.body_iterator, who, console)
     return response
+
+
+async def _while_signed_in(body: AsyncIterable[Any], who: Who, console: Console) -> AsyncIterator[Any]:
+    iterator = body.__aiter__()
+    ended = asyncio.ensure_future(who.session.ended.wait())
+    checked = time.monotonic()
+    try:
+        while True:
+            chunk = asyncio.ensure_future(iterator.__anext__())
+            while not chunk.done():
+                await asyncio.wait({chunk, ended}, timeout=TOKEN_CHECK_S, return_when=asyncio.FIRST_COMPLETED)
+                if time.monotonic() - checked >= TOKEN_CHECK_S:  # a revoked token ends its streams too
+                    checked = time.monotonic()
+                    if console.gateway.tokens.find(who.session.token_text) is None:
+                        console.sessions.close(who.sid)
+                if who.session.ended.is_set():
+                    chunk.cancel()
+                    with contextlib.suppress(BaseException):
+                        await chunk
+                    return
+            try:
+                value = chunk.result()
+            except StopAsyncIteration:
+                return
+            yield value
+    finally:
+        ended.cancel()
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(BaseException):
+                await aclose()

@@ -340,12 +340,12 @@ def add_routes(app: FastAPI, console: Console) -> None:
     async def execution_events(request: Request, execution_id: str) -> StreamingResponse:
         who = await console.who(request)
         resolved = await who.client.resolve(execution_id)
-        return await sse(who.client, request, execution_id=resolved, since="all")
+        return await sse(who, console, request, execution_id=resolved, since="all")
 
     @app.get("/ui/events", include_in_schema=False)
     async def all_events(request: Request) -> StreamingResponse:
         who = await console.who(request)
-        return await sse(who.client, request, subject="corral.evt.>", since=None)
+        return await sse(who, console, request, subject="corral.evt.>", since=None)
 
     async def control(request: Request, execution_id: str, action: str) -> Response:
         who, form = await console.acting(request)

@@ -166,7 +166,12 @@
     // body[data-live]: 1 while the page's stream is open, 0 while the browser reconnects (it resumes
     // after the last event it saw, Last-Event-ID); the header says so
     live.addEventListener('open', () => { body.dataset.live = '1'; });
-    live.addEventListener('error', () => { body.dataset.live = '0'; });
+    live.addEventListener('error', () => {
+      body.dataset.live = '0';
+      if (live.readyState === EventSource.CLOSED) { // refused (401: signed out, session or token gone)
+        window.location.assign(`/login?next=${encodeURIComponent(window.location.pathname + window.location.search)}`);
+      }
+    });
   }
 
   // --- fleet -------------------------------------------------------------------------------------
