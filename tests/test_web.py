@@ -340,6 +340,15 @@ def test_sign_in_refuses_bad_tokens_and_forged_posts(console: dict[str, Any]) ->
         # a sign-in posted from elsewhere carries no sign-in cookie: refused, no session
         forged = httpx.post(f"{console['url']}/login", data={"token": console["operator"], "csrf": "x"})
         assert forged.status_code == 403 and "corral_session" not in forged.headers.get("set-cookie", "")
+        # a browser whose sign-in cookie expired gets a fresh form that works
+        ctx.clear_cookies()
+        page.fill("input[name=token]", console["operator"])
+        page.click("button[type=submit]")
+        assert "expired" in flash(page, "expired")
+        page.fill("input[name=token]", console["operator"])
+        page.click("button[type=submit]")
+        page.wait_for_selector("#fleet", state="attached")
+        ctx.clear_cookies()
         # an open redirect through `next` is not followed
         page.goto(console["url"] + "/login?next=//evil.example/")
         page.fill("input[name=token]", console["operator"])

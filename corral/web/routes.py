@@ -237,14 +237,18 @@ def add_routes(app: FastAPI, console: Console) -> None:
 
     # --- sign in and out ---------------------------------------------------------------------
 
-    @app.get("/login", include_in_schema=False)
-    async def login_form(request: Request) -> Response:
+    def login_response(request: Request, next_path: str, message: str | None, status: int = 200) -> Response:
+        """The sign-in form with a fresh one-time value, set in its cookie too (double submit)."""
         nonce = secrets.token_urlsafe(24)
-        response = html(pages.login_page(nonce, safe_next(request.query_params.get("next")), message_of(request)))
+        response = html(pages.login_page(nonce, next_path, message), status)
         response.set_cookie(
             LOGIN_COOKIE, nonce, max_age=3600, httponly=True, samesite="strict", secure=request.url.scheme == "https"
         )
         return response
+
+    @app.get("/login", include_in_schema=False)
+    async def login_form(request: Request) -> Response:
+        return login_response(request, safe_next(request.query_params.get("next")), message_of(request))
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
@@ -253,7 +257,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
         next_path = safe_next(form.get("next"))
         nonce = request.cookies.get(LOGIN_COOKIE, "")
         if not nonce or not secrets.compare_digest(form.get("csrf", "").encode(), nonce.encode()):
-            return html(pages.login_page(nonce or "", next_path, "the sign-in form expired; try again"), 403)
+            return login_response(request, next_path, "the sign-in form expired; sign in again", 403)
         wait = console.gateway.limiter.blocked_for(address)
         if wait:
             return html(
