@@ -591,3 +591,54 @@ def iter_sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
             continue
         key, _, value = line.partition(": ")
         current[key] = json.loads(value) if key == "data" else value
+
+
+def test_tls_from_the_http_section(tmp_path: Path) -> None:
+    """[http] tls_cert / tls_key: the API answers over HTTPS (a self-signed certificate made here)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    env = cli_environment(CORRAL_HOME=str(tmp_path / "home"))
+    env.pop("CORRAL_NATS_URL", None)
+    cli = Cli(tmp_path / "home", env)
+    cli.home.mkdir(parents=True)
+    (cli.home / "corral.toml").write_text(f'[http]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    up = start_up(cli, "--http", "127.0.0.1:0", "--actors", "projector")
+    try:
+        url = wait_until(lambda: json.loads((cli.home / "runtime.json").read_text()).get("http_url"), 30, "HTTP")
+        assert str(url).startswith("https://127.0.0.1:")
+        token = cli("token", "create", "t", "--role", "tap", check=True).stdout.strip()
+        import ssl
+
+        trust = ssl.create_default_context(cafile=str(cert))
+        answer = httpx.get(f"{url}/api/health", headers={"Authorization": f"Bearer {token}"}, verify=trust)
+        assert answer.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):  # plain HTTP on the TLS port is not served
+            httpx.get(str(url).replace("https://", "http://") + "/healthz", timeout=10)
+    finally:
+        stop_up(cli, up)
