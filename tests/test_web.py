@@ -106,6 +106,14 @@ window.Notification = class {
 """
 
 
+def counts(page: Any) -> dict[str, int]:
+    """The fleet view's counts per state (and `all`), as shown."""
+    return {
+        str(el.get_attribute("data-count")): int(el.text_content() or 0)
+        for el in page.query_selector_all("[data-count]")
+    }
+
+
 def live(page: Any) -> None:
     """Until the page's event stream is open (and the server's consumer behind it has started)."""
     page.wait_for_selector("body[data-live='1']", state="attached")
@@ -127,6 +135,7 @@ def test_sign_in_then_a_new_run_appears_live_and_its_output_streams(console: dic
     page = sign_in(console, viewport={"width": 1280, "height": 800})
     try:
         live(page)  # the page's event stream is connected before the run is submitted
+        before = counts(page)
         script = (
             "for i in 1 2 3 4 5 6; do printf '\\033[32mgreen %s\\033[0m plain\\n' $i; sleep 0.3; done; "
             "echo '<img src=x id=pwned-out>'"
@@ -134,7 +143,13 @@ def test_sign_in_then_a_new_run_appears_live_and_its_output_streams(console: dic
         execution_id = submit(console, ["sh", "-c", script], labels={"team": "web", "note": "<b id=pwned-label>x</b>"})
         row = page.wait_for_selector(f"#x-{execution_id}")  # appeared without a reload
         assert row is not None and "team=web" in (row.text_content() or "")
-        page.wait_for_selector(f"#x-{execution_id}[data-state=running], #x-{execution_id}[data-state=exited]")
+        page.wait_for_selector(f"#x-{execution_id}[data-state=exited]")
+        # the counts moved with it, live: one more in all and exited, the others as they were
+        after = counts(page)
+        assert after["all"] == before["all"] + 1 and after["exited"] == before["exited"] + 1, (before, after)
+        assert {k: v for k, v in after.items() if k not in ("all", "exited")} == {
+            k: v for k, v in before.items() if k not in ("all", "exited")
+        }
         page.click(f"#x-{execution_id} a.xid")
         page.wait_for_url(f"**/x/{execution_id}")
         page.locator("#output", has_text="green 6").wait_for()

@@ -228,6 +228,7 @@ def fleet_page(
     counts: dict[str, int],
     filters: dict[str, str],
     *,
+    active: dict[str, str],
     limit: int,
     total: int,
     approvals: int,
@@ -273,6 +274,7 @@ def fleet_page(
         f'<tbody id="fleet-rows">{body}</tbody></table></div>'
         f'<p class="empty" id="fleet-empty"{" hidden" if rows else ""}>no executions match</p>{more}'
         + data_json("filters", filters)
+        + data_json("active", active)
     )
     return layout("Fleet", main, page="fleet", who=who, message=message, approvals=approvals)
 

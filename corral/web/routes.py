@@ -73,8 +73,9 @@ def _conditions(filters: dict[str, str], *, with_state: bool = True) -> list[str
 
 async def fleet_data(
     client: Client, filters: dict[str, str], limit: int
-) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """The fleet's rows (every active run, then the newest `limit`) and the counts per state."""
+) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, str]]:
+    """The fleet's rows (every active run, then the newest `limit`), the counts per state and the state of
+    every run not ended yet (so the page can move a count when one changes state)."""
     where = _conditions(filters)
     clause = " AND ".join(where) or "TRUE"
     columns = (
@@ -89,6 +90,10 @@ async def fleet_data(
     count_clause = " AND ".join(_conditions(filters, with_state=False)) or "TRUE"
     counted = await client.query(f"SELECT x.state, count(*) FROM executions x WHERE {count_clause} GROUP BY 1")
     counts = {str(state): int(n) for state, n in counted["rows"]}
+    running = await client.query(
+        f"SELECT x.execution_id, x.state FROM executions x WHERE {count_clause} AND x.state NOT IN ('exited', 'failed')"
+    )
+    active = {str(i): str(state) for i, state in running["rows"]}
     ids = [str(r["execution_id"]) for r in rows]
     if ids:
         quoted = _ids(ids)
@@ -118,7 +123,7 @@ async def fleet_data(
             row["needs"] = attention.needs_text(need) if need else ""
             row["approvals_pending"] = (need or {}).get("approvals_pending", 0)
         rows.sort(key=lambda r: not r["needs"])  # stable: newest first within each group
-    return rows, counts
+    return rows, counts, active
 
 
 async def pending_count(client: Client) -> int:
@@ -299,11 +304,19 @@ def add_routes(app: FastAPI, console: Console) -> None:
             limit = max(1, min(MAX_FLEET_LIMIT, int(request.query_params.get("limit") or FLEET_LIMIT)))
         except ValueError:
             limit = FLEET_LIMIT
-        rows, counts = await fleet_data(who.client, filters, limit)
+        rows, counts, active = await fleet_data(who.client, filters, limit)
         total = sum(counts.values())
         approvals = await pending_count(who.client)
         body = pages.fleet_page(
-            who, rows, counts, filters, limit=limit, total=total, approvals=approvals, message=message_of(request)
+            who,
+            rows,
+            counts,
+            filters,
+            active=active,
+            limit=limit,
+            total=total,
+            approvals=approvals,
+            message=message_of(request),
         )
         return html(body)
 
@@ -312,7 +325,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
         """One fleet row, if it matches the page's filters: for a run that enters the filtered state live."""
         who = await console.who(request)
         filters = {k: request.query_params.get(k, "").strip() for k in FILTERS}
-        rows, _ = await fleet_data(who.client, {**filters, "id": await who.client.resolve(execution_id)}, 1)
+        rows, _, _ = await fleet_data(who.client, {**filters, "id": await who.client.resolve(execution_id)}, 1)
         return html(pages.fleet_row(rows[0])) if rows else Response(status_code=204)
 
     # --- one execution -------------------------------------------------------------------------

@@ -180,12 +180,21 @@
     const filters = JSON.parse($('#filters').textContent || '{}');
     const counters = {};
     for (const el of $$('[data-count]')) counters[el.dataset.count] = el;
-    const bump = (state, by) => {
-      for (const key of [state, 'all']) {
-        const el = counters[key];
-        if (el) el.textContent = String(Math.max(0, Number(el.textContent) + by));
-      }
+    const bump = (key, by) => {
+      const el = counters[key];
+      if (el) el.textContent = String(Math.max(0, Number(el.textContent) + by));
     };
+    // The state of every run not ended yet that the counts cover (the filters but `state`): the
+    // server lists them, new requests join; each transition moves one count to another.
+    const active = JSON.parse($('#active').textContent || '{}');
+    function transition(id, state) {
+      const old = active[id];
+      if (old === undefined || old === state) return;
+      bump(old, -1);
+      bump(state, 1);
+      if (state === 'exited' || state === 'failed') delete active[id];
+      else active[id] = state;
+    }
     const signal = (id, type) => document.dispatchEvent(new CustomEvent('corral:fleet', { detail: { id, type } }));
     const matches = (info) => {
       if (filters.state && info.state !== filters.state) return false;
@@ -217,10 +226,12 @@
       const id = ev.execution_id;
       const labels = d.labels || {};
       const text = [id, d.task || '', (d.command || []).join(' '), d.repo || ''].join(' ').toLowerCase();
-      const info = { state: 'requested', agent: d.agent || 'command', repo: d.repo || '', labels, text };
-      if (!matches({ ...info, state: filters.state ? filters.state : 'requested' }) && !matches(info)) return;
+      const info = { state: filters.state || 'requested', agent: d.agent || 'command', repo: d.repo || '', labels, text };
+      if (!matches(info) || id in active || $(`#x-${CSS.escape(id)}`)) return; // (the state is checked below)
+      active[id] = 'requested';
+      bump('requested', 1);
+      bump('all', 1);
       if (filters.state && filters.state !== 'requested') return;
-      if ($(`#x-${CSS.escape(id)}`)) return;
       const tr = document.createElement('tr');
       tr.id = `x-${id}`;
       Object.assign(tr.dataset, {
@@ -251,7 +262,6 @@
       );
       rows.insertBefore(tr, firstPlain());
       $('#fleet-empty').hidden = true;
-      bump('requested', 1);
       signal(id, ev.type);
     }
     function setState(row, state, ev) {
@@ -259,8 +269,6 @@
       if (old === state) return;
       row.dataset.state = state;
       $('.c-state', row).replaceChildren(stateBadge(state));
-      bump(old, -1);
-      counters[state] && (counters[state].textContent = String(Number(counters[state].textContent) + 1));
       if (state === 'running' && !row.dataset.started) row.dataset.started = ev.ts || new Date().toISOString();
       if (state === 'exited' || state === 'failed') {
         row.dataset.started = '';
@@ -301,6 +309,7 @@
       const id = ev.execution_id;
       if (!id) return;
       if (type === 'execution.requested') { addRow(ev); return; }
+      if (STATE_OF[type]) transition(id, STATE_OF[type]);
       const row = $(`#x-${CSS.escape(id)}`);
       if (!row) {
         if (filters.state && STATE_OF[type] === filters.state) fetchRow(id, type);
