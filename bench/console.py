@@ -12,7 +12,8 @@ Then Playwright drives Debian's chromium (headless), signed in with an operator 
    execution.requested, an output line, execution.exited) → the change visible in the fleet's
    DOM (the console's script signals each applied change). Baseline in the same run: a bare
    EventSource on the same stream in the same page, recording when each event arrived, before any
-   DOM work. Clocks: the publisher's and the browser's wall clocks of this one machine.
+   DOM work; and, as the floor, a plain nats-py subscriber in the publishing process. Clocks: the
+   publisher's and the browser's wall clocks of this one machine.
 
 Targets (issue 17): first contentful paint <= 1 s with 10,000 executions; p99 <= 500 ms at
 200 events/s. Ends with one JSON line (bench/common.py print_result).
@@ -101,8 +102,9 @@ async def publish_history(url: str, home: Path, n: int) -> float:
         await bus.close()
 
 
-async def publish_live(url: str, home: Path, events: int, rate: float) -> dict[str, float]:
-    """Publish at `rate`; return event key (execution id + type) -> publish wall time (ms)."""
+async def publish_live(url: str, home: Path, events: int, rate: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Publish at `rate`; return event key (execution id + type) -> publish wall time (ms), and -> when a
+    plain nats-py subscriber in this process received it (ms)."""
     from actors.bus import connect_bus
     from events.auth import ensure_credentials
     from events.envelope import new_event
@@ -111,6 +113,14 @@ async def publish_live(url: str, home: Path, events: int, rate: float) -> dict[s
 
     bus = await connect_bus(url, name="bench-console-live", credentials=ensure_credentials(home).get("admin"))
     published: dict[str, float] = {}
+    received: dict[str, float] = {}
+
+    async def on_msg(msg: Any) -> None:
+        event = json.loads(msg.data)
+        received.setdefault(f"{event['execution_id']} {event['type']}", time.time() * 1000)
+
+    sub = await bus.nc.subscribe("corral.evt.>", cb=on_msg)
+    await bus.nc.flush()
     try:
         interval = 1.0 / rate
         begin = time.perf_counter()
@@ -128,9 +138,11 @@ async def publish_live(url: str, home: Path, events: int, rate: float) -> dict[s
             published[f"{xid} {event.type}"] = time.time() * 1000
             await bus.publisher.publish(event)
             await asyncio.sleep(max(0.0, begin + (i + 1) * interval - time.perf_counter()))
+        await asyncio.sleep(1.0)
     finally:
+        await sub.unsubscribe()
         await bus.close()
-    return published
+    return published, received
 
 
 WATCH = """() => {
@@ -190,10 +202,15 @@ def browser_measure(http_url: str, token: str, url: str, home: Path, args: argpa
             page.evaluate(WATCH)
             page.wait_for_timeout(1000)  # both streams connected (they start at "now")
             published: dict[str, float] = {}
+            nats_seen: dict[str, float] = {}
+
+            def publish() -> None:
+                sent, got = asyncio.run(publish_live(url, home, args.events, args.rate))
+                published.update(sent)
+                nats_seen.update(got)
+
             # sync Playwright owns this thread's event loop: the publisher gets a thread of its own
-            worker = threading.Thread(
-                target=lambda: published.update(asyncio.run(publish_live(url, home, args.events, args.rate)))
-            )
+            worker = threading.Thread(target=publish)
             worker.start()
             worker.join()
             deadline = time.monotonic() + 30
@@ -208,6 +225,7 @@ def browser_measure(http_url: str, token: str, url: str, home: Path, args: argpa
             browser.close()
     dom = [dom_seen[k] - t for k, t in published.items() if k in dom_seen]
     raw = [raw_seen[k] - t for k, t in published.items() if k in raw_seen]
+    nats = [nats_seen[k] - t for k, t in published.items() if k in nats_seen]
     return {
         "rows": rows,
         "fleet_fcp": fleet_fcp,
@@ -215,6 +233,7 @@ def browser_measure(http_url: str, token: str, url: str, home: Path, args: argpa
         "fleet_load": fleet_load,
         "dom": dom,
         "raw": raw,
+        "nats": nats,
         "missing": len(published) - len(dom),
     }
 
@@ -272,6 +291,8 @@ def main() -> int:
         "update_p99_ms": round(pct(dom, 0.99), 1),
         "baseline_p50_ms": round(statistics.median(raw), 1),
         "baseline_p99_ms": round(pct(raw, 0.99), 1),
+        "nats_p50_ms": round(statistics.median(result["nats"]), 1) if result["nats"] else None,
+        "nats_p99_ms": round(pct(result["nats"], 0.99), 1) if result["nats"] else None,
     }
     print(f"console: fleet view over {args.history} executions ({result['rows']} rows rendered), chromium headless")
     print(f"{'measure':<46} {'p50 ms':>8} {'p99 ms':>8}")
@@ -283,6 +304,9 @@ def main() -> int:
     print(
         f"{'live: published -> bare EventSource (baseline)':<46} "
         f"{figures['baseline_p50_ms']:8.1f} {figures['baseline_p99_ms']:8.1f}"
+    )
+    print(
+        f"{'live: published -> nats-py subscriber (floor)':<46} {figures['nats_p50_ms']:8} {figures['nats_p99_ms']:8}"
     )
     met = fcp <= 1000 and figures["update_p99_ms"] <= 500 and result["missing"] == 0
     print(
