@@ -266,6 +266,26 @@ def required_literal(pattern: str) -> str | None:
     return best if len(best) >= 3 else None
 
 
+HIT_KEYS: Final = ("seq", "execution_id", "ts", "type", "text")
+
+
+def _with_candidates(output_sql: str, filters: list[str], literal: str, limit: int) -> str:
+    """The output hits of `output_sql`, each with `others`: how many other events could still be
+    among the newest `limit` (newer than the oldest hit when there are `limit` hits) and may match
+    (their lowercased payload in `search` contains the literal); one row of NULLs and `others`
+    when there is no output hit. Most often `others` is 0 and this is the search's only query.
+    """
+    needle = f"lower({sql_text(literal)})"  # lower() maps each character alone, as in _regex_other_events
+    candidate = f"CASE WHEN type <> 'output' THEN contains(text, {needle}) END"  # the type filter first
+    where = " AND ".join([*filters, "type <> 'output'", candidate])
+    return (
+        f"WITH o AS ({output_sql}), "
+        f"b AS (SELECT CASE WHEN count(*) >= {limit} THEN min(seq) ELSE 0 END AS s FROM o), "
+        f"c AS (SELECT count(*) AS others FROM search JOIN b ON search.seq > b.s WHERE {where}) "
+        "SELECT o.*, c.others FROM c LEFT JOIN o ON true ORDER BY o.seq DESC"
+    )
+
+
 async def _regex_other_events(
     fetch: Fetch, filters: list[str], pattern: str, literal: str | None, hits: list[dict[str, Any]], limit: int
 ) -> list[dict[str, Any]]:
@@ -342,11 +362,18 @@ async def search(
     literal = required_literal(text)
     prefix = (event_type or "").rstrip("*")
     hits = []
+    payloads = event_type != "output"  # the other events' payloads are searched too
     if event_type is None or event_type == "output" or (event_type.endswith("*") and "output".startswith(prefix)):
         must = [f"contains(text, {sql_text(literal)})"] if literal else []
         where = " AND ".join([*filters, *must, f"regexp_matches(text, {pattern})"])
-        hits += await fetch(f"SELECT seq, execution_id, ts, 'output' AS type, text FROM output WHERE {where} {order}")
-    if event_type != "output":
+        sql = f"SELECT seq, execution_id, ts, 'output' AS type, text FROM output WHERE {where} {order}"
+        if payloads and literal:
+            found = await fetch(_with_candidates(sql, filters, literal, limit))
+            hits = [{k: r[k] for k in HIT_KEYS} for r in found if r["seq"] is not None]
+            payloads = bool(found and found[0]["others"])
+        else:
+            hits = await fetch(sql)
+    if payloads:
         hits += await _regex_other_events(fetch, filters, pattern, literal, hits, limit)
     return sorted(hits, key=lambda h: -int(h["seq"]))[:limit]
 
