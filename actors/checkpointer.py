@@ -339,7 +339,8 @@ class Checkpointer(Actor):
                     self._trigger(ex, "interval", None, delay=0.0)
 
     async def on_stop(self) -> None:
-        await asyncio.sleep(0.1)  # exits the stopping spawner just recorded: let them arrive
+        if any(ex.running for ex in self.executions.values()):
+            await asyncio.sleep(0.1)  # exits the stopping spawner just recorded: let them arrive
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

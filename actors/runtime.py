@@ -194,7 +194,7 @@ class Actor:
                     if self.stopping.is_set():
                         break
                 try:
-                    msgs = await sub.fetch(1, timeout=0.5)
+                    msgs = await self._fetch_unless_stopped(sub)
                 except (FetchTimeoutError, NatsTimeoutError, TimeoutError):
                     continue
                 except ServiceUnavailableError:  # the consumer's leader is being elected (a node left)
@@ -205,6 +205,29 @@ class Actor:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _fetch_unless_stopped(self, sub: Any) -> list[Msg]:
+        """One fetch (0.5 s at most), given up when the actor stops: stopping then takes no wait.
+
+        A message the server hands over just as the fetch is given up is not acked, and comes
+        again after the consumer's ack wait, as after a crash.
+        """
+        fetching = asyncio.ensure_future(sub.fetch(1, timeout=0.5))
+        stopped = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({fetching, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the actor's task cancelled: the fetch goes with it
+            fetching.cancel()
+            raise
+        finally:
+            stopped.cancel()
+        if not fetching.done():
+            fetching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fetching
+            return []
+        msgs: list[Msg] = fetching.result()
+        return msgs
 
 
 # --- reading the health bucket (`corral health`) -----------------------------------------------------

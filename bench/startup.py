@@ -6,7 +6,10 @@ of the whole command, and the CPU its process tree used (children waited for, fr
 getrusage). The baseline, in the same run and alternating with it: what the run does without
 Corral, `git worktree add` + the same agent as a subprocess + `git worktree remove`.
 
-    .venv/bin/python bench/startup.py [--runs 10] [--compare /path/to/other/checkout]
+    .venv/bin/python bench/startup.py [--runs 10] [--writes] [--compare /path/to/other/checkout]
+
+--writes: the agent also writes a file, so the run makes an exit checkpoint and its summary
+waits for the checkpoint's validation (without it, nothing changed: no checkpoint to wait for).
 
 --compare also runs `corral run` from another checkout of Corral (its code first on PYTHONPATH,
 same interpreter and packages), alternating with this one: a before/after in the same run on
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import make_repo, print_result
 
 AGENT = ["sh", "-c", "sleep 0.1; echo done"]
+WRITING_AGENT = ["sh", "-c", "sleep 0.1; echo change > CHANGED.txt; echo done"]
 
 
 def timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
@@ -45,20 +49,20 @@ def timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, fl
     return wall, cpu
 
 
-def corral_run(tree: Path | None, home: Path, repo: Path, root: Path) -> tuple[float, float]:
+def corral_run(tree: Path | None, home: Path, repo: Path, root: Path, agent: list[str]) -> tuple[float, float]:
     env = {**os.environ, "CORRAL_HOME": str(home)}
     env.pop("CORRAL_NATS_URL", None)
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return timed([sys.executable, "-m", "corral", "run", "--repo", str(repo), "-q", "--", *AGENT], env, root)
+    return timed([sys.executable, "-m", "corral", "run", "--repo", str(repo), "-q", "--", *agent], env, root)
 
 
-def bare_run(repo: Path, root: Path, n: int) -> tuple[float, float]:
+def bare_run(repo: Path, root: Path, n: int, agent: list[str]) -> tuple[float, float]:
     """git worktree add, the agent, git worktree remove: the work without Corral."""
     path = root / f"bare-{n}"
     script = (
         f"git -C {repo} worktree add -q -b bare/{n} {path} HEAD && "
-        f"(cd {path} && {' '.join(AGENT[:2])} '{AGENT[2]}') && "
+        f"(cd {path} && {' '.join(agent[:2])} '{agent[2]}') && "
         f"git -C {repo} worktree remove --force {path}"
     )
     return timed(["sh", "-c", script], dict(os.environ), root)
@@ -68,7 +72,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=10, help="runs counted per configuration")
     parser.add_argument("--compare", type=Path, help="another checkout of Corral to run alternately")
+    parser.add_argument(
+        "--writes", action="store_true", help="the agent writes a file: an exit checkpoint, validated, is waited for"
+    )
     args = parser.parse_args()
+    agent = WRITING_AGENT if args.writes else AGENT
     if args.compare is not None and not (args.compare / "corral" / "__init__.py").is_file():
         parser.error(f"--compare {args.compare}: not a checkout of Corral (no corral/__init__.py)")
     root = Path(tempfile.mkdtemp(prefix="corral-startup-"))
@@ -80,16 +88,16 @@ def main() -> int:
         repo = make_repo(root / "repo")
         for i in range(args.runs + 1):  # the first of each warms its home and the page cache
             for name, tree in configs.items():
-                result = corral_run(tree, root / f"home-{list(configs).index(name)}", repo, root)
+                result = corral_run(tree, root / f"home-{list(configs).index(name)}", repo, root, agent)
                 if i:
                     figures[name].append(result)
-            result = bare_run(repo, root, i)
+            result = bare_run(repo, root, i, agent)
             if i:
                 figures["bare"].append(result)
             print(f"  {i}/{args.runs}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"`corral run` of `{' '.join(AGENT)}`, no system running: {args.runs} runs each, alternating")
+    print(f"`corral run` of `{' '.join(agent)}`, no system running: {args.runs} runs each, alternating")
     print(f"{'':<24} {'wall p50':>9} {'wall max':>9} {'cpu p50':>8}")
     p50 = {name: statistics.median(w for w, _ in runs) for name, runs in figures.items()}
     for name, runs in figures.items():
@@ -108,6 +116,7 @@ def main() -> int:
         cpu_p50_s=statistics.median(c for _, c in figures["corral"]),
         baseline_cpu_p50_s=statistics.median(c for _, c in figures["bare"]),
         runs=args.runs,
+        agent_writes=args.writes,
         compare_wall_p50_s=next((p50[name] for name in configs if name != "corral"), None),
     )
     return 0

@@ -73,6 +73,12 @@ class System:
     buses: list[Bus] = field(default_factory=list)  # the actors' own connections
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
     _supervisor: asyncio.Task[None] | None = None
+    _projector_start: asyncio.Task[None] | None = None  # a command's projector starts beside it
+
+    async def projector_started(self) -> None:
+        """Wait for this system's projector to have started (raise what stopped its start)."""
+        if self._projector_start is not None:
+            await asyncio.shield(self._projector_start)
 
     @property
     def owned(self) -> bool:
@@ -317,7 +323,12 @@ async def _start_actors(system: System, names: tuple[str, ...], *, config: Confi
             actor = Notifier(bus, [target.for_actor() for target in config.notify])
         else:
             raise CorralError(f"unknown actor {name!r}; known: {', '.join(ALL_ACTORS)}")
-        await actor.start()
+        if name == "projector" and system.mode == "ephemeral":
+            # A command's projector opens its DuckDB worker (a process) while the command goes on:
+            # `corral run` starts the agent meanwhile; the API's answers wait for it (issue 20 §6).
+            system._projector_start = asyncio.create_task(actor.start(), name="projector start")
+        else:
+            await actor.start()
         system.actors[name] = actor
 
 
@@ -336,6 +347,7 @@ async def _shutdown(system: System) -> None:
         if projector is not None:
             try:
                 with contextlib.suppress(Exception):
+                    await system.projector_started()
                     if not projector.locked_out:  # a locked-out projector has nothing to catch up now
                         await projector.wait_for_position(
                             await last_sequence(system.bus.js),
@@ -430,6 +442,7 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
         reply: dict[str, Any]
         try:
             request = orjson.loads(msg.data)
+            await system.projector_started()
             if projector.locked_out:
                 raise ProjectionError(f"the projector cannot answer yet: {projector.locked_out}")
             snapshot = export == "snapshot"
@@ -489,6 +502,7 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
                 await nc.publish(progress, orjson.dumps({"done": done, "total": total}))
 
         try:
+            await system.projector_started()
             applied = await rebuild_database(
                 projector.bus, projector, report=report, force=bool(request.get("force"))
             )  # as the projector role
