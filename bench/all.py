@@ -54,6 +54,8 @@ QUICK: dict[str, list[str]] = {
     "startup": ["--runs", "3"],
     "spawn": ["--n", "10", "--warmup", "2"],
     "notify": ["--events", "60", "--rate", "20"],
+    "api": ["--clients", "10", "--rate", "200", "--seconds", "3", "--history", "1000"],
+    "console": ["--history", "1000", "--events", "200", "--rate", "100", "--loads", "2"],
     "supervise": ["--agents", "20", "--window", "5"],
     "load": ["--agents", "20", "--duration", "5"],
 }
