@@ -11,6 +11,7 @@ a session used after sign-out, a bad token and a forged sign-in post.
 import json
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,15 @@ def test_line_comment_reaches_the_agent_and_a_file_is_rolled_back(console: dict[
         page.goto(f"{console['url']}/x/{execution_id}/changes?from=0&to={n}&view=split")
         page.wait_for_selector("section.file[data-path='other.txt'] table.split td.code.add")
         assert page.locator("section.file[data-path='README.md']").count() == 0
+        # commit the worktree from the page: on the run's branch, with that message
+        page.fill("input[name=message]", "from the console")
+        page.click("button[value=commit]")
+        assert "committed" in flash(page, "committed")
+        page.wait_for_url(re.compile(r"msg=committed"))
+        subject = subprocess.run(
+            ["git", "-C", str(worktree), "log", "-1", "--format=%s"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        assert subject == "from the console"
         # once it ended, comments cannot reach a plain command: said, nothing started
         with api(console) as http:
             http.post(f"/api/executions/{execution_id}/cancel", json={"grace_s": 0})
@@ -398,6 +408,15 @@ def test_start_a_run_from_the_form_then_search_compare_and_health(console: dict[
         assert page.locator(f"td a.xid[href='/x/{first}']").count() >= 1
         page.goto(f"{console['url']}/compare?a={first}&b={second}")
         page.wait_for_selector("table.compare")
+        # lineage: a replay of the first run is listed on both pages
+        with api(console) as http:
+            replayed = http.post(f"/api/executions/{first}/replay")
+            assert replayed.status_code == 201, replayed.text
+            replay = replayed.json()["execution_id"]
+        page.goto(f"{console['url']}/x/{first}")
+        assert f"replay: {replay}" in (page.text_content("ul.lineage") or "")
+        page.goto(f"{console['url']}/x/{replay}")
+        assert f"replay of: {first}" in (page.text_content("ul.lineage") or "")
         page.goto(console["url"] + "/health")
         assert "projector" in (page.text_content("main") or "")
         bad = page.request.post(
