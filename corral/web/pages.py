@@ -162,7 +162,7 @@ def action_form(action: str, csrf: str, inner: str, *, cls: str = "act", confirm
 # --- sign in -----------------------------------------------------------------------------------
 
 
-def login_page(nonce: str, next_path: str, message: str | None = None) -> str:
+def login_page(nonce: str, next_path: str, message: str | None = None, *, error: bool = True) -> str:
     main = (
         '<section class="login"><h1>Sign in</h1>'
         '<form method="post" action="/login">'
@@ -172,7 +172,7 @@ def login_page(nonce: str, next_path: str, message: str | None = None) -> str:
         "<p>Make one with <code>corral token create NAME --role operator</code> (or <code>--role tap</code> "
         "to look without touching).</p></section>"
     )
-    return layout("Sign in", main, page="login", message=message, error=bool(message))
+    return layout("Sign in", main, page="login", message=message, error=error)
 
 
 # --- fleet -------------------------------------------------------------------------------------

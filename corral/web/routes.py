@@ -245,7 +245,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
     def login_response(request: Request, next_path: str, message: str | None, status: int = 200) -> Response:
         """The sign-in form with a fresh one-time value, set in its cookie too (double submit)."""
         nonce = secrets.token_urlsafe(24)
-        response = html(pages.login_page(nonce, next_path, message), status)
+        response = html(pages.login_page(nonce, next_path, message, error=status != 200), status)
         response.set_cookie(
             LOGIN_COOKIE, nonce, max_age=3600, httponly=True, samesite="strict", secure=request.url.scheme == "https"
         )
