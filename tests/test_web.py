@@ -374,6 +374,9 @@ def test_sign_in_refuses_bad_tokens_and_forged_posts(console: dict[str, Any]) ->
         page.click("button[type=submit]")
         page.wait_for_selector("#fleet", state="attached")
         ctx.clear_cookies()
+        # a crafted link cannot make a page say something: only messages this server signed are shown
+        page.goto(console["url"] + "/login?msg=Your+token+expired%2C+paste+it+at+evil.example&sig=0")
+        assert page.locator("#flash").is_hidden()
         # an open redirect through `next` is not followed
         page.goto(console["url"] + "/login?next=//evil.example/")
         page.fill("input[name=token]", console["operator"])

@@ -171,12 +171,35 @@ def html(body: str, status: int = 200, headers: dict[str, str] | None = None) ->
     return HTMLResponse(body, status_code=status, headers={**SECURITY_HEADERS, **(headers or {})})
 
 
-def done(request: Request, message: str, *, back: str, extra: dict[str, Any] | None = None) -> Response:
-    """The answer to a form post: JSON for the script, else a redirect back with the message."""
-    if wants_json(request):
-        return JSONResponse({"ok": True, "message": message, **(extra or {})}, headers=SECURITY_HEADERS)
+_FLASH_KEY = secrets.token_bytes(32)  # signs the messages pages show from their URL (this process only)
+
+
+def _flash_sig(message: str) -> str:
+    return hmac.new(_FLASH_KEY, message.encode(), "sha256").hexdigest()[:32]
+
+
+def with_message(back: str, message: str) -> str:
+    """`back` with a message the page will show: signed, so a crafted link cannot make a page say anything."""
     sep = "&" if "?" in back else "?"
-    return RedirectResponse(f"{back}{sep}msg={quote(message)}", status_code=303, headers=SECURITY_HEADERS)
+    return f"{back}{sep}msg={quote(message)}&sig={_flash_sig(message)}"
+
+
+def message_of(request: Request) -> str | None:
+    """The message a page was sent back with, if this server signed it."""
+    message = request.query_params.get("msg")
+    signature = request.query_params.get("sig", "")
+    if not message or not hmac.compare_digest(signature.encode(), _flash_sig(message).encode()):
+        return None
+    return message
+
+
+def done(request: Request, message: str, *, back: str, extra: dict[str, Any] | None = None) -> Response:
+    """The answer to a form post: JSON for the script (with `next`, the page to show it on), else a
+    redirect back with the message."""
+    if wants_json(request):
+        answer = {"ok": True, "message": message, "next": with_message(back, message), **(extra or {})}
+        return JSONResponse(answer, headers=SECURITY_HEADERS)
+    return RedirectResponse(with_message(back, message), status_code=303, headers=SECURITY_HEADERS)
 
 
 def mount(app: FastAPI, gateway: Any) -> None:

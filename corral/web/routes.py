@@ -26,10 +26,12 @@ from corral.web import (
     Console,
     done,
     html,
+    message_of,
     pages,
     safe_next,
     sse,
     wants_json,
+    with_message,
 )
 
 FLEET_LIMIT = 200
@@ -237,9 +239,6 @@ def form_errors(handler: Handler) -> Handler:
 
 
 def add_routes(app: FastAPI, console: Console) -> None:
-    def message_of(request: Request) -> str | None:
-        return request.query_params.get("msg") or None
-
     # --- sign in and out ---------------------------------------------------------------------
 
     def login_response(request: Request, next_path: str, message: str | None, status: int = 200) -> Response:
@@ -290,7 +289,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
     async def logout(request: Request) -> Response:
         who, _ = await console.acting(request)
         console.sessions.close(who.sid)
-        response = RedirectResponse("/login?msg=signed+out", status_code=303, headers=SECURITY_HEADERS)
+        response = RedirectResponse(with_message("/login", "signed out"), status_code=303, headers=SECURITY_HEADERS)
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
 

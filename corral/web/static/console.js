@@ -56,10 +56,8 @@
       form.dispatchEvent(new CustomEvent('corral:done', { bubbles: true, detail: answer }));
       if (answer.url) window.location.assign(answer.url);
       else if (page === 'changes' && (form.closest('#diffs') || form.closest('.controls'))) {
-        const next = new URL(window.location.href); // the diff changed: show it again, with the message
-        next.searchParams.set('msg', answer.message || 'done');
-        next.hash = '';
-        window.setTimeout(() => window.location.assign(next.toString()), 300);
+        // the diff changed: show it again, with the message (signed by the server in `next`)
+        window.setTimeout(() => window.location.assign(answer.next || window.location.pathname), 300);
       }
     } else {
       flash(`${response.status}: ${answer.error || 'refused'}`, true);
