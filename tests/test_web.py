@@ -180,7 +180,8 @@ def test_approval_in_the_phone_inbox_approved_lets_the_agent_finish(console: dic
     desk = sign_in(console, init=RECORD_NOTIFICATIONS)
     try:
         live(desk)  # its event stream is connected before the agent asks
-        execution_id = submit(console, agent_command("deploy", "--ask-approval", "deploy", "--steps", "1")[1:])
+        asks = agent_command("deploy", "--ask-approval", "deploy", "--steps", "2", "--sleep", "0", "--heartbeat")
+        execution_id = submit(console, asks[1:])
         # attention on the open console tab: a notification and the title badge
         desk.locator("#nav-approvals", has_text="1").wait_for()
         assert desk.title().startswith("(1) ")
@@ -204,6 +205,7 @@ def test_approval_in_the_phone_inbox_approved_lets_the_agent_finish(console: dic
             assert phone.evaluate("document.documentElement.scrollWidth") <= 390, path
         phone.goto(console["url"] + "/")
         phone.wait_for_selector(f"#x-{execution_id}")
+        assert phone.text_content(f"#x-{execution_id} .c-progress") == "100%"  # its last heartbeat's progress
         shot(phone, "fleet-phone")
         # the desktop inbox, open meanwhile, re-renders live: the card moved to the decided ones, with who decided
         decided = desk.wait_for_selector("article.approval.decided")
