@@ -194,6 +194,7 @@ def test_approval_in_the_phone_inbox_approved_lets_the_agent_finish(console: dic
         assert phone.title().startswith("(1)")  # the title badge counts the pending approval
         desk.goto(console["url"] + "/approvals")
         desk.wait_for_selector("article.approval.pending")
+        shot(desk, "approvals")
         shot(phone, "approvals-phone")
         phone.click("article.approval.pending button.approve[value=yes]")
         assert "approved (yes)" in flash(phone, "approved")
