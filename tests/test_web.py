@@ -333,6 +333,20 @@ def test_tap_cannot_press_controls_csrf_is_required_and_sign_out_ends_the_sessio
         assert status(console, execution_id)["state"] == "paused"
         watch.wait_for_selector(f"#x-{execution_id}[data-state=paused]")
         watch.close()
+        operator.click("button[value=resume]")
+        assert flash(operator, "resumed") == "resumed"
+        operator.locator("#x-state", has_text="running").wait_for()  # the page's status follows, live
+        operator.fill("input[name=text]", "hello")
+        operator.click("button[value=input]")
+        assert flash(operator, "sent") == "sent 6 bytes to the agent"
+        operator.click("button[value=extend]")
+        assert flash(operator, "extended") == "hard timeout extended by 600s"
+        with api(console, "tap") as http:
+            kinds = http.post(
+                "/api/sql",
+                json={"sql": f"SELECT type FROM events WHERE execution_id = '{execution_id}' ORDER BY seq"},
+            ).json()["rows"]
+        assert {"execution.resumed", "input.delivered", "timeout.extended"} <= {k[0] for k in kinds}
         # sign out: the cookie no longer opens anything, even replayed by hand
         cookie = next(c for c in operator.context.cookies() if c["name"] == "corral_session")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
