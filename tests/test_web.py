@@ -347,6 +347,9 @@ def test_tap_cannot_press_controls_csrf_is_required_and_sign_out_ends_the_sessio
                 json={"sql": f"SELECT type FROM events WHERE execution_id = '{execution_id}' ORDER BY seq"},
             ).json()["rows"]
         assert {"execution.resumed", "input.delivered", "timeout.extended"} <= {k[0] for k in kinds}
+        operator.click("button[value=cancel]")  # asks to confirm (accepted)
+        assert flash(operator, "cancelled").startswith("cancelled: execution.")
+        operator.locator("#x-state", has_text="exited").wait_for()
         # sign out: the cookie no longer opens anything, even replayed by hand
         cookie = next(c for c in operator.context.cookies() if c["name"] == "corral_session")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
