@@ -403,6 +403,15 @@ def test_sign_in_refuses_bad_tokens_and_forged_posts(console: dict[str, Any]) ->
         page.click("button[type=submit]")
         page.wait_for_selector("#fleet", state="attached")
         assert page.url.rstrip("/") == console["url"]
+        # filters are values, not SQL: quotes in them find nothing and change nothing
+        with api(console, "tap") as http:
+            events_before = http.post("/api/sql", json={"sql": "SELECT count(*) FROM events"}).json()["rows"][0][0]
+        page.goto(console["url"] + "/?q=%27%3B+DROP+TABLE+events%3B+--&label=x%27%29+OR+1%3D1+--%3Dy&repo=%27")
+        page.wait_for_selector("#fleet", state="attached")
+        assert page.locator("#fleet-rows tr").count() == 0
+        with api(console, "tap") as http:
+            events_after = http.post("/api/sql", json={"sql": "SELECT count(*) FROM events"}).json()["rows"][0][0]
+        assert events_after >= events_before  # the table is there, nothing was removed
         missing = page.request.get(console["url"] + "/x/zzzzzzzz")
         assert missing.status == 404 and "no execution matches" in missing.text() and "<html" in missing.text()
         headers = page.request.get(console["url"] + "/").headers
