@@ -12,7 +12,9 @@ import json
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,18 @@ TIMEOUT_MS = 30_000
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("web")
-    env = cli_environment(CORRAL_HOME=str(root / "home"))
+    env = cli_environment(CORRAL_HOME=str(root / "home"), **{FORGE_TOKEN_ENV: "forge-token-5e1f"})
     env.pop("CORRAL_NATS_URL", None)
     cli = Cli(root / "home", env)
     repo = make_repo(root / "repo")
+    subprocess.run(["git", "init", "-q", "--bare", str(root / "remote.git")], check=True)
+    subprocess.run(["git", "-C", str(repo), "remote", "add", "origin", str(root / "remote.git")], check=True)
+    subprocess.run(["git", "-C", str(repo), "push", "-q", "origin", "main"], check=True)
+    forge = FakeForge()
+    cli.home.mkdir(parents=True, exist_ok=True)
+    (cli.home / "corral.toml").write_text(
+        f'[forge]\nbase_url = "{forge.url}"\nrepo = "acme/widgets"\ntoken_env = "{FORGE_TOKEN_ENV}"\n'
+    )
     up = start_up(cli, "--http", "127.0.0.1:0")
     try:
         url = wait_until(
@@ -46,11 +56,62 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         with playwright_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
             try:
-                yield {"cli": cli, "url": str(url), "repo": repo, "operator": operator, "tap": tap, "browser": browser}
+                yield {
+                    "cli": cli,
+                    "url": str(url),
+                    "repo": repo,
+                    "operator": operator,
+                    "tap": tap,
+                    "browser": browser,
+                    "forge": forge,
+                }
             finally:
                 browser.close()
     finally:
         stop_up(cli, up)
+        forge.close()
+
+
+FORGE_TOKEN_ENV = "CORRAL_TEST_WEB_FORGE_TOKEN"
+
+
+class FakeForge:
+    """A GitHub-shaped forge on 127.0.0.1 (as in tests/test_pr.py): records the pull requests it is asked for."""
+
+    def __init__(self) -> None:
+        self.pulls: list[dict[str, Any]] = []
+        forge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "GET" and self.path == "/api/repos/acme/widgets":
+                    status, payload = 200, {"full_name": "acme/widgets", "default_branch": "main"}
+                elif self.command == "POST" and self.path == "/api/repos/acme/widgets/pulls":
+                    forge.pulls.append(json.loads(body))
+                    status, payload = 201, {"number": 7, "html_url": "http://127.0.0.1/acme/widgets/pull/7"}
+                else:
+                    status, payload = 404, {"message": "Not Found"}
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = _answer
+            do_POST = _answer
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def api(console: dict[str, Any], token: str = "operator") -> httpx.Client:
@@ -283,6 +344,14 @@ def test_line_comment_reaches_the_agent_and_a_file_is_rolled_back(console: dict[
             ["git", "-C", str(worktree), "log", "-1", "--format=%s"], capture_output=True, text=True, check=True
         ).stdout.strip()
         assert subject == "from the console"
+        # push the branch and open a pull request from the page
+        page.fill("input[name=title]", "Console change")
+        page.click("button[value=pr]")
+        assert "http://127.0.0.1/acme/widgets/pull/7" in flash(page, "pull request")
+        assert [(p["title"], p["head"]) for p in console["forge"].pulls] == [
+            ("Console change", f"corral/{execution_id}")
+        ]
+        page.wait_for_url(re.compile(r"msg=pull"))
         # once it ended, comments cannot reach a plain command: said, nothing started
         with api(console) as http:
             http.post(f"/api/executions/{execution_id}/cancel", json={"grace_s": 0})

@@ -473,7 +473,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
         if not title:
             raise UsageError("a pull request needs a title")
         answer = await who.client.pr(execution_id, title=title, body=form.get("body") or None)
-        url = str((answer.get("data") or {}).get("url") or "")
+        url = str(answer.get("url") or (answer.get("data") or {}).get("url") or "")
         return done(request, f"pull request opened {url}".strip(), back=f"/x/{execution_id}/changes")
 
     @app.post("/x/{execution_id}/review", include_in_schema=False)
