@@ -19,6 +19,13 @@ sequence and the consumer's applied position (Corral: `corral.api.projections.po
 its own reply subject). The lag of a sample is the time until a later sample shows the
 position at or past that sample's last sequence (resolution 0.25 s); p50/p99 over the window.
 
+Lag is also traced per output line (issue 20 §1): each agent line carries the time it was
+written ($EPOCHREALTIME); a plain JetStream subscriber in this process records when each output
+event reaches it (the floor: what writing, spooling, publishing, storing and delivering cost
+before any projector), and the applied position is polled every 20 ms: a line's lag is the
+first poll at or past its event's sequence minus its write time. The JSON line's headline is
+Corral's traced p99 (target 0.25 s), beside the raw stack's.
+
     .venv/bin/python bench/load.py [--agents 100,250,500] [--duration 20] [--lines 2]
 """
 
@@ -44,6 +51,7 @@ from nats.js.api import DeliverPolicy
 
 from bench.common import (
     RAW_EVENTS_DDL,
+    _cmdline,
     connect_home,
     cpu_seconds,
     insert_raw_events,
@@ -206,7 +214,8 @@ async def measure_corral(n: int, duration: float, lines: int, root: Path) -> dic
 
         shims = pids_matching(f"actors.shim {home}")
         nats = nats_server_of(home)
-        groups = {"up": [up.pid], "shims": shims, "nats": nats}
+        worker = [pid for pid in pids_matching("projections.worker") if str(home) in _cmdline(pid)]
+        groups = {"up": [up.pid], "shims": shims, "nats": nats, "worker": worker}
         tracer = Tracer(position)
         sub = await bus.js.subscribe(
             "corral.evt.*.output",
@@ -220,9 +229,10 @@ async def measure_corral(n: int, duration: float, lines: int, root: Path) -> dic
         await bus.close()
         return {
             **figures,
-            "cpu": shares["up"] + shares["shims"],
+            "cpu": shares["up"] + shares["shims"] + shares["worker"],
             "cpu_threads": shares["up"] - shares["main"],
             "cpu_shims": shares["shims"],
+            "cpu_worker": shares["worker"],  # the projector's DuckDB worker process
         }
     finally:
         stop_up(up, f"{n} agents and itself")
@@ -456,7 +466,7 @@ async def steady_window(
 
 def row(label: str, r: dict[str, float]) -> str:
     split = f"loop {r['cpu_loop']:.1f} / threads {r.get('cpu_threads', r['cpu'] - r['cpu_loop']):.1f}" + (
-        f" / shims {r['cpu_shims']:.1f}" if "cpu_shims" in r else ""
+        f" / shims {r['cpu_shims']:.1f} / DuckDB worker {r['cpu_worker']:.1f}" if "cpu_shims" in r else ""
     )
     return (
         f"{label:<8} {r['events_s']:>9,.0f} {r['lag_p50']:>8.2f}s {r['lag_p99']:>8.2f}s "
