@@ -17,6 +17,7 @@ from corral import (
     history,
     mcp_server,
     notify,
+    pipelines,
     tokens,
     worktrees,
     wrap,
@@ -195,6 +196,7 @@ TOPICS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("history", ("search", "compare", "replay", "fork", "export", "tap", "sql", "snapshot")),
     ("system", ("up", "down", "health", "templates", "credentials", "projections", "schema", "wrap")),
     ("api and notifications", ("token", "mcp", "notify")),
+    ("orchestration", ("pipelines", "pipeline")),
 )
 
 
@@ -213,7 +215,7 @@ def _group_commands(parser: argparse.ArgumentParser, sub: "argparse._SubParsersA
 
 
 # Each feature module adds its own subcommands and returns {command name: handler}.
-FEATURES: Final = (changes, worktrees, history, approvals, tokens, mcp_server, notify)
+FEATURES: Final = (changes, worktrees, history, approvals, tokens, mcp_server, notify, pipelines)
 
 
 COMMANDS: dict[str, Any] = {

@@ -482,6 +482,7 @@ class Config(_Frozen):
     policy: dict[str, Any] = Field(default_factory=dict)
     prices: dict[str, dict[str, float]] = Field(default_factory=dict)  # [prices.MODEL], USD per million tokens
     notify: tuple[NotifyTarget, ...] = ()  # [[notify]] entries (docs/notifications.md)
+    pipelines: dict[str, "Pipeline"] = Field(default_factory=dict)  # [pipelines.NAME] (docs/orchestration.md)
     # [defaults] agent_idle_timeout: None when not written (then [defaults] idle_timeout if written,
     # else DEFAULT_AGENT_IDLE_TIMEOUT_S); 0 when written "none" (agents are not watched for idleness)
     agent_idle_timeout_s: float | None = None
@@ -773,6 +774,7 @@ class _ConfigFile(_Frozen):
     policy: dict[str, Any] = Field(default_factory=dict)
     prices: dict[str, _PriceFile] = Field(default_factory=dict)
     notify: list[_NotifyFile] = Field(default_factory=list)  # [[notify]]
+    pipelines: dict[str, dict[str, Any]] = Field(default_factory=dict)  # checked by _pipelines
 
 
 _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
@@ -958,6 +960,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
         policy=parsed.policy,
         prices={name: price.model_dump() for name, price in parsed.prices.items()},
         notify=_notify_targets(parsed.notify, set(parsed.templates), label),
+        pipelines=_pipelines(parsed.pipelines, set(parsed.templates), label),
         agent_idle_timeout_s=parsed.defaults.agent_idle_timeout,
         label=label,
     )
@@ -1174,3 +1177,76 @@ def cmd_templates(home: Home, args: Any) -> int:
         else:
             sys.stderr.write(f"corral: no templates in {config.source}; add a [templates.NAME] table\n")
     return 0
+
+
+# --- [pipelines.NAME]: stages run one after another by the conductor (docs/orchestration.md) -----
+
+PIPELINE_END = ("done", "fail")  # the edges that end a run: passed, failed
+
+
+class PipelineStage(_Frozen):
+    """One `[[pipelines.NAME.stages]]` entry, checked: an agent, a command, or a hook (`run`, a shell line)."""
+
+    name: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)]
+    agent: Literal["claude-code", "codex", "gemini", "aider"] | None = None
+    template: StrictStr | None = None
+    task: StrictStr | None = None  # {{variables}}: docs/orchestration.md
+    command: tuple[StrictStr, ...] | None = None
+    run: StrictStr | None = None  # a hook: `sh -c RUN` in the run's worktree (a verifier: the tests)
+    on_passed: StrictStr | None = None  # default: the next stage, or done after the last
+    on_failed: StrictStr = "fail"
+    on_changes_requested: StrictStr = "fail"
+    timeout: LimitDuration = None
+
+    @property
+    def kind(self) -> Literal["agent", "command", "hook"]:
+        return "hook" if self.run is not None else "agent" if self.agent else "command"
+
+    @model_validator(mode="after")
+    def _one_thing_to_run(self) -> "PipelineStage":
+        given = [k for k in ("agent", "command", "run") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"stage {self.name!r}: give one of agent, command or run (got {', '.join(given)})")
+        if not given and self.template is None:
+            raise ValueError(f"stage {self.name!r}: give agent (with task), command, run or template")
+        if self.agent and not self.task:
+            raise ValueError(f"stage {self.name!r}: an agent stage needs a task")
+        return self
+
+
+class Pipeline(_Frozen):
+    name: str
+    description: StrictStr = ""
+    stages: Annotated[tuple[PipelineStage, ...], Field(min_length=1)]
+    max_rounds: Annotated[StrictInt, Field(ge=1, le=100)] = 3  # a stage starts at most this often per run
+    vars: dict[str, StrictStr] = Field(default_factory=dict)  # defaults of --var
+
+
+def _pipelines(raw: dict[str, dict[str, Any]], templates: set[str], label: str) -> dict[str, Pipeline]:
+    """[pipelines.NAME] tables as Pipelines: names, stage names unique, edges and templates defined."""
+    found: dict[str, Pipeline] = {}
+    for name, table in sorted(raw.items()):
+        where = f"{label}: pipelines.{name}"
+        if not TEMPLATE_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: bad pipeline name: use lowercase letters, digits, - and _")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table")
+        try:
+            pipeline = Pipeline.model_validate({**table, "name": name})
+        except ValidationError as exc:
+            raise ConfigError(_one_line(f"{where}: {_validation_message(exc)}")) from None
+        names = [s.name for s in pipeline.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: two stages have the same name; names: {', '.join(names)}")
+        for i, stage in enumerate(pipeline.stages):
+            if stage.template is not None and stage.template not in templates:
+                known = ", ".join(sorted(templates)) or "none defined"
+                raise ConfigError(f"{where}.stages[{i}].template: no template {stage.template!r} (known: {known})")
+            for key in ("on_passed", "on_failed", "on_changes_requested"):
+                target = getattr(stage, key)
+                if target is not None and target not in names and target not in PIPELINE_END:
+                    raise ConfigError(
+                        f"{where}.stages[{i}].{key}: no stage {target!r} (stages: {', '.join(names)}; or done, fail)"
+                    )
+        found[name] = pipeline
+    return found

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 # The notifier runs on every host, idle without [[notify]] entries (no consumer: it claims nothing
 # that a host with entries would send), so every host reports the same actors (`corral health`).
-ALL_ACTORS = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector", "notifier")
+ALL_ACTORS = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector", "notifier", "conductor")
 SERVER_CHECK_S = 0.5
 
 
@@ -321,6 +321,10 @@ async def _start_actors(system: System, names: tuple[str, ...], *, config: Confi
             from actors.notifier import Notifier  # [[notify]] (docs/notifications.md)
 
             actor = Notifier(bus, [target.for_actor() for target in config.notify])
+        elif name == "conductor":
+            from actors.conductor import Conductor  # [pipelines.NAME] runs (docs/orchestration.md)
+
+            actor = Conductor(bus)
         else:
             raise CorralError(f"unknown actor {name!r}; known: {', '.join(ALL_ACTORS)}")
         if name == "projector" and system.mode == "ephemeral":
@@ -339,7 +343,7 @@ async def _shutdown(system: System) -> None:
             await sub.unsubscribe()
     try:
         # No reaction to the agents a stopping spawner ends; then their exit checkpoints.
-        for name in ("watchdog", "spawner", "checkpointer", "validator", "approver", "notifier"):
+        for name in ("conductor", "watchdog", "spawner", "checkpointer", "validator", "approver", "notifier"):
             actor = system.actors.get(name)
             if actor is not None:
                 await actor.stop()

@@ -181,6 +181,8 @@ OPERATOR_EVENTS: Final = (
     "pr.opened",
     "pr.failed",
     "workspace.removed",
+    "pipeline.requested",
+    "pipeline.cancel.requested",
 )
 QUERY_API: Final = (API_SQL, API_POSITION)
 
@@ -258,6 +260,22 @@ ROLES: Final[dict[str, Role]] = {
         publish=(*_events("notification.sent", "notification.failed"), *_work_consumers("notifier")),
         durables=("notifier",),
     ),
+    # Runs pipelines (actors/conductor.py): claims each stage with an optimistic append, requests its
+    # execution, cancels it when the run is cancelled; one shared durable of triggers.
+    "conductor": Role(
+        publish=(
+            *_events(
+                "pipeline.started",
+                "stage.started",
+                "stage.finished",
+                "pipeline.finished",
+                "execution.requested",
+                "cancel.requested",
+            ),
+            *_work_consumers("conductor"),
+        ),
+        durables=("conductor",),
+    ),
     # The HTTP gateway (corral/http.py) for its operator tokens: what an operator may do, and
     # decisions only on `decide.token.<name>` (the approver records the token's name as decider).
     "api": Role(
@@ -278,7 +296,16 @@ ROLES: Final[dict[str, Role]] = {
         actor=False,
     ),
 }
-ACTOR_ROLES: Final = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector", "notifier")
+ACTOR_ROLES: Final = (
+    "spawner",
+    "watchdog",
+    "checkpointer",
+    "validator",
+    "approver",
+    "projector",
+    "notifier",
+    "conductor",
+)
 
 
 def operator_role(name: str) -> Role:

@@ -596,3 +596,73 @@ class NotificationFailed(EventData):
     error: str
     final: bool = False
     retry_in_s: float | None = None
+
+
+# --- pipelines (conductor; docs/orchestration.md) --------------------------------------------------
+
+# A pipeline run's events are on its own id (8 characters, like an execution's): corral.evt.<run_id>.<type>.
+StageOutcome = Literal["passed", "failed", "changes_requested"]
+
+
+@event_type("pipeline.requested")
+class PipelineRequested(EventData):
+    """Someone asks for a run of a `[pipelines.NAME]`; its stages are resolved here, so the conductor
+    needs no corral.toml and a run means what it meant when it was asked for."""
+
+    pipeline: str
+    repo: str
+    base: str = "HEAD"
+    vars: dict[str, str] = Field(default_factory=dict)
+    stages: tuple[dict[str, Any], ...] = Field(min_length=1)  # corral/pipelines.py resolve_stages
+    max_rounds: int = Field(default=3, ge=1)  # a stage starts at most this many times in one run
+    requested_by: str | None = None
+
+
+@event_type("pipeline.started")
+class PipelineStarted(EventData):
+    """A conductor took the run (the first to append it; the others follow its stages)."""
+
+    conductor: str
+
+
+@event_type("stage.started")
+class StageStarted(EventData):
+    """A conductor started step `step` (1, 2, ...) of the run: stage `stage`, its `round`-th start,
+    as execution `execution_id`. Appended with the run's last stage.started sequence expected:
+    two conductors never start one step twice."""
+
+    stage: str
+    step: int = Field(ge=1)
+    round: int = Field(ge=1)
+    execution_id: str
+    kind: Literal["agent", "command", "hook"]
+    worktree: str | None = None  # the run's worktree it runs in (None: the first stage makes it)
+
+
+@event_type("stage.finished")
+class StageFinished(EventData):
+    """How step `step` ended, and where the run goes next (`next`: a stage, `done` or `fail`)."""
+
+    stage: str
+    step: int = Field(ge=1)
+    execution_id: str
+    outcome: StageOutcome
+    exit_code: int | None = None
+    verdict: str | None = None  # a reviewer's `approved` / `changes_requested` (docs/orchestration.md)
+    comments: str | None = None
+    result: str | None = None  # the agent's final result, or the tail of a command's output
+    error: str | None = None  # why it failed to run (execution.failed), when it did
+    next: str
+
+
+@event_type("pipeline.finished")
+class PipelineFinished(EventData):
+    outcome: Literal["passed", "failed", "cancelled"]
+    reason: str | None = None
+    steps: int = 0
+
+
+@event_type("pipeline.cancel.requested")
+class PipelineCancelRequested(EventData):
+    reason: str | None = None
+    requested_by: str | None = None

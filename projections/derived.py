@@ -53,6 +53,17 @@ DERIVED_DDL: Final = [
     """CREATE TABLE IF NOT EXISTS tool_calls (
         seq UBIGINT, execution_id VARCHAR, ts TIMESTAMPTZ, call_id VARCHAR, name VARCHAR,
         input_summary VARCHAR, shell_command VARCHAR, ok BOOLEAN, result_summary VARCHAR, result_seq UBIGINT)""",
+    # pipeline runs and their steps (actors/conductor.py, docs/orchestration.md)
+    """CREATE TABLE IF NOT EXISTS pipelines (
+        run_id VARCHAR PRIMARY KEY, pipeline VARCHAR, repo VARCHAR, base VARCHAR, vars JSON, stages VARCHAR[],
+        max_rounds INTEGER, requested_by VARCHAR, requested_at TIMESTAMPTZ, state VARCHAR, conductor VARCHAR,
+        started_at TIMESTAMPTZ, steps INTEGER, reason VARCHAR, finished_at TIMESTAMPTZ, requested_seq UBIGINT,
+        updated_seq UBIGINT)""",
+    """CREATE TABLE IF NOT EXISTS stages (
+        run_id VARCHAR, step INTEGER, stage VARCHAR, round INTEGER, kind VARCHAR, execution_id VARCHAR,
+        worktree VARCHAR, started_at TIMESTAMPTZ, outcome VARCHAR, exit_code INTEGER, verdict VARCHAR,
+        comments VARCHAR, result VARCHAR, error VARCHAR, next VARCHAR, finished_at TIMESTAMPTZ,
+        started_seq UBIGINT, finished_seq UBIGINT, PRIMARY KEY (run_id, step))""",
 ]
 
 DERIVED_TABLES: Final = (
@@ -64,6 +75,8 @@ DERIVED_TABLES: Final = (
     "inputs",
     "usage",
     "tool_calls",
+    "pipelines",
+    "stages",
 )
 
 # Output rows projected from the output stream (CORRAL_OUTPUT, docs/retention.md) carry this plus
@@ -170,6 +183,46 @@ BATCH_SQL: Final = [
              GROUP BY ALL) AS r
        WHERE tool_calls.execution_id = r.execution_id AND tool_calls.call_id = r.call_id
          AND tool_calls.result_seq IS NULL""",
+    # pipelines: the request fills the row; started and finished (later in the log) move its state.
+    """INSERT INTO pipelines (run_id, pipeline, repo, base, vars, stages, max_rounds, requested_by, requested_at,
+                              state, requested_seq, updated_seq)
+       SELECT execution_id, arg_min(data->>'pipeline', seq), arg_min(data->>'repo', seq),
+        arg_min(data->>'base', seq), arg_min(data->'vars', seq),
+        arg_min(CAST(json_extract_string(data->'stages', '$[*].name') AS VARCHAR[]), seq),
+        arg_min(CAST(data->>'max_rounds' AS INTEGER), seq), arg_min(data->>'requested_by', seq), min(ts),
+        'requested', min(seq), min(seq)
+       FROM events WHERE seq > $1 AND type = 'pipeline.requested' GROUP BY execution_id
+       ON CONFLICT (run_id) DO NOTHING""",
+    """UPDATE pipelines SET conductor = s.conductor, started_at = s.ts,
+        state = CASE WHEN pipelines.finished_at IS NULL THEN 'running' ELSE pipelines.state END,
+        updated_seq = greatest(pipelines.updated_seq, s.seq)
+       FROM (SELECT execution_id, arg_min(data->>'conductor', seq) AS conductor, min(ts) AS ts, min(seq) AS seq
+             FROM events WHERE seq > $1 AND type = 'pipeline.started' GROUP BY execution_id) AS s
+       WHERE pipelines.run_id = s.execution_id AND pipelines.started_at IS NULL""",
+    """UPDATE pipelines SET state = f.outcome, reason = f.reason, steps = f.steps, finished_at = f.ts,
+        updated_seq = greatest(pipelines.updated_seq, f.seq)
+       FROM (SELECT execution_id, arg_min(data->>'outcome', seq) AS outcome, arg_min(data->>'reason', seq) AS reason,
+                    arg_min(CAST(data->>'steps' AS INTEGER), seq) AS steps, min(ts) AS ts, min(seq) AS seq
+             FROM events WHERE seq > $1 AND type = 'pipeline.finished' GROUP BY execution_id) AS f
+       WHERE pipelines.run_id = f.execution_id AND pipelines.finished_at IS NULL""",
+    """INSERT INTO stages (run_id, step, stage, round, kind, execution_id, worktree, started_at, started_seq)
+       SELECT execution_id, CAST(data->>'step' AS INTEGER), data->>'stage', CAST(data->>'round' AS INTEGER),
+        data->>'kind', data->>'execution_id', data->>'worktree', ts, seq
+       FROM events WHERE seq > $1 AND type = 'stage.started' ORDER BY seq
+       ON CONFLICT (run_id, step) DO NOTHING""",
+    """UPDATE stages SET outcome = f.outcome, exit_code = f.exit_code, verdict = f.verdict, comments = f.comments,
+        result = f.result, error = f.error, next = f.next, finished_at = f.ts, finished_seq = f.seq
+       FROM (SELECT execution_id AS run_id, CAST(data->>'step' AS INTEGER) AS step, data->>'outcome' AS outcome,
+                    CAST(data->>'exit_code' AS INTEGER) AS exit_code, data->>'verdict' AS verdict,
+                    data->>'comments' AS comments, data->>'result' AS result, data->>'error' AS error,
+                    data->>'next' AS next, ts, seq
+             FROM events WHERE seq > $1 AND type = 'stage.finished') AS f
+       WHERE stages.run_id = f.run_id AND stages.step = f.step AND stages.finished_seq IS NULL""",
+    """UPDATE pipelines SET updated_seq = greatest(pipelines.updated_seq, s.seq),
+        steps = CASE WHEN pipelines.finished_at IS NULL THEN s.steps ELSE pipelines.steps END
+       FROM (SELECT run_id, max(step) AS steps, max(greatest(started_seq, coalesce(finished_seq, 0))) AS seq
+             FROM stages WHERE started_seq > $1 OR finished_seq > $1 GROUP BY run_id) AS s
+       WHERE pipelines.run_id = s.run_id""",
     # executions: the history aggregates of the executions this batch touched
     """UPDATE executions SET fork_checkpoint = CAST(e.data->>'fork_checkpoint' AS INTEGER)
        FROM events e WHERE e.seq > $1 AND e.type = 'execution.requested'
@@ -211,6 +264,12 @@ _NEEDS: Final[list[tuple[str, ...] | None]] = [
     ("usage",),
     ("tool.called",),
     ("tool.result",),
+    ("pipeline.requested",),
+    ("pipeline.started",),
+    ("pipeline.finished",),
+    ("stage.started",),
+    ("stage.finished",),
+    ("stage.started", "stage.finished"),
     ("execution.requested",),
     ("checkpoint.created",),
     ("file.touched", "checkpoint.created"),

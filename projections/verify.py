@@ -35,6 +35,10 @@ AUTHORITY: Final[dict[str, tuple[str, ...]]] = {
     "checkpoint.created": ("checkpointer",),
     "notification.sent": ("notifier",),
     "notification.failed": ("notifier",),
+    "pipeline.started": ("conductor",),
+    "stage.started": ("conductor",),
+    "stage.finished": ("conductor",),
+    "pipeline.finished": ("conductor",),
 }
 DECISIONS: Final = ("approval.granted", "approval.denied", "approval.expired")
 LIFECYCLE_NEEDS_REQUEST: Final = ("execution.started", "execution.exited")

@@ -219,8 +219,8 @@ def test_credentials_stay_off_command_lines_and_out_of_agents(tmp_path: Path, re
         credentials_file = cli.home / "credentials.json"
         assert credentials_file.stat().st_mode & 0o777 == 0o600
         passwords = [p.encode() for p in read_credentials(credentials_file).users.values()]
-        # 7 actors (notifier included), tap, api, provisioner, alice and bob (no default `operator` then), admin
-        assert len(passwords) == 13
+        # 8 actors (notifier, conductor included), tap, api, provisioner, alice and bob (no default `operator`), admin
+        assert len(passwords) == 14
         runtime = json.loads((cli.home / "runtime.json").read_text())
         for pid in (runtime["server_pid"], up.pid):
             line = _cmdline(pid)

@@ -1,0 +1,602 @@
+"""The conductor: runs pipelines, one stage after another, from the events of each run.
+
+A run (`pipeline.requested`, published by `corral pipeline run`) carries its stages resolved: each
+stage's execution request but for its task and command, which take `{{variables}}` from the run's
+`--var`s and from earlier stages (branch, changed files, the previous stage's verdict and result).
+Everything a conductor knows about a run it reads again from the run's own events
+(`corral.evt.<run_id>.>`), so any conductor can take any step, and one restarted after a SIGKILL
+carries on where the log says the run is: a finished stage is never started again.
+
+Each step is claimed with an optimistic append, as the spawner claims an execution: `stage.started`
+expects the run's last `stage.started` sequence (0 for the first), `stage.finished` the last
+`stage.finished`'s, `pipeline.started` and `pipeline.finished` 0. Two conductors that decide the same
+step at once: one append is stored, the other is refused (WrongLastSequence) and that conductor
+reads the run again. The stage's execution is requested after its `stage.started`, with an expected
+sequence of 0 on its own subject, so a conductor that died between the two requests it once.
+
+What moves a run comes from one durable work consumer ("conductor") shared by every instance:
+`pipeline.requested`, `pipeline.cancel.requested`, and the ends of executions (`execution.exited`,
+`execution.failed`; an execution is a stage's when its request's labels name the run). A trigger is
+acked once its run has moved; one whose conductor died comes again after ACK_WAIT_S. On start, every
+run without `pipeline.finished` is moved once (what happened while no conductor ran).
+
+A stage's outcome: `passed` (exit code 0), `failed` (another exit, or the execution failed), or
+`changes_requested`: a reviewer's verdict, the last line of its final result (or of its stdout)
+that is a JSON object with a `verdict` key (docs/orchestration.md). See docs/orchestration.md.
+"""
+
+import asyncio
+import contextlib
+import logging
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import FetchTimeoutError, NotFoundError, ServiceUnavailableError
+from pydantic import ValidationError
+
+from actors.adapters import build_command
+from actors.bus import Bus
+from actors.runtime import Actor
+from events.approvals import derived_id
+from events.envelope import Event, decode_event, new_event
+from events.errors import EventError, WrongLastSequence
+from events.ids import new_execution_id
+from events.subjects import STREAM, event_subject, events_of_type, execution_events
+from events.types import (
+    AgentResult,
+    CancelRequested,
+    EventData,
+    ExecutionExited,
+    ExecutionFailed,
+    ExecutionRequested,
+    Output,
+    PipelineCancelRequested,
+    PipelineFinished,
+    PipelineRequested,
+    PipelineStarted,
+    StageFinished,
+    StageStarted,
+    WorkspaceCreated,
+)
+from replay.history import follow
+
+log = logging.getLogger(__name__)
+
+CONSUMER: Final = "conductor"
+ACK_WAIT_S: Final = 15.0
+TRIGGERS: Final = ("pipeline.requested", "pipeline.cancel.requested", "execution.exited", "execution.failed")
+RUN_LABEL: Final = "pipeline_run"  # on a stage's execution request: the run it belongs to
+STAGE_LABEL: Final = "pipeline_stage"
+RESULT_CHARS: Final = 4000  # of a stage's result (the agent's final answer, or its output's tail) recorded
+END_DONE: Final = "done"
+END_FAIL: Final = "fail"
+VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
+READ_TIMEOUT_S: Final = 30.0
+
+
+def render(text: str, values: dict[str, str], *, shell: bool = False) -> str:
+    """`{{name}}` replaced by its value ("" when unknown); in a hook's shell line each value is quoted:
+    an agent's result is text from outside, never shell code."""
+
+    def value(match: re.Match[str]) -> str:
+        found = values.get(match.group(1), "")
+        return shlex.quote(found) if shell else found
+
+    return VARIABLE.sub(value, text)
+
+
+def verdict_of(text: str) -> dict[str, Any] | None:
+    """The last line of `text` that is a JSON object with a `verdict` key."""
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if not (line.startswith("{") and line.endswith("}")):
+            continue
+        try:
+            parsed = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(parsed, dict) and isinstance(parsed.get("verdict"), str):
+            return parsed
+    return None
+
+
+@dataclass
+class Step:
+    started: StageStarted
+    started_seq: int
+    finished: StageFinished | None = None
+
+
+@dataclass
+class RunState:
+    """A run as its events tell it."""
+
+    run_id: str
+    request: PipelineRequested | None = None
+    request_id: str | None = None
+    started: bool = False
+    finished: PipelineFinished | None = None
+    cancel: PipelineCancelRequested | None = None
+    cancel_id: str | None = None
+    steps: list[Step] = field(default_factory=list)
+    last_started_seq: int = 0
+    last_finished_seq: int = 0
+
+    def stage(self, name: str) -> dict[str, Any] | None:
+        assert self.request is not None
+        return next((s for s in self.request.stages if s.get("name") == name), None)
+
+    def rounds(self, name: str) -> int:
+        return sum(1 for s in self.steps if s.started.stage == name)
+
+
+class Conductor(Actor):
+    """Moves every pipeline run to its next stage, once across instances."""
+
+    name = "conductor"
+
+    def __init__(self, bus: Bus, *, instance: str | None = None) -> None:
+        super().__init__(bus, instance=instance)
+        self.stages_started = 0
+        self.stages_finished = 0
+        self.runs_finished = 0
+        self.lost_races = 0
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._runs_of: dict[str, str] = {}  # execution id -> run id, for stages seen
+
+    def health(self) -> dict[str, Any]:
+        return {
+            **super().health(),
+            "stages_started": self.stages_started,
+            "stages_finished": self.stages_finished,
+            "runs_finished": self.runs_finished,
+            "lost_races": self.lost_races,
+        }
+
+    async def prepare(self) -> None:
+        filters = sorted(events_of_type(kind) for kind in TRIGGERS)
+        config = ConsumerConfig(
+            name=CONSUMER,
+            durable_name=CONSUMER,
+            filter_subjects=filters,
+            deliver_policy=DeliverPolicy.NEW,  # runs already in flight are moved by resume_all
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT_S,
+            max_deliver=-1,
+            max_ack_pending=1000,
+        )
+        try:
+            current = (await self.bus.js.consumer_info(STREAM, CONSUMER)).config
+        except NotFoundError:
+            await self.bus.js.add_consumer(STREAM, config)
+            return
+        if sorted(current.filter_subjects or [current.filter_subject or ""]) != filters:
+            await self.bus.js.add_consumer(STREAM, config.evolve(deliver_policy=current.deliver_policy))
+
+    async def run(self) -> None:
+        sub = await self.bus.js.pull_subscribe_bind(CONSUMER, stream=STREAM)
+        try:
+            await self.resume_all()
+            while not self.stopping.is_set():
+                try:
+                    msgs = await sub.fetch(1, timeout=0.5)
+                except (FetchTimeoutError, NatsTimeoutError, TimeoutError):
+                    continue
+                except ServiceUnavailableError:
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    await self._on_trigger(msg)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def resume_all(self) -> None:
+        """Move every run that has no `pipeline.finished` (what happened while no conductor ran)."""
+        requested = await self._subjects("pipeline.requested")
+        finished = await self._subjects("pipeline.finished")
+        for run_id in sorted(requested - finished):
+            if self.stopping.is_set():
+                return
+            try:
+                await self.advance(run_id)
+            except Exception:
+                log.exception("conductor: cannot resume pipeline run %s", run_id)
+
+    async def _subjects(self, kind: str) -> set[str]:
+        info = await self.bus.js.stream_info(STREAM, subjects_filter=events_of_type(kind))
+        return {subject.split(".")[2] for subject in (info.state.subjects or {})}
+
+    async def _on_trigger(self, msg: Msg) -> None:
+        try:
+            event = decode_event(msg.data)
+        except EventError:
+            await msg.ack()
+            return
+        try:
+            run_id = await self._run_of(event)
+            if run_id is not None:
+                await self.advance(run_id)
+        except Exception:
+            log.exception("conductor: cannot move the run of %s %s; trying again", event.type, event.id)
+            await msg.nak(delay=2.0)
+            return
+        await msg.ack()
+
+    async def _run_of(self, event: Event) -> str | None:
+        if event.type.startswith("pipeline."):
+            return event.execution_id
+        known = self._runs_of.get(event.execution_id)
+        if known is not None:
+            return known
+        request = await self._last(event.execution_id, "execution.requested")
+        if isinstance(request, ExecutionRequested):
+            return request.labels.get(RUN_LABEL)
+        return None
+
+    async def _last(self, execution_id: str, kind: str) -> EventData | None:
+        try:
+            stored = await self.bus.js.get_last_msg(STREAM, event_subject(execution_id, kind))
+        except NotFoundError:
+            return None
+        try:
+            return decode_event(stored.data or b"").data
+        except EventError:
+            return None
+
+    # --- one run ---------------------------------------------------------------------------------
+
+    async def load(self, run_id: str) -> RunState:
+        """The run's state from its events, in stored order (direct gets: no consumer per read)."""
+        state = RunState(run_id)
+        try:
+            first = await self.bus.js.get_last_msg(STREAM, event_subject(run_id, "pipeline.requested"))
+        except NotFoundError:
+            return state
+        subject = execution_events(run_id)
+        seq = first.seq or 1
+        while True:
+            try:
+                stored = await self.bus.js.get_msg(STREAM, seq=seq, subject=subject, next=True, direct=True)
+            except NotFoundError:
+                break
+            if stored.seq is None:
+                break
+            seq = stored.seq + 1
+            try:
+                event = decode_event(stored.data or b"")
+            except EventError:
+                continue
+            self._fold(state, stored.seq, event)
+        for step in state.steps:
+            self._runs_of[step.started.execution_id] = run_id
+        return state
+
+    @staticmethod
+    def _fold(state: RunState, seq: int, event: Event) -> None:
+        data = event.data
+        if isinstance(data, PipelineRequested) and state.request is None:
+            state.request, state.request_id = data, event.id
+        elif isinstance(data, PipelineStarted):
+            state.started = True
+        elif isinstance(data, StageStarted):
+            state.steps.append(Step(data, seq))
+            state.last_started_seq = seq
+        elif isinstance(data, StageFinished):
+            state.last_finished_seq = seq
+            for step in state.steps:
+                if step.started.step == data.step and step.finished is None:
+                    step.finished = data
+        elif isinstance(data, PipelineFinished):
+            state.finished = data
+        elif isinstance(data, PipelineCancelRequested) and state.cancel is None:
+            state.cancel, state.cancel_id = data, event.id
+
+    async def advance(self, run_id: str) -> None:
+        """Take every step the run's events allow now; each append lost to another conductor re-reads."""
+        async with self._locks.setdefault(run_id, asyncio.Lock()):
+            for _ in range(1000):  # each pass appends one event, or returns
+                state = await self.load(run_id)
+                try:
+                    if not await self._step(state):
+                        break
+                except WrongLastSequence:
+                    self.lost_races += 1  # another conductor took this step: read again
+            if state.finished is not None:
+                self._locks.pop(run_id, None)
+                for step in state.steps:
+                    self._runs_of.pop(step.started.execution_id, None)
+
+    async def _step(self, state: RunState) -> bool:
+        """Append the run's next event, if one is due; False when the run waits (or is over)."""
+        request = state.request
+        if request is None or state.finished is not None:
+            return False
+        if not state.started:
+            with contextlib.suppress(WrongLastSequence):
+                await self._emit(state, PipelineStarted(conductor=self.instance), expected=0)
+            return True
+        current = state.steps[-1] if state.steps else None
+        if state.cancel is not None:
+            if current is not None and current.finished is None:
+                await self._publish(
+                    current.started.execution_id,
+                    CancelRequested(reason=f"pipeline run {state.run_id} cancelled", requested_by=self.instance),
+                    event_id=derived_id(state.cancel_id or state.run_id, "pipeline-cancel"),
+                )
+            reason = state.cancel.reason or "cancelled"
+            await self._finish(state, "cancelled", reason)
+            return False
+        if current is not None and current.finished is None:
+            return await self._settle(state, current)
+        if current is None:
+            return await self._start(state, str(request.stages[0]["name"]))
+        assert current.finished is not None
+        target = current.finished.next
+        if target == END_DONE:
+            await self._finish(state, "passed", None)
+            return False
+        if target == END_FAIL:
+            last = current.finished
+            why = last.error or (f"exit code {last.exit_code}" if last.exit_code is not None else last.outcome)
+            await self._finish(state, "failed", f"stage {last.stage} {last.outcome}: {why}"[:500])
+            return False
+        if state.rounds(target) >= request.max_rounds:
+            await self._finish(
+                state,
+                "failed",
+                f"stage {target} already ran {request.max_rounds} times (max_rounds): the loop ends here",
+            )
+            return False
+        return await self._start(state, target)
+
+    async def _finish(self, state: RunState, outcome: str, reason: str | None) -> None:
+        finished = PipelineFinished(outcome=outcome, reason=reason, steps=len(state.steps))  # type: ignore[arg-type]
+        with contextlib.suppress(WrongLastSequence):
+            await self._emit(state, finished, expected=0)
+            self.runs_finished += 1
+        state.finished = finished
+
+    async def _start(self, state: RunState, name: str) -> bool:
+        """Claim the next step (stage `name`), then request its execution."""
+        assert state.request is not None
+        spec = state.stage(name)
+        if spec is None:
+            await self._finish(state, "failed", f"no stage {name!r} in the run's pipeline")
+            return False
+        worktree = await self._worktree(state)
+        round_ = state.rounds(name) + 1
+        execution_id = new_execution_id()
+        values = await self.variables(state, name, round_, worktree)
+        started = StageStarted(
+            stage=name,
+            step=len(state.steps) + 1,
+            round=round_,
+            execution_id=execution_id,
+            kind=spec.get("kind", "command"),
+            worktree=worktree,
+        )
+        try:
+            request = self.stage_request(state, spec, values, worktree)
+        except (ValueError, ValidationError) as exc:  # an agent CLI missing on this host, a bad command
+            await self._emit(state, started, expected=state.last_started_seq)
+            self._runs_of[execution_id] = state.run_id
+            await self._emit(
+                state,
+                StageFinished(
+                    stage=name,
+                    step=started.step,
+                    execution_id=execution_id,
+                    outcome="failed",
+                    error=f"cannot start: {str(exc).splitlines()[0]}"[:500],
+                    next=spec.get("on_failed") or END_FAIL,
+                ),
+                expected=state.last_finished_seq,
+            )
+            return True
+        await self._emit(state, started, expected=state.last_started_seq)
+        self.stages_started += 1
+        self._runs_of[execution_id] = state.run_id
+        await self._request(execution_id, request)
+        return True
+
+    async def _request(self, execution_id: str, request: ExecutionRequested) -> None:
+        """The stage's execution, requested once (expected sequence 0 on its own subject)."""
+        with contextlib.suppress(WrongLastSequence):
+            await self.bus.emit(execution_id, request, actor=self.instance, expected_last_subject_seq=0)
+
+    def stage_request(
+        self, state: RunState, spec: dict[str, Any], values: dict[str, str], worktree: str | None
+    ) -> ExecutionRequested:
+        """The stage's execution request: its resolved request with the task and command rendered."""
+        assert state.request is not None
+        base = dict(spec["request"])
+        task = render(str(spec["task"]), values) if spec.get("task") else None
+        kind = spec.get("kind", "command")
+        if kind == "agent":
+            command = build_command(str(base["agent"]), task, list(base.get("agent_args") or ()))
+        elif kind == "hook":
+            command = ["sh", "-c", render(str(spec["run"]), values, shell=True)]
+        else:
+            command = [render(str(word), values) for word in spec["command"]]
+        labels = {**(base.get("labels") or {}), RUN_LABEL: state.run_id, STAGE_LABEL: str(spec["name"])}
+        base.update(command=command, task=task, labels=labels, worktree=worktree)
+        return ExecutionRequested.model_validate(base)
+
+    async def _worktree(self, state: RunState) -> str | None:
+        """The run's worktree: the one its first step's execution made (later stages work in it)."""
+        if not state.steps:
+            return None
+        if state.steps[0].started.worktree:
+            return state.steps[0].started.worktree
+        made = await self._last(state.steps[0].started.execution_id, "workspace.created")
+        return made.path if isinstance(made, WorkspaceCreated) else None
+
+    async def variables(self, state: RunState, stage: str, round_: int, worktree: str | None) -> dict[str, str]:
+        """What `{{...}}` may name: the run's vars, the run, the previous stage, each stage's latest end."""
+        assert state.request is not None
+        values = dict(state.request.vars)
+        values.update(
+            run_id=state.run_id,
+            pipeline=state.request.pipeline,
+            repo=state.request.repo,
+            base=state.request.base,
+            stage=stage,
+            round=str(round_),
+            worktree=worktree or "",
+        )
+        if worktree:
+            branch, changed = await asyncio.to_thread(_git_facts, worktree)
+            values.update(branch=branch, changed_files=changed)
+        for step in state.steps:
+            done = step.finished
+            if done is None:
+                continue
+            facts = {
+                "outcome": done.outcome,
+                "verdict": done.verdict or "",
+                "comments": done.comments or "",
+                "result": done.result or "",
+                "exit_code": "" if done.exit_code is None else str(done.exit_code),
+                "execution_id": done.execution_id,
+                "stage": done.stage,
+            }
+            for key, value in facts.items():
+                values[f"{done.stage}.{key}"] = value
+                values[f"previous.{key}"] = value
+        return values
+
+    async def _settle(self, state: RunState, step: Step) -> bool:
+        """The step's execution ended: record how, and where the run goes. False while it runs."""
+        execution_id = step.started.execution_id
+        if await self._last(execution_id, "execution.requested") is None:
+            # The conductor that claimed the step died before requesting it: request it now.
+            spec = state.stage(step.started.stage)
+            if spec is None:
+                return False
+            values = await self.variables(state, step.started.stage, step.started.round, step.started.worktree)
+            try:
+                request = self.stage_request(state, spec, values, step.started.worktree)
+            except (ValueError, ValidationError):
+                return False
+            await self._request(execution_id, request)
+            return False
+        failed = await self._last(execution_id, "execution.failed")
+        exited = await self._last(execution_id, "execution.exited")
+        if not isinstance(failed, ExecutionFailed) and not isinstance(exited, ExecutionExited):
+            return False
+        spec = state.stage(step.started.stage) or {}
+        result, found = await self._result(execution_id)
+        verdict = verdict_of(found) if found else None
+        exit_code = exited.exit_code if isinstance(exited, ExecutionExited) else None
+        error = f"{failed.stage}: {failed.error}"[:500] if isinstance(failed, ExecutionFailed) else None
+        outcome = "passed" if exit_code == 0 and error is None else "failed"
+        said = str(verdict.get("verdict")) if verdict else None
+        if outcome == "passed" and said == "changes_requested":
+            outcome = "changes_requested"
+        following = self._following(state, spec, outcome)
+        comments = verdict.get("comments") if verdict else None
+        await self._emit(
+            state,
+            StageFinished(
+                stage=step.started.stage,
+                step=step.started.step,
+                execution_id=execution_id,
+                outcome=outcome,  # type: ignore[arg-type]
+                exit_code=exit_code,
+                verdict=said[:100] if said else None,
+                comments=str(comments)[:RESULT_CHARS] if comments is not None else None,
+                result=result[-RESULT_CHARS:] if result else None,
+                error=error,
+                next=following,
+            ),
+            expected=state.last_finished_seq,
+        )
+        self.stages_finished += 1
+        return True
+
+    @staticmethod
+    def _following(state: RunState, spec: dict[str, Any], outcome: str) -> str:
+        if outcome == "failed":
+            return str(spec.get("on_failed") or END_FAIL)
+        if outcome == "changes_requested":
+            return str(spec.get("on_changes_requested") or END_FAIL)
+        if spec.get("on_passed"):
+            return str(spec["on_passed"])
+        assert state.request is not None
+        names = [str(s["name"]) for s in state.request.stages]
+        at = names.index(str(spec.get("name"))) if spec.get("name") in names else len(names) - 1
+        return names[at + 1] if at + 1 < len(names) else END_DONE
+
+    async def _result(self, execution_id: str) -> tuple[str, str]:
+        """(the stage's result, the text a verdict is looked for in): the agent's final result when it
+        gave one, else its output (stdout for the verdict; both streams, in order, for the result)."""
+        final: list[str] = []
+        output: list[str] = []
+        stdout: list[str] = []
+
+        async def handle(_seq: int, msg: Msg) -> bool:
+            kind = msg.subject.split(".", 3)[3]
+            if kind not in ("output", "agent.result"):
+                return False
+            try:
+                data = decode_event(msg.data).data
+            except EventError:
+                return False
+            if isinstance(data, Output):
+                output.append(data.text)
+                if data.stream == "stdout":
+                    stdout.append(data.text)
+                    if sum(len(t) for t in stdout) > 1 << 20:
+                        del stdout[: len(stdout) // 2]
+                if sum(len(t) for t in output) > 1 << 20:
+                    del output[: len(output) // 2]
+            elif isinstance(data, AgentResult) and data.text:
+                final.append(data.text)
+            return False
+
+        await asyncio.wait_for(
+            follow(self.bus.js, execution_events(execution_id), handle, stop_when_caught_up=True), READ_TIMEOUT_S
+        )
+        if final:
+            return final[-1], final[-1]
+        return "".join(output), "".join(stdout)
+
+    # --- appending -------------------------------------------------------------------------------
+
+    async def _emit(self, state: RunState, data: EventData, *, expected: int) -> None:
+        """Append to the run with an expected last sequence on the event's subject (WrongLastSequence: lost)."""
+        await self.bus.emit(
+            state.run_id, data, actor=self.instance, causation_id=state.request_id, expected_last_subject_seq=expected
+        )
+
+    async def _publish(self, execution_id: str, data: EventData, *, event_id: str) -> None:
+        event = new_event(execution_id, data, actor=self.instance, event_id=event_id)
+        await self.bus.publisher.publish(event)
+
+
+def _git_facts(worktree: str) -> tuple[str, str]:
+    """(branch, changed files one per line: committed since the fork point, staged, unstaged, untracked)."""
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", "-C", worktree, *args], capture_output=True, text=True, timeout=30, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout if done.returncode == 0 else ""
+
+    branch = git("symbolic-ref", "--short", "HEAD").strip()
+    changed: dict[str, None] = {}
+    for line in git("status", "--porcelain", "--untracked-files=all").splitlines():
+        if len(line) > 3:
+            changed[line[3:].split(" -> ")[-1]] = None
+    return branch, "\n".join(changed)

@@ -1,0 +1,264 @@
+"""Pipelines (issue 18): stages run by the conductor from the log, loops, hooks, SIGKILL, two conductors.
+
+Stages are scripted: the fixture agent (examples/agent.py) as the builder, shell lines as the
+reviewer (its verdict a JSON line on stdout) and as the verifier hook. Everything runs for real: a
+nats-server, `corral up`, its spawner and conductor; the test reads the run's events back.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.bus import connect_bus
+from actors.conductor import Conductor, render, verdict_of
+from corral.server import EmbeddedServer
+from events.auth import CredentialSet
+from tests.conftest import AGENT, Cli
+from tests.test_control import start_up, stop_up, wait_until
+
+
+def build(name: str, sleep: float) -> str:
+    """The builder: the fixture agent, its task from --var task=..."""
+    return (
+        f'[[pipelines.{name}.stages]]\nname = "build"\n'
+        f'command = ["{sys.executable}", "{AGENT}", "{{{{task}}}}", "--steps", "2", "--sleep", "{sleep}"]\n'
+    )
+
+
+REVIEW_FIX_VERIFY = """
+[[pipelines.ship.stages]]
+name = "review"
+run = '''if [ -f fixed.txt ]; then echo '{"verdict": "approved"}'; \
+else echo '{"verdict": "changes_requested", "comments": "add fixed.txt"}'; fi'''
+on_passed = "verify"
+on_changes_requested = "fix"
+
+[[pipelines.ship.stages]]
+name = "fix"
+run = "echo {{review.comments}} > fixed.txt"
+on_passed = "review"
+
+[[pipelines.ship.stages]]
+name = "verify"
+run = "test -f fixed.txt && echo ok: {{changed_files}}"
+"""
+
+FAILING_VERIFIER = """
+[[pipelines.red.stages]]
+name = "echo"
+command = ["sh", "-c", "echo 'pwn $(touch pwned) `touch pwned2`; touch pwned3'"]
+
+[[pipelines.red.stages]]
+name = "verify"
+run = "echo got {{echo.result}}; echo 'FAILED tests/test_x.py::test_y - assert 1 == 2'; exit 1"
+"""
+
+
+def write_config(cli: Cli, text: str) -> None:
+    cli.home.mkdir(parents=True, exist_ok=True)
+    (cli.home / "corral.toml").write_text(text)
+
+
+def run_status(cli: Cli, run_id: str) -> dict[str, Any]:
+    return json.loads(cli("pipeline", "status", run_id, "--json", check=True).stdout)  # type: ignore[no-any-return]
+
+
+def run_events(cli: Cli, run_id: str) -> list[dict[str, Any]]:
+    out = cli(
+        "sql", f"SELECT type, data FROM events WHERE execution_id = '{run_id}' ORDER BY seq", "--json", check=True
+    ).stdout
+    return [{"type": row["type"], "data": json.loads(row["data"])} for row in json.loads(out)]
+
+
+def wait_finished(cli: Cli, run_id: str, timeout: float = 90.0) -> dict[str, Any]:
+    return wait_until(  # type: ignore[return-value]
+        lambda: (s := run_status(cli, run_id))["state"] in ("passed", "failed", "cancelled") and s,
+        timeout,
+        f"pipeline run {run_id} to finish",
+    )
+
+
+def test_render_quotes_values_in_a_hook_and_finds_the_last_verdict() -> None:
+    values = {"r": "x'; touch /tmp/pwned; echo '", "n": "3"}
+    assert render("echo {{r}} {{ n }} {{missing}}", values) == "echo x'; touch /tmp/pwned; echo ' 3 "
+    shell = render("echo {{r}}", values, shell=True)
+    assert subprocess.run(["sh", "-c", shell], capture_output=True, text=True).stdout == values["r"] + "\n"
+    text = 'noise\n{"verdict": "changes_requested", "comments": "a"}\n{"not": 1}\n{"verdict": "approved"}\ntail'
+    assert verdict_of(text) == {"verdict": "approved"}
+    assert verdict_of("{broken\nnothing") is None
+
+
+def test_pipeline_loops_once_on_changes_requested_then_passes(cli: Cli, repo: Path) -> None:
+    write_config(cli, build("ship", 0.05) + REVIEW_FIX_VERIFY)
+    listed = json.loads(cli("pipelines", "--json", check=True).stdout)
+    assert [s["name"] for s in listed[0]["stages"]] == ["build", "review", "fix", "verify"]
+    up = start_up(cli)
+    try:
+        done = cli("pipeline", "run", "ship", "--repo", str(repo), "--var", "task=add a feature", timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        run_id = done.stdout.split(":", 1)[0].strip()
+        report = run_status(cli, run_id)
+        assert report["state"] == "passed"
+        steps = [(s["stage"], s["round"], s["outcome"], s["next"]) for s in report["steps"]]
+        assert steps == [
+            ("build", 1, "passed", "review"),
+            ("review", 1, "changes_requested", "fix"),
+            ("fix", 1, "passed", "review"),
+            ("review", 2, "passed", "verify"),
+            ("verify", 1, "passed", "done"),
+        ]
+        assert report["steps"][1]["comments"] == "add fixed.txt"
+        assert report["steps"][3]["verdict"] == "approved"
+        assert "fixed.txt" in report["steps"][4]["result"]  # {{changed_files}} of the run's worktree
+        kinds = [e["type"] for e in run_events(cli, run_id)]
+        assert kinds == [
+            "pipeline.requested",
+            "pipeline.started",
+            *["stage.started", "stage.finished"] * 5,
+            "pipeline.finished",
+        ]
+        # Every stage ran in the builder's worktree, on its branch; the tables say the same.
+        rows = json.loads(
+            cli(
+                "sql",
+                "SELECT s.step, s.stage, x.worktree, x.state FROM stages s JOIN executions x USING (execution_id) "
+                f"WHERE s.run_id = '{run_id}' ORDER BY s.step",
+                "--json",
+                check=True,
+            ).stdout
+        )
+        assert len(rows) == 5 and len({r["worktree"] for r in rows}) == 1
+        assert all(r["state"] == "exited" for r in rows)
+        table = json.loads(
+            cli("sql", f"SELECT state, steps FROM pipelines WHERE run_id = '{run_id}'", "--json", check=True).stdout
+        )
+        assert table == [{"state": "passed", "steps": 5}]
+    finally:
+        stop_up(cli, up)
+
+
+def test_failing_verifier_fails_the_run_with_its_output_and_values_stay_text(cli: Cli, repo: Path) -> None:
+    write_config(cli, FAILING_VERIFIER)
+    done = cli("pipeline", "run", "red", "--repo", str(repo), timeout=180)  # no `corral up`: the command runs it
+    assert done.returncode == 1, done.stdout + done.stderr
+    run_id = done.stdout.split(":", 1)[0].strip()
+    report = run_status(cli, run_id)
+    assert report["state"] == "failed"
+    assert "stage verify failed: exit code 1" in report["reason"]
+    verify = report["steps"][-1]
+    assert verify["outcome"] == "failed" and verify["exit_code"] == 1 and verify["next"] == "fail"
+    assert "FAILED tests/test_x.py::test_y - assert 1 == 2" in verify["result"]
+    # An earlier stage's output went into the hook's shell line as quoted text, never as code.
+    assert "pwn $(touch pwned) `touch pwned2`; touch pwned3" in verify["result"]
+    worktree = json.loads(
+        cli("sql", f"SELECT worktree FROM executions WHERE execution_id = '{verify['execution_id']}'", "--json").stdout
+    )[0]["worktree"]
+    assert not any((Path(worktree) / name).exists() for name in ("pwned", "pwned2", "pwned3"))
+
+
+def test_bad_pipelines_are_refused_in_one_line(cli: Cli, repo: Path) -> None:
+    write_config(cli, '[[pipelines.p.stages]]\nname = "a"\nrun = "true"\non_failed = "nowhere"\n')
+    bad = cli("pipelines")
+    assert bad.returncode != 0 and "pipelines.p.stages[0].on_failed: no stage 'nowhere'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    write_config(cli, '[[pipelines.p.stages]]\nname = "a"\nrun = "echo {{nope}}"\n')
+    unknown = cli("pipeline", "run", "p", "--repo", str(repo))
+    assert unknown.returncode == 2 or unknown.returncode == 1
+    assert "{{nope}}" in unknown.stderr and "--var nope=VALUE" in unknown.stderr
+    missing = cli("pipeline", "run", "q", "--repo", str(repo))
+    assert missing.returncode != 0 and "no pipeline 'q' (known: p)" in missing.stderr
+    assert cli("pipeline", "status", "nothere1").returncode != 0
+
+
+def test_a_conductor_killed_mid_pipeline_resumes_without_repeating_a_stage(cli: Cli, repo: Path) -> None:
+    write_config(cli, build("slow", 1.5) + '[[pipelines.slow.stages]]\nname = "after"\nrun = "echo after"\n')
+    up = start_up(cli)
+    run_id = cli(
+        "pipeline", "run", "slow", "--repo", str(repo), "--var", "task=t", "--detach", check=True
+    ).stdout.strip()
+    wait_until(lambda: run_status(cli, run_id)["steps"], 60, "the first stage to start")
+    os.kill(up.pid, signal.SIGKILL)  # the conductor and the spawner die; NATS (external here) and the agent live
+    up.wait()
+    up = start_up(cli)
+    try:
+        report = wait_finished(cli, run_id)
+        assert report["state"] == "passed", report
+        assert [(s["stage"], s["round"]) for s in report["steps"]] == [("build", 1), ("after", 1)]
+        kinds = [e["type"] for e in run_events(cli, run_id)]
+        assert kinds.count("stage.started") == 2 and kinds.count("stage.finished") == 2
+        assert kinds.count("pipeline.finished") == 1
+        builder = report["steps"][0]["execution_id"]
+        requested = json.loads(
+            cli(
+                "sql",
+                "SELECT count(*) AS n FROM events WHERE type = 'execution.requested' "
+                f"AND data->'labels'->>'pipeline_run' = '{run_id}'",
+                "--json",
+            ).stdout
+        )
+        assert requested == [{"n": 2}]
+        assert json.loads(cli("status", builder, "--json", check=True).stdout)["exit_code"] == 0
+    finally:
+        stop_up(cli, up)
+
+
+async def test_two_conductors_start_every_stage_once(
+    cli: Cli, repo: Path, nats_server: EmbeddedServer, credentials: CredentialSet
+) -> None:
+    """A second conductor in this process moves every run as fast as it can, beside `corral up`'s."""
+    stages = "".join(f'[[pipelines.two.stages]]\nname = "s{i}"\nrun = "echo {i}"\n' for i in range(3))
+    write_config(cli, stages)
+    up = await asyncio.to_thread(start_up, cli)
+    bus = await connect_bus(nats_server.url, name="second-conductor", credentials=credentials.get("conductor"))
+    rival = Conductor(bus, instance="conductor-rival")
+    try:
+        await rival.start()
+        runs = []
+        for _ in range(8):
+            done = await asyncio.to_thread(cli, "pipeline", "run", "two", "--repo", str(repo), "--detach")
+            assert done.returncode == 0, done.stderr
+            runs.append(done.stdout.strip())
+
+        async def race() -> None:
+            while True:
+                await asyncio.gather(*(rival.advance(r) for r in runs), return_exceptions=True)
+                await asyncio.sleep(0.05)
+
+        racing = asyncio.create_task(race())
+        try:
+            reports = [await asyncio.to_thread(wait_finished, cli, r, 120.0) for r in runs]
+        finally:
+            racing.cancel()
+        assert all(r["state"] == "passed" for r in reports), reports
+        rows = json.loads(
+            (
+                await asyncio.to_thread(
+                    cli,
+                    "sql",
+                    "SELECT execution_id AS run, count(*) FILTER (WHERE type = 'stage.started') AS started, "
+                    "count(*) FILTER (WHERE type = 'stage.finished') AS finished, "
+                    "count(DISTINCT actor) FILTER (WHERE type LIKE 'stage.%') AS actors "
+                    f"FROM events WHERE execution_id IN ({', '.join(repr(r) for r in runs)}) GROUP BY 1",
+                    "--json",
+                )
+            ).stdout
+        )
+        assert len(rows) == len(runs)
+        assert all(r["started"] == 3 and r["finished"] == 3 for r in rows), rows
+        assert rival.stages_started + rival.stages_finished > 0  # it did take part
+    finally:
+        await rival.stop()
+        await bus.close()
+        await asyncio.to_thread(stop_up, cli, up)
+
+
+@pytest.fixture(autouse=True)
+def _no_config_leak(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CORRAL_CONFIG", raising=False)
