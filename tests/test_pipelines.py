@@ -262,3 +262,64 @@ async def test_two_conductors_start_every_stage_once(
 @pytest.fixture(autouse=True)
 def _no_config_leak(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CORRAL_CONFIG", raising=False)
+
+
+def test_cancel_a_run_and_forged_stage_events_are_refused(cli: Cli, repo: Path) -> None:
+    write_config(
+        cli,
+        '[[pipelines.long.stages]]\nname = "wait"\nrun = "sleep 60"\n'
+        '[[pipelines.long.stages]]\nname = "never"\nrun = "true"\n',
+    )
+    up = start_up(cli)
+    try:
+        run_id = cli("pipeline", "run", "long", "--repo", str(repo), "--detach", check=True).stdout.strip()
+        wait_until(lambda: run_status(cli, run_id)["steps"], 60, "the first stage to start")
+        waiting = run_status(cli, run_id)["steps"][0]["execution_id"]
+        # An operator may not record the conductor's events: the server refuses the publish.
+        forged = subprocess.run(
+            [sys.executable, "-c", _FORGE, run_id],
+            env=cli.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "refused" in forged.stdout, forged.stdout + forged.stderr
+        assert cli("pipeline", "cancel", run_id, "--reason", "enough").returncode == 0
+        report = wait_finished(cli, run_id)
+        assert report["state"] == "cancelled" and report["reason"] == "enough"
+        assert [s["stage"] for s in report["steps"]] == ["wait"]
+        exited = wait_until(
+            lambda: (s := json.loads(cli("status", waiting, "--json", check=True).stdout))["state"] == "exited" and s,
+            60,
+            "the running stage to be cancelled",
+        )
+        assert exited["exit_reason"] == "cancelled"  # type: ignore[index]
+        again = cli("pipeline", "cancel", run_id)
+        assert again.returncode != 0 and "is cancelled: nothing to cancel" in again.stderr
+    finally:
+        stop_up(cli, up)
+
+
+# Publishes a stage.finished for a run as the operator user (CORRAL_HOME's credentials): refused.
+_FORGE = """
+import asyncio, sys
+from actors.bus import connect_bus
+from corral.home import Home
+from events.auth import client_credentials
+from events.envelope import new_event
+from events.types import StageFinished
+
+async def main():
+    home = Home.from_env()
+    url = __import__("os").environ["CORRAL_NATS_URL"]
+    bus = await connect_bus(url, credentials=client_credentials("operator", home.root))
+    data = StageFinished(stage="wait", step=1, execution_id="aaaaaaaa", outcome="passed", next="done")
+    try:
+        await asyncio.wait_for(bus.publisher.publish(new_event(sys.argv[1], data, actor="conductor-forged")), 10)
+        print("stored")
+    except Exception as exc:
+        print("refused", exc)
+    await bus.close()
+
+asyncio.run(main())
+"""
