@@ -496,7 +496,10 @@ async def _serve_http(home: Home, system: System, args: Any) -> "HttpServer | No
             server = None
     home.write_runtime({**(home.read_runtime() or {}), "http_url": server.url if server else None})
     if server is not None:
-        info(f"http: {server.url}/api (docs: {server.url}/docs; tokens: `corral token create NAME --role operator`)")
+        info(
+            f"http: console {server.url}/ · API {server.url}/api (docs {server.url}/docs) · "
+            "tokens: `corral token create NAME --role operator`"
+        )
     return server
 
 
