@@ -22,11 +22,19 @@ run without `pipeline.finished` is moved once (what happened while no conductor 
 
 A stage's outcome: `passed` (exit code 0), `failed` (another exit, or the execution failed), or
 `changes_requested`: a reviewer's verdict, the last line of its final result (or of its stdout)
-that is a JSON object with a `verdict` key (docs/orchestration.md). See docs/orchestration.md.
+that is a JSON object with a `verdict` key (docs/orchestration.md).
+
+Circuit breakers: each stage (and each template a stage uses) counts its failures in a row on a
+breaker id of its own (`breaker.counted`, an optimistic append); at the run's `breaker_failures` it
+opens (`breaker.opened`) and asks a human (`approval.needed`, category `escalation`). Runs that reach
+a stage with an open breaker are held (`pipeline.held`) until the approval is decided: granted
+releases them, denied stops them; both close the breaker. `execution.crash_loop` is escalated the
+same way. See docs/orchestration.md.
 """
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import shlex
@@ -44,21 +52,29 @@ from pydantic import ValidationError
 from actors.adapters import build_command
 from actors.bus import Bus
 from actors.runtime import Actor
-from events.approvals import derived_id
+from events.approvals import derived_id, encode
 from events.envelope import Event, decode_event, new_event
 from events.errors import EventError, WrongLastSequence
 from events.ids import new_execution_id
 from events.subjects import STREAM, event_subject, events_of_type, execution_events
 from events.types import (
     AgentResult,
+    ApprovalDenied,
+    ApprovalGranted,
+    ApprovalNeeded,
+    BreakerClosed,
+    BreakerCounted,
+    BreakerOpened,
     CancelRequested,
     EventData,
+    ExecutionCrashLoop,
     ExecutionExited,
     ExecutionFailed,
     ExecutionRequested,
     Output,
     PipelineCancelRequested,
     PipelineFinished,
+    PipelineHeld,
     PipelineRequested,
     PipelineStarted,
     StageFinished,
@@ -71,7 +87,17 @@ log = logging.getLogger(__name__)
 
 CONSUMER: Final = "conductor"
 ACK_WAIT_S: Final = 15.0
-TRIGGERS: Final = ("pipeline.requested", "pipeline.cancel.requested", "execution.exited", "execution.failed")
+TRIGGERS: Final = (
+    "pipeline.requested",
+    "pipeline.cancel.requested",
+    "execution.exited",
+    "execution.failed",
+    "execution.crash_loop",  # escalated to a human (an approval of category `escalation`)
+    "approval.granted",  # a breaker's escalation decided: close it, release or stop its held runs
+    "approval.denied",
+)
+ESCALATION: Final = "escalation"
+_ID_ALPHABET: Final = "0123456789abcdefghjkmnpqrstvwxyz"
 RUN_LABEL: Final = "pipeline_run"  # on a stage's execution request: the run it belongs to
 STAGE_LABEL: Final = "pipeline_stage"
 RESULT_CHARS: Final = 4000  # of a stage's result (the agent's final answer, or its output's tail) recorded
@@ -107,6 +133,27 @@ def verdict_of(text: str) -> dict[str, Any] | None:
     return None
 
 
+def breaker_id(key: str) -> str:
+    """The id a breaker's events are on: 8 characters of the key's hash (an execution id's alphabet)."""
+    return encode(hashlib.sha256(f"breaker|{key}".encode()).digest(), _ID_ALPHABET, 8)
+
+
+@dataclass
+class Breaker:
+    """A breaker as its last events tell it: open while its last `breaker.opened` is newer than its last close."""
+
+    key: str
+    failures: int = 0
+    counted_seq: int = 0
+    opened_seq: int = 0
+    closed_seq: int = 0
+    closed: BreakerClosed | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.opened_seq > self.closed_seq
+
+
 @dataclass
 class Step:
     started: StageStarted
@@ -126,6 +173,8 @@ class RunState:
     cancel: PipelineCancelRequested | None = None
     cancel_id: str | None = None
     steps: list[Step] = field(default_factory=list)
+    held: PipelineHeld | None = None
+    held_seq: int = 0
     last_started_seq: int = 0
     last_finished_seq: int = 0
 
@@ -221,9 +270,15 @@ class Conductor(Actor):
             await msg.ack()
             return
         try:
-            run_id = await self._run_of(event)
-            if run_id is not None:
-                await self.advance(run_id)
+            if isinstance(event.data, ExecutionCrashLoop):
+                await self._escalate_crash_loop(event)
+            elif isinstance(event.data, ApprovalGranted | ApprovalDenied):
+                if await self._decided(event.execution_id, event.data):
+                    await self.resume_all()  # the runs it held go on, or stop
+            else:
+                run_id = await self._run_of(event)
+                if run_id is not None:
+                    await self.advance(run_id)
         except Exception:
             log.exception("conductor: cannot move the run of %s %s; trying again", event.type, event.id)
             await msg.nak(delay=2.0)
@@ -298,6 +353,8 @@ class Conductor(Actor):
             state.finished = data
         elif isinstance(data, PipelineCancelRequested) and state.cancel is None:
             state.cancel, state.cancel_id = data, event.id
+        elif isinstance(data, PipelineHeld):
+            state.held, state.held_seq = data, seq
 
     async def advance(self, run_id: str) -> None:
         """Take every step the run's events allow now; each append lost to another conductor re-reads."""
@@ -337,7 +394,10 @@ class Conductor(Actor):
         if current is not None and current.finished is None:
             return await self._settle(state, current)
         if current is None:
-            return await self._start(state, str(request.stages[0]["name"]))
+            first = str(request.stages[0]["name"])
+            if await self._held(state, first):
+                return False
+            return await self._start(state, first)
         assert current.finished is not None
         target = current.finished.next
         if target == END_DONE:
@@ -347,6 +407,8 @@ class Conductor(Actor):
             last = current.finished
             why = last.error or (f"exit code {last.exit_code}" if last.exit_code is not None else last.outcome)
             await self._finish(state, "failed", f"stage {last.stage} {last.outcome}: {why}"[:500])
+            return False
+        if await self._held(state, target):
             return False
         if state.rounds(target) >= request.max_rounds:
             await self._finish(
@@ -520,6 +582,9 @@ class Conductor(Actor):
             expected=state.last_finished_seq,
         )
         self.stages_finished += 1
+        if outcome != "changes_requested":  # a reviewer asking for changes is no failure
+            for key in self.breaker_keys(state, spec):
+                await self._count(state, key, step.started.step, failed=outcome == "failed")
         return True
 
     @staticmethod
@@ -568,6 +633,161 @@ class Conductor(Actor):
         if final:
             return final[-1], final[-1]
         return "".join(output), "".join(stdout)
+
+    # --- circuit breakers ------------------------------------------------------------------------
+
+    @staticmethod
+    def breaker_keys(state: RunState, spec: dict[str, Any]) -> list[str]:
+        """A stage's breakers: its own (`stage:<pipeline>/<stage>`) and its template's (`template:<name>`)."""
+        assert state.request is not None
+        if state.request.breaker_failures == 0:
+            return []
+        keys = [f"stage:{state.request.pipeline}/{spec.get('name')}"]
+        template = (spec.get("request") or {}).get("template")
+        if template:
+            keys.append(f"template:{template}")
+        return keys
+
+    async def breaker(self, key: str) -> Breaker:
+        bid = breaker_id(key)
+        found = Breaker(key)
+        for kind in ("breaker.counted", "breaker.opened", "breaker.closed"):
+            try:
+                stored = await self.bus.js.get_last_msg(STREAM, event_subject(bid, kind))
+            except NotFoundError:
+                continue
+            try:
+                data = decode_event(stored.data or b"").data
+            except EventError:
+                continue
+            if isinstance(data, BreakerCounted):
+                found.failures, found.counted_seq = data.failures, stored.seq or 0
+            elif isinstance(data, BreakerOpened):
+                found.opened_seq = stored.seq or 0
+            elif isinstance(data, BreakerClosed):
+                found.closed, found.closed_seq = data, stored.seq or 0
+        return found
+
+    async def _count(self, state: RunState, key: str, step: int, *, failed: bool) -> None:
+        """One more failure in a row (or none after a pass); at the threshold the breaker opens and a
+        human is asked. Each append expects the breaker's last one: counted once across conductors."""
+        assert state.request is not None
+        bid = breaker_id(key)
+        for _ in range(20):
+            current = await self.breaker(key)
+            failures = current.failures + 1 if failed else 0
+            if failures == current.failures == 0:
+                return
+            try:
+                await self.bus.emit(
+                    bid,
+                    BreakerCounted(key=key, failures=failures, run_id=state.run_id, step=step),
+                    actor=self.instance,
+                    causation_id=state.request_id,
+                    expected_last_subject_seq=current.counted_seq,
+                )
+            except WrongLastSequence:
+                continue
+            threshold = state.request.breaker_failures
+            if failed and failures >= threshold and not current.open:
+                await self._open(key, failures, threshold, current.opened_seq)
+            return
+
+    async def _open(self, key: str, failures: int, threshold: int, last_opened_seq: int) -> None:
+        bid = breaker_id(key)
+        try:
+            ack = await self.bus.emit(
+                bid,
+                BreakerOpened(key=key, failures=failures, threshold=threshold),
+                actor=self.instance,
+                expected_last_subject_seq=last_opened_seq,
+            )
+        except WrongLastSequence:
+            return  # another conductor opened it
+        kind, _, name = key.partition(":")
+        await self._publish(
+            bid,
+            ApprovalNeeded(
+                question=(
+                    f"Circuit breaker {key} is open: the {kind} {name} failed {failures} times in a row. "
+                    f"New runs of it are held. Approve to close it and release them; reject to stop them."
+                ),
+                options=("approve", "reject"),
+                category=ESCALATION,
+            ),
+            event_id=derived_id(f"{bid}-{ack.seq}", ESCALATION),
+        )
+
+    async def _held(self, state: RunState, stage: str) -> bool:
+        """Whether the run must wait before `stage` (a breaker of it is open); a run whose breaker a
+        human closed with `reject` since it was held is finished as failed here."""
+        spec = state.stage(stage)
+        if spec is None:
+            return False
+        for key in self.breaker_keys(state, spec):
+            current = await self.breaker(key)
+            bid = breaker_id(key)
+            if current.open:
+                if state.held is None or state.held.breaker_id != bid or state.held_seq < current.opened_seq:
+                    await self._publish(
+                        state.run_id,
+                        PipelineHeld(stage=stage, breaker=key, breaker_id=bid),
+                        event_id=derived_id(f"{state.run_id}-{len(state.steps)}-{current.opened_seq}", "held"),
+                    )
+                return True
+            closed = current.closed
+            held_here = state.held is not None and state.held.breaker_id == bid and state.held.stage == stage
+            if held_here and closed is not None and current.closed_seq > state.held_seq and not closed.release:
+                who = f" by {closed.decided_by}" if closed.decided_by else ""
+                await self._finish(state, "failed", f"stopped at circuit breaker {key} (rejected{who})")
+                return True
+        return False
+
+    async def _decided(self, bid: str, decision: ApprovalGranted | ApprovalDenied) -> bool:
+        """A decision on a breaker's escalation closes it; True when it did."""
+        opened = await self._last(bid, "breaker.opened")
+        if not isinstance(opened, BreakerOpened):
+            return False
+        current = await self.breaker(opened.key)
+        if not current.open:
+            return False
+        with contextlib.suppress(WrongLastSequence):
+            await self.bus.emit(
+                bid,
+                BreakerClosed(
+                    key=opened.key,
+                    release=isinstance(decision, ApprovalGranted),
+                    approval_id=decision.approval_id,
+                    decided_by=decision.decided_by,
+                ),
+                actor=self.instance,
+                expected_last_subject_seq=current.closed_seq,
+            )
+        with contextlib.suppress(WrongLastSequence):  # the next failures count from 0
+            await self.bus.emit(
+                bid,
+                BreakerCounted(key=opened.key, failures=0, run_id="", step=0),
+                actor=self.instance,
+                expected_last_subject_seq=current.counted_seq,
+            )
+        return True
+
+    async def _escalate_crash_loop(self, event: Event) -> None:
+        """A crash loop (the watchdog stopped retrying) asks a human, as an open breaker does."""
+        assert isinstance(event.data, ExecutionCrashLoop)
+        await self._publish(
+            event.execution_id,
+            ApprovalNeeded(
+                question=(
+                    f"{event.execution_id} is in a crash loop: {event.data.failures} failures within "
+                    f"{event.data.window_s:.0f}s; retries stopped. Look at it (corral logs {event.execution_id}) "
+                    "and approve to acknowledge."
+                ),
+                options=("approve", "reject"),
+                category=ESCALATION,
+            ),
+            event_id=derived_id(event.id, ESCALATION),
+        )
 
     # --- appending -------------------------------------------------------------------------------
 

@@ -196,7 +196,7 @@ TOPICS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("history", ("search", "compare", "replay", "fork", "export", "tap", "sql", "snapshot")),
     ("system", ("up", "down", "health", "templates", "credentials", "projections", "schema", "wrap")),
     ("api and notifications", ("token", "mcp", "notify")),
-    ("orchestration", ("pipelines", "pipeline")),
+    ("orchestration", ("pipelines", "pipeline", "breakers")),
 )
 
 

@@ -1219,6 +1219,7 @@ class Pipeline(_Frozen):
     description: StrictStr = ""
     stages: Annotated[tuple[PipelineStage, ...], Field(min_length=1)]
     max_rounds: Annotated[StrictInt, Field(ge=1, le=100)] = 3  # a stage starts at most this often per run
+    breaker_failures: Annotated[StrictInt, Field(ge=0)] = 3  # failures in a row that open a stage's breaker
     vars: dict[str, StrictStr] = Field(default_factory=dict)  # defaults of --var
 
 

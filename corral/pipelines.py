@@ -15,6 +15,7 @@ import sys
 from typing import Any, Final
 
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError as NatsNotFound
 
 from actors.conductor import VARIABLE
 from corral import render
@@ -27,8 +28,18 @@ from corral.system import System, open_system
 from events.envelope import decode_event, new_event
 from events.errors import EventError
 from events.ids import is_valid_execution_id, new_execution_id
-from events.subjects import execution_events
-from events.types import PipelineCancelRequested, PipelineFinished, PipelineRequested, StageFinished, StageStarted
+from events.subjects import STREAM, event_subject, events_of_type, execution_events
+from events.types import (
+    BreakerClosed,
+    BreakerCounted,
+    BreakerOpened,
+    PipelineCancelRequested,
+    PipelineFinished,
+    PipelineHeld,
+    PipelineRequested,
+    StageFinished,
+    StageStarted,
+)
 from replay.history import follow
 
 BUILTINS: Final = ("run_id", "pipeline", "repo", "base", "stage", "round", "worktree", "branch", "changed_files")
@@ -55,7 +66,11 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> d
     cancel = actions.add_parser("cancel", help="cancel a run: its running stage is cancelled, no stage follows")
     cancel.add_argument("run_id", metavar="RUN_ID")
     cancel.add_argument("--reason")
-    return {"pipelines": cmd_pipelines, "pipeline": cmd_pipeline}
+    breakers = sub.add_parser(
+        "breakers", help="circuit breakers of pipeline stages and templates: failures, open or closed"
+    )
+    breakers.add_argument("--json", action="store_true")
+    return {"pipelines": cmd_pipelines, "pipeline": cmd_pipeline, "breakers": cmd_breakers}
 
 
 # --- resolving a run ---------------------------------------------------------------------------------
@@ -210,6 +225,7 @@ async def _run(home: Home, args: Any) -> int:
             vars=values,
             stages=tuple(stages),
             max_rounds=pipeline.max_rounds,
+            breaker_failures=pipeline.breaker_failures,
             requested_by=os.environ.get("USER"),
         )
         if args.detach:
@@ -304,6 +320,8 @@ async def run_status(system: System, run_id: str) -> dict[str, Any]:
             report.update(state=data.outcome, reason=data.reason, finished_at=event.ts.isoformat())
         elif isinstance(data, PipelineCancelRequested) and report["state"] in ("requested", "running"):
             report["cancel_requested"] = True
+        elif isinstance(data, PipelineHeld):
+            report["held"] = {"stage": data.stage, "breaker": data.breaker, "at": event.ts.isoformat()}
         return False
 
     await follow(system.bus.js, execution_events(run_id), handle, stop_when_caught_up=True)
@@ -317,6 +335,8 @@ def _print_status(report: dict[str, Any]) -> None:
     head = f"{report['run_id']}  {report.get('pipeline')}  {report['state']}"
     if report.get("reason"):
         head += f": {report['reason']}"
+    elif report.get("held") and report["state"] in ("requested", "running"):
+        head += f" (held before stage {report['held']['stage']}: circuit breaker {report['held']['breaker']} is open)"
     print(head)
     columns = ("step", "stage", "round", "execution_id", "outcome", "verdict", "next")
     rows = [[s.get(c) if c != "outcome" else s["outcome"] or "running" for c in columns] for s in report["steps"]]
@@ -332,4 +352,67 @@ async def _cancel(client: Client, run_id: str, reason: str | None) -> int:
     data = PipelineCancelRequested(reason=reason, requested_by=os.environ.get("USER"))
     await client.system.bus.publisher.publish(new_event(run_id, data, actor="cli"))
     print(f"{run_id}: cancel requested")
+    return 0
+
+
+# --- circuit breakers ----------------------------------------------------------------------------------
+
+
+async def breakers(client: Client) -> list[dict[str, Any]]:
+    """Every breaker the conductors counted: key, failures in a row, open or closed, its escalation."""
+    js = client.system.bus.js
+    try:
+        info = await js.stream_info(STREAM, subjects_filter=events_of_type("breaker.counted"))
+    except NatsNotFound:
+        return []
+    found: list[dict[str, Any]] = []
+    for subject in sorted(info.state.subjects or {}):
+        bid = subject.split(".")[2]
+        row: dict[str, Any] = {"breaker_id": bid, "state": "closed", "failures": 0}
+        seqs = {"opened": 0, "closed": 0}
+        for kind in ("breaker.counted", "breaker.opened", "breaker.closed"):
+            try:
+                stored = await js.get_last_msg(STREAM, event_subject(bid, kind))
+                event = decode_event(stored.data or b"")
+            except (NatsNotFound, EventError):
+                continue
+            data = event.data
+            if isinstance(data, BreakerCounted):
+                row.update(key=data.key, failures=data.failures, counted_at=event.ts.isoformat())
+            elif isinstance(data, BreakerOpened):
+                seqs["opened"] = stored.seq or 0
+                row.update(key=data.key, threshold=data.threshold, opened_at=event.ts.isoformat())
+            elif isinstance(data, BreakerClosed):
+                seqs["closed"] = stored.seq or 0
+                row.update(
+                    closed_at=event.ts.isoformat(),
+                    released=data.release,
+                    decided_by=data.decided_by,
+                    approval_id=data.approval_id,
+                )
+        if seqs["opened"] > seqs["closed"]:
+            row["state"] = "open"
+            pending = await client.records(
+                "SELECT approval_id FROM approvals WHERE execution_id = "
+                f"'{bid}' AND status = 'pending' ORDER BY requested_seq DESC LIMIT 1"
+            )
+            row["approval_id"] = pending[0]["approval_id"] if pending else None
+        found.append(row)
+    return found
+
+
+async def cmd_breakers(home: Home, args: Any) -> int:
+    async with Client.connect(home) as client:
+        rows = await breakers(client)
+    if args.json:
+        render.print_json(rows)
+        return 0
+    if not rows:
+        print("no circuit breakers yet: they count failures of pipeline stages (docs/orchestration.md)")
+        return 0
+    table = [
+        [r.get("key"), r["state"], r["failures"], r.get("approval_id") if r["state"] == "open" else r.get("decided_by")]
+        for r in rows
+    ]
+    print(render.table(["breaker", "state", "failures", "approval / decided by"], table))
     return 0

@@ -616,6 +616,7 @@ class PipelineRequested(EventData):
     stages: tuple[dict[str, Any], ...] = Field(min_length=1)  # corral/pipelines.py resolve_stages
     max_rounds: int = Field(default=3, ge=1)  # a stage starts at most this many times in one run
     requested_by: str | None = None
+    breaker_failures: int = Field(default=3, ge=0)  # failures in a row that open a stage's breaker (0: none)
 
 
 @event_type("pipeline.started")
@@ -666,3 +667,46 @@ class PipelineFinished(EventData):
 class PipelineCancelRequested(EventData):
     reason: str | None = None
     requested_by: str | None = None
+
+
+@event_type("pipeline.held")
+class PipelineHeld(EventData):
+    """The run's next stage waits: its circuit breaker is open (docs/orchestration.md#circuit-breakers)."""
+
+    stage: str
+    breaker: str  # the breaker's key: `stage:<pipeline>/<stage>` or `template:<name>`
+    breaker_id: str
+
+
+# --- circuit breakers (conductor) ------------------------------------------------------------------
+
+# A breaker's events are on its own id: 8 characters derived from its key (actors/conductor.py breaker_id).
+
+
+@event_type("breaker.counted")
+class BreakerCounted(EventData):
+    """The breaker's consecutive failures after a stage ended (0: it passed)."""
+
+    key: str
+    failures: int = Field(ge=0)
+    run_id: str
+    step: int
+
+
+@event_type("breaker.opened")
+class BreakerOpened(EventData):
+    """`failures` in a row reached `threshold`: stages of the key are held, a human is asked (escalation)."""
+
+    key: str
+    failures: int
+    threshold: int
+
+
+@event_type("breaker.closed")
+class BreakerClosed(EventData):
+    """A human decided: `release` (approved) lets the held runs go on, otherwise they stop."""
+
+    key: str
+    release: bool
+    approval_id: str | None = None
+    decided_by: str | None = None

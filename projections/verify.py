@@ -39,6 +39,10 @@ AUTHORITY: Final[dict[str, tuple[str, ...]]] = {
     "stage.started": ("conductor",),
     "stage.finished": ("conductor",),
     "pipeline.finished": ("conductor",),
+    "pipeline.held": ("conductor",),
+    "breaker.counted": ("conductor",),
+    "breaker.opened": ("conductor",),
+    "breaker.closed": ("conductor",),
 }
 DECISIONS: Final = ("approval.granted", "approval.denied", "approval.expired")
 LIFECYCLE_NEEDS_REQUEST: Final = ("execution.started", "execution.exited")

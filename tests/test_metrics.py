@@ -226,7 +226,7 @@ def sql_count_checkpoints(cli: Cli) -> int:
 
 def test_a_spawner_only_up_reports_the_whole_system(cli: Cli, repo: Path, tmp_path: Path) -> None:
     """Metrics come from the log, the health bucket and the projector's position request, not local actors."""
-    others = launch(cli, "--actors", "watchdog,checkpointer,validator,approver,projector,notifier")
+    others = launch(cli, "--actors", "watchdog,checkpointer,validator,approver,projector,notifier,conductor")
     home = tmp_path / "spawner-home"
     # Another host's home: it gets the system's NATS credentials file, as a real second host would.
     spawner_cli = Cli(

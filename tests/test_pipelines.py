@@ -20,6 +20,8 @@ from actors.bus import connect_bus
 from actors.conductor import Conductor, render, verdict_of
 from corral.server import EmbeddedServer
 from events.auth import CredentialSet
+from events.envelope import new_event
+from events.types import ExecutionCrashLoop
 from tests.conftest import AGENT, Cli
 from tests.test_control import start_up, stop_up, wait_until
 
@@ -323,3 +325,76 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+def test_a_breaker_opens_after_three_failures_holds_runs_and_an_approval_releases_them(
+    cli: Cli, repo: Path, tmp_path: Path
+) -> None:
+    flag = tmp_path / "fixed"
+    # A command, not a hook: the sandbox shows an agent the paths of its command line that /tmp hid.
+    write_config(cli, '[[pipelines.fragile.stages]]\nname = "check"\ncommand = ["test", "-f", "{{flag}}"]\n')
+    up = start_up(cli)
+    try:
+        for _ in range(3):
+            failed = cli("pipeline", "run", "fragile", "--repo", str(repo), "--var", f"flag={flag}", timeout=120)
+            assert failed.returncode == 1, failed.stdout + failed.stderr
+        rows = wait_until(
+            lambda: [
+                r
+                for r in json.loads(cli("breakers", "--json", check=True).stdout)
+                if r["state"] == "open" and r.get("approval_id")
+            ],
+            60,
+            "the breaker to open with an escalation",
+        )
+        breaker = rows[0]  # type: ignore[index]
+        assert breaker["key"] == "stage:fragile/check" and breaker["failures"] == 3
+        approval = json.loads(
+            cli(
+                "sql",
+                f"SELECT category, question FROM approvals WHERE approval_id = '{breaker['approval_id']}'",
+                "--json",
+                check=True,
+            ).stdout
+        )[0]
+        assert approval["category"] == "escalation" and "stage:fragile/check" in approval["question"]
+        held = cli(
+            "pipeline", "run", "fragile", "--repo", str(repo), "--var", f"flag={flag}", "--detach", check=True
+        ).stdout.strip()
+        report = wait_until(lambda: (s := run_status(cli, held)).get("held") and s, 60, "the run to be held")
+        assert report["state"] in ("requested", "running") and report["steps"] == []  # type: ignore[index]
+        assert "circuit breaker stage:fragile/check is open" in cli("pipeline", "status", held, check=True).stdout
+        flag.write_text("fixed\n")
+        cli("approve", breaker["approval_id"], check=True)
+        assert wait_finished(cli, held)["state"] == "passed"  # released: queued, not lost
+        after = json.loads(cli("breakers", "--json", check=True).stdout)[0]
+        assert after["state"] == "closed" and after["released"] is True and after["failures"] == 0
+        # A crash loop (the watchdog gave up retrying) asks a human the same way.
+        asyncio.run(_record_crash_loop(cli.env["CORRAL_NATS_URL"], "crashedx"))
+        wait_until(
+            lambda: (
+                json.loads(
+                    cli(
+                        "sql",
+                        "SELECT count(*) AS n FROM approvals WHERE execution_id = 'crashedx' "
+                        "AND category = 'escalation' AND question LIKE '%crash loop%'",
+                        "--json",
+                        check=True,
+                    ).stdout
+                )
+                == [{"n": 1}]
+            ),
+            60,
+            "the crash loop's escalation",
+        )
+    finally:
+        stop_up(cli, up)
+
+
+async def _record_crash_loop(url: str, execution_id: str) -> None:
+    bus = await connect_bus(url)  # as admin: this test's own identity
+    try:
+        data = ExecutionCrashLoop(failures=3, window_s=600.0)
+        await bus.publisher.publish(new_event(execution_id, data, actor="watchdog-test-1"))
+    finally:
+        await bus.close()
