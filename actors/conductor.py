@@ -79,6 +79,9 @@ from events.types import (
     PipelineStarted,
     StageFinished,
     StageStarted,
+    TicketClaimed,
+    TicketCreated,
+    TicketFinished,
     WorkspaceCreated,
 )
 from replay.history import follow
@@ -95,6 +98,7 @@ TRIGGERS: Final = (
     "execution.crash_loop",  # escalated to a human (an approval of category `escalation`)
     "approval.granted",  # a breaker's escalation decided: close it, release or stop its held runs
     "approval.denied",
+    "ticket.created",  # claimed: its pipeline run is requested
 )
 ESCALATION: Final = "escalation"
 _ID_ALPHABET: Final = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -249,6 +253,14 @@ class Conductor(Actor):
 
     async def resume_all(self) -> None:
         """Move every run that has no `pipeline.finished` (what happened while no conductor ran)."""
+        created = await self._subjects("ticket.created")
+        for ticket_id in sorted(created - await self._subjects("ticket.finished")):
+            if self.stopping.is_set():
+                return
+            try:
+                await self.ticket(ticket_id)
+            except Exception:
+                log.exception("conductor: cannot move ticket %s", ticket_id)
         requested = await self._subjects("pipeline.requested")
         finished = await self._subjects("pipeline.finished")
         for run_id in sorted(requested - finished):
@@ -272,6 +284,8 @@ class Conductor(Actor):
         try:
             if isinstance(event.data, ExecutionCrashLoop):
                 await self._escalate_crash_loop(event)
+            elif isinstance(event.data, TicketCreated):
+                await self.ticket(event.execution_id)
             elif isinstance(event.data, ApprovalGranted | ApprovalDenied):
                 if await self._decided(event.execution_id, event.data):
                     await self.resume_all()  # the runs it held go on, or stop
@@ -425,6 +439,8 @@ class Conductor(Actor):
             await self._emit(state, finished, expected=0)
             self.runs_finished += 1
         state.finished = finished
+        if state.request is not None and state.request.ticket_id:
+            await self.ticket(state.request.ticket_id)
 
     async def _start(self, state: RunState, name: str) -> bool:
         """Claim the next step (stage `name`), then request its execution."""
@@ -489,6 +505,10 @@ class Conductor(Actor):
         else:
             command = [render(str(word), values) for word in spec["command"]]
         labels = {**(base.get("labels") or {}), RUN_LABEL: state.run_id, STAGE_LABEL: str(spec["name"])}
+        if state.request.ticket_id:
+            labels["ticket"] = state.request.ticket_id
+        if state.request.priority is not None:
+            base["priority"] = state.request.priority
         base.update(command=command, task=task, labels=labels, worktree=worktree)
         return ExecutionRequested.model_validate(base)
 
@@ -633,6 +653,52 @@ class Conductor(Actor):
         if final:
             return final[-1], final[-1]
         return "".join(output), "".join(stdout)
+
+    # --- tickets -----------------------------------------------------------------------------------
+
+    async def ticket(self, ticket_id: str) -> None:
+        """Claim a ready ticket (expected sequence 0), request its run once, and finish it with the run."""
+        created = await self._last(ticket_id, "ticket.created")
+        if not isinstance(created, TicketCreated) or await self._last(ticket_id, "ticket.finished") is not None:
+            return
+        claimed = await self._last(ticket_id, "ticket.claimed")
+        if not isinstance(claimed, TicketClaimed):
+            with contextlib.suppress(WrongLastSequence):
+                await self.bus.emit(
+                    ticket_id,
+                    TicketClaimed(run_id=new_execution_id(), conductor=self.instance),
+                    actor=self.instance,
+                    expected_last_subject_seq=0,
+                )
+            claimed = await self._last(ticket_id, "ticket.claimed")
+            if not isinstance(claimed, TicketClaimed):
+                return
+        run_id = claimed.run_id
+        if await self._last(run_id, "pipeline.requested") is None:
+            try:
+                request = PipelineRequested.model_validate({**created.run, "ticket_id": ticket_id})
+            except ValidationError as exc:
+                await self._ticket_finished(ticket_id, "failed", run_id, f"bad pipeline request: {exc}"[:500], None)
+                return
+            with contextlib.suppress(WrongLastSequence):
+                await self.bus.emit(run_id, request, actor=self.instance, expected_last_subject_seq=0)
+            return  # its pipeline.requested moves the run (a trigger)
+        ended = await self._last(run_id, "pipeline.finished")
+        if isinstance(ended, PipelineFinished):
+            last = await self._last(run_id, "stage.finished")
+            result = last.result if isinstance(last, StageFinished) else None
+            await self._ticket_finished(ticket_id, ended.outcome, run_id, ended.reason, result)
+
+    async def _ticket_finished(
+        self, ticket_id: str, outcome: str, run_id: str, reason: str | None, result: str | None
+    ) -> None:
+        with contextlib.suppress(WrongLastSequence):
+            await self.bus.emit(
+                ticket_id,
+                TicketFinished(outcome=outcome, run_id=run_id, reason=reason, result=result),  # type: ignore[arg-type]
+                actor=self.instance,
+                expected_last_subject_seq=0,
+            )
 
     # --- circuit breakers ------------------------------------------------------------------------
 

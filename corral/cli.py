@@ -18,6 +18,7 @@ from corral import (
     mcp_server,
     notify,
     pipelines,
+    tickets,
     tokens,
     worktrees,
     wrap,
@@ -196,7 +197,7 @@ TOPICS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("history", ("search", "compare", "replay", "fork", "export", "tap", "sql", "snapshot")),
     ("system", ("up", "down", "health", "templates", "credentials", "projections", "schema", "wrap")),
     ("api and notifications", ("token", "mcp", "notify")),
-    ("orchestration", ("pipelines", "pipeline", "breakers")),
+    ("orchestration", ("pipelines", "pipeline", "breakers", "tickets")),
 )
 
 
@@ -215,7 +216,7 @@ def _group_commands(parser: argparse.ArgumentParser, sub: "argparse._SubParsersA
 
 
 # Each feature module adds its own subcommands and returns {command name: handler}.
-FEATURES: Final = (changes, worktrees, history, approvals, tokens, mcp_server, notify, pipelines)
+FEATURES: Final = (changes, worktrees, history, approvals, tokens, mcp_server, notify, pipelines, tickets)
 
 
 COMMANDS: dict[str, Any] = {

@@ -183,6 +183,7 @@ OPERATOR_EVENTS: Final = (
     "workspace.removed",
     "pipeline.requested",
     "pipeline.cancel.requested",
+    "ticket.created",
 )
 QUERY_API: Final = (API_SQL, API_POSITION)
 
@@ -274,6 +275,9 @@ ROLES: Final[dict[str, Role]] = {
                 "breaker.opened",
                 "breaker.closed",
                 "approval.needed",
+                "ticket.claimed",
+                "ticket.finished",
+                "pipeline.requested",
                 "execution.requested",
                 "cancel.requested",
             ),

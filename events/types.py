@@ -617,6 +617,8 @@ class PipelineRequested(EventData):
     max_rounds: int = Field(default=3, ge=1)  # a stage starts at most this many times in one run
     requested_by: str | None = None
     breaker_failures: int = Field(default=3, ge=0)  # failures in a row that open a stage's breaker (0: none)
+    ticket_id: str | None = None  # the ticket this run works on (it finishes with the run)
+    priority: int | None = None  # the stages' executions' queue priority (a ticket's), over their templates'
 
 
 @event_type("pipeline.started")
@@ -710,3 +712,39 @@ class BreakerClosed(EventData):
     release: bool
     approval_id: str | None = None
     decided_by: str | None = None
+
+
+# --- tickets (seed 002; conductor) -----------------------------------------------------------------
+
+# A ticket's events are on its own id (8 characters): corral.evt.<ticket_id>.<type>.
+
+
+@event_type("ticket.created")
+class TicketCreated(EventData):
+    """A unit of work, ready: the conductor claims it and runs `run` (a pipeline request) for it."""
+
+    title: str = Field(min_length=1, max_length=500)
+    goal: str = Field(min_length=1)
+    repo: str
+    pipeline: str
+    priority: int = 0
+    run: dict[str, Any]  # the pipeline.requested payload, resolved when the ticket was added
+    requested_by: str | None = None
+
+
+@event_type("ticket.claimed")
+class TicketClaimed(EventData):
+    """A conductor took the ticket (expected last subject sequence 0) and names the run it requests."""
+
+    run_id: str
+    conductor: str
+
+
+@event_type("ticket.finished")
+class TicketFinished(EventData):
+    """The ticket's run ended: the ticket is done (`passed`) or not, with the last stage's result."""
+
+    outcome: Literal["passed", "failed", "cancelled"]
+    run_id: str
+    reason: str | None = None
+    result: str | None = None

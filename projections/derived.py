@@ -64,6 +64,11 @@ DERIVED_DDL: Final = [
         worktree VARCHAR, started_at TIMESTAMPTZ, outcome VARCHAR, exit_code INTEGER, verdict VARCHAR,
         comments VARCHAR, result VARCHAR, error VARCHAR, next VARCHAR, finished_at TIMESTAMPTZ,
         started_seq UBIGINT, finished_seq UBIGINT, PRIMARY KEY (run_id, step))""",
+    """CREATE TABLE IF NOT EXISTS tickets (
+        ticket_id VARCHAR PRIMARY KEY, title VARCHAR, goal VARCHAR, repo VARCHAR, pipeline VARCHAR,
+        priority INTEGER, requested_by VARCHAR, created_at TIMESTAMPTZ, state VARCHAR, run_id VARCHAR,
+        conductor VARCHAR, claimed_at TIMESTAMPTZ, reason VARCHAR, result VARCHAR, finished_at TIMESTAMPTZ,
+        created_seq UBIGINT, updated_seq UBIGINT)""",
 ]
 
 DERIVED_TABLES: Final = (
@@ -77,6 +82,7 @@ DERIVED_TABLES: Final = (
     "tool_calls",
     "pipelines",
     "stages",
+    "tickets",
 )
 
 # Output rows projected from the output stream (CORRAL_OUTPUT, docs/retention.md) carry this plus
@@ -223,6 +229,27 @@ BATCH_SQL: Final = [
        FROM (SELECT run_id, max(step) AS steps, max(greatest(started_seq, coalesce(finished_seq, 0))) AS seq
              FROM stages WHERE started_seq > $1 OR finished_seq > $1 GROUP BY run_id) AS s
        WHERE pipelines.run_id = s.run_id""",
+    # tickets: created ready; claimed (its run requested) and finished later in the log.
+    """INSERT INTO tickets (ticket_id, title, goal, repo, pipeline, priority, requested_by, created_at, state,
+                            created_seq, updated_seq)
+       SELECT execution_id, arg_min(data->>'title', seq), arg_min(data->>'goal', seq), arg_min(data->>'repo', seq),
+        arg_min(data->>'pipeline', seq), arg_min(CAST(data->>'priority' AS INTEGER), seq),
+        arg_min(data->>'requested_by', seq), min(ts), 'ready', min(seq), min(seq)
+       FROM events WHERE seq > $1 AND type = 'ticket.created' GROUP BY execution_id
+       ON CONFLICT (ticket_id) DO NOTHING""",
+    """UPDATE tickets SET run_id = c.run_id, conductor = c.conductor, claimed_at = c.ts,
+        state = CASE WHEN tickets.finished_at IS NULL THEN 'claimed' ELSE tickets.state END,
+        updated_seq = greatest(tickets.updated_seq, c.seq)
+       FROM (SELECT execution_id, arg_min(data->>'run_id', seq) AS run_id,
+                    arg_min(data->>'conductor', seq) AS conductor, min(ts) AS ts, min(seq) AS seq
+             FROM events WHERE seq > $1 AND type = 'ticket.claimed' GROUP BY execution_id) AS c
+       WHERE tickets.ticket_id = c.execution_id AND tickets.claimed_at IS NULL""",
+    """UPDATE tickets SET state = f.outcome, reason = f.reason, result = f.result, finished_at = f.ts,
+        updated_seq = greatest(tickets.updated_seq, f.seq)
+       FROM (SELECT execution_id, arg_min(data->>'outcome', seq) AS outcome, arg_min(data->>'reason', seq) AS reason,
+                    arg_min(data->>'result', seq) AS result, min(ts) AS ts, min(seq) AS seq
+             FROM events WHERE seq > $1 AND type = 'ticket.finished' GROUP BY execution_id) AS f
+       WHERE tickets.ticket_id = f.execution_id AND tickets.finished_at IS NULL""",
     # executions: the history aggregates of the executions this batch touched
     """UPDATE executions SET fork_checkpoint = CAST(e.data->>'fork_checkpoint' AS INTEGER)
        FROM events e WHERE e.seq > $1 AND e.type = 'execution.requested'
@@ -270,6 +297,9 @@ _NEEDS: Final[list[tuple[str, ...] | None]] = [
     ("stage.started",),
     ("stage.finished",),
     ("stage.started", "stage.finished"),
+    ("ticket.created",),
+    ("ticket.claimed",),
+    ("ticket.finished",),
     ("execution.requested",),
     ("checkpoint.created",),
     ("file.touched", "checkpoint.created"),

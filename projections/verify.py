@@ -43,6 +43,8 @@ AUTHORITY: Final[dict[str, tuple[str, ...]]] = {
     "breaker.counted": ("conductor",),
     "breaker.opened": ("conductor",),
     "breaker.closed": ("conductor",),
+    "ticket.claimed": ("conductor",),
+    "ticket.finished": ("conductor",),
 }
 DECISIONS: Final = ("approval.granted", "approval.denied", "approval.expired")
 LIFECYCLE_NEEDS_REQUEST: Final = ("execution.started", "execution.exited")

@@ -398,3 +398,51 @@ async def _record_crash_loop(url: str, execution_id: str) -> None:
         await bus.publisher.publish(new_event(execution_id, data, actor="watchdog-test-1"))
     finally:
         await bus.close()
+
+
+def test_tickets_run_through_their_pipeline_and_record_the_verifier(cli: Cli, repo: Path, tmp_path: Path) -> None:
+    write_config(
+        cli,
+        '[[pipelines.work.stages]]\nname = "do"\ncommand = ["sh", "-c", "echo doing {{title}}: {{goal}}"]\n'
+        '[[pipelines.work.stages]]\nname = "verify"\n'
+        "run = \"echo checked {{ticket_id}}; test {{goal}} != broken || { echo '1 failed: test_goal'; exit 1; }\"\n",
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "ok", "goal": "fine"}\n{"title": "", "goal": "x"}\n')
+    refused = cli("tickets", "import", str(bad), "--repo", str(repo))
+    assert refused.returncode != 0 and f"{bad}:2: title" in refused.stderr and "nothing was added" in refused.stderr
+    up = start_up(cli)
+    try:
+        first = cli(
+            "tickets", "add", "--title", "Fix the parser", "--goal", "no crash", "--repo", str(repo), check=True
+        ).stdout.strip()
+        rows = tmp_path / "tickets.csv"
+        rows.write_text(f"title,goal,priority,repo\nsecond,works,5,{repo}\nthird,broken,1,{repo}\n")
+        second, third = cli("tickets", "import", str(rows), check=True).stdout.split()
+
+        def tickets() -> dict[str, dict[str, Any]]:
+            listed = json.loads(cli("tickets", "--json", check=True).stdout)
+            return {t["ticket_id"]: t for t in listed}
+
+        done = wait_until(
+            lambda: (
+                (t := tickets())
+                and all(t.get(i, {}).get("state") in ("passed", "failed") for i in (first, second, third))
+                and t
+            ),
+            90,
+            "the tickets to finish",
+        )
+        assert [done[i]["state"] for i in (first, second, third)] == ["passed", "passed", "failed"]  # type: ignore[index]
+        assert done[second]["priority"] == 5  # type: ignore[index]
+        assert len(tickets()) == 3  # the refused import added nothing
+        failed = json.loads(
+            cli("sql", f"SELECT reason, result, run_id FROM tickets WHERE ticket_id = '{third}'", "--json").stdout
+        )[0]
+        assert "stage verify failed: exit code 1" in failed["reason"]
+        assert f"checked {third}" in failed["result"] and "1 failed: test_goal" in failed["result"]
+        run = run_status(cli, failed["run_id"])
+        assert [s["stage"] for s in run["steps"]] == ["do", "verify"]
+        assert "doing third: broken" in run["steps"][0]["result"]
+    finally:
+        stop_up(cli, up)
