@@ -40,7 +40,8 @@ import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
-from typing import Any, Final
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
 
 import orjson
 from nats.aio.msg import Msg
@@ -52,6 +53,7 @@ from pydantic import ValidationError
 from actors.adapters import build_command
 from actors.bus import Bus
 from actors.runtime import Actor
+from actors.schedule import Cron, Every
 from events.approvals import derived_id, encode
 from events.envelope import Event, decode_event, new_event
 from events.errors import EventError, WrongLastSequence
@@ -77,6 +79,7 @@ from events.types import (
     PipelineHeld,
     PipelineRequested,
     PipelineStarted,
+    ScheduleFired,
     StageFinished,
     StageStarted,
     TicketClaimed,
@@ -142,6 +145,22 @@ def breaker_id(key: str) -> str:
     return encode(hashlib.sha256(f"breaker|{key}".encode()).digest(), _ID_ALPHABET, 8)
 
 
+def schedule_id(name: str) -> str:
+    """The id a schedule's `schedule.fired` events are on (8 characters of its name's hash)."""
+    return encode(hashlib.sha256(f"schedule|{name}".encode()).digest(), _ID_ALPHABET, 8)
+
+
+@dataclass(frozen=True)
+class ScheduledJob:
+    """A `[schedules.NAME]`, resolved by corral/schedules.py: when, and the request each tick makes."""
+
+    name: str
+    when: Cron | Every
+    target: Literal["pipeline", "template"]
+    payload: dict[str, Any]  # a pipeline.requested (pipeline) or execution.requested (template) payload
+    catch_up: Literal["none", "last"] = "none"
+
+
 @dataclass
 class Breaker:
     """A breaker as its last events tell it: open while its last `breaker.opened` is newer than its last close."""
@@ -195,8 +214,11 @@ class Conductor(Actor):
 
     name = "conductor"
 
-    def __init__(self, bus: Bus, *, instance: str | None = None) -> None:
+    def __init__(self, bus: Bus, *, instance: str | None = None, schedules: tuple[ScheduledJob, ...] = ()) -> None:
         super().__init__(bus, instance=instance)
+        self.schedules = schedules
+        self.ticks_fired = 0
+        self._requested_ticks: set[tuple[str, str]] = set()
         self.stages_started = 0
         self.stages_finished = 0
         self.runs_finished = 0
@@ -211,6 +233,8 @@ class Conductor(Actor):
             "stages_finished": self.stages_finished,
             "runs_finished": self.runs_finished,
             "lost_races": self.lost_races,
+            "schedules": len(self.schedules),
+            "ticks_fired": self.ticks_fired,
         }
 
     async def prepare(self) -> None:
@@ -234,6 +258,12 @@ class Conductor(Actor):
             await self.bus.js.add_consumer(STREAM, config.evolve(deliver_policy=current.deliver_policy))
 
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._triggers())
+            if self.schedules:
+                tg.create_task(self._tick())
+
+    async def _triggers(self) -> None:
         sub = await self.bus.js.pull_subscribe_bind(CONSUMER, stream=STREAM)
         try:
             await self.resume_all()
@@ -653,6 +683,71 @@ class Conductor(Actor):
         if final:
             return final[-1], final[-1]
         return "".join(output), "".join(stdout)
+
+    # --- schedules ---------------------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        while not self.stopping.is_set():
+            now = datetime.now(UTC)
+            for job in self.schedules:
+                try:
+                    await self.fire_due(job, now)
+                except Exception:
+                    log.exception("conductor: schedule %s could not fire", job.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 0.25)
+
+    async def fire_due(self, job: ScheduledJob, now: datetime) -> bool:
+        """Fire the job's latest tick at or before `now` unless it was fired (by any conductor); True if this one did.
+
+        The claim is `schedule.fired` appended expecting the schedule's last one: one conductor per tick.
+        With catch_up = "none" a tick that fell before this conductor started is not fired (missed
+        while nothing ran); with "last" the latest missed one is, once."""
+        due = job.when.previous(now)
+        if due is None:
+            return False
+        sid = schedule_id(job.name)
+        last_seq = 0
+        last: ScheduleFired | None = None
+        try:
+            stored = await self.bus.js.get_last_msg(STREAM, event_subject(sid, "schedule.fired"))
+            data = decode_event(stored.data or b"").data
+            if isinstance(data, ScheduleFired):
+                last, last_seq = data, stored.seq or 0
+        except NotFoundError:
+            pass
+        if last is not None and last.tick >= due:
+            await self._request_tick(job, last)
+            return False
+        late = due.timestamp() < self.started_at - 0.5
+        if late and job.catch_up == "none":
+            return False
+        fired = ScheduleFired(schedule=job.name, tick=due, target=job.target, target_id=new_execution_id(), late=late)
+        try:
+            await self.bus.emit(sid, fired, actor=self.instance, expected_last_subject_seq=last_seq)
+        except WrongLastSequence:
+            return False  # another conductor fired it
+        self.ticks_fired += 1
+        await self._request_tick(job, fired)
+        return True
+
+    async def _request_tick(self, job: ScheduledJob, fired: ScheduleFired) -> None:
+        """The tick's run or execution, requested once (expected sequence 0 on its own subject)."""
+        key = (job.name, fired.target_id)
+        if key in self._requested_ticks:
+            return
+        data: EventData
+        if fired.target == "pipeline":
+            data = PipelineRequested.model_validate(job.payload)
+        else:
+            data = ExecutionRequested.model_validate(
+                {**job.payload, "labels": {**(job.payload.get("labels") or {}), "schedule": job.name}}
+            )
+        with contextlib.suppress(WrongLastSequence):
+            await self.bus.emit(fired.target_id, data, actor=self.instance, expected_last_subject_seq=0)
+        self._requested_ticks.add(key)
+        if len(self._requested_ticks) > 10_000:
+            self._requested_ticks.clear()
 
     # --- tickets -----------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from corral import (
     mcp_server,
     notify,
     pipelines,
+    schedules,
     tickets,
     tokens,
     worktrees,
@@ -197,7 +198,7 @@ TOPICS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("history", ("search", "compare", "replay", "fork", "export", "tap", "sql", "snapshot")),
     ("system", ("up", "down", "health", "templates", "credentials", "projections", "schema", "wrap")),
     ("api and notifications", ("token", "mcp", "notify")),
-    ("orchestration", ("pipelines", "pipeline", "breakers", "tickets")),
+    ("orchestration", ("pipelines", "pipeline", "breakers", "tickets", "schedules")),
 )
 
 
@@ -216,7 +217,7 @@ def _group_commands(parser: argparse.ArgumentParser, sub: "argparse._SubParsersA
 
 
 # Each feature module adds its own subcommands and returns {command name: handler}.
-FEATURES: Final = (changes, worktrees, history, approvals, tokens, mcp_server, notify, pipelines, tickets)
+FEATURES: Final = (changes, worktrees, history, approvals, tokens, mcp_server, notify, pipelines, tickets, schedules)
 
 
 COMMANDS: dict[str, Any] = {

@@ -483,6 +483,7 @@ class Config(_Frozen):
     prices: dict[str, dict[str, float]] = Field(default_factory=dict)  # [prices.MODEL], USD per million tokens
     notify: tuple[NotifyTarget, ...] = ()  # [[notify]] entries (docs/notifications.md)
     pipelines: dict[str, "Pipeline"] = Field(default_factory=dict)  # [pipelines.NAME] (docs/orchestration.md)
+    schedules: dict[str, "ScheduleEntry"] = Field(default_factory=dict)  # [schedules.NAME] (docs/orchestration.md)
     # [defaults] agent_idle_timeout: None when not written (then [defaults] idle_timeout if written,
     # else DEFAULT_AGENT_IDLE_TIMEOUT_S); 0 when written "none" (agents are not watched for idleness)
     agent_idle_timeout_s: float | None = None
@@ -775,6 +776,7 @@ class _ConfigFile(_Frozen):
     prices: dict[str, _PriceFile] = Field(default_factory=dict)
     notify: list[_NotifyFile] = Field(default_factory=list)  # [[notify]]
     pipelines: dict[str, dict[str, Any]] = Field(default_factory=dict)  # checked by _pipelines
+    schedules: dict[str, dict[str, Any]] = Field(default_factory=dict)  # checked by _schedules
 
 
 _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
@@ -961,6 +963,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
         prices={name: price.model_dump() for name, price in parsed.prices.items()},
         notify=_notify_targets(parsed.notify, set(parsed.templates), label),
         pipelines=_pipelines(parsed.pipelines, set(parsed.templates), label),
+        schedules=_schedules(parsed.schedules, set(parsed.templates), set(parsed.pipelines), label),
         agent_idle_timeout_s=parsed.defaults.agent_idle_timeout,
         label=label,
     )
@@ -1250,4 +1253,64 @@ def _pipelines(raw: dict[str, dict[str, Any]], templates: set[str], label: str) 
                         f"{where}.stages[{i}].{key}: no stage {target!r} (stages: {', '.join(names)}; or done, fail)"
                     )
         found[name] = pipeline
+    return found
+
+
+# --- [schedules.NAME]: patrol jobs fired by the conductor, once per tick (docs/orchestration.md) --
+
+
+class ScheduleEntry(_Frozen):
+    """One `[schedules.NAME]`: when (cron or every), what (a pipeline or a template) and where (repo)."""
+
+    name: str
+    cron: StrictStr | None = None  # 5 fields, UTC
+    every: Duration | None = None  # or a fixed interval (at least 1s)
+    pipeline: StrictStr | None = None
+    template: StrictStr | None = None
+    repo: Annotated[StrictStr, Field(min_length=1)]
+    task: StrictStr | None = None  # a template's task (its agent's prompt)
+    vars: dict[str, StrictStr] = Field(default_factory=dict)  # a pipeline's --var
+    catch_up: Literal["none", "last"] = "none"
+
+    @model_validator(mode="after")
+    def _when_and_what(self) -> "ScheduleEntry":
+        from actors.schedule import Cron
+
+        if (self.cron is None) == (self.every is None):
+            raise ValueError("give one of cron or every")
+        if self.cron is not None:
+            try:
+                Cron.parse(self.cron)
+            except ValueError as exc:
+                raise ValueError(f"cron {self.cron!r}: {exc}") from None
+        if self.every is not None and self.every < 1:
+            raise ValueError("every: at least 1s")
+        if (self.pipeline is None) == (self.template is None):
+            raise ValueError("give one of pipeline or template")
+        return self
+
+
+def _schedules(
+    raw: dict[str, dict[str, Any]], templates: set[str], pipelines: set[str], label: str
+) -> dict[str, ScheduleEntry]:
+    found: dict[str, ScheduleEntry] = {}
+    for name, table in sorted(raw.items()):
+        where = f"{label}: schedules.{name}"
+        if not TEMPLATE_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: bad schedule name: use lowercase letters, digits, - and _")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table")
+        try:
+            entry = ScheduleEntry.model_validate({**table, "name": name})
+        except ValidationError as exc:
+            raise ConfigError(_one_line(f"{where}: {_validation_message(exc)}")) from None
+        if entry.template is not None and entry.template not in templates:
+            raise ConfigError(
+                f"{where}.template: no template {entry.template!r} (known: {', '.join(sorted(templates)) or 'none'})"
+            )
+        if entry.pipeline is not None and entry.pipeline not in pipelines:
+            raise ConfigError(
+                f"{where}.pipeline: no pipeline {entry.pipeline!r} (known: {', '.join(sorted(pipelines)) or 'none'})"
+            )
+        found[name] = entry
     return found

@@ -95,7 +95,9 @@ def check_variables(pipeline: Pipeline, values: dict[str, str]) -> None:
                     )
 
 
-async def resolve_stages(home: Home, pipeline: Pipeline, repo: str, base: str, system: System) -> list[dict[str, Any]]:
+async def resolve_stages(
+    home: Home, pipeline: Pipeline, repo: str, base: str, system: System | None
+) -> list[dict[str, Any]]:
     """Each stage as the conductor needs it: its execution request resolved as `corral run` resolves one
     (a bad template or a missing agent CLI is refused now), the task and command still with their {{variables}}."""
     resolved = []

@@ -323,8 +323,10 @@ async def _start_actors(system: System, names: tuple[str, ...], *, config: Confi
             actor = Notifier(bus, [target.for_actor() for target in config.notify])
         elif name == "conductor":
             from actors.conductor import Conductor  # [pipelines.NAME] runs (docs/orchestration.md)
+            from corral.schedules import for_conductor
 
-            actor = Conductor(bus)
+            # Schedules fire from `corral up` only: a command's own system would start ticks it cannot see through.
+            actor = Conductor(bus, schedules=await for_conductor(home, config) if system.mode == "up" else ())
         else:
             raise CorralError(f"unknown actor {name!r}; known: {', '.join(ALL_ACTORS)}")
         if name == "projector" and system.mode == "ephemeral":

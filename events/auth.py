@@ -277,6 +277,7 @@ ROLES: Final[dict[str, Role]] = {
                 "approval.needed",
                 "ticket.claimed",
                 "ticket.finished",
+                "schedule.fired",
                 "pipeline.requested",
                 "execution.requested",
                 "cancel.requested",

@@ -748,3 +748,18 @@ class TicketFinished(EventData):
     run_id: str
     reason: str | None = None
     result: str | None = None
+
+
+# --- schedules (conductor) -------------------------------------------------------------------------
+
+
+@event_type("schedule.fired")
+class ScheduleFired(EventData):
+    """A `[schedules.NAME]` tick, claimed by one conductor (expecting the schedule's last fired sequence),
+    and the run (`pipeline`) or execution (`template`) it requests as `target_id`."""
+
+    schedule: str
+    tick: datetime
+    target: Literal["pipeline", "template"]
+    target_id: str
+    late: bool = False  # a missed tick fired after the fact (catch_up = "last")

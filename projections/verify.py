@@ -45,6 +45,7 @@ AUTHORITY: Final[dict[str, tuple[str, ...]]] = {
     "breaker.closed": ("conductor",),
     "ticket.claimed": ("conductor",),
     "ticket.finished": ("conductor",),
+    "schedule.fired": ("conductor",),
 }
 DECISIONS: Final = ("approval.granted", "approval.denied", "approval.expired")
 LIFECYCLE_NEEDS_REQUEST: Final = ("execution.started", "execution.exited")

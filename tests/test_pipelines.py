@@ -446,3 +446,57 @@ def test_tickets_run_through_their_pipeline_and_record_the_verifier(cli: Cli, re
         assert "doing third: broken" in run["steps"][0]["result"]
     finally:
         stop_up(cli, up)
+
+
+def test_a_schedule_every_second_fires_each_tick_once_across_two_corral_up(
+    cli: Cli, repo: Path, tmp_path: Path
+) -> None:
+    toml = (
+        '[templates.tick]\ncommand = ["true"]\n'
+        f'[schedules.patrol]\nevery = "1s"\ntemplate = "tick"\nrepo = "{repo}"\n'
+        f'[schedules.nightly]\ncron = "0 3 * * *"\ntemplate = "tick"\nrepo = "{repo}"\n'
+    )
+    write_config(cli, toml)
+    other = Cli(
+        tmp_path / "other-home",
+        {
+            **cli.env,
+            "CORRAL_HOME": str(tmp_path / "other-home"),
+            "CORRAL_NATS_CREDS": str(cli.home / "credentials.json"),
+        },
+    )
+    write_config(other, toml)
+    first = start_up(cli)
+    second = start_up(other)
+    try:
+        count = "SELECT count(*) AS n FROM events WHERE type = 'schedule.fired'"
+        wait_until(lambda: json.loads(cli("sql", count, "--json", check=True).stdout)[0]["n"] >= 4, 60, "4 ticks")
+    finally:
+        stop_up(other, second)
+        stop_up(cli, first)
+    fired = json.loads(
+        cli(
+            "sql",
+            "SELECT data->>'schedule' AS schedule, data->>'tick' AS tick, data->>'target_id' AS target, actor "
+            "FROM events WHERE type = 'schedule.fired' ORDER BY seq",
+            "--json",
+            check=True,
+        ).stdout
+    )
+    ticks = [f["tick"] for f in fired]
+    assert len(ticks) == len(set(ticks)) >= 4, fired  # every tick once, whichever conductor took it
+    assert {f["schedule"] for f in fired} == {"patrol"}  # the nightly one is not due
+    assert ticks == sorted(ticks)
+    requested = json.loads(
+        cli(
+            "sql",
+            "SELECT execution_id FROM events WHERE type = 'execution.requested' "
+            "AND data->'labels'->>'schedule' = 'patrol'",
+            "--json",
+            check=True,
+        ).stdout
+    )
+    assert sorted(r["execution_id"] for r in requested) == sorted(f["target"] for f in fired)
+    listed = {s["name"]: s for s in json.loads(cli("schedules", "--json", check=True).stdout)}
+    assert listed["patrol"]["last_tick"] is not None and listed["nightly"]["last_tick"] is None
+    assert listed["nightly"]["next_tick"].endswith("T03:00:00+00:00")
