@@ -337,7 +337,11 @@ class Spawner(Actor):
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.stop_grace_s + 10)
         if self._pump_task is not None:
-            self._pump_task.cancel()
+            # Cancel until it ends: Python 3.11's wait_for swallows a cancellation that arrives as
+            # the pump's wake-up does (the pump's loop has no other end; a `corral up` hung here).
+            while not self._pump_task.done():
+                self._pump_task.cancel()
+                await asyncio.wait({self._pump_task}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump_task
         if self._spool_watch is not None:
