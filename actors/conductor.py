@@ -112,6 +112,7 @@ END_DONE: Final = "done"
 END_FAIL: Final = "fail"
 VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
 READ_TIMEOUT_S: Final = 30.0
+MAX_IN_FLIGHT: Final = 32  # triggers one conductor handles at once
 
 
 def render(text: str, values: dict[str, str], *, shell: bool = False) -> str:
@@ -264,20 +265,43 @@ class Conductor(Actor):
                 tg.create_task(self._tick())
 
     async def _triggers(self) -> None:
+        """Claim triggers from the shared durable; up to MAX_IN_FLIGHT are handled at once (one run at a
+        time: `advance` holds the run's lock), so a slow read of one run delays no other."""
         sub = await self.bus.js.pull_subscribe_bind(CONSUMER, stream=STREAM)
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def handle(msg: Msg) -> None:
+            try:
+                await self._on_trigger(msg)
+            finally:
+                slots.release()
+
         try:
             await self.resume_all()
             while not self.stopping.is_set():
+                await slots.acquire()
                 try:
                     msgs = await sub.fetch(1, timeout=0.5)
                 except (FetchTimeoutError, NatsTimeoutError, TimeoutError):
+                    slots.release()
                     continue
                 except ServiceUnavailableError:
+                    slots.release()
                     await asyncio.sleep(0.5)
                     continue
-                for msg in msgs:
-                    await self._on_trigger(msg)
+                except BaseException:
+                    slots.release()
+                    raise
+                if not msgs:
+                    slots.release()
+                for msg in msgs[:1]:
+                    task = asyncio.create_task(handle(msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
         finally:
+            if tasks:
+                await asyncio.wait(set(tasks), timeout=5.0)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -564,7 +588,9 @@ class Conductor(Actor):
             round=str(round_),
             worktree=worktree or "",
         )
-        if worktree:
+        spec = state.stage(stage) or {}
+        words = " ".join(str(w) for w in (spec.get("task"), spec.get("run"), *(spec.get("command") or ())) if w)
+        if worktree and ("branch" in words or "changed_files" in words):  # two git commands: only when used
             branch, changed = await asyncio.to_thread(_git_facts, worktree)
             values.update(branch=branch, changed_files=changed)
         for step in state.steps:

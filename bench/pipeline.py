@@ -1,0 +1,201 @@
+"""Tickets through a two-stage pipeline of trivial agents, under a real `corral up` (issue 18, Speed).
+
+Starts `corral up` (embedded NATS) on a temporary CORRAL_HOME whose corral.toml has a pipeline of
+two command stages (`true`), imports N tickets at once (`corral tickets import`), and waits until
+every ticket finished. Then it reads the log back (SQL) for:
+
+- tickets per minute: N over (first ticket.created → last ticket.finished);
+- Corral's overhead per stage: `stage.finished` of step 1 → `execution.started` of step 2's
+  execution (the next stage's agent running), p50/p99; and `execution.exited` → `stage.finished`
+  (how long the conductor takes to see an end), p50/p99.
+
+Baseline in the same run, same `corral up`: the same 2N executions (`true`) submitted by hand with
+the Python client at once, timed from the first request to the last exit: executions per minute,
+halved to compare with two-stage tickets. Targets: overhead p50 <= 100 ms; throughput >= 0.9x the
+hand-submitted run. Ends with one JSON line.
+
+    .venv/bin/python bench/pipeline.py [--tickets 200] [--max-running 8]
+"""
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import connect_home, make_repo, print_result, sql, start_up, stop_up, wait_ready
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def corral(home: Path, *args: str) -> str:
+    env = {**__import__("os").environ, "CORRAL_HOME": str(home)}
+    env.pop("CORRAL_NATS_URL", None)
+    done = subprocess.run([sys.executable, "-m", "corral", *args], env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"corral {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+async def wait_count(bus: Any, query: str, want: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = await sql(bus, query)
+        if rows and int(rows[0][0]) >= want:
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"timed out: {query} < {want}")
+
+
+async def bench(tickets: int, max_running: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="corral-bench-pipeline-") as tmp:
+        root = Path(tmp)
+        home = root / "home"
+        home.mkdir()
+        repo = make_repo(root / "repo")
+        (home / "corral.toml").write_text(
+            f'[spawner]\nmax_running = {max_running}\n[sandbox]\nmode = "off"\n'
+            '[[pipelines.two.stages]]\nname = "first"\ncommand = ["true"]\n'
+            '[[pipelines.two.stages]]\nname = "second"\ncommand = ["true"]\n'
+            '[templates.bare]\ncommand = ["true"]\n'
+        )
+        rows = root / "tickets.jsonl"
+        rows.write_text(
+            "".join(json.dumps({"title": f"t{i}", "goal": "g", "repo": str(repo)}) + "\n" for i in range(tickets))
+        )
+        up = start_up(home, root)
+        try:
+            url = await wait_ready(home, up)
+            bus = await connect_home(home, url)
+            try:
+                started = time.perf_counter()
+                await asyncio.to_thread(corral, home, "tickets", "import", str(rows))
+                await wait_count(
+                    bus, "SELECT count(*) FROM events WHERE type = 'ticket.finished'", tickets, 60 + tickets * 5.0
+                )
+                wall = time.perf_counter() - started
+                span = await sql(
+                    bus,
+                    "SELECT epoch(max(ts) FILTER (WHERE type = 'ticket.finished')) - "
+                    "epoch(min(ts) FILTER (WHERE type = 'ticket.created')) FROM events",
+                )
+                ticket_span = float(span[0][0])
+                passed = await sql(bus, "SELECT count(*) FROM tickets WHERE state = 'passed'")
+                overhead = await sql(
+                    bus,
+                    "SELECT epoch(x.ts) - epoch(f.ts) FROM stages s1 "
+                    "JOIN events f ON f.execution_id = s1.run_id AND f.type = 'stage.finished' "
+                    "AND CAST(f.data->>'step' AS INTEGER) = 1 "
+                    "JOIN stages s2 ON s2.run_id = s1.run_id AND s2.step = 2 "
+                    "JOIN events x ON x.execution_id = s2.execution_id AND x.type = 'execution.started' "
+                    "WHERE s1.step = 1",
+                    max_rows=100000,
+                )
+                decided = await sql(
+                    bus,
+                    "SELECT epoch(x.ts) - epoch(f.ts) FROM stages s1 "
+                    "JOIN events f ON f.execution_id = s1.run_id AND f.type = 'stage.finished' "
+                    "AND CAST(f.data->>'step' AS INTEGER) = 1 "
+                    "JOIN stages s2 ON s2.run_id = s1.run_id AND s2.step = 2 "
+                    "JOIN events x ON x.execution_id = s2.execution_id AND x.type = 'execution.requested' "
+                    "WHERE s1.step = 1",
+                    max_rows=100000,
+                )
+                seen = await sql(
+                    bus,
+                    "SELECT epoch(f.ts) - epoch(x.ts) FROM stages s "
+                    "JOIN events x ON x.execution_id = s.execution_id AND x.type = 'execution.exited' "
+                    "JOIN events f ON f.execution_id = s.run_id AND f.type = 'stage.finished' "
+                    "AND CAST(f.data->>'step' AS INTEGER) = s.step",
+                    max_rows=100000,
+                )
+                # The baseline: the same executions by hand, all at once, with the Python client.
+                from corral.client import Client, RunSpec
+                from corral.home import Home
+
+                __import__("os").environ["CORRAL_HOME"] = str(home)
+                async with Client.connect(Home(home)) as client:
+                    hand_start = time.perf_counter()
+                    spec = RunSpec(repo=str(repo), template="bare")
+                    ids = [await client.submit(spec) for _ in range(2 * tickets)]
+                    quoted = ", ".join(f"'{i}'" for i in ids)
+                    await wait_count(
+                        bus,
+                        f"SELECT count(*) FROM executions WHERE execution_id IN ({quoted}) AND state = 'exited'",
+                        2 * tickets,
+                        60 + tickets * 5.0,
+                    )
+                    hand_wall = time.perf_counter() - hand_start
+                hand_span_rows = await sql(
+                    bus,
+                    "SELECT epoch(max(ended_at)) - epoch(min(requested_at)) FROM executions "
+                    f"WHERE execution_id IN ({quoted})",
+                )
+                hand_span = float(hand_span_rows[0][0])
+            finally:
+                await bus.close()
+        finally:
+            stop_up(up, "after the bench")
+    over = [float(r[0]) * 1000 for r in overhead]
+    seen_ms = [float(r[0]) * 1000 for r in seen]
+    decided_ms = [float(r[0]) * 1000 for r in decided]
+    per_min = tickets / ticket_span * 60
+    hand_per_min = tickets / hand_span * 60  # two executions make one ticket's work
+    print(f"tickets: {tickets} (passed {passed[0][0]}), max_running {max_running}; wall {wall:.1f}s")
+    print(f"  tickets per minute                   {per_min:8.1f}   (log span {ticket_span:.1f}s)")
+    print(
+        f"  hand-submitted pairs per minute      {hand_per_min:8.1f}   (span {hand_span:.1f}s, wall {hand_wall:.1f}s)"
+    )
+    print(
+        f"  stage finished -> next agent running  p50 {pct(over, 0.5):7.1f} ms  "
+        f"p99 {pct(over, 0.99):7.1f} ms  (n={len(over)})"
+    )
+    print(f"  execution exited -> stage finished    p50 {pct(seen_ms, 0.5):7.1f} ms  p99 {pct(seen_ms, 0.99):7.1f} ms")
+    print(
+        f"  stage finished -> next requested      p50 {pct(decided_ms, 0.5):7.1f} ms  "
+        f"p99 {pct(decided_ms, 0.99):7.1f} ms  (the conductor's part)"
+    )
+    if over:
+        print(f"  mean overhead {statistics.fmean(over):.1f} ms")
+    ratio = per_min / hand_per_min if hand_per_min else None
+    print_result(
+        "pipeline",
+        "tickets_per_min",
+        per_min,
+        "hand_pairs_per_min",
+        hand_per_min,
+        ratio=ratio,
+        target="stage overhead p50 <= 100 ms; throughput >= 0.9x hand-submitted",
+        met=bool(over) and pct(over, 0.5) <= 100 and ratio is not None and ratio >= 0.9,
+        overhead_p50_ms=pct(over, 0.5),
+        overhead_p99_ms=pct(over, 0.99),
+        exit_seen_p50_ms=pct(seen_ms, 0.5),
+        exit_seen_p99_ms=pct(seen_ms, 0.99),
+        next_requested_p50_ms=pct(decided_ms, 0.5),
+        next_requested_p99_ms=pct(decided_ms, 0.99),
+        max_running=max_running,
+        tickets=tickets,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tickets", type=int, default=200)
+    parser.add_argument("--max-running", type=int, default=8)
+    args = parser.parse_args()
+    asyncio.run(bench(args.tickets, args.max_running))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
