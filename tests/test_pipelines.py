@@ -500,3 +500,34 @@ def test_a_schedule_every_second_fires_each_tick_once_across_two_corral_up(
     listed = {s["name"]: s for s in json.loads(cli("schedules", "--json", check=True).stdout)}
     assert listed["patrol"]["last_tick"] is not None and listed["nightly"]["last_tick"] is None
     assert listed["nightly"]["next_tick"].endswith("T03:00:00+00:00")
+
+
+async def test_missed_ticks_follow_catch_up(bus: Any, nats_server: EmbeddedServer, credentials: CredentialSet) -> None:
+    """A tick that fell before the conductor started: `none` skips it, `last` fires it once, late."""
+    from datetime import UTC, datetime, timedelta
+
+    from actors.conductor import ScheduledJob, schedule_id
+    from actors.schedule import Every
+    from events.envelope import decode_event
+    from events.types import ScheduleFired
+
+    request = {"command": ["true"], "repo": "/nowhere"}
+    skip = ScheduledJob("skip", Every(3600.0), "template", request, "none")
+    last = ScheduledJob("last", Every(3600.0), "template", request, "last")
+    conductor_bus = await connect_bus(nats_server.url, credentials=credentials.get("conductor"))
+    try:
+        conductor = Conductor(conductor_bus, instance="conductor-ticks", schedules=(skip, last))
+        now = datetime.now(UTC)
+        assert not await conductor.fire_due(skip, now)  # the hour's tick fell before it started
+        assert await conductor.fire_due(last, now)
+        assert not await conductor.fire_due(last, now)  # once
+        stored = await bus.js.get_last_msg("CORRAL", f"corral.evt.{schedule_id('last')}.schedule.fired")
+        fired = decode_event(stored.data).data
+        assert isinstance(fired, ScheduleFired) and fired.late and fired.tick == Every(3600.0).previous(now)
+        requested = await bus.js.get_last_msg("CORRAL", f"corral.evt.{fired.target_id}.execution.requested")
+        assert decode_event(requested.data).data.labels == {"schedule": "last"}  # type: ignore[attr-defined]
+        rival = Conductor(conductor_bus, instance="conductor-rival", schedules=(last,))
+        assert not await rival.fire_due(last, now + timedelta(seconds=1))  # the same tick, another conductor
+        assert await rival.fire_due(last, now + timedelta(hours=1))  # the next one
+    finally:
+        await conductor_bus.close()
