@@ -531,3 +531,32 @@ async def test_missed_ticks_follow_catch_up(bus: Any, nats_server: EmbeddedServe
         assert await rival.fire_due(last, now + timedelta(hours=1))  # the next one
     finally:
         await conductor_bus.close()
+
+
+@pytest.mark.parametrize("role", ["operator", "api", "spawner", "notifier", "tap"])
+async def test_no_other_role_may_take_or_rewrite_the_conductors_work(
+    bus: Any, nats_server: EmbeddedServer, credentials: CredentialSet, role: str
+) -> None:
+    """Fetch, ack, rewrite, delete the `conductor` durable; record stage, breaker, ticket, schedule events."""
+    from tests.test_attacks_bus import attacker
+
+    own = await connect_bus(nats_server.url, credentials=credentials.get("conductor"))
+    await Conductor(own, instance="conductor-owner").prepare()  # its durable, as a conductor makes it
+    await own.close()
+    me = await attacker(nats_server, credentials, role)
+    try:
+        config = {"name": "conductor", "durable_name": "conductor", "filter_subject": "corral.evt.*.nothing"}
+        body = {"stream_name": "CORRAL", "config": {**config, "ack_policy": "explicit"}}
+        results = {
+            "fetch": await me.attempt("$JS.API.CONSUMER.MSG.NEXT.CORRAL.conductor", {"batch": 1}),
+            "rewrite": await me.attempt("$JS.API.CONSUMER.CREATE.CORRAL.conductor", body),
+            "delete": await me.attempt("$JS.API.CONSUMER.DELETE.CORRAL.conductor"),
+        }
+        for kind in ("stage.finished", "breaker.closed", "ticket.finished", "schedule.fired", "pipeline.finished"):
+            results[kind] = await me.publish(f"corral.evt.aaaaaaaa.{kind}", b"{}")
+        assert results == dict.fromkeys(results, "refused"), results
+    finally:
+        await me.nc.close()
+    durable = (await bus.js.consumer_info("CORRAL", "conductor")).config
+    assert "corral.evt.*.stage.finished" not in (durable.filter_subjects or [])  # not a trigger
+    assert "corral.evt.*.execution.exited" in (durable.filter_subjects or [])  # unchanged
