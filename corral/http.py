@@ -469,6 +469,19 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def templates(who: Auth) -> list[dict[str, Any]]:
         return who.client.templates()
 
+    # Tickets (issue 18; corral/tickets.py, docs/orchestration.md#tickets): what `corral tickets` does.
+    from corral.tickets import TicketSpec, add_tickets, list_tickets
+
+    @app.post("/api/tickets", status_code=201, tags=["orchestration"])
+    async def add_ticket(who: Operator, spec: TicketSpec) -> dict[str, Any]:
+        """Add a ready ticket; its pipeline runs it. `repo`: a path on the host that runs Corral."""
+        return (await add_tickets(who.client, [spec]))[0]
+
+    @app.get("/api/tickets", tags=["orchestration"])
+    async def tickets(who: Auth) -> list[dict[str, Any]]:
+        """Every ticket, newest first: state, run, reason, the last stage's result (`corral tickets --json`)."""
+        return await list_tickets(who.client)
+
     from corral.web import mount  # the web console (issue 17): its pages, on this app and gateway
 
     mount(app, gateway)

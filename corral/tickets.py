@@ -156,17 +156,31 @@ async def create(
     ]
 
 
+async def list_tickets(client: Client) -> list[dict[str, Any]]:
+    """`corral tickets --json` (and `GET /api/tickets`): newest first, with the last stage's result."""
+    return await client.records(f"SELECT {COLUMNS}, result FROM tickets ORDER BY created_seq DESC")
+
+
+async def add_tickets(client: Client, specs: list[TicketSpec]) -> list[dict[str, Any]]:
+    """`POST /api/tickets`: like `corral tickets add`, the repository a path on the host that runs Corral."""
+    client._require_operator("add tickets")
+    if any(spec.repo is None for spec in specs):
+        raise UsageError("give repo: the path of a git repository on the host that runs Corral")
+    return await create(client.home, client.system, specs, repo=".", pipeline=None, extra={})
+
+
 async def cmd_tickets(home: Home, args: Any) -> int:
     action = getattr(args, "tickets_cmd", None)
     async with Client.connect(home) as client:
         if action is None:
-            rows = await client.records(f"SELECT {COLUMNS} FROM tickets ORDER BY created_seq DESC")
+            rows = await list_tickets(client)
             if args.json:
                 render.print_json(rows)
             elif not rows:
                 print("no tickets; add one: corral tickets add --title T --goal G --pipeline NAME")
             else:
-                print(render.table([c.strip() for c in COLUMNS.split(",")], [list(r.values()) for r in rows]))
+                columns = [c.strip() for c in COLUMNS.split(",")]
+                print(render.table(columns, [[r[c] for c in columns] for r in rows]))
             return 0
         client._require_operator("add tickets")
         if action == "add":

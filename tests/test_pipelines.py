@@ -560,3 +560,44 @@ async def test_no_other_role_may_take_or_rewrite_the_conductors_work(
     durable = (await bus.js.consumer_info("CORRAL", "conductor")).config
     assert "corral.evt.*.stage.finished" not in (durable.filter_subjects or [])  # not a trigger
     assert "corral.evt.*.execution.exited" in (durable.filter_subjects or [])  # unchanged
+
+
+def test_tickets_over_http(tmp_path: Path, repo: Path) -> None:
+    """POST /api/tickets with an operator token runs the ticket; a tap token may list, not add."""
+    import httpx
+
+    from tests.conftest import cli_environment
+
+    env = cli_environment(CORRAL_HOME=str(tmp_path / "home"))
+    env.pop("CORRAL_NATS_URL", None)
+    cli = Cli(tmp_path / "home", env)
+    write_config(cli, '[[pipelines.work.stages]]\nname = "do"\ncommand = ["echo", "{{title}}"]\n')
+    up = start_up(cli, "--http", "127.0.0.1:0")
+    try:
+        url = wait_until(
+            lambda: json.loads((cli.home / "runtime.json").read_text()).get("http_url"), 30, "the HTTP address"
+        )
+        operator = cli("token", "create", "alice", "--role", "operator", check=True).stdout.strip()
+        tap = cli("token", "create", "tapper", "--role", "tap", check=True).stdout.strip()
+        ticket = {"title": "over http", "goal": "g", "repo": str(repo), "priority": 2}
+        with httpx.Client(base_url=str(url), timeout=60) as http:
+            refused = http.post("/api/tickets", json=ticket, headers={"Authorization": f"Bearer {tap}"})
+            assert refused.status_code == 403, refused.text
+            bad = http.post(
+                "/api/tickets", json={**ticket, "title": ""}, headers={"Authorization": f"Bearer {operator}"}
+            )
+            assert bad.status_code == 422 and "\n" not in bad.json()["error"], bad.text
+            created = http.post("/api/tickets", json=ticket, headers={"Authorization": f"Bearer {operator}"})
+            assert created.status_code == 201, created.text
+            ticket_id = created.json()["ticket_id"]
+
+            def finished() -> dict[str, Any] | None:
+                listed = http.get("/api/tickets", headers={"Authorization": f"Bearer {tap}"}).json()
+                mine = [t for t in listed if t["ticket_id"] == ticket_id and t["state"] == "passed"]
+                return mine[0] if mine else None
+
+            done = wait_until(finished, 60, "the ticket to pass")
+            assert done["result"] == "over http\n" and done["priority"] == 2  # type: ignore[index]
+            assert len(http.get("/api/tickets", headers={"Authorization": f"Bearer {tap}"}).json()) == 1
+    finally:
+        stop_up(cli, up)
