@@ -207,17 +207,17 @@ def main() -> None:
         f"speed-up {baseline_total / corral_total:.2f}x   [{datetime.now(UTC):%Y-%m-%d}, rows={output_rows:,}, "
         f"target <= 150 ms per query]"
     )
-    regex, regex_base = figures["regex (rare)"]["corral_ms"], figures["regex (rare)"]["baseline_ms"]
+    regex_ms, regex_base = figures["regex (rare)"]["corral_ms"], figures["regex (rare)"]["baseline_ms"]
     slowest = max(f["corral_ms"] for f in figures.values())
     print_result(
         "search",
         "regex_ms",
-        regex,
+        regex_ms,
         "baseline_regex_ms",
         regex_base,
-        ratio=regex_base / regex,
+        ratio=regex_base / regex_ms,
         target="regex (rare) >= 1.0x regexp_matches on output; every query <= 150 ms",
-        met=regex_base / regex >= 1.0 and slowest <= 150,
+        met=regex_base / regex_ms >= 1.0 and slowest <= 150,
         max_ms=slowest,
         total_ms=corral_total,
         baseline_total_ms=baseline_total,

@@ -76,7 +76,7 @@ def test_regex_search_finds_what_a_full_scan_finds(tmp_path: Path) -> None:
     the plain full scans of `output` and of every other event's payload, on a projected file."""
     from events.envelope import new_event
     from events.ids import new_execution_id
-    from events.types import ApprovalRequested, ExecutionExited, ExecutionRequested, Output
+    from events.types import ApprovalRequested, EventData, ExecutionExited, ExecutionRequested, Output
     from projections.database import open_database
     from projections.projector import BatchApplier
     from projections.query import run_query
@@ -86,7 +86,7 @@ def test_regex_search_finds_what_a_full_scan_finds(tmp_path: Path) -> None:
     for _ in range(12):
         eid = new_execution_id()
         task = rng.choice(["Fix Error in parser", "error budget", "tests passed", "Zero Error"])
-        datas = [ExecutionRequested(command=("agent",), repo="/r", task=task)]
+        datas: list[EventData] = [ExecutionRequested(command=("agent",), repo="/r", task=task)]
         datas += [
             Output(stream="stdout", n=n, text=rng.choice(["ZeroDivisionError\n", "ok Error x\n", "step tests\n"]))
             for n in range(1, rng.randint(2, 30))
