@@ -40,6 +40,7 @@ ORDER = [
     "notify",
     "api",
     "console",
+    "pipeline",
     "supervise",
     "load",
 ]
@@ -56,6 +57,7 @@ QUICK: dict[str, list[str]] = {
     "notify": ["--events", "60", "--rate", "20"],
     "api": ["--clients", "10", "--rate", "200", "--seconds", "3", "--history", "1000"],
     "console": ["--history", "1000", "--events", "200", "--rate", "100", "--loads", "2"],
+    "pipeline": ["--tickets", "20"],
     "supervise": ["--agents", "20", "--window", "5"],
     "load": ["--agents", "20", "--duration", "5"],
 }
@@ -112,7 +114,9 @@ def headline(result: dict[str, Any]) -> tuple[str, Any, Any, Any, Any]:
     """(figure name, value, baseline value, ratio, target) of one result line."""
     if "figure" in result:
         figure = result["figure"]
-        baseline = next((k for k in result if k.startswith("baseline")), "")
+        keys = list(result)  # print_result writes the baseline's key right after the figure's
+        after = keys[keys.index(figure) + 1] if figure in keys and keys.index(figure) + 1 < len(keys) else ""
+        baseline = after if after not in ("ratio", "target", "met") else ""
         return figure, result.get(figure), result.get(baseline), result.get("ratio"), result.get("target")
     figure, baseline, ratio = HEADLINES.get(result["bench"], ("", "", "ratio"))
     target = result.get("target") or next((f"{k} {v}" for k, v in result.items() if k.startswith("target")), None)
