@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import Cli, agent_command, cli_environment, make_repo
+from tests.test_adapters import model_server as model_server  # the fixture
 from tests.test_control import start_up, stop_up, wait_until
 
 
@@ -642,3 +643,53 @@ def test_tls_from_the_http_section(tmp_path: Path) -> None:
             httpx.get(str(url).replace("https://", "http://") + "/healthz", timeout=10)
     finally:
         stop_up(cli, up)
+
+
+@pytest.mark.slow
+def test_a_follow_up_over_http_continues_the_agents_session(
+    cli: Cli, repo: Path, tmp_path: Path, model_server: Any
+) -> None:
+    """POST /api/executions with `resume`: the real Claude Code continues its conversation, in the
+    same worktree (what the console's review comments do for a finished agent CLI)."""
+    from actors.adapters import find_program
+    from tests.helpers.model_server import FILE_NAME
+    from tests.test_adapters import isolated_env
+
+    if find_program("claude") is None:
+        pytest.skip("claude is not installed (sh scripts/install-agents.sh installs it under .agents/)")
+    env, extra = isolated_env("claude-code", cli.env, tmp_path, model_server)
+    run = Cli(cli.home, env)
+    up = start_up(run, "--http", "127.0.0.1:0")
+    try:
+        url = wait_until(lambda: json.loads((run.home / "runtime.json").read_text()).get("http_url"), 30, "HTTP")
+        token = run("token", "create", "reviewer", "--role", "operator", check=True).stdout.strip()
+        with httpx.Client(base_url=str(url), headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+            spec = {"repo": str(repo), "agent": "claude-code", "task": f"create {FILE_NAME}", "command": extra}
+            first = http.post("/api/executions", json=spec)
+            assert first.status_code == 201, first.text
+            parent = first.json()["execution_id"]
+            done = wait_until(
+                lambda: (s := http.get(f"/api/executions/{parent}").json())["state"] in ("exited", "failed") and s,
+                300,
+                "the first run",
+            )
+            assert done["exit_code"] == 0, done  # type: ignore[index]
+            asked = len(model_server.requests)
+            second = http.post(
+                "/api/executions", json={"repo": str(repo), "resume": parent[:6], "task": "now say done"}
+            )
+            assert second.status_code == 201, second.text
+            child = second.json()["execution_id"]
+            ended = wait_until(
+                lambda: (s := http.get(f"/api/executions/{child}").json())["state"] in ("exited", "failed") and s,
+                300,
+                "the follow-up",
+            )
+            assert ended["exit_code"] == 0, ended  # type: ignore[index]
+            assert ended["worktree"] == done["worktree"]  # type: ignore[index]
+            again = http.post("/api/executions", json={"repo": str(repo), "resume": "zzzzzzzz", "task": "x"})
+            assert "no execution matches" in error_of(again, 404)
+        later = [json.dumps(r.body) for r in model_server.requests[asked:] if r.method == "POST"]
+        assert any("now say done" in body and f"create {FILE_NAME}" in body for body in later), later[-1:]
+    finally:
+        stop_up(run, up)
