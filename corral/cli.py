@@ -14,6 +14,7 @@ from corral import (
     commands,
     config,
     control,
+    fanout,
     history,
     mcp_server,
     notify,
@@ -198,7 +199,7 @@ TOPICS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("history", ("search", "compare", "replay", "fork", "export", "tap", "sql", "snapshot")),
     ("system", ("up", "down", "health", "templates", "credentials", "projections", "schema", "wrap")),
     ("api and notifications", ("token", "mcp", "notify")),
-    ("orchestration", ("pipelines", "pipeline", "breakers", "tickets", "schedules")),
+    ("orchestration", ("pipelines", "pipeline", "breakers", "tickets", "schedules", "fanout", "pick")),
 )
 
 
@@ -217,7 +218,19 @@ def _group_commands(parser: argparse.ArgumentParser, sub: "argparse._SubParsersA
 
 
 # Each feature module adds its own subcommands and returns {command name: handler}.
-FEATURES: Final = (changes, worktrees, history, approvals, tokens, mcp_server, notify, pipelines, tickets, schedules)
+FEATURES: Final = (
+    changes,
+    worktrees,
+    history,
+    approvals,
+    tokens,
+    mcp_server,
+    notify,
+    pipelines,
+    tickets,
+    schedules,
+    fanout,
+)
 
 
 COMMANDS: dict[str, Any] = {

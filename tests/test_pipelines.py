@@ -601,3 +601,35 @@ def test_tickets_over_http(tmp_path: Path, repo: Path) -> None:
             assert len(http.get("/api/tickets", headers={"Authorization": f"Bearer {tap}"}).json()) == 1
     finally:
         stop_up(cli, up)
+
+
+AGENT_BY_SLOT = (
+    'if [ "$CORRAL_FANOUT_SLOT" = 2 ]; then echo ok > good.txt; '
+    "else printf 'a\\nb\\nc\\n' > bad.txt; [ \"$CORRAL_FANOUT_SLOT\" = 3 ] && echo d >> bad.txt; true; fi"
+)
+
+
+def test_fanout_of_three_with_a_judge_picks_the_one_whose_tests_pass(cli: Cli, repo: Path) -> None:
+    up = start_up(cli)
+    try:
+        bad = cli("fanout", "--agents", "command:1", "--repo", str(repo), "--", "true")
+        assert bad.returncode != 0 and "a fan-out has 2 to 16" in bad.stderr
+        done = cli(
+            "fanout", "--agents", "command:3", "--repo", str(repo), "--judge", "test -f good.txt", "--json",
+            "--", "sh", "-c", AGENT_BY_SLOT, timeout=180,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        result = json.loads(done.stdout)
+        ranking = result["ranking"]
+        assert [r["passed"] for r in ranking] == [True, False, False]
+        assert [r["lines_changed"] for r in ranking] == [1, 3, 4]  # then the smaller change
+        winner = ranking[0]["execution_id"]
+        assert json.loads(cli("status", winner, "--json", check=True).stdout)["exit_code"] == 0
+        picked = json.loads(cli("pick", winner, "--json", check=True).stdout)
+        assert picked["kept"] == winner and sorted(picked["removed"]) == sorted(r["execution_id"] for r in ranking[1:])
+        assert Path(ranking[0]["worktree"]).is_dir()
+        assert not any(Path(r["worktree"]).exists() for r in ranking[1:])
+        outsider = cli("pick", ranking[0]["judge_execution_id"])
+        assert outsider.returncode != 0 and "is not part of a fan-out" in outsider.stderr
+    finally:
+        stop_up(cli, up)
