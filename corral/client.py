@@ -547,10 +547,12 @@ class Client:
 
     # --- approvals -----------------------------------------------------------------------------
 
-    async def approvals(self, *, all: bool = False) -> list[dict[str, Any]]:
-        """Pending approvals (oldest first), then with `all` the decided ones (newest first)."""
+    async def approvals(self, *, all: bool = False, execution_id: str | None = None) -> list[dict[str, Any]]:
+        """Pending approvals (oldest first), then with `all` the decided ones (newest first); of one
+        execution (an id prefix) when given."""
         from corral.approvals import read_book
 
+        target = await self.resolve(execution_id) if execution_id else None
         book = await read_book(self.system)
         now = datetime.now(UTC)
         pending = sorted((a for a in book.approvals.values() if a.state == "pending"), key=lambda a: a.seq)
@@ -558,6 +560,7 @@ class Client:
         return [
             {**a.as_dict(), "age_s": round(max(0.0, (now - a.requested_at).total_seconds()), 3)}
             for a in pending + (decided if all else [])
+            if target is None or a.execution_id == target
         ]
 
     async def decide(

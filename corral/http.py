@@ -404,9 +404,10 @@ def create_app(gateway: Gateway) -> FastAPI:
     # --- approvals -----------------------------------------------------------------------------
 
     @app.get("/api/approvals", tags=["approvals"])
-    async def approvals(who: Auth, all: bool = False) -> list[dict[str, Any]]:
-        """Pending approvals, oldest first; with `all`, the decided and expired ones after them."""
-        return await who.client.approvals(all=all)
+    async def approvals(who: Auth, all: bool = False, execution_id: str | None = None) -> list[dict[str, Any]]:
+        """Pending approvals, oldest first; with `all`, the decided and expired ones after them; of one
+        execution with `execution_id`."""
+        return await who.client.approvals(all=all, execution_id=execution_id)
 
     @app.post("/api/approvals/{approval_id}/decision", tags=["approvals"])
     async def decide(who: Operator, approval_id: str, body: DecisionBody) -> dict[str, Any]:

@@ -312,6 +312,9 @@ def test_approval_decided_over_http_records_the_token_name(api: dict[str, Any]) 
             60,
             "the approval",
         )
+        mine = http.get("/api/approvals", params={"execution_id": execution_id[:5]}).json()
+        assert [a["approval_id"] for a in mine] == [approval["approval_id"]]
+        assert "no execution matches" in error_of(http.get("/api/approvals", params={"execution_id": "zzzzzzzz"}), 404)
         assert "read-only" in error_of(
             httpx.post(
                 f"{api['url']}/api/approvals/{approval['approval_id']}/decision",
