@@ -633,3 +633,60 @@ def test_fanout_of_three_with_a_judge_picks_the_one_whose_tests_pass(cli: Cli, r
         assert outsider.returncode != 0 and "is not part of a fan-out" in outsider.stderr
     finally:
         stop_up(cli, up)
+
+
+@pytest.mark.slow
+def test_real_claude_code_builds_and_real_codex_reviews(
+    cli: Cli, repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's pipeline with the real CLIs against the loopback model server: builder (Claude Code)
+    → reviewer (Codex, its verdict the JSON line of its final answer) → verifier (a hook)."""
+    from actors.adapters import find_program
+    from tests.helpers import model_server as scripted
+    from tests.test_adapters import isolated_env
+
+    for program in ("claude", "codex"):
+        if find_program(program) is None:
+            pytest.skip(f"{program} is not installed (bash .ci/run installs it under .agents/); not run")
+    verdict = '{"verdict": "approved", "comments": "hello.txt is there"}'
+    monkeypatch.setattr(scripted, "FINAL_TEXT", f"Reviewed the branch.\n{verdict}")
+    with scripted.ModelServer() as server:
+        (tmp_path / "claude").mkdir()
+        (tmp_path / "codex").mkdir()
+        env, _ = isolated_env("claude-code", cli.env, tmp_path / "claude", server)
+        codex_env, codex_args = isolated_env("codex", cli.env, tmp_path / "codex", server)
+        env.update(CODEX_HOME=codex_env["CODEX_HOME"], SCRIPTED_API_KEY=codex_env["SCRIPTED_API_KEY"])
+        run = Cli(cli.home, env)
+        write_config(
+            run,
+            f'[templates.reviewer]\nagent = "codex"\nargs = {json.dumps(codex_args)}\n'
+            '[[pipelines.ship.stages]]\nname = "build"\nagent = "claude-code"\ntask = "create hello.txt"\n'
+            '[[pipelines.ship.stages]]\nname = "review"\ntemplate = "reviewer"\n'
+            'task = "Review branch {{branch}}: {{changed_files}}. End with a JSON verdict line."\n'
+            'on_changes_requested = "build"\n'
+            '[[pipelines.ship.stages]]\nname = "verify"\nrun = "test -f hello.txt"\n',
+        )
+        up = start_up(run)
+        try:
+            done = run("pipeline", "run", "ship", "--repo", str(repo), "--json", timeout=600)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+            report = json.loads(done.stdout)
+            assert [(s["stage"], s["outcome"]) for s in report["steps"]] == [
+                ("build", "passed"),
+                ("review", "passed"),
+                ("verify", "passed"),
+            ]
+            review = report["steps"][1]
+            assert review["verdict"] == "approved" and review["comments"] == "hello.txt is there"
+            agents = json.loads(
+                run(
+                    "sql",
+                    "SELECT s.stage, x.agent FROM stages s JOIN executions x USING (execution_id) ORDER BY s.step",
+                    "--json",
+                    check=True,
+                ).stdout
+            )
+            assert [a["agent"] for a in agents] == ["claude-code", "codex", "command"]
+            assert server.leaks == []
+        finally:
+            stop_up(run, up)
