@@ -483,6 +483,22 @@ def create_app(gateway: Gateway) -> FastAPI:
         """Every ticket, newest first: state, run, reason, the last stage's result (`corral tickets --json`)."""
         return await list_tickets(who.client)
 
+    from corral.pipelines import RunRequest, cancel_run, request_run, run_status
+
+    @app.post("/api/pipelines/{name}/runs", status_code=201, tags=["orchestration"])
+    async def run_pipeline(who: Operator, name: str, spec: RunRequest) -> dict[str, Any]:
+        """Run a pipeline of corral.toml (`corral pipeline run NAME --detach`); 201 with the run id."""
+        return await request_run(who.client, name, spec)
+
+    @app.get("/api/pipelines/runs/{run_id}", tags=["orchestration"])
+    async def pipeline_run(who: Auth, run_id: str) -> dict[str, Any]:
+        """A run's stages, executions, outcomes and verdicts (`corral pipeline status --json`)."""
+        return await run_status(who.client.system, run_id)
+
+    @app.post("/api/pipelines/runs/{run_id}/cancel", tags=["orchestration"])
+    async def cancel_pipeline_run(who: Operator, run_id: str) -> dict[str, Any]:
+        return await cancel_run(who.client, run_id, f"cancelled over HTTP by {who.token.name}")
+
     from corral.web import mount  # the web console (issue 17): its pages, on this app and gateway
 
     mount(app, gateway)

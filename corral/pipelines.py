@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError as NatsNotFound
+from pydantic import BaseModel, ConfigDict, Field
 
 from actors.conductor import VARIABLE
 from corral import render
@@ -240,6 +241,51 @@ async def _run(home: Home, args: Any) -> int:
     return 0 if finished.outcome == "passed" else 1
 
 
+class RunRequest(BaseModel):
+    """`POST /api/pipelines/{name}/runs`: what `corral pipeline run NAME` takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo: str = Field(description="git repository (a path on the host that runs Corral)")
+    base: str = "HEAD"
+    vars: dict[str, str] = Field(default_factory=dict)
+
+
+async def request_run(client: Client, name: str, spec: RunRequest) -> dict[str, Any]:
+    """Check and record a run of pipeline `name`; {run_id, pipeline}. The conductor runs it."""
+    client._require_operator("run pipelines")
+    pipeline = _pipeline(client.home, name)
+    values = {**pipeline.vars, **_vars([f"{k}={v}" for k, v in spec.vars.items()])}
+    check_variables(pipeline, values)
+    stages = await resolve_stages(client.home, pipeline, spec.repo, spec.base, client.system)
+    run_id = new_execution_id()
+    request = PipelineRequested(
+        pipeline=pipeline.name,
+        repo=str(stages[0]["request"]["repo"]),
+        base=spec.base,
+        vars=values,
+        stages=tuple(stages),
+        max_rounds=pipeline.max_rounds,
+        breaker_failures=pipeline.breaker_failures,
+        requested_by=client.decider or os.environ.get("USER"),
+    )
+    await client.system.bus.publisher.publish(new_event(run_id, request, actor="api" if client.decider else "cli"))
+    return {"run_id": run_id, "pipeline": pipeline.name}
+
+
+async def cancel_run(client: Client, run_id: str, reason: str | None = None) -> dict[str, Any]:
+    """Ask the conductor to cancel a run that is not finished; {run_id, cancel_requested}."""
+    client._require_operator("cancel pipeline runs")
+    if not is_valid_execution_id(run_id):
+        raise UsageError(f"{run_id!r} is not a run id (8 characters, as `corral pipeline run` printed it)")
+    report = await run_status(client.system, run_id)
+    if report["state"] not in ("requested", "running"):
+        raise UsageError(f"pipeline run {run_id} is {report['state']}: nothing to cancel")
+    data = PipelineCancelRequested(reason=reason, requested_by=client.decider or os.environ.get("USER"))
+    await client.system.bus.publisher.publish(new_event(run_id, data, actor="api" if client.decider else "cli"))
+    return {"run_id": run_id, "cancel_requested": True}
+
+
 async def _follow_run(system: System, run_id: str, request: PipelineRequested, *, quiet: bool) -> PipelineFinished:
     """Publish the run and print its stages until pipeline.finished."""
     ended: asyncio.Future[PipelineFinished] = asyncio.get_running_loop().create_future()
@@ -284,6 +330,8 @@ async def _follow_run(system: System, run_id: str, request: PipelineRequested, *
 
 async def run_status(system: System, run_id: str) -> dict[str, Any]:
     """A run from its events: the pipeline, its state and each step (stage, execution, outcome)."""
+    if not is_valid_execution_id(run_id) or len(run_id) != 8:
+        raise UsageError(f"{run_id!r} is not a run id (8 characters, as `corral pipeline run` printed it)")
     report: dict[str, Any] = {"run_id": run_id, "state": None, "steps": []}
     steps: dict[int, dict[str, Any]] = {}
 
@@ -347,12 +395,7 @@ def _print_status(report: dict[str, Any]) -> None:
 
 
 async def _cancel(client: Client, run_id: str, reason: str | None) -> int:
-    report = await run_status(client.system, run_id)
-    if report["state"] not in ("requested", "running"):
-        raise UsageError(f"pipeline run {run_id} is {report['state']}: nothing to cancel")
-    client._require_operator("cancel pipeline runs")
-    data = PipelineCancelRequested(reason=reason, requested_by=os.environ.get("USER"))
-    await client.system.bus.publisher.publish(new_event(run_id, data, actor="cli"))
+    await cancel_run(client, run_id, reason)
     print(f"{run_id}: cancel requested")
     return 0
 

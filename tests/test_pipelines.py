@@ -599,6 +599,30 @@ def test_tickets_over_http(tmp_path: Path, repo: Path) -> None:
             done = wait_until(finished, 60, "the ticket to pass")
             assert done["result"] == "over http\n" and done["priority"] == 2  # type: ignore[index]
             assert len(http.get("/api/tickets", headers={"Authorization": f"Bearer {tap}"}).json()) == 1
+            # A pipeline run over HTTP: requested, followed, not cancellable once passed.
+            as_operator = {"Authorization": f"Bearer {operator}"}
+            run = {"repo": str(repo), "vars": {"title": "run over http"}}
+            assert (
+                http.post("/api/pipelines/work/runs", json=run, headers={"Authorization": f"Bearer {tap}"}).status_code
+                == 403
+            )
+            assert http.post("/api/pipelines/nope/runs", json=run, headers=as_operator).status_code >= 400
+            started = http.post("/api/pipelines/work/runs", json=run, headers=as_operator)
+            assert started.status_code == 201, started.text
+            run_id = started.json()["run_id"]
+            report = wait_until(
+                lambda: (
+                    (r := http.get(f"/api/pipelines/runs/{run_id}", headers=as_operator).json())["state"] == "passed"
+                    and r
+                ),
+                60,
+                "the run to pass",
+            )
+            assert report["steps"][0]["result"] == "run over http\n"  # type: ignore[index]
+            late = http.post(f"/api/pipelines/runs/{run_id}/cancel", headers=as_operator)
+            assert late.status_code == 400 and "nothing to cancel" in late.json()["error"], late.text
+            assert http.get("/api/pipelines/runs/zzzzzzzz", headers=as_operator).status_code == 404
+            assert http.get("/api/pipelines/runs/bad.id", headers=as_operator).status_code == 400
     finally:
         stop_up(cli, up)
 
