@@ -70,6 +70,13 @@ EXPORT_TABLES: Final = {
     "usage": ("ts >= {t}", "seq >= {s}"),
     "tool_calls": ("ts >= {t}", "seq >= {s}"),
     "rejected_events": ("seq >= (SELECT coalesce(min(seq), 0) FROM events WHERE ts >= {t})", "seq >= {s}"),
+    # orchestration (docs/orchestration.md): a run, a stage or a ticket that began or changed since then
+    "pipelines": ("requested_at >= {t} OR finished_at >= {t} OR finished_at IS NULL", "updated_seq >= {s}"),
+    "stages": (
+        "started_at >= {t} OR finished_at >= {t} OR finished_at IS NULL",
+        "started_seq >= {s} OR finished_seq >= {s}",
+    ),
+    "tickets": ("created_at >= {t} OR finished_at >= {t} OR finished_at IS NULL", "updated_seq >= {s}"),
 }
 
 
