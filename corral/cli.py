@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--policy", metavar="FILE", help="a TOML file of policy keys for this run (over [policy])")
     run.add_argument(
+        "--fanout",
+        metavar="AGENT:N,...",
+        help="best of N: the same task by several agents from one base, ranked (= corral fanout --agents)",
+    )
+    run.add_argument(
+        "--judge", metavar="CMD", help="with --fanout: a shell line run in each worktree; exit 0 ranks first"
+    )
+    run.add_argument(
         "--sandbox",
         choices=["auto", "on", "off"],
         help="confine the agent (docs/sandbox.md; default [sandbox] mode, auto): off runs it unconfined",

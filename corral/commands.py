@@ -205,6 +205,10 @@ def _policy_file(path: str | None) -> dict[str, Any] | None:
 
 
 async def cmd_run(home: Home, args: Any) -> int:
+    if getattr(args, "fanout", None):
+        return await _run_fanout(home, args)
+    if getattr(args, "judge", None):
+        raise UsageError("--judge goes with --fanout AGENT:N,... (it ranks the runs of a fan-out)")
     execution_id, request = await build_request(home, run_spec(args))  # checked before anything starts
     parent_id = request.resume_of
     if parent_id is not None and not args.quiet:
@@ -219,6 +223,28 @@ async def cmd_run(home: Home, args: Any) -> int:
         return 0
     async with open_system(home) as system:
         return await _run_and_follow(system, execution_id, request, quiet=args.quiet)
+
+
+async def _run_fanout(home: Home, args: Any) -> int:
+    """`corral run --fanout AGENT:N,... [--judge CMD]`: `corral fanout` (corral/fanout.py) with run's words."""
+    from types import SimpleNamespace
+
+    from corral import fanout
+
+    words = list(args.command)
+    head, tail = (words[: words.index("--")], words[words.index("--") + 1 :]) if "--" in words else (words, [])
+    task = args.task or (" ".join(head) if head else None)
+    spec = SimpleNamespace(
+        agents=args.fanout,
+        repo=args.repo,
+        base=args.base,
+        judge=args.judge,
+        template=args.template,
+        json=False,
+        task=task,
+        command=tail,
+    )
+    return await fanout.cmd_fanout(home, spec)
 
 
 def check_request_size(event: bytes) -> None:

@@ -714,3 +714,22 @@ def test_real_claude_code_builds_and_real_codex_reviews(
             assert server.leaks == []
         finally:
             stop_up(run, up)
+
+
+def test_run_fanout_is_the_same_best_of_n(cli: Cli, repo: Path) -> None:
+    """`corral run --fanout command:2 --judge CMD -- ...`: the issue's spelling of `corral fanout`."""
+    lonely = cli("run", "--repo", str(repo), "--judge", "true", "--", "true")
+    assert lonely.returncode == 2 and lonely.stderr.count("\n") == 1 and "--fanout" in lonely.stderr
+    up = start_up(cli)
+    try:
+        done = cli(
+            "run", "--fanout", "command:2", "--repo", str(repo), "--judge", "test -f good.txt",
+            "--", "sh", "-c", AGENT_BY_SLOT, timeout=180,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "best: " in done.stdout and "corral pick" in done.stdout
+        rows = json.loads(cli("ps", "--all", "--json", check=True).stdout)
+        slots = [r for r in rows if r["command"] == ["sh", "-c", AGENT_BY_SLOT]]  # (the judge runs are executions too)
+        assert len(slots) == 2
+    finally:
+        stop_up(cli, up)
