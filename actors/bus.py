@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import AuthorizationError
 from nats.js import JetStreamContext, JetStreamManager
-from nats.js.api import ConsumerConfig, ConsumerInfo
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import NotFoundError
 from nats.nuid import NUID
 from nats.protocol.parser import PERMISSIONS_ERR
@@ -260,3 +260,30 @@ async def connect_bus(
     return Bus(
         nc=nc, js=js, publisher=publisher, servers=servers, replicas=stored, credentials=credentials, refusals=refusals
     )
+
+
+async def ensure_work_consumer(
+    js: JetStreamContext, stream: str, name: str, filters: list[str], ack_wait_s: float
+) -> None:
+    """The durable pull consumer `name` shared by an actor's instances (the notifier, the conductor):
+    every event of `filters` stored after its creation, each acked by one instance. Made if missing;
+    when another instance (or this one, configured otherwise) wanted other subjects, the last started
+    wins, keeping the consumer's position."""
+    filters = sorted(filters)
+    config = ConsumerConfig(
+        name=name,
+        durable_name=name,
+        filter_subjects=filters,
+        deliver_policy=DeliverPolicy.NEW,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=1000,
+    )
+    try:
+        current = (await js.consumer_info(stream, name)).config
+    except NotFoundError:
+        await js.add_consumer(stream, config)
+        return
+    if sorted(current.filter_subjects or [current.filter_subject or ""]) != filters:
+        await js.add_consumer(stream, config.evolve(deliver_policy=current.deliver_policy))

@@ -46,12 +46,11 @@ from typing import Any, Final, Literal
 import orjson
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import FetchTimeoutError, NotFoundError, ServiceUnavailableError
 from pydantic import ValidationError
 
 from actors.adapters import build_command
-from actors.bus import Bus
+from actors.bus import Bus, ensure_work_consumer
 from actors.runtime import Actor
 from actors.schedule import Cron, Every
 from events.approvals import derived_id, encode
@@ -239,24 +238,9 @@ class Conductor(Actor):
         }
 
     async def prepare(self) -> None:
-        filters = sorted(events_of_type(kind) for kind in TRIGGERS)
-        config = ConsumerConfig(
-            name=CONSUMER,
-            durable_name=CONSUMER,
-            filter_subjects=filters,
-            deliver_policy=DeliverPolicy.NEW,  # runs already in flight are moved by resume_all
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ACK_WAIT_S,
-            max_deliver=-1,
-            max_ack_pending=1000,
-        )
-        try:
-            current = (await self.bus.js.consumer_info(STREAM, CONSUMER)).config
-        except NotFoundError:
-            await self.bus.js.add_consumer(STREAM, config)
-            return
-        if sorted(current.filter_subjects or [current.filter_subject or ""]) != filters:
-            await self.bus.js.add_consumer(STREAM, config.evolve(deliver_policy=current.deliver_policy))
+        # runs already in flight are moved by resume_all (the consumer delivers new events only)
+        filters = [events_of_type(kind) for kind in TRIGGERS]
+        await ensure_work_consumer(self.bus.js, STREAM, CONSUMER, filters, ACK_WAIT_S)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -39,10 +39,9 @@ from urllib.parse import urlsplit
 import orjson
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import FetchTimeoutError, NotFoundError, ServiceUnavailableError
 
-from actors.bus import Bus
+from actors.bus import Bus, ensure_work_consumer
 from actors.runtime import Actor
 from events.approvals import EXIT_CODE_APPROVAL, derived_id
 from events.auth import VERSION
@@ -494,25 +493,8 @@ class Notifier(Actor):
 
     async def _ensure_consumer(self) -> None:
         """The shared durable: the targets' event types, from the events stored after its creation on."""
-        filters = sorted(events_of_type(kind) for kind in self.event_types)
-        config = ConsumerConfig(
-            name=CONSUMER,
-            durable_name=CONSUMER,
-            filter_subjects=filters,
-            deliver_policy=DeliverPolicy.NEW,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ACK_WAIT_S,
-            max_deliver=-1,
-            max_ack_pending=1000,
-        )
-        try:
-            current = (await self.bus.js.consumer_info(STREAM, CONSUMER)).config
-        except NotFoundError:
-            await self.bus.js.add_consumer(STREAM, config)
-            return
-        if sorted(current.filter_subjects or [current.filter_subject or ""]) != filters:
-            # Another host's [[notify]] wanted other types (or this one changed): the last started wins.
-            await self.bus.js.add_consumer(STREAM, config.evolve(deliver_policy=current.deliver_policy))
+        filters = [events_of_type(kind) for kind in self.event_types]
+        await ensure_work_consumer(self.bus.js, STREAM, CONSUMER, filters, ACK_WAIT_S)
 
     async def run(self) -> None:
         if not self.targets:
