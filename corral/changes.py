@@ -20,10 +20,10 @@ from nats.js.errors import NotFoundError
 from actors.checkpointer import NOTHING_CHANGED
 from actors.checkpoints import CheckpointError, FileStat, git, numstat, snapshot_tree, unified_diff
 from corral import render
-from corral.commands import info, resolve_execution_id
 from corral.control import request_and_wait
 from corral.errors import Conflict, CorralError, NotFound, UsageError
 from corral.home import Home
+from corral.ops.base import info, resolve_execution_id
 from corral.system import System, open_system
 from events.subjects import STREAM, event_subject
 from events.types import CheckpointRequested, CommitRequested, RollbackRequested

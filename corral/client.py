@@ -38,6 +38,15 @@ from corral import attention, render
 from corral.config import Config, ConfigError, load_config, resolve_run
 from corral.errors import CorralError, Forbidden, UsageError
 from corral.home import Home
+from corral.ops.base import (
+    DURATION,
+    _ask_projector,
+    check_command,
+    check_request_size,
+    parse_since,
+    refuse_secret_env,
+    resolve_execution_id,
+)
 from corral.system import System, open_system
 from events.envelope import new_event
 from events.ids import new_execution_id
@@ -141,14 +150,10 @@ class Client:
 
     async def resolve(self, prefix: str) -> str:
         """The one execution id starting with `prefix`, or NotFound."""
-        from corral.commands import resolve_execution_id
-
         return await resolve_execution_id(self.system, prefix)
 
     async def query(self, sql: str, *, max_rows: int = 10000) -> dict[str, Any]:
         """Run SQL (the projector's read-only sandbox) once it applied every event logged so far."""
-        from corral.commands import _ask_projector
-
         if self._query_wait_s is None:  # the projector stops a query after [sql] timeout
             self._query_wait_s = max(60.0, load_config(self.home).sql.timeout_s + 20.0)
         try:
@@ -300,8 +305,6 @@ class Client:
         under log retention); `since` is a duration (10m) or a sequence; with `follow_live` the
         iteration goes on with new events until the caller stops it, else it ends once caught up.
         """
-        from corral.commands import parse_since
-
         pattern = subject or ALL_EVENTS
         if execution_id is not None:
             pattern = execution_events(await self.resolve(execution_id))
@@ -720,7 +723,6 @@ async def build_request(
 
     `system`: a connected one to look a follow-up's parent up in (else one is joined for that)."""
     from corral import followup
-    from corral.commands import check_command, check_request_size, refuse_secret_env
 
     config = load_config(home)
     parent = await followup.find_parent(home, spec.resume, spec.agent, system) if spec.resume else None
@@ -854,8 +856,6 @@ def _checked_policy(config: Config, template: str | None, keys: dict[str, Any] |
 
 def since_time(text: str) -> datetime:
     """A duration (90s, 10m, 2h, 1d) before now."""
-    from corral.commands import DURATION
-
     match = DURATION.match(text)
     if not match:
         raise UsageError(f"expected a duration like 90s, 10m, 2h or 1d; got {text!r}")

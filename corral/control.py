@@ -19,10 +19,10 @@ from actors import diskquota
 from actors.shim import MAX_INPUT_BYTES, input_too_large
 from actors.shim import request as shim_request
 from corral import attention, render
-from corral.commands import info, query, resolve_execution_id
 from corral.config import ConfigError, load_config, resolve_run
 from corral.errors import Conflict, CorralError, UsageError
 from corral.home import Home
+from corral.ops.base import info, query, resolve_execution_id
 from corral.system import System
 from events.envelope import new_event
 from events.stream import MAX_EVENT_BYTES

@@ -20,10 +20,10 @@ import subprocess
 from dataclasses import dataclass
 
 from actors.adapters import AGENTS, build_command, find_program, missing_feature, probe
-from corral.commands import info, resolve_execution_id
 from corral.errors import UsageError
 from corral.history import recorded_request, rows, sql_text
 from corral.home import Home
+from corral.ops.base import info, resolve_execution_id
 from corral.system import System, open_system
 from events.types import ExecutionRequested
 from projections.state import ACTIVE_STATES

@@ -25,11 +25,11 @@ from nats.aio.msg import Msg
 
 from actors.approver import DecisionRefused, submit_decision
 from corral import render
-from corral.commands import (
-    TERMINAL_TYPES,
-    _run_and_follow,
+from corral.commands import TERMINAL_TYPES, _run_and_follow, cmd_ps
+from corral.errors import NotFound, UsageError
+from corral.home import Home, SystemLock
+from corral.ops.base import (
     check_command,
-    cmd_ps,
     export_query,
     info,
     parse_since,
@@ -37,8 +37,6 @@ from corral.commands import (
     resolve_execution_id,
     start_background_system,
 )
-from corral.errors import NotFound, UsageError
-from corral.home import Home, SystemLock
 from corral.system import System, open_system
 from events.envelope import new_event
 from events.ids import new_execution_id

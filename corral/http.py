@@ -32,8 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from actors.bus import Bus
 from corral import __version__, sse
 from corral.client import Client, RunSpec, check_subject
-from corral.commands import parse_since
 from corral.errors import CorralError, Forbidden, UsageError
+from corral.ops.base import parse_since
 from corral.system import System, _connect
 from corral.tokens import FailureLimiter, Token, TokenBook, tokens_path
 from events.errors import EventError

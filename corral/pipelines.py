@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from actors.conductor import VARIABLE
 from corral import render
 from corral.client import Client, RunSpec, build_request
-from corral.commands import parse_env, start_background_system
 from corral.config import ConfigError, Pipeline, PipelineStage, load_config
 from corral.errors import CorralError, NotFound, UsageError
 from corral.home import Home, SystemLock
+from corral.ops.base import parse_env, start_background_system
 from corral.system import System, open_system
 from events.envelope import decode_event, new_event
 from events.errors import EventError
