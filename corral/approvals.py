@@ -19,9 +19,9 @@ from nats.aio.msg import Msg
 
 from actors.approver import APPROVAL_EVENTS, ApprovalBook, DecisionRefused, decider, submit_decision
 from corral import render
-from corral.control import CONFIRM_TIMEOUT_S, NotConfirmed
 from corral.errors import Conflict, CorralError, NotFound, UsageError
 from corral.home import Home
+from corral.ops.control import CONFIRM_TIMEOUT_S, NotConfirmed
 from corral.system import System
 from events.subjects import execution_events, split_subject
 from events.types import ApprovalDecisionSubmitted

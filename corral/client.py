@@ -47,6 +47,24 @@ from corral.ops.base import (
     refuse_secret_env,
     resolve_execution_id,
 )
+from corral.ops.changes import (
+    changed_files,
+    commit_changes,
+    diff_of,
+    rollback_to,
+    take_checkpoint,
+    workspace,
+)
+from corral.ops.control import (
+    _requester,
+    cancel_grace,
+    check_input_size,
+    execution_row,
+    queue_position,
+    request_and_wait,
+    require_state,
+    status_of,
+)
 from corral.system import System, open_system
 from events.envelope import new_event
 from events.ids import new_execution_id
@@ -95,6 +113,7 @@ class RunSpec(BaseModel):
     idle_timeout: str | float | None = None
     spawn_timeout: str | float | None = None
     on_stall: Literal["notify", "pause", "cancel", "restart"] | None = None
+    workspace: Literal["direct", "shadow"] | None = Field(None, description="shadow: an overlay (docs/shadow.md)")
     memory: str | int | None = Field(None, description="memory limit, e.g. 2G")
     cpus: str | float | None = None
     disk: str | int | None = None
@@ -102,6 +121,7 @@ class RunSpec(BaseModel):
     max_cost: str | float | None = Field(None, description="budget in USD")
     sandbox: str | None = None
     network: str | None = None
+    allow: list[str] | None = Field(None, description='network = "allow": host:port pairs the agent may reach')
     policy: dict[str, Any] | None = Field(None, description="policy keys for this run (over [policy])")
     resume: str | None = Field(None, description="a follow-up of this finished execution (id or prefix)")
 
@@ -247,8 +267,6 @@ class Client:
 
     async def status(self, prefix: str) -> dict[str, Any]:
         """`corral status`: everything known about one execution, live timers from its shim when local."""
-        from corral.control import status_of
-
         return await status_of(self.system, await self.resolve(prefix))
 
     async def logs(self, prefix: str, *, tail: int | None = None, stream: str | None = None) -> list[dict[str, Any]]:
@@ -395,8 +413,6 @@ class Client:
         confirm: tuple[str, ...],
         **kwargs: Any,
     ) -> dict[str, Any]:
-        from corral.control import execution_row, request_and_wait, require_state
-
         self._require_operator(action)
         execution_id = await self.resolve(prefix)
         row = await execution_row(self.system, execution_id)
@@ -408,8 +424,6 @@ class Client:
 
     async def input(self, prefix: str, text: str) -> dict[str, Any]:
         """Deliver `text` to the agent's stdin as it is (add the newline yourself); the input.delivered event."""
-        from corral.control import check_input_size
-
         check_input_size(text)
         return await self._control(prefix, RUNNING, "send input to", InputRequested(text=text), ("input.delivered",))
 
@@ -429,8 +443,6 @@ class Client:
 
     async def cancel(self, prefix: str, *, grace_s: float | None = None, reason: str | None = None) -> dict[str, Any]:
         """Stop an execution (SIGTERM, SIGKILL after the grace); the execution.exited/failed event."""
-        from corral.control import cancel_grace, execution_row
-
         if grace_s is not None and grace_s < 0:
             raise UsageError("grace must be 0 or more seconds")
         self._require_operator("cancel")
@@ -455,8 +467,6 @@ class Client:
         )
 
     async def priority(self, prefix: str, priority: int) -> dict[str, Any]:
-        from corral.control import queue_position
-
         answer = await self._control(
             prefix, QUEUED, "reprioritise", PriorityRequested(priority=priority), ("priority.changed",)
         )
@@ -466,21 +476,15 @@ class Client:
     @property
     def requester(self) -> str:
         """Who asks, as recorded in pause/cancel requests: the token's name, else the NATS/OS user."""
-        from corral.control import _requester
-
         return self.decider or _requester(self.system)
 
     # --- changes -------------------------------------------------------------------------------
 
     async def checkpoints(self, prefix: str) -> list[dict[str, Any]]:
-        from corral.changes import workspace
-
         return (await workspace(self.system, await self.resolve(prefix))).checkpoints
 
     async def changes(self, prefix: str, *, since: str | None = None) -> list[dict[str, Any]]:
         """Files changed since the base commit (or checkpoint `since`): [{path, status, added, deleted}]."""
-        from corral.changes import changed_files, workspace
-
         ws = await workspace(self.system, await self.resolve(prefix))
         return await changed_files(self.home, ws, since)
 
@@ -488,16 +492,12 @@ class Client:
         self, prefix: str, *, paths: list[str] | None = None, from_cp: str | None = None, to_cp: str | None = None
     ) -> dict[str, Any]:
         """{execution_id, from, to, diff}: the unified diff from a checkpoint (or the base) to another (or now)."""
-        from corral.changes import diff_of, workspace
-
         ws = await workspace(self.system, await self.resolve(prefix))
         return await diff_of(self.home, ws, paths or [], from_cp, to_cp)
 
     async def checkpoint(self, prefix: str) -> dict[str, Any]:
         """Take a checkpoint now: the checkpoint.created event, or {checkpoint: None, reason} when
         nothing changed since the last one."""
-        from corral.changes import take_checkpoint, workspace
-
         self._require_operator("take checkpoints")
         ws = await workspace(self.system, await self.resolve(prefix))
         answer, unchanged = await self._refusals(take_checkpoint(self.system, ws, actor_name=self._actor))
@@ -507,8 +507,6 @@ class Client:
 
     async def commit(self, prefix: str, message: str, paths: list[str] | None = None) -> dict[str, Any]:
         """Commit the worktree (or these paths, relative to it) on the execution's branch."""
-        from corral.changes import commit_changes, workspace
-
         self._require_operator("commit")
         ws = await workspace(self.system, await self.resolve(prefix))
         return await self._refusals(commit_changes(self.system, ws, message, paths or [], actor_name=self._actor))
@@ -517,8 +515,6 @@ class Client:
         self, prefix: str, *, to_cp: str | None = None, paths: list[str] | None = None
     ) -> dict[str, Any]:
         """Restore the worktree (or these paths) to checkpoint `to_cp` (default: the last; "0": the base)."""
-        from corral.changes import rollback_to, workspace
-
         self._require_operator("roll back")
         ws = await workspace(self.system, await self.resolve(prefix))
         _, _, answer = await self._refusals(rollback_to(self.system, ws, to_cp, paths or [], actor_name=self._actor))
@@ -745,6 +741,7 @@ async def build_request(
                 "idle_timeout_s": _text(spec.idle_timeout),
                 "spawn_timeout_s": _text(spec.spawn_timeout),
                 "on_stall": spec.on_stall,
+                "workspace": spec.workspace,
                 "memory_bytes": _text(spec.memory),
                 "cpus": _text(spec.cpus),
                 "disk_bytes": _text(spec.disk),
@@ -755,6 +752,7 @@ async def build_request(
                 "agent": spec.agent or (parent.request.agent if parent else None),
                 "sandbox": spec.sandbox,
                 "network": spec.network,
+                "allow": spec.allow,
             },
         )
     except ConfigError as exc:
@@ -774,6 +772,10 @@ async def build_request(
     else:
         command = check_command(list(resolved.argv(command)), repo, spec.base)
     settings = resolved.settings
+    if settings.workspace == "shadow" and resolved.sandbox == "off":
+        from actors.shadow import NEEDS_SANDBOX
+
+        raise UsageError(NEEDS_SANDBOX)
     policy = _checked_policy(config, resolved.template, spec.policy)
     request = ExecutionRequested(
         command=tuple(command),
@@ -792,6 +794,7 @@ async def build_request(
             pids_max=settings.pids_max,
         ),
         on_stall=settings.on_stall,
+        workspace=settings.workspace,
         labels=spec.labels,
         requested_by=requested_by or os.environ.get("USER"),
         max_cost_usd=settings.max_cost_usd,
@@ -801,7 +804,9 @@ async def build_request(
         resume_session=parent.session_id if parent else None,
         worktree=parent.worktree if parent else None,
         policy=policy,
-        sandbox=SandboxRequest.model_validate({"mode": resolved.sandbox, "network": resolved.network}),
+        sandbox=SandboxRequest.model_validate(
+            {"mode": resolved.sandbox, "network": resolved.network, "allow": resolved.allow}
+        ),
     )
     execution_id = new_execution_id()
     check_request_size(new_event(execution_id, request, actor="cli").to_bytes())

@@ -403,6 +403,7 @@ class Template(_Frozen):
     on_stall: OnStall | None = None
     cancel_grace_s: float | None = None
     memory_bytes: int | None = None
+    consumer_sweep_s: float = 60.0  # durables no role owns are removed this often (0: at start only)
     cpus: float | None = None
     disk_bytes: int | None = None
     pids_max: int | None = None
@@ -684,6 +685,7 @@ class _SnapshotFile(_Frozen):
     path: StrictStr | None = None
 
 
+    consumer_sweep: Annotated[Duration, Field(ge=0, le=86400)] = 60.0
 class _PriceFile(_Frozen):
     """One model's price in USD per million tokens (an estimate used where the CLI reports no cost)."""
 
@@ -935,7 +937,11 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
         forge=ForgeSettings(**parsed.forge.model_dump()),
         http=HttpSettings(**parsed.http.model_dump()),
         metrics=MetricsSettings(**parsed.metrics.model_dump()),
-        security=SecuritySettings(**parsed.security.model_dump()),
+        security=SecuritySettings(
+            operators=parsed.security.operators,
+            secret_env=parsed.security.secret_env,
+            consumer_sweep_s=parsed.security.consumer_sweep,
+        ),
         retention=RetentionSettings(
             output_max_age_s=parsed.retention.output_max_age,
             output_max_bytes=parsed.retention.output_max_bytes,

@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from corral.rows import records as records  # moved to corral/rows.py (the operations use it)
+
 MAX_CELL = 60
 
 
@@ -41,10 +43,6 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def print_json(value: Any) -> None:
     sys.stdout.buffer.write(orjson.dumps(value, default=str, option=orjson.OPT_INDENT_2) + b"\n")
     sys.stdout.flush()
-
-
-def records(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
-    return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 def human_duration(seconds: float | None) -> str:

@@ -25,11 +25,11 @@ from actors.limits import disk_usage
 from actors.worktree import remove_worktree
 from corral import render
 from corral.config import ForgeSettings, format_duration, format_size, load_config
-from corral.control import execution_row
 from corral.errors import CorralError, UsageError
 from corral.forge import Forge, ForgeError, PullRequest, repo_from_remote_url
 from corral.home import Home
 from corral.ops.base import info, query, resolve_execution_id
+from corral.ops.control import execution_row
 from corral.system import System, open_system
 from events.envelope import new_event
 from events.ids import is_valid_execution_id
