@@ -38,6 +38,7 @@ from corral import attention, render
 from corral.config import Config, ConfigError, load_config, resolve_run
 from corral.errors import CorralError, Forbidden, UsageError
 from corral.home import Home
+from corral.ops.approvals import decide, read_book
 from corral.ops.base import (
     DURATION,
     _ask_projector,
@@ -483,17 +484,25 @@ class Client:
     async def checkpoints(self, prefix: str) -> list[dict[str, Any]]:
         return (await workspace(self.system, await self.resolve(prefix))).checkpoints
 
-    async def changes(self, prefix: str, *, since: str | None = None) -> list[dict[str, Any]]:
-        """Files changed since the base commit (or checkpoint `since`): [{path, status, added, deleted}]."""
+    async def changes(self, prefix: str, *, since: str | None = None, pending: bool = False) -> list[dict[str, Any]]:
+        """Files changed since the base commit (or checkpoint `since`): [{path, status, added, deleted}]
+        (a shadow workspace: `state` promoted or pending; `pending`: only those, docs/shadow.md)."""
         ws = await workspace(self.system, await self.resolve(prefix))
-        return await changed_files(self.home, ws, since)
+        return await changed_files(self.home, ws, since, pending=pending)
 
     async def diff(
-        self, prefix: str, *, paths: list[str] | None = None, from_cp: str | None = None, to_cp: str | None = None
+        self,
+        prefix: str,
+        *,
+        paths: list[str] | None = None,
+        from_cp: str | None = None,
+        to_cp: str | None = None,
+        pending: bool = False,
     ) -> dict[str, Any]:
-        """{execution_id, from, to, diff}: the unified diff from a checkpoint (or the base) to another (or now)."""
+        """{execution_id, from, to, diff}: the unified diff from a checkpoint (or the base) to another (or now)
+        (a shadow workspace: `pending` too, the changes not promoted yet; `pending=True`: only those)."""
         ws = await workspace(self.system, await self.resolve(prefix))
-        return await diff_of(self.home, ws, paths or [], from_cp, to_cp)
+        return await diff_of(self.home, ws, paths or [], from_cp, to_cp, pending=pending)
 
     async def checkpoint(self, prefix: str) -> dict[str, Any]:
         """Take a checkpoint now: the checkpoint.created event, or {checkpoint: None, reason} when
@@ -549,8 +558,6 @@ class Client:
     async def approvals(self, *, all: bool = False, execution_id: str | None = None) -> list[dict[str, Any]]:
         """Pending approvals (oldest first), then with `all` the decided ones (newest first); of one
         execution (an id prefix) when given."""
-        from corral.approvals import read_book
-
         target = await self.resolve(execution_id) if execution_id else None
         book = await read_book(self.system)
         now = datetime.now(UTC)
@@ -574,8 +581,6 @@ class Client:
         """Grant or deny a pending approval (the first decision wins); the approval.granted/denied event.
 
         Already decided or expired: Conflict, naming who decided when."""
-        from corral.approvals import decide
-
         self._require_operator("decide approvals")
         try:
             return await decide(
