@@ -28,6 +28,7 @@ from actors.watchdog import Watchdog
 from corral.config import Config, load_config
 from corral.errors import BusUnavailable, CorralError
 from corral.home import Home, SystemLock, process_alive
+from corral.janitor import run_janitor
 from corral.server import EmbeddedServer, replace_orphans
 from events.auth import (
     CREDENTIALS_FILE,
@@ -74,6 +75,7 @@ class System:
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
     _supervisor: asyncio.Task[None] | None = None
     _projector_start: asyncio.Task[None] | None = None  # a command's projector starts beside it
+    _janitor: asyncio.Task[None] | None = None  # `corral up`'s sweep of foreign durables (corral/janitor.py)
 
     async def projector_started(self) -> None:
         """Wait for this system's projector to have started (raise what stopped its start)."""
@@ -212,6 +214,9 @@ async def open_system(
         await _serve_api(system, sql_timeout_s=config.sql.timeout_s)
         if server is not None:
             system._supervisor = asyncio.create_task(_supervise_server(system, server))
+        if mode == "up":  # durables no role owns: removed at start and every [security] consumer_sweep
+            sweep = run_janitor(url, home.root, config.security.consumer_sweep_s, system._closing)
+            system._janitor = asyncio.create_task(sweep, name="corral-janitor")
         home.write_runtime(
             {
                 "url": url,
@@ -343,6 +348,10 @@ async def _shutdown(system: System) -> None:
     for sub in system._subs:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+    if system._janitor is not None:
+        system._janitor.cancel()
+        with contextlib.suppress(BaseException):
+            await system._janitor
     try:
         # No reaction to the agents a stopping spawner ends; then their exit checkpoints.
         for name in ("conductor", "watchdog", "spawner", "checkpointer", "validator", "approver", "notifier"):

@@ -300,8 +300,12 @@ ROLES: Final[dict[str, Role]] = {
     # `corral up` (or the command that starts the system) before anything else: the streams, their
     # limits and replicas. Its password stays in the credentials file of the host that provisions.
     PROVISIONER: Role(
-        publish=tuple(
-            f"$JS.API.STREAM.{verb}.{stream}" for stream in PROVISIONED_STREAMS for verb in ("CREATE", "UPDATE")
+        publish=(
+            *(f"$JS.API.STREAM.{verb}.{stream}" for stream in PROVISIONED_STREAMS for verb in ("CREATE", "UPDATE")),
+            # the sweep of durables no role owns (events/consumers.py): list, delete, record each
+            *(f"$JS.API.CONSUMER.{verb}.{stream}" for stream in PROVISIONED_STREAMS for verb in ("LIST", "NAMES")),
+            *(f"$JS.API.CONSUMER.DELETE.{stream}.*" for stream in PROVISIONED_STREAMS),
+            *_events("consumer.removed"),
         ),
         actor=False,
     ),

@@ -763,3 +763,16 @@ class ScheduleFired(EventData):
     target: Literal["pipeline", "template"]
     target_id: str
     late: bool = False  # a missed tick fired after the fact (catch_up = "last")
+
+
+# --- the bus's housekeeping (the provisioner, events/consumers.py) ----------------------------------
+
+
+@event_type("consumer.removed")
+class ConsumerRemoved(EventData):
+    """A durable consumer no role owns was deleted by the sweep of the process that provisions
+    (docs/security.md, "The bus"). On a fixed id derived from "consumers"."""
+
+    stream: str
+    name: str
+    reason: str

@@ -7,12 +7,9 @@ redelivered event at or below that position is skipped, never applied twice.
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import os
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
@@ -26,6 +23,7 @@ from nats.js.errors import NotFoundError
 
 from actors.bus import Bus
 from actors.runtime import Actor
+from events.consumers import legacy_projector_consumer_name, projector_consumer_name
 from events.envelope import decode_event
 from events.errors import EventError
 from events.stream import when_ready
@@ -43,7 +41,7 @@ from projections.tables import (
     TABLES,
     json_columns_spec,
 )
-from projections.verify import screen_batch, screen_orphans
+from projections.verify import screen_batch, screen_orphans, screen_output
 from projections.wire import connect_reader
 from projections.worker import LIVE, ApplyWorker, RemoteApplier
 
@@ -61,7 +59,7 @@ _REJECTED = "not a valid event envelope"
 OUTPUT_EVENTS_FILTER = "corral.evt.*.output"
 OUTPUT_CHECK_S = 10.0  # how often a projector without the output stream looks for it
 _OUTPUT_SPEC = (
-    "{seq: 'UBIGINT', execution_id: 'VARCHAR', ts: 'TIMESTAMPTZ', type: 'VARCHAR', "
+    "{seq: 'UBIGINT', id: 'VARCHAR', execution_id: 'VARCHAR', ts: 'TIMESTAMPTZ', type: 'VARCHAR', "
     "data: 'STRUCT(stream VARCHAR, n UINTEGER, text VARCHAR)'}"
 )
 # The executions' output counters, moved by a batch of output rows (a table or subquery `source`).
@@ -79,6 +77,7 @@ _OUTPUT_RECOUNT = (
     "WHERE execution_id IN (SELECT unnest(?)) GROUP BY execution_id) AS agg "
     "WHERE executions.execution_id = agg.execution_id"
 )
+_OUTPUT_ROW = "seq, execution_id, ts, stream, n, text"  # output_batch's columns that make an output row
 _STATE_SPEC = json_columns_spec(STATE_COLUMNS)
 _STATE_NAMES = list(STATE_COLUMNS)
 _STATE_SELECT = [f"{name}::TIMESTAMP" if kind == "TIMESTAMPTZ" else name for name, kind in STATE_COLUMNS.items()]
@@ -93,13 +92,10 @@ def lock_holder(detail: str) -> str:
 def consumer_name(database: Path, secret: str = "") -> str:
     """Return the durable consumer name of the projector writing this DuckDB file.
 
-    `secret` (the projector's NATS password): keyed, so no other role can compute the name of a
-    durable it may not be denied by name (docs/security.md, "The bus: who may do what").
-    """
-    where = f"{socket.gethostname()}:{database.resolve()}".encode()
-    if secret:
-        return f"projector_{hmac.new(secret.encode(), where, hashlib.sha256).hexdigest()[:20]}"
-    return f"projector_{hashlib.sha1(where).hexdigest()[:12]}"
+    `secret` (the projector's NATS password): `projector_<id>_<mac>`, the mac keyed with it, so
+    no other role can make a name the sweep keeps, and whoever holds it can verify one without
+    knowing the host or the path (events/consumers.py, docs/security.md "The bus")."""
+    return projector_consumer_name(database, secret)
 
 
 def _pending_messages(headers: bytes) -> int | None:
@@ -153,7 +149,7 @@ class BatchApplier:
                 SCHEMA_VERSION,
             )
             con.execute("BEGIN")
-            for table in (*TABLES, "projector_position"):
+            for table in (*TABLES, "output_ids", "projector_position"):
                 con.execute(f"DROP TABLE IF EXISTS {table}")
             for statement in DDL:
                 con.execute(statement)
@@ -349,6 +345,7 @@ class OutputApplier:
         self._batch_file = tmp_dir / f"projector-{os.getpid()}-{id(self)}-output.ndjson"
         row = con.execute("SELECT seq FROM projector_position WHERE stream = ?", [self.stream]).fetchone()
         self.position: int = int(row[0]) if row else 0
+        self.screen = True  # repeated event ids are duplicates (off only in bench/ingest.py's baseline)
 
     def close(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -369,17 +366,20 @@ class OutputApplier:
         try:
             con.execute(
                 f"CREATE TEMP TABLE output_batch AS SELECT seq + {OUTPUT_SEQ_BASE} AS seq, execution_id, ts, "
-                "data.stream AS stream, data.n AS n, data.text AS text FROM read_json(?, "
+                "data.stream AS stream, data.n AS n, data.text AS text, id FROM read_json(?, "
                 f"format='newline_delimited', ignore_errors=true, columns={_OUTPUT_SPEC}) "
                 "WHERE type = 'output' AND seq > ?",
                 [str(batch.file), self.position],
             )
-            con.execute("INSERT INTO output SELECT * FROM output_batch ORDER BY seq")
+            record_rejects(con, batch.count, batch.items, f"SELECT seq - {OUTPUT_SEQ_BASE} FROM output_batch", [])
+            if self.screen:
+                screen_output(con)
+            con.execute("INSERT INTO output_ids SELECT id, seq FROM output_batch WHERE id IS NOT NULL ORDER BY seq")
+            con.execute(f"INSERT INTO output SELECT {_OUTPUT_ROW} FROM output_batch ORDER BY seq")
             con.execute(
                 "INSERT INTO search SELECT seq, execution_id, ts, 'output', lower(text) FROM output_batch ORDER BY seq"
             )
             con.execute(_OUTPUT_COUNTERS.format(source="output_batch"))
-            record_rejects(con, batch.count, batch.items, f"SELECT seq - {OUTPUT_SEQ_BASE} FROM output_batch", [])
             con.execute("DROP TABLE output_batch")
             con.execute(
                 "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",
@@ -412,6 +412,7 @@ class _Feed:
         self.projector = projector
         self.stream = stream
         self.durable = durable
+        self.legacy = projector.legacy_durable  # deleted at the first reset (events/consumers.py)
         self.filter_subject = filter_subject
         self.gaps = gaps
         self.gathering = Gathered()  # deliveries since the last batch was handed to the applier
@@ -492,6 +493,10 @@ class _Feed:
         track nothing this projector reads back. Without it the server spends ~40 % less CPU per
         delivered event (bench/ingest.py). Flow control is the pull credit (MAX_CREDIT)."""
         js = self.projector.bus.js
+        if self.legacy:  # the durable of an older Corral: nothing in it is needed (the position is DuckDB's)
+            with contextlib.suppress(NotFoundError):
+                await js.delete_consumer(self.stream, self.legacy)
+            self.legacy = ""
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(self.stream, self.durable)
         await js.add_consumer(
@@ -529,7 +534,9 @@ class Projector(Actor):
         super().__init__(bus, instance=instance)
         self.database = database
         self.tmp_dir = tmp_dir
-        self.durable = consumer_name(database, bus.credentials.password if bus.credentials else "")
+        secret = bus.credentials.password if bus.credentials else ""
+        self.durable = consumer_name(database, secret)
+        self.legacy_durable = legacy_projector_consumer_name(database, secret)
         self.worker: ApplyWorker | None = None  # the process that owns the DuckDB connection
         self.applier: RemoteApplier | None = None
         self.output_applier: RemoteApplier | None = None

@@ -82,6 +82,8 @@ DDL: Final = [
     f"{_columns(EXECUTION_HISTORY_COLUMNS)})",
     """CREATE TABLE IF NOT EXISTS rejected_events (
         seq UBIGINT, subject VARCHAR, payload VARCHAR, error VARCHAR)""",
+    # the event ids of the output stream's chunks (CORRAL_OUTPUT): a repeated id is a duplicate
+    "CREATE TABLE IF NOT EXISTS output_ids (id VARCHAR, seq UBIGINT)",
     *DERIVED_DDL,
 ]
 

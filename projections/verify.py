@@ -33,6 +33,7 @@ AUTHORITY: Final[dict[str, tuple[str, ...]]] = {
     "validation.passed": ("validator",),
     "validation.failed": ("validator",),
     "checkpoint.created": ("checkpointer",),
+    "network.blocked": ("spawner",),  # the shim's proxy refused it; the spawner publishes the spool
     "notification.sent": ("notifier",),
     "notification.failed": ("notifier",),
     "pipeline.started": ("conductor",),
@@ -46,6 +47,7 @@ AUTHORITY: Final[dict[str, tuple[str, ...]]] = {
     "ticket.claimed": ("conductor",),
     "ticket.finished": ("conductor",),
     "schedule.fired": ("conductor",),
+    "consumer.removed": ("provisioner",),
 }
 DECISIONS: Final = ("approval.granted", "approval.denied", "approval.expired")
 LIFECYCLE_NEEDS_REQUEST: Final = ("execution.started", "execution.exited")
@@ -134,3 +136,40 @@ def screen_orphans(con: duckdb.DuckDBPyConnection, before: int) -> set[int]:
     ).fetchall()
     _reject(con, [(seq, f"{kind} of execution {eid}, which was never requested") for seq, kind, eid in rows])
     return {row[0] for row in rows}
+
+
+def screen_output(con: duckdb.DuckDBPyConnection) -> int:
+    """Repeated event ids among the output stream's chunks of the batch in `output_batch`
+    (projections/projector.py OutputApplier): every chunk whose id an earlier one of the batch or
+    of `output_ids` has is moved to rejected_events as a duplicate. Returns how many were."""
+    summary = con.execute("SELECT count(id), count(DISTINCT id), min(id), max(id) FROM output_batch").fetchone()
+    if summary is None or not summary[0]:
+        return 0
+    rows, distinct, low, high = summary
+    found = con.execute(
+        """SELECT b.seq, b.id, o.seq FROM output_batch b
+           JOIN (SELECT min(seq) AS seq, id FROM output_ids WHERE id BETWEEN $1 AND $2 GROUP BY id) o USING (id)""",
+        [low, high],
+    ).fetchall()
+    if distinct < rows:
+        found += con.execute(
+            """SELECT seq, id, first FROM (
+                   SELECT seq, id, min(seq) OVER (PARTITION BY id) AS first FROM output_batch WHERE id IS NOT NULL)
+               WHERE seq > first"""
+        ).fetchall()
+    if not found:
+        return 0
+    reasons: dict[int, str] = {}
+    for seq, event_id, first in sorted(found, key=lambda row: (row[0], row[2])):
+        reasons.setdefault(seq, f"duplicate: event id {event_id} was applied at seq {first}")
+    con.execute("CREATE OR REPLACE TEMP TABLE _screened (seq UBIGINT, reason VARCHAR)")
+    con.executemany("INSERT INTO _screened VALUES (?, ?)", sorted(reasons.items()))
+    con.execute(
+        "INSERT INTO rejected_events SELECT b.seq, 'corral.evt.' || b.execution_id || '.output', "
+        "json_object('id', b.id, 'type', 'output', 'execution_id', b.execution_id, 'ts', b.ts, "
+        "'data', json_object('stream', b.stream, 'n', b.n, 'text', b.text))::VARCHAR, s.reason "
+        "FROM output_batch b JOIN _screened s USING (seq) ORDER BY b.seq"
+    )
+    con.execute("DELETE FROM output_batch WHERE seq IN (SELECT seq FROM _screened)")
+    con.execute("DROP TABLE _screened")
+    return len(reasons)

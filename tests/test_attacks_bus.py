@@ -22,13 +22,16 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from actors.bus import Bus, connect_bus
 from actors.runtime import HEALTH_INTERVAL_S, health_key, health_state, read_health
+from corral.janitor import janitor_for, sweep_once
 from corral.server import EmbeddedServer
 from events.auth import HEALTH_STREAM, OUTPUT_STREAM, PROVISIONER, CredentialSet, render_auth_conf
+from events.consumers import sweep_id
 from events.stream import OutputRetention, ensure_health_bucket, ensure_work_consumer, output_stream_config
 from events.subjects import HEALTH_BUCKET, STREAM, events_of_type
 from events.types import PauseRequested
 from projections.projector import consumer_name
 from replay.history import follow
+from tests.conftest import Cli
 
 ROLES = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector", "tap", "operator")
 EVENTS = 40
@@ -343,3 +346,136 @@ async def test_a_host_without_the_provisioner_needs_the_streams_first(
     done = await aio.to_thread(cli, "ps", "--all")
     assert done.returncode == 0, done.stderr
     assert "Violation" not in nats_server.log_file.read_text()
+
+
+# --- durables no role owns: the provisioner's sweep (events/consumers.py, corral/janitor.py) --------
+
+
+async def _removals(admin: Bus) -> list[dict[str, Any]]:
+    """The consumer.removed events recorded so far."""
+    found: list[dict[str, Any]] = []
+
+    async def on_msg(seq: int, msg: Msg) -> bool:
+        found.append(orjson.loads(msg.data))
+        return False
+
+    await follow(admin.js, f"corral.evt.{sweep_id()}.consumer.removed", on_msg, stop_when_caught_up=True)
+    return found
+
+
+async def test_the_sweep_removes_durables_no_role_owns_and_keeps_every_roles_own(world: World) -> None:
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    creds = world.credentials
+    secret = creds.users["projector"]
+    # the roles' own: the validator's (world), the notifier's and conductor's, two projectors' (two
+    # `corral up` on one server: other DuckDB files, other hosts), each made by its own role
+    for role in ("notifier", "conductor"):
+        bus = await connect_bus(world.server.url, credentials=creds.get(role))
+        await ensure_work_consumer(bus.js, role, events_of_type("pause.requested"))
+        await bus.close()
+    projector = await connect_bus(world.server.url, credentials=creds.get("projector"))
+    mine = [consumer_name(Path(f"/host{n}/corral.duckdb"), secret) for n in (1, 2)]
+    for name in mine:
+        for stream in (STREAM, OUTPUT_STREAM):
+            config = ConsumerConfig(durable_name=name, ack_policy=AckPolicy.NONE, inactive_threshold=7 * 24 * 3600.0)
+            await projector.js.add_consumer(stream, config)
+    await projector.close()
+    # tap's: a durable under a fresh name, one under a forged projector name, a name-only consumer
+    # kept for a year without a client; and an ephemeral one (reading), which stays
+    tap = await attacker(world.server, creds, "tap")
+    forged = "projector_0123456789ab_0123456789abcdef"
+    made = {
+        "tap-durable": {"durable_name": "tap-durable"},
+        forged: {"durable_name": forged},
+        "tap-year": {"name": "tap-year", "inactive_threshold": 365 * 24 * 3600 * 10**9},
+        "tap-reader": {"name": "tap-reader", "inactive_threshold": 120 * 10**9},
+    }
+    for name, config in made.items():
+        body = {"stream_name": STREAM, "config": {**config, "ack_policy": "none"}}
+        assert await tap.attempt(f"$JS.API.CONSUMER.CREATE.{STREAM}.{name}", body) == "ok", name
+    assert await tap.attempt(f"$JS.API.CONSUMER.DELETE.{STREAM}.tap-durable") == "refused"  # tap cannot undo it
+    await tap.nc.close()
+
+    provisioner = await connect_bus(world.server.url, credentials=creds.get(PROVISIONER), provision=False)
+    try:
+        removed = await sweep_once(provisioner, janitor_for(secret), "provisioner-h-1")
+        assert {(r.stream, r.name) for r in removed} == {
+            (STREAM, "tap-durable"),
+            (STREAM, forged),
+            (STREAM, "tap-year"),
+        }
+        # a second `corral up` on the same server sweeps too: it keeps the other one's projector durables
+        assert await sweep_once(provisioner, janitor_for(secret), "provisioner-h-2") == []
+    finally:
+        await provisioner.close()
+
+    js = world.admin.js
+    left = {(stream, c.name) for stream in (STREAM, OUTPUT_STREAM) for c in await js.consumers_info(stream)}
+    for name in ("validator", "notifier", "conductor", "tap-reader"):
+        assert (STREAM, name) in left
+    for name in mine:
+        assert {(STREAM, name), (OUTPUT_STREAM, name)} <= left
+    assert not {name for _, name in left} & {"tap-durable", forged, "tap-year"}
+    records = await _removals(world.admin)
+    assert sorted(r["data"]["name"] for r in records) == sorted(["tap-durable", forged, "tap-year"])
+    assert {r["actor"] for r in records} == {"provisioner-h-1"} and all(r["data"]["reason"] for r in records)
+    durable = (await js.consumer_info(STREAM, "validator")).config
+    assert durable.filter_subject == VALIDATOR_FILTER and durable.durable_name == "validator"
+
+
+def test_a_durable_tap_creates_is_gone_within_a_sweep_of_corral_up(
+    cli: Cli, credentials: CredentialSet, nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """Two `corral up` sharing one server (the second: another home, the same credentials, its own
+    DuckDB file) each sweep every second; a durable tap makes goes, both projectors' durables stay."""
+    import json
+    import subprocess
+
+    from tests.conftest import cli_environment
+    from tests.test_control import start_up, stop_up
+
+    sweep = '[security]\nconsumer_sweep = "1s"\n'
+    cli.home.mkdir(parents=True, exist_ok=True)
+    (cli.home / "corral.toml").write_text(sweep)
+    env = cli_environment(CORRAL_HOME=str(tmp_path / "home2"), CORRAL_NATS_URL=nats_server.url)
+    second = Cli(tmp_path / "home2", {**env, "CORRAL_NATS_CREDS": str(cli.home / "credentials.json")})
+    second.home.mkdir(parents=True, exist_ok=True)
+    (second.home / "corral.toml").write_text(sweep)
+    ups: list[tuple[Cli, subprocess.Popen[str]]] = []
+    try:
+        ups.append((cli, start_up(cli)))
+        ups.append((second, start_up(second, "--actors", "projector", "--no-http")))
+        secret = credentials.users["projector"]
+        projectors = {consumer_name(home / "corral.duckdb", secret) for home in (cli.home, second.home)}
+
+        async def attack_and_wait(name: str) -> dict[str, Any]:
+            tap = await attacker(nats_server, credentials, "tap")
+            body = {"stream_name": STREAM, "config": {"durable_name": name, "ack_policy": "none"}}
+            assert await tap.attempt(f"$JS.API.CONSUMER.CREATE.{STREAM}.{name}", body) == "ok"
+            await tap.nc.close()
+            admin = await connect_bus(nats_server.url, credentials=credentials.get("admin"))
+            try:
+                for _ in range(300):
+                    done = [r for r in await _removals(admin) if r["data"]["name"] == name]
+                    if done:
+                        names = {c.name for c in await admin.js.consumers_info(STREAM)}
+                        assert name not in names and projectors <= names, names
+                        return done[0]
+                    await asyncio.sleep(0.1)
+            finally:
+                await admin.close()
+            raise AssertionError(f"{name} was not removed")
+
+        sweepers = set()
+        for n in range(20):  # until each `corral up` has removed one: each swept with both projectors there
+            sweepers.add(asyncio.run(attack_and_wait(f"tap-durable-{n}"))["actor"])
+            if len(sweepers) == 2:
+                break
+        assert len(sweepers) == 2, sweepers
+        rows = json.loads(cli("sql", "SELECT data->>'name' AS name FROM events WHERE type = 'consumer.removed'",
+                              "--json", check=True).stdout)  # fmt: skip
+        assert {row["name"] for row in rows} >= {"tap-durable-0"}
+    finally:
+        for who, process in reversed(ups):
+            stop_up(who, process)

@@ -18,7 +18,7 @@ from nats.js.api import StreamConfig
 from actors.bus import connect_bus
 from events.auth import read_credentials
 from events.envelope import new_event
-from events.subjects import STREAM
+from events.subjects import OUTPUT_STREAM, STREAM
 from events.types import (
     ApprovalGranted,
     ApprovalRequested,
@@ -28,8 +28,10 @@ from events.types import (
     Output,
     ValidationPassed,
 )
+from projections.batch import Gathered
 from projections.database import open_database
-from projections.projector import BatchApplier
+from projections.derived import OUTPUT_SEQ_BASE
+from projections.projector import BatchApplier, OutputApplier
 from tests.conftest import Cli, agent_command, recording_actor
 from tests.test_control import start_up, stop_up, wait_until
 
@@ -127,6 +129,41 @@ def test_a_rebuild_of_the_same_log_screens_the_same_way(tmp_path: Path) -> None:
     assert con.execute("SELECT approval_id, status FROM approvals").fetchall() == [("ap-1", "granted")]
 
 
+def test_an_output_event_id_is_one_chunk_in_the_output_stream(tmp_path: Path) -> None:
+    """CORRAL_OUTPUT (log retention): the same output event again (after the duplicate window,
+    without or with another header: another stream sequence) is projected once, the repeat rejected."""
+    con, core = _applier(tmp_path)
+    output = OutputApplier(con, tmp_dir=tmp_path / "tmp")
+    eid = "odup0001"
+    core.apply([_message(1, eid, ExecutionRequested(command=("x",), repo="/r"))])
+    one = _message(1, eid, Output(stream="stdout", n=1, text="one\n"))
+    two = _message(2, eid, Output(stream="stdout", n=2, text="two\n"))
+    output.apply_gathered(_gathered([one, two, (3, one[1], one[2])]))  # a repeat within the batch
+    output.apply_gathered(_gathered([(4, two[1], two[2]), (5, one[1], one[2].replace(b"one", b"forged"))]))
+    output.apply_gathered(_gathered([_message(6, eid, Output(stream="stdout", n=3, text="three\n"))]))
+
+    assert con.execute("SELECT text FROM output ORDER BY seq").fetchall() == [("one\n",), ("two\n",), ("three\n",)]
+    assert con.execute("SELECT output_chunks, output_bytes FROM executions").fetchone() == (3, 14)
+    assert con.execute("SELECT count(*) FROM search WHERE type = 'output'").fetchone() == (3,)
+    rejected = _rejected(con)
+    assert [seq - OUTPUT_SEQ_BASE for seq, _ in rejected] == [3, 4, 5]
+    assert rejected[0][1] == f"duplicate: event id {_id(one)} was applied at seq {OUTPUT_SEQ_BASE + 1}"
+    assert rejected[1][1] == f"duplicate: event id {_id(two)} was applied at seq {OUTPUT_SEQ_BASE + 2}"
+    assert rejected[2][1].startswith(f"duplicate: event id {_id(one)} ")
+    assert output.position == 6
+
+
+def _id(message: tuple[int, str, bytes]) -> str:
+    return str(json.loads(message[2])["id"])
+
+
+def _gathered(messages: list[tuple[int, str, bytes]]) -> Gathered:
+    gathered = Gathered()
+    for seq, subject, payload in messages:
+        gathered.add(seq, subject.encode(), payload)
+    return gathered
+
+
 # --- a real system, attacked with the admin credential ------------------------------------------
 
 
@@ -221,5 +258,45 @@ def test_rebuild_from_a_trimmed_log_refuses_unless_forced(embedded_cli: Cli, rep
         # was trimmed away is no fact)
         kept = _sql(cli, "SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM rejected_events) AS n")
         assert kept == [{"n": 5}]
+    finally:
+        stop_up(cli, up)
+
+
+def test_repeated_output_events_in_the_output_stream_are_rejected(embedded_cli: Cli, repo: Path) -> None:
+    """With [retention] on, output events live in CORRAL_OUTPUT: one published again there (no
+    header, another header) as admin is projected once and counted as a duplicate."""
+    cli = embedded_cli
+    cli.home.mkdir(parents=True, exist_ok=True)
+    (cli.home / "corral.toml").write_text("[retention]\noutput_max_msgs = 1000\n")
+    up = start_up(cli)
+    try:
+        cli("run", "--repo", str(repo), "-q", *agent_command("one", "--steps", "2"), check=True)
+        before = _sql(cli, "SELECT seq, execution_id, text FROM output ORDER BY seq")
+        assert before and all(row["seq"] > OUTPUT_SEQ_BASE for row in before)
+        chunks = _sql(cli, "SELECT output_chunks FROM executions")
+        first = before[0]
+
+        async def repeat() -> None:
+            runtime = json.loads((cli.home / "runtime.json").read_text())
+            admin = read_credentials(cli.home / "credentials.json").get("admin")
+            bus = await connect_bus(runtime["url"], credentials=admin)
+            try:
+                stored = await bus.js.get_msg(OUTPUT_STREAM, first["seq"] - OUTPUT_SEQ_BASE)
+                assert stored.subject is not None and stored.data is not None
+                await bus.js.publish(stored.subject, stored.data)  # no Nats-Msg-Id
+                await bus.js.publish(stored.subject, stored.data, headers={"Nats-Msg-Id": "another-header"})
+            finally:
+                await bus.close()
+
+        asyncio.run(repeat())
+
+        def rejected() -> list[dict[str, Any]]:
+            rows = _sql(cli, "SELECT seq, error FROM rejected_events ORDER BY seq")
+            return rows if len(rows) >= 2 else []
+
+        reasons = [row["error"] for row in wait_until(rejected, 60, "the two rejections")]  # type: ignore[union-attr]
+        assert reasons == [f"duplicate: event id {reasons[0].split()[3]} was applied at seq {first['seq']}"] * 2
+        assert _sql(cli, "SELECT seq, execution_id, text FROM output ORDER BY seq") == before
+        assert _sql(cli, "SELECT output_chunks FROM executions") == chunks
     finally:
         stop_up(cli, up)
