@@ -38,6 +38,7 @@ from corral import attention, render
 from corral.config import Config, ConfigError, load_config, resolve_run
 from corral.errors import CorralError, Forbidden, UsageError
 from corral.home import Home
+from corral.ops import followup
 from corral.ops.approvals import decide, read_book
 from corral.ops.base import (
     DURATION,
@@ -66,6 +67,7 @@ from corral.ops.control import (
     require_state,
     status_of,
 )
+from corral.ops.history import _replay_plan, compare_executions, plan_fork, search_hits
 from corral.system import System, open_system
 from events.envelope import new_event
 from events.ids import new_execution_id
@@ -607,8 +609,6 @@ class Client:
         since: str | None = None,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
-        from corral.history import search_hits
-
         target = await self.resolve(execution_id) if execution_id else None
         return await search_hits(
             self.system, pattern, regex=regex, execution_id=target, event_type=event_type, since=since, limit=limit
@@ -618,8 +618,6 @@ class Client:
         """Run an execution again from its base commit with its command and environment (secrets
         left out): {execution_id, replay_of, notes}. Its inputs and approvals are not fed to the
         replay (`corral replay` without --detach does that, following it)."""
-        from corral.history import _replay_plan
-
         self._require_operator("replay executions")
         original = await self.resolve(prefix)
         request, inputs, decisions = await _replay_plan(self.system, original, ask_approvals=True)
@@ -646,8 +644,6 @@ class Client:
         """Start a new execution from checkpoint `at` of another: the same command, `command`, or a new
         `prompt` for its agent (continuing its session unless `new_session`): {execution_id, fork_of,
         checkpoint, continues, notes}. Inputs the original got are not re-sent."""
-        from corral.history import plan_fork
-
         self._require_operator("fork executions")
         original = await self.resolve(prefix)
         planned = await plan_fork(
@@ -675,8 +671,6 @@ class Client:
         }
 
     async def compare(self, first: str, second: str) -> dict[str, Any]:
-        from corral.history import compare_executions
-
         return await compare_executions(self.system, await self.resolve(first), await self.resolve(second))
 
     # --- system --------------------------------------------------------------------------------
@@ -723,7 +717,6 @@ async def build_request(
     """Check a RunSpec as `corral run` does and return (new execution id, its request): nothing is sent.
 
     `system`: a connected one to look a follow-up's parent up in (else one is joined for that)."""
-    from corral import followup
 
     config = load_config(home)
     parent = await followup.find_parent(home, spec.resume, spec.agent, system) if spec.resume else None

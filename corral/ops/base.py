@@ -20,9 +20,11 @@ from actors.redact import SECRET_PLACEHOLDER, is_secret_name
 from corral.config import load_config
 from corral.errors import CorralError, NotFound, UsageError
 from corral.home import Home
+from corral.rows import records
 from corral.system import System
 from events.ids import is_valid_execution_id
 from events.subjects import API_EXPORT, API_SNAPSHOT, API_SQL, STREAM, events_of_type
+from events.types import ExecutionRequested
 from replay.history import last_sequence
 
 MAX_REQUEST_BYTES = 1 << 20  # an execution.requested event: at most 1 MiB (docs/control.md)
@@ -214,3 +216,26 @@ def parse_since(text: str) -> dict[str, Any]:
         raise UsageError(f"--since expects a sequence number, a duration like 10m, or all; got {text!r}")
     unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
     return {"start_time": datetime.now(UTC) - timedelta(seconds=float(match.group(1)) * unit)}
+
+
+def sql_text(value: str) -> str:
+    """Quote a string as a DuckDB literal."""
+    if "\0" in value:
+        raise UsageError("text must not contain NUL characters")
+    return "'" + value.replace("'", "''") + "'"
+
+
+async def rows(system: System, sql: str, *, max_rows: int = 100000) -> list[dict[str, Any]]:
+    result = await query(system, sql, max_rows=max_rows)
+    return records(result["columns"], result["rows"])
+
+
+async def recorded_request(system: System, execution_id: str) -> ExecutionRequested:
+    found = await rows(
+        system,
+        f"SELECT data FROM events WHERE execution_id = {sql_text(execution_id)} "
+        "AND type = 'execution.requested' ORDER BY seq LIMIT 1",
+    )
+    if not found:
+        raise NotFound(f"{execution_id} has no recorded request in the projections")
+    return ExecutionRequested.model_validate(orjson.loads(found[0]["data"]))
