@@ -40,7 +40,7 @@ from nats.errors import NoRespondersError
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from actors.bus import Bus, PermissionRefused
+from actors.bus import Bus, PermissionRefused, refuse_reply
 from actors.policy import Policy, PolicyError, effective_policy
 from actors.runtime import Actor
 from events.approvals import CROCKFORD, EXIT_CODE_APPROVAL, OUTCOMES, derived_id, encode
@@ -378,6 +378,8 @@ class Approver(Actor):
         decider and a `decided_by` in the payload is ignored; on a server without users nobody is
         authenticated, and the payload's claim is kept, as for a submission published directly.
         """
+        if msg.reply and refuse_reply(msg, self.instance):
+            return  # nothing recorded: the answer would go where no inbox is (docs/security.md)
         user = msg.subject.rsplit(".", 1)[-1]
         reply: dict[str, Any]
         try:

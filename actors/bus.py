@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,35 @@ class CorralJetStream(JetStreamContext):
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+REPLY_PREFIX = "_INBOX."  # nats-py's inboxes; what every role may subscribe to (events/auth.py READ_SUBSCRIBE)
+
+
+def answerable(reply: str | None) -> bool:
+    """Whether Corral's responders (`corral.api.*`) answer on this reply subject: an inbox only.
+
+    nats-server checks no permission on a request's reply subject, and a responder may publish its
+    answer there (allow_responses): `corral.evt.<id>.cancel.requested` as the reply would append the
+    answer to the log, `$JS.API.…` would make it a JetStream request. No stream captures `_INBOX.>`
+    (docs/security.md, "The bus")."""
+    if not reply:
+        return False
+    return reply.startswith(REPLY_PREFIX) and not any(c in reply for c in "*> \t\r\n")
+
+
+def refuse_reply(msg: Msg, responder: str) -> bool:
+    """True (and a log line) when `msg` asks for its answer on a subject Corral does not answer."""
+    if answerable(msg.reply):
+        return False
+    logging.getLogger("actors.bus").warning(
+        "%s: request on %s not answered: its reply subject %r is not an inbox (%s…); docs/security.md",
+        responder,
+        msg.subject,
+        msg.reply,
+        REPLY_PREFIX,
+    )
+    return True
 
 
 class PermissionRefused(Exception):

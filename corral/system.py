@@ -18,7 +18,7 @@ from nats.errors import AuthorizationError, NoServersError
 from nats.errors import Error as NatsError
 
 from actors.approver import Approver
-from actors.bus import Bus, connect_bus
+from actors.bus import Bus, answerable, connect_bus, refuse_reply
 from actors.checkpointer import Checkpointer
 from actors.policy import effective_policy
 from actors.runtime import Actor
@@ -501,6 +501,8 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
 
     def answering_task(export: bool | str) -> Callable[[Msg], Awaitable[None]]:
         async def on_request(msg: Msg) -> None:
+            if refuse_reply(msg, "projector"):  # an answer only ever goes to an inbox, never into the log
+                return
             # nats-py runs one callback at a time per subscription: each answers on its own task
             task = asyncio.create_task(answer(msg, export))
             answering.add(task)
@@ -509,8 +511,10 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
         return on_request
 
     async def on_rebuild(msg: Msg) -> None:
+        if refuse_reply(msg, "projector"):
+            return
         request = orjson.loads(msg.data) if msg.data else {}
-        progress = request.get("progress")
+        progress = request.get("progress") if answerable(request.get("progress")) else None
 
         async def report(done: int, total: int) -> None:
             if progress:
@@ -530,6 +534,8 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
 
     async def on_position(msg: Msg) -> None:
         # Where this projector stands (the metrics of a `corral up` without a projector ask this).
+        if refuse_reply(msg, "projector"):
+            return
         await msg.respond(orjson.dumps({"position": projector.position, "instance": projector.instance}))
 
     system._subs.append(await nc.subscribe(API_SQL, cb=answering_task(export=False)))

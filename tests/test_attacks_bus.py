@@ -479,3 +479,47 @@ def test_a_durable_tap_creates_is_gone_within_a_sweep_of_corral_up(
     finally:
         for who, process in reversed(ups):
             stop_up(who, process)
+
+
+def test_corral_responders_answer_no_reply_subject_in_the_log(
+    cli: Cli, credentials: CredentialSet, nats_server: EmbeddedServer
+) -> None:
+    """A request whose reply subject is an event subject (`corral.evt.<id>.cancel.requested`):
+    the projector's query API and the approver's decision API answer nothing there, act on nothing,
+    and nothing is stored; the same requests with an inbox are answered."""
+    from tests.test_control import start_up, stop_up
+
+    up = start_up(cli)
+    target = "corral.evt.zzzz0001.cancel.requested"
+
+    async def attack() -> None:
+        tap = await attacker(nats_server, credentials, "tap")
+        operator = await attacker(nats_server, credentials, "operator")
+        try:
+            sql = orjson.dumps({"sql": "SELECT 42 AS x"})
+            await tap.nc.publish("corral.api.sql", sql, reply=target)
+            await tap.nc.publish("corral.api.projections.position", b"", reply=f"$JS.API.STREAM.INFO.{STREAM}")
+            decision = {"execution_id": "zzzz0002", "data": {"approval_id": "AP-X", "decision": "approve"}}
+            await operator.nc.publish("corral.api.approval.decide.operator", orjson.dumps(decision), reply=target)
+            await tap.nc.flush()
+            await operator.nc.flush()
+            # the same responders, asked properly afterwards: answered (so the requests above were handled)
+            answer = orjson.loads((await tap.nc.request("corral.api.sql", sql, timeout=30)).data)
+            assert answer["ok"] and "42" in str(answer["rows"]), answer
+            bad = await operator.nc.request("corral.api.approval.decide.operator", b"{}", timeout=30)
+            assert orjson.loads(bad.data)["ok"] is False
+        finally:
+            await tap.nc.close()
+            await operator.nc.close()
+        admin = await connect_bus(nats_server.url, credentials=credentials.get("admin"))
+        try:
+            for execution in ("zzzz0001", "zzzz0002"):  # no answer stored, no decision recorded
+                info = await admin.js.stream_info(STREAM, subjects_filter=f"corral.evt.{execution}.>")
+                assert not info.state.subjects, info.state.subjects
+        finally:
+            await admin.close()
+
+    try:
+        asyncio.run(attack())
+    finally:
+        stop_up(cli, up)
