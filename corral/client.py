@@ -68,6 +68,7 @@ from corral.ops.control import (
     status_of,
 )
 from corral.ops.history import _replay_plan, compare_executions, plan_fork, search_hits
+from corral.ops.worktrees import open_pr
 from corral.system import System, open_system
 from events.envelope import new_event
 from events.ids import new_execution_id
@@ -541,8 +542,6 @@ class Client:
         remote: str | None = None,
     ) -> dict[str, Any]:
         """Push the execution's branch and open a pull request on the forge ([forge] in corral.toml)."""
-        from corral.worktrees import open_pr
-
         self._require_operator("open pull requests")
         execution_id = await self.resolve(prefix)
         return await self._refusals(

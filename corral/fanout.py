@@ -190,7 +190,7 @@ async def _judge(
 
 
 async def cmd_pick(home: Home, args: Any) -> int:
-    from corral.worktrees import _prune_one, inventory
+    from corral.ops.worktrees import _prune_one, inventory
 
     async with Client.connect(home) as client:
         winner = await client.resolve(args.execution_id)
