@@ -64,6 +64,7 @@ from events.types import (
 )
 
 log = logging.getLogger(__name__)
+SHADOW_WAIT_S: Final = 15.0  # a rejection in a shadow workspace: the discard before the resume
 
 APPROVAL_EVENTS: Final = "corral.evt.*.approval.>"
 REQUESTER: Final = "approver"
@@ -566,6 +567,8 @@ class Approver(Actor):
             expire_cancels = p.on_expire == "cancel" or approval.source == "budget"  # never spend unasked
             action = "cancel" if expire_cancels else ("resume" if paused else None)
         reason = f"approval {approval.approval_id} {approval.state}"
+        if action == "resume" and approval.state == "denied" and approval.source == "validator":
+            await self._shadow_discarded(approval.execution_id, approval.approval_id)
         if action == "resume":
             await self._emit(
                 approval.execution_id,
@@ -584,6 +587,24 @@ class Approver(Actor):
                 cause=approval.event_id,
                 event_id=derived_id(approval.event_id, "cancel"),
             )
+
+    async def _shadow_discarded(self, execution_id: str, approval_id: str) -> None:
+        """A shadow workspace (docs/shadow.md): the agent is resumed only once the checkpointer has
+        discarded the rejected files, so it never runs on with them (at most SHADOW_WAIT_S)."""
+        try:
+            created = await self.bus.js.get_last_msg(STREAM, event_subject(execution_id, "workspace.created"))
+        except NotFoundError:
+            return
+        if not orjson.loads(created.data or b"{}").get("data", {}).get("shadow"):
+            return
+        deadline = asyncio.get_running_loop().time() + SHADOW_WAIT_S
+        while asyncio.get_running_loop().time() < deadline:
+            with contextlib.suppress(NotFoundError):
+                done = await self.bus.js.get_last_msg(STREAM, event_subject(execution_id, "workspace.discarded"))
+                if orjson.loads(done.data or b"{}").get("data", {}).get("approval_id") == approval_id:
+                    return
+            await asyncio.sleep(0.05)
+        log.warning("approver: %s: no workspace.discarded for %s; resumed anyway", execution_id, approval_id)
 
     async def _exited_90(self, execution_id: str, raw: dict[str, Any]) -> None:
         """An agent exited with 90: it waits for an approval, asked for or not."""

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
 from nats.aio.msg import Msg
@@ -60,6 +60,8 @@ from events.types import (
     PauseRequested,
     ResumeRequested,
     SkippedFile,
+    WorkspaceDiscarded,
+    WorkspacePromoted,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,11 @@ STATE_TYPES: Final = (
     "workspace.removed",
     "approval.requested",
     "control.rejected",
+    # the shadow workspace (actors/shadow.py): promote what passed, discard what was rejected
+    "validation.passed",
+    "validation.failed",
+    "approval.granted",
+    "approval.denied",
 )
 REQUEST_TYPES: Final = ("checkpoint.requested", "rollback.requested", "commit.requested")
 PAUSE_WAIT_S: Final = 15.0
@@ -120,6 +127,12 @@ class _Execution:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     removed: bool = False
     exit_made: bool | None = None  # its exit checkpoint was taken (True) or nothing had changed (False)
+    shadow: Path | None = None  # workspace = "shadow": its overlay's directory (actors/shadow.py)
+    pid: int | None = None  # its agent's first process (in the overlay's mount namespace)
+    held: set[str] = field(default_factory=set)  # shadow: paths of critical violations awaiting a decision
+    validator_approvals: set[str] = field(default_factory=set)
+    promoted_n: int = 0  # shadow: the newest checkpoint promoted
+    shadow_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def running(self) -> bool:
@@ -165,6 +178,10 @@ class Checkpointer(Actor):
             "checkpoint.created": self._on_checkpoint,
             "workspace.removed": self._on_removed,
             "approval.requested": self._on_approval,
+            "validation.passed": self._on_validation,
+            "validation.failed": self._on_validation,
+            "approval.granted": self._on_decision,
+            "approval.denied": self._on_decision,
         }
 
     def health(self) -> dict[str, Any]:
@@ -260,11 +277,13 @@ class Checkpointer(Actor):
         ex.worktree = Path(data["path"])
         ex.repo = data["repo"]
         ex.base_commit = data["base_commit"]
+        ex.shadow = Path(data["shadow"]) if data.get("shadow") else None
         if ex.last_commit is None:
             ex.last_commit = ex.base_commit
 
     def _on_started(self, ex: _Execution, raw: dict[str, Any], seq: int, live: bool) -> None:
         ex.started = True
+        ex.pid = raw["data"].get("pid")
         ex.last_checkpoint_at = time.monotonic()
 
     def _on_paused(self, ex: _Execution, raw: dict[str, Any], seq: int, live: bool) -> None:
@@ -304,6 +323,8 @@ class Checkpointer(Actor):
         ex.removed = True
 
     def _on_approval(self, ex: _Execution, raw: dict[str, Any], seq: int, live: bool) -> None:
+        if raw["data"].get("source") == "validator":
+            ex.validator_approvals.add(raw["data"].get("approval_id"))
         if live and self.settings.on_approval and ex.running:
             self._trigger(ex, "approval", raw.get("id"), delay=0.0)
 
@@ -456,6 +477,7 @@ class Checkpointer(Actor):
                 message=f"corral checkpoint {ex.execution_id} #{n} ({trigger})",
                 max_file_bytes=self.settings.max_file_bytes,
                 skipped_before=ex.last_skipped,
+                shadow=ex.shadow,
             )
         except CheckpointError as exc:
             if "already exists" in exc.reason:
@@ -493,6 +515,87 @@ class Checkpointer(Actor):
         ex.last_checkpoint_at = time.monotonic()
         self.stats["checkpoints"] += 1
         return snap
+
+    # --- the shadow workspace (actors/shadow.py, docs/shadow.md) ---------------------------------
+
+    def _on_validation(self, ex: _Execution, raw: dict[str, Any], seq: int, live: bool) -> None:
+        """A checkpoint was judged: hold its critical paths; promote the rest (shadow executions)."""
+        data = raw["data"]
+        n = data.get("checkpoint")
+        if ex.shadow is None or n is None:
+            return
+        violations = data.get("violations") or ()
+        ex.held |= {v["path"] for v in violations if v.get("severity") == "critical" and v.get("path")}
+        if live:
+            self._spawn(self._promote(ex, int(n), raw.get("id")))
+
+    def _on_decision(self, ex: _Execution, raw: dict[str, Any], seq: int, live: bool) -> None:
+        """A validator's approval was decided: promote the held paths (granted) or discard them (denied)."""
+        approval_id = raw["data"].get("approval_id")
+        if ex.shadow is None or not live or approval_id not in ex.validator_approvals:
+            return
+        if raw["type"] == "approval.granted":
+            self._spawn(self._promote(ex, None, raw.get("id"), granted=approval_id))
+        else:
+            self._spawn(self._discard(ex, str(approval_id), raw.get("id")))
+
+    async def _promote(self, ex: _Execution, n: int | None, cause: str | None, *, granted: str | None = None) -> None:
+        """Write checkpoint n's validated files (all but the held ones) into the real worktree; with
+        `granted`, the held ones too, from the newest checkpoint promoted."""
+        from actors import shadow
+
+        assert ex.shadow is not None
+        async with ex.shadow_lock:
+            if not ex.ready():
+                return
+            assert ex.worktree is not None
+            if granted is not None:
+                n = ex.promoted_n or ex.n
+                ex.held.clear()
+            elif n is None or n < ex.promoted_n:
+                return  # a newer checkpoint was promoted already
+            if not n:
+                return
+            try:
+                _, out, _ = await git("rev-parse", f"{checkpoint_ref(ex.execution_id, n)}^{{tree}}", cwd=ex.worktree)
+                index = self.state_dir / f"{ex.execution_id}.promoted.index"
+                files, held = await shadow.promote(ex.worktree, ex.shadow, index, out.strip(), set(ex.held))
+            except (CheckpointError, OSError) as exc:
+                log.warning("checkpointer: %s: promotion of checkpoint %s failed: %s", ex.execution_id, n, exc)
+                return
+            ex.promoted_n = max(ex.promoted_n, n)
+            if files or held or granted:
+                data = WorkspacePromoted(checkpoint=n, files=tuple(files), held=tuple(held), approval_id=granted)
+                await self._emit(ex, data, cause)
+
+    async def _discard(self, ex: _Execution, approval_id: str, cause: str | None) -> None:
+        """Drop the held paths: the agent sees the worktree's version again (or no file)."""
+        from actors import shadow
+
+        assert ex.shadow is not None
+        root = ex.shadow
+        async with ex.shadow_lock:
+            if not ex.ready():
+                return
+            assert ex.worktree is not None
+            worktree = ex.worktree
+            paths, ex.held = sorted(ex.held), set()
+            pid = ex.pid if ex.running else None
+            mounted = pid is not None and shadow.overlay_mounted(pid, worktree, root)
+            done = await asyncio.to_thread(shadow.discard, worktree, root, paths, pid)
+            left = sorted(set(paths) - set(done))
+            if left and mounted:
+                # its namespace is going away meanwhile (cancelled): the rest from the upper layer, once unmounted
+                for _ in range(100):
+                    if not shadow.overlay_mounted(pid or 0, worktree, root):
+                        break
+                    await asyncio.sleep(0.1)
+                else:
+                    log.warning("checkpointer: %s: cannot discard %s", ex.execution_id, left)
+                    return
+                done += await asyncio.to_thread(shadow.discard, worktree, root, left, None)
+            through: Literal["namespace", "upper"] = "namespace" if mounted else "upper"
+            await self._emit(ex, WorkspaceDiscarded(approval_id=approval_id, files=tuple(done), through=through), cause)
 
     # --- requests ----------------------------------------------------------------------------
 

@@ -166,6 +166,7 @@ async def take_checkpoint(
     message: str,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     skipped_before: tuple[Skipped, ...] = (),
+    shadow: Path | None = None,
 ) -> Snapshot | None:
     """Commit the worktree's state as checkpoint n on its hidden ref; None when nothing changed.
 
@@ -173,7 +174,12 @@ async def take_checkpoint(
     tree unchanged, the skipped files not those of the previous checkpoint) is a checkpoint too,
     so that the log says it is there and was left out.
     """
-    tree, skipped = await snapshot_tree_skipping(worktree, index, max_file_bytes=max_file_bytes)
+    if shadow is not None:  # workspace = "shadow": what the agent sees, its overlay's upper layer over the worktree
+        from actors.shadow import merged_tree
+
+        tree, skipped = await merged_tree(worktree, index, shadow, max_file_bytes=max_file_bytes)
+    else:
+        tree, skipped = await snapshot_tree_skipping(worktree, index, max_file_bytes=max_file_bytes)
     if tree == parent_tree and tuple(skipped) == tuple(skipped_before):
         return None
     ref = checkpoint_ref(execution_id, n)

@@ -217,7 +217,8 @@ def in_force(spec: Mapping[str, Any]) -> dict[str, Any]:
     sandbox = spec.get("sandbox") or {}
     if sandbox.get("mode") != "bwrap":
         return {"mode": "off"}
-    return {"mode": "bwrap", "network": sandbox.get("network", "open")}
+    shadow = {"workspace": "shadow"} if spec.get("shadow") else {}  # an overlay over its worktree (actors/shadow.py)
+    return {"mode": "bwrap", "network": sandbox.get("network", "open"), **shadow}
 
 
 def exit_status(spec: Mapping[str, Any], returncode: int) -> int:

@@ -540,12 +540,17 @@ class Shim:
         spec = self.spec
         command: list[str] = spec["command"]
         preexec = self._limits()
+        if spec.get("shadow"):  # workspace = "shadow": its worktree path is an overlay in its own mount namespace
+            from actors import shadow
+
+            preexec = shadow.preexec(spec["cwd"], spec["shadow"], preexec)
         if self.adapter is not None:  # what this host's CLI supports (cached per binary): recorded first
             capabilities = await asyncio.to_thread(probe, self.adapter.name, command[0])
             self.live_usage = bool(capabilities["features"].get("live_usage"))
             self.record("agent.capabilities", {"agent": self.adapter.name, **capabilities})
         # Watch the worktree before the agent starts, so its first writes are seen too.
-        watcher = FileWatcher.open(Path(spec["cwd"])) if spec.get("watch_files", True) else None
+        watched = shadow_upper(spec) or Path(spec["cwd"])  # (shadow: its writes land in the upper layer)
+        watcher = FileWatcher.open(watched) if spec.get("watch_files", True) else None
         # The agent's stdout and stderr are plain pipes read from loop callbacks (not stream
         # reader tasks): a wake-up per write instead of two, hundreds of shims at once.
         out_r, out_w = os.pipe()
@@ -1030,6 +1035,11 @@ class Shim:
             pass
         finally:
             writer.close()
+
+
+def shadow_upper(spec: dict[str, Any]) -> Path | None:
+    """A shadow workspace's upper layer (actors/shadow.py), where the agent's writes land; else None."""
+    return Path(spec["shadow"]) / "upper" if spec.get("shadow") else None
 
 
 def usd(amount: float) -> str:

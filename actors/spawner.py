@@ -33,7 +33,7 @@ from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 import actors.sandbox as sandbox
-from actors import diskquota
+from actors import diskquota, shadow
 from actors.bus import Bus
 from actors.errors import WorkspaceError
 from actors.redact import SECRET_PLACEHOLDER
@@ -625,6 +625,9 @@ class Spawner(Actor):
         except sandbox.SandboxUnavailable as exc:
             await self._emit(run, ExecutionFailed(stage="spawn", error=str(exc)))
             return
+        if request.workspace == "shadow" and confinement["mode"] == "off":  # (the client refuses it first)
+            await self._emit(run, ExecutionFailed(stage="spawn", error=shadow.NEEDS_SANDBOX))
+            return
         try:
             repo = repo_root(request.repo)
             if request.worktree:  # a follow-up continues in its parent's worktree and branch
@@ -648,7 +651,17 @@ class Spawner(Actor):
             return
         if confinement["mode"] != "off":  # before the validator's baseline of git's files (workspace.created)
             await asyncio.to_thread(sandbox.prepare_worktree, path)
-        await self._emit(run, WorkspaceCreated(path=str(path), branch=branch, repo=str(repo), base_commit=base_commit))
+        shadow_root = await asyncio.to_thread(shadow.prepare, path) if request.workspace == "shadow" else None
+        await self._emit(
+            run,
+            WorkspaceCreated(
+                path=str(path),
+                branch=branch,
+                repo=str(repo),
+                base_commit=base_commit,
+                shadow=str(shadow_root) if shadow_root else None,
+            ),
+        )
         if run.stop_reason is not None:
             await self._emit(run, self._unstarted_exit(run), run.stop_cause)
             return
@@ -687,6 +700,10 @@ class Spawner(Actor):
             "network_timeout_s": request.timeouts.idle if request.on_stall == "cancel" else None,
             "sandbox": sandbox.for_run(confinement, run.run_dir),  # the shim wraps the command in it
         }
+        if shadow_root is not None:  # the overlay's layers (actors/shadow.py), hidden from every agent
+            confined = sandbox.for_run(confinement, run.run_dir)
+            spec["shadow"] = str(shadow_root)
+            spec["sandbox"] = {**confined, "hide": [*confined.get("hide", ()), str(shadow_root.parent)]}
         if confinement["mode"] != "off":  # a CLI's own bubblewrap cannot nest in Corral's
             from actors.adapters import in_corral_sandbox
 

@@ -91,7 +91,11 @@ async def add_worktree(repo: Path, path: Path, *, branch: str, commit: str, disk
 
 
 async def remove_worktree(repo: Path, path: Path, *, branch: str | None = None) -> None:
-    """Remove a worktree and (optionally) its branch, leaving nothing behind (its disk image too)."""
+    """Remove a worktree and (optionally) its branch, leaving nothing behind (its disk image, its
+    shadow workspace's layers too)."""
+    from actors import shadow
+
+    await asyncio.to_thread(shadow.remove, path)
     if await asyncio.to_thread(diskquota.release, path):
         # Its files went with its image (unmounted, deleted): git only has to forget it.
         await git("worktree", "prune", cwd=repo)

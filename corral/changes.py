@@ -38,6 +38,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> d
     p = sub.add_parser("changes", help="files the agent changed, with lines added and deleted")
     p.add_argument("execution_id", metavar="EXEC_ID")
     p.add_argument("--since", metavar="CP", help="from this checkpoint (default: the base commit)")
+    p.add_argument("--pending", action="store_true", help="shadow workspace: only the changes not promoted yet")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("diff", help="unified diff of what the agent changed")
@@ -45,6 +46,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> d
     p.add_argument("path", nargs="*", metavar="PATH", help="only these files or directories")
     p.add_argument("--from", dest="from_cp", metavar="CP", help="checkpoint to diff from (default: base commit)")
     p.add_argument("--to", dest="to_cp", metavar="CP", help="checkpoint to diff to (default: the worktree now)")
+    p.add_argument("--pending", action="store_true", help="shadow workspace: only the changes not promoted yet")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("commit", help="a real commit on the execution's branch")
@@ -114,7 +116,7 @@ async def cmd_changes(home: Home, args: Any) -> int:
     async with open_system(home, actors=()) as system:
         ws = await _target(home, system, args.execution_id)
     since_n = ws.checkpoint(args.since)[0] if args.since is not None else 0
-    rows = await changed_files(home, ws, args.since)
+    rows = await changed_files(home, ws, args.since, pending=getattr(args, "pending", False))
     if args.json:
         render.print_json(rows)
         return 0
@@ -123,9 +125,14 @@ async def cmd_changes(home: Home, args: Any) -> int:
         info(f"{ws.execution_id}: no changes since {origin}")
         return 0
     added, deleted = _totals(rows)
-    print(
-        render.table(["status", "path", "+", "-"], [[r["status"], r["path"], r["added"], r["deleted"]] for r in rows])
-    )
+    if ws.shadow is not None:
+        _print_shadow_rows(rows)
+    else:
+        print(
+            render.table(
+                ["status", "path", "+", "-"], [[r["status"], r["path"], r["added"], r["deleted"]] for r in rows]
+            )
+        )
     info(f"{len(rows)} files changed since {origin}, +{added} -{deleted}")
     return 0
 
@@ -133,12 +140,23 @@ async def cmd_changes(home: Home, args: Any) -> int:
 async def cmd_diff(home: Home, args: Any) -> int:
     async with open_system(home, actors=()) as system:
         ws = await _target(home, system, args.execution_id)
-    result = await diff_of(home, ws, list(args.path or []), args.from_cp, args.to_cp)
+    result = await diff_of(home, ws, list(args.path or []), args.from_cp, args.to_cp, pending=args.pending)
     if args.json:
         render.print_json(result)
     else:
         sys.stdout.write(result["diff"])
+        if result.get("pending"):  # a shadow workspace: what is not promoted yet, apart
+            sys.stdout.write("# pending: in the agent's shadow workspace, not promoted into the worktree yet\n")
+            sys.stdout.write(result["pending"])
     return 0
+
+
+def _print_shadow_rows(rows: list[dict[str, Any]]) -> None:
+    """`corral changes` of a shadow workspace: a state column, and how many of each."""
+    table = [[r["state"], r["status"], r["path"], r["added"], r["deleted"]] for r in rows]
+    print(render.table(["state", "status", "path", "+", "-"], table))
+    waiting = sum(1 for r in rows if r["state"] == "pending")
+    info(f"{len(rows) - waiting} promoted into the worktree, {waiting} pending (corral diff ID --pending shows them)")
 
 
 # --- acting commands -----------------------------------------------------------------------------

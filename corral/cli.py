@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pids", help="processes (and threads) the agent's tree may have, e.g. 512; none: no limit")
     run.add_argument("--disk", help="worktree disk quota: writes past it fail (ENOSPC), the agent is paused, e.g. 5G")
     run.add_argument(
+        "--workspace",
+        choices=["direct", "shadow"],
+        help="shadow: the agent writes into an overlay; validated changes are promoted (docs/shadow.md)",
+    )
+    run.add_argument(
         "--max-cost",
         metavar="USD",
         help="budget: at this cost the agent is paused and an approval requested (corral approve ID "

@@ -85,6 +85,7 @@ def run_spec(args: Any) -> RunSpec:
         spawn_timeout=args.spawn_timeout,
         on_stall=args.on_stall,
         memory=args.memory,
+        workspace=getattr(args, "workspace", None),
         cpus=args.cpus,
         disk=args.disk,
         pids=getattr(args, "pids", None),

@@ -65,6 +65,7 @@ SETTING_KEYS: dict[str, str] = {
     "pids": "pids_max",
     "priority": "priority",
     "max_cost": "max_cost_usd",
+    "workspace": "workspace",
 }
 SETTING_FIELDS: tuple[str, ...] = tuple(SETTING_KEYS.values())
 # The idle timeout of agent runs (`--agent`) when nothing else sets one: an agent CLI that cannot
@@ -241,6 +242,7 @@ class ExecutionSettings(_Frozen):
     pids_max: LimitCount = actors.limits.DEFAULT_PIDS_MAX  # processes and threads of the agent's cgroup
     priority: StrictInt = 0
     max_cost_usd: LimitCost = None  # budget: the agent is paused for an approval when its cost reaches it
+    workspace: Literal["direct", "shadow"] = "direct"  # shadow: an overlay, validated changes promoted (docs/shadow.md)
 
     @field_validator(
         "timeout_s",
@@ -393,6 +395,7 @@ class Template(_Frozen):
 
     name: str
     description: str = ""
+    workspace: str | None = None  # over [defaults] workspace: direct, shadow
     command: tuple[str, ...] | None = None
     args: tuple[str, ...] = ()
     agent: str | None = None
@@ -531,6 +534,7 @@ class _SettingsFile(_Frozen):
     pids: LimitCount = None
     priority: StrictInt | None = None
     max_cost: LimitCost = None
+    workspace: Literal["direct", "shadow"] | None = None
 
     def fields(self) -> dict[str, Any]:
         values = {field: getattr(self, key) for key, field in SETTING_KEYS.items()}

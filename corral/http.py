@@ -339,9 +339,12 @@ def create_app(gateway: Gateway) -> FastAPI:
         return await who.client.checkpoints(execution_id)
 
     @app.get("/api/executions/{execution_id}/changes", tags=["changes"])
-    async def changes(who: Auth, execution_id: str, since: str | None = None) -> list[dict[str, Any]]:
-        """Files changed since the base commit (or checkpoint `since`) to the worktree as it is now."""
-        return await who.client.changes(execution_id, since=since)
+    async def changes(
+        who: Auth, execution_id: str, since: str | None = None, pending: bool = False
+    ) -> list[dict[str, Any]]:
+        """Files changed since the base commit (or checkpoint `since`) to the worktree as it is now
+        (a shadow workspace: each with `state` promoted or pending; `pending=true`: only those)."""
+        return await who.client.changes(execution_id, since=since, pending=pending)
 
     @app.get("/api/executions/{execution_id}/diff", tags=["changes"])
     async def diff(
@@ -350,9 +353,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         path: Annotated[list[str] | None, Query()] = None,
         from_: Annotated[str | None, Query(alias="from")] = None,
         to: str | None = None,
+        pending: bool = False,
     ) -> dict[str, Any]:
-        """The unified diff from checkpoint `from` (or the base) to `to` (or now), optionally for some paths."""
-        return await who.client.diff(execution_id, paths=path, from_cp=from_, to_cp=to)
+        """The unified diff from checkpoint `from` (or the base) to `to` (or now), optionally for some paths
+        (a shadow workspace: `pending` too; `pending=true`: only the changes not promoted yet)."""
+        return await who.client.diff(execution_id, paths=path, from_cp=from_, to_cp=to, pending=pending)
 
     @app.post("/api/executions/{execution_id}/checkpoint", tags=["changes"])
     async def checkpoint(who: Operator, execution_id: str) -> dict[str, Any]:

@@ -208,6 +208,8 @@ ROLES: Final[dict[str, Role]] = {
                 "checkpoint.created",
                 "change.committed",
                 "change.rolled_back",
+                "workspace.promoted",  # the shadow workspace (docs/shadow.md)
+                "workspace.discarded",
                 "control.rejected",
                 "pause.requested",
                 "resume.requested",

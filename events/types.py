@@ -106,6 +106,8 @@ class ExecutionRequested(EventData):
     resume_session: str | None = None  # the session id continued (the CLI's own)
     worktree: str | None = None  # run in this existing worktree (a follow-up's parent's) instead of a new one
     policy: dict[str, Any] | None = None  # the run's own policy keys (`--policy FILE`), over its template's
+    # "shadow": the agent writes into an overlay over its worktree; validated changes are promoted (docs/shadow.md)
+    workspace: Literal["direct", "shadow"] = "direct"
     sandbox: SandboxRequest | None = None  # None (an older client): the spawner's default, auto with open network
 
 
@@ -132,6 +134,7 @@ class WorkspaceCreated(EventData):
     branch: str
     repo: str
     base_commit: str
+    shadow: str | None = None  # workspace = "shadow": the directory of its overlay's upper layer (docs/shadow.md)
 
 
 @event_type("execution.started")
@@ -378,6 +381,29 @@ class ChangeRolledBack(EventData):
     to_checkpoint: int
     paths: tuple[str, ...]
     checkpoint: int | None
+
+
+@event_type("workspace.promoted")
+class WorkspacePromoted(EventData):
+    """Shadow workspace: checkpoint n's validated files written into the real worktree (docs/shadow.md).
+
+    `files`: promoted now; `held`: changed in the checkpoint but held back (critical violations
+    awaiting a decision). `approval_id`: set when an approval's grant promoted the held files."""
+
+    checkpoint: int
+    files: tuple[str, ...]
+    held: tuple[str, ...] = ()
+    approval_id: str | None = None
+
+
+@event_type("workspace.discarded")
+class WorkspaceDiscarded(EventData):
+    """Shadow workspace: a rejection dropped these held files; the agent sees the worktree's version
+    again (or no file where the worktree has none)."""
+
+    approval_id: str
+    files: tuple[str, ...]
+    through: Literal["namespace", "upper"]  # the agent's merged view, or the upper layer (no agent left)
 
 
 @event_type("pr.requested")

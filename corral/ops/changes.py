@@ -32,6 +32,7 @@ class Workspace:
     branch: str
     base_commit: str
     checkpoints: list[dict[str, Any]]
+    shadow: Path | None = None  # workspace = "shadow": its overlay's directory (corral/shadow_view.py)
 
     @property
     def present(self) -> bool:
@@ -99,7 +100,13 @@ async def workspace(system: System, execution_id: str) -> Workspace:
     ]
     checkpoints.sort(key=lambda cp: cp["n"])
     return Workspace(
-        execution_id, Path(data["path"]), Path(data["repo"]), data["branch"], data["base_commit"], checkpoints
+        execution_id,
+        Path(data["path"]),
+        Path(data["repo"]),
+        data["branch"],
+        data["base_commit"],
+        checkpoints,
+        Path(data["shadow"]) if data.get("shadow") else None,
     )
 
 
@@ -130,9 +137,15 @@ async def _name_status(repo: Path, old: str, new: str, paths: list[str] | None =
     return status
 
 
-async def changed_files(home: Home, ws: Workspace, since_cp: str | None) -> list[dict[str, Any]]:
+async def changed_files(
+    home: Home, ws: Workspace, since_cp: str | None, *, pending: bool = False
+) -> list[dict[str, Any]]:
     """Files changed from checkpoint `since_cp` (or the base commit) to the worktree as it is now."""
     _, since = ws.checkpoint(since_cp) if since_cp is not None else (0, ws.base_commit)
+    if ws.shadow is not None:  # promoted and pending apart (docs/shadow.md)
+        from corral.ops import shadow_view
+
+        return await shadow_view.changed_files(home, ws, since, pending)
     try:
         now = await _live_tree(home, ws)
         stats = await numstat(ws.repo, since, now)
@@ -143,11 +156,15 @@ async def changed_files(home: Home, ws: Workspace, since_cp: str | None) -> list
 
 
 async def diff_of(
-    home: Home, ws: Workspace, paths: list[str], from_cp: str | None, to_cp: str | None
+    home: Home, ws: Workspace, paths: list[str], from_cp: str | None, to_cp: str | None, *, pending: bool = False
 ) -> dict[str, Any]:
     """{execution_id, from, to, diff}: from checkpoint `from_cp` (or the base) to `to_cp` (or now)."""
     relative = ws.relative_paths(paths) if paths else []
     _, old = ws.checkpoint(from_cp) if from_cp is not None else (0, ws.base_commit)
+    if ws.shadow is not None and to_cp is None:  # promoted and pending apart (docs/shadow.md)
+        from corral.ops import shadow_view
+
+        return await shadow_view.diff_of(home, ws, old, [p for p in relative if p != "."], pending)
     try:
         new = ws.checkpoint(to_cp)[1] if to_cp is not None else await _live_tree(home, ws)
         text = await unified_diff(ws.repo, old, new, [p for p in relative if p != "."])
