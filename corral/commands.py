@@ -343,7 +343,10 @@ async def _run_up(home: Home, args: Any, actors: tuple[str, ...] | None, metrics
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    from corral.schedules import for_conductor
+
     kwargs: dict[str, Any] = {"mode": "up", "client_ok": False, "max_running": args.max_running}
+    kwargs["schedules"] = for_conductor  # [schedules.NAME] fire from `corral up` only (corral/schedules.py)
     if args.nats:
         kwargs["nats_url"] = check_nats_urls(args.nats)
     if actors:

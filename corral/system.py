@@ -164,6 +164,7 @@ async def open_system(
     max_running: int | None = None,
     nats_url: str | None = None,
     role: str = "operator",
+    schedules: Callable[[Home, Config], Awaitable[tuple[Any, ...]]] | None = None,
 ) -> AsyncIterator[System]:
     """Yield a System: a client of the running one, or one this process starts and stops.
 
@@ -171,6 +172,7 @@ async def open_system(
     embedded server is started, and restarted on its port and store if it dies meanwhile.
     `role` is the NATS user of a client's connection (`tap` for commands that only read); a
     system this process runs connects as `operator`, and each of its actors as its own role.
+    `schedules` resolves the [schedules.NAME] its conductor fires (corral/schedules.py; `corral up` gives it).
     """
     home.ensure()
     config = load_config(home)  # a bad corral.toml stops here, before anything starts
@@ -210,7 +212,7 @@ async def open_system(
         await _provision(url, home, config)  # before any actor reads or writes the log
         bus = await _connect(url, name=f"corral-{mode}", home=home)
         system = System(home=home, url=url, bus=bus, mode=mode, server=server, lock=lock)
-        await _start_actors(system, actors, config=config, max_running=max_running)
+        await _start_actors(system, actors, config=config, max_running=max_running, schedules=schedules)
         await _serve_api(system, sql_timeout_s=config.sql.timeout_s)
         if server is not None:
             system._supervisor = asyncio.create_task(_supervise_server(system, server))
@@ -281,7 +283,14 @@ async def _require_streams(url: str, home: Home) -> None:
         await bus.close()
 
 
-async def _start_actors(system: System, names: tuple[str, ...], *, config: Config, max_running: int | None) -> None:
+async def _start_actors(
+    system: System,
+    names: tuple[str, ...],
+    *,
+    config: Config,
+    max_running: int | None,
+    schedules: Callable[[Home, Config], Awaitable[tuple[Any, ...]]] | None = None,
+) -> None:
     home = system.home
     for name in names:
         if name not in ALL_ACTORS:
@@ -328,10 +337,11 @@ async def _start_actors(system: System, names: tuple[str, ...], *, config: Confi
             actor = Notifier(bus, [target.for_actor() for target in config.notify])
         elif name == "conductor":
             from actors.conductor import Conductor  # [pipelines.NAME] runs (docs/orchestration.md)
-            from corral.schedules import for_conductor
 
             # Schedules fire from `corral up` only: a command's own system would start ticks it cannot see through.
-            actor = Conductor(bus, schedules=await for_conductor(home, config) if system.mode == "up" else ())
+            actor = Conductor(
+                bus, schedules=await schedules(home, config) if schedules is not None and system.mode == "up" else ()
+            )
         else:
             raise CorralError(f"unknown actor {name!r}; known: {', '.join(ALL_ACTORS)}")
         if name == "projector" and system.mode == "ephemeral":
