@@ -14,7 +14,6 @@ from corral.errors import UsageError
 from corral.home import Home
 from corral.ops.base import info, resolve_execution_id
 from corral.ops.changes import (
-    Workspace,
     changed_files,
     commit_changes,
     diff_of,
@@ -22,6 +21,7 @@ from corral.ops.changes import (
     take_checkpoint,
     workspace,
 )
+from corral.ops.workspace import Workspace
 from corral.system import System, open_system
 
 

@@ -1,9 +1,6 @@
 """An execution's worktree as the log knows it: checkpoints, changed files, diffs; checkpoint, commit
 and rollback requests confirmed by the checkpointer."""
 
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,67 +9,18 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from actors.checkpointer import NOTHING_CHANGED
-from actors.checkpoints import CheckpointError, FileStat, git, numstat, snapshot_tree, unified_diff
-from corral.errors import Conflict, CorralError, NotFound, UsageError
+from actors.checkpoints import CheckpointError, numstat, unified_diff
+from corral.errors import Conflict, CorralError, UsageError
 from corral.home import Home
+from corral.ops import shadow_view
 from corral.ops.control import request_and_wait
+from corral.ops.workspace import Workspace, _file_rows, _live_tree, _name_status
 from corral.system import System
 from events.subjects import STREAM, event_subject
 from events.types import CheckpointRequested, CommitRequested, RollbackRequested
 from replay.history import follow
 
 ROLLBACK_TIMEOUT_S = 45.0
-
-
-@dataclass
-class Workspace:
-    execution_id: str
-    path: Path
-    repo: Path
-    branch: str
-    base_commit: str
-    checkpoints: list[dict[str, Any]]
-    shadow: Path | None = None  # workspace = "shadow": its overlay's directory (corral/shadow_view.py)
-
-    @property
-    def present(self) -> bool:
-        return self.path.is_dir()
-
-    def checkpoint(self, text: str | None) -> tuple[int, str]:
-        """(n, commit) of a checkpoint named on the command line; 0 is the base commit."""
-        if text is None:
-            raise UsageError("no checkpoint given")
-        spec = text.strip().lstrip("#")
-        if spec in ("base", "0"):
-            return 0, self.base_commit
-        if not spec.isdigit():
-            raise UsageError(
-                f"{text!r} is not a checkpoint number; `corral checkpoints {self.execution_id}` lists them"
-            )
-        n = int(spec)
-        for cp in self.checkpoints:
-            if cp["n"] == n:
-                return n, str(cp["commit"])
-        known = f"it has 1..{self.checkpoints[-1]['n']}" if self.checkpoints else "it has none yet"
-        raise NotFound(f"{self.execution_id} has no checkpoint {n} ({known}; 0 = the base commit)")
-
-    def relative_paths(self, paths: list[str]) -> list[str]:
-        """Paths inside the worktree, relative to its root; anything outside is an error."""
-        out = []
-        root = self.path.resolve()
-        for raw in paths:
-            candidate = Path(raw)
-            if not candidate.is_absolute():
-                here = Path.cwd().resolve()
-                candidate = (here / candidate) if root in (here, *here.parents) else (root / candidate)
-            resolved = Path(os.path.normpath(candidate))
-            if resolved != root and root not in resolved.parents:
-                raise UsageError(f"{raw!r} is outside the worktree of {self.execution_id} ({root})")
-            rel = resolved.relative_to(root).as_posix()
-            if rel == ".git" or rel.startswith(".git/"):
-                raise UsageError(f"{raw!r} is inside .git; Corral never touches it")
-            out.append(rel or ".")
-        return out
 
 
 async def _stored(system: System, subject: str) -> list[dict[str, Any]]:
@@ -110,41 +58,12 @@ async def workspace(system: System, execution_id: str) -> Workspace:
     )
 
 
-async def _live_tree(home: Home, ws: Workspace) -> str:
-    """A tree of the worktree as it is now (written through a scratch index; nothing recorded)."""
-    if not ws.present:
-        if ws.checkpoints:
-            return str(ws.checkpoints[-1]["tree"])
-        raise CorralError(f"the worktree of {ws.execution_id} is gone and it has no checkpoint")
-    home.tmp.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=home.tmp) as scratch:
-        return await snapshot_tree(ws.path, Path(scratch) / "index")
-
-
-def _file_rows(stats: list[FileStat], status: dict[str, str]) -> list[dict[str, Any]]:
-    return [{"path": s.path, "status": status.get(s.path, "M"), "added": s.added, "deleted": s.deleted} for s in stats]
-
-
-async def _name_status(repo: Path, old: str, new: str, paths: list[str] | None = None) -> dict[str, str]:
-    args = ["diff-tree", "-r", "--name-status", "--no-renames", old, new]
-    if paths:
-        args += ["--", *paths]
-    _, out, _ = await git(*args, cwd=repo)
-    status = {}
-    for line in out.splitlines():
-        code, _, path = line.partition("\t")
-        status[path] = code[:1]
-    return status
-
-
 async def changed_files(
     home: Home, ws: Workspace, since_cp: str | None, *, pending: bool = False
 ) -> list[dict[str, Any]]:
     """Files changed from checkpoint `since_cp` (or the base commit) to the worktree as it is now."""
     _, since = ws.checkpoint(since_cp) if since_cp is not None else (0, ws.base_commit)
     if ws.shadow is not None:  # promoted and pending apart (docs/shadow.md)
-        from corral.ops import shadow_view
-
         return await shadow_view.changed_files(home, ws, since, pending)
     try:
         now = await _live_tree(home, ws)
@@ -162,8 +81,6 @@ async def diff_of(
     relative = ws.relative_paths(paths) if paths else []
     _, old = ws.checkpoint(from_cp) if from_cp is not None else (0, ws.base_commit)
     if ws.shadow is not None and to_cp is None:  # promoted and pending apart (docs/shadow.md)
-        from corral.ops import shadow_view
-
         return await shadow_view.diff_of(home, ws, old, [p for p in relative if p != "."], pending)
     try:
         new = ws.checkpoint(to_cp)[1] if to_cp is not None else await _live_tree(home, ws)

@@ -8,21 +8,17 @@ approval). Nothing is recorded: the trees are written through scratch indexes.
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from actors.checkpoints import CheckpointError, numstat, unified_diff
 from actors.shadow import merged_tree
 from corral.errors import CorralError
 from corral.home import Home
-
-if TYPE_CHECKING:
-    from corral.ops.changes import Workspace
+from corral.ops.workspace import Workspace, _file_rows, _live_tree, _name_status
 
 
-async def trees(home: Home, ws: "Workspace") -> tuple[str, str]:
+async def trees(home: Home, ws: Workspace) -> tuple[str, str]:
     """(the promoted tree: the real worktree now, the tree the agent sees: with its upper layer)."""
-    from corral.ops.changes import _live_tree
-
     promoted = await _live_tree(home, ws)
     if not ws.present or ws.shadow is None or not ws.shadow.is_dir():
         return promoted, promoted
@@ -32,11 +28,9 @@ async def trees(home: Home, ws: "Workspace") -> tuple[str, str]:
     return promoted, seen
 
 
-async def changed_files(home: Home, ws: "Workspace", since: str, pending_only: bool) -> list[dict[str, Any]]:
+async def changed_files(home: Home, ws: Workspace, since: str, pending_only: bool) -> list[dict[str, Any]]:
     """Rows of `corral changes` with `state`: "promoted" (in the worktree) or "pending" (only in the
     agent's upper layer); from `since` to what the agent sees."""
-    from corral.ops.changes import _file_rows, _name_status
-
     try:
         promoted, seen = await trees(home, ws)
         pending = {s.path for s in await numstat(ws.repo, promoted, seen)}
@@ -48,7 +42,7 @@ async def changed_files(home: Home, ws: "Workspace", since: str, pending_only: b
     return [r for r in rows if r["state"] == "pending"] if pending_only else rows
 
 
-async def diff_of(home: Home, ws: "Workspace", old: str, paths: list[str], pending_only: bool) -> dict[str, Any]:
+async def diff_of(home: Home, ws: Workspace, old: str, paths: list[str], pending_only: bool) -> dict[str, Any]:
     """{execution_id, from, to, diff, pending, workspace}: `diff` from `old` to the promoted worktree,
     `pending` from the promoted worktree to what the agent sees; with `pending_only`, `diff` is that."""
     try:
