@@ -4,11 +4,21 @@ Corral's projector (the real one: pull consumer, batch apply, position in the sa
 transaction) is measured beside a raw baseline written with plain nats-py, orjson and
 pyarrow, no Corral code, reading the same stream into a DuckDB table in the same run.
 
-    .venv/bin/python bench/ingest.py [--events 200000]
+The same projector also runs with its screening switched off (projections/verify.py: duplicate
+event ids, authority, orphans, and the output stream's duplicate ids), alternately with the real
+one, `--rounds` times each: the cost of verification and dedup, printed as a share (target:
+<= 10 %). The switch exists for this bench only: its projector's DuckDB worker process starts
+with a `sitecustomize` that replaces the screening functions with no-ops (no user-facing switch).
+`--retention` routes output events to CORRAL_OUTPUT (as `[retention]` does), so the output
+stream's applier and its dedup by event id are measured too.
+
+    .venv/bin/python bench/ingest.py [--events 200000] [--rounds 2] [--retention]
 """
 
 import argparse
 import asyncio
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +37,7 @@ from bench.common import RAW_EVENTS_DDL, insert_raw_events, print_result, raw_ev
 from corral.server import EmbeddedServer
 from events.envelope import new_event
 from events.ids import new_execution_id
+from events.stream import OutputRetention, ensure_output_retention
 from events.subjects import STREAM
 from events.types import (
     ExecutionExited,
@@ -36,6 +47,7 @@ from events.types import (
     Output,
 )
 from projections.database import WRITE_ROW_GROUP_SIZE
+from projections.derived import OUTPUT_SEQ_BASE
 from projections.projector import Projector
 
 
@@ -116,45 +128,115 @@ async def raw_baseline(url: str, db: Path, n: int) -> float:
     return elapsed
 
 
-async def corral_projector(url: str, db: Path, tmp: Path, n: int, last_seq: int) -> float:
+UNSCREENED = """\
+import sys
+import warnings
+warnings.filterwarnings("ignore", message=".projections.worker. found in sys.modules")
+sys.path.insert(0, {root!r})
+import projections.projector as p
+p.screen_batch = lambda con, before, underived=None: set()
+p.screen_orphans = lambda con, before: set()
+p.screen_output = lambda con: 0
+open({marker!r}, "w").close()
+"""
+
+
+def unscreened_site(tmp: Path) -> Path:
+    """A folder whose sitecustomize switches the screening off in the projector's worker process."""
+    folder = tmp / "unscreened-site"
+    folder.mkdir(exist_ok=True)
+    root, marker = str(Path(__file__).resolve().parents[1]), str(folder / "applied")
+    (folder / "sitecustomize.py").write_text(UNSCREENED.format(root=root, marker=marker))
+    return folder
+
+
+async def corral_projector(
+    url: str, db: Path, tmp: Path, n: int, last_seq: int, *, output_seq: int | None = None, site: Path | None = None
+) -> float:
     bus = await connect_bus(url)
+    saved = os.environ.get("PYTHONPATH")
+    if site is not None:  # the worker process is started (and imports) in Projector.start()
+        os.environ["PYTHONPATH"] = str(site)
     projector = Projector(bus, database=db, tmp_dir=tmp)
     setup = time.perf_counter()
-    async with projector:
-        # Timed from here, as the raw baseline is timed after its set-up: the projector's DuckDB
-        # worker has started and its consumer exists; its loop has not read anything yet.
-        start = time.perf_counter()
-        print(f"corral projector set-up (DuckDB worker process, consumer; not timed): {start - setup:.2f}s")
-        ok = await projector.wait_for_position(last_seq, timeout_s=600)
-        elapsed = time.perf_counter() - start
+    try:
+        async with projector:
+            # Timed from here, as the raw baseline is timed after its set-up: the projector's DuckDB
+            # worker has started and its consumer exists; its loop has not read anything yet.
+            start = time.perf_counter()
+            print(f"  set-up (DuckDB worker process, consumer; not timed): {start - setup:.2f}s")
+            if output_seq is not None:
+                while projector.output_position is None:  # noqa: ASYNC110 (it finds CORRAL_OUTPUT at start)
+                    await asyncio.sleep(0.01)
+            ok = await projector.wait_for_position(last_seq, timeout_s=600, output_seq=output_seq)
+            elapsed = time.perf_counter() - start
+    finally:
+        if site is not None:
+            if saved is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved
     await bus.close()
     assert ok, "projector did not catch up"
+    if site is not None:
+        assert (site / "applied").exists(), "the worker did not switch its screening off"
+        (site / "applied").unlink()
     con = duckdb.connect(str(db), read_only=True)
-    count = con.execute("SELECT count(*) FROM events").fetchone()[0]
+    outside = f"(SELECT count(*) FROM output WHERE seq >= {OUTPUT_SEQ_BASE})"  # CORRAL_OUTPUT's rows
+    count = con.execute(f"SELECT (SELECT count(*) FROM events) + {outside}").fetchone()[0]
+    rejected = con.execute("SELECT count(*) FROM rejected_events").fetchone()[0]
     con.close()
     assert count == n, (count, n)
+    assert rejected == 0, rejected
     return elapsed
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=2, help="projector runs with and without screening, each")
+    parser.add_argument("--retention", action="store_true", help="output events in CORRAL_OUTPUT ([retention])")
     args = parser.parse_args()
     n = args.events
+    times: dict[str, list[float]] = {"screened": [], "unscreened": []}
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmpdir:
         tmp = Path(tmpdir)
         server = EmbeddedServer(tmp / "nats", log_file=tmp / "nats.log").start()
         try:
             events = workload(n)
+            outputs = sum(subject.endswith(".output") for subject, _, _ in events) if args.retention else 0
+            if args.retention:
+                bus = await connect_bus(server.url)
+                await ensure_output_retention(bus.js, OutputRetention(max_msgs=2 * n))
+                await bus.close()
             publish_s = await publish_all(server.url, events)
             print(f"publish (Corral pipelined publisher): {n / publish_s:,.0f} events/s")
-            raw_s = await raw_baseline(server.url, tmp / "raw.duckdb", n)
-            corral_s = await corral_projector(server.url, tmp / "corral.duckdb", tmp / "t", n, n)
+            raw_s = await raw_baseline(server.url, tmp / "raw.duckdb", n - outputs)
+            site = unscreened_site(tmp)
+            for rnd in range(args.rounds):
+                for name in times:
+                    print(f"corral projector, {name}, round {rnd + 1}:")
+                    times[name].append(
+                        await corral_projector(
+                            server.url,
+                            tmp / f"corral-{name}-{rnd}.duckdb",
+                            tmp / "t",
+                            n,
+                            n - outputs,
+                            output_seq=outputs if args.retention else None,
+                            site=site if name == "unscreened" else None,
+                        )
+                    )
         finally:
             server.stop()
-    raw_rate, corral_rate = n / raw_s, n / corral_s
-    print(f"raw baseline (nats-py pull + pyarrow + DuckDB): {raw_rate:,.0f} events/s ({raw_s:.2f}s)")
-    print(f"corral projector (events + output + executions): {corral_rate:,.0f} events/s ({corral_s:.2f}s)")
+    corral_s, unscreened_s = statistics.median(times["screened"]), statistics.median(times["unscreened"])
+    raw_rate, corral_rate, unscreened_rate = (n - outputs) / raw_s, n / corral_s, n / unscreened_s
+    cost = 1 - corral_rate / unscreened_rate
+    where = f"CORRAL + CORRAL_OUTPUT ({outputs:,} output events)" if args.retention else "CORRAL"
+    print(f"raw baseline (nats-py pull + pyarrow + DuckDB, CORRAL only): {raw_rate:,.0f} events/s ({raw_s:.2f}s)")
+    print(f"corral projector, screening off (events + output + executions, {where}): {unscreened_rate:,.0f} events/s")
+    print(f"corral projector (events + output + executions, {where}): {corral_rate:,.0f} events/s ({corral_s:.2f}s)")
+    print(f"verification and dedup cost {cost:.1%} of ingest throughput (target <= 10%), medians of {args.rounds}")
     print(f"ratio corral/raw: {corral_rate / raw_rate:.2f}x   [{datetime.now(UTC):%Y-%m-%d}, n={n:,}]")
     print_result(
         "ingest",
@@ -166,6 +248,9 @@ async def main() -> None:
         target=">= 100000 events/s",
         met=corral_rate >= 100_000,
         events=n,
+        unscreened_per_s=unscreened_rate,
+        screening_cost=round(cost, 4),
+        retention=args.retention,
     )
 
 

@@ -4,6 +4,8 @@ The log is append-only, but whoever may publish can publish anything. Before a b
 change any table, three checks move the offenders from `events` to `rejected_events`, with the
 reason, in the batch's own transaction:
 
+- **an envelope**: JSON without an id, an execution id or a time (a JetStream API answer that a
+  request's reply subject sent into `corral.evt.…`, docs/security.md) is not an event.
 - **one event id, one fact**: an event whose id is already in `events` (published again after
   NATS's duplicate window, or without a `Nats-Msg-Id`) or repeated within the batch is a
   duplicate; the first one stays.
@@ -50,6 +52,7 @@ AUTHORITY: Final[dict[str, tuple[str, ...]]] = {
     "consumer.removed": ("provisioner",),
 }
 DECISIONS: Final = ("approval.granted", "approval.denied", "approval.expired")
+NOT_AN_ENVELOPE: Final = "not a valid event envelope"
 LIFECYCLE_NEEDS_REQUEST: Final = ("execution.started", "execution.exited")
 
 
@@ -78,11 +81,18 @@ def screen_batch(con: duckdb.DuckDBPyConnection, before: int, *, underived: int 
     since = before if underived is None else min(underived, before)
     reasons: dict[int, str] = {}
     summary = con.execute(
-        "SELECT count(*), count(DISTINCT id), min(id), max(id) FROM events WHERE seq > ?", [before]
+        "SELECT count(*), count(id), count(DISTINCT id), min(id), max(id), "
+        "count(*) FILTER (WHERE id IS NULL OR execution_id IS NULL OR ts IS NULL) FROM events WHERE seq > ?",
+        [before],
     ).fetchone()
     if summary is None or not summary[0]:
         return set()
-    rows, distinct, low, high = summary
+    _, rows, distinct, low, high, broken = summary
+    if broken:  # JSON that is no envelope (a JetStream answer sent to a `corral.evt.…` reply subject)
+        for (seq,) in con.execute(
+            "SELECT seq FROM events WHERE seq > ? AND (id IS NULL OR execution_id IS NULL OR ts IS NULL)", [before]
+        ).fetchall():
+            reasons[seq] = NOT_AN_ENVELOPE
     if distinct < rows:  # repeats within the batch: all but the first of each id
         for seq, event_id, first in con.execute(
             """SELECT seq, id, first FROM (

@@ -129,6 +129,17 @@ def test_a_rebuild_of_the_same_log_screens_the_same_way(tmp_path: Path) -> None:
     assert con.execute("SELECT approval_id, status FROM approvals").fetchall() == [("ap-1", "granted")]
 
 
+def test_a_jetstream_answer_stored_under_an_event_subject_is_no_event(tmp_path: Path) -> None:
+    """What a request with the reply subject `corral.evt.<id>.cancel.requested` appends to the log
+    (JetStream answers it there, docs/security.md): JSON, but no envelope; rejected, no row."""
+    con, applier = _applier(tmp_path)
+    answer = b'{"type":"io.nats.jetstream.api.v1.stream_info_response","total":0,"config":{"name":"CORRAL"}}'
+    requested = _message(2, "jsa00001", ExecutionRequested(command=("x",), repo="/r"))
+    applier.apply([(1, "corral.evt.jsa00001.cancel.requested", answer), requested])
+    assert con.execute("SELECT seq, type FROM events").fetchall() == [(2, "execution.requested")]
+    assert _rejected(con) == [(1, "not a valid event envelope")]
+
+
 def test_an_output_event_id_is_one_chunk_in_the_output_stream(tmp_path: Path) -> None:
     """CORRAL_OUTPUT (log retention): the same output event again (after the duplicate window,
     without or with another header: another stream sequence) is projected once, the repeat rejected."""
