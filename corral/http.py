@@ -504,9 +504,9 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def cancel_pipeline_run(who: Operator, run_id: str) -> dict[str, Any]:
         return await cancel_run(who.client, run_id, f"cancelled over HTTP by {who.token.name}")
 
-    from corral.web import mount  # the web console (issue 17): its pages, on this app and gateway
+    from corral.web.routes import mount  # the web console (issue 17): its pages, on this app and gateway
 
-    mount(app, gateway)
+    mount(app, gateway, _sse)
     return app
 
 

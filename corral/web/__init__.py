@@ -18,21 +18,22 @@ import contextlib
 import hmac
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
-from fastapi.staticfiles import StaticFiles
 
 from corral.client import Client
 from corral.errors import Forbidden, UsageError
 from corral.tokens import Token
 
 STATIC = Path(__file__).parent / "static"
+# The API's SSE stream (corral/http.py gives it to `mount`): (client, request, **filters) -> response.
+EventStream = Callable[..., Awaitable[StreamingResponse]]
 SESSION_COOKIE = "corral_session"
 LOGIN_COOKIE = "corral_login"
 SESSION_IDLE_S = 12 * 3600.0
@@ -123,8 +124,9 @@ class Who:
 class Console:
     """What the console's routes share: the API's gateway (tokens, buses, limiter) and the sessions."""
 
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: Any, events: "EventStream") -> None:
         self.gateway = gateway
+        self.events = events  # the API's SSE stream (corral/http.py `_sse`)
         self.sessions = Sessions()
 
     async def who(self, request: Request) -> Who:
@@ -202,35 +204,12 @@ def done(request: Request, message: str, *, back: str, extra: dict[str, Any] | N
     return RedirectResponse(with_message(back, message), status_code=303, headers=SECURITY_HEADERS)
 
 
-def mount(app: FastAPI, gateway: Any) -> None:
-    """Serve the console on `app` (corral/http.py's create_app calls this once)."""
-    from corral.web.routes import add_routes
-
-    console = Console(gateway)
-    app.mount("/static", StaticFiles(directory=STATIC), name="console-static")
-
-    @app.exception_handler(SignIn)
-    async def sign_in(request: Request, exc: SignIn) -> Response:
-        if request.method != "GET" or wants_json(request) or request.url.path.startswith("/ui/"):
-            return JSONResponse(
-                {"error": "not signed in (or the session ended); sign in at /login", "code": 401},
-                status_code=401,
-                headers=SECURITY_HEADERS,
-            )
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
-
-    add_routes(app, console)
-
-
 async def sse(who: Who, console: Console, request: Request, **kwargs: Any) -> StreamingResponse:
     """The API's SSE stream (corral/http.py), for a cookie session instead of a bearer token.
 
     The stream ends when its session does (sign-out, expiry) or its token is revoked; the browser's
     EventSource then reconnects, gets 401 and the page goes to the sign-in form."""
-    from corral.http import _sse
-
-    response = await _sse(who.client, request, **kwargs)
+    response = await console.events(who.client, request, **kwargs)
     response.headers.update({k: v for k, v in SECURITY_HEADERS.items() if k != "Cache-Control"})
     response.body_iterator = _while_signed_in(response.body_iterator, who, console)
     return response

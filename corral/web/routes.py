@@ -11,9 +11,11 @@ import secrets
 import shlex
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
-from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from corral import attention
@@ -23,7 +25,10 @@ from corral.web import (
     LOGIN_COOKIE,
     SECURITY_HEADERS,
     SESSION_COOKIE,
+    STATIC,
     Console,
+    EventStream,
+    SignIn,
     done,
     html,
     message_of,
@@ -628,3 +633,22 @@ def add_routes(app: FastAPI, console: Console) -> None:
             back=f"/x/{execution_id}",
             extra={"execution_id": execution_id, "url": f"/x/{execution_id}"},
         )
+
+
+def mount(app: FastAPI, gateway: Any, events: EventStream) -> None:
+    """Serve the console on `app` (corral/http.py's create_app calls this once, with its SSE stream)."""
+    console = Console(gateway, events)
+    app.mount("/static", StaticFiles(directory=STATIC), name="console-static")
+
+    @app.exception_handler(SignIn)
+    async def sign_in(request: Request, exc: SignIn) -> Response:
+        if request.method != "GET" or wants_json(request) or request.url.path.startswith("/ui/"):
+            return JSONResponse(
+                {"error": "not signed in (or the session ended); sign in at /login", "code": 401},
+                status_code=401,
+                headers=SECURITY_HEADERS,
+            )
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+    add_routes(app, console)
