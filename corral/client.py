@@ -35,7 +35,7 @@ from actors.errors import WorkspaceError
 from actors.runtime import health_state, read_health
 from actors.worktree import repo_root, resolve_commit
 from corral import attention, render
-from corral.config import Config, ConfigError, load_config, resolve_run
+from corral.config import Config, ConfigError, load_config, resolve_run, template_rows
 from corral.errors import CorralError, Forbidden, UsageError
 from corral.home import Home
 from corral.ops import followup
@@ -705,8 +705,6 @@ class Client:
 
     def templates(self) -> list[dict[str, Any]]:
         """corral.toml's templates, resolved ([defaults] under each)."""
-        from corral.config import template_rows
-
         return template_rows(load_config(self.home))
 
 
