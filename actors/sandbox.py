@@ -39,8 +39,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from actors import netallow
+
 MODES = ("auto", "on", "off")
-NETWORKS = ("open", "none")
+NETWORKS = ("open", "none", "allow")
 DEFAULT_BWRAP = "bwrap"
 INSTALL_HINT = 'install bubblewrap (apt-get install bubblewrap) or set [sandbox] mode = "off" (or --sandbox off)'
 PROBE_TIMEOUT_S = 10.0
@@ -107,6 +109,7 @@ def decide(
     hide: Iterable[str | Path] = (),
     deny: Iterable[str] = (),
     path_var: str | None = None,
+    allow: Iterable[str] = (),
 ) -> dict[str, Any]:
     """The spec's `sandbox` entry for a request; SandboxUnavailable if it asks for one that cannot be made.
 
@@ -114,7 +117,8 @@ def decide(
     agent unconfined. `hide`: directories the agent must not see ($CORRAL_HOME). `deny`: the
     shell deny list's patterns (only bare command names become unexecutable binaries), found on
     `path_var` (the agent's PATH) and the standard directories: resolved here, in the long-lived
-    spawner, where the directory listings are cached.
+    spawner, where the directory listings are cached. `allow`: the host:port pairs of
+    `network = "allow"` (actors/netallow.py).
     """
     mode = mode or "auto"
     network = network or "open"
@@ -122,6 +126,9 @@ def decide(
         raise SandboxUnavailable(f"unknown sandbox mode {mode!r} (expected one of: {', '.join(MODES)})")
     if network not in NETWORKS:
         raise SandboxUnavailable(network_problem(network) or f"unknown network {network!r}")
+    allow = list(allow) if network == "allow" else []
+    if (problem := netallow.allow_problem(allow)) is not None:
+        raise SandboxUnavailable(problem)
     if mode == "off":
         return {"mode": "off", "network": "open"}
     problem = probe(program)
@@ -135,6 +142,7 @@ def decide(
         "restore": _signal_restorer(),  # probed here once, not in every shim
         "deny": (names := denied_names(deny)),
         "deny_paths": [str(p) for p in denied_paths(tuple(names), path_var or os.environ.get("PATH") or os.defpath)],
+        **({"allow": allow, "proxy_port": netallow.proxy_port(allow)} if network == "allow" else {}),
     }
 
 
@@ -149,11 +157,6 @@ def network_problem(network: str) -> str | None:
     """Why a network setting cannot be used (one line), or None."""
     if network in NETWORKS:
         return None
-    if network == "allow":
-        return (
-            'network = "allow" (an allow list through a proxy) is not available yet; '
-            'use "open" or "none" (docs/sandbox.md)'
-        )
     return f"unknown network {network!r} (expected one of: {', '.join(NETWORKS)})"
 
 
@@ -182,12 +185,14 @@ def denied_names(patterns: Iterable[str]) -> list[str]:
 # --- the shim's side: the argv ------------------------------------------------------------------
 
 
-def wrap(spec: Mapping[str, Any], command: Sequence[str]) -> list[str]:
-    """`command` as the spec's sandbox runs it: bwrap's argv around it, or the command itself when off."""
+def wrap(spec: Mapping[str, Any], command: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+    """`command` as the spec's sandbox runs it: bwrap's argv around it, or the command itself when off.
+
+    `extra`: more bwrap options (network = "allow": its --info-fd and --block-fd, actors/netallow.py)."""
     sandbox = spec.get("sandbox") or {}
     if sandbox.get("mode") != "bwrap":
         return list(command)
-    bwrap = [str(sandbox["bwrap"]), *sandbox_args(spec), "--"]
+    bwrap = [str(sandbox["bwrap"]), *sandbox_args(spec), *extra, "--"]
     restore = sandbox["restore"] if "restore" in sandbox else _signal_restorer()
     if restore is None:
         return [*bwrap, *command]
@@ -217,6 +222,8 @@ def in_force(spec: Mapping[str, Any]) -> dict[str, Any]:
     sandbox = spec.get("sandbox") or {}
     if sandbox.get("mode") != "bwrap":
         return {"mode": "off"}
+    if sandbox.get("network") == "allow":
+        return {"mode": "bwrap", "network": "allow", "allow": list(sandbox.get("allow") or ())}
     shadow = {"workspace": "shadow"} if spec.get("shadow") else {}  # an overlay over its worktree (actors/shadow.py)
     return {"mode": "bwrap", "network": sandbox.get("network", "open"), **shadow}
 
@@ -242,7 +249,7 @@ def _base_args(*, network: str) -> list[str]:
         "--unshare-ipc",
         "--cap-drop", "ALL",
     ]  # fmt: skip
-    if network == "none":
+    if network in ("none", "allow"):  # allow: the shim serves the allowed pairs inside (actors/netallow.py)
         args.append("--unshare-net")
     return args
 

@@ -37,6 +37,7 @@ from typing import Any
 import orjson
 
 import actors.sandbox as sandbox
+from actors import netallow
 from actors.adapters import load_adapter, probe
 from actors.filewatch import FileWatcher
 from actors.output import ControlLine, OutputCoalescer
@@ -555,24 +556,30 @@ class Shim:
         # reader tasks): a wake-up per write instead of two, hundreds of shims at once.
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        gate = netallow.Gate.wanted(spec, self.record)  # network = "allow": its sockets go in before it runs
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *sandbox.wrap(spec, command),  # bwrap around it unless [sandbox] mode = "off" (actors/sandbox.py)
+                *sandbox.wrap(spec, command, gate.bwrap_args() if gate else ()),  # bwrap unless mode = "off"
                 cwd=spec["cwd"],
-                env=spec["env"],
+                env=netallow.environment(spec.get("sandbox") or {}, spec["env"]),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=out_w,
                 stderr=err_w,
                 start_new_session=True,
                 preexec_fn=preexec,
+                pass_fds=gate.child_fds if gate else (),
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             for fd in (out_r, out_w, err_r, err_w):
                 os.close(fd)
+            if gate is not None:
+                gate.abandon()
             error = getattr(exc, "strerror", None) or str(exc)
             self.record("execution.failed", {"stage": "spawn", "error": f"cannot start {command[0]!r}: {error}"})
             if watcher is not None:
                 watcher.close()
+            return
+        if gate is not None and not await self._open_gate(gate, (out_r, out_w, err_r, err_w), watcher):
             return
         self.started = time.monotonic()
         if self.deadline is not None:
@@ -633,6 +640,8 @@ class Shim:
         done.set()
         for task in helpers:
             task.cancel()
+        if gate is not None:
+            gate.close()
         self._close_group(returncode)
         if self._flush_timer is not None:
             self._flush_timer.cancel()
@@ -660,6 +669,28 @@ class Shim:
             },
             self.stop_cause,
         )
+
+    async def _open_gate(self, gate: netallow.Gate, pipes: tuple[int, ...], watcher: FileWatcher | None) -> bool:
+        """network = "allow": the proxy and forwards inside the agent's namespace, then the agent runs.
+        False: they could not be made; the agent (which never ran) is killed and the start failed."""
+        gate.started()
+        try:
+            await gate.attach()
+            return True
+        except (OSError, TimeoutError) as exc:
+            error = f"cannot serve the allow list inside the agent's network namespace: {exc}"
+        gate.abandon()
+        gate.close()
+        signal_pids(self.tree(), signal.SIGKILL)
+        if self.process is not None:
+            await self.process.wait()
+        for fd in pipes:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if watcher is not None:
+            watcher.close()
+        self.record("execution.failed", {"stage": "spawn", "error": error})
+        return False
 
     def _touched(self, watcher: FileWatcher) -> None:
         for path, change in watcher.take():

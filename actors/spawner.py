@@ -756,6 +756,7 @@ class Spawner(Actor):
         run = RunningExecution(spec["execution_id"], spec["request_id"], run_dir)
         self.running[run.execution_id] = run
         self.claimed.add(run.execution_id)
+            allow=wanted.allow if wanted else (),
         self._spawn_task(self._follow(run), run)
         return run, str(spec.get("agent", "command"))
 

@@ -5,7 +5,10 @@ fresh DuckDB file in 60,000-event batches by the real BatchApplier, alternately 
 on (Corral) and switched off (the baseline: the applier as it was before), `--rounds` times each.
 Prints events/s for both, the ratio and the screening's share, then one JSON line.
 
-    .venv/bin/python bench/verify.py [--events 300000] [--rounds 3]
+`--output`: the output stream's applier instead (CORRAL_OUTPUT under [retention]: N output chunks
+applied by the OutputApplier), with its dedup by event id (output_ids) on and off.
+
+    .venv/bin/python bench/verify.py [--events 300000] [--rounds 3] [--output]
 """
 
 import argparse
@@ -19,10 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import orjson
+
 import projections.projector as projector_module
 from bench.common import print_result
 from events.envelope import new_event
-from events.ids import new_execution_id
+from events.ids import new_execution_id, new_ulid
 from events.types import (
     ApprovalGranted,
     ApprovalRequested,
@@ -31,8 +36,9 @@ from events.types import (
     Heartbeat,
     Output,
 )
+from projections.batch import Gathered
 from projections.database import open_database
-from projections.projector import BatchApplier
+from projections.projector import BatchApplier, OutputApplier
 
 BATCH = 60000
 
@@ -64,6 +70,13 @@ def make_log(count: int) -> list[tuple[int, str, bytes]]:
     return log[:count]
 
 
+def _fresh_id(payload: bytes) -> bytes:
+    """The same envelope under a new event id (a repeated chunk of make_log's would be a duplicate)."""
+    event = orjson.loads(payload)
+    event["id"] = new_ulid()
+    return orjson.dumps(event)
+
+
 def apply_all(log: list[tuple[int, str, bytes]], *, screen: bool) -> float:
     originals = projector_module.screen_batch, projector_module.screen_orphans
     if not screen:
@@ -85,26 +98,57 @@ def apply_all(log: list[tuple[int, str, bytes]], *, screen: bool) -> float:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def apply_output(log: list[tuple[int, str, bytes]], *, screen: bool) -> float:
+    """The output chunks of `log` applied as CORRAL_OUTPUT's, with the dedup by event id or without."""
+    folder = Path(tempfile.mkdtemp(prefix="corral-bench-verify-"))
+    try:
+        con = open_database(folder / "bench.duckdb")
+        BatchApplier(con, tmp_dir=folder / "tmp").close()  # the tables
+        applier = OutputApplier(con, tmp_dir=folder / "tmp")
+        applier.screen = screen
+        chunks = [(n + 1, subject, payload) for n, (_, subject, payload) in enumerate(log)]
+        started = time.perf_counter()
+        for i in range(0, len(chunks), BATCH):
+            gathered = Gathered()
+            for seq, subject, payload in chunks[i : i + BATCH]:
+                gathered.add(seq, subject.encode(), payload)
+            applier.apply_gathered(gathered)
+        elapsed = time.perf_counter() - started
+        applier.close()
+        con.close()
+        return elapsed
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output", action="store_true", help="the output stream's applier and its dedup")
     args = parser.parse_args()
     log = make_log(args.events)
+    apply = apply_all
+    if args.output:
+        outputs = [item for item in log if item[1].endswith(".output")]
+        log = (outputs * (args.events // max(len(outputs), 1) + 1))[: args.events]
+        log = [(seq, subject, _fresh_id(payload)) for seq, subject, payload in log]  # each chunk its own id
+        apply = apply_output
     times: dict[str, list[float]] = {"baseline": [], "corral": []}
-    apply_all(log[:BATCH], screen=True)  # warm-up
+    apply(log[:BATCH], screen=True)  # warm-up
     for _ in range(args.rounds):
         for name in times:
-            times[name].append(apply_all(log, screen=name == "corral"))
+            times[name].append(apply(log, screen=name == "corral"))
     base = args.events / statistics.median(times["baseline"])
     corral = args.events / statistics.median(times["corral"])
-    print(f"apply of {args.events:,} events in {BATCH:,}-event batches, median of {args.rounds} alternating rounds")
+    what = "output chunks (CORRAL_OUTPUT's applier)" if args.output else "events"
+    print(f"apply of {args.events:,} {what} in {BATCH:,}-event batches, median of {args.rounds} alternating rounds")
     print(f"baseline (no screening) {base:>10,.0f} events/s")
     print(f"corral (screened)       {corral:>10,.0f} events/s   ratio {corral / base:.2f}x")
     cost = 1 - corral / base
     print(f"screening costs {cost:.1%} of apply throughput (target <= 10%: {'met' if cost <= 0.10 else 'NOT met'})")
     print_result(
-        "verify",
+        "verify-output" if args.output else "verify",
         "events_per_s",
         corral,
         "baseline_per_s",

@@ -92,7 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "on", "off"],
         help="confine the agent (docs/sandbox.md; default [sandbox] mode, auto): off runs it unconfined",
     )
-    run.add_argument("--network", metavar="open|none", help="the agent's network in the sandbox (default open)")
+    run.add_argument("--network", metavar="open|none|allow", help="the agent's network in the sandbox (default open)")
+    run.add_argument(
+        "--allow",
+        action="append",
+        metavar="HOST:PORT",
+        help="with --network allow: a host:port the agent may reach (repeat it); nothing else is reachable",
+    )
     run.add_argument("--detach", "-d", action="store_true", help="print the execution id and return")
     run.add_argument("--quiet", "-q", action="store_true", help="only the agent's own output")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")

@@ -92,6 +92,7 @@ def run_spec(args: Any) -> RunSpec:
         max_cost=getattr(args, "max_cost", None),
         sandbox=getattr(args, "sandbox", None),
         network=getattr(args, "network", None),
+        allow=getattr(args, "allow", None),
         policy=_policy_file(getattr(args, "policy", None)),
         resume=getattr(args, "resume", None),
     )

@@ -135,6 +135,19 @@ def _network(value: str) -> str:
     return value
 
 
+def _allow(value: tuple[str, ...]) -> tuple[str, ...]:
+    """A network allow list: host:port entries (actors/netallow.py)."""
+    from actors.netallow import allow_problem
+
+    problem = allow_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+AllowList = Annotated[tuple[StrictStr, ...], AfterValidator(_allow)]
+
+
 def _no_limit(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() in NO_LIMIT_WORDS
 
@@ -383,7 +396,8 @@ class SandboxSettings(_Frozen):
     mode and network."""
 
     mode: Literal["auto", "on", "off"] = "auto"  # auto and on: refused where no sandbox can be made
-    network: Literal["open", "none"] = "open"
+    network: Literal["open", "none", "allow"] = "open"
+    allow: tuple[str, ...] = ()  # network = "allow": the host:port pairs the agent may reach
     bwrap: str = "bwrap"  # the bubblewrap binary: a path, or a name looked up on PATH
 
 
@@ -414,7 +428,8 @@ class Template(_Frozen):
     max_cost_usd: float | None = None
     policy: dict[str, Any] | None = None  # this template's [templates.NAME.policy], over [policy]
     sandbox: str | None = None  # over [sandbox] mode: auto, on, off
-    network: str | None = None  # over [sandbox] network: open, none
+    network: str | None = None  # over [sandbox] network: open, none, allow
+    allow: tuple[str, ...] | None = None  # over [sandbox] allow
 
     def overrides(self) -> dict[str, Any]:
         """The settings this template sets (field name -> value)."""
@@ -504,7 +519,8 @@ class ResolvedRun(_Frozen):
     agent: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     sandbox: str = "auto"  # [sandbox] mode < template < --sandbox: auto, on, off
-    network: str = "open"  # [sandbox] network < template < --network: open, none
+    network: str = "open"  # [sandbox] network < template < --network: open, none, allow
+    allow: tuple[str, ...] = ()  # [sandbox] allow < template < --allow (each replaces the one before)
 
     @property
     def command_prefix(self) -> tuple[str, ...]:
@@ -554,6 +570,7 @@ class _TemplateFile(_SettingsFile):
     args: tuple[StrictStr, ...] = ()
     sandbox: Literal["auto", "on", "off"] | None = None
     network: Annotated[StrictStr, AfterValidator(_network)] | None = None
+    allow: AllowList | None = None
 
     @field_validator("env")
     @classmethod
@@ -760,6 +777,7 @@ class _NotifyFile(_Frozen):
 class _SandboxFile(_Frozen):
     mode: Literal["auto", "on", "off"] = "auto"
     network: Annotated[StrictStr, AfterValidator(_network)] = "open"
+    allow: AllowList = ()
     bwrap: Annotated[StrictStr, Field(min_length=1)] = "bwrap"
 
 
@@ -965,6 +983,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
                 policy=t.policy,
                 sandbox=t.sandbox,
                 network=t.network,
+                allow=t.allow,
                 **t.fields(),
             )
             for name, t in sorted(parsed.templates.items())
@@ -1071,10 +1090,11 @@ def resolve_run(config: Config, template: str | None, flags: dict[str, Any]) -> 
     for key in SANDBOX_FLAGS:
         if chosen is not None and getattr(chosen, key) is not None:
             sandboxing[key] = getattr(chosen, key)
+    allow = chosen.allow if chosen is not None and chosen.allow is not None else config.sandbox.allow
     if chosen:
         merged.update(chosen.overrides())
     for key, value in flags.items():
-        if key not in SETTING_FIELDS and key not in ("env", "agent", *SANDBOX_FLAGS):
+        if key not in SETTING_FIELDS and key not in ("env", "agent", "allow", *SANDBOX_FLAGS):
             raise TypeError(f"resolve_run: unknown flag {key!r}")
         if value is None:
             continue
@@ -1082,6 +1102,8 @@ def resolve_run(config: Config, template: str | None, flags: dict[str, Any]) -> 
             env.update(value)
         elif key == "agent":
             agent = value
+        elif key == "allow":
+            allow = _allow_flag(value)
         elif key in SANDBOX_FLAGS:
             sandboxing[key] = _sandbox_flag(key, value)
         else:
@@ -1097,6 +1119,8 @@ def resolve_run(config: Config, template: str | None, flags: dict[str, Any]) -> 
                 merged["idle_timeout_s"] = DEFAULT_AGENT_IDLE_TIMEOUT_S
         if "on_stall" not in given and "on_stall" not in written:
             merged["on_stall"] = "cancel"
+    if flags.get("allow") and sandboxing["network"] != "allow":
+        raise UsageError(f'--allow: only with --network allow (this run\'s network is "{sandboxing["network"]}")')
     try:
         settings = ExecutionSettings.model_validate(merged)
     except ValidationError as exc:
@@ -1113,6 +1137,7 @@ def resolve_run(config: Config, template: str | None, flags: dict[str, Any]) -> 
         env=env,
         sandbox=sandboxing["sandbox"],
         network=sandboxing["network"],
+        allow=tuple(allow),
     )
 
 
@@ -1120,7 +1145,7 @@ SANDBOX_FLAGS = ("sandbox", "network")
 
 
 def _sandbox_flag(key: str, value: str) -> str:
-    """`--sandbox auto|on|off` or `--network open|none`, checked (UsageError: one line)."""
+    """`--sandbox auto|on|off` or `--network open|none|allow`, checked (UsageError: one line)."""
     from actors.sandbox import MODES, network_problem
 
     if key == "network":
@@ -1130,6 +1155,17 @@ def _sandbox_flag(key: str, value: str) -> str:
     elif value not in MODES:
         raise UsageError(f"--sandbox: expected one of {', '.join(MODES)} (got {value!r})")
     return value
+
+
+def _allow_flag(value: Sequence[str]) -> tuple[str, ...]:
+    """`--allow HOST:PORT` (repeatable), checked (UsageError: one line)."""
+    from actors.netallow import allow_problem
+
+    entries = (value,) if isinstance(value, str) else tuple(value)
+    problem = allow_problem(entries)
+    if problem:
+        raise UsageError(f"--allow: {problem}")
+    return entries
 
 
 def _unknown_template(config: Config, name: str) -> str:

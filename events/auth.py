@@ -163,6 +163,7 @@ SPAWNER_EVENTS: Final = (
     "tool.result",
     "shell.blocked",
     "usage",
+    "network.blocked",
     "agent.result",
     "agent.capabilities",
 )

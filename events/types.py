@@ -61,7 +61,8 @@ class SandboxRequest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     mode: Literal["auto", "on", "off"] = "auto"
-    network: Literal["open", "none"] = "open"
+    network: Literal["open", "none", "allow"] = "open"
+    allow: tuple[str, ...] = ()  # network = "allow": the host:port pairs the agent may reach (actors/netallow.py)
 
 
 class Limits(BaseModel):
@@ -146,8 +147,9 @@ class ExecutionStarted(EventData):
     host: str
     command: tuple[str, ...]
     cwd: str
-    # the sandbox in force: {"mode": "bwrap", "network": "open"|"none"} or {"mode": "off"}; None from an older shim
-    sandbox: dict[str, str] | None = None
+    # the sandbox in force: {"mode": "bwrap", "network": "open"|"none"} or {"mode": "off"}; None from an older shim;
+    # under network "allow" also "allow": the host:port pairs (actors/netallow.py)
+    sandbox: dict[str, str | list[str]] | None = None
     # what limits the agent's processes: "cgroup v1 (memory, cpu, pids, freezer)", "cgroup v2",
     # "per process (rlimit+affinity)" or "none" (actors/limits.py); None from an older shim
     limits: str | None = None
@@ -466,6 +468,15 @@ class ShellBlocked(EventData):
     message: str = ""
     call_id: str | None = None
     mechanism: str = "hook"  # hook (Claude Code, Codex), policy_engine (Gemini CLI)
+
+
+@event_type("network.blocked")
+class NetworkBlocked(EventData):
+    """Under network = "allow", the agent asked for a host:port not on its allow list and was refused."""
+
+    host: str
+    port: int
+    how: Literal["connect", "proxy", "direct"]  # the proxy's CONNECT, its absolute-URI forwarding, a direct connect
 
 
 @event_type("usage")

@@ -339,13 +339,14 @@ class OutputApplier:
     the same transaction. Shares the connection (and the lock) of the core stream's BatchApplier.
     """
 
+    screen = True  # repeated event ids are duplicates (off only in the baselines of bench/ingest.py, verify.py)
+
     def __init__(self, con: duckdb.DuckDBPyConnection, *, tmp_dir: Path) -> None:
         self.con = con
         self.stream = OUTPUT_STREAM
         self._batch_file = tmp_dir / f"projector-{os.getpid()}-{id(self)}-output.ndjson"
         row = con.execute("SELECT seq FROM projector_position WHERE stream = ?", [self.stream]).fetchone()
         self.position: int = int(row[0]) if row else 0
-        self.screen = True  # repeated event ids are duplicates (off only in bench/ingest.py's baseline)
 
     def close(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -374,7 +375,7 @@ class OutputApplier:
             record_rejects(con, batch.count, batch.items, f"SELECT seq - {OUTPUT_SEQ_BASE} FROM output_batch", [])
             if self.screen:
                 screen_output(con)
-            con.execute("INSERT INTO output_ids SELECT id, seq FROM output_batch WHERE id IS NOT NULL ORDER BY seq")
+                con.execute("INSERT INTO output_ids SELECT id, seq FROM output_batch WHERE id IS NOT NULL ORDER BY seq")
             con.execute(f"INSERT INTO output SELECT {_OUTPUT_ROW} FROM output_batch ORDER BY seq")
             con.execute(
                 "INSERT INTO search SELECT seq, execution_id, ts, 'output', lower(text) FROM output_batch ORDER BY seq"

@@ -331,14 +331,15 @@ def test_sandbox_off_runs_unconfined(cli: Cli, repo: Path, tmp_path: Path) -> No
         assert started(cli, last_execution(cli)["execution_id"])["sandbox"] == {"mode": "off"}
 
 
-def test_network_allow_is_refused_with_what_to_use(cli: Cli, repo: Path, tmp_path: Path) -> None:
-    flag = cli("run", "--repo", str(repo), "--network", "allow", "--", "true")
+def test_an_unknown_network_is_refused_in_one_line(cli: Cli, repo: Path, tmp_path: Path) -> None:
+    """(network = "allow" is tested in tests/test_network_allow.py.)"""
+    flag = cli("run", "--repo", str(repo), "--network", "closed", "--", "true")
     assert flag.returncode == 2 and flag.stderr.count("\n") == 1, flag.stderr
-    assert '"allow"' in flag.stderr and "not available yet" in flag.stderr
-    write_config(cli, tmp_path, '[sandbox]\nnetwork = "allow"\n')
+    assert "unknown network 'closed'" in flag.stderr and "open, none, allow" in flag.stderr
+    write_config(cli, tmp_path, '[sandbox]\nnetwork = "closed"\n')
     config = cli("run", "--repo", str(repo), "--", "true")
     assert config.returncode == 2 and config.stderr.count("\n") == 1, config.stderr
-    assert "sandbox.network" in config.stderr and '"open" or "none"' in config.stderr
+    assert "sandbox.network" in config.stderr and "unknown network" in config.stderr
     assert not (cli.home / "worktrees").exists() or not any((cli.home / "worktrees").iterdir())
 
 
