@@ -50,9 +50,12 @@ from nats.js.errors import FetchTimeoutError, NotFoundError, ServiceUnavailableE
 from pydantic import ValidationError
 
 from actors.adapters import build_command
+from actors.breakers import breaker_id
 from actors.bus import Bus, ensure_work_consumer
 from actors.runtime import Actor
 from actors.schedule import Cron, Every
+from actors.watchdog import REQUESTER as WATCHDOG
+from actors.watchdog import RESTART_REASON, WatchdogSettings, classify_exit, will_retry
 from events.approvals import derived_id, encode
 from events.envelope import Event, decode_event, new_event
 from events.errors import EventError, WrongLastSequence
@@ -72,6 +75,8 @@ from events.types import (
     ExecutionExited,
     ExecutionFailed,
     ExecutionRequested,
+    ExecutionRetryScheduled,
+    ExecutionTimedOut,
     Output,
     PipelineCancelRequested,
     PipelineFinished,
@@ -98,6 +103,7 @@ TRIGGERS: Final = (
     "execution.exited",
     "execution.failed",
     "execution.crash_loop",  # escalated to a human (an approval of category `escalation`)
+    "execution.retry_scheduled",  # a stage's execution is retried: the stage follows the retry
     "approval.granted",  # a breaker's escalation decided: close it, release or stop its held runs
     "approval.denied",
     "ticket.created",  # claimed: its pipeline run is requested
@@ -112,6 +118,10 @@ END_FAIL: Final = "fail"
 VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
 READ_TIMEOUT_S: Final = 30.0
 MAX_IN_FLIGHT: Final = 32  # triggers one conductor handles at once
+# A failed stage the watchdog should retry waits this long for its decision (retry_scheduled or
+# crash_loop; it decides within its check interval) before the stage is settled as failed.
+WATCHDOG_DECISION_S: Final = 30.0
+DEFAULT_BREAKER_FAILURES: Final = 3  # a template's breaker_failures when corral.toml names none
 
 
 def render(text: str, values: dict[str, str], *, shell: bool = False) -> str:
@@ -140,11 +150,6 @@ def verdict_of(text: str) -> dict[str, Any] | None:
     return None
 
 
-def breaker_id(key: str) -> str:
-    """The id a breaker's events are on: 8 characters of the key's hash (an execution id's alphabet)."""
-    return encode(hashlib.sha256(f"breaker|{key}".encode()).digest(), _ID_ALPHABET, 8)
-
-
 def schedule_id(name: str) -> str:
     """The id a schedule's `schedule.fired` events are on (8 characters of its name's hash)."""
     return encode(hashlib.sha256(f"schedule|{name}".encode()).digest(), _ID_ALPHABET, 8)
@@ -168,6 +173,7 @@ class Breaker:
     key: str
     failures: int = 0
     counted_seq: int = 0
+    counted_run: str = ""  # the run (or plain execution) its last count was for
     opened_seq: int = 0
     closed_seq: int = 0
     closed: BreakerClosed | None = None
@@ -200,6 +206,7 @@ class RunState:
     held_seq: int = 0
     last_started_seq: int = 0
     last_finished_seq: int = 0
+    recheck_in: float | None = None  # waiting for the watchdog's decision on the running step's failure
 
     def stage(self, name: str) -> dict[str, Any] | None:
         assert self.request is not None
@@ -214,9 +221,20 @@ class Conductor(Actor):
 
     name = "conductor"
 
-    def __init__(self, bus: Bus, *, instance: str | None = None, schedules: tuple[ScheduledJob, ...] = ()) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        instance: str | None = None,
+        schedules: tuple[ScheduledJob, ...] = (),
+        template_breakers: dict[str, int] | None = None,
+        watchdog: WatchdogSettings | None = None,
+    ) -> None:
         super().__init__(bus, instance=instance)
         self.schedules = schedules
+        self.watchdog = watchdog or WatchdogSettings()  # the cluster's retries, which a stage follows
+        # failures in a row that open `template:<name>` for plain runs ([templates.NAME] breaker_failures)
+        self.template_breakers = template_breakers or {}
         self.ticks_fired = 0
         self._requested_ticks: set[tuple[str, str]] = set()
         self.stages_started = 0
@@ -322,6 +340,9 @@ class Conductor(Actor):
         try:
             if isinstance(event.data, ExecutionCrashLoop):
                 await self._escalate_crash_loop(event)
+                run_id = await self._run_of(event)
+                if run_id is not None:  # a stage whose retries stopped: it failed
+                    await self.advance(run_id)
             elif isinstance(event.data, TicketCreated):
                 await self.ticket(event.execution_id)
             elif isinstance(event.data, ApprovalGranted | ApprovalDenied):
@@ -330,7 +351,12 @@ class Conductor(Actor):
             else:
                 run_id = await self._run_of(event)
                 if run_id is not None:
-                    await self.advance(run_id)
+                    recheck = await self.advance(run_id)
+                    if recheck is not None:  # no decision of the watchdog on a failed stage yet
+                        await msg.nak(delay=recheck)
+                        return
+                elif isinstance(event.data, ExecutionExited | ExecutionFailed):
+                    await self._count_plain(event)
         except Exception:
             log.exception("conductor: cannot move the run of %s %s; trying again", event.type, event.id)
             await msg.nak(delay=2.0)
@@ -349,12 +375,16 @@ class Conductor(Actor):
         return None
 
     async def _last(self, execution_id: str, kind: str) -> EventData | None:
+        event = await self._last_event(execution_id, kind)
+        return event.data if event is not None else None
+
+    async def _last_event(self, execution_id: str, kind: str) -> Event | None:
         try:
             stored = await self.bus.js.get_last_msg(STREAM, event_subject(execution_id, kind))
         except NotFoundError:
             return None
         try:
-            return decode_event(stored.data or b"").data
+            return decode_event(stored.data or b"")
         except EventError:
             return None
 
@@ -408,8 +438,10 @@ class Conductor(Actor):
         elif isinstance(data, PipelineHeld):
             state.held, state.held_seq = data, seq
 
-    async def advance(self, run_id: str) -> None:
-        """Take every step the run's events allow now; each append lost to another conductor re-reads."""
+    async def advance(self, run_id: str) -> float | None:
+        """Take every step the run's events allow now; each append lost to another conductor re-reads.
+        Returns in how many seconds to look again when the run waits for something no event may bring
+        (the watchdog's decision on a failed stage)."""
         async with self._locks.setdefault(run_id, asyncio.Lock()):
             for _ in range(1000):  # each pass appends one event, or returns
                 state = await self.load(run_id)
@@ -422,6 +454,7 @@ class Conductor(Actor):
                 self._locks.pop(run_id, None)
                 for step in state.steps:
                     self._runs_of.pop(step.started.execution_id, None)
+            return state.recheck_in
 
     async def _step(self, state: RunState) -> bool:
         """Append the run's next event, if one is due; False when the run waits (or is over)."""
@@ -436,7 +469,7 @@ class Conductor(Actor):
         if state.cancel is not None:
             if current is not None and current.finished is None:
                 await self._publish(
-                    current.started.execution_id,
+                    (await self._attempts(current.started.execution_id))[-1],
                     CancelRequested(reason=f"pipeline run {state.run_id} cancelled", requested_by=self.instance),
                     event_id=derived_id(state.cancel_id or state.run_id, "pipeline-cancel"),
                 )
@@ -554,9 +587,12 @@ class Conductor(Actor):
         """The run's worktree: the one its first step's execution made (later stages work in it)."""
         if not state.steps:
             return None
-        if state.steps[0].started.worktree:
-            return state.steps[0].started.worktree
-        made = await self._last(state.steps[0].started.execution_id, "workspace.created")
+        first = state.steps[0]
+        if first.started.worktree:
+            return first.started.worktree
+        # a first stage the watchdog retried made its worktree in the attempt that settled it
+        made_by = first.finished.execution_id if first.finished is not None else first.started.execution_id
+        made = await self._last(made_by, "workspace.created")
         return made.path if isinstance(made, WorkspaceCreated) else None
 
     async def variables(self, state: RunState, stage: str, round_: int, worktree: str | None) -> dict[str, str]:
@@ -610,10 +646,19 @@ class Conductor(Actor):
                 return False
             await self._request(execution_id, request)
             return False
+        chain = await self._attempts(execution_id)
+        execution_id = chain[-1]  # the watchdog's last retry of it: the stage's outcome is that one's
+        if len(chain) > 1 and await self._last(execution_id, "execution.requested") is None:
+            return False  # the retry is requested after its backoff (its end is a trigger)
         failed = await self._last(execution_id, "execution.failed")
         exited = await self._last(execution_id, "execution.exited")
         if not isinstance(failed, ExecutionFailed) and not isinstance(exited, ExecutionExited):
             return False
+        if isinstance(failed, ExecutionFailed) or (isinstance(exited, ExecutionExited) and exited.exit_code != 0):
+            wait = await self._watchdog_deciding(execution_id)
+            if wait is not None:
+                state.recheck_in = wait
+                return False
         spec = state.stage(step.started.stage) or {}
         result, found = await self._result(execution_id)
         verdict = verdict_of(found) if found else None
@@ -638,6 +683,7 @@ class Conductor(Actor):
                 result=result[-RESULT_CHARS:] if result else None,
                 error=error,
                 next=following,
+                attempts=len(chain),
             ),
             expected=state.last_finished_seq,
         )
@@ -832,7 +878,7 @@ class Conductor(Actor):
             except EventError:
                 continue
             if isinstance(data, BreakerCounted):
-                found.failures, found.counted_seq = data.failures, stored.seq or 0
+                found.failures, found.counted_seq, found.counted_run = data.failures, stored.seq or 0, data.run_id
             elif isinstance(data, BreakerOpened):
                 found.opened_seq = stored.seq or 0
             elif isinstance(data, BreakerClosed):
@@ -840,9 +886,44 @@ class Conductor(Actor):
         return found
 
     async def _count(self, state: RunState, key: str, step: int, *, failed: bool) -> None:
+        """A stage's end on one of its breakers (see _count_key)."""
+        assert state.request is not None
+        await self._count_key(
+            key,
+            failed=failed,
+            threshold=state.request.breaker_failures,
+            run_id=state.run_id,
+            step=step,
+            cause=state.request_id,
+        )
+
+    async def _count_plain(self, event: Event) -> None:
+        """A plain run of a template ended (`corral run -t`, a schedule's): counted on `template:<name>`.
+
+        A cancel (by anyone, a stopping spawner, a rejected escalation) counts neither way; a failure
+        the watchdog will retry counts when its last attempt ends."""
+        request = await self._last(event.execution_id, "execution.requested")
+        if not isinstance(request, ExecutionRequested) or not request.template or RUN_LABEL in request.labels:
+            return
+        threshold = self.template_breakers.get(request.template, DEFAULT_BREAKER_FAILURES)
+        data = event.data
+        if threshold <= 0 or (isinstance(data, ExecutionExited) and data.reason in ("cancelled", "spawner_stopped")):
+            return
+        failed = not (isinstance(data, ExecutionExited) and data.exit_code == 0 and data.reason == "exited")
+        if failed and await self._retry_expected(event.execution_id, request):
+            return
+        key = f"template:{request.template}"
+        if (await self.breaker(key)).counted_run == event.execution_id:
+            return  # counted already (this trigger came again)
+        await self._count_key(
+            key, failed=failed, threshold=threshold, run_id=event.execution_id, step=0, cause=event.id
+        )
+
+    async def _count_key(
+        self, key: str, *, failed: bool, threshold: int, run_id: str, step: int, cause: str | None
+    ) -> None:
         """One more failure in a row (or none after a pass); at the threshold the breaker opens and a
         human is asked. Each append expects the breaker's last one: counted once across conductors."""
-        assert state.request is not None
         bid = breaker_id(key)
         for _ in range(20):
             current = await self.breaker(key)
@@ -852,14 +933,13 @@ class Conductor(Actor):
             try:
                 await self.bus.emit(
                     bid,
-                    BreakerCounted(key=key, failures=failures, run_id=state.run_id, step=step),
+                    BreakerCounted(key=key, failures=failures, run_id=run_id, step=step),
                     actor=self.instance,
-                    causation_id=state.request_id,
+                    causation_id=cause,
                     expected_last_subject_seq=current.counted_seq,
                 )
             except WrongLastSequence:
                 continue
-            threshold = state.request.breaker_failures
             if failed and failures >= threshold and not current.open:
                 await self._open(key, failures, threshold, current.opened_seq)
             return
@@ -959,6 +1039,60 @@ class Conductor(Actor):
             ),
             event_id=derived_id(event.id, ESCALATION),
         )
+
+    # --- watchdog retries ------------------------------------------------------------------------
+
+    async def _retry_expected(self, execution_id: str, request: ExecutionRequested) -> bool:
+        """Whether the watchdog will retry this ended execution ([watchdog] retry_on, retry_max_attempts),
+        judged from its events as the watchdog judges it (actors/watchdog.py classify_exit, will_retry)."""
+        cancel = await self._last(execution_id, "cancel.requested")
+        restart = (
+            isinstance(cancel, CancelRequested) and cancel.requested_by == WATCHDOG and cancel.reason == RESTART_REASON
+        )
+        failed = await self._last(execution_id, "execution.failed")
+        if isinstance(failed, ExecutionFailed):
+            return will_retry(self.watchdog, "stalled" if restart else failed.stage, request.attempt, restart=restart)
+        exited = await self._last(execution_id, "execution.exited")
+        if not isinstance(exited, ExecutionExited):
+            return False
+        timed = await self._last(execution_id, "execution.timed_out")
+        kind = timed.kind if isinstance(timed, ExecutionTimedOut) else None
+        failure = classify_exit(
+            exited.exit_code,
+            exited.signal,
+            exited.reason,
+            restart=restart,
+            spawn_timed_out=kind == "spawn",
+            idle_timed_out=kind == "idle",
+        )
+        return failure is not None and will_retry(self.watchdog, failure, request.attempt, restart=restart)
+
+    async def _attempts(self, first: str) -> list[str]:
+        """A step's executions: its first, then each retry the watchdog scheduled after a failure."""
+        chain = [first]
+        while len(chain) < 100:
+            scheduled = await self._last(chain[-1], "execution.retry_scheduled")
+            if not isinstance(scheduled, ExecutionRetryScheduled):
+                break
+            chain.append(scheduled.retry_execution_id)
+        return chain
+
+    async def _watchdog_deciding(self, execution_id: str) -> float | None:
+        """Seconds to wait for the watchdog's decision (a retry, or a crash loop) on this failed execution,
+        or None when there is none to wait for: it will not retry it, it decided, or it took too long."""
+        request = await self._last(execution_id, "execution.requested")
+        if not isinstance(request, ExecutionRequested) or not await self._retry_expected(execution_id, request):
+            return None
+        if await self._last(execution_id, "execution.crash_loop") is not None:
+            return None
+        ended = await self._last_event(execution_id, "execution.exited") or await self._last_event(
+            execution_id, "execution.failed"
+        )
+        waited = (datetime.now(UTC) - ended.ts).total_seconds() if ended is not None else WATCHDOG_DECISION_S
+        if waited >= WATCHDOG_DECISION_S:
+            log.warning("conductor: no retry decision of the watchdog on %s; the stage failed", execution_id)
+            return None
+        return WATCHDOG_DECISION_S - waited + 0.5
 
     # --- appending -------------------------------------------------------------------------------
 

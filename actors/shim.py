@@ -426,6 +426,29 @@ class Shim:
                     found[pid] = stat[0]
         return found
 
+    async def _script(self, phase: str, preexec: Any) -> bool:
+        """The template's setup or teardown script (actors/scripts.py); False when a setup failed (recorded)."""
+        from actors.redact import Redactor, secret_values
+        from actors.scripts import failure, run_script
+
+        spec = self.spec
+        redactor = Redactor(secret_values(spec.get("env") or {}, spec.get("secret_env") or ()))
+        recorded: dict[str, Any] = {}
+
+        def record(kind: str, data: dict[str, Any]) -> None:
+            recorded.update(data)
+            self.record(kind, data)
+
+        def redact(text: str) -> str:
+            return (redactor.feed(text.encode()) + redactor.finish()).decode(errors="replace")
+
+        env = netallow.environment(spec.get("sandbox") or {}, spec["env"])
+        code = await run_script(spec, phase, env, preexec, record, redact)
+        if phase == "setup" and code != 0:
+            self.record("execution.failed", {"stage": "setup", "error": failure(code, recorded.get("output", ""))})
+            return False
+        return True
+
     # limits (actors/limits.py): a cgroup per execution where the machine has one
 
     def _limits(self) -> Any:
@@ -554,6 +577,10 @@ class Shim:
         watcher = FileWatcher.open(watched) if spec.get("watch_files", True) else None
         # The agent's stdout and stderr are plain pipes read from loop callbacks (not stream
         # reader tasks): a wake-up per write instead of two, hundreds of shims at once.
+        if spec.get("setup") and not await self._script("setup", preexec):  # actors/scripts.py
+            if watcher is not None:
+                watcher.close()
+            return
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         gate = netallow.Gate.wanted(spec, self.record)  # network = "allow": its sockets go in before it runs
@@ -642,6 +669,8 @@ class Shim:
             task.cancel()
         if gate is not None:
             gate.close()
+        if spec.get("teardown"):  # in its cgroup still, before the exit is recorded (actors/scripts.py)
+            await self._script("teardown", preexec)
         self._close_group(returncode)
         if self._flush_timer is not None:
             self._flush_timer.cancel()

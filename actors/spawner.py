@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 import actors.sandbox as sandbox
 from actors import diskquota, shadow
+from actors.breakers import TemplateBreakers
 from actors.bus import Bus
 from actors.errors import WorkspaceError
 from actors.redact import SECRET_PLACEHOLDER
@@ -219,6 +220,7 @@ class Spawner(Actor):
         stop_grace_s: float = 5.0,
         cancel_grace_s: float = 10.0,
         template_cancel_grace_s: dict[str, float] | None = None,
+        template_scripts: dict[str, dict[str, str]] | None = None,
         secret_env: tuple[str, ...] = (),
         instance: str | None = None,
         sandbox_program: str = sandbox.DEFAULT_BWRAP,
@@ -233,6 +235,7 @@ class Spawner(Actor):
         self.stop_grace_s = stop_grace_s
         self.cancel_grace_s = cancel_grace_s  # [defaults] cancel_grace: the hard timeout's grace
         self.template_cancel_grace_s = template_cancel_grace_s or {}  # a template's, over it
+        self.template_scripts = template_scripts or {}  # a template's setup and teardown (actors/scripts.py)
         self.secret_env = secret_env
         # The sandbox (actors/sandbox.py): the bwrap binary ([sandbox] bwrap), what agents must not
         # see ($CORRAL_HOME; by default the worktrees and run directories), and the policy whose
@@ -248,6 +251,7 @@ class Spawner(Actor):
         self.pending: dict[str, Pending] = {}
         self.claimed: set[str] = set()
         self.queued_recorded: set[str] = set()
+        self.breakers = TemplateBreakers()  # open template breakers hold their plain runs (actors/breakers.py)
         self.handled_requests: deque[str] = deque(maxlen=10000)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -289,6 +293,7 @@ class Spawner(Actor):
         info = await self.bus.js.stream_info(STREAM, subjects_filter=events_of_type("execution.claimed"))
         self.claimed.update(subject.split(".")[2] for subject in (info.state.subjects or {}))
         js = self.bus.js
+        self._subs += await self.breakers.follow(js, self._wake.set)  # before any request is seen
         self._subs.append(
             await js.subscribe(events_of_type("execution.claimed"), cb=self._on_claimed, ordered_consumer=True)
         )
@@ -383,8 +388,14 @@ class Spawner(Actor):
         self._wake.set()
 
     async def _schedule(self) -> None:
+        for queued, reason in await self.breakers.sift(self.bus, self.instance, self.pending.values()):
+            if self.pending.pop(queued.execution_id, None) is not None:  # its breaker's escalation was rejected
+                await self._claim(queued, cancel=CancelRequested(reason=reason, requested_by=self.instance))
         while self.pending and len(self.running) < self.max_running and not self.stopping.is_set():
-            best = min(self.pending.values(), key=Pending.order)
+            ready = (p for p in self.pending.values() if not self.breakers.holds(p))
+            best = min(ready, key=Pending.order, default=None)
+            if best is None:
+                break  # every queued one is held by an open circuit breaker
             self.pending.pop(best.execution_id, None)
             await self._claim(best)
         if self.pending and not self.stopping.is_set():
@@ -689,6 +700,7 @@ class Spawner(Actor):
             "branch": branch,
             "hard_timeout_s": request.timeouts.hard,
             "cancel_grace_s": self.template_cancel_grace_s.get(request.template or "", self.cancel_grace_s),
+            **self.template_scripts.get(request.template or "", {}),  # setup, teardown: run by the shim
             "memory_bytes": request.limits.memory_bytes,
             "cpus": request.limits.cpus,
             "disk_bytes": request.limits.disk_bytes,

@@ -198,6 +198,16 @@ def classify_exit(
     return None
 
 
+def will_retry(settings: WatchdogSettings, failure_class: str | None, attempt: int, *, restart: bool = False) -> bool:
+    """Whether a failure of this class at this attempt is retried (a restart always is; docs/watchdog.md).
+    The conductor asks it too: a pipeline stage follows its retries (actors/conductor.py)."""
+    if restart:
+        return True
+    if failure_class is None or failure_class not in settings.retry_on:
+        return False
+    return attempt < 1 + settings.retry_max_attempts
+
+
 def _reply_meta(reply: str) -> tuple[int, int]:
     """Return (stream sequence, stream timestamp in ns) from a JetStream delivery's reply subject."""
     tokens = reply.split(".")
@@ -759,7 +769,7 @@ class Watchdog(Actor):
             # Decided (or not) before this watchdog started, under the settings then in force: a
             # watchdog restarted with another retry_on does not re-run old failures.
             return False
-        return ending.failure_class in s.retry_on and ending.attempt < 1 + s.retry_max_attempts
+        return will_retry(s, ending.failure_class, ending.attempt)
 
     def _chain_over(self, ending: _Ending) -> None:
         """Nothing more follows this failure: forget it and its chain's failure times."""

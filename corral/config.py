@@ -444,6 +444,9 @@ NotifyKind = Literal["webhook", "slack", "ntfy"]
 DEFAULT_NOTIFY_EVENTS: tuple[str, ...] = (
     "approval.requested",
     "execution.stalled",
+    breaker_failures: int = 3  # plain runs' failures in a row that open `template:NAME` (0: none; orchestration.md)
+    setup: str | None = None  # `sh -c` in the new worktree before the agent (actors/scripts.py)
+    teardown: str | None = None  # `sh -c` after the agent, before its exit is recorded
     "execution.crash_loop",
     "limit.exceeded",
     "execution.failed",
@@ -586,6 +589,9 @@ class _SpawnerFile(_Frozen):
     stop_grace: Duration = 5.0
 
 
+    breaker_failures: Annotated[StrictInt, Field(ge=0)] = 3
+    setup: Annotated[StrictStr, Field(min_length=1)] | None = None
+    teardown: Annotated[StrictStr, Field(min_length=1)] | None = None
 class _WatchdogFile(_Frozen):
     check_interval: Annotated[Duration, Field(gt=0)] = 0.25
     crash_loop_failures: Annotated[StrictInt, Field(ge=0)] = 3
@@ -1009,6 +1015,9 @@ def _notify_targets(entries: list[_NotifyFile], templates: set[str], label: str)
                 f"{label}: notify[{i}].name: another [[notify]] entry is named {name!r}; give each a distinct name"
             )
         for template in entry.templates:
+                breaker_failures=t.breaker_failures,
+                setup=t.setup,
+                teardown=t.teardown,
             if template not in templates:
                 known = ", ".join(sorted(templates)) or "none defined"
                 raise ConfigError(f"{label}: notify[{i}].templates: no template {template!r} (known: {known})")

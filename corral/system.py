@@ -310,6 +310,11 @@ async def _start_actors(
                 template_cancel_grace_s={
                     t.name: t.cancel_grace_s for t in config.templates.values() if t.cancel_grace_s is not None
                 },
+                template_scripts={
+                    t.name: {k: v for k, v in (("setup", t.setup), ("teardown", t.teardown)) if v}
+                    for t in config.templates.values()
+                    if t.setup or t.teardown
+                },
                 secret_env=config.security.secret_env,
                 # the sandbox (docs/sandbox.md): its bwrap; agents never see $CORRAL_HOME
                 sandbox_program=config.sandbox.bwrap,
@@ -340,7 +345,10 @@ async def _start_actors(
 
             # Schedules fire from `corral up` only: a command's own system would start ticks it cannot see through.
             actor = Conductor(
-                bus, schedules=await schedules(home, config) if schedules is not None and system.mode == "up" else ()
+                bus,
+                schedules=await schedules(home, config) if schedules is not None and system.mode == "up" else (),
+                template_breakers={t.name: t.breaker_failures for t in config.templates.values()},
+                watchdog=config.watchdog.for_actor(cancel_grace_s=config.defaults.cancel_grace_s),
             )
         else:
             raise CorralError(f"unknown actor {name!r}; known: {', '.join(ALL_ACTORS)}")

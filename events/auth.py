@@ -139,6 +139,9 @@ class Role:
 SPAWNER_EVENTS: Final = (
     "execution.claimed",
     "execution.queued",
+    "execution.held",  # its template's circuit breaker is open (actors/breakers.py)
+    "setup.finished",  # a template's setup/teardown script, recorded by the shim (actors/scripts.py)
+    "teardown.finished",
     "workspace.created",
     "execution.failed",
     "execution.exited",

@@ -200,7 +200,7 @@ class ExecutionExited(EventData):
 class ExecutionFailed(EventData):
     """The execution could not start or was abandoned; nothing of it is left running."""
 
-    stage: Literal["workspace", "spawn", "claim", "internal"]
+    stage: Literal["workspace", "spawn", "claim", "internal", "setup"]  # setup: its template's setup script failed
     error: str
 
 
@@ -693,6 +693,7 @@ class StageFinished(EventData):
     result: str | None = None  # the agent's final result, or the tail of a command's output
     error: str | None = None  # why it failed to run (execution.failed), when it did
     next: str
+    attempts: int = 1  # the watchdog retried it: execution_id is the last attempt's (its outcome the stage's)
 
 
 @event_type("pipeline.finished")
@@ -714,6 +715,34 @@ class PipelineHeld(EventData):
 
     stage: str
     breaker: str  # the breaker's key: `stage:<pipeline>/<stage>` or `template:<name>`
+    breaker_id: str
+
+
+class ScriptFinished(EventData):
+    """A template's setup or teardown script ended (actors/scripts.py): `sh -c command` in the worktree."""
+
+    command: str
+    exit_code: int  # -N: killed by signal N; 127: could not start
+    duration_s: float
+    output: str = ""  # the tail of both streams, secrets redacted
+
+
+@event_type("setup.finished")
+class SetupFinished(ScriptFinished):
+    """Before the agent: a non-zero exit fails the execution (execution.failed, stage `setup`)."""
+
+
+@event_type("teardown.finished")
+class TeardownFinished(ScriptFinished):
+    """After the agent, before execution.exited: recorded, changes nothing else."""
+
+
+@event_type("execution.held")
+class ExecutionHeld(EventData):
+    """A plain run of a template waits in the spawners' queue: the template's circuit breaker is open
+    (actors/breakers.py); approving the escalation releases it, rejecting it stops it."""
+
+    breaker: str  # `template:<name>`
     breaker_id: str
 
 

@@ -1,0 +1,199 @@
+"""Issue 18, the rest: breakers on plain template runs, watchdog retries inside a stage, setup and
+teardown scripts per template, webhook triggers. Everything real: nats-server, `corral up`, agents."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Cli
+from tests.test_control import start_up, stop_up, wait_until
+from tests.test_pipelines import run_status, write_config
+
+
+def sql(cli: Cli, query: str) -> list[dict[str, Any]]:
+    return json.loads(cli("sql", query, "--json", check=True).stdout)  # type: ignore[no-any-return]
+
+
+def breaker_rows(cli: Cli, key: str) -> list[dict[str, Any]]:
+    return [r for r in json.loads(cli("breakers", "--json", check=True).stdout) if r["key"] == key]
+
+
+def event_types(cli: Cli, execution_id: str) -> list[str]:
+    rows = sql(cli, f"SELECT type FROM events WHERE execution_id = '{execution_id}' ORDER BY seq")
+    return [r["type"] for r in rows]
+
+
+def test_plain_template_runs_open_its_breaker_hold_new_runs_and_the_escalation_decides(
+    cli: Cli, repo: Path, tmp_path: Path
+) -> None:
+    flag = tmp_path / "fixed"
+    write_config(cli, f'[templates.fragile]\ncommand = ["test", "-f", "{flag}"]\nbreaker_failures = 2\n')
+    up = start_up(cli)
+    try:
+        for _ in range(2):
+            failed = cli("run", "-t", "fragile", "--repo", str(repo), timeout=120)
+            assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stdout + failed.stderr
+        rows = wait_until(
+            lambda: [r for r in breaker_rows(cli, "template:fragile") if r["state"] == "open" and r.get("approval_id")],
+            60,
+            "the template's breaker to open with an escalation",
+        )
+        breaker = rows[0]  # type: ignore[index]
+        assert breaker["failures"] == 2
+        approval = sql(cli, f"SELECT category, question FROM approvals WHERE approval_id = '{breaker['approval_id']}'")
+        assert approval[0]["category"] == "escalation" and "template:fragile" in approval[0]["question"]
+        # A new run is held: queued, never claimed, `execution.held` naming the breaker.
+        held = cli("run", "-t", "fragile", "--repo", str(repo), "--detach", check=True).stdout.strip()
+        wait_until(lambda: "execution.held" in event_types(cli, held), 60, "the run to be held")
+        assert "execution.claimed" not in event_types(cli, held)
+        assert json.loads(cli("status", held, "--json", check=True).stdout)["state"] in ("requested", "queued")
+        # A run of another template is not held.
+        write_config(
+            cli,
+            f'[templates.fragile]\ncommand = ["test", "-f", "{flag}"]\nbreaker_failures = 2\n'
+            '[templates.other]\ncommand = ["true"]\n',
+        )
+        assert cli("run", "-t", "other", "--repo", str(repo), timeout=120).returncode == 0
+        assert "execution.claimed" not in event_types(cli, held)
+        flag.write_text("fixed\n")
+        cli("approve", breaker["approval_id"], check=True)  # released: it runs now, and passes
+        done = wait_until(
+            lambda: (s := json.loads(cli("status", held, "--json", check=True).stdout))["state"] == "exited" and s,
+            90,
+            "the held run to be released and end",
+        )
+        assert done["exit_code"] == 0  # type: ignore[index]
+        after = breaker_rows(cli, "template:fragile")[0]
+        assert after["state"] == "closed" and after["released"] is True and after["failures"] == 0
+        # Open it again; this time a human rejects the escalation: the held run is stopped, not run.
+        flag.unlink()
+        for _ in range(2):
+            assert cli("run", "-t", "fragile", "--repo", str(repo), timeout=120).returncode != 0
+        again = wait_until(
+            lambda: [
+                r
+                for r in breaker_rows(cli, "template:fragile")
+                if r["state"] == "open" and r.get("approval_id") not in (None, breaker["approval_id"])
+            ],
+            60,
+            "the breaker to open a second time",
+        )
+        stopped = cli("run", "-t", "fragile", "--repo", str(repo), "--detach", check=True).stdout.strip()
+        wait_until(lambda: "execution.held" in event_types(cli, stopped), 60, "the second run to be held")
+        flag.write_text("fixed\n")  # it would pass if it ran: it must not run
+        cli("reject", again[0]["approval_id"], check=True)  # type: ignore[index]
+        end = wait_until(
+            lambda: (s := json.loads(cli("status", stopped, "--json", check=True).stdout))["state"] == "exited" and s,
+            90,
+            "the held run to be stopped",
+        )
+        assert end["exit_reason"] == "cancelled" and "execution.started" not in event_types(cli, stopped)  # type: ignore[index]
+    finally:
+        stop_up(cli, up)
+
+
+def test_a_stage_follows_the_watchdogs_retries_and_ends_with_the_last_attempt(
+    cli: Cli, repo: Path, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    flaky = f"test -f {marks}/{{{{key}}}} || {{ touch {marks}/{{{{key}}}}; echo first attempt fails; exit 3; }}"
+    write_config(
+        cli,
+        '[sandbox]\nmode = "off"\n'
+        '[watchdog]\nretry_on = ["exit"]\nretry_max_attempts = 1\nretry_backoff = "1s"\n'
+        f'[[pipelines.flaky.stages]]\nname = "flaky"\ncommand = ["sh", "-c", "{flaky}"]\n'
+        '[[pipelines.flaky.stages]]\nname = "after"\nrun = "echo after {{flaky.exit_code}} {{flaky.execution_id}}"\n'
+        '[[pipelines.doomed.stages]]\nname = "doomed"\ncommand = ["sh", "-c", "exit 4"]\n',
+    )
+    up = start_up(cli)
+    try:
+        done = cli("pipeline", "run", "flaky", "--repo", str(repo), "--var", "key=a", timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        run_id = done.stdout.split(":", 1)[0].strip()
+        events = sql(
+            cli,
+            f"SELECT type, data FROM events WHERE execution_id = '{run_id}' AND type = 'stage.finished' ORDER BY seq",
+        )
+        finished = [json.loads(e["data"]) for e in events]
+        assert [(f["stage"], f["outcome"], f["attempts"]) for f in finished] == [
+            ("flaky", "passed", 2),
+            ("after", "passed", 1),
+        ]
+        started = sql(
+            cli,
+            f"SELECT data->>'execution_id' AS id FROM events WHERE execution_id = '{run_id}' "
+            "AND type = 'stage.started' ORDER BY seq",
+        )[0]["id"]
+        retry = finished[0]["execution_id"]
+        assert retry != started  # the retry's, not the first attempt's
+        first = json.loads(cli("status", started, "--json", check=True).stdout)
+        assert first["exit_code"] == 3
+        assert sql(cli, f"SELECT retry_of FROM executions WHERE execution_id = '{retry}'") == [{"retry_of": started}]
+        assert f"after 0 {retry}" in finished[1]["result"]
+        # Every attempt failing: the stage fails once, after the last one.
+        doomed = cli("pipeline", "run", "doomed", "--repo", str(repo), timeout=180)
+        assert doomed.returncode == 1, doomed.stdout + doomed.stderr
+        doomed_id = doomed.stdout.split(":", 1)[0].strip()
+        report = run_status(cli, doomed_id)
+        assert [(s["stage"], s["outcome"]) for s in report["steps"]] == [("doomed", "failed")]
+        last = sql(cli, f"SELECT data FROM events WHERE execution_id = '{doomed_id}' AND type = 'stage.finished'")
+        assert json.loads(last[0]["data"])["attempts"] == 2
+    finally:
+        stop_up(cli, up)
+
+
+SCRIPTS = """
+[templates.prep]
+command = ["sh", "-c", "cat prepared.txt; echo agent-ran > ran.txt"]
+setup = "echo prepared-by-setup > prepared.txt; echo setting up; echo MODE=$PREP_MODE"
+teardown = "cat ran.txt; echo torn-down > teardown.txt"
+env = { PREP_MODE = "plain" }
+
+[templates.badprep]
+command = ["sh", "-c", "echo the agent must not run > ran.txt"]
+setup = "echo installing; echo missing dependency libfoo >&2; exit 7"
+teardown = "echo never > teardown.txt"
+"""
+
+
+def test_setup_prepares_the_worktree_the_agent_reads_and_teardown_runs_after_it(cli: Cli, repo: Path) -> None:
+    write_config(cli, SCRIPTS)
+    up = start_up(cli)
+    try:
+        ran = cli("run", "-t", "prep", "--repo", str(repo), timeout=120)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        execution_id = sql(cli, "SELECT execution_id FROM executions WHERE template = 'prep'")[0]["execution_id"]
+        kinds = event_types(cli, execution_id)
+        assert kinds.index("setup.finished") < kinds.index("execution.started")
+        assert kinds.index("teardown.finished") < kinds.index("execution.exited")
+        rows = sql(
+            cli,
+            f"SELECT type, data FROM events WHERE execution_id = '{execution_id}' "
+            "AND type IN ('setup.finished', 'teardown.finished', 'output') ORDER BY seq",
+        )
+        data = {r["type"]: json.loads(r["data"]) for r in rows if r["type"] != "output"}
+        output = "".join(json.loads(r["data"])["text"] for r in rows if r["type"] == "output")
+        assert data["setup.finished"]["exit_code"] == 0 and "setting up" in data["setup.finished"]["output"]
+        assert "MODE=plain" in data["setup.finished"]["output"]  # the agent's environment
+        assert data["setup.finished"]["duration_s"] >= 0
+        assert "prepared-by-setup" in output  # the agent read what setup made
+        assert "agent-ran" in data["teardown.finished"]["output"]  # teardown ran after the agent
+        worktree = Path(json.loads(cli("status", execution_id, "--json", check=True).stdout)["worktree"])
+        assert (worktree / "teardown.txt").read_text() == "torn-down\n"
+        # A failing setup fails the execution with its reason; the agent and teardown never run.
+        bad = cli("run", "-t", "badprep", "--repo", str(repo), timeout=120)
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr
+        failed_id = sql(cli, "SELECT execution_id FROM executions WHERE template = 'badprep'")[0]["execution_id"]
+        status = json.loads(cli("status", failed_id, "--json", check=True).stdout)
+        assert status["state"] == "failed"
+        assert "setup script exited with code 7: missing dependency libfoo" in status["error"]
+        shown = cli("status", failed_id, check=True).stdout
+        assert "setup script exited with code 7: missing dependency libfoo" in shown
+        kinds = event_types(cli, failed_id)
+        assert "setup.finished" in kinds and "execution.started" not in kinds and "teardown.finished" not in kinds
+        failed_worktree = Path(status["worktree"]) if status.get("worktree") else None
+        if failed_worktree is not None and failed_worktree.exists():
+            assert not (failed_worktree / "ran.txt").exists() and not (failed_worktree / "teardown.txt").exists()
+    finally:
+        stop_up(cli, up)
