@@ -166,6 +166,7 @@ class Checkpointer(Actor):
         self._subs: list[Any] = []
         self._pending_history = 0
         self.caught_up = asyncio.Event()
+        self._awaiting_promotion: set[str] = set()  # shadow executions checkpointed here, not promoted yet
         self.stats = {"checkpoints": 0, "skipped": 0, "rollbacks": 0, "commits": 0, "failed": 0}
         self._handlers: dict[str, Callable[[_Execution, dict[str, Any], int, bool], None]] = {
             "workspace.created": self._on_workspace,
@@ -362,6 +363,10 @@ class Checkpointer(Actor):
     async def on_stop(self) -> None:
         if any(ex.running for ex in self.executions.values()):
             await asyncio.sleep(0.1)  # exits the stopping spawner just recorded: let them arrive
+        for _ in range(50):  # a shadow checkpoint taken here: its validation, then its promotion (at most 5 s)
+            if not self._awaiting_promotion:
+                break
+            await asyncio.sleep(0.1)
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -511,6 +516,8 @@ class Checkpointer(Actor):
             raise CheckpointError(str(ex.worktree), "another checkpointer recorded a checkpoint first") from None
         ex.n, ex.last_commit, ex.last_tree, ex.last_skipped = snap.n, snap.commit, snap.tree, snap.skipped
         ex.cp_seq = max(ex.cp_seq, ack.seq)
+        if ex.shadow is not None:
+            self._awaiting_promotion.add(ex.execution_id)
         ex.touched, ex.dirty = 0, False
         ex.last_checkpoint_at = time.monotonic()
         self.stats["checkpoints"] += 1
@@ -562,8 +569,11 @@ class Checkpointer(Actor):
                 files, held = await shadow.promote(ex.worktree, ex.shadow, index, out.strip(), set(ex.held))
             except (CheckpointError, OSError) as exc:
                 log.warning("checkpointer: %s: promotion of checkpoint %s failed: %s", ex.execution_id, n, exc)
+                self._awaiting_promotion.discard(ex.execution_id)
                 return
             ex.promoted_n = max(ex.promoted_n, n)
+            if ex.promoted_n >= ex.n:
+                self._awaiting_promotion.discard(ex.execution_id)
             if files or held or granted:
                 data = WorkspacePromoted(checkpoint=n, files=tuple(files), held=tuple(held), approval_id=granted)
                 await self._emit(ex, data, cause)

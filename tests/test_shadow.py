@@ -230,3 +230,19 @@ def test_shadow_without_the_sandbox_is_refused(cli: Cli, repo: Path, tmp_path: P
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and 'workspace = "shadow" needs the sandbox' in result.stderr
     assert not (cli.home / "worktrees").exists() or not any((cli.home / "worktrees").iterdir())
+
+
+def test_a_foreground_run_promotes_its_exit_checkpoint(cli: Cli, repo: Path, tmp_path: Path) -> None:
+    """`corral run` without `corral up`: the exit checkpoint is validated and promoted before it returns."""
+    script = tmp_path / "exit_agent.py"
+    script.write_text('open("out.txt", "w").write("out\\n")\nopen("README.md", "a").write("x\\n")\n')
+    result = cli("run", "--repo", str(repo), "--workspace", "shadow", "--", sys.executable, str(script), check=True)
+    execution_id = result.stderr.split(":")[1].strip()
+    worktree = cli.home / "worktrees" / execution_id
+    assert (worktree / "out.txt").read_text() == "out\n"
+    assert (worktree / "README.md").read_text() == "# demo\nx\n"
+    rows = json.loads(cli("changes", execution_id, "--json", check=True).stdout)
+    assert {r["path"]: r["state"] for r in rows} == {"out.txt": "promoted", "README.md": "promoted"}
+    assert overlay_mounts(worktree) == []
+    started = of_type(cli, execution_id, "execution.started")[0]
+    assert started["sandbox"]["workspace"] == "shadow"
