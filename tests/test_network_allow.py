@@ -10,7 +10,6 @@ server listed.
 
 import contextlib
 import json
-import socket
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ from actors.adapters import find_program
 from tests.conftest import Cli
 from tests.helpers.model_server import FILE_NAME, FILE_TEXT, ModelServer
 from tests.test_adapters import PROGRAMS, isolated_env, sql
-from tests.test_adapters import model_server as model_server  # noqa: F401  (the fixture)
+from tests.test_adapters import model_server as model_server  # the fixture
 
 pytestmark = pytest.mark.skipif(
     sandbox.probe() is not None, reason=f"bubblewrap cannot make a sandbox here: {sandbox.probe()}"
@@ -34,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 
 class _Named(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         body = self.server.name.encode()  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -117,7 +116,8 @@ def events_of(cli: Cli, execution_id: str, kind: str, count: int) -> list[dict[s
     """The data of an execution's events of one type, once at least `count` are projected."""
     deadline = time.monotonic() + 60
     while True:
-        rows = sql(cli, f"SELECT data FROM events WHERE execution_id = '{execution_id}' AND type = '{kind}' ORDER BY seq")
+        query = f"SELECT data FROM events WHERE execution_id = '{execution_id}' AND type = '{kind}' ORDER BY seq"
+        rows = sql(cli, query)
         found = [json.loads(r["data"]) if isinstance(r["data"], str) else r["data"] for r in rows]
         if len(found) >= count or time.monotonic() > deadline:
             return found
@@ -164,7 +164,8 @@ def test_only_the_listed_loopback_port_is_reached_and_each_refusal_is_recorded(
     assert started["sandbox"] == in_force
     status = json.loads(cli("status", execution_id, "--json", check=True).stdout)
     assert status["sandbox"] == in_force
-    actors = sql(cli, f"SELECT DISTINCT actor FROM events WHERE execution_id = '{execution_id}' AND type = 'network.blocked'")
+    query = f"SELECT DISTINCT actor FROM events WHERE execution_id = '{execution_id}' AND type = 'network.blocked'"
+    actors = sql(cli, query)
     assert all(a["actor"].startswith("spawner") for a in actors)
 
 
@@ -227,3 +228,66 @@ def test_real_cli_under_allow_with_only_the_model_server_listed(
     assert started["sandbox"] == {"mode": "bwrap", "network": "allow", "allow": [server]}
     assert model_server.requests, "the CLI never reached the model server"
     assert model_server.leaks == [], f"{agent} reached past the allow list: {model_server.leaks}"
+
+
+WAITING_AGENT = r"""
+import os, socket, sys, time
+from urllib.parse import urlsplit
+
+listed, unlisted = int(sys.argv[1]), int(sys.argv[2])
+proxy = urlsplit(os.environ["HTTPS_PROXY"])
+print("waiting", flush=True)
+while not os.path.exists("go"):
+    time.sleep(0.1)
+
+def ask(host, port, request):
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data.decode(errors="replace").split("\r\n")[0]
+
+print("direct:", ask("127.0.0.1", listed, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), flush=True)
+get = f"GET http://127.0.0.1:{listed}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+print("proxy:", ask(proxy.hostname, proxy.port, get), flush=True)
+connect = f"CONNECT 127.0.0.1:{unlisted} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+print("unlisted:", ask(proxy.hostname, proxy.port, connect), flush=True)
+"""
+
+
+def test_the_shim_serves_the_allow_list_while_the_supervisor_is_down(cli: Cli, repo: Path, tmp_path: Path) -> None:
+    """The proxy and the forwards are the shim's: a SIGKILLed `corral up` takes nothing from the
+    agent's network, and a restarted one publishes what was refused meanwhile."""
+    from tests.test_control import detach, start_up, status, stop_up, wait_state, wait_until
+
+    script = tmp_path / "waiting.py"
+    script.write_text(WAITING_AGENT)
+    hits: list[str] = []
+    with listener("listed") as listed:
+        listed.RequestHandlerClass = type(  # type: ignore[misc]
+            "Counting", (_Named,), {"do_GET": lambda self: (hits.append(self.path), _Named.do_GET(self))}
+        )
+        port = listed.server_address[1]
+        unlisted = port + 1 if port < 65535 else port - 1
+        up = start_up(cli)
+        try:
+            execution_id = detach(
+                cli, repo, "--network", "allow", "--allow", f"127.0.0.1:{port}",
+                "--", sys.executable, str(script), str(port), str(unlisted),
+            )  # fmt: skip
+            wait_until(lambda: "waiting" in cli("logs", execution_id).stdout, 60, "the agent to start")
+            worktree = Path(status(cli, execution_id)["worktree"])
+            up.kill()  # the supervisor dies; the shim (its own session) keeps the agent and its network
+            up.wait()
+            (worktree / "go").write_text("")
+            wait_until(lambda: len(hits) == 2, 60, "the agent's two requests to the listed port")
+            up = start_up(cli)
+            wait_state(cli, execution_id, "exited")
+            logs = cli("logs", execution_id).stdout
+            assert "direct: HTTP/1.0 200 OK" in logs and "proxy: HTTP/1.0 200 OK" in logs, logs
+            assert "unlisted: HTTP/1.1 403 Forbidden" in logs, logs
+            blocked = events_of(cli, execution_id, "network.blocked", 1)
+            assert blocked == [{"host": "127.0.0.1", "port": unlisted, "how": "connect"}]
+        finally:
+            stop_up(cli, up)
