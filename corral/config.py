@@ -521,6 +521,7 @@ class ResolvedRun(_Frozen):
     args: tuple[str, ...] = ()  # the template's extra args, appended to whichever command runs
     agent: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    hooks: dict[str, dict[str, Any]] = Field(default_factory=dict)  # [hooks.NAME] webhook triggers (corral/hooks.py)
     sandbox: str = "auto"  # [sandbox] mode < template < --sandbox: auto, on, off
     network: str = "open"  # [sandbox] network < template < --network: open, none, allow
     allow: tuple[str, ...] = ()  # [sandbox] allow < template < --allow (each replaces the one before)
@@ -828,6 +829,7 @@ _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "notify.*": tuple(_NotifyFile.model_fields),
 }
 
+    hooks: dict[str, dict[str, Any]] = Field(default_factory=dict)  # checked by corral/hooks.py hooks_of
 _TYPE_MESSAGES = {
     "dict_type": "expected a table",
     "model_type": "expected a table",
@@ -1027,6 +1029,7 @@ def _notify_targets(entries: list[_NotifyFile], templates: set[str], label: str)
                 kind=entry.kind,
                 url=entry.url,
                 events=entry.events,
+        hooks=parsed.hooks,
                 labels=entry.labels,
                 templates=entry.templates,
                 secret_env=entry.secret_env,

@@ -125,10 +125,11 @@ class CreatedExecution(BaseModel):
     url: str
 
 
-def _json(data: Any, *, headers: dict[str, str] | None = None) -> Response:
+def _json(data: Any, *, headers: dict[str, str] | None = None, status: int = 200) -> Response:
     """A JSON answer encoded by orjson as it is (FastAPI's own encoder walks every value in Python:
     for a page of executions, most of the time the request took)."""
-    return Response(orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS), media_type="application/json", headers=headers)
+    body = orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+    return Response(body, media_type="application/json", headers=headers, status_code=status)
 
 
 # --- the gateway -------------------------------------------------------------------------------
@@ -511,6 +512,30 @@ def create_app(gateway: Gateway) -> FastAPI:
 
 
 # --- Server-Sent Events --------------------------------------------------------------------------
+
+    # Webhook triggers (corral/hooks.py, docs/orchestration.md#webhook-triggers): signed, or an operator token.
+    from corral.hooks import fire_hook
+
+    @app.post("/api/hooks/{name}", status_code=201, tags=["orchestration"])
+    async def hook(name: str, request: Request) -> Response:
+        """Fire `[hooks.NAME]`: its pipeline runs with the JSON body's values as variables. Authenticated by
+        `X-Corral-Timestamp` + `X-Corral-Signature` (HMAC-SHA256 of `<timestamp>.<body>`) or an operator token."""
+        address = _client_address(request)
+        token: Token | None = None
+        if request.headers.get("authorization"):
+            token = (await operator(await caller(request))).token
+        elif wait := gateway.limiter.blocked_for(address):
+            raise ApiError(f"too many failed logins from {address}; try again in {wait:.0f}s", 429)
+        answer = await fire_hook(
+            gateway.system.home,
+            name,
+            dict(request.headers),
+            await request.body(),
+            token,
+            client_for=gateway.client,
+            failed=lambda: gateway.limiter.failed(address),
+        )
+        return _json(answer, status=200 if answer.get("duplicate") else 201)
 
 
 def _position(last_event_id: str) -> dict[str, Any]:

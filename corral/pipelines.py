@@ -27,7 +27,7 @@ from corral.home import Home, SystemLock
 from corral.ops.base import parse_env, start_background_system
 from corral.system import System, open_system
 from events.envelope import decode_event, new_event
-from events.errors import EventError
+from events.errors import EventError, WrongLastSequence
 from events.ids import is_valid_execution_id, new_execution_id
 from events.subjects import STREAM, event_subject, events_of_type, execution_events
 from events.types import (
@@ -251,14 +251,18 @@ class RunRequest(BaseModel):
     vars: dict[str, str] = Field(default_factory=dict)
 
 
-async def request_run(client: Client, name: str, spec: RunRequest) -> dict[str, Any]:
-    """Check and record a run of pipeline `name`; {run_id, pipeline}. The conductor runs it."""
+async def request_run(client: Client, name: str, spec: RunRequest, *, run_id: str | None = None) -> dict[str, Any]:
+    """Check and record a run of pipeline `name`; {run_id, pipeline}. The conductor runs it.
+
+    `run_id` given (a webhook's delivery, corral/hooks.py): recorded once under it; a second request
+    with it is {run_id, pipeline, duplicate: true} and records nothing."""
     client._require_operator("run pipelines")
     pipeline = _pipeline(client.home, name)
     values = {**pipeline.vars, **_vars([f"{k}={v}" for k, v in spec.vars.items()])}
     check_variables(pipeline, values)
     stages = await resolve_stages(client.home, pipeline, spec.repo, spec.base, client.system)
-    run_id = new_execution_id()
+    fixed = run_id
+    run_id = run_id or new_execution_id()
     request = PipelineRequested(
         pipeline=pipeline.name,
         repo=str(stages[0]["request"]["repo"]),
@@ -269,7 +273,11 @@ async def request_run(client: Client, name: str, spec: RunRequest) -> dict[str, 
         breaker_failures=pipeline.breaker_failures,
         requested_by=client.decider or os.environ.get("USER"),
     )
-    await client.system.bus.publisher.publish(new_event(run_id, request, actor="api" if client.decider else "cli"))
+    event = new_event(run_id, request, actor="api" if client.decider else "cli")
+    try:
+        await client.system.bus.publisher.publish(event, expected_last_subject_seq=0 if fixed else None)
+    except WrongLastSequence:
+        return {"run_id": run_id, "pipeline": pipeline.name, "duplicate": True}
     return {"run_id": run_id, "pipeline": pipeline.name}
 
 

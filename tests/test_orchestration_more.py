@@ -7,7 +7,7 @@ from typing import Any
 
 from tests.conftest import Cli
 from tests.test_control import start_up, stop_up, wait_until
-from tests.test_pipelines import run_status, write_config
+from tests.test_pipelines import run_status, wait_finished, write_config
 
 
 def sql(cli: Cli, query: str) -> list[dict[str, Any]]:
@@ -195,5 +195,85 @@ def test_setup_prepares_the_worktree_the_agent_reads_and_teardown_runs_after_it(
         failed_worktree = Path(status["worktree"]) if status.get("worktree") else None
         if failed_worktree is not None and failed_worktree.exists():
             assert not (failed_worktree / "ran.txt").exists() and not (failed_worktree / "teardown.txt").exists()
+    finally:
+        stop_up(cli, up)
+
+
+def test_webhook_fires_its_pipeline_when_signed_and_refuses_every_attack(tmp_path: Path, repo: Path) -> None:
+    """POST /api/hooks/{name}: signed (HMAC-SHA256 over '<timestamp>.<body>') or an operator token."""
+    import time
+
+    import httpx
+
+    from corral.hooks import signature
+    from tests.conftest import cli_environment
+
+    secret = "s3cret-for-the-hook"
+    env = cli_environment(CORRAL_HOME=str(tmp_path / "home"), CORRAL_HOOK_SECRET=secret)
+    env.pop("CORRAL_NATS_URL", None)
+    cli = Cli(tmp_path / "home", env)
+    write_config(
+        cli,
+        '[[pipelines.fix.stages]]\nname = "fix"\ncommand = ["echo", "fixing {{branch_name}} at {{sha}}"]\n'
+        f'[hooks.ci-red]\npipeline = "fix"\nrepo = "{repo}"\nsecret_env = "CORRAL_HOOK_SECRET"\n'
+        'accept = ["branch_name", "sha"]\n',
+    )
+    up = start_up(cli, "--http", "127.0.0.1:0")
+    try:
+        url = wait_until(
+            lambda: json.loads((cli.home / "runtime.json").read_text()).get("http_url"), 30, "the HTTP address"
+        )
+        operator = cli("token", "create", "alice", "--role", "operator", check=True).stdout.strip()
+        tap = cli("token", "create", "tapper", "--role", "tap", check=True).stdout.strip()
+        body = json.dumps({"branch_name": "main", "sha": "abc123", "ignored": "x", "nested": {"a": 1}}).encode()
+
+        def signed(stamp: str, key: str = secret, payload: bytes = body) -> dict[str, str]:
+            return {
+                "X-Corral-Timestamp": stamp,
+                "X-Corral-Signature": signature(key.encode(), stamp, payload),
+                "Content-Type": "application/json",
+            }
+
+        now = str(int(time.time()))
+        with httpx.Client(base_url=str(url), timeout=60) as http:
+            # Attacks: each is refused and records nothing.
+            unsigned = http.post("/api/hooks/ci-red", content=body)
+            assert unsigned.status_code == 401 and "unsigned" in unsigned.json()["error"], unsigned.text
+            wrong = http.post("/api/hooks/ci-red", content=body, headers=signed(now, key="guessed"))
+            assert wrong.status_code == 401 and "bad signature" in wrong.json()["error"], wrong.text
+            tampered = http.post(
+                "/api/hooks/ci-red", content=body.replace(b"main", b"evil"), headers=signed(now)
+            )  # a signed request whose body was changed on the way
+            assert tampered.status_code == 401, tampered.text
+            old = str(int(time.time()) - 3600)  # a captured request replayed an hour later
+            replayed = http.post("/api/hooks/ci-red", content=body, headers=signed(old))
+            assert replayed.status_code == 401 and "replayed" in replayed.json()["error"], replayed.text
+            as_tap = http.post("/api/hooks/ci-red", content=body, headers={"Authorization": f"Bearer {tap}"})
+            assert as_tap.status_code == 403, as_tap.text
+            forged = http.post("/api/hooks/ci-red", content=body, headers={"Authorization": "Bearer nope"})
+            assert forged.status_code == 401, forged.text
+            unknown = http.post("/api/hooks/nope", content=body, headers=signed(now))
+            assert unknown.status_code == 404, unknown.text
+            assert sql(cli, "SELECT count(*) AS n FROM events WHERE type = 'pipeline.requested'") == [{"n": 0}]
+            # Signed: the run is requested with the body's accepted values; the same delivery again is not.
+            fired = http.post("/api/hooks/ci-red", content=body, headers=signed(now))
+            assert fired.status_code == 201, fired.text
+            run_id = fired.json()["run_id"]
+            again = http.post("/api/hooks/ci-red", content=body, headers=signed(now))
+            assert again.status_code == 200 and again.json() == {**fired.json(), "duplicate": True}, again.text
+            report = wait_finished(cli, run_id)
+            assert report["state"] == "passed" and report["steps"][0]["result"] == "fixing main at abc123\n"
+            variables = json.loads(sql(cli, f"SELECT vars FROM pipelines WHERE run_id = '{run_id}'")[0]["vars"])
+            assert variables == {"branch_name": "main", "sha": "abc123"}
+            # An operator's token works without a signature (no replay key: each call is a run).
+            by_token = http.post("/api/hooks/ci-red", content=body, headers={"Authorization": f"Bearer {operator}"})
+            assert by_token.status_code == 201 and by_token.json()["run_id"] != run_id, by_token.text
+            missing = http.post(
+                "/api/hooks/ci-red",
+                content=b'{"branch_name": "x"}',
+                headers=signed(now, payload=b'{"branch_name": "x"}'),
+            )
+            assert missing.status_code == 400 and "sha" in missing.json()["error"], missing.text
+        assert sql(cli, "SELECT count(*) AS n FROM events WHERE type = 'pipeline.requested'") == [{"n": 2}]
     finally:
         stop_up(cli, up)
