@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from actors import sandbox, shadow
@@ -169,10 +170,20 @@ def finish(cli: Cli, execution_id: str, worktree: Path) -> None:
 
 
 def test_reject_discards_only_the_violating_file(cli: Cli, repo: Path, tmp_path: Path) -> None:
-    up = start_up(cli)
+    up = start_up(cli, "--http", "127.0.0.1:0")
     try:
         execution_id, worktree = start(cli, repo, tmp_path, "continue")
         approval = checkpoint_and_hold(cli, execution_id, worktree)
+        # the HTTP API answers from the same client functions: promoted and pending apart
+        url = wait_until(lambda: json.loads((cli.home / "runtime.json").read_text()).get("http_url"), 30, "HTTP")
+        token = cli("token", "create", "tapper", "--role", "tap", check=True).stdout.strip()
+        with httpx.Client(base_url=str(url), headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+            rows = http.get(f"/api/executions/{execution_id}/changes").json()
+            assert {r["path"]: r["state"] for r in rows}[".env"] == "pending"
+            only = http.get(f"/api/executions/{execution_id}/changes", params={"pending": "true"}).json()
+            assert [r["path"] for r in only] == [".env"]
+            diff = http.get(f"/api/executions/{execution_id}/diff", params={"pending": "true"}).json()
+            assert "hunter2" in diff["diff"] and "good.txt" not in diff["diff"]
         cli("reject", approval["approval_id"], check=True)
         discarded = wait_event(cli, execution_id, "workspace.discarded", "the discard")
         assert discarded["files"] == [".env"] and discarded["through"] == "namespace"
@@ -246,3 +257,18 @@ def test_a_foreground_run_promotes_its_exit_checkpoint(cli: Cli, repo: Path, tmp
     assert overlay_mounts(worktree) == []
     started = of_type(cli, execution_id, "execution.started")[0]
     assert started["sandbox"]["workspace"] == "shadow"
+
+
+def test_workspace_setting_defaults_template_flag(cli: Cli, repo: Path) -> None:
+    from corral.config import ConfigError, parse_config, resolve_run
+
+    config = parse_config('[defaults]\nworkspace = "shadow"\n[templates.plain]\nworkspace = "direct"\n')
+    assert resolve_run(config, None, {}).settings.workspace == "shadow"
+    assert resolve_run(config, "plain", {}).settings.workspace == "direct"
+    assert resolve_run(config, "plain", {"workspace": "shadow"}).settings.workspace == "shadow"
+    assert resolve_run(parse_config(""), None, {}).settings.workspace == "direct"
+    with pytest.raises(ConfigError) as bad:
+        parse_config('[defaults]\nworkspace = "ghost"\n')
+    assert "workspace" in str(bad.value) and "\n" not in str(bad.value)
+    wrong = cli("run", "--repo", str(repo), "--workspace", "ghost", "--", "true")
+    assert wrong.returncode == 2 and "--workspace" in wrong.stderr
