@@ -92,7 +92,10 @@ def probe(program: str = DEFAULT_BWRAP) -> str | None:
         return f"no sandbox: {program} not found; {INSTALL_HINT}"
     args = [found, *_base_args(network="none"), "--", "true"]
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False)
+        # own process group: a Ctrl-C at the terminal must not read as "bwrap does not work here"
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False, process_group=0
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         return f"no sandbox: {found} cannot run ({exc}); {INSTALL_HINT}"
     if done.returncode != 0:
@@ -211,7 +214,9 @@ def _signal_restorer() -> list[str] | None:
     env = shutil.which("env") or "/usr/bin/env"
     option = "--default-signal=" + _GRACEFUL.replace(" ", ",")
     try:
-        done = subprocess.run([env, option, "true"], capture_output=True, timeout=PROBE_TIMEOUT_S, check=False)
+        done = subprocess.run(
+            [env, option, "true"], capture_output=True, timeout=PROBE_TIMEOUT_S, check=False, process_group=0
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return [env, option] if done.returncode == 0 else None

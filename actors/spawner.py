@@ -785,6 +785,11 @@ class Spawner(Actor):
         try:
             await self._watch(tail)
             run.shim_started.set()
+            if run.stop_reason == "spawner_stopped":  # the spawner was stopped while this shim started
+                with contextlib.suppress(Exception):
+                    await request(
+                        run.run_dir, {"op": "cancel", "reason": "spawner_stopped", "grace_s": self.stop_grace_s}
+                    )
             self._tails[run.execution_id] = tail
             if tail.wd is not None:
                 self._watched[tail.wd] = tail

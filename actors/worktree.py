@@ -7,6 +7,7 @@ A worktree with a disk limit is first made the mount point of its own file syste
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -31,6 +32,13 @@ async def git(*args: str, cwd: str | Path) -> str:
     return out.decode().strip()
 
 
+def _raise_if_interrupted(returncode: int) -> None:
+    """git killed by the Ctrl-C that reached its whole process group is the user's interrupt, not a
+    verdict on the repository."""
+    if returncode == -signal.SIGINT:
+        raise KeyboardInterrupt
+
+
 def repo_root(path: str | Path) -> Path:
     """Return the top level of the git repository at path, or raise WorkspaceError."""
     target = Path(path).expanduser()
@@ -44,6 +52,7 @@ def repo_root(path: str | Path) -> Path:
         text=True,
         check=False,
     )
+    _raise_if_interrupted(result.returncode)
     if result.stdout.startswith("true"):
         raise WorkspaceError(
             str(path), "is a bare repository; agents need a working tree: clone it (git clone PATH DIR) and pass DIR"
@@ -61,6 +70,7 @@ def resolve_commit(repo: str | Path, ref: str) -> str:
         text=True,
         check=False,
     )
+    _raise_if_interrupted(result.returncode)
     if result.returncode != 0:
         hint = " (the repository has no commits yet)" if ref == "HEAD" else ""
         raise WorkspaceError(str(repo), f"no commit named {ref!r}{hint}")

@@ -1,5 +1,5 @@
 """Allow `python -m corral`."""
 
-from corral.cli import main
+from corral.entry import main
 
 raise SystemExit(main())

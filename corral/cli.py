@@ -25,6 +25,7 @@ from corral import (
     worktrees,
     wrap,
 )
+from corral.entry import interrupted
 from corral.errors import CorralError
 from corral.home import Home
 from events.errors import EventError
@@ -301,6 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"corral: error: {exc}\n")
         return 1
     except KeyboardInterrupt:
-        return 130
+        return interrupted()
     except BrokenPipeError:
         return 0

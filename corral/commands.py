@@ -293,7 +293,12 @@ def _summarise(execution_id: str, outcome: dict[str, Any], *, quiet: bool) -> in
         return 1
     code = outcome.get("exit_code")
     sig = outcome.get("signal")
-    status = f"exit {code}" if sig is None else f"killed by signal {sig}"
+    if sig is not None:
+        status = f"killed by signal {sig}"
+    elif code is None:  # stopped before its agent started: there is no exit code to tell
+        status = "ended before its agent started"
+    else:
+        status = f"exit {code}"
     reason = outcome.get("reason")
     if not quiet:
         chunks = outcome.get("chunks", 0)

@@ -179,6 +179,9 @@ class EmbeddedServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
+                # its own process group: a Ctrl-C at the terminal reaches the Corral process, which
+                # stops its actors and then the server in order (the server dies with it anyway)
+                process_group=0,
                 env={**os.environ, **(self.credentials.server_env() if self.credentials else {})},
             )
 

@@ -118,6 +118,7 @@ class ApplyWorker:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 pass_fds=(requests_r, answers_w),
+                process_group=0,  # a Ctrl-C at the terminal is the Corral process's to handle, not the worker's
             )
         except BaseException:
             os.close(requests_w)
