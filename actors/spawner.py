@@ -759,6 +759,7 @@ class Spawner(Actor):
             program=self.sandbox_program,
             hide=self.sandbox_hide,
             deny=deny,
+            allow=wanted.allow if wanted else (),
             path_var=request.env.get("PATH"),  # the agent's, where its run sets one
         )
 
@@ -768,7 +769,6 @@ class Spawner(Actor):
         run = RunningExecution(spec["execution_id"], spec["request_id"], run_dir)
         self.running[run.execution_id] = run
         self.claimed.add(run.execution_id)
-            allow=wanted.allow if wanted else (),
         self._spawn_task(self._follow(run), run)
         return run, str(spec.get("agent", "command"))
 
