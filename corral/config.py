@@ -389,6 +389,7 @@ class SecuritySettings(_Frozen):
 
     operators: tuple[str, ...] = ("operator",)  # NATS users who may request control actions and decide
     secret_env: tuple[str, ...] = ()  # names whose values are secrets besides *KEY*, *TOKEN*, ...
+    consumer_sweep_s: float = 60.0  # durables no role owns are removed this often (0: at start only)
 
 
 class SandboxSettings(_Frozen):
@@ -420,7 +421,6 @@ class Template(_Frozen):
     on_stall: OnStall | None = None
     cancel_grace_s: float | None = None
     memory_bytes: int | None = None
-    consumer_sweep_s: float = 60.0  # durables no role owns are removed this often (0: at start only)
     cpus: float | None = None
     disk_bytes: int | None = None
     pids_max: int | None = None
@@ -430,6 +430,9 @@ class Template(_Frozen):
     sandbox: str | None = None  # over [sandbox] mode: auto, on, off
     network: str | None = None  # over [sandbox] network: open, none, allow
     allow: tuple[str, ...] | None = None  # over [sandbox] allow
+    breaker_failures: int = 3  # plain runs' failures in a row that open `template:NAME` (0: none; orchestration.md)
+    setup: str | None = None  # `sh -c` in the new worktree before the agent (actors/scripts.py)
+    teardown: str | None = None  # `sh -c` after the agent, before its exit is recorded
 
     def overrides(self) -> dict[str, Any]:
         """The settings this template sets (field name -> value)."""
@@ -444,9 +447,6 @@ NotifyKind = Literal["webhook", "slack", "ntfy"]
 DEFAULT_NOTIFY_EVENTS: tuple[str, ...] = (
     "approval.requested",
     "execution.stalled",
-    breaker_failures: int = 3  # plain runs' failures in a row that open `template:NAME` (0: none; orchestration.md)
-    setup: str | None = None  # `sh -c` in the new worktree before the agent (actors/scripts.py)
-    teardown: str | None = None  # `sh -c` after the agent, before its exit is recorded
     "execution.crash_loop",
     "limit.exceeded",
     "execution.failed",
@@ -506,6 +506,7 @@ class Config(_Frozen):
     notify: tuple[NotifyTarget, ...] = ()  # [[notify]] entries (docs/notifications.md)
     pipelines: dict[str, "Pipeline"] = Field(default_factory=dict)  # [pipelines.NAME] (docs/orchestration.md)
     schedules: dict[str, "ScheduleEntry"] = Field(default_factory=dict)  # [schedules.NAME] (docs/orchestration.md)
+    hooks: dict[str, dict[str, Any]] = Field(default_factory=dict)  # [hooks.NAME] webhook triggers (corral/hooks.py)
     # [defaults] agent_idle_timeout: None when not written (then [defaults] idle_timeout if written,
     # else DEFAULT_AGENT_IDLE_TIMEOUT_S); 0 when written "none" (agents are not watched for idleness)
     agent_idle_timeout_s: float | None = None
@@ -521,7 +522,6 @@ class ResolvedRun(_Frozen):
     args: tuple[str, ...] = ()  # the template's extra args, appended to whichever command runs
     agent: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
-    hooks: dict[str, dict[str, Any]] = Field(default_factory=dict)  # [hooks.NAME] webhook triggers (corral/hooks.py)
     sandbox: str = "auto"  # [sandbox] mode < template < --sandbox: auto, on, off
     network: str = "open"  # [sandbox] network < template < --network: open, none, allow
     allow: tuple[str, ...] = ()  # [sandbox] allow < template < --allow (each replaces the one before)
@@ -575,6 +575,9 @@ class _TemplateFile(_SettingsFile):
     sandbox: Literal["auto", "on", "off"] | None = None
     network: Annotated[StrictStr, AfterValidator(_network)] | None = None
     allow: AllowList | None = None
+    breaker_failures: Annotated[StrictInt, Field(ge=0)] = 3
+    setup: Annotated[StrictStr, Field(min_length=1)] | None = None
+    teardown: Annotated[StrictStr, Field(min_length=1)] | None = None
 
     @field_validator("env")
     @classmethod
@@ -590,9 +593,6 @@ class _SpawnerFile(_Frozen):
     stop_grace: Duration = 5.0
 
 
-    breaker_failures: Annotated[StrictInt, Field(ge=0)] = 3
-    setup: Annotated[StrictStr, Field(min_length=1)] | None = None
-    teardown: Annotated[StrictStr, Field(min_length=1)] | None = None
 class _WatchdogFile(_Frozen):
     check_interval: Annotated[Duration, Field(gt=0)] = 0.25
     crash_loop_failures: Annotated[StrictInt, Field(ge=0)] = 3
@@ -675,6 +675,7 @@ class _HttpFile(_Frozen):
 class _SecurityFile(_Frozen):
     operators: Annotated[tuple[StrictStr, ...], Field(min_length=1)] = ("operator",)
     secret_env: tuple[StrictStr, ...] = ()
+    consumer_sweep: Annotated[Duration, Field(ge=0, le=86400)] = 60.0
 
     @field_validator("operators")
     @classmethod
@@ -713,7 +714,6 @@ class _SnapshotFile(_Frozen):
     path: StrictStr | None = None
 
 
-    consumer_sweep: Annotated[Duration, Field(ge=0, le=86400)] = 60.0
 class _PriceFile(_Frozen):
     """One model's price in USD per million tokens (an estimate used where the CLI reports no cost)."""
 
@@ -808,6 +808,7 @@ class _ConfigFile(_Frozen):
     notify: list[_NotifyFile] = Field(default_factory=list)  # [[notify]]
     pipelines: dict[str, dict[str, Any]] = Field(default_factory=dict)  # checked by _pipelines
     schedules: dict[str, dict[str, Any]] = Field(default_factory=dict)  # checked by _schedules
+    hooks: dict[str, dict[str, Any]] = Field(default_factory=dict)  # checked by corral/hooks.py hooks_of
 
 
 _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
@@ -829,7 +830,6 @@ _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "notify.*": tuple(_NotifyFile.model_fields),
 }
 
-    hooks: dict[str, dict[str, Any]] = Field(default_factory=dict)  # checked by corral/hooks.py hooks_of
 _TYPE_MESSAGES = {
     "dict_type": "expected a table",
     "model_type": "expected a table",
@@ -992,6 +992,9 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
                 sandbox=t.sandbox,
                 network=t.network,
                 allow=t.allow,
+                breaker_failures=t.breaker_failures,
+                setup=t.setup,
+                teardown=t.teardown,
                 **t.fields(),
             )
             for name, t in sorted(parsed.templates.items())
@@ -1001,6 +1004,7 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
         notify=_notify_targets(parsed.notify, set(parsed.templates), label),
         pipelines=_pipelines(parsed.pipelines, set(parsed.templates), label),
         schedules=_schedules(parsed.schedules, set(parsed.templates), set(parsed.pipelines), label),
+        hooks=parsed.hooks,
         agent_idle_timeout_s=parsed.defaults.agent_idle_timeout,
         label=label,
     )
@@ -1017,9 +1021,6 @@ def _notify_targets(entries: list[_NotifyFile], templates: set[str], label: str)
                 f"{label}: notify[{i}].name: another [[notify]] entry is named {name!r}; give each a distinct name"
             )
         for template in entry.templates:
-                breaker_failures=t.breaker_failures,
-                setup=t.setup,
-                teardown=t.teardown,
             if template not in templates:
                 known = ", ".join(sorted(templates)) or "none defined"
                 raise ConfigError(f"{label}: notify[{i}].templates: no template {template!r} (known: {known})")
@@ -1029,7 +1030,6 @@ def _notify_targets(entries: list[_NotifyFile], templates: set[str], label: str)
                 kind=entry.kind,
                 url=entry.url,
                 events=entry.events,
-        hooks=parsed.hooks,
                 labels=entry.labels,
                 templates=entry.templates,
                 secret_env=entry.secret_env,
