@@ -336,15 +336,37 @@ def _held(path: str, held: set[str]) -> bool:
 
 
 def _clear_parents(root: Path, rel: str) -> None:
-    """Make the directories above `rel` exist in `root`; a file in the way is removed."""
+    """Make the directories above `rel` exist in `root`; a file or a symlink in the way is removed
+    (never followed: a symlinked directory could lead anywhere on the host)."""
     parts = rel.split("/")[:-1]
     here = root
     for part in parts:
         here = here / part
-        if os.path.lexists(here) and not here.is_dir():
+        if os.path.islink(here) or (os.path.lexists(here) and not here.is_dir()):
             os.unlink(here)
         if not os.path.lexists(here):
             here.mkdir()
+
+
+def safe_parents(root: Path, rel: str) -> bool:
+    """Whether every directory above `rel` under `root` is a real directory or absent (no symlink).
+
+    Paths under /proc/PID/root are resolved in the agent's namespace, but an absolute symlink met
+    on the way is resolved from the caller's root: an agent's `dir -> /etc` would turn a write of
+    `dir/x` into a write of the host's /etc/x. Such a path is never touched.
+    """
+    here = root
+    for part in rel.split("/")[:-1]:
+        here = here / part
+        try:
+            st = os.lstat(here)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+    return True
 
 
 def _remove_path(path: Path) -> None:
@@ -376,7 +398,8 @@ def write_whole(root: Path, rel: str, mode: str, content: bytes) -> None:
     if mode == "120000":
         os.symlink(os.fsdecode(content), tmp)
     else:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755 if mode == "100755" else 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        fd = os.open(tmp, flags, 0o755 if mode == "100755" else 0o644)
         try:
             os.write(fd, content)  # (a short write on a regular file only at ENOSPC, which raises)
             os.fchmod(fd, 0o755 if mode == "100755" else 0o644)
@@ -412,6 +435,8 @@ async def promote(
         done = []
         for change in todo:
             if change.mode == "000000":
+                if not safe_parents(worktree, change.path):
+                    continue
                 _remove_path(worktree / change.path)
                 _remove_empty_parents(worktree, change.path)
             elif change.mode == "160000":
@@ -439,11 +464,17 @@ def discard(worktree: Path, root: Path, paths: Iterable[str], pid: int | None) -
         if not rel or rel == ".git" or rel.startswith(".git/") or ".." in rel.split("/"):
             continue
         real = worktree / rel
+        if not safe_parents(worktree, rel):
+            continue
         if mounted:
             merged_root = Path(f"/proc/{pid}/root{worktree}")
             merged = merged_root / rel
+            if not safe_parents(merged_root, rel):
+                continue  # the agent put a symlink above it: never followed (see safe_parents)
             try:
-                if os.path.lexists(real) and not real.is_dir():
+                if real.is_dir() and not real.is_symlink():
+                    continue  # a directory of the worktree: left as the agent has it
+                if os.path.lexists(real):
                     mode = "120000" if real.is_symlink() else ("100755" if os.stat(real).st_mode & 0o111 else "100644")
                     content = os.fsencode(os.readlink(real)) if real.is_symlink() else real.read_bytes()
                     write_whole(merged_root, rel, mode, content)
@@ -453,6 +484,8 @@ def discard(worktree: Path, root: Path, paths: Iterable[str], pid: int | None) -
             except OSError:
                 continue
         else:
+            if not safe_parents(upper, rel):
+                continue
             _remove_path(upper / rel)
             _remove_empty_parents(upper, rel)
         done.append(rel)

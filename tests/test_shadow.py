@@ -272,3 +272,24 @@ def test_workspace_setting_defaults_template_flag(cli: Cli, repo: Path) -> None:
     assert "workspace" in str(bad.value) and "\n" not in str(bad.value)
     wrong = cli("run", "--repo", str(repo), "--workspace", "ghost", "--", "true")
     assert wrong.returncode == 2 and "--workspace" in wrong.stderr
+
+
+def test_discard_never_follows_a_symlink_the_agent_planted(tmp_path: Path) -> None:
+    """An agent replaces the directory above a held file by a symlink to a host directory: the
+    discard (as root) must not delete or write the host's file through it."""
+    worktree = tmp_path / "worktrees" / "abcd1234"
+    (worktree / "conf").mkdir(parents=True)
+    (worktree / "conf" / "app.ini").write_text("promoted\n")
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / ".env").write_text("host secret\n")
+    (host / "app.ini").write_text("host file\n")
+    root = shadow.prepare(worktree)
+    upper = shadow.upper_of(root)
+    (upper / "conf").symlink_to(host)  # the agent's `conf -> /host`
+    done = shadow.discard(worktree, root, ["conf/.env", "conf/app.ini"], None)
+    assert done == []
+    assert (host / ".env").read_text() == "host secret\n" and (host / "app.ini").read_text() == "host file\n"
+    assert not shadow.safe_parents(upper, "conf/.env") and shadow.safe_parents(worktree, "conf/app.ini")
+    shadow.remove(worktree)
+    assert not root.exists() and (host / ".env").exists()
