@@ -245,23 +245,34 @@ async def merged_tree(worktree: Path, index: Path, root: Path, *, max_file_bytes
     entries = await asyncio.to_thread(scan, upper)
     env = {"GIT_INDEX_FILE": str(index)}
     if entries:
-        staged = [p for p in (await _git("ls-files", "-z", cwd=worktree, env=env)).decode().split("\0") if p]
         adds: list[Entry] = [e for e in entries if e.kind in ("file", "symlink")]
         gone = {e.path for e in entries if e.kind == "whiteout"}
         hiding = {e.path for e in entries if e.kind == "opaque"}  # what was below is gone
         files_now = {e.path for e in adds}  # a directory the agent replaced by a file
         dirs_now = {e.path for e in entries if e.kind in ("dir", "opaque")}  # a file replaced by a directory
+        # the index is listed only when something of the worktree's may go (one git process less)
+        replaced = any((worktree / p).is_dir() and not (worktree / p).is_symlink() for p in files_now) or any(
+            (worktree / p).is_symlink() or ((worktree / p).exists() and not (worktree / p).is_dir()) for p in dirs_now
+        )
+
+        async def listed() -> list[str]:
+            if not (gone or hiding or replaced):
+                return []
+            return [p for p in (await _git("ls-files", "-z", cwd=worktree, env=env)).decode().split("\0") if p]
+
+        async def ignored() -> set[str]:
+            if not adds:
+                return set()
+            out = await _git("check-ignore", "-z", "--stdin", cwd=worktree, env=env, stdin=_z(e.path for e in adds))
+            return {p for p in out.decode().split("\0") if p}
+
+        staged, left_out = await asyncio.gather(listed(), ignored())
         removals: set[str] = set()
         for path in staged:
             above = {"/".join(path.split("/")[:i]) for i in range(1, path.count("/") + 1)}
             if path in gone or path in dirs_now or above & (gone | hiding | files_now):
                 removals.add(path)
-        if adds:
-            ignored_out = await _git(
-                "check-ignore", "-z", "--stdin", cwd=worktree, env=env, stdin=_z(e.path for e in adds)
-            )
-            ignored = {p for p in ignored_out.decode().split("\0") if p}
-            adds = [e for e in adds if e.path not in ignored]
+        adds = [e for e in adds if e.path not in left_out]
         kept: list[Entry] = []
         for entry in adds:
             size = os.lstat(upper / entry.path).st_size

@@ -9,6 +9,7 @@ pending file is not in the real worktree, and no overlay mount is left after the
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -293,3 +294,57 @@ def test_discard_never_follows_a_symlink_the_agent_planted(tmp_path: Path) -> No
     assert not shadow.safe_parents(upper, "conf/.env") and shadow.safe_parents(worktree, "conf/app.ini")
     shadow.remove(worktree)
     assert not root.exists() and (host / ".env").exists()
+
+
+def test_merged_tree_is_what_the_agent_sees(tmp_path: Path) -> None:
+    """Deletions (whiteouts), a directory deleted and made again (opaque), a directory replaced by
+    a file and a file by a directory, a new executable, symlinks: through a real overlay mounted by
+    `shadow.preexec`; the checkpoint's tree equals `git add -A` of a copy of the merged view."""
+    import asyncio
+    import subprocess
+
+    from tests.conftest import commit_all, make_repo
+
+    repo = make_repo(tmp_path / "repo")
+    for rel, text in {
+        "a.txt": "a",
+        "d/b.txt": "b",
+        "d/c.txt": "c",
+        "e/f.txt": "f",
+        "g": "g",
+        "k/keep.txt": "k",
+    }.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text + "\n")
+    (repo / "link").symlink_to("a.txt")
+    (repo / ".gitignore").write_text("*.log\n")
+    commit_all(repo, "files")
+    worktree = tmp_path / "worktrees" / "merged01"
+    git(repo, "worktree", "add", "-q", "-b", "corral/merged01", str(worktree))
+    root = shadow.prepare(worktree)
+    copy = tmp_path / "copy"
+    ops = (
+        "rm a.txt && rm -rf d && mkdir d && echo n > d/new.txt && rm -rf e && echo e > e && rm g && mkdir g && "
+        "echo x > g/x.txt && echo top > top.sh && chmod +x top.sh && mkdir -p h/i && echo z > h/i/z.txt && "
+        "ln -s d/new.txt link2 && rm link && echo noise > build.log && echo more >> k/keep.txt && "
+        f"mkdir {copy} && cp -a . {copy}/ && rm {copy}/.git"
+    )
+    subprocess.run(["sh", "-c", ops], preexec_fn=shadow.preexec(worktree, root, None), check=True)
+    assert overlay_mounts(worktree) == []  # gone with the namespace
+    assert (worktree / "a.txt").exists() and not (worktree / "top.sh").exists()  # the real worktree untouched
+    entries = {e.path: e.kind for e in shadow.scan(shadow.upper_of(root))}
+    assert entries["a.txt"] == "whiteout" and entries["d"] == "opaque" and entries["e"] == "file"
+
+    seen, _ = asyncio.run(shadow.merged_tree(worktree, tmp_path / "m.index", root, max_file_bytes=0))
+    env = {"GIT_INDEX_FILE": str(tmp_path / "ref.index"), "GIT_DIR": str(repo / ".git"), "GIT_WORK_TREE": str(copy)}
+    subprocess.run(["git", "add", "-A"], cwd=copy, env={**os.environ, **env}, check=True)
+    ref = subprocess.run(["git", "write-tree"], cwd=copy, env={**os.environ, **env}, check=True, capture_output=True)
+    assert seen == ref.stdout.decode().strip()
+    listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", seen], cwd=repo, capture_output=True, text=True)
+    assert "build.log" not in listed.stdout and "top.sh" in listed.stdout and "d/b.txt" not in listed.stdout
+    # the promotion makes the real worktree that tree, and nothing is pending any more
+    done, held = asyncio.run(shadow.promote(worktree, root, tmp_path / "p.index", seen, set()))
+    assert held == [] and "top.sh" in done and os.access(worktree / "top.sh", os.X_OK)
+    assert not (worktree / "d" / "b.txt").exists() and (worktree / "e").read_text() == "e\n"
+    assert os.readlink(worktree / "link2") == "d/new.txt" and not os.path.lexists(worktree / "link")
+    assert shadow.pending(worktree, root) == [{"path": "build.log", "change": "added"}]
