@@ -736,7 +736,8 @@ async def build_request(
                 "idle_timeout_s": _text(spec.idle_timeout),
                 "spawn_timeout_s": _text(spec.spawn_timeout),
                 "on_stall": spec.on_stall,
-                "workspace": spec.workspace,
+                # a follow-up keeps its parent's workspace (a shadow one's pending files are there)
+                "workspace": spec.workspace or (parent.request.workspace if parent else None),
                 "memory_bytes": _text(spec.memory),
                 "cpus": _text(spec.cpus),
                 "disk_bytes": _text(spec.disk),

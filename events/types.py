@@ -135,7 +135,7 @@ class WorkspaceCreated(EventData):
     branch: str
     repo: str
     base_commit: str
-    shadow: str | None = None  # workspace = "shadow": the directory of its overlay's upper layer (docs/shadow.md)
+    shadow: str | None = None  # workspace = "shadow": the directory of its overlay's layers (docs/shadow.md)
 
 
 @event_type("execution.started")
