@@ -505,14 +505,6 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def cancel_pipeline_run(who: Operator, run_id: str) -> dict[str, Any]:
         return await cancel_run(who.client, run_id, f"cancelled over HTTP by {who.token.name}")
 
-    from corral.web.routes import mount  # the web console (issue 17): its pages, on this app and gateway
-
-    mount(app, gateway, _sse)
-    return app
-
-
-# --- Server-Sent Events --------------------------------------------------------------------------
-
     # Webhook triggers (corral/hooks.py, docs/orchestration.md#webhook-triggers): signed, or an operator token.
     from corral.hooks import fire_hook
 
@@ -536,6 +528,14 @@ def create_app(gateway: Gateway) -> FastAPI:
             failed=lambda: gateway.limiter.failed(address),
         )
         return _json(answer, status=200 if answer.get("duplicate") else 201)
+
+    from corral.web.routes import mount  # the web console (issue 17): its pages, on this app and gateway
+
+    mount(app, gateway, _sse)
+    return app
+
+
+# --- Server-Sent Events --------------------------------------------------------------------------
 
 
 def _position(last_event_id: str) -> dict[str, Any]:
