@@ -5,6 +5,11 @@ works. Changes are gathered per path and reported at most every `interval_s`, fo
 change per path (created then modified is "created"; created then deleted is nothing). The
 `.git` directory is never watched. Where inotify is not available, `FileWatcher.open` returns
 None and nothing is reported live (checkpoints still see every change).
+
+Linux allows a user 128 inotify instances by default (fs.inotify.max_user_instances), one per
+shim: past that, or where other software took them, a shim gets none. The spawner then watches
+that agent's tree with its own `SharedWatch`, one instance for every such agent (watches per
+instance are limited by fs.inotify.max_user_watches, tens of thousands, not by agents).
 """
 
 import ctypes
@@ -42,10 +47,11 @@ MAX_PENDING: Final = 5000
 class FileWatcher:
     """Recursive inotify watch of one directory tree; `read()` drains events into `pending`."""
 
-    def __init__(self, root: Path, fd: int, libc: ctypes.CDLL) -> None:
+    def __init__(self, root: Path, fd: int, libc: ctypes.CDLL, owners: "dict[int, FileWatcher] | None" = None) -> None:
         self.root = root
         self.fd = fd
         self._libc = libc
+        self._owners = owners  # a SharedWatch's: watch descriptor -> the tree it belongs to
         self._dirs: dict[int, str] = {}  # watch descriptor -> directory relative to root ("" = root)
         self.pending: dict[str, str] = {}  # path -> created | modified | deleted
         self._existed: dict[str, bool] = {}  # path -> did it exist before this batch
@@ -66,7 +72,13 @@ class FileWatcher:
         return watcher
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self._owners is None:
+            os.close(self.fd)
+            return
+        for wd in self._dirs:  # a tree of a shared instance: only its own watches go
+            self._libc.inotify_rm_watch(self.fd, wd)
+            self._owners.pop(wd, None)
+        self._dirs.clear()
 
     def _add_dir(self, rel: str) -> bool:
         if len(self._dirs) >= MAX_WATCHED_DIRS:
@@ -76,6 +88,8 @@ class FileWatcher:
         if wd < 0:
             return False
         self._dirs[wd] = rel
+        if self._owners is not None:
+            self._owners[wd] = self
         return True
 
     def _add_tree(self, rel: str, *, report: bool) -> None:
@@ -137,27 +151,33 @@ class FileWatcher:
                 if mask & IN_Q_OVERFLOW:
                     self.overflowed = True
                     continue
-                base = self._dirs.get(wd)
-                if base is None:
-                    continue
-                if mask & IN_IGNORED:
-                    self._dirs.pop(wd, None)
-                    continue
-                if not name:
-                    continue
-                if name in IGNORED_DIRS and not base:
-                    continue
-                path = f"{base}/{name}" if base else name
-                if mask & IN_ISDIR:
-                    if mask & (IN_CREATE | IN_MOVED_TO):
-                        self._add_tree(path, report=True)
-                    continue
-                if mask & (IN_CREATE | IN_MOVED_TO):
-                    self._note(path, "created")
-                elif mask & (IN_DELETE | IN_MOVED_FROM):
-                    self._note(path, "deleted")
-                elif mask & (IN_MODIFY | IN_CLOSE_WRITE):
-                    self._note(path, "modified")
+                self.handle(wd, mask, name)
+
+    def handle(self, wd: int, mask: int, name: str) -> None:
+        """Fold one inotify event of this tree into `pending`."""
+        base = self._dirs.get(wd)
+        if base is None:
+            return
+        if mask & IN_IGNORED:
+            self._dirs.pop(wd, None)
+            if self._owners is not None:
+                self._owners.pop(wd, None)
+            return
+        if not name:
+            return
+        if name in IGNORED_DIRS and not base:
+            return
+        path = f"{base}/{name}" if base else name
+        if mask & IN_ISDIR:
+            if mask & (IN_CREATE | IN_MOVED_TO):
+                self._add_tree(path, report=True)
+            return
+        if mask & (IN_CREATE | IN_MOVED_TO):
+            self._note(path, "created")
+        elif mask & (IN_DELETE | IN_MOVED_FROM):
+            self._note(path, "deleted")
+        elif mask & (IN_MODIFY | IN_CLOSE_WRITE):
+            self._note(path, "modified")
 
     def take(self) -> list[tuple[str, str]]:
         """Return and forget the changes gathered so far, in path order."""
@@ -166,6 +186,55 @@ class FileWatcher:
         self._existed.clear()
         self.overflowed = False
         return changes
+
+
+class SharedWatch:
+    """One inotify instance watching many trees: the spawner's, for agents whose shim got none."""
+
+    def __init__(self, fd: int, libc: ctypes.CDLL) -> None:
+        self.fd = fd
+        self._libc = libc
+        self._owners: dict[int, FileWatcher] = {}
+
+    @classmethod
+    def open(cls) -> "SharedWatch | None":
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name or None, use_errno=True)
+            fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        except (OSError, AttributeError):
+            return None
+        return cls(fd, libc) if fd >= 0 else None
+
+    def watch(self, root: Path) -> FileWatcher:
+        """Watch one more tree (its own `pending`, `take()`, and `close()` that ends only its watches)."""
+        watcher = FileWatcher(root, self.fd, self._libc, self._owners)
+        watcher._add_tree("", report=False)
+        return watcher
+
+    def read(self) -> set[FileWatcher]:
+        """Read every queued event (non-blocking) into its tree's `pending`; return the trees that got any."""
+        changed: set[FileWatcher] = set()
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:  # BlockingIOError: drained
+                return changed
+            if not data:
+                return changed
+            for wd, mask, name in _events(data):
+                if mask & IN_Q_OVERFLOW:  # lost events of unknown trees: each says it overflowed
+                    for tree in set(self._owners.values()):
+                        tree.overflowed = True
+                    continue
+                owner = self._owners.get(wd)
+                if owner is not None:
+                    owner.handle(wd, mask, name)
+                    changed.add(owner)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self._owners.clear()
 
 
 def _events(data: bytes) -> Iterator[tuple[int, int, str]]:

@@ -37,6 +37,7 @@ from actors import diskquota, shadow
 from actors.breakers import TemplateBreakers
 from actors.bus import Bus
 from actors.errors import WorkspaceError
+from actors.filetakeover import FileTakeover, wants_takeover
 from actors.redact import SECRET_PLACEHOLDER
 from actors.runtime import Actor
 from actors.sessions import carry_session
@@ -58,6 +59,7 @@ from events.types import (
     ExecutionFailed,
     ExecutionQueued,
     ExecutionRequested,
+    FileTouched,
     InputRequested,
     PauseRequested,
     PriorityChanged,
@@ -261,6 +263,7 @@ class Spawner(Actor):
         self._dirty: dict[str, SpoolTail] = {}  # those to read in the pump's next pass
         self._pump_wake = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
+        self._files: FileTakeover | None = None  # the trees of agents whose shim has no inotify
         self._spool_watch: SpoolWatch | None = None  # inotify on every spool (else a byte per append)
         self._watched: dict[int, SpoolTail] = {}  # inotify watch descriptor -> its spool
         self._spools_listened = False  # the loop wakes on the SpoolWatch's descriptor
@@ -283,6 +286,7 @@ class Spawner(Actor):
         if self._spool_watch is not None:
             asyncio.get_running_loop().add_reader(self._spool_watch.fd, self._on_spools)
             self._spools_listened = True
+        self._files = FileTakeover(self._publish_touched)  # for shims that get no inotify instance
         adopted = [self._adopt(d) for d in sorted(self.run_root.iterdir()) if (d / SPEC).is_file()]
         plain = [run for run, agent in adopted if agent == "command"]  # agent CLIs never ask through Corral
         if plain:
@@ -353,6 +357,9 @@ class Spawner(Actor):
             asyncio.get_running_loop().remove_reader(self._spool_watch.fd)
             self._spool_watch.close()
             self._spool_watch = None
+        if self._files is not None:
+            self._files.close()
+            self._files = None
 
     # --- the queue ---------------------------------------------------------------------------
 
@@ -769,8 +776,29 @@ class Spawner(Actor):
         run = RunningExecution(spec["execution_id"], spec["request_id"], run_dir)
         self.running[run.execution_id] = run
         self.claimed.add(run.execution_id)
+        self._retake_files(run, spec)
         self._spawn_task(self._follow(run), run)
         return run, str(spec.get("agent", "command"))
+
+    def _retake_files(self, run: RunningExecution, spec: dict[str, Any]) -> None:
+        """An adopted agent whose tree the spawner before this one watched (its shim had no inotify)."""
+        if self._files is None or not self._files.available:
+            return
+        started = None
+        for line in read_from(run.run_dir / SPOOL, 0).splitlines():
+            if b'"type":"execution.started"' in line:
+                with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
+                    started = orjson.loads(line)["data"]
+            elif any(f'"type":"{kind}"'.encode() in line for kind in TERMINAL):
+                return
+        if isinstance(started, dict) and wants_takeover(started):
+            self._files.take(run.execution_id, spec)
+
+    async def _publish_touched(self, execution_id: str, changes: list[tuple[str, str]]) -> None:
+        run = self.running.get(execution_id)
+        if run is not None:
+            for path, change in changes:
+                await self._emit(run, FileTouched(path=path, change=change))  # type: ignore[arg-type]
 
     async def _follow(self, run: RunningExecution) -> None:
         """Publish the shim's spool until its terminal record is stored; record a lost agent.
@@ -897,6 +925,8 @@ class Spawner(Actor):
             subject, payload, event_id, kind = built
             if kind in TERMINAL:
                 tail.terminal = kind
+                if self._files is not None:  # what the spawner watched for it comes before its exit
+                    await self._files.release(run.execution_id)
             tail.acks.append((tail.offset, await send(subject, payload, msg_id=event_id)))
         if oversized:
             tail.offset += oversized
@@ -1033,6 +1063,11 @@ class Spawner(Actor):
                     kind, data = error.TYPE, error.model_dump(mode="json")
             if kind == "execution.started":
                 run.pgid = raw.get("pgid")
+                if self._files is not None and wants_takeover(raw):  # no inotify for the shim: the spawner's
+                    spec = orjson.loads((run.run_dir / SPEC).read_bytes())
+                    if self._files.take(run.execution_id, spec):
+                        warnings = [w for w in data.get("warnings") or () if "inotify" not in w]
+                        data = {**data, "file_events": True, "warnings": warnings}
             payload = envelope_bytes(
                 event_id,
                 kind,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from actors.bus import connect_bus
 from tests.conftest import Cli, agent_command
-from tests.test_control import detach, status, wait_state
+from tests.test_control import detach, start_up, status, stop_up, wait_state
 from tests.test_control import up as up  # the fixture
 
 
@@ -312,34 +312,73 @@ class _InotifyStarver:
             os.close(fd)
 
 
-def test_no_live_file_events_is_said_on_the_execution(cli: Cli, repo: Path, up: subprocess.Popen[str]) -> None:
-    """Issue 19, item 11: with every inotify instance in use, an execution says it has no live file events."""
+def _started_note(cli: Cli, execution_id: str) -> dict[str, object]:
+    rows = json.loads(
+        cli(
+            "sql",
+            f"SELECT data->'file_events' AS file_events, data->'warnings' AS warnings FROM events "
+            f"WHERE execution_id = '{execution_id}' AND type = 'execution.started'",
+            "--json",
+            check=True,
+        ).stdout
+    )
+    assert len(rows) == 1
+    return {k: json.loads(v) if isinstance(v, str) else v for k, v in rows[0].items()}
 
-    def started(execution_id: str) -> dict[str, object]:
-        rows = json.loads(
-            cli(
-                "sql",
-                f"SELECT data->'file_events' AS file_events, data->'warnings' AS warnings FROM events "
-                f"WHERE execution_id = '{execution_id}' AND type = 'execution.started'",
-                "--json",
-                check=True,
-            ).stdout
-        )
-        assert len(rows) == 1
-        return {k: json.loads(v) if isinstance(v, str) else v for k, v in rows[0].items()}
 
+def _touched(cli: Cli, execution_id: str) -> list[dict[str, str]]:
+    return json.loads(
+        cli(
+            "sql",
+            f"SELECT data->>'path' AS path, data->>'change' AS change, actor FROM events "
+            f"WHERE execution_id = '{execution_id}' AND type = 'file.touched' ORDER BY seq",
+            "--json",
+            check=True,
+        ).stdout
+    )
+
+
+def test_the_spawner_watches_for_a_shim_without_inotify(cli: Cli, repo: Path, up: subprocess.Popen[str]) -> None:
+    """Issue 19, item 11: with every inotify instance of the user in use, a new agent's shim gets none;
+    the spawner (which took one at its start) watches that agent's tree, so live file events still come."""
     starver = _InotifyStarver()
     try:
-        starved = detach(cli, repo, *agent_command("--steps", "1", "--sleep", "0"))
+        starved = detach(cli, repo, *agent_command("--steps", "2", "--sleep", "1"))
         wait_state(cli, starved, "exited")
     finally:
         starver.close()
-    note = started(starved)
+    assert _started_note(cli, starved) == {"file_events": True, "warnings": []}
+    touched = _touched(cli, starved)
+    paths = {row["path"] for row in touched}
+    assert {"agent-output/step-1.txt", "agent-output/step-2.txt"} <= paths, touched
+    assert all(row["actor"].startswith("spawner") for row in touched), touched
+    shown = cli("status", starved, check=True).stdout
+    assert "no live file events" not in shown, shown
+
+
+def test_no_live_file_events_is_said_on_the_execution(cli: Cli, repo: Path) -> None:
+    """Issue 19, item 11: when neither the shim nor the spawner could get an inotify instance (the
+    user's were all taken before `corral up` started), the execution says it has no live file events."""
+    starver = _InotifyStarver()
+    try:
+        process = start_up(cli)
+        try:
+            starved = detach(cli, repo, *agent_command("--steps", "1", "--sleep", "0"))
+            wait_state(cli, starved, "exited")
+        finally:
+            stop_up(cli, process)
+    finally:
+        starver.close()
+    note = _started_note(cli, starved)
     assert note["file_events"] is False
     assert any("inotify" in w and "max_user_instances" in w for w in note["warnings"]), note  # type: ignore[union-attr]
     shown = cli("status", starved, check=True).stdout
     assert "no live file events" in shown, shown
 
-    normal = detach(cli, repo, *agent_command("--steps", "1", "--sleep", "0"))
-    wait_state(cli, normal, "exited")
-    assert started(normal) == {"file_events": True, "warnings": []}
+    process = start_up(cli)
+    try:
+        normal = detach(cli, repo, *agent_command("--steps", "1", "--sleep", "0"))
+        wait_state(cli, normal, "exited")
+    finally:
+        stop_up(cli, process)
+    assert _started_note(cli, normal) == {"file_events": True, "warnings": []}
