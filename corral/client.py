@@ -67,7 +67,14 @@ from corral.ops.control import (
     require_state,
     status_of,
 )
-from corral.ops.history import _replay_plan, compare_executions, plan_fork, search_hits
+from corral.ops.history import (
+    MAX_COMPARED,
+    _replay_plan,
+    compare_executions,
+    compare_many,
+    plan_fork,
+    search_hits,
+)
 from corral.ops.worktrees import open_pr
 from corral.system import System, open_system
 from events.envelope import new_event
@@ -671,6 +678,13 @@ class Client:
 
     async def compare(self, first: str, second: str) -> dict[str, Any]:
         return await compare_executions(self.system, await self.resolve(first), await self.resolve(second))
+
+    async def compare_many(self, prefixes: list[str]) -> dict[str, Any]:
+        """2 to 10 executions side by side: {executions, tree_diffs (against the first), timeline
+        (rows of N entries, None where one has no such event)}."""
+        if len(prefixes) < 2 or len(prefixes) > MAX_COMPARED:
+            raise UsageError(f"compare takes 2 to {MAX_COMPARED} executions; got {len(prefixes)}")
+        return await compare_many(self.system, [await self.resolve(prefix) for prefix in prefixes])
 
     # --- system --------------------------------------------------------------------------------
 

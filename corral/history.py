@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 
 from actors.approver import DecisionRefused, submit_decision
 from corral import render
+from corral.client import Client
 from corral.commands import TERMINAL_TYPES, _run_and_follow, cmd_ps
 from corral.errors import UsageError
 from corral.home import Home, SystemLock
@@ -91,9 +92,12 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> d
     search.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"newest N hits (default {DEFAULT_LIMIT})")
     search.add_argument("--json", action="store_true")
 
-    compare = sub.add_parser("compare", help="two executions side by side: outcome, cost, files, tree diff, timeline")
+    compare = sub.add_parser(
+        "compare", help="two or more executions side by side: outcome, cost, files, tree diff, timeline"
+    )
     compare.add_argument("a", metavar="EXEC_A")
     compare.add_argument("b", metavar="EXEC_B")
+    compare.add_argument("more", nargs="*", metavar="EXEC", help="more executions (up to 10 in all)")
     compare.add_argument("--json", action="store_true")
 
     replay = sub.add_parser("replay", help="run a recorded execution again (same request, inputs, approvals)")
@@ -521,6 +525,8 @@ def _fork_inputs(
 
 
 async def cmd_compare(home: Home, args: Any) -> int:
+    if args.more:
+        return await _compare_many(home, [args.a, args.b, *args.more], as_json=args.json)
     async with open_system(home, actors=("projector",)) as system:
         a_id = await resolve_execution_id(system, args.a)
         b_id = await resolve_execution_id(system, args.b)
@@ -580,4 +586,69 @@ async def cmd_compare(home: Home, args: Any) -> int:
     for pair in timeline:
         mark = " " if pair["a"] and pair["b"] else "≠"
         print(f"  {side(pair['a']).ljust(width)}  {mark}  {side(pair['b'])}".rstrip())
+    return 0
+
+
+def _outcome(s: dict[str, Any]) -> str:
+    if s["signal"] is not None:
+        return f"{s['state']} (signal {s['signal']})"
+    return f"{s['state']} (exit {s['exit_code']}, {s['exit_reason'] or '-'})"
+
+
+def _session(s: dict[str, Any]) -> str:
+    continued = f" (continues {s['resume_session']})" if s["resume_session"] else ""
+    return f"{s['session_id'] or '-'}{continued}"
+
+
+def _files(s: dict[str, Any]) -> str:
+    return f"{len(s['files_changed'])} " + render.cell(", ".join(f["path"] for f in s["files_changed"][:5]))
+
+
+def _side(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return ""
+    count = f" ×{entry['count']}" if entry["count"] > 1 else ""
+    return f"+{entry['offset_s']:.1f}s {entry['type']}{count}"
+
+
+async def _compare_many(home: Home, prefixes: list[str], *, as_json: bool) -> int:
+    """`corral compare A B C ...`: one column per execution (A, B, C, ...), each final tree against A's,
+    the N timelines aligned by event type."""
+    async with Client.connect(home, actors=("projector",)) as client:
+        compared = await client.compare_many(prefixes)
+    if as_json:
+        render.print_json(compared)
+        return 0
+    runs = compared["executions"]
+    letters = [chr(ord("A") + i) for i in range(len(runs))]
+    lines = [
+        ("execution", *[s["execution_id"] for s in runs]),
+        ("command", *[render.cell(s["command"]) for s in runs]),
+        ("base", *[f"{s['base']} {(s['base_commit'] or '')[:12]}" for s in runs]),
+        ("outcome", *[_outcome(s) for s in runs]),
+        ("duration", *[render.human_duration(s["duration_s"]) for s in runs]),
+        ("tokens in/out", *[f"{s['input_tokens'] or 0:,}/{s['output_tokens'] or 0:,}" for s in runs]),
+        ("cost", *[f"${s['cost_usd'] or 0:.4f}" for s in runs]),
+        ("checkpoints", *[str(len(s["checkpoints"])) for s in runs]),
+        ("session", *[_session(s) for s in runs]),
+        ("final tree", *[(s["final_tree"] or "-")[:12] for s in runs]),
+        ("files changed", *[_files(s) for s in runs]),
+    ]
+    print(render.table(["", *letters], [list(line) for line in lines]))
+    print()
+    for letter, diff in zip(letters[1:], compared["tree_diffs"], strict=True):
+        if diff["same_tree"]:
+            print(f"final trees of A and {letter}: identical")
+        elif diff["stat"] is not None:
+            stat = diff["stat"] or "(no file differences)"
+            print(f"final trees of A and {letter} differ (git diff --stat A {letter}):\n{stat}")
+        else:
+            print(f"final trees of A and {letter}: cannot diff: {diff['error']}")
+    print()
+    print(f"timeline (aligned by event type; columns {' '.join(letters)}):")
+    widths = [max([len(_side(row[i])) for row in compared["timeline"]] + [1]) for i in range(len(runs))]
+    for row in compared["timeline"]:
+        mark = " " if all(row) else "≠"
+        cells = "  ".join(_side(entry).ljust(width) for entry, width in zip(row, widths, strict=True))
+        print(f"  {mark}  {cells}".rstrip())
     return 0

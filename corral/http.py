@@ -443,7 +443,15 @@ def create_app(gateway: Gateway) -> FastAPI:
         )
 
     @app.get("/api/compare", tags=["history"])
-    async def compare(who: Auth, a: str, b: str) -> dict[str, Any]:
+    async def compare(who: Auth, a: str | None = None, b: str | None = None, ids: str | None = None) -> dict[str, Any]:
+        """Two executions (`a`, `b`: {a, b, tree_diff, timeline}), or 2 to 10 (`ids=A,B,C`: {executions,
+        tree_diffs, timeline}) side by side (`corral compare --json`)."""
+        if ids is not None:
+            if a is not None or b is not None:
+                raise UsageError("give ids=A,B,C or a= and b=, not both")
+            return await who.client.compare_many([i.strip() for i in ids.split(",") if i.strip()])
+        if a is None or b is None:
+            raise UsageError("give a= and b= (two executions) or ids=A,B,C (2 to 10)")
         return await who.client.compare(a, b)
 
     @app.post("/api/sql", tags=["history"], response_model=dict[str, Any])

@@ -260,6 +260,8 @@ def test_replay_fork_compare_tree_rebuild_and_export(cli: Cli, repo: Path, tmp_p
             (("replay", "zzzzzzzz"), "no execution matches"),
             (("replay", original, "--speed", "0"), "--speed"),
             (("compare", original, "zzzzzzzz"), "no execution matches"),
+            (("compare", original, replay, original), "named twice"),
+            (("compare", *[original] * 11), "2 to 10"),
         ):
             result = cli(*args)
             assert result.returncode == 2, (args, result.stderr)
@@ -276,6 +278,20 @@ def test_replay_fork_compare_tree_rebuild_and_export(cli: Cli, repo: Path, tmp_p
         differ = cli("compare", original, fork, check=True).stdout
         assert "fork.txt" in differ
         assert "timeline (aligned by event type)" in differ
+
+        # compare of three (issue 18): a column each, every final tree against the first's, N timelines
+        three = json.loads(cli("compare", original, replay, fork, "--json", check=True).stdout)
+        assert [s["execution_id"] for s in three["executions"]] == [original, replay, fork]
+        assert [(d["execution_id"], d["same_tree"]) for d in three["tree_diffs"]] == [(replay, True), (fork, False)]
+        assert "fork.txt" in three["tree_diffs"][1]["stat"]
+        assert all(len(row) == 3 for row in three["timeline"])
+        assert [r[0] for r in three["timeline"] if r[0]] == [p["a"] for p in same["timeline"] if p["a"]]
+        assert [r[1] for r in three["timeline"] if r[1]] == [p["b"] for p in same["timeline"] if p["b"]]
+        text = cli("compare", original[:6], replay, fork, check=True).stdout
+        assert "final trees of A and B: identical" in text
+        assert "final trees of A and C differ" in text and "fork.txt" in text
+        assert "timeline (aligned by event type; columns A B C)" in text
+        assert text.splitlines()[0].split() == ["A", "B", "C"]
 
         # ps --tree: the replay and the fork under the original
         tree = json.loads(cli("ps", "--tree", "--json", check=True).stdout)

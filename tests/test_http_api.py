@@ -488,6 +488,18 @@ def test_replay_and_fork_over_http(api: dict[str, Any]) -> None:
             },
         ).json()["rows"]
     assert lineage == [[original, None], [None, original]]
+    with client(api, "tap") as http:  # the three side by side (issue 18): a column each, trees against the first
+        three = http.get("/api/compare", params={"ids": f"{original},{replay_id[:6]},{fork_id}"})
+        assert three.status_code == 200, three.text
+        compared = three.json()
+        assert [s["execution_id"] for s in compared["executions"]] == [original, replay_id, fork_id]
+        assert [d["execution_id"] for d in compared["tree_diffs"]] == [replay_id, fork_id]
+        assert compared["timeline"] and all(len(row) == 3 for row in compared["timeline"])
+        assert compared["timeline"][0][0]["type"] == "execution.requested"
+        assert "2 to 10" in error_of(http.get("/api/compare", params={"ids": original}), 400)
+        assert "named twice" in error_of(http.get("/api/compare", params={"ids": f"{original},{original}"}), 400)
+        assert "not both" in error_of(http.get("/api/compare", params={"ids": original, "a": original}), 400)
+        assert "no execution matches" in error_of(http.get("/api/compare", params={"ids": f"{original},zzzzzzzz"}), 404)
 
 
 async def test_the_api_user_decides_only_as_a_token_and_tap_cannot_decide(api: dict[str, Any]) -> None:

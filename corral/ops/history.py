@@ -597,3 +597,40 @@ async def compare_executions(system: System, a_id: str, b_id: str) -> dict[str, 
     diff = tree_diff(a, b)
     timeline = align(a.pop("timeline"), b.pop("timeline"))
     return {"a": a, "b": b, "tree_diff": diff, "timeline": timeline}
+
+
+MAX_COMPARED: Final = 10
+
+
+def align_many(timelines: list[list[dict[str, Any]]]) -> list[list[dict[str, Any] | None]]:
+    """Rows of N collapsed timelines paired by event type: each timeline in turn is aligned (as
+    `align` does two) against the rows so far, keyed by the type of each row's first entry."""
+    rows: list[list[dict[str, Any] | None]] = [[entry] for entry in timelines[0]]
+    for k, timeline in enumerate(timelines[1:], 1):
+        keys = [next(e for e in row if e is not None)["type"] for row in rows]
+        matcher = difflib.SequenceMatcher(a=keys, b=[e["type"] for e in timeline], autojunk=False)
+        merged: list[list[dict[str, Any] | None]] = []
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            if tag == "equal":
+                merged += [[*rows[i], timeline[j]] for i, j in zip(range(i1, i2), range(j1, j2), strict=True)]
+            else:
+                left, right = rows[i1:i2], timeline[j1:j2]
+                for m in range(max(len(left), len(right))):
+                    before = left[m] if m < len(left) else [None] * k
+                    merged.append([*before, right[m] if m < len(right) else None])
+        rows = merged
+    return rows
+
+
+async def compare_many(system: System, execution_ids: list[str]) -> dict[str, Any]:
+    """`corral compare A B C ...` (GET /api/compare?ids=A,B,C): every summary, each final tree against
+    the first's, the N timelines aligned by event type: {executions, tree_diffs, timeline}."""
+    if len(execution_ids) < 2 or len(execution_ids) > MAX_COMPARED:
+        raise UsageError(f"compare takes 2 to {MAX_COMPARED} executions; got {len(execution_ids)}")
+    if len(set(execution_ids)) < len(execution_ids):
+        raise UsageError("an execution is named twice; compare different executions")
+    summaries = [await _summary(system, execution_id) for execution_id in execution_ids]
+    first = summaries[0]
+    diffs = [{"execution_id": s["execution_id"], **tree_diff(first, s)} for s in summaries[1:]]
+    timeline = align_many([s.pop("timeline") for s in summaries])
+    return {"executions": summaries, "tree_diffs": diffs, "timeline": timeline}
