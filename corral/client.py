@@ -100,6 +100,9 @@ TERMINAL = ("execution.exited", "execution.failed")
 RUNNING = ("running", "paused")
 QUEUED = ("requested", "queued")
 CONFIRM_TIMEOUT_S = 15.0
+# `corral ps` during an output flood (issue 20 §5): after this long it no longer waits for output
+# chunks still being applied (their counters may lag), only for every other event logged before it.
+PS_OUTPUT_GRACE_S = 0.25
 PS_COLUMNS = (
     "execution_id, state, requested_at, duration_s, exit_code, signal, command, repo, error, worktree, output_bytes, "
     "exit_reason, agent, template, priority, started_at, ended_at"
@@ -183,14 +186,16 @@ class Client:
         """The one execution id starting with `prefix`, or NotFound."""
         return await resolve_execution_id(self.system, prefix)
 
-    async def query(self, sql: str, *, max_rows: int = 10000) -> dict[str, Any]:
-        """Run SQL (the projector's read-only sandbox) once it applied every event logged so far."""
+    async def query(self, sql: str, *, max_rows: int = 10000, output_grace_s: float | None = None) -> dict[str, Any]:
+        """Run SQL (the projector's read-only sandbox) once it applied every event logged so far
+        (with `output_grace_s`: after that long, every event but output chunks and heartbeats)."""
         if self._query_wait_s is None:  # the projector stops a query after [sql] timeout
             self._query_wait_s = max(60.0, load_config(self.home).sql.timeout_s + 20.0)
+        request: dict[str, Any] = {"sql": sql, "max_rows": max_rows}
+        if output_grace_s is not None:
+            request["output_grace_s"] = output_grace_s
         try:
-            return await _ask_projector(
-                self.system, API_SQL, {"sql": sql, "max_rows": max_rows}, wait_s=self._query_wait_s
-            )
+            return await _ask_projector(self.system, API_SQL, request, wait_s=self._query_wait_s)
         except PermissionRefused as exc:
             raise Forbidden(_one_line(exc)) from None
 
@@ -200,8 +205,8 @@ class Client:
             raise UsageError("max_rows must be 1 or more")
         return await self.query(sql, max_rows=max_rows)
 
-    async def records(self, sql: str) -> list[dict[str, Any]]:
-        result = await self.query(sql)
+    async def records(self, sql: str, *, output_grace_s: float | None = None) -> list[dict[str, Any]]:
+        result = await self.query(sql, output_grace_s=output_grace_s)
         return render.records(result["columns"], result["rows"])
 
     # --- submit --------------------------------------------------------------------------------
@@ -266,7 +271,8 @@ class Client:
         order = f"{needing} DESC, requested_at DESC"
         page_sql = f"SELECT {PS_COLUMNS} FROM executions {clause} ORDER BY {order} {page}"
         rows = await self.records(
-            attention.annotated(page_sql, "coalesce(_pending, 0) + coalesce(_failed, 0) = 0, requested_at DESC")
+            attention.annotated(page_sql, "coalesce(_pending, 0) + coalesce(_failed, 0) = 0, requested_at DESC"),
+            output_grace_s=PS_OUTPUT_GRACE_S,
         )
         attention.annotate(rows)
         return rows

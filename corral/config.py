@@ -371,6 +371,20 @@ class RetentionSettings(_Frozen):
         )
 
 
+class ProjectorSettings(_Frozen):
+    """[projector] (docs/config.md): the projector's DuckDB worker process."""
+
+    memory_limit_bytes: int = 384 << 20  # DuckDB's memory_limit in the worker (its buffer pool and operators)
+    threads: int = 0  # DuckDB's threads in the worker; 0: one per core (DuckDB's default)
+
+    def duckdb_settings(self) -> dict[str, str | int]:
+        """The settings the worker gives its DuckDB instance (projections.worker)."""
+        settings: dict[str, str | int] = {"memory_limit": f"{self.memory_limit_bytes // 1024}KiB"}
+        if self.threads:
+            settings["threads"] = self.threads
+        return settings
+
+
 class SqlSettings(_Frozen):
     """[sql] (docs/security.md, the query sandbox): `corral sql` and every query of the CLI."""
 
@@ -498,6 +512,7 @@ class Config(_Frozen):
     security: SecuritySettings = SecuritySettings()
     retention: RetentionSettings = RetentionSettings()
     sql: SqlSettings = SqlSettings()
+    projector: ProjectorSettings = ProjectorSettings()
     snapshot: SnapshotSettings = SnapshotSettings()
     sandbox: SandboxSettings = SandboxSettings()
     templates: dict[str, Template] = Field(default_factory=dict)
@@ -709,6 +724,11 @@ class _SqlFile(_Frozen):
     timeout: Annotated[Duration, Field(gt=0, le=3600)] = 10.0
 
 
+class _ProjectorFile(_Frozen):
+    memory_limit: Annotated[_Size, Field(ge=64 << 20)] = 384 << 20
+    threads: Annotated[StrictInt, Field(ge=0, le=256)] = 0
+
+
 class _SnapshotFile(_Frozen):
     every: Annotated[Duration, Field(ge=0)] = 0.0
     path: StrictStr | None = None
@@ -800,6 +820,7 @@ class _ConfigFile(_Frozen):
     security: _SecurityFile = _SecurityFile()
     retention: _RetentionFile = _RetentionFile()
     sql: _SqlFile = _SqlFile()
+    projector: _ProjectorFile = _ProjectorFile()
     snapshot: _SnapshotFile = _SnapshotFile()
     sandbox: _SandboxFile = _SandboxFile()
     templates: dict[str, _TemplateFile] = Field(default_factory=dict)
@@ -824,6 +845,7 @@ _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "security": tuple(_SecurityFile.model_fields),
     "retention": tuple(_RetentionFile.model_fields),
     "sql": tuple(_SqlFile.model_fields),
+    "projector": tuple(_ProjectorFile.model_fields),
     "snapshot": tuple(_SnapshotFile.model_fields),
     "sandbox": tuple(_SandboxFile.model_fields),
     "templates.*": tuple(_TemplateFile.model_fields),
@@ -978,6 +1000,9 @@ def parse_config(text: str, source: Path | None = None, *, label: str = FILE_NAM
             output_max_msgs=parsed.retention.output_max_msgs,
         ),
         sql=SqlSettings(timeout_s=parsed.sql.timeout),
+        projector=ProjectorSettings(
+            memory_limit_bytes=parsed.projector.memory_limit, threads=parsed.projector.threads
+        ),
         snapshot=SnapshotSettings(every_s=parsed.snapshot.every, path=parsed.snapshot.path),
         sandbox=SandboxSettings(**parsed.sandbox.model_dump()),
         templates={

@@ -335,7 +335,12 @@ async def _start_actors(
                 bus, effective_policy(config.policy, {}, None), policy_table=config.policy, templates=templates
             )
         elif name == "projector":
-            actor = Projector(bus, database=home.database, tmp_dir=home.tmp)
+            actor = Projector(
+                bus,
+                database=home.database,
+                tmp_dir=home.tmp,
+                duckdb_settings=config.projector.duckdb_settings(),
+            )
         elif name == "notifier":
             from actors.notifier import Notifier  # [[notify]] (docs/notifications.md)
 
@@ -482,8 +487,12 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
             if not snapshot:
                 check_statement(request["sql"])  # refused at once, before waiting for the position
             target = (_snapshot_target if snapshot else _export_target)(request["path"]) if export else None
+            grace = request.get("output_grace_s")  # a listing (corral ps): output still applied may wait
             await projector.wait_for_position(
-                int(request.get("min_seq", 0)), timeout_s=10.0, output_seq=await projector.output_last_sequence()
+                int(request.get("min_seq", 0)),
+                timeout_s=10.0,
+                output_seq=await projector.output_last_sequence(),
+                output_grace_s=min(float(grace), 10.0) if isinstance(grace, int | float) and grace >= 0 else None,
             )
             worker = projector.worker
             if worker is None:

@@ -18,15 +18,17 @@ _STATE_KINDS = frozenset(kind.encode() for kind in STATE_EVENT_TYPES)
 class Gathered:
     """Messages in stream order, each above the applied position, with what the applier needs."""
 
-    __slots__ = ("items", "lifecycle", "lines")
+    __slots__ = ("items", "lifecycle", "lines", "size")
 
     def __init__(self) -> None:
         self.items: list[tuple[int, bytes, bytes]] = []  # (seq, subject, payload)
+        self.size = 0  # bytes of payload gathered (batches are cut by size too: big output chunks)
         self.lines: list[bytes] = []  # NDJSON lines for the events table
         self.lifecycle: list[tuple[int, str, bytes]] = []  # the messages projections.state folds
 
     def add(self, seq: int, subject: bytes, payload: bytes) -> None:
         self.items.append((seq, subject, payload))
+        self.size += len(payload)
         if payload[:1] == b"{" and len(payload) > 2:
             self.lines.append(b'{"seq":%d,%s' % (seq, payload[1:]))
         if not subject.endswith(b".output") and subject[subject.find(b".", _TYPE_START) + 1 :] in _STATE_KINDS:

@@ -111,6 +111,7 @@ class RawClient(Protocol):
 Batch = list[tuple[int, str, bytes]]
 READ_PULL = 2000
 READ_CREDIT = 40000
+READ_BATCH_BYTES = 32 * 1024 * 1024  # a batch is handed over at this many bytes of payload, whatever its count
 
 
 async def read_log(
@@ -122,6 +123,7 @@ async def read_log(
     on_batch: Callable[[Any], Coroutine[Any, Any, None]],
     stall_s: float = 15.0,
     batch_size: int = 50000,
+    batch_bytes: int = READ_BATCH_BYTES,
     stream: str = STREAM,
     filter_subject: str = ALL_EVENTS,
     gather: bool = False,
@@ -132,7 +134,9 @@ async def read_log(
     An ephemeral pull consumer without acks, fed by pipelined `MSG.NEXT` requests on a raw
     client (nats-py's IntakeClient, or the leaner projections.wire.WireClient), against 40k
     events/s for `fetch()` and 60-75k for an ordered push consumer with Msg objects here.
-    `on_batch` is awaited for one batch while the next is read. Returns how many events were read.
+    `on_batch` is awaited for one batch while the next is read; a batch ends at `batch_size`
+    events or `batch_bytes` bytes of payload (big output chunks: the DuckDB worker's memory is
+    bounded, docs/config.md `[projector] memory_limit`). Returns how many events were read.
     """
     if start_seq > until:
         return 0
@@ -173,6 +177,7 @@ async def read_log(
     handing: asyncio.Task[None] | None = None
     pending: Batch = []
     gathering = Gathered() if gather else None
+    pending_bytes = 0
     heard = time.monotonic()
     try:
         while last_seq < until:
@@ -202,9 +207,11 @@ async def read_log(
                     gathering.add(seq, subject, data)
                 else:
                     pending.append((seq, subject.decode(), data))
+                    pending_bytes += len(data)
                 last_seq = seq
             size = len(gathering.items) if gathering is not None else len(pending)
-            if size >= batch_size or last_seq >= until:
+            gathered_bytes = gathering.size if gathering is not None else pending_bytes
+            if size >= batch_size or gathered_bytes >= batch_bytes or last_seq >= until:
                 if handing is not None:
                     await handing
                 todo: Any = pending
@@ -212,6 +219,7 @@ async def read_log(
                     todo, gathering = gathering, Gathered()
                 else:
                     pending = []
+                    pending_bytes = 0
                 read += size
                 handing = asyncio.create_task(on_batch(todo))
         if handing is not None:

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from events.envelope import decode_event
 from events.errors import EventError
 from events.stream import when_ready
 from events.subjects import ALL_EVENTS, OUTPUT_STREAM, STREAM
+from events.types import EVENT_TYPES
 from projections.batch import Gathered, Prepared
 from projections.derived import OUTPUT_SEQ_BASE, apply_derived
 from projections.errors import DatabaseLocked, ProjectionError
@@ -49,8 +51,17 @@ log = logging.getLogger(__name__)
 
 PULL_BATCH = 2000
 MAX_CREDIT = 60000  # deliveries asked for and gathered, not yet handed to the applier
-LINGER_S = 1.0
+# Adaptive batching (issue 20 §1): a batch goes to the applier as soon as the stream is drained
+# (no delivery for QUIET_S), or LINGER_S after its first message while messages keep coming, or
+# at LINGER_EVENTS; at high rates the apply in flight is what gathers the next batch.
+QUIET_S = 0.01
+LINGER_S = 0.1
 LINGER_EVENTS = 2000
+# Big output chunks (issue 20 §5): a batch is cut at BATCH_BYTES of payload, so that an apply fits
+# in the DuckDB worker's memory_limit, and no more is asked for while MAX_GATHER_BYTES are gathered
+# (the credit is also scaled down by the messages' running average size).
+BATCH_BYTES = 8 * 1024 * 1024
+MAX_GATHER_BYTES = 48 * 1024 * 1024
 PULL_EXPIRES_S = 5.0
 LOCK_RETRY_S = 2.0
 SILENCE_S = 3 * PULL_EXPIRES_S  # pulls outstanding and not a word back for this long: they were lost
@@ -78,6 +89,9 @@ _OUTPUT_RECOUNT = (
     "WHERE executions.execution_id = agg.execution_id"
 )
 _OUTPUT_ROW = "seq, execution_id, ts, stream, n, text"  # output_batch's columns that make an output row
+# What a listing's output_grace_s lets wait (Projector.wait_for_position), and every other subject.
+_QUIET_KINDS = (b".output", b".heartbeat")
+_OTHER_SUBJECTS = [f"corral.evt.*.{kind}" for kind in sorted(EVENT_TYPES) if kind not in ("output", "heartbeat")]
 _STATE_SPEC = json_columns_spec(STATE_COLUMNS)
 _STATE_NAMES = list(STATE_COLUMNS)
 _STATE_SELECT = [f"{name}::TIMESTAMP" if kind == "TIMESTAMPTZ" else name for name, kind in STATE_COLUMNS.items()]
@@ -417,6 +431,12 @@ class _Feed:
         self.filter_subject = filter_subject
         self.gaps = gaps
         self.gathering = Gathered()  # deliveries since the last batch was handed to the applier
+        self.full: deque[Gathered] = deque()  # batches cut at BATCH_BYTES, waiting for the applier
+        self.full_count = 0
+        self.full_bytes = 0
+        self.first_at = 0.0  # when the gathering's first message came
+        self.last_delivery = 0.0
+        self.avg_size = 1024.0  # running average payload size (up fast, down slowly): scales the credit
         self.expected = 1  # the next stream sequence the current consumer should deliver
         self.credit = 0
         self.inbox = ""
@@ -455,27 +475,58 @@ class _Feed:
             return
         self.fresh = False
         self.expected = seq + 1
+        size = len(data)
+        self.avg_size += (size - self.avg_size) * (0.25 if size > self.avg_size else 0.002)
+        self.last_delivery = now = time.monotonic()
         gathering = self.gathering
         gathering.add(seq, subject, data)
         if len(gathering.items) == 1:
-            self.last_heard = time.monotonic()  # silent() looks only while nothing is gathered
+            self.last_heard = self.first_at = now  # silent() looks only while nothing is gathered
             self.projector._arrived.set()
+        elif gathering.size >= BATCH_BYTES:
+            self.full.append(gathering)
+            self.full_count += len(gathering.items)
+            self.full_bytes += gathering.size
+            self.gathering = Gathered()
+            self.projector._arrived.set()
+            self.projector._urgent.set()
         elif self.credit < PULL_BATCH:
             self.projector._arrived.set()
 
+    @property
+    def ready(self) -> bool:
+        return bool(self.full or self.gathering.items)
+
+    def take(self) -> Gathered:
+        """The next batch for the applier: the oldest cut at BATCH_BYTES, else what is gathered."""
+        if self.full:
+            batch = self.full.popleft()
+            self.full_count -= len(batch.items)
+            self.full_bytes -= batch.size
+            return batch
+        batch, self.gathering = self.gathering, Gathered()
+        return batch
+
     async def pull(self, intake: RawClient) -> None:
-        while self.credit + len(self.gathering.items) < MAX_CREDIT:
-            self.credit += PULL_BATCH
+        # as many messages as MAX_GATHER_BYTES hold at the running average size (MAX_CREDIT at most)
+        limit = max(16, min(MAX_CREDIT, int(MAX_GATHER_BYTES / max(self.avg_size, 1.0))))
+        step = min(PULL_BATCH, max(limit // 4, 1))
+        while self.gathering.size + self.full_bytes < MAX_GATHER_BYTES:
+            room = limit - self.credit - len(self.gathering.items) - self.full_count
+            if room < step and (room <= 0 or self.credit > 0):
+                break  # no pull of a few messages each time one is delivered
+            batch = min(step, room)
+            self.credit += batch
             await intake.publish(
                 f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}",
-                orjson.dumps({"batch": PULL_BATCH, "expires": int(PULL_EXPIRES_S * 1e9)}),
+                orjson.dumps({"batch": batch, "expires": int(PULL_EXPIRES_S * 1e9)}),
                 reply=self.inbox,
             )
 
     def silent(self) -> bool:
         """Pulls are outstanding but nothing came back, not even their expiry: they were lost
         (the consumer's leader moved to another server of the cluster, or the connection hangs)."""
-        return self.credit > 0 and not self.gathering.items and time.monotonic() - self.last_heard > SILENCE_S
+        return self.credit > 0 and not self.ready and time.monotonic() - self.last_heard > SILENCE_S
 
     async def listen(self, intake: RawClient) -> None:
         """Deliveries go to a new inbox, so stragglers of a replaced consumer are not mixed in."""
@@ -513,6 +564,8 @@ class _Feed:
             ),
         )
         self.gathering = Gathered()
+        self.full.clear()
+        self.full_count = self.full_bytes = 0
         self.credit = 0
         self.fresh = True
         self.lost = False
@@ -531,10 +584,12 @@ class Projector(Actor):
         database: Path,
         tmp_dir: Path,
         instance: str | None = None,
+        duckdb_settings: dict[str, str | int] | None = None,
     ) -> None:
         super().__init__(bus, instance=instance)
         self.database = database
         self.tmp_dir = tmp_dir
+        self.duckdb_settings = duckdb_settings  # [projector] memory_limit, threads (None: the worker's defaults)
         secret = bus.credentials.password if bus.credentials else ""
         self.durable = consumer_name(database, secret)
         self.legacy_durable = legacy_projector_consumer_name(database, secret)
@@ -548,6 +603,7 @@ class Projector(Actor):
         self._urgent = asyncio.Event()
         self._waiters = 0
         self._last_apply = 0.0
+        self._in_flight: Gathered | None = None  # the core log's batch being applied
         self._lock = asyncio.Lock()
         self._resync_all = False  # the intake connection was replaced: every consumer starts again
         self._output_checked = 0.0
@@ -611,7 +667,8 @@ class Projector(Actor):
         """Open the DuckDB file in a worker process (projections.worker) and read the applied
         positions; after a rebuild's swap, in the worker it already has."""
         if self.worker is None:
-            worker = ApplyWorker(self.database, tmp_dir=self.tmp_dir)  # started on the loop's thread
+            # started on the loop's thread
+            worker = ApplyWorker(self.database, tmp_dir=self.tmp_dir, settings=self.duckdb_settings)
             await asyncio.to_thread(worker.open)
             self.worker = worker
         else:
@@ -709,28 +766,29 @@ class Projector(Actor):
                 assert self._intake is not None
                 for feed in self.feeds:
                     await feed.pull(self._intake)
-                ready = [f for f in self.feeds if f.gathering.items]
+                ready = [f for f in self.feeds if f.ready]
                 if applying is not None or not ready:
-                    # Reading goes on while a batch is applied in the worker thread.
+                    # Reading goes on while a batch is applied in the worker.
                     self._arrived.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._arrived.wait(), 0.25)
                     continue
-                # A trickle (hundreds of agents heartbeating) is gathered for a moment: one DuckDB
-                # transaction per second instead of one per event. Someone waiting is served at once.
-                since = time.monotonic() - self._last_apply
-                if (
-                    sum(len(f.gathering.items) for f in ready) < LINGER_EVENTS
-                    and since < LINGER_S
-                    and not self._waiters
-                ):
-                    self._urgent.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._urgent.wait(), LINGER_S - since)
-                    continue
+                # Adaptive batching: what came is applied once the stream is drained (no delivery
+                # for QUIET_S); while messages keep coming they are gathered for up to LINGER_S
+                # (or LINGER_EVENTS), and at high rates the apply in flight gathers the next batch.
+                # A batch cut at BATCH_BYTES, or someone waiting, is served at once.
+                if not self._waiters and not any(f.full for f in ready):
+                    wait = self._linger(ready)
+                    if wait > 0:
+                        self._urgent.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._urgent.wait(), wait)
+                        continue
                 turn += 1
                 feed = ready[turn % len(ready)]  # the streams take turns
-                batch, feed.gathering = feed.gathering, Gathered()
+                batch = feed.take()
+                if feed is self.feeds[0]:
+                    self._in_flight = batch
                 applying = asyncio.create_task(self._apply(feed, batch), name="corral-projector-apply")
                 self._last_apply = time.monotonic()
         finally:
@@ -743,16 +801,28 @@ class Projector(Actor):
                 with contextlib.suppress(Exception):
                     await self._intake.close()
 
+    @staticmethod
+    def _linger(ready: list[_Feed]) -> float:
+        """How long to gather more before applying what the feeds hold (0: apply now)."""
+        if sum(len(f.gathering.items) for f in ready) >= LINGER_EVENTS:
+            return 0.0
+        now = time.monotonic()
+        quiet = max(f.last_delivery for f in ready) + QUIET_S - now
+        oldest = min(f.first_at for f in ready) + LINGER_S - now
+        return min(quiet, oldest)
+
     async def _apply(self, feed: _Feed, batch: Gathered) -> None:
         try:
             async with self._lock:
                 applier = feed.applier
                 assert applier is not None
                 await asyncio.to_thread(applier.apply_gathered, batch)
-            async with self.position_changed:
-                self.position_changed.notify_all()
         finally:
+            if self._in_flight is batch:
+                self._in_flight = None
             self._arrived.set()
+        async with self.position_changed:
+            self.position_changed.notify_all()
 
     async def _connect(self) -> None:
         self._intake = await connect_reader(
@@ -797,13 +867,27 @@ class Projector(Actor):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), 1.0)
 
-    async def wait_for_position(self, seq: int, *, timeout_s: float = 10.0, output_seq: int | None = None) -> bool:
-        """Wait until core events up to `seq` (and output chunks up to `output_seq`) are applied."""
-        deadline = time.monotonic() + timeout_s
+    async def wait_for_position(
+        self,
+        seq: int,
+        *,
+        timeout_s: float = 10.0,
+        output_seq: int | None = None,
+        output_grace_s: float | None = None,
+    ) -> bool:
+        """Wait until core events up to `seq` (and output chunks up to `output_seq`) are applied.
+
+        `output_grace_s` (a listing such as `corral ps`, issue 20 §5): after that long, output
+        and heartbeats still to apply no longer hold the answer: it is given once every other
+        event up to `seq` is applied (the rest has reached this projector and is only output)."""
+        started = time.monotonic()
+        deadline = started + timeout_s
         self._waiters += 1
         self._urgent.set()
 
-        def behind() -> bool:
+        async def behind() -> bool:
+            if output_grace_s is not None and time.monotonic() - started >= output_grace_s:
+                return self.position < seq and not await self._only_output_until(seq)
             if self.position < seq:
                 return True
             out = self.output_position
@@ -811,15 +895,73 @@ class Projector(Actor):
 
         try:
             async with self.position_changed:
-                while behind():
+                while await behind():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return False
+                    if output_grace_s is not None:  # looked at again after the grace, and then now and then
+                        remaining = min(remaining, max(started + output_grace_s - time.monotonic(), 0.05))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.position_changed.wait(), remaining)
             return True
         finally:
             self._waiters -= 1
+
+    async def _only_output_until(self, seq: int) -> bool:
+        """Whether every core event above the applied position up to `seq` is output or a
+        heartbeat: those this projector holds (being applied, or gathered) are looked at, and the
+        stream is asked about the rest (a flood gathers at most MAX_GATHER_BYTES)."""
+        feed = self.feeds[0]
+        if feed.lost:
+            return False
+        batches = [*([self._in_flight] if self._in_flight is not None else []), *feed.full, feed.gathering]
+        for batch in batches:
+            for item_seq, subject, _ in batch.items:
+                if item_seq > seq:
+                    return True
+                if not subject.endswith(_QUIET_KINDS):
+                    return False
+        start = feed.expected
+        if start > seq:
+            return True
+        found = await self._first_other_event(start)
+        return found is not None and found > seq
+
+    async def _first_other_event(self, start: int) -> int | None:
+        """The sequence of the first event from `start` on that is neither output nor a heartbeat
+        (a large number if there is none); None if the stream could not tell."""
+        js = self.bus.js
+        try:
+            info = await js.add_consumer(
+                STREAM,
+                ConsumerConfig(
+                    filter_subjects=_OTHER_SUBJECTS,
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=start,
+                    ack_policy=AckPolicy.NONE,
+                    inactive_threshold=5.0,
+                    mem_storage=True,
+                    num_replicas=1,
+                ),
+            )
+        except Exception as exc:
+            log.debug("projector: the stream was not asked about events after %s: %r", start, exc)
+            return None
+        try:
+            if not info.num_pending:
+                return 1 << 62
+            reply = await self.bus.nc.request(
+                f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{info.name}", b'{"batch":1,"no_wait":true}', timeout=2.0
+            )
+            if reply.headers and reply.headers.get("Status"):
+                return 1 << 62
+            return int(reply.metadata.sequence.stream)
+        except Exception as exc:
+            log.debug("projector: the stream did not say which event follows %s: %r", start, exc)
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(STREAM, info.name)
 
     async def output_last_sequence(self) -> int | None:
         """The output stream's last sequence, when this projector reads it (for `corral sql`)."""

@@ -61,6 +61,10 @@ _LENGTH = struct.Struct("<Q")
 LIVE = "live"  # the name of the projector's own file in its worker
 QUERY_THREADS = 8  # queries running at once in a worker; more wait for one of them
 DEFAULT_QUERY_TIMEOUT_S = 10.0  # [sql] timeout (corral/config.py)
+# [projector] memory_limit and threads (docs/config.md): DuckDB's memory (its buffer pool and the
+# operators' state) in each instance of the worker; batches are cut at projector.BATCH_BYTES so an
+# apply fits (a 50 MB batch of big output chunks did not fit in 256 MB, an 8-16 MB one does).
+DEFAULT_SETTINGS: dict[str, str | int] = {"memory_limit": "384MiB"}
 QUERY_ERRORS: dict[str, type[QueryError]] = {"sql": QueryError, "refused": QueryRefused, "timeout": QueryTimeout}
 
 
@@ -91,14 +95,18 @@ def _read(stream: IO[bytes]) -> Any:
 class ApplyWorker:
     """A child process that owns a DuckDB file's connection and applies batches to it."""
 
-    def __init__(self, database: Path, *, tmp_dir: Path) -> None:
+    def __init__(self, database: Path, *, tmp_dir: Path, settings: dict[str, str | int] | None = None) -> None:
         """Start the process (fast); `open()` then opens the file in it (blocking).
+
+        `settings`: DuckDB settings of each file's instance ([projector] memory_limit, threads;
+        corral/config.py), given before its configuration is locked.
 
         Create it on the thread that runs the event loop: the child is killed by the kernel when
         the thread that started it ends (PR_SET_PDEATHSIG), so a projector killed outright takes
         its DuckDB writer with it, as one process would (a batch in flight is rolled back)."""
         self.database = database
         self.tmp_dir = tmp_dir
+        self.settings = dict(settings or DEFAULT_SETTINGS)
         self.positions: dict[str, int] = {}
         self._lock = threading.Lock()
         # the queries' own pipes: requests in, answers (by id) out
@@ -140,7 +148,9 @@ class ApplyWorker:
         """Open a DuckDB file in the process as `name` and return its applied positions
         (blocking). "live" is the projector's file (`database`, given at start, by default)."""
         try:
-            positions: dict[str, int] = self.call(("open", name, str(database or self.database), str(self.tmp_dir)))
+            positions: dict[str, int] = self.call(
+                ("open", name, str(database or self.database), str(self.tmp_dir), self.settings)
+            )
         except BaseException:
             if name == LIVE:
                 self.kill()
@@ -330,7 +340,9 @@ class RemoteApplier:
 # --- the child's side ----------------------------------------------------------------------------
 
 
-def _sandbox(con: duckdb.DuckDBPyConnection, path: Path, tmp_dir: Path) -> None:
+def _sandbox(
+    con: duckdb.DuckDBPyConnection, path: Path, tmp_dir: Path, settings: dict[str, str | int] | None = None
+) -> None:
     """Close the DuckDB instance to the outside, for the queries on its cursors (`corral sql`):
     no file read or written but the batch files in `tmp_dir` (read_json of the apply path) and
     what DuckDB keeps open to itself (the attached file, its WAL, its spill directory, here in
@@ -341,6 +353,11 @@ def _sandbox(con: duckdb.DuckDBPyConnection, path: Path, tmp_dir: Path) -> None:
     listed = ", ".join(_literal(d) for d in sorted(allowed))
     con.execute("SET GLOBAL TimeZone = 'UTC'")  # every cursor's, as the connection's own
     con.execute(f"SET temp_directory = {_literal(str(tmp_dir.absolute() / ('duckdb-' + path.name)))}")
+    for name, value in (settings or DEFAULT_SETTINGS).items():  # memory_limit, threads ([projector])
+        if name not in ("memory_limit", "threads"):
+            raise ValueError(f"not a projector setting: {name!r}")
+        shown = str(int(value)) if name == "threads" else _literal(str(value))
+        con.execute(f"SET GLOBAL {name} = {shown}")
     con.execute(f"SET allowed_directories = [{listed}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
@@ -353,13 +370,13 @@ def _literal(text: str) -> str:
 class _Database:
     """One open DuckDB file of the worker: its connection and one applier per stream."""
 
-    def __init__(self, path: Path, tmp_dir: Path) -> None:
+    def __init__(self, path: Path, tmp_dir: Path, settings: dict[str, str | int] | None = None) -> None:
         from projections.database import open_database
         from projections.projector import BatchApplier, OutputApplier
 
         self.con = open_database(path)
         try:
-            _sandbox(self.con, path, tmp_dir)
+            _sandbox(self.con, path, tmp_dir, settings)
         except BaseException:
             self.con.close()
             raise
@@ -518,10 +535,10 @@ def _serve(inp: IO[bytes], out: IO[bytes], live: _Live | None = None) -> None:
         op = request[0]
         try:
             if op == "open":
-                _, name, path, tmp_dir = request
+                _, name, path, tmp_dir, *rest = request  # rest: the DuckDB settings, if given
                 if name in databases:
                     raise RuntimeError(f"a DuckDB file is open already as {name!r}")
-                database = databases[name] = _Database(Path(path), Path(tmp_dir))
+                database = databases[name] = _Database(Path(path), Path(tmp_dir), rest[0] if rest else None)
                 if name == LIVE:
                     live.give(database)
                 reply: tuple[str, Any] = ("ok", {stream: a.position for stream, a in database.appliers.items()})
