@@ -42,6 +42,7 @@ from actors.redact import SECRET_PLACEHOLDER
 from actors.runtime import Actor
 from actors.sessions import carry_session
 from actors.shim import PUBLISHED, SPEC, SPOOL, SpoolWatch, request, socket_address
+from actors.shimfork import ForkedShim, ShimStarter
 from actors.worktree import add_worktree, remove_worktree, repo_root, resolve_commit
 from events.approvals import approval_line, derived_id
 from events.auth import CREDENTIAL_ENV, SERVER_ENV_PREFIX
@@ -113,7 +114,7 @@ class RunningExecution:
     request_id: str
     run_dir: Path
     request: ExecutionRequested | None = None
-    shim: subprocess.Popen[bytes] | None = None
+    shim: subprocess.Popen[bytes] | ForkedShim | None = None
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None
     stop_cause: str | None = None
@@ -253,6 +254,7 @@ class Spawner(Actor):
         self.pending: dict[str, Pending] = {}
         self.claimed: set[str] = set()
         self.queued_recorded: set[str] = set()
+        self.shim_starter = ShimStarter(self.run_root)  # shims forked from a warm process (actors/shimfork.py)
         self.breakers = TemplateBreakers()  # open template breakers hold their plain runs (actors/breakers.py)
         self.handled_requests: deque[str] = deque(maxlen=10000)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -280,6 +282,7 @@ class Spawner(Actor):
 
     async def prepare(self) -> None:
         self.run_root.mkdir(parents=True, exist_ok=True)
+        self.shim_starter.open()  # it imports while the rest is prepared
         await asyncio.to_thread(diskquota.remount_all, self.worktrees)  # disk-quota images a reboot unmounted
         # Before any shim is adopted or started: shims take inotify instances too (file watching).
         self._spool_watch = SpoolWatch.open()
@@ -360,6 +363,7 @@ class Spawner(Actor):
         if self._files is not None:
             self._files.close()
             self._files = None
+        self.shim_starter.close()
 
     # --- the queue ---------------------------------------------------------------------------
 
@@ -740,7 +744,7 @@ class Spawner(Actor):
         tmp.write_bytes(orjson.dumps(spec))
         tmp.rename(run.run_dir / SPEC)
         try:
-            run.shim = start_shim(run.run_dir)
+            run.shim = await self.shim_starter.start(run.run_dir) or start_shim(run.run_dir)
         except OSError as exc:
             await self._emit(run, ExecutionFailed(stage="spawn", error=f"cannot start the shim: {exc}"))
             shutil.rmtree(run.run_dir, ignore_errors=True)

@@ -119,6 +119,18 @@ async def bench(tickets: int, max_running: int) -> None:
                     "AND CAST(f.data->>'step' AS INTEGER) = s.step",
                     max_rows=100000,
                 )
+                # Where the next stage's start goes: request -> claim -> worktree -> agent running.
+                phases = await sql(
+                    bus,
+                    "SELECT epoch(c.ts) - epoch(r.ts), epoch(w.ts) - epoch(c.ts), epoch(x.ts) - epoch(w.ts) "
+                    "FROM stages s "
+                    "JOIN events r ON r.execution_id = s.execution_id AND r.type = 'execution.requested' "
+                    "JOIN events c ON c.execution_id = s.execution_id AND c.type = 'execution.claimed' "
+                    "JOIN events w ON w.execution_id = s.execution_id AND w.type = 'workspace.created' "
+                    "JOIN events x ON x.execution_id = s.execution_id AND x.type = 'execution.started' "
+                    "WHERE s.step = 2",
+                    max_rows=100000,
+                )
                 # The baseline: the same executions by hand, all at once, with the Python client.
                 from corral.client import Client, RunSpec
                 from corral.home import Home
@@ -165,6 +177,21 @@ async def bench(tickets: int, max_running: int) -> None:
         f"  stage finished -> next requested      p50 {pct(decided_ms, 0.5):7.1f} ms  "
         f"p99 {pct(decided_ms, 0.99):7.1f} ms  (the conductor's part)"
     )
+    claim_ms = [float(r[0]) * 1000 for r in phases]
+    workspace_ms = [float(r[1]) * 1000 for r in phases]
+    shim_ms = [float(r[2]) * 1000 for r in phases]
+    print(
+        f"  next stage: requested -> claimed      p50 {pct(claim_ms, 0.5):7.1f} ms  p99 {pct(claim_ms, 0.99):7.1f} ms"
+        "  (the spawner's queue and claim)"
+    )
+    print(
+        f"              claimed -> worktree       p50 {pct(workspace_ms, 0.5):7.1f} ms  "
+        f"p99 {pct(workspace_ms, 0.99):7.1f} ms  (the run's existing worktree checked)"
+    )
+    print(
+        f"              worktree -> agent running p50 {pct(shim_ms, 0.5):7.1f} ms  p99 {pct(shim_ms, 0.99):7.1f} ms"
+        "  (spec, the shim's process, cgroup, exec)"
+    )
     if over:
         print(f"  mean overhead {statistics.fmean(over):.1f} ms")
     ratio = per_min / hand_per_min if hand_per_min else None
@@ -183,6 +210,9 @@ async def bench(tickets: int, max_running: int) -> None:
         exit_seen_p99_ms=pct(seen_ms, 0.99),
         next_requested_p50_ms=pct(decided_ms, 0.5),
         next_requested_p99_ms=pct(decided_ms, 0.99),
+        claim_p50_ms=pct(claim_ms, 0.5),
+        worktree_p50_ms=pct(workspace_ms, 0.5),
+        shim_to_running_p50_ms=pct(shim_ms, 0.5),
         max_running=max_running,
         tickets=tickets,
     )
