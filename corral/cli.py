@@ -25,9 +25,9 @@ from corral import (
     worktrees,
     wrap,
 )
-from corral.entry import interrupted
 from corral.errors import CorralError
 from corral.home import Home
+from corral.interrupt import interrupted
 from events.errors import EventError
 from projections.errors import ProjectionError
 

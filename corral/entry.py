@@ -7,8 +7,7 @@ an import traceback.
 
 from __future__ import annotations
 
-import signal
-import sys
+from corral.interrupt import interrupted
 
 
 def main() -> int:
@@ -18,14 +17,3 @@ def main() -> int:
         return cli_main()
     except KeyboardInterrupt:
         return interrupted()
-
-
-def interrupted() -> int:
-    """Say it once, on a line of its own; a second Ctrl-C while saying it changes nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        sys.stderr.write("corral: interrupted\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):  # stderr closed or a broken pipe: nothing left to tell
-        pass
-    return 130
