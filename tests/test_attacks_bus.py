@@ -476,6 +476,8 @@ def test_a_durable_tap_creates_is_gone_within_a_sweep_of_corral_up(
         rows = json.loads(cli("sql", "SELECT data->>'name' AS name FROM events WHERE type = 'consumer.removed'",
                               "--json", check=True).stdout)  # fmt: skip
         assert {row["name"] for row in rows} >= {"tap-durable-0"}
+        # nothing of Corral's own was swept: every reader's ephemeral consumer, KV watcher, durable
+        assert all(row["name"].startswith("tap-durable-") for row in rows), rows
     finally:
         for who, process in reversed(ups):
             stop_up(who, process)
