@@ -28,7 +28,7 @@ from nats.errors import Error as NatsError
 
 from actors.bus import PermissionRefused
 from actors.runtime import health_state, read_health
-from corral import attention, render
+from corral import attention
 from corral.config import load_config, template_rows
 from corral.errors import CorralError, Forbidden, UsageError
 from corral.home import Home
@@ -68,6 +68,7 @@ from corral.ops.history import (
 from corral.ops.submit import RunSpec as RunSpec  # (defined there; every face imports it from here)
 from corral.ops.submit import build_request as build_request
 from corral.ops.worktrees import open_pr
+from corral.rows import records as row_dicts
 from corral.system import System, open_system
 from events.envelope import new_event
 from events.ids import new_execution_id
@@ -165,7 +166,7 @@ class Client:
 
     async def records(self, sql: str, *, output_grace_s: float | None = None) -> list[dict[str, Any]]:
         result = await self.query(sql, output_grace_s=output_grace_s)
-        return render.records(result["columns"], result["rows"])
+        return row_dicts(result["columns"], result["rows"])
 
     # --- submit --------------------------------------------------------------------------------
 

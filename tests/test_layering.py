@@ -214,3 +214,7 @@ def test_the_client_imports_its_operations_at_the_top() -> None:
         if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("corral")
     }
     assert inner == set(), f"corral/client.py imports {sorted(inner)} inside functions"
+    faces = {"corral.cli", "corral.render", "corral.http", "corral.mcp_server", "corral.followup"}
+    faces |= {f"corral.{name}" for name in ("commands", "control", "changes", "approvals", "history", "worktrees")}
+    imported = import_graph()["corral.client"]
+    assert not imported & faces and not any(m.startswith("corral.web") for m in imported), sorted(imported)
