@@ -28,15 +28,14 @@ at spawn with the reason. The shim outlives a supervisor restart, and so do the 
 import asyncio
 import contextlib
 import ctypes
-import ipaddress
-import json
 import os
 import socket
 import struct
-import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+
+# (ipaddress, json, threading and urllib.parse are imported where used: every shim imports this
+# module, and only a shim under `allow` needs them)
 
 PROXY_PORT = 3128  # inside the agent's namespace: nothing else listens there (another if it is listed)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -58,6 +57,8 @@ Record = Callable[[str, dict[str, Any]], None]
 
 def parse_entry(entry: str) -> tuple[str, int]:
     """`host:port` (`[v6]:port` for an IPv6 address) as (host in lower case, port); ValueError says why."""
+    import ipaddress
+
     text = entry.strip() if isinstance(entry, str) else ""
     host, sep, port_text = text.rpartition(":")
     if not sep or not host or not port_text:
@@ -90,6 +91,8 @@ def allow_problem(entries: Iterable[str]) -> str | None:
 
 
 def is_loopback(host: str) -> bool:
+    import ipaddress
+
     if host == "localhost":
         return True
     try:
@@ -135,6 +138,8 @@ def environment(sandbox: Mapping[str, Any], env: Mapping[str, str]) -> dict[str,
 
 def _in_netns(pid: int, make: Callable[[], list[socket.socket]]) -> list[socket.socket]:
     """Run `make` in a new thread that joined the network namespace of `pid`; the thread then ends."""
+    import threading
+
     result: dict[str, Any] = {}
 
     def inside() -> None:
@@ -303,6 +308,8 @@ class Gate:
         finally:
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(self.info_r)
+        import json
+
         try:
             return int(json.loads(info)["child-pid"])
         except (ValueError, KeyError, TypeError):
@@ -425,6 +432,8 @@ class Gate:
         await self._tracked(self._proxy_one(reader, writer))
 
     async def _proxy_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from urllib.parse import urlsplit
+
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ValueError):

@@ -25,6 +25,7 @@ import ctypes
 import gc
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -471,6 +472,22 @@ class Shim:
         self.limits_in_force = PER_PROCESS if memory or cpus else "none"
         return make_preexec(memory, cpus)
 
+    def _agent_join(self, preexec: Any) -> tuple[Any, list[str]]:
+        """(preexec_fn, cgroup.procs files) for the agent's start: a cgroup alone is joined by the `sh`
+        that starts it (sandbox.wrap `join`), not by a preexec_fn, which makes Python fork instead of
+        vfork (bench/spawn.py). A shadow workspace's preexec_fn (it joins too) and per-process
+        limits stay; so does a command not found on PATH (its start fails as before, execution.failed)."""
+        spec = self.spec
+        if self.cgroup is None or spec.get("shadow"):
+            return preexec, []
+        program = str(spec["command"][0])
+        if (spec.get("sandbox") or {}).get("mode") != "bwrap" and (
+            ("/" in program and not os.path.isabs(program))
+            or shutil.which(program, path=(spec.get("env") or {}).get("PATH")) is None
+        ):
+            return preexec, []
+        return None, [str(path / "cgroup.procs") for path in self.cgroup.paths]
+
     def _check_group(self) -> None:
         """Record the limits the kernel enforced since the last check: OOM kills, refused forks."""
         group = self.cgroup
@@ -584,16 +601,17 @@ class Shim:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         gate = netallow.Gate.wanted(spec, self.record)  # network = "allow": its sockets go in before it runs
+        agent_preexec, join = self._agent_join(preexec)
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *sandbox.wrap(spec, command, gate.bwrap_args() if gate else ()),  # bwrap unless mode = "off"
+                *sandbox.wrap(spec, command, gate.bwrap_args() if gate else (), join),  # bwrap unless mode = "off"
                 cwd=spec["cwd"],
                 env=netallow.environment(spec.get("sandbox") or {}, spec["env"]),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=out_w,
                 stderr=err_w,
                 start_new_session=True,
-                preexec_fn=preexec,
+                preexec_fn=agent_preexec,
                 pass_fds=gate.child_fds if gate else (),
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
