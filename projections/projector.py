@@ -411,6 +411,11 @@ class OutputApplier:
 Applier = BatchApplier | OutputApplier | RemoteApplier
 
 
+async def _delete_quietly(js: Any, stream: str, name: str) -> None:
+    with contextlib.suppress(Exception):
+        await js.delete_consumer(stream, name)
+
+
 class _Feed:
     """One pull consumer of one stream, its deliveries gathered (and prepared) for one applier.
 
@@ -546,9 +551,8 @@ class _Feed:
         delivered event (bench/ingest.py). Flow control is the pull credit (MAX_CREDIT)."""
         js = self.projector.bus.js
         if self.legacy:  # the durable of an older Corral: nothing in it is needed (the position is DuckDB's)
-            with contextlib.suppress(NotFoundError):
-                await js.delete_consumer(self.stream, self.legacy)
-            self.legacy = ""
+            legacy, self.legacy = self.legacy, ""
+            self.projector._background(_delete_quietly(js, self.stream, legacy))  # beside the start, not before
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(self.stream, self.durable)
         await js.add_consumer(
