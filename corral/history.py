@@ -37,7 +37,6 @@ from corral.ops.history import (
     _since_filter,
     _type_filter,
     check_regex,
-    compare_executions,
     plan_fork,
     search_hits,
 )
@@ -527,10 +526,8 @@ def _fork_inputs(
 async def cmd_compare(home: Home, args: Any) -> int:
     if args.more:
         return await _compare_many(home, [args.a, args.b, *args.more], as_json=args.json)
-    async with open_system(home, actors=("projector",)) as system:
-        a_id = await resolve_execution_id(system, args.a)
-        b_id = await resolve_execution_id(system, args.b)
-        compared = await compare_executions(system, a_id, b_id)
+    async with Client.connect(home, actors=("projector",)) as client:
+        compared = await client.compare(args.a, args.b)
     if args.json:
         render.print_json(compared)
         return 0

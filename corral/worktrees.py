@@ -13,11 +13,12 @@ from dataclasses import asdict
 from typing import Any
 
 from corral import render
+from corral.client import Client
 from corral.config import format_duration, format_size, load_config
 from corral.errors import UsageError
 from corral.home import Home
-from corral.ops.base import info, resolve_execution_id
-from corral.ops.worktrees import Outcome, _prune_one, inventory, open_pr
+from corral.ops.base import info
+from corral.ops.worktrees import Outcome, _prune_one, inventory
 from corral.system import open_system
 from events.units import parse_duration
 
@@ -156,11 +157,11 @@ def _summary(outcomes: list[Outcome], *, dry_run: bool, retention_text: str) -> 
 async def cmd_pr(home: Home, args: Any) -> int:
     if not (args.title or "").strip():
         raise UsageError("--title must not be empty")
-    async with open_system(home, actors=("projector",)) as system:
-        execution_id = await resolve_execution_id(system, args.execution_id)
-        result = await open_pr(
-            system, execution_id, title=args.title, body=args.body, base=args.base, remote=args.remote
+    async with Client.connect(home, actors=("projector",)) as client:
+        result = await client.pr(
+            args.execution_id, title=args.title, body=args.body, base=args.base, remote=args.remote
         )
+    execution_id = result["execution_id"]
     uncommitted = result.pop("uncommitted")
     if args.json:
         render.print_json(result)
