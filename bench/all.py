@@ -42,6 +42,7 @@ ORDER = [
     "console",
     "pipeline",
     "supervise",
+    "flood",
     "load",
 ]
 QUICK: dict[str, list[str]] = {
@@ -59,6 +60,7 @@ QUICK: dict[str, list[str]] = {
     "console": ["--history", "1000", "--events", "200", "--rate", "100", "--loads", "2"],
     "pipeline": ["--tickets", "20"],
     "supervise": ["--agents", "20", "--window", "5"],
+    "flood": ["--floods", "2", "--mb", "5"],
     "load": ["--agents", "20", "--duration", "5"],
 }
 # Benches whose JSON line predates print_result: where their headline figures are.

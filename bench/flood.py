@@ -195,12 +195,18 @@ async def measure(floods: int, mb: int, extra_config: str, root: Path) -> dict[s
         listed = ", ".join(f"'{i}'" for i in ids)
         want = floods * mb * 1000000 * 0.97
         stored = 0.0
+        failed_queries = 0
         while time.monotonic() - started < 600:
-            rows = await sql(
-                bus,
-                f"SELECT count(*) FILTER (WHERE state IN ('exited', 'failed')), coalesce(sum(output_bytes), 0) "
-                f"FROM executions WHERE execution_id IN ({listed})",
-            )
+            try:
+                rows = await sql(
+                    bus,
+                    f"SELECT count(*) FILTER (WHERE state IN ('exited', 'failed')), coalesce(sum(output_bytes), 0) "
+                    f"FROM executions WHERE execution_id IN ({listed})",
+                )
+            except RuntimeError as exc:  # e.g. the query stopped at [sql] timeout: counted, asked again
+                print(f"  progress query failed after {time.monotonic() - started:.1f}s: {exc}", flush=True)
+                failed_queries += 1
+                continue
             done, stored = int(rows[0][0]), float(rows[0][1])
             if done == floods and stored >= want:
                 break
@@ -224,6 +230,7 @@ async def measure(floods: int, mb: int, extra_config: str, root: Path) -> dict[s
         "idle_worker_mb": idle_worker_mb,
         "ps_idle": idle,
         "ps_during": during,
+        "failed_queries": failed_queries,
         "api_during": api_during,
         "trace": trace,
     }
@@ -297,6 +304,7 @@ async def main() -> None:
         ps_p50_s=ps_p50,
         baseline_ps_idle_s=idle_p50,
         ps_runs=len(during),
+        failed_queries=result["failed_queries"],
         flood_s=result["flood_s"],
         floods=args.floods,
         mb=args.mb,
