@@ -533,3 +533,16 @@ def test_templates_missing_corral_config_is_one_line(tmp_path: Path) -> None:
     result = corral(tmp_path / "work", "templates", CORRAL_CONFIG=str(tmp_path / "nope.toml"))
     assert result.returncode != 0
     assert result.stderr.splitlines() == [f"corral: error: CORRAL_CONFIG={tmp_path / 'nope.toml'}: no such file"]
+
+
+def test_projector_settings(tmp_path: Path) -> None:
+    """[projector] memory_limit and threads reach the DuckDB worker's settings (docs/config.md)."""
+    default = load_text(tmp_path, "")
+    assert default.projector.duckdb_settings() == {"memory_limit": f"{384 * 1024}KiB"}
+    config = load_text(tmp_path, '[projector]\nmemory_limit = "256M"\nthreads = 1\n')
+    assert config.projector.memory_limit_bytes == 256 << 20
+    assert config.projector.duckdb_settings() == {"memory_limit": f"{256 * 1024}KiB", "threads": 1}
+    for bad in ('memory_limit = "10M"', 'memory_limit = "lots"', "threads = -1", 'threads = "2"', "limit = 1"):
+        with pytest.raises(CorralError) as refused:
+            load_text(tmp_path, f"[projector]\n{bad}\n")
+        assert "\n" not in str(refused.value) and "projector" in str(refused.value)

@@ -129,3 +129,39 @@ def test_worker_ends_when_its_projector_is_killed(tmp_path: Path) -> None:
     con = duckdb.connect(str(tmp_path / "corral.duckdb"))  # the lock went with it
     assert con.execute("SELECT count(*) FROM events").fetchone() == (0,)
     con.close()
+
+
+def test_worker_takes_the_projector_settings_and_applies_big_batches_within_them(tmp_path: Path) -> None:
+    """[projector] memory_limit / threads are set in the worker's DuckDB instance (and cannot be
+    changed by a query); output chunks of 50 KB, cut at BATCH_BYTES as the projector cuts them,
+    apply under a 128 MB limit."""
+    from projections.projector import BATCH_BYTES
+
+    worker = ApplyWorker(
+        tmp_path / "corral.duckdb", tmp_dir=tmp_path / "t", settings={"memory_limit": "128MiB", "threads": 1}
+    )
+    worker.open()
+    try:
+        shown = worker.query("SELECT current_setting('memory_limit'), current_setting('threads')", max_rows=1)
+        assert shown["rows"] == [["128.0 MiB", 1]]
+        with pytest.raises(QueryError):
+            worker.query("SET memory_limit = '8GB'", max_rows=1)
+        core = RemoteApplier(worker, STREAM)
+        eid = new_execution_id()
+        text = "x" * 50_000 + "\n"
+        batches, gathered = [], Gathered()
+        for n in range(600):  # 30 MB of output, stream sequences 1..600
+            event = new_event(eid, Output(stream="stdout", n=n, text=text), actor="test")
+            gathered.add(n + 1, event.subject.encode(), event.to_bytes())
+            if gathered.size >= BATCH_BYTES:
+                batches.append(gathered)
+                gathered = Gathered()
+        batches.append(gathered)
+        assert len(batches) > 3 and all(b.size < BATCH_BYTES + 60_000 for b in batches)
+        for batch in batches:
+            core.apply_gathered(batch)
+        assert core.position == 600
+        rows = worker.query("SELECT count(*), sum(strlen(text)) FROM output", max_rows=1)["rows"]
+        assert rows == [[600, 600 * len(text)]]
+    finally:
+        worker.close()
