@@ -60,6 +60,7 @@ from events.approvals import derived_id, encode
 from events.envelope import Event, decode_event, new_event
 from events.errors import EventError, WrongLastSequence
 from events.ids import new_execution_id
+from events.stream import output_stream_exists
 from events.subjects import STREAM, event_subject, events_of_type, execution_events
 from events.types import (
     AgentResult,
@@ -118,6 +119,7 @@ END_FAIL: Final = "fail"
 VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
 READ_TIMEOUT_S: Final = 30.0
 MAX_IN_FLIGHT: Final = 32  # triggers one conductor handles at once
+QUICK_CHUNKS: Final = 32  # a stage's result read with direct gets up to this many output chunks
 # A failed stage the watchdog should retry waits this long for its decision (retry_scheduled or
 # crash_loop; it decides within its check interval) before the stage is settled as failed.
 WATCHDOG_DECISION_S: Final = 30.0
@@ -243,6 +245,7 @@ class Conductor(Actor):
         self.lost_races = 0
         self._locks: dict[str, asyncio.Lock] = {}
         self._runs_of: dict[str, str] = {}  # execution id -> run id, for stages seen
+        self._deferred: dict[str, list[tuple[RunState, str, int]]] = {}  # run -> passes to count (advance)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -450,6 +453,8 @@ class Conductor(Actor):
                         break
                 except WrongLastSequence:
                     self.lost_races += 1  # another conductor took this step: read again
+            for done, key, number in self._deferred.pop(run_id, ()):  # passes: their breakers back to 0
+                await self._count(done, key, number, failed=False)
             if state.finished is not None:
                 self._locks.pop(run_id, None)
                 for step in state.steps:
@@ -688,9 +693,12 @@ class Conductor(Actor):
             expected=state.last_finished_seq,
         )
         self.stages_finished += 1
-        if outcome != "changes_requested":  # a reviewer asking for changes is no failure
+        if outcome == "passed":  # a pass opens no breaker: counted once the next stage is requested
+            deferred = self._deferred.setdefault(state.run_id, [])
+            deferred += [(state, key, step.started.step) for key in self.breaker_keys(state, spec)]
+        elif outcome == "failed":  # (a reviewer asking for changes is no failure)
             for key in self.breaker_keys(state, spec):
-                await self._count(state, key, step.started.step, failed=outcome == "failed")
+                await self._count(state, key, step.started.step, failed=True)
         return True
 
     @staticmethod
@@ -708,7 +716,13 @@ class Conductor(Actor):
 
     async def _result(self, execution_id: str) -> tuple[str, str]:
         """(the stage's result, the text a verdict is looked for in): the agent's final result when it
-        gave one, else its output (stdout for the verdict; both streams, in order, for the result)."""
+        gave one, else its output (stdout for the verdict; both streams, in order, for the result).
+
+        Direct gets when that is a few reads (a final result; a command's few output chunks): a
+        consumer made and read for each stage's end was most of exit -> stage.finished."""
+        quick = await self._quick_result(execution_id)
+        if quick is not None:
+            return quick
         final: list[str] = []
         output: list[str] = []
         stdout: list[str] = []
@@ -738,6 +752,40 @@ class Conductor(Actor):
         )
         if final:
             return final[-1], final[-1]
+        return "".join(output), "".join(stdout)
+
+    async def _quick_result(self, execution_id: str) -> tuple[str, str] | None:
+        """_result from direct gets: the last `agent.result` with text, else up to QUICK_CHUNKS output
+        chunks read one by one; None when there are more (the caller reads them with a consumer)."""
+        last = await self._last(execution_id, "agent.result")
+        if isinstance(last, AgentResult) and last.text:
+            return last.text, last.text
+        if isinstance(last, AgentResult) or await output_stream_exists(self.bus.js):
+            return None  # (log retention: output is in CORRAL_OUTPUT, which `follow` reads)
+        subject = event_subject(execution_id, "output")
+        info = await self.bus.js.stream_info(STREAM, subjects_filter=subject)
+        count = (info.state.subjects or {}).get(subject, 0)
+        if count > QUICK_CHUNKS:
+            return None
+        output: list[str] = []
+        stdout: list[str] = []
+        seq = 1
+        for _ in range(count):
+            try:
+                stored = await self.bus.js.get_msg(STREAM, seq=seq, subject=subject, next=True, direct=True)
+            except NotFoundError:
+                break
+            if stored.seq is None:
+                break
+            seq = stored.seq + 1
+            try:
+                data = decode_event(stored.data or b"").data
+            except EventError:
+                continue
+            if isinstance(data, Output):
+                output.append(data.text)
+                if data.stream == "stdout":
+                    stdout.append(data.text)
         return "".join(output), "".join(stdout)
 
     # --- schedules ---------------------------------------------------------------------------------
@@ -865,10 +913,14 @@ class Conductor(Actor):
             keys.append(f"template:{template}")
         return keys
 
-    async def breaker(self, key: str) -> Breaker:
+    async def breaker(self, key: str, *, counts: bool = True) -> Breaker:
+        """A breaker as its last events tell it (`counts=False`: open or closed only, one read less)."""
         bid = breaker_id(key)
         found = Breaker(key)
-        for kind in ("breaker.counted", "breaker.opened", "breaker.closed"):
+        kinds = (
+            ("breaker.counted", "breaker.opened", "breaker.closed") if counts else ("breaker.opened", "breaker.closed")
+        )
+        for kind in kinds:
             try:
                 stored = await self.bus.js.get_last_msg(STREAM, event_subject(bid, kind))
             except NotFoundError:
@@ -976,7 +1028,7 @@ class Conductor(Actor):
         if spec is None:
             return False
         for key in self.breaker_keys(state, spec):
-            current = await self.breaker(key)
+            current = await self.breaker(key, counts=False)
             bid = breaker_id(key)
             if current.open:
                 if state.held is None or state.held.breaker_id != bid or state.held_seq < current.opened_seq:
