@@ -904,7 +904,7 @@ class Projector(Actor):
                     if remaining <= 0:
                         return False
                     if output_grace_s is not None:  # looked at again after the grace, and then now and then
-                        remaining = min(remaining, max(started + output_grace_s - time.monotonic(), 0.05))
+                        remaining = min(remaining, max(started + output_grace_s - time.monotonic(), 0.2))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.position_changed.wait(), remaining)
             return True
@@ -928,44 +928,38 @@ class Projector(Actor):
         start = feed.expected
         if start > seq:
             return True
-        found = await self._first_other_event(start)
-        return found is not None and found > seq
+        return await self._others_between(start, seq) == 0
 
-    async def _first_other_event(self, start: int) -> int | None:
-        """The sequence of the first event from `start` on that is neither output nor a heartbeat
-        (a large number if there is none); None if the stream could not tell."""
-        js = self.bus.js
-        try:
-            info = await js.add_consumer(
-                STREAM,
-                ConsumerConfig(
-                    filter_subjects=_OTHER_SUBJECTS,
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=start,
-                    ack_policy=AckPolicy.NONE,
-                    inactive_threshold=5.0,
-                    mem_storage=True,
-                    num_replicas=1,
-                ),
-            )
-        except Exception as exc:
-            log.debug("projector: the stream was not asked about events after %s: %r", start, exc)
-            return None
-        try:
-            if not info.num_pending:
-                return 1 << 62
-            reply = await self.bus.nc.request(
-                f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{info.name}", b'{"batch":1,"no_wait":true}', timeout=2.0
-            )
-            if reply.headers and reply.headers.get("Status"):
-                return 1 << 62
-            return int(reply.metadata.sequence.stream)
-        except Exception as exc:
-            log.debug("projector: the stream did not say which event follows %s: %r", start, exc)
-            return None
-        finally:
-            with contextlib.suppress(Exception):
-                await js.delete_consumer(STREAM, info.name)
+    async def _others_between(self, start: int, end: int) -> int | None:
+        """How many events from `start` through `end` are neither output nor heartbeats (an upper
+        bound; None if the stream could not tell): the pending counts of two ephemeral consumers
+        filtered on every other event type, the one after `end` asked first (so that events
+        stored meanwhile count only for the other)."""
+        pending = []
+        for first in (end + 1, start):
+            info = None
+            try:
+                info = await self.bus.js.add_consumer(
+                    STREAM,
+                    ConsumerConfig(
+                        filter_subjects=_OTHER_SUBJECTS,
+                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                        opt_start_seq=first,
+                        ack_policy=AckPolicy.NONE,
+                        inactive_threshold=5.0,
+                        mem_storage=True,
+                        num_replicas=1,
+                    ),
+                )
+                pending.append(int(info.num_pending or 0))
+            except Exception as exc:
+                log.debug("projector: the stream was not asked about events after %s: %r", first, exc)
+                return None
+            finally:
+                if info is not None:
+                    with contextlib.suppress(Exception):
+                        await self.bus.js.delete_consumer(STREAM, info.name)
+        return max(pending[1] - pending[0], 0)
 
     async def output_last_sequence(self) -> int | None:
         """The output stream's last sequence, when this projector reads it (for `corral sql`)."""

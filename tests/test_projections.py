@@ -90,3 +90,32 @@ async def test_bulk_reader_reads_every_event_once_in_order(bus: Bus) -> None:
     assert host is not None
     with pytest.raises(RuntimeError, match="refused"):
         await connect_wire(f"nats://{host.hostname}:{host.port}", user="nobody", password="wrong")
+
+
+async def test_a_listing_waits_for_every_event_but_output(bus: Bus, tmp_path: Path) -> None:
+    """`corral ps` during a flood (wait_for_position with output_grace_s): after the grace, output
+    and heartbeats not applied yet no longer hold the answer, every other event still does; the
+    stream tells which are which beyond what the projector holds."""
+    from events.envelope import new_event
+    from events.ids import new_execution_id
+    from events.types import ExecutionRequested, Heartbeat, Output
+    from projections.projector import Projector
+
+    eid = new_execution_id()
+    seqs = []
+    for data in (
+        ExecutionRequested(command=("agent",), repo="/tmp/r"),
+        Output(stream="stdout", n=0, text="a\n"),
+        Heartbeat(),
+        Output(stream="stdout", n=1, text="b\n"),
+    ):
+        ack = await bus.publisher.publish(new_event(eid, data, actor="test"))
+        seqs.append(int(ack.seq))
+    requested, *quiet = seqs
+    projector = Projector(bus, database=tmp_path / "corral.duckdb", tmp_dir=tmp_path / "t")  # not started
+    assert await projector._others_between(quiet[0], quiet[-1]) == 0
+    assert await projector._others_between(requested, quiet[-1]) >= 1
+    # nothing applied: the request is among what is missing, so the listing waits (and times out)
+    assert not await projector.wait_for_position(quiet[-1], timeout_s=0.5, output_grace_s=0.0)
+    projector.feeds[0].expected = quiet[0]  # as if the request were applied and the rest gathered
+    assert await projector._only_output_until(quiet[-1])
