@@ -249,6 +249,10 @@ async def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="corral-flood-"))
     try:
         result = await measure(args.floods, args.mb, args.config.replace("\\n", "\n"), root)
+    except BaseException:
+        with contextlib.suppress(OSError):  # what `corral up` said, before its home is removed
+            sys.stderr.write((root / "home" / "up.err").read_text()[-4000:])
+        raise
     finally:
         for pid in pids_matching(MARKER):
             with contextlib.suppress(ProcessLookupError, PermissionError):

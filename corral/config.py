@@ -374,7 +374,7 @@ class RetentionSettings(_Frozen):
 class ProjectorSettings(_Frozen):
     """[projector] (docs/config.md): the projector's DuckDB worker process."""
 
-    memory_limit_bytes: int = 384 << 20  # DuckDB's memory_limit in the worker (its buffer pool and operators)
+    memory_limit_bytes: int = 256 << 20  # DuckDB's memory_limit in the worker (its buffer pool and operators)
     threads: int = 0  # DuckDB's threads in the worker; 0: one per core (DuckDB's default)
 
     def duckdb_settings(self) -> dict[str, str | int]:
@@ -725,7 +725,7 @@ class _SqlFile(_Frozen):
 
 
 class _ProjectorFile(_Frozen):
-    memory_limit: Annotated[_Size, Field(ge=64 << 20)] = 384 << 20
+    memory_limit: Annotated[_Size, Field(ge=64 << 20)] = 256 << 20
     threads: Annotated[StrictInt, Field(ge=0, le=256)] = 0
 
 

@@ -64,7 +64,7 @@ DEFAULT_QUERY_TIMEOUT_S = 10.0  # [sql] timeout (corral/config.py)
 # [projector] memory_limit and threads (docs/config.md): DuckDB's memory (its buffer pool and the
 # operators' state) in each instance of the worker; batches are cut at projector.BATCH_BYTES so an
 # apply fits (a 50 MB batch of big output chunks did not fit in 256 MB, an 8-16 MB one does).
-DEFAULT_SETTINGS: dict[str, str | int] = {"memory_limit": "384MiB"}
+DEFAULT_SETTINGS: dict[str, str | int] = {"memory_limit": "256MiB"}
 QUERY_ERRORS: dict[str, type[QueryError]] = {"sql": QueryError, "refused": QueryRefused, "timeout": QueryTimeout}
 
 
@@ -524,6 +524,24 @@ def _serve_queries(inp: IO[bytes], out: IO[bytes], live: _Live) -> None:
         jobs.put(tuple(request[1:]))  # (id, sql, max_rows, max_bytes, timeout_s, export)
 
 
+OOM_RETRIES = 3  # an apply that ran out of [projector] memory_limit (queries beside it) is tried again
+OOM_PAUSE_S = 0.5
+
+
+def _apply_retrying(applier: Any, batch: Prepared, derive: bool) -> int:
+    """Apply a batch; if DuckDB ran out of its memory_limit (queries running beside the apply share
+    it), the transaction was rolled back: wait a moment and apply it again, a few times."""
+    for attempt in range(OOM_RETRIES + 1):
+        try:
+            return int(applier.apply_prepared(batch, derive=derive))
+        except duckdb.OutOfMemoryException as exc:
+            if attempt == OOM_RETRIES:
+                raise
+            log.warning("an apply ran out of memory ([projector] memory_limit); again in %gs: %s", OOM_PAUSE_S, exc)
+            time.sleep(OOM_PAUSE_S * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def _serve(inp: IO[bytes], out: IO[bytes], live: _Live | None = None) -> None:
     live = live or _Live()
     # "live" is the projector's file; "rebuild" a new one `corral projections rebuild` fills
@@ -553,7 +571,7 @@ def _serve(inp: IO[bytes], out: IO[bytes], live: _Live | None = None) -> None:
                     return _read(inp) or []
 
                 batch = Prepared(Path(file), first, last, count, lifecycle, items)
-                applied = applier.apply_prepared(batch, derive=derive)
+                applied = _apply_retrying(applier, batch, derive)
                 reply = ("ok", (applied, applier.position))
             elif op == "derive":
                 databases[request[1]].appliers[request[2]].derive()

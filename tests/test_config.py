@@ -538,7 +538,7 @@ def test_templates_missing_corral_config_is_one_line(tmp_path: Path) -> None:
 def test_projector_settings(tmp_path: Path) -> None:
     """[projector] memory_limit and threads reach the DuckDB worker's settings (docs/config.md)."""
     default = load_text(tmp_path, "")
-    assert default.projector.duckdb_settings() == {"memory_limit": f"{384 * 1024}KiB"}
+    assert default.projector.duckdb_settings() == {"memory_limit": f"{256 * 1024}KiB"}
     config = load_text(tmp_path, '[projector]\nmemory_limit = "256M"\nthreads = 1\n')
     assert config.projector.memory_limit_bytes == 256 << 20
     assert config.projector.duckdb_settings() == {"memory_limit": f"{256 * 1024}KiB", "threads": 1}
