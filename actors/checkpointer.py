@@ -22,6 +22,7 @@ CLI waits for the answer whose causation id is its request.
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from actors.checkpoints import (
     CheckpointError,
     Skipped,
     Snapshot,
+    TreeMaker,
     checkpoint_ref,
     git,
     restore,
@@ -462,6 +464,14 @@ class Checkpointer(Actor):
         async with ex.lock:
             return await self._checkpoint_locked(ex, trigger, cause)
 
+    def _shadow_tree(self, ex: _Execution) -> TreeMaker | None:
+        """A shadow execution's checkpoints are of what its agent sees (actors/shadow.py merged_tree)."""
+        if ex.shadow is None:
+            return None
+        from actors import shadow
+
+        return functools.partial(shadow.merged_tree, root=ex.shadow, max_file_bytes=self.settings.max_file_bytes)
+
     async def _checkpoint_locked(self, ex: _Execution, trigger: str, cause: str | None) -> Snapshot | None:
         assert ex.worktree is not None
         assert ex.base_commit is not None
@@ -482,7 +492,7 @@ class Checkpointer(Actor):
                 message=f"corral checkpoint {ex.execution_id} #{n} ({trigger})",
                 max_file_bytes=self.settings.max_file_bytes,
                 skipped_before=ex.last_skipped,
-                shadow=ex.shadow,
+                tree_maker=self._shadow_tree(ex),
             )
         except CheckpointError as exc:
             if "already exists" in exc.reason:

@@ -20,6 +20,7 @@ import asyncio
 import os
 import shutil
 import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -155,6 +156,10 @@ class Snapshot:
     skipped: tuple[Skipped, ...] = ()
 
 
+# Makes the tree of a worktree other than by staging it (the shadow workspace's merged view).
+TreeMaker = Callable[[Path, Path], Awaitable[tuple[str, list[Skipped]]]]
+
+
 async def take_checkpoint(
     worktree: Path,
     index: Path,
@@ -166,7 +171,7 @@ async def take_checkpoint(
     message: str,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     skipped_before: tuple[Skipped, ...] = (),
-    shadow: Path | None = None,
+    tree_maker: "TreeMaker | None" = None,
 ) -> Snapshot | None:
     """Commit the worktree's state as checkpoint n on its hidden ref; None when nothing changed.
 
@@ -174,10 +179,8 @@ async def take_checkpoint(
     tree unchanged, the skipped files not those of the previous checkpoint) is a checkpoint too,
     so that the log says it is there and was left out.
     """
-    if shadow is not None:  # workspace = "shadow": what the agent sees, its overlay's upper layer over the worktree
-        from actors.shadow import merged_tree
-
-        tree, skipped = await merged_tree(worktree, index, shadow, max_file_bytes=max_file_bytes)
+    if tree_maker is not None:  # workspace = "shadow" (actors/shadow.py): what the agent sees
+        tree, skipped = await tree_maker(worktree, index)
     else:
         tree, skipped = await snapshot_tree_skipping(worktree, index, max_file_bytes=max_file_bytes)
     if tree == parent_tree and tuple(skipped) == tuple(skipped_before):

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from actors.checkpoints import CheckpointError, Skipped, snapshot_tree_skipping
+
 MODES: Final = ("direct", "shadow")
 CLONE_NEWNS: Final = 0x00020000
 MS_REC: Final = 1 << 14
@@ -210,8 +212,6 @@ def present_in_upper(upper: str | Path, rel: str) -> bool:
 
 
 async def _git(*args: str, cwd: Path, env: dict[str, str] | None = None, stdin: bytes | None = None) -> bytes:
-    from actors.checkpoints import CheckpointError
-
     proc = await asyncio.create_subprocess_exec(
         "git",
         *args,
@@ -232,14 +232,12 @@ def _z(items: Iterable[str]) -> bytes:
     return b"".join(os.fsencode(i) + b"\0" for i in items)
 
 
-async def merged_tree(worktree: Path, index: Path, root: Path, *, max_file_bytes: int) -> tuple[str, list[Any]]:
+async def merged_tree(worktree: Path, index: Path, root: Path, *, max_file_bytes: int) -> tuple[str, list[Skipped]]:
     """The tree the agent sees: the real worktree staged into `index`, the upper layer over it.
 
     Returns (tree, skipped) like checkpoints.snapshot_tree_skipping; ignored files of the upper
     layer stay out (as `git add -A` leaves them out), and so do files over `max_file_bytes`.
     """
-    from actors.checkpoints import Skipped, snapshot_tree_skipping
-
     _, skipped = await snapshot_tree_skipping(worktree, index, max_file_bytes=max_file_bytes)
     upper = upper_of(root)
     entries = await asyncio.to_thread(scan, upper)
@@ -421,8 +419,6 @@ def write_whole(root: Path, rel: str, mode: str, content: bytes) -> None:
 
 async def real_tree(worktree: Path, index: Path) -> str:
     """The real worktree (the promoted state) as a tree, staged into its own `index`."""
-    from actors.checkpoints import snapshot_tree_skipping
-
     tree, _ = await snapshot_tree_skipping(worktree, index, max_file_bytes=0)
     return tree
 

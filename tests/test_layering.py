@@ -48,8 +48,6 @@ PACKAGES = ("corral", "actors", "events", "projections", "replay")
 # Circles outside corral/ops and the faces, left to the sessions that own them. This list only
 # shrinks: a circle not in it fails the test, and so does an entry that is no longer a circle.
 KNOWN_CIRCLES: set[frozenset[str]] = {
-    # the shadow workspace: checkpoints.py writes a shadow tree; shadow.py raises checkpoint errors
-    frozenset({"actors.checkpoints", "actors.shadow"}),
     # the projector's DuckDB worker process runs the projector's appliers
     frozenset({"projections.projector", "projections.worker"}),
 }
