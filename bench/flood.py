@@ -66,6 +66,20 @@ def _status_kb(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
+def shims_of(home: str) -> list[int]:
+    """The shims of one CORRAL_HOME: started as `python -m actors.shim RUN_DIR`, or forked from the
+    spawner's warm process (actors/shimfork.py, retitled; its working directory is the run's)."""
+    found = []
+    for pid in pids_matching("actors.shim"):
+        try:
+            where = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            where = ""
+        if home in _cmdline(pid) or where.startswith(home):
+            found.append(pid)
+    return found
+
+
 class MemoryWatch:
     """Per group of processes: the peak of each process (VmHWM), and the group's summed RSS."""
 
@@ -76,7 +90,7 @@ class MemoryWatch:
 
     def pids(self, name: str) -> list[int]:
         spec = self.groups[name]
-        return spec if isinstance(spec, list) else pids_matching(spec)
+        return spec if isinstance(spec, list) else shims_of(spec)
 
     def sample(self) -> None:
         for name in self.groups:
@@ -172,7 +186,7 @@ async def measure(floods: int, mb: int, extra_config: str, root: Path) -> dict[s
             "corral up": [up.pid],
             "nats-server": nats_server_of(home),
             "DuckDB worker": worker,
-            "shims": f"actors.shim {home}",
+            "shims": str(home),
         }
         watch = MemoryWatch(groups)
         watch.sample()
