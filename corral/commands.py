@@ -208,6 +208,10 @@ async def _run_and_follow(system: System, execution_id: str, request: ExecutionR
         return False
 
     follower = asyncio.create_task(follow(system.bus.js, execution_events(execution_id), on_event, done=finished))
+    if system.mode == "ephemeral" and load_config(system.home).retention.enabled:
+        # Output expires from NATS under [retention]: the projector this command runs must be reading
+        # before the agent writes, or what expires first never reaches DuckDB (docs/retention.md).
+        await system.projector_started()
     await system.bus.publisher.publish(new_event(execution_id, request, actor="cli"))
     claim_deadline = time.monotonic() + CLAIM_TIMEOUT_S
     detached = False
