@@ -37,8 +37,8 @@ from events.envelope import new_event
 from events.ids import new_execution_id, new_ulid
 from events.subjects import event_subject
 from events.types import ExecutionExited, ExecutionRequested, ExecutionStarted
+from projections.appliers import BatchApplier
 from projections.database import open_database
-from projections.projector import BatchApplier
 from projections.query import run_query
 
 WORDS = [

@@ -36,9 +36,9 @@ from events.types import (
     Heartbeat,
     Output,
 )
+from projections.appliers import BatchApplier, OutputApplier
 from projections.batch import Gathered
 from projections.database import open_database
-from projections.projector import BatchApplier, OutputApplier
 
 BATCH = 60000
 

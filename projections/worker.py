@@ -371,8 +371,8 @@ class _Database:
     """One open DuckDB file of the worker: its connection and one applier per stream."""
 
     def __init__(self, path: Path, tmp_dir: Path, settings: dict[str, str | int] | None = None) -> None:
+        from projections.appliers import BatchApplier, OutputApplier
         from projections.database import open_database
-        from projections.projector import BatchApplier, OutputApplier
 
         self.con = open_database(path)
         try:

@@ -28,10 +28,10 @@ from events.types import (
     Output,
     ValidationPassed,
 )
+from projections.appliers import BatchApplier, OutputApplier
 from projections.batch import Gathered
 from projections.database import open_database
 from projections.derived import OUTPUT_SEQ_BASE
-from projections.projector import BatchApplier, OutputApplier
 from tests.conftest import Cli, agent_command, recording_actor
 from tests.test_control import start_up, stop_up, wait_until
 

@@ -31,8 +31,8 @@ from events.types import (
     ValidationPassed,
     Violation,
 )
+from projections.appliers import BatchApplier
 from projections.database import open_database
-from projections.projector import BatchApplier
 from projections.tables import TABLES
 from tests.conftest import Cli, agent_command, recording_actor
 from tests.test_control import detach, start_up, stop_up, wait_state, wait_until

@@ -77,8 +77,8 @@ def test_regex_search_finds_what_a_full_scan_finds(tmp_path: Path) -> None:
     from events.envelope import new_event
     from events.ids import new_execution_id
     from events.types import ApprovalRequested, EventData, ExecutionExited, ExecutionRequested, Output
+    from projections.appliers import BatchApplier
     from projections.database import open_database
-    from projections.projector import BatchApplier
     from projections.query import run_query
 
     rng = random.Random(7)

@@ -1,0 +1,354 @@
+"""Apply batches of stream messages to DuckDB: the appliers the projector's worker process runs.
+
+`BatchApplier` folds batches of the core log (CORRAL) into the tables and the state cache,
+`OutputApplier` batches of the output stream (CORRAL_OUTPUT, with `[retention]` on). They run in
+the projector's DuckDB worker (projections/worker.py) and in the rebuild; the projector
+(projections/projector.py) reads the streams and hands them batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+
+from events.envelope import decode_event
+from events.errors import EventError
+from events.subjects import OUTPUT_STREAM, STREAM
+from projections.batch import Gathered, Prepared
+from projections.derived import OUTPUT_SEQ_BASE, apply_derived
+from projections.state import Execution, evolve
+from projections.tables import (
+    DDL,
+    EVENT_COLUMNS,
+    SCHEMA_VERSION,
+    STATE_COLUMNS,
+    TABLES,
+    json_columns_spec,
+)
+from projections.verify import screen_batch, screen_orphans, screen_output
+
+log = logging.getLogger(__name__)
+
+
+_EVENTS_SPEC = json_columns_spec(EVENT_COLUMNS)
+_REJECTED = "not a valid event envelope"
+_OUTPUT_SPEC = (
+    "{seq: 'UBIGINT', id: 'VARCHAR', execution_id: 'VARCHAR', ts: 'TIMESTAMPTZ', type: 'VARCHAR', "
+    "data: 'STRUCT(stream VARCHAR, n UINTEGER, text VARCHAR)'}"
+)
+# The executions' output counters, moved by a batch of output rows (a table or subquery `source`).
+_OUTPUT_COUNTERS = (
+    "UPDATE executions SET output_chunks = executions.output_chunks + agg.chunks, "
+    "output_bytes = executions.output_bytes + agg.bytes, "
+    "last_output_at = greatest(executions.last_output_at, agg.last_ts) "
+    "FROM (SELECT execution_id, count(*) AS chunks, sum(strlen(text)) AS bytes, "
+    "max(ts) AS last_ts FROM {source} GROUP BY execution_id) AS agg "
+    "WHERE executions.execution_id = agg.execution_id"
+)
+_OUTPUT_RECOUNT = (
+    "UPDATE executions SET output_chunks = agg.chunks, output_bytes = agg.bytes, last_output_at = agg.last_ts "
+    "FROM (SELECT execution_id, count(*) AS chunks, sum(strlen(text)) AS bytes, max(ts) AS last_ts FROM output "
+    "WHERE execution_id IN (SELECT unnest(?)) GROUP BY execution_id) AS agg "
+    "WHERE executions.execution_id = agg.execution_id"
+)
+_OUTPUT_ROW = "seq, execution_id, ts, stream, n, text"  # output_batch's columns that make an output row
+_STATE_SPEC = json_columns_spec(STATE_COLUMNS)
+_STATE_NAMES = list(STATE_COLUMNS)
+_STATE_SELECT = [f"{name}::TIMESTAMP" if kind == "TIMESTAMPTZ" else name for name, kind in STATE_COLUMNS.items()]
+
+
+def record_rejects(
+    con: duckdb.DuckDBPyConnection,
+    count: int,
+    items: Callable[[], Sequence[tuple[int, bytes, bytes]]],
+    stored: str,
+    params: list[Any],
+) -> None:
+    """Messages of a batch of `count` that `read_json` did not load (the query `stored` lists the
+    sequences it did): recorded in rejected_events, never lost silently. Counted first, and only
+    on a gap are the messages (`items()`) looked at."""
+    loaded = con.execute(f"SELECT count(*) FROM ({stored})", params).fetchone()
+    if loaded and loaded[0] == count:
+        return
+    present = {row[0] for row in con.execute(stored, params).fetchall()}
+    rejects = [
+        (seq, subject.decode(errors="replace"), payload.decode(errors="replace")[:10000], _REJECTED)
+        for seq, subject, payload in items()
+        if seq not in present
+    ]
+    con.executemany("INSERT INTO rejected_events VALUES (?, ?, ?, ?)", rejects)
+
+
+class BatchApplier:
+    """Apply batches of raw stream messages to DuckDB; owns the connection and the state cache."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, *, tmp_dir: Path, stream: str = STREAM) -> None:
+        self.con = con
+        self.stream = stream
+        self.tmp_dir = tmp_dir
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._batch_file = tmp_dir / f"projector-{os.getpid()}-{id(self)}.ndjson"
+        self._state_file = tmp_dir / f"projector-{os.getpid()}-{id(self)}-state.ndjson"
+        for statement in DDL:
+            con.execute(statement)
+        row = con.execute("SELECT seq, schema_version FROM projector_position WHERE stream = ?", [stream]).fetchone()
+        if row is not None and row[1] != SCHEMA_VERSION:
+            # Tables of another version: the log is the truth, so project it again from the start.
+            log.warning(
+                "%s has projection schema %s, this Corral writes %s: rebuilding from the log",
+                stream,
+                row[1],
+                SCHEMA_VERSION,
+            )
+            con.execute("BEGIN")
+            for table in (*TABLES, "output_ids", "projector_position"):
+                con.execute(f"DROP TABLE IF EXISTS {table}")
+            for statement in DDL:
+                con.execute(statement)
+            con.execute("COMMIT")
+            row = None
+        self.position: int = int(row[0]) if row else 0
+        self.states: dict[str, Execution] = {}
+        self.underived: int | None = None  # the position before the first batch not yet derived
+        self.recount_output = False  # an output stream is projected too (Projector sets it)
+        self.created: set[str] = set()  # executions the batch being applied created
+
+    def close(self) -> None:
+        for path in (self._batch_file, self._state_file):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def apply(self, batch: Sequence[tuple[int, str, bytes]], *, derive: bool = True) -> int:
+        """Apply (seq, subject, payload) messages above the position, in any order and with
+        repeats; return how many were new. See apply_gathered."""
+        unique = {item[0]: item for item in batch if item[0] > self.position}
+        gathered = Gathered()
+        for seq in sorted(unique):
+            gathered.add(seq, unique[seq][1].encode(), unique[seq][2])
+        return self.apply_gathered(gathered, derive=derive)
+
+    def apply_gathered(self, gathered: Gathered, *, derive: bool = True) -> int:
+        """Apply a batch gathered in stream order above the position; return its size.
+
+        With `derive=False` (a rebuild's bulk load) only `events` and the execution states are
+        written; the output, history and search tables of every such batch are filled by one
+        `derive()` afterwards: their statements are set-based and give the same rows however
+        the log was cut into batches.
+        """
+        if not gathered.items or gathered.last_seq <= self.position:
+            return 0
+        return self.apply_prepared(gathered.prepare(self._batch_file), derive=derive)
+
+    def apply_prepared(self, batch: Prepared, *, derive: bool = True) -> int:
+        """Apply a batch whose NDJSON file is written (see apply_gathered); return its size."""
+        if batch.last_seq <= self.position:
+            return 0
+        if batch.first_seq <= self.position:
+            raise ValueError(f"batch starts at {batch.first_seq}, at or below position {self.position}")
+        last = batch.last_seq
+        con = self.con
+        con.begin()
+        try:
+            before = self.position
+            con.execute(
+                f"INSERT INTO events SELECT {', '.join(EVENT_COLUMNS)} FROM read_json(?, "
+                f"format='newline_delimited', ignore_errors=true, columns={_EVENTS_SPEC}) "
+                "WHERE seq IS NOT NULL",  # a line read_json could not parse comes as NULLs: a reject
+                [str(batch.file)],
+            )
+            record_rejects(con, batch.count, batch.items, "SELECT seq FROM events WHERE seq > ?", [before])
+            self.created.clear()
+            # repeats of an event id, forged authority: not facts (the derived approvals table lacks
+            # the batches of a bulk load not derived yet: their rows are looked at instead)
+            dropped = screen_batch(con, before, underived=self.underived)
+            lifecycle = batch.lifecycle
+            if dropped:
+                lifecycle = [item for item in lifecycle if item[0] not in dropped]
+            self._apply_state(lifecycle)
+            screen_orphans(con, before)
+            if derive:
+                self._derive(self.underived if self.underived is not None else before)
+                self.underived = None
+            elif self.underived is None:
+                self.underived = before
+            self._save_position(last)
+            con.commit()
+        except BaseException:
+            con.rollback()
+            self.states.clear()  # the cache may hold states the rollback undid
+            raise
+        self.position = last
+        return batch.count
+
+    def derive(self) -> None:
+        """Fill the derived tables for every batch applied with `derive=False`."""
+        if self.underived is None:
+            return
+        self.con.begin()
+        try:
+            self._derive(self.underived)
+            self.con.commit()
+        except BaseException:
+            self.con.rollback()
+            raise
+        self.underived = None
+
+    def _derive(self, before: int) -> None:
+        con = self.con
+        con.execute(
+            "INSERT INTO output SELECT seq, execution_id, ts, data->>'stream', "
+            "CAST(data->>'n' AS UINTEGER), data->>'text' FROM events "
+            "WHERE seq > ? AND type = 'output'",
+            [before],
+        )
+        # Rows below OUTPUT_SEQ_BASE are the core log's: the output stream's are counted by their applier.
+        con.execute(_OUTPUT_COUNTERS.format(source=f"output WHERE seq > {int(before)} AND seq < {OUTPUT_SEQ_BASE}"))
+        if self.recount_output and self.created:
+            # With an output stream, an execution's chunks may be projected before its request:
+            # a new execution's counters are taken from every output row it already has.
+            con.execute(_OUTPUT_RECOUNT, [sorted(self.created)])
+        apply_derived(con, before)
+
+    def _save_position(self, last: int) -> None:
+        self.con.execute(
+            "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",
+            [self.stream, last, SCHEMA_VERSION, datetime.now(UTC)],
+        )
+
+    def _apply_state(self, lifecycle: Sequence[tuple[int, str, bytes]]) -> None:
+        """Fold the state-changing events (Gathered.lifecycle) into the executions table."""
+        if not lifecycle:
+            return
+        changed: dict[str, Execution] = {}
+        wanted = {subject.split(".", 3)[2] for _, subject, _ in lifecycle}
+        self._load_states(wanted - self.states.keys())
+        # A heartbeat only moves last_heartbeat_at and updated_seq: the latest one per execution
+        # is kept aside and folded in before that execution's next other event (or at the end),
+        # instead of a full decode and state copy per heartbeat.
+        beats: dict[str, tuple[int, bytes]] = {}
+        for seq, subject, payload in lifecycle:
+            execution_id = subject.split(".", 3)[2]
+            if subject.endswith(".heartbeat") and execution_id in self.states:
+                beats[execution_id] = (seq, payload)
+                continue
+            if execution_id in beats:
+                self._beat(execution_id, *beats.pop(execution_id), changed)
+            try:
+                event = decode_event(payload, seq=seq)
+            except EventError:
+                continue
+            state = self.states.get(event.execution_id)
+            new = evolve(state, event)
+            if new is not None and new is not state:
+                if state is None:
+                    self.created.add(event.execution_id)
+                self.states[event.execution_id] = new
+                changed[event.execution_id] = new
+        for execution_id, (seq, payload) in beats.items():
+            self._beat(execution_id, seq, payload, changed)
+        if not changed:
+            return
+        self._state_file.write_bytes(
+            b"\n".join(orjson.dumps(state.model_dump(mode="json")) for state in changed.values())
+        )
+        assignments = ", ".join(f"{name} = excluded.{name}" for name in _STATE_NAMES[1:])
+        self.con.execute(
+            f"INSERT INTO executions ({', '.join(_STATE_NAMES)}) SELECT {', '.join(_STATE_NAMES)} "
+            f"FROM read_json(?, format='newline_delimited', columns={_STATE_SPEC}) "
+            f"ON CONFLICT (execution_id) DO UPDATE SET {assignments}",
+            [str(self._state_file)],
+        )
+        if len(self.states) > 50000:
+            self.states = {k: v for k, v in self.states.items() if v.state not in ("exited", "failed")}
+
+    def _beat(self, execution_id: str, seq: int, payload: bytes, changed: dict[str, Execution]) -> None:
+        try:
+            ts = datetime.fromisoformat(orjson.loads(payload)["ts"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return  # not a valid envelope: evolve would not have applied it either
+        new = self.states[execution_id].model_copy(update={"last_heartbeat_at": ts, "updated_seq": seq})
+        self.states[execution_id] = changed[execution_id] = new
+
+    def _load_states(self, ids: set[str]) -> None:
+        if not ids:
+            return
+        rows = self.con.execute(
+            f"SELECT {', '.join(_STATE_SELECT)} FROM executions WHERE execution_id IN (SELECT unnest(?))",
+            [sorted(ids)],
+        ).fetchall()
+        for row in rows:
+            record = dict(zip(_STATE_NAMES, row, strict=True))
+            record["command"] = tuple(record["command"] or ())
+            self.states[record["execution_id"]] = Execution.model_validate(record)
+
+
+class OutputApplier:
+    """Apply batches of the output stream (CORRAL_OUTPUT, with [retention] set; docs/retention.md).
+
+    Output chunks kept in their own bounded stream go to the `output` and `search` tables and the
+    executions' output counters, never to `events` (which mirrors the core log). Their `seq` is
+    CORRAL_OUTPUT's sequence; the position is the stream's own row in projector_position, saved in
+    the same transaction. Shares the connection (and the lock) of the core stream's BatchApplier.
+    """
+
+    screen = True  # repeated event ids are duplicates (off only in the baselines of bench/ingest.py, verify.py)
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, *, tmp_dir: Path) -> None:
+        self.con = con
+        self.stream = OUTPUT_STREAM
+        self._batch_file = tmp_dir / f"projector-{os.getpid()}-{id(self)}-output.ndjson"
+        row = con.execute("SELECT seq FROM projector_position WHERE stream = ?", [self.stream]).fetchone()
+        self.position: int = int(row[0]) if row else 0
+
+    def close(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._batch_file.unlink()
+
+    def apply_gathered(self, gathered: Gathered, *, derive: bool = True) -> int:
+        """Apply output chunks above the position, in stream order (gaps allowed: limits remove)."""
+        if not gathered.items or gathered.last_seq <= self.position:
+            return 0
+        return self.apply_prepared(gathered.prepare(self._batch_file))
+
+    def apply_prepared(self, batch: Prepared, *, derive: bool = True) -> int:
+        """Apply a batch whose NDJSON file is written (see apply_gathered); return its size."""
+        if batch.last_seq <= self.position:
+            return 0
+        con = self.con
+        con.begin()
+        try:
+            con.execute(
+                f"CREATE TEMP TABLE output_batch AS SELECT seq + {OUTPUT_SEQ_BASE} AS seq, execution_id, ts, "
+                "data.stream AS stream, data.n AS n, data.text AS text, id FROM read_json(?, "
+                f"format='newline_delimited', ignore_errors=true, columns={_OUTPUT_SPEC}) "
+                "WHERE type = 'output' AND seq > ?",
+                [str(batch.file), self.position],
+            )
+            record_rejects(con, batch.count, batch.items, f"SELECT seq - {OUTPUT_SEQ_BASE} FROM output_batch", [])
+            if self.screen:
+                screen_output(con)
+                con.execute("INSERT INTO output_ids SELECT id, seq FROM output_batch WHERE id IS NOT NULL ORDER BY seq")
+            con.execute(f"INSERT INTO output SELECT {_OUTPUT_ROW} FROM output_batch ORDER BY seq")
+            con.execute(
+                "INSERT INTO search SELECT seq, execution_id, ts, 'output', lower(text) FROM output_batch ORDER BY seq"
+            )
+            con.execute(_OUTPUT_COUNTERS.format(source="output_batch"))
+            con.execute("DROP TABLE output_batch")
+            con.execute(
+                "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",
+                [self.stream, batch.last_seq, SCHEMA_VERSION, datetime.now(UTC)],
+            )
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        self.position = batch.last_seq
+        return batch.count
