@@ -59,15 +59,10 @@ class FileWatcher:
 
     @classmethod
     def open(cls, root: Path) -> "FileWatcher | None":
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name or None, use_errno=True)
-            fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        except (OSError, AttributeError):
+        instance = _new_instance()
+        if instance is None:
             return None
-        if fd < 0:
-            return None
-        watcher = cls(root, fd, libc)
+        watcher = cls(root, *instance)
         watcher._add_tree("", report=False)
         return watcher
 
@@ -198,13 +193,8 @@ class SharedWatch:
 
     @classmethod
     def open(cls) -> "SharedWatch | None":
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name or None, use_errno=True)
-            fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        except (OSError, AttributeError):
-            return None
-        return cls(fd, libc) if fd >= 0 else None
+        instance = _new_instance()
+        return cls(*instance) if instance is not None else None
 
     def watch(self, root: Path) -> FileWatcher:
         """Watch one more tree (its own `pending`, `take()`, and `close()` that ends only its watches)."""
@@ -235,6 +225,17 @@ class SharedWatch:
     def close(self) -> None:
         os.close(self.fd)
         self._owners.clear()
+
+
+def _new_instance() -> tuple[int, ctypes.CDLL] | None:
+    """A new inotify instance (its fd, and libc to use it); None without inotify or past the user's limit."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or None, use_errno=True)
+        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+    except (OSError, AttributeError):
+        return None
+    return (fd, libc) if fd >= 0 else None
 
 
 def _events(data: bytes) -> Iterator[tuple[int, int, str]]:
