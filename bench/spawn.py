@@ -16,6 +16,13 @@ The cgroup configurations run with a memory and a CPU limit too, so every limit 
 
 Prints a table, the overhead over the baseline (target: <= 20 ms p50 for cgroups + sandbox),
 and ends with one JSON line.
+
+    .venv/bin/python bench/spawn.py --burst 500
+
+A burst instead (issue 20 §2): N requests published at once to one `corral up` with the
+defaults (cgroups and the sandbox where the machine has them, `max_running` = N), timed until
+every agent has started; beside it, in the same run, the baseline: N times `git worktree add` and
+`subprocess.Popen` of the same agent, one after the other. Target: all N running within 10 s.
 """
 
 import argparse
@@ -24,6 +31,7 @@ import contextlib
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -139,11 +147,90 @@ class Configuration:
         }
 
 
+def baseline_burst(root: Path, n: int) -> float:
+    """Seconds for n times `git worktree add` + `subprocess.Popen` of the agent, one after the other."""
+    repo = make_repo(root / "repo-baseline")
+    started = time.perf_counter()
+    agents = []
+    for i in range(n):
+        path = root / "baseline-worktrees" / f"w{i}"
+        subprocess.run(
+            ["git", "-C", str(repo), "worktree", "add", "-q", "-b", f"b{i}", str(path)], check=True, capture_output=True
+        )
+        agents.append(subprocess.Popen(AGENT, cwd=path, stdout=subprocess.DEVNULL))
+    elapsed = time.perf_counter() - started
+    for agent in agents:
+        agent.wait()
+    return elapsed
+
+
+async def burst(n: int) -> None:
+    """Publish n requests at once; seconds until every agent has started, beside the baseline."""
+    root = Path(tempfile.mkdtemp(prefix="corral-spawn-burst-"))
+    home = root / "home"
+    write_config(home, n)
+    up = start_up(home, root)
+    try:
+        bus = await connect_home(home, await wait_ready(home, up))
+        repo = make_repo(root / "repo")
+        for _ in range(3):  # warm up: the first spawn imports and forks what the others reuse
+            ids = [new_execution_id()]
+            await bus.publisher.publish(
+                new_event(ids[0], ExecutionRequested(command=AGENT, repo=str(repo)), actor="bench")
+            )
+            await started_at(bus, ids[0])
+        events = [
+            new_event(new_execution_id(), ExecutionRequested(command=AGENT, repo=str(repo)), actor="bench")
+            for _ in range(n)
+        ]
+        before = time.perf_counter()
+        await asyncio.gather(*(bus.publisher.publish(event) for event in events))
+        published = time.perf_counter() - before
+        ids = ", ".join(f"'{event.execution_id}'" for event in events)
+        running = 0
+        while running < n and time.perf_counter() - before < 600:
+            rows = await sql(
+                bus,
+                f"SELECT count(*), max(data->>'sandbox') FROM events "
+                f"WHERE type = 'execution.started' AND execution_id IN ({ids})",
+            )
+            running, in_force = int(rows[0][0]), rows[0][1]
+            if running < n:
+                await asyncio.sleep(0.1)
+        all_running = time.perf_counter() - before
+        await bus.close()
+    finally:
+        stop_up(up, "burst")
+    baseline = baseline_burst(root, n)
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"burst of {n}: published in {published:.2f}s, {running}/{n} running after {all_running:.2f}s ({in_force})")
+    print(f"baseline: {n} x (git worktree add + Popen), one after the other: {baseline:.2f}s")
+    met = running == n and all_running <= 10.0
+    print(f"target: all {n} running within 10 s: {'met' if met else 'MISSED'}")
+    print_result(
+        "spawn_burst",
+        "all_running_s",
+        all_running,
+        "baseline_s",
+        baseline,
+        ratio=all_running / baseline if baseline else None,
+        target=f"{n} requests all running within 10 s",
+        met=met,
+        agents=n,
+        running=running,
+        published_s=published,
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=200, help="spawns measured per configuration")
     parser.add_argument("--warmup", type=int, default=5, help="spawns first made and not counted")
+    parser.add_argument("--burst", type=int, default=0, help="instead: N requests at once, until all run")
     args = parser.parse_args()
+    if args.burst:
+        await burst(args.burst)
+        return
     from actors.limits import PER_PROCESS, describe_limits
 
     configs = [("none", False, False)]
