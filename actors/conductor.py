@@ -39,6 +39,7 @@ import logging
 import re
 import shlex
 import subprocess
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -391,6 +392,25 @@ class Conductor(Actor):
         except EventError:
             return None
 
+    async def _stored(self, subject: str, seq: int, *, limit: int | None = None) -> AsyncIterator[tuple[int, Event]]:
+        """The events stored on `subject` from sequence `seq` on (at most `limit` messages read), by
+        direct gets: no consumer per read. Undecodable messages are skipped."""
+        read = 0
+        while limit is None or read < limit:
+            try:
+                stored = await self.bus.js.get_msg(STREAM, seq=seq, subject=subject, next=True, direct=True)
+            except NotFoundError:
+                return
+            if stored.seq is None:
+                return
+            read += 1
+            seq = stored.seq + 1
+            try:
+                event = decode_event(stored.data or b"")
+            except EventError:
+                continue
+            yield stored.seq, event
+
     # --- one run ---------------------------------------------------------------------------------
 
     async def load(self, run_id: str) -> RunState:
@@ -400,21 +420,8 @@ class Conductor(Actor):
             first = await self.bus.js.get_last_msg(STREAM, event_subject(run_id, "pipeline.requested"))
         except NotFoundError:
             return state
-        subject = execution_events(run_id)
-        seq = first.seq or 1
-        while True:
-            try:
-                stored = await self.bus.js.get_msg(STREAM, seq=seq, subject=subject, next=True, direct=True)
-            except NotFoundError:
-                break
-            if stored.seq is None:
-                break
-            seq = stored.seq + 1
-            try:
-                event = decode_event(stored.data or b"")
-            except EventError:
-                continue
-            self._fold(state, stored.seq, event)
+        async for seq, event in self._stored(execution_events(run_id), first.seq or 1):
+            self._fold(state, seq, event)
         for step in state.steps:
             self._runs_of[step.started.execution_id] = run_id
         return state
@@ -769,19 +776,8 @@ class Conductor(Actor):
             return None
         output: list[str] = []
         stdout: list[str] = []
-        seq = 1
-        for _ in range(count):
-            try:
-                stored = await self.bus.js.get_msg(STREAM, seq=seq, subject=subject, next=True, direct=True)
-            except NotFoundError:
-                break
-            if stored.seq is None:
-                break
-            seq = stored.seq + 1
-            try:
-                data = decode_event(stored.data or b"").data
-            except EventError:
-                continue
+        async for _, event in self._stored(subject, 1, limit=count):
+            data = event.data
             if isinstance(data, Output):
                 output.append(data.text)
                 if data.stream == "stdout":
