@@ -532,24 +532,11 @@ async def cmd_compare(home: Home, args: Any) -> int:
         render.print_json(compared)
         return 0
     a, b, diff, timeline = compared["a"], compared["b"], compared["tree_diff"], compared["timeline"]
-
-    def outcome(s: dict[str, Any]) -> str:
-        if s["signal"] is not None:
-            return f"{s['state']} (signal {s['signal']})"
-        return f"{s['state']} (exit {s['exit_code']}, {s['exit_reason'] or '-'})"
-
-    def session(s: dict[str, Any]) -> str:
-        continued = f" (continues {s['resume_session']})" if s["resume_session"] else ""
-        return f"{s['session_id'] or '-'}{continued}"
-
-    def files(s: dict[str, Any]) -> str:
-        return f"{len(s['files_changed'])} " + render.cell(", ".join(f["path"] for f in s["files_changed"][:5]))
-
     lines = [
         ("execution", a["execution_id"], b["execution_id"]),
         ("command", render.cell(a["command"]), render.cell(b["command"])),
         ("base", f"{a['base']} {(a['base_commit'] or '')[:12]}", f"{b['base']} {(b['base_commit'] or '')[:12]}"),
-        ("outcome", outcome(a), outcome(b)),
+        ("outcome", _outcome(a), _outcome(b)),
         ("duration", render.human_duration(a["duration_s"]), render.human_duration(b["duration_s"])),
         (
             "tokens in/out",
@@ -558,9 +545,9 @@ async def cmd_compare(home: Home, args: Any) -> int:
         ),
         ("cost", f"${a['cost_usd'] or 0:.4f}", f"${b['cost_usd'] or 0:.4f}"),
         ("checkpoints", str(len(a["checkpoints"])), str(len(b["checkpoints"]))),
-        ("session", session(a), session(b)),
+        ("session", _session(a), _session(b)),
         ("final tree", (a["final_tree"] or "-")[:12], (b["final_tree"] or "-")[:12]),
-        ("files changed", files(a), files(b)),
+        ("files changed", _files(a), _files(b)),
     ]
     print(render.table(["", "A", "B"], [list(line) for line in lines]))
     print()
@@ -572,17 +559,10 @@ async def cmd_compare(home: Home, args: Any) -> int:
         print(f"final trees: cannot diff: {diff['error']}")
     print()
     print("timeline (aligned by event type):")
-
-    def side(entry: dict[str, Any] | None) -> str:
-        if entry is None:
-            return ""
-        count = f" ×{entry['count']}" if entry["count"] > 1 else ""
-        return f"+{entry['offset_s']:.1f}s {entry['type']}{count}"
-
-    width = max([len(side(p["a"])) for p in timeline] + [1])
+    width = max([len(_side(p["a"])) for p in timeline] + [1])
     for pair in timeline:
         mark = " " if pair["a"] and pair["b"] else "≠"
-        print(f"  {side(pair['a']).ljust(width)}  {mark}  {side(pair['b'])}".rstrip())
+        print(f"  {_side(pair['a']).ljust(width)}  {mark}  {_side(pair['b'])}".rstrip())
     return 0
 
 
