@@ -27,7 +27,7 @@ from events.approvals import encode
 from events.envelope import Event, decode_event
 from events.errors import EventError, WrongLastSequence
 from events.subjects import STREAM, event_subject, events_of_type
-from events.types import BreakerClosed, BreakerOpened, ExecutionHeld, ExecutionRequested
+from events.types import BreakerClosed, BreakerCounted, BreakerOpened, ExecutionHeld, ExecutionRequested
 
 log = logging.getLogger(__name__)
 
@@ -57,49 +57,87 @@ class _Seen:
     opened_seq: int = 0
     closed_seq: int = 0
     closed: BreakerClosed | None = None
+    failures: int = 0  # in a row, as the last `breaker.counted` said (when followed)
+    counted_seq: int = 0
 
     @property
     def open(self) -> bool:
         return self.opened_seq > self.closed_seq
 
 
-class TemplateBreakers:
-    """Which `template:<name>` breakers are open, followed from the log."""
+class BreakerWatch:
+    """Breakers (those whose key starts with `prefix`; "" for all) as their events tell them, followed
+    from the log: read once, then kept current by ordered consumers on the breaker event types.
 
-    def __init__(self) -> None:
-        self._seen: dict[str, _Seen] = {}  # breaker key -> its last opening and closing
-        self._recorded: set[str] = set()  # executions whose execution.held this instance recorded
+    What it says may be a moment behind the log (a breaker opened just now): callers that act on "open"
+    read the breaker again; "closed and no failures" lets them skip the reads."""
 
-    async def follow(self, js: JetStreamContext, on_change: Callable[[], None]) -> list[Any]:
-        """Read every breaker's last opening and closing, then follow new ones; return the subscriptions."""
+    KINDS: Final = ("breaker.opened", "breaker.closed")
+
+    def __init__(self, prefix: str = "", *, counts: bool = False) -> None:
+        self.prefix = prefix
+        self.kinds = (*self.KINDS, "breaker.counted") if counts else self.KINDS
+        self._seen: dict[str, _Seen] = {}  # breaker key -> its last opening, closing (and count)
+        self.following = False
+
+    async def follow(self, js: JetStreamContext, on_change: Callable[[], None] | None = None) -> list[Any]:
+        """Read every breaker's last events, then follow new ones; return the subscriptions."""
 
         async def seen(msg: Msg) -> None:
             with contextlib.suppress(EventError):
                 self._apply(decode_event(msg.data), msg.metadata.sequence.stream)
-                on_change()
+                if on_change is not None:
+                    on_change()
 
         subs = [
             await js.subscribe(events_of_type(kind), cb=seen, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
-            for kind in ("breaker.opened", "breaker.closed")
+            for kind in self.kinds
         ]
-        info = await js.stream_info(STREAM, subjects_filter=events_of_type("breaker.opened"))
+        first = "breaker.counted" if "breaker.counted" in self.kinds else "breaker.opened"
+        info = await js.stream_info(STREAM, subjects_filter=events_of_type(first))
         for subject in info.state.subjects or {}:
             bid = subject.split(".")[2]
-            for kind in ("breaker.opened", "breaker.closed"):
+            for kind in self.kinds:
                 with contextlib.suppress(NotFoundError, EventError):
                     stored = await js.get_last_msg(STREAM, event_subject(bid, kind))
                     self._apply(decode_event(stored.data or b""), stored.seq or 0)
+        self.following = True
         return subs
 
     def _apply(self, event: Event, seq: int) -> None:
         data = event.data
-        if isinstance(data, BreakerOpened) and data.key.startswith(TEMPLATE_PREFIX):
-            seen = self._seen.setdefault(data.key, _Seen())
+        if not isinstance(data, BreakerOpened | BreakerClosed | BreakerCounted) or not data.key.startswith(self.prefix):
+            return
+        seen = self._seen.setdefault(data.key, _Seen())
+        if isinstance(data, BreakerOpened):
             seen.opened_seq = max(seen.opened_seq, seq)
-        elif isinstance(data, BreakerClosed) and data.key.startswith(TEMPLATE_PREFIX):
-            seen = self._seen.setdefault(data.key, _Seen())
+        elif isinstance(data, BreakerClosed):
             if seq > seen.closed_seq:
                 seen.closed_seq, seen.closed = seq, data
+        elif seq > seen.counted_seq:
+            seen.counted_seq, seen.failures = seq, data.failures
+
+    def quiet(self, key: str) -> bool:
+        """Known closed with no failures counted (nothing to read or reset); False when not followed."""
+        if not self.following:
+            return False
+        seen = self._seen.get(key)
+        return seen is None or (not seen.open and seen.failures == 0)
+
+    def closed(self, key: str) -> bool:
+        """Known closed (it may have opened a moment ago: a caller holding runs reads it again)."""
+        if not self.following:
+            return False
+        seen = self._seen.get(key)
+        return seen is None or not seen.open
+
+
+class TemplateBreakers(BreakerWatch):
+    """Which `template:<name>` breakers are open, followed from the log."""
+
+    def __init__(self) -> None:
+        super().__init__(TEMPLATE_PREFIX)
+        self._recorded: set[str] = set()  # executions whose execution.held this instance recorded
 
     def _key(self, queued: Queued) -> str | None:
         request = queued.request.data

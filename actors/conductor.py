@@ -34,11 +34,14 @@ same way. See docs/orchestration.md.
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import logging
 import re
 import shlex
 import subprocess
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,7 +54,7 @@ from nats.js.errors import FetchTimeoutError, NotFoundError, ServiceUnavailableE
 from pydantic import ValidationError
 
 from actors.adapters import build_command
-from actors.breakers import breaker_id
+from actors.breakers import BreakerWatch, breaker_id
 from actors.bus import Bus, ensure_work_consumer
 from actors.runtime import Actor
 from actors.schedule import Cron, Every
@@ -125,6 +128,20 @@ QUICK_CHUNKS: Final = 32  # a stage's result read with direct gets up to this ma
 # crash_loop; it decides within its check interval) before the stage is settled as failed.
 WATCHDOG_DECISION_S: Final = 30.0
 DEFAULT_BREAKER_FAILURES: Final = 3  # a template's breaker_failures when corral.toml names none
+SCHEDULE_PREFIX: Final = "schedule:"  # a schedule's breaker: `schedule:<name>`
+SCHEDULE_LABEL: Final = "schedule"  # on a schedule's template execution: the schedule's name
+OUTPUT_STREAM_RECHECK_S: Final = 5.0  # how long "no output stream" is believed
+
+
+# When the trigger being handled (a stage's end) was received and how long after it was recorded:
+# the conductor's reaction (stage end received -> next stage requested) is measured from it.
+_TRIGGER: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("trigger", default=None)
+SAMPLES: Final = 1000  # reaction times kept for health()
+
+
+def _pct(values: "deque[float]", q: float) -> float | None:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1) if ordered else None
 
 
 def render(text: str, values: dict[str, str], *, shell: bool = False) -> str:
@@ -167,6 +184,11 @@ class ScheduledJob:
     target: Literal["pipeline", "template"]
     payload: dict[str, Any]  # a pipeline.requested (pipeline) or execution.requested (template) payload
     catch_up: Literal["none", "last"] = "none"
+    breaker_failures: int = DEFAULT_BREAKER_FAILURES  # failed ticks in a row that open `schedule:<name>` (0: none)
+
+    @property
+    def breaker_key(self) -> str:
+        return f"{SCHEDULE_PREFIX}{self.name}"
 
 
 @dataclass
@@ -210,6 +232,8 @@ class RunState:
     last_started_seq: int = 0
     last_finished_seq: int = 0
     recheck_in: float | None = None  # waiting for the watchdog's decision on the running step's failure
+    read_seq: int = 0  # the last stored sequence of the run's subjects read from the stream
+    own: set[int] = field(default_factory=set)  # sequences past read_seq this conductor appended (folded already)
 
     def stage(self, name: str) -> dict[str, Any] | None:
         assert self.request is not None
@@ -247,6 +271,16 @@ class Conductor(Actor):
         self._locks: dict[str, asyncio.Lock] = {}
         self._runs_of: dict[str, str] = {}  # execution id -> run id, for stages seen
         self._deferred: dict[str, list[tuple[RunState, str, int]]] = {}  # run -> passes to count (advance)
+        # Runs being moved, as last read: a trigger reads only what was appended since (one direct get
+        # when nothing was), and this conductor's own appends are folded in without reading them back.
+        self._states: dict[str, RunState] = {}
+        # ms: a stage's end recorded -> its trigger received here; received -> the next stage requested
+        self.trigger_lag_ms: deque[float] = deque(maxlen=SAMPLES)
+        self.reaction_ms: deque[float] = deque(maxlen=SAMPLES)
+        self.breakers_seen = BreakerWatch(counts=True)  # every breaker's opening, closing and count, followed
+        self._breaker_subs: list[Any] = []
+        self._output_stream_at: float | None = None  # when the output stream was last looked for
+        self._output_stream_found = False
 
     def health(self) -> dict[str, Any]:
         return {
@@ -257,12 +291,25 @@ class Conductor(Actor):
             "lost_races": self.lost_races,
             "schedules": len(self.schedules),
             "ticks_fired": self.ticks_fired,
+            # a stage's end: recorded -> received (the durable's delivery), received -> next stage requested
+            "trigger_lag_ms_p50": _pct(self.trigger_lag_ms, 0.5),
+            "trigger_lag_ms_p99": _pct(self.trigger_lag_ms, 0.99),
+            "reaction_ms_p50": _pct(self.reaction_ms, 0.5),
+            "reaction_ms_p99": _pct(self.reaction_ms, 0.99),
         }
 
     async def prepare(self) -> None:
         # runs already in flight are moved by resume_all (the consumer delivers new events only)
         filters = [events_of_type(kind) for kind in TRIGGERS]
         await ensure_work_consumer(self.bus.js, STREAM, CONSUMER, filters, ACK_WAIT_S)
+        self._breaker_subs = await self.breakers_seen.follow(self.bus.js)
+
+    async def on_stop(self) -> None:
+        for sub in self._breaker_subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._breaker_subs = []
+        await super().on_stop()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -288,7 +335,7 @@ class Conductor(Actor):
             while not self.stopping.is_set():
                 await slots.acquire()
                 try:
-                    msgs = await sub.fetch(1, timeout=0.5)
+                    msgs = await self._fetch_unless_stopped(sub)  # a stop waits for no fetch
                 except (FetchTimeoutError, NatsTimeoutError, TimeoutError):
                     slots.release()
                     continue
@@ -341,6 +388,9 @@ class Conductor(Actor):
         except EventError:
             await msg.ack()
             return
+        if isinstance(event.data, ExecutionExited | ExecutionFailed):
+            lag = (datetime.now(UTC) - event.ts).total_seconds() * 1000
+            _TRIGGER.set((time.monotonic(), lag))
         try:
             if isinstance(event.data, ExecutionCrashLoop):
                 await self._escalate_crash_loop(event)
@@ -414,16 +464,28 @@ class Conductor(Actor):
     # --- one run ---------------------------------------------------------------------------------
 
     async def load(self, run_id: str) -> RunState:
-        """The run's state from its events, in stored order (direct gets: no consumer per read)."""
-        state = RunState(run_id)
-        try:
-            first = await self.bus.js.get_last_msg(STREAM, event_subject(run_id, "pipeline.requested"))
-        except NotFoundError:
-            return state
-        async for seq, event in self._stored(execution_events(run_id), first.seq or 1):
-            self._fold(state, seq, event)
+        """The run's state from its events, in stored order (direct gets: no consumer per read). A run
+        this conductor moved before is read from where it stopped reading: what was appended since."""
+        state = self._states.get(run_id)
+        if state is None:
+            state = RunState(run_id)
+            try:
+                first = await self.bus.js.get_last_msg(STREAM, event_subject(run_id, "pipeline.requested"))
+            except NotFoundError:
+                return state
+            start = first.seq or 1
+        else:
+            start = state.read_seq + 1
+        async for seq, event in self._stored(execution_events(run_id), start):
+            state.read_seq = seq
+            if seq not in state.own:
+                self._fold(state, seq, event)
+        state.own = {seq for seq in state.own if seq > state.read_seq}
+        state.recheck_in = None
         for step in state.steps:
             self._runs_of[step.started.execution_id] = run_id
+        if state.request is not None:
+            self._states[run_id] = state
         return state
 
     @staticmethod
@@ -453,17 +515,25 @@ class Conductor(Actor):
         Returns in how many seconds to look again when the run waits for something no event may bring
         (the watchdog's decision on a failed stage)."""
         async with self._locks.setdefault(run_id, asyncio.Lock()):
-            for _ in range(1000):  # each pass appends one event, or returns
-                state = await self.load(run_id)
-                try:
-                    if not await self._step(state):
-                        break
-                except WrongLastSequence:
-                    self.lost_races += 1  # another conductor took this step: read again
+            state = await self.load(run_id)
+            try:
+                for _ in range(1000):  # each pass appends one event (folded in as it is stored), or returns
+                    try:
+                        if not await self._step(state):
+                            break
+                    except WrongLastSequence:
+                        self.lost_races += 1  # another conductor took this step: read the run again
+                        self._states.pop(run_id, None)
+                        state = await self.load(run_id)
+            except BaseException:
+                self._states.pop(run_id, None)  # read it whole next time
+                raise
             for done, key, number in self._deferred.pop(run_id, ()):  # passes: their breakers back to 0
-                await self._count(done, key, number, failed=False)
+                if not self.breakers_seen.quiet(key):
+                    await self._count(done, key, number, failed=False)
             if state.finished is not None:
                 self._locks.pop(run_id, None)
+                self._states.pop(run_id, None)
                 for step in state.steps:
                     self._runs_of.pop(step.started.execution_id, None)
             return state.recheck_in
@@ -522,6 +592,7 @@ class Conductor(Actor):
             await self._emit(state, finished, expected=0)
             self.runs_finished += 1
         state.finished = finished
+        await self._count_scheduled_run(state, outcome)
         if state.request is not None and state.request.ticket_id:
             await self.ticket(state.request.ticket_id)
 
@@ -566,6 +637,11 @@ class Conductor(Actor):
         self.stages_started += 1
         self._runs_of[execution_id] = state.run_id
         await self._request(execution_id, request)
+        trigger = _TRIGGER.get()
+        if trigger is not None:  # a stage's end moved the run to this stage: how long that took here
+            self.trigger_lag_ms.append(trigger[1])
+            self.reaction_ms.append((time.monotonic() - trigger[0]) * 1000)
+            _TRIGGER.set(None)
         return True
 
     async def _request(self, execution_id: str, request: ExecutionRequested) -> None:
@@ -646,7 +722,14 @@ class Conductor(Actor):
     async def _settle(self, state: RunState, step: Step) -> bool:
         """The step's execution ended: record how, and where the run goes. False while it runs."""
         execution_id = step.started.execution_id
-        if await self._last(execution_id, "execution.requested") is None:
+        # One round of reads at once (each a direct get): was it requested, retried, how did it end.
+        requested, retried, failed, exited = await asyncio.gather(
+            self._last(execution_id, "execution.requested"),
+            self._last(execution_id, "execution.retry_scheduled"),
+            self._last(execution_id, "execution.failed"),
+            self._last(execution_id, "execution.exited"),
+        )
+        if requested is None:
             # The conductor that claimed the step died before requesting it: request it now.
             spec = state.stage(step.started.stage)
             if spec is None:
@@ -658,12 +741,15 @@ class Conductor(Actor):
                 return False
             await self._request(execution_id, request)
             return False
-        chain = await self._attempts(execution_id)
-        execution_id = chain[-1]  # the watchdog's last retry of it: the stage's outcome is that one's
-        if len(chain) > 1 and await self._last(execution_id, "execution.requested") is None:
-            return False  # the retry is requested after its backoff (its end is a trigger)
-        failed = await self._last(execution_id, "execution.failed")
-        exited = await self._last(execution_id, "execution.exited")
+        chain = [execution_id]
+        if isinstance(retried, ExecutionRetryScheduled):
+            chain = await self._attempts(execution_id)
+            execution_id = chain[-1]  # the watchdog's last retry of it: the stage's outcome is that one's
+            if await self._last(execution_id, "execution.requested") is None:
+                return False  # the retry is requested after its backoff (its end is a trigger)
+            failed, exited = await asyncio.gather(
+                self._last(execution_id, "execution.failed"), self._last(execution_id, "execution.exited")
+            )
         if not isinstance(failed, ExecutionFailed) and not isinstance(exited, ExecutionExited):
             return False
         if isinstance(failed, ExecutionFailed) or (isinstance(exited, ExecutionExited) and exited.exit_code != 0):
@@ -764,13 +850,16 @@ class Conductor(Actor):
     async def _quick_result(self, execution_id: str) -> tuple[str, str] | None:
         """_result from direct gets: the last `agent.result` with text, else up to QUICK_CHUNKS output
         chunks read one by one; None when there are more (the caller reads them with a consumer)."""
-        last = await self._last(execution_id, "agent.result")
+        subject = event_subject(execution_id, "output")
+        last, retained, info = await asyncio.gather(
+            self._last(execution_id, "agent.result"),
+            self._output_retained(),
+            self.bus.js.stream_info(STREAM, subjects_filter=subject),
+        )
         if isinstance(last, AgentResult) and last.text:
             return last.text, last.text
-        if isinstance(last, AgentResult) or await output_stream_exists(self.bus.js):
+        if isinstance(last, AgentResult) or retained:
             return None  # (log retention: output is in CORRAL_OUTPUT, which `follow` reads)
-        subject = event_subject(execution_id, "output")
-        info = await self.bus.js.stream_info(STREAM, subjects_filter=subject)
         count = (info.state.subjects or {}).get(subject, 0)
         if count > QUICK_CHUNKS:
             return None
@@ -783,6 +872,18 @@ class Conductor(Actor):
                 if data.stream == "stdout":
                     stdout.append(data.text)
         return "".join(output), "".join(stdout)
+
+    async def _output_retained(self) -> bool:
+        """Whether output goes to the output stream ([retention] on): once it exists it stays; a miss is
+        asked again after OUTPUT_STREAM_RECHECK_S (not a round trip per stage's end)."""
+        if self._output_stream_found:
+            return True
+        now = time.monotonic()
+        if self._output_stream_at is not None and now - self._output_stream_at < OUTPUT_STREAM_RECHECK_S:
+            return False
+        self._output_stream_found = await output_stream_exists(self.bus.js)
+        self._output_stream_at = now
+        return self._output_stream_found
 
     # --- schedules ---------------------------------------------------------------------------------
 
@@ -816,13 +917,29 @@ class Conductor(Actor):
                 last, last_seq = data, stored.seq or 0
         except NotFoundError:
             pass
-        if last is not None and last.tick >= due:
-            await self._request_tick(job, last)
-            return False
+        if last is not None:
+            await self._request_tick(job, last)  # (a held tick: once a human released its breaker)
+            if last.tick >= due:
+                return False
         late = due.timestamp() < self.started_at - 0.5
         if late and job.catch_up == "none":
             return False
-        fired = ScheduleFired(schedule=job.name, tick=due, target=job.target, target_id=new_execution_id(), late=late)
+        held = False
+        if job.breaker_failures > 0 and not self.breakers_seen.closed(job.breaker_key):
+            current = await self.breaker(job.breaker_key, counts=False)
+            if current.open:
+                if last is not None and last.held and last_seq > current.opened_seq:
+                    return False  # a tick waits already: the ticks due while the breaker is open are that one run
+                held = True
+        fired = ScheduleFired(
+            schedule=job.name,
+            tick=due,
+            target=job.target,
+            target_id=new_execution_id(),
+            late=late,
+            held=held,
+            breaker_failures=job.breaker_failures,
+        )
         try:
             await self.bus.emit(sid, fired, actor=self.instance, expected_last_subject_seq=last_seq)
         except WrongLastSequence:
@@ -836,12 +953,21 @@ class Conductor(Actor):
         key = (job.name, fired.target_id)
         if key in self._requested_ticks:
             return
+        if fired.held:  # its breaker was open: requested once a human approves, never if he rejects
+            if not self.breakers_seen.closed(job.breaker_key):
+                return  # open as followed (no reads while it stays open)
+            current = await self.breaker(job.breaker_key, counts=False)
+            if current.open:
+                return
+            if current.closed is None or not current.closed.release:
+                self._requested_ticks.add(key)  # stopped at the breaker: `corral schedules` shows it
+                return
         data: EventData
         if fired.target == "pipeline":
             data = PipelineRequested.model_validate(job.payload)
         else:
             data = ExecutionRequested.model_validate(
-                {**job.payload, "labels": {**(job.payload.get("labels") or {}), "schedule": job.name}}
+                {**job.payload, "labels": {**(job.payload.get("labels") or {}), SCHEDULE_LABEL: job.name}}
             )
         with contextlib.suppress(WrongLastSequence):
             await self.bus.emit(fired.target_id, data, actor=self.instance, expected_last_subject_seq=0)
@@ -951,20 +1077,52 @@ class Conductor(Actor):
         A cancel (by anyone, a stopping spawner, a rejected escalation) counts neither way; a failure
         the watchdog will retry counts when its last attempt ends."""
         request = await self._last(event.execution_id, "execution.requested")
-        if not isinstance(request, ExecutionRequested) or not request.template or RUN_LABEL in request.labels:
+        if not isinstance(request, ExecutionRequested) or RUN_LABEL in request.labels:
             return
-        threshold = self.template_breakers.get(request.template, DEFAULT_BREAKER_FAILURES)
+        schedule = request.labels.get(SCHEDULE_LABEL)
+        if schedule is not None:  # a schedule's tick: counted on the schedule's breaker, not its template's
+            key = f"{SCHEDULE_PREFIX}{schedule}"
+            threshold = await self._schedule_threshold(schedule)
+        elif request.template:
+            key = f"template:{request.template}"
+            threshold = self.template_breakers.get(request.template, DEFAULT_BREAKER_FAILURES)
+        else:
+            return
         data = event.data
         if threshold <= 0 or (isinstance(data, ExecutionExited) and data.reason in ("cancelled", "spawner_stopped")):
             return
         failed = not (isinstance(data, ExecutionExited) and data.exit_code == 0 and data.reason == "exited")
         if failed and await self._retry_expected(event.execution_id, request):
             return
-        key = f"template:{request.template}"
         if (await self.breaker(key)).counted_run == event.execution_id:
             return  # counted already (this trigger came again)
         await self._count_key(
             key, failed=failed, threshold=threshold, run_id=event.execution_id, step=0, cause=event.id
+        )
+
+    async def _schedule_threshold(self, name: str) -> int:
+        """A schedule's breaker_failures: as its conductor's corral.toml says, else as its last tick recorded."""
+        job = next((j for j in self.schedules if j.name == name), None)
+        if job is not None:
+            return job.breaker_failures
+        fired = await self._last(schedule_id(name), "schedule.fired")
+        return fired.breaker_failures if isinstance(fired, ScheduleFired) else DEFAULT_BREAKER_FAILURES
+
+    async def _count_scheduled_run(self, state: RunState, outcome: str) -> None:
+        """A schedule's pipeline run ended: counted on `schedule:<name>` (a cancel counts neither way)."""
+        assert state.request is not None
+        requested_by = state.request.requested_by or ""
+        if not requested_by.startswith(SCHEDULE_PREFIX) or outcome not in ("passed", "failed"):
+            return
+        name = requested_by.removeprefix(SCHEDULE_PREFIX)
+        key = f"{SCHEDULE_PREFIX}{name}"
+        threshold = await self._schedule_threshold(name)
+        if threshold <= 0 or (outcome == "passed" and self.breakers_seen.quiet(key)):
+            return
+        if (await self.breaker(key)).counted_run == state.run_id:
+            return  # counted already
+        await self._count_key(
+            key, failed=outcome == "failed", threshold=threshold, run_id=state.run_id, step=0, cause=state.request_id
         )
 
     async def _count_key(
@@ -1024,8 +1182,10 @@ class Conductor(Actor):
         if spec is None:
             return False
         for key in self.breaker_keys(state, spec):
-            current = await self.breaker(key, counts=False)
             bid = breaker_id(key)
+            if self.breakers_seen.closed(key) and (state.held is None or state.held.breaker_id != bid):
+                continue  # closed as followed, and this run never waited on it: no reads
+            current = await self.breaker(key, counts=False)
             if current.open:
                 if state.held is None or state.held.breaker_id != bid or state.held_seq < current.opened_seq:
                     await self._publish(
@@ -1145,10 +1305,13 @@ class Conductor(Actor):
     # --- appending -------------------------------------------------------------------------------
 
     async def _emit(self, state: RunState, data: EventData, *, expected: int) -> None:
-        """Append to the run with an expected last sequence on the event's subject (WrongLastSequence: lost)."""
-        await self.bus.emit(
-            state.run_id, data, actor=self.instance, causation_id=state.request_id, expected_last_subject_seq=expected
-        )
+        """Append to the run with an expected last sequence on the event's subject (WrongLastSequence: lost),
+        and fold it into `state` as stored: the run is not read back after each of its steps."""
+        event = self.bus.event(state.run_id, data, actor=self.instance, causation_id=state.request_id)
+        ack = await self.bus.publisher.publish(event, expected_last_subject_seq=expected)
+        if ack.seq and ack.seq > state.read_seq and ack.seq not in state.own:
+            state.own.add(ack.seq)
+            self._fold(state, ack.seq, event)
 
     async def _publish(self, execution_id: str, data: EventData, *, event_id: str) -> None:
         event = new_event(execution_id, data, actor=self.instance, event_id=event_id)

@@ -119,6 +119,16 @@ async def bench(tickets: int, max_running: int) -> None:
                     "AND CAST(f.data->>'step' AS INTEGER) = s.step",
                     max_rows=100000,
                 )
+                # The conductor's whole reaction: step 1's execution.exited -> step 2's execution.requested.
+                reacted = await sql(
+                    bus,
+                    "SELECT epoch(r.ts) - epoch(e.ts) FROM stages s1 "
+                    "JOIN events e ON e.execution_id = s1.execution_id AND e.type = 'execution.exited' "
+                    "JOIN stages s2 ON s2.run_id = s1.run_id AND s2.step = 2 "
+                    "JOIN events r ON r.execution_id = s2.execution_id AND r.type = 'execution.requested' "
+                    "WHERE s1.step = 1",
+                    max_rows=100000,
+                )
                 # Where the next stage's start goes: request -> claim -> worktree -> agent running.
                 phases = await sql(
                     bus,
@@ -154,6 +164,13 @@ async def bench(tickets: int, max_running: int) -> None:
                     f"WHERE execution_id IN ({quoted})",
                 )
                 hand_span = float(hand_span_rows[0][0])
+                # The conductor's own clock (actors/conductor.py health): trigger received -> next requested.
+                from actors.runtime import HEALTH_INTERVAL_S, read_health
+
+                await asyncio.sleep(HEALTH_INTERVAL_S + 0.5)
+                conductor = next(
+                    (r for r in await read_health(bus.js) if str(r.get("key", "")).startswith("conductor")), {}
+                )
             finally:
                 await bus.close()
         finally:
@@ -176,6 +193,16 @@ async def bench(tickets: int, max_running: int) -> None:
     print(
         f"  stage finished -> next requested      p50 {pct(decided_ms, 0.5):7.1f} ms  "
         f"p99 {pct(decided_ms, 0.99):7.1f} ms  (the conductor's part)"
+    )
+    reacted_ms = [float(r[0]) * 1000 for r in reacted]
+    print(
+        f"  stage exited -> next requested        p50 {pct(reacted_ms, 0.5):7.1f} ms  "
+        f"p99 {pct(reacted_ms, 0.99):7.1f} ms  (the conductor's whole reaction)"
+    )
+    print(
+        f"    of which: exit recorded -> trigger received p50 {conductor.get('trigger_lag_ms_p50')} ms  "
+        f"p99 {conductor.get('trigger_lag_ms_p99')} ms;  received -> next requested p50 "
+        f"{conductor.get('reaction_ms_p50')} ms  p99 {conductor.get('reaction_ms_p99')} ms  (the conductor's clock)"
     )
     claim_ms = [float(r[0]) * 1000 for r in phases]
     workspace_ms = [float(r[1]) * 1000 for r in phases]
@@ -210,6 +237,11 @@ async def bench(tickets: int, max_running: int) -> None:
         exit_seen_p99_ms=pct(seen_ms, 0.99),
         next_requested_p50_ms=pct(decided_ms, 0.5),
         next_requested_p99_ms=pct(decided_ms, 0.99),
+        conductor_reaction_p50_ms=pct(reacted_ms, 0.5),
+        conductor_reaction_p99_ms=pct(reacted_ms, 0.99),
+        conductor_handling_p50_ms=conductor.get("reaction_ms_p50"),
+        conductor_handling_p99_ms=conductor.get("reaction_ms_p99"),
+        trigger_lag_p50_ms=conductor.get("trigger_lag_ms_p50"),
         claim_p50_ms=pct(claim_ms, 0.5),
         worktree_p50_ms=pct(workspace_ms, 0.5),
         shim_to_running_p50_ms=pct(shim_ms, 0.5),

@@ -1354,6 +1354,7 @@ class ScheduleEntry(_Frozen):
     task: StrictStr | None = None  # a template's task (its agent's prompt)
     vars: dict[str, StrictStr] = Field(default_factory=dict)  # a pipeline's --var
     catch_up: Literal["none", "last"] = "none"
+    breaker_failures: Annotated[StrictInt, Field(ge=0)] = 3  # failed ticks in a row that open schedule:NAME
 
     @model_validator(mode="after")
     def _when_and_what(self) -> "ScheduleEntry":

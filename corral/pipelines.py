@@ -461,7 +461,7 @@ async def cmd_breakers(home: Home, args: Any) -> int:
         render.print_json(rows)
         return 0
     if not rows:
-        print("no circuit breakers yet: they count failures of pipeline stages (docs/orchestration.md)")
+        print("no circuit breakers yet: they count failures of stages, templates and schedules (docs/orchestration.md)")
         return 0
     table = [
         [r.get("key"), r["state"], r["failures"], r.get("approval_id") if r["state"] == "open" else r.get("decided_by")]

@@ -13,6 +13,7 @@ from typing import Any
 
 from nats.js.errors import NotFoundError
 
+from actors.breakers import breaker_id
 from actors.conductor import ScheduledJob, schedule_id
 from actors.schedule import Cron, Every
 from corral import render
@@ -62,7 +63,8 @@ async def resolve(home: Home, config: Config, entry: ScheduleEntry) -> Scheduled
         _, request = await build_request(home, spec, requested_by=f"schedule:{entry.name}")
         payload = request.model_dump(mode="json")
         target = "template"
-    return ScheduledJob(entry.name, when_of(entry), target, payload, entry.catch_up)  # type: ignore[arg-type]
+    catch_up: Any = entry.catch_up
+    return ScheduledJob(entry.name, when_of(entry), target, payload, catch_up, entry.breaker_failures)  # type: ignore[arg-type]
 
 
 async def for_conductor(home: Home, config: Config) -> tuple[ScheduledJob, ...]:
@@ -92,6 +94,8 @@ async def schedule_rows(client: Client) -> list[dict[str, Any]]:
             "next_tick": nxt.isoformat() if nxt else None,
             "last_tick": None,
             "last_target_id": None,
+            "breaker": "closed",  # schedule:NAME (docs/orchestration.md#circuit-breakers)
+            "held": False,  # its last tick waits for a human's decision on the open breaker
         }
         try:
             stored = await client.system.bus.js.get_last_msg(
@@ -101,7 +105,17 @@ async def schedule_rows(client: Client) -> list[dict[str, Any]]:
             if isinstance(fired, ScheduleFired):
                 row.update(last_tick=fired.tick.isoformat(), last_target_id=fired.target_id, last_late=fired.late)
         except (NotFoundError, EventError):
-            pass
+            fired = None
+        seqs = {}
+        bid = breaker_id(f"schedule:{entry.name}")
+        for kind in ("breaker.opened", "breaker.closed"):
+            try:
+                seqs[kind] = (await client.system.bus.js.get_last_msg(STREAM, event_subject(bid, kind))).seq or 0
+            except NotFoundError:
+                seqs[kind] = 0
+        if seqs["breaker.opened"] > seqs["breaker.closed"]:
+            row["breaker"] = "open"
+            row["held"] = isinstance(fired, ScheduleFired) and fired.held
         rows.append(row)
     return rows
 
@@ -119,6 +133,6 @@ async def cmd_schedules(home: Home, args: Any) -> int:
     if args.json:
         render.print_json(rows)
         return 0
-    columns = ["name", "when", "target", "catch_up", "last_tick", "last_target_id", "next_tick"]
+    columns = ["name", "when", "target", "catch_up", "last_tick", "last_target_id", "next_tick", "breaker", "held"]
     print(render.table(columns, [[r.get(c) for c in columns] for r in rows]))
     return 0

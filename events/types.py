@@ -829,6 +829,10 @@ class ScheduleFired(EventData):
     target: Literal["pipeline", "template"]
     target_id: str
     late: bool = False  # a missed tick fired after the fact (catch_up = "last")
+    # The schedule's circuit breaker was open: the tick's run waits (requested once a human approves the
+    # escalation, never when he rejects it); the ticks due while it waits are this one run.
+    held: bool = False
+    breaker_failures: int = 3  # the schedule's failures in a row that open `schedule:<name>` (0: none)
 
 
 # --- the bus's housekeeping (the provisioner, events/consumers.py) ----------------------------------

@@ -2,6 +2,7 @@
 teardown scripts per template, webhook triggers. Everything real: nats-server, `corral up`, agents."""
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -275,5 +276,73 @@ def test_webhook_fires_its_pipeline_when_signed_and_refuses_every_attack(tmp_pat
             )
             assert missing.status_code == 400 and "sha" in missing.json()["error"], missing.text
         assert sql(cli, "SELECT count(*) AS n FROM events WHERE type = 'pipeline.requested'") == [{"n": 2}]
+    finally:
+        stop_up(cli, up)
+
+
+def test_a_schedules_breaker_opens_after_three_failed_ticks_holds_its_ticks_and_an_approval_closes_it(
+    cli: Cli, repo: Path, tmp_path: Path
+) -> None:
+    """A schedule every second whose runs fail: `schedule:patrol` opens at 3 failures in a row (not the
+    template's breaker), the ticks due while it is open are one held tick whose run is not requested,
+    and approving the escalation closes it: the held tick's run is requested and the next ticks fire."""
+    flag = tmp_path / "fixed"
+    write_config(
+        cli,
+        f'[templates.probe]\ncommand = ["test", "-f", "{flag}"]\n'
+        f'[schedules.patrol]\nevery = "1s"\ntemplate = "probe"\nrepo = "{repo}"\n',
+    )
+    up = start_up(cli)
+    try:
+        rows = wait_until(
+            lambda: [r for r in breaker_rows(cli, "schedule:patrol") if r["state"] == "open" and r.get("approval_id")],
+            90,
+            "the schedule's breaker to open with an escalation",
+        )
+        breaker = rows[0]  # type: ignore[index]
+        assert breaker["failures"] >= 3 and breaker["threshold"] == 3
+        approval = sql(cli, f"SELECT category, question FROM approvals WHERE approval_id = '{breaker['approval_id']}'")
+        assert approval[0]["category"] == "escalation" and "schedule patrol failed" in approval[0]["question"]
+        assert not [r for r in breaker_rows(cli, "template:probe") if r["state"] == "open"]  # counted on the schedule's
+
+        def fired() -> list[dict[str, Any]]:
+            return sql(
+                cli,
+                "SELECT seq, data->>'target_id' AS target, CAST(data->>'held' AS BOOLEAN) AS held "
+                "FROM events WHERE type = 'schedule.fired' ORDER BY seq",
+            )
+
+        def requested(execution_id: str) -> bool:
+            return bool(
+                sql(cli, f"SELECT 1 FROM events WHERE execution_id = '{execution_id}' AND type = 'execution.requested'")
+            )
+
+        held = wait_until(lambda: [f for f in fired() if f["held"]], 60, "a held tick")[0]  # type: ignore[index]
+        listed = {s["name"]: s for s in json.loads(cli("schedules", "--json", check=True).stdout)}
+        assert listed["patrol"]["breaker"] == "open" and listed["patrol"]["held"] is True
+        # Three more ticks fall due while it is open: they are that one held tick, and nothing runs.
+        time.sleep(3)
+        after = [f for f in fired() if f["seq"] >= held["seq"]]
+        assert after == [held], after  # no tick fired after the held one
+        assert not requested(held["target"])
+        flag.write_text("fixed\n")
+        cli("approve", breaker["approval_id"], check=True)  # closes it: the held tick runs now
+        wait_until(lambda: requested(held["target"]), 60, "the held tick's run to be requested")
+        done = wait_until(
+            lambda: (
+                (s := json.loads(cli("status", held["target"], "--json", check=True).stdout))["state"] == "exited" and s
+            ),
+            90,
+            "the held tick's run to end",
+        )
+        assert done["exit_code"] == 0  # type: ignore[index]
+        wait_until(
+            lambda: [f for f in fired() if f["seq"] > held["seq"] and not f["held"] and requested(f["target"])],
+            60,
+            "the next ticks to fire and run",
+        )
+        after_close = breaker_rows(cli, "schedule:patrol")[0]
+        assert after_close["state"] == "closed" and after_close["released"] is True
+        assert after_close["decided_by"]
     finally:
         stop_up(cli, up)
