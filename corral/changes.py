@@ -10,19 +10,10 @@ import sys
 from typing import Any
 
 from corral import render
+from corral.client import Client
 from corral.errors import UsageError
 from corral.home import Home
-from corral.ops.base import info, resolve_execution_id
-from corral.ops.changes import (
-    changed_files,
-    commit_changes,
-    diff_of,
-    rollback_to,
-    take_checkpoint,
-    workspace,
-)
-from corral.ops.workspace import Workspace
-from corral.system import System, open_system
+from corral.ops.base import info
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> dict[str, Any]:
@@ -70,14 +61,6 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> d
     }
 
 
-# --- what the log knows about one execution's worktree -------------------------------------------
-
-
-async def _target(home: Home, system: System, prefix: str) -> Workspace:
-    execution_id = await resolve_execution_id(system, prefix)
-    return await workspace(system, execution_id)
-
-
 # --- reading commands ----------------------------------------------------------------------------
 
 
@@ -85,17 +68,24 @@ def _totals(files: list[dict[str, Any]]) -> tuple[int, int]:
     return sum(f.get("added") or 0 for f in files), sum(f.get("deleted") or 0 for f in files)
 
 
+def _checkpoint_number(text: str) -> int:
+    """The number of a checkpoint named on the command line, once the client accepted it (0: the base)."""
+    spec = text.strip().lstrip("#")
+    return 0 if spec in ("base", "0") else int(spec)
+
+
 async def cmd_checkpoints(home: Home, args: Any) -> int:
-    async with open_system(home, actors=()) as system:
-        ws = await _target(home, system, args.execution_id)
+    async with Client.connect(home, actors=()) as client:
+        ws = await client.workspace(args.execution_id)
+    execution_id, checkpoints = ws["execution_id"], ws["checkpoints"]
     if args.json:
-        render.print_json(ws.checkpoints)
+        render.print_json(checkpoints)
         return 0
-    if not ws.checkpoints:
-        info(f"{ws.execution_id} has no checkpoints yet; `corral checkpoint {ws.execution_id}` takes one")
+    if not checkpoints:
+        info(f"{execution_id} has no checkpoints yet; `corral checkpoint {execution_id}` takes one")
         return 0
     rows = []
-    for cp in ws.checkpoints:
+    for cp in checkpoints:
         added, deleted = _totals(cp["files"])
         rows.append(
             [
@@ -113,19 +103,19 @@ async def cmd_checkpoints(home: Home, args: Any) -> int:
 
 
 async def cmd_changes(home: Home, args: Any) -> int:
-    async with open_system(home, actors=()) as system:
-        ws = await _target(home, system, args.execution_id)
-    since_n = ws.checkpoint(args.since)[0] if args.since is not None else 0
-    rows = await changed_files(home, ws, args.since, pending=getattr(args, "pending", False))
+    async with Client.connect(home, actors=()) as client:
+        ws = await client.workspace(args.execution_id)
+        rows = await client.changes(ws["execution_id"], since=args.since, pending=getattr(args, "pending", False))
     if args.json:
         render.print_json(rows)
         return 0
-    origin = f"checkpoint {since_n}" if since_n else f"base {ws.base_commit[:12]}"
+    since_n = _checkpoint_number(args.since) if args.since is not None else 0
+    origin = f"checkpoint {since_n}" if since_n else f"base {ws['base_commit'][:12]}"
     if not rows:
-        info(f"{ws.execution_id}: no changes since {origin}")
+        info(f"{ws['execution_id']}: no changes since {origin}")
         return 0
     added, deleted = _totals(rows)
-    if ws.shadow is not None:
+    if ws["shadow"] is not None:
         _print_shadow_rows(rows)
     else:
         print(
@@ -138,9 +128,10 @@ async def cmd_changes(home: Home, args: Any) -> int:
 
 
 async def cmd_diff(home: Home, args: Any) -> int:
-    async with open_system(home, actors=()) as system:
-        ws = await _target(home, system, args.execution_id)
-    result = await diff_of(home, ws, list(args.path or []), args.from_cp, args.to_cp, pending=args.pending)
+    async with Client.connect(home, actors=()) as client:
+        result = await client.diff(
+            args.execution_id, paths=list(args.path or []), from_cp=args.from_cp, to_cp=args.to_cp, pending=args.pending
+        )
     if args.json:
         render.print_json(result)
     else:
@@ -163,13 +154,13 @@ def _print_shadow_rows(rows: list[dict[str, Any]]) -> None:
 
 
 async def cmd_checkpoint(home: Home, args: Any) -> int:
-    async with open_system(home, actors=("checkpointer",)) as system:
-        ws = await _target(home, system, args.execution_id)
-        answer, unchanged = await take_checkpoint(system, ws)
-    if answer is None:
-        info(f"{ws.execution_id}: {unchanged}; no checkpoint taken")
+    async with Client.connect(home, actors=("checkpointer",)) as client:
+        answer = await client.checkpoint(args.execution_id)
+    execution_id = answer["execution_id"]
+    if answer.get("type") != "checkpoint.created":  # nothing changed since the last one
+        info(f"{execution_id}: {answer['reason']}; no checkpoint taken")
         if args.json:
-            render.print_json({"execution_id": ws.execution_id, "checkpoint": None})
+            render.print_json({"execution_id": execution_id, "checkpoint": None})
         return 0
     data = answer["data"]
     added, deleted = _totals(data["files"])
@@ -177,7 +168,7 @@ async def cmd_checkpoint(home: Home, args: Any) -> int:
         render.print_json(answer)
     else:
         print(
-            f"{ws.execution_id}: checkpoint {data['n']} ({data['commit'][:12]}): {len(data['files'])} files, "
+            f"{execution_id}: checkpoint {data['n']} ({data['commit'][:12]}): {len(data['files'])} files, "
             f"+{added} -{deleted}, {data['duration_ms']:.0f} ms"
         )
     return 0
@@ -186,26 +177,26 @@ async def cmd_checkpoint(home: Home, args: Any) -> int:
 async def cmd_commit(home: Home, args: Any) -> int:
     if not args.message.strip():
         raise UsageError("the commit message is empty; give one with -m")
-    async with open_system(home, actors=("checkpointer",)) as system:
-        ws = await _target(home, system, args.execution_id)
-        answer = await commit_changes(system, ws, args.message, list(args.path or []))
+    async with Client.connect(home, actors=("checkpointer",)) as client:
+        ws = await client.workspace(args.execution_id)
+        answer = await client.commit(ws["execution_id"], args.message, list(args.path or []))
     if args.json:
         render.print_json(answer)
     else:
-        print(f"{ws.execution_id}: committed {answer['data']['commit'][:12]} on {ws.branch}")
+        print(f"{ws['execution_id']}: committed {answer['data']['commit'][:12]} on {ws['branch']}")
     return 0
 
 
 async def cmd_rollback(home: Home, args: Any) -> int:
-    async with open_system(home, actors=("checkpointer",)) as system:
-        ws = await _target(home, system, args.execution_id)
-        n, paths, answer = await rollback_to(system, ws, args.to_cp, list(args.path or []))
+    async with Client.connect(home, actors=("checkpointer",)) as client:
+        answer = await client.rollback(args.execution_id, to_cp=args.to_cp, paths=list(args.path or []))
     data = answer["data"]
     if args.json:
         render.print_json(answer)
     else:
-        what = "the whole worktree" if not paths else f"{len(data['paths'])} path(s)"
+        what = "the whole worktree" if not args.path else f"{len(data['paths'])} path(s)"
+        n = data["to_checkpoint"]
         target = f"checkpoint {n}" if n else "the base commit"
         after = f"; now checkpoint {data['checkpoint']}" if data.get("checkpoint") else ""
-        print(f"{ws.execution_id}: rolled back {what} to {target}{after}")
+        print(f"{answer['execution_id']}: rolled back {what} to {target}{after}")
     return 0

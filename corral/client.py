@@ -18,7 +18,8 @@ import contextlib
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -59,20 +60,30 @@ from corral.ops.control import (
 )
 from corral.ops.history import (
     MAX_COMPARED,
+    ForkPlanned,
     _replay_plan,
     compare_executions,
     compare_many,
     plan_fork,
     search_hits,
 )
+from corral.ops.history import check_search as check_search  # faces check a search before connecting
 from corral.ops.submit import RunSpec as RunSpec  # (defined there; every face imports it from here)
 from corral.ops.submit import build_request as build_request
-from corral.ops.worktrees import open_pr
+from corral.ops.worktrees import Worktree, _prune_one, inventory, open_pr, prune_plan
 from corral.rows import records as row_dicts
 from corral.system import System, open_system
 from events.envelope import new_event
 from events.ids import new_execution_id
-from events.subjects import ALL_EVENTS, API_SQL, OUTPUT_STREAM, STREAM, ack_stream, execution_events
+from events.subjects import (
+    ALL_EVENTS,
+    API_SQL,
+    OUTPUT_STREAM,
+    STREAM,
+    ack_stream,
+    ack_time_ns,
+    execution_events,
+)
 from events.types import (
     CancelRequested,
     EventData,
@@ -83,7 +94,7 @@ from events.types import (
     ResumeRequested,
     TimeoutExtendRequested,
 )
-from replay.history import follow
+from replay.history import OutputExpiry, follow, output_expiry
 
 T = TypeVar("T")
 TERMINAL = ("execution.exited", "execution.failed")
@@ -101,6 +112,68 @@ PS_COLUMNS = (
 
 def _one_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One event as the log stores it (`Client.read_events`): its JSON bytes, not parsed."""
+
+    seq: int  # its sequence in its own stream (`stream`)
+    subject: str
+    data: bytes
+    reply: str  # the delivery's ack subject: which stream, and when the server stored it
+
+    @property
+    def type(self) -> str:
+        return self.subject.split(".", 3)[3]
+
+    @property
+    def stream(self) -> str:
+        """CORRAL, or CORRAL_OUTPUT for output under log retention."""
+        return OUTPUT_STREAM if ack_stream(self.reply) == OUTPUT_STREAM else STREAM
+
+    @property
+    def stored_ns(self) -> int:
+        return ack_time_ns(self.reply)
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """A replay's request (checked, not sent) and what the original got: its inputs at their offsets
+    from its start, and one recorded decision per approval it asked (None: left to a human)."""
+
+    execution_id: str  # the replay's new id
+    replay_of: str
+    request: ExecutionRequested
+    inputs: list[tuple[float, str]]
+    decisions: list[dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class ForkPlan:
+    """A fork's request (checked, not sent), its checkpoint, and the original's inputs before and after it."""
+
+    execution_id: str  # the fork's new id
+    fork_of: str
+    request: ExecutionRequested
+    checkpoint: dict[str, Any]
+    inputs: list[tuple[float, str]]  # before the checkpoint, at their offsets
+    later: int  # how many it got after
+    continues: str | None  # the agent session continued
+    not_continued: str | None  # why the conversation is not continued
+
+    @classmethod
+    def of(cls, execution_id: str, fork_of: str, planned: ForkPlanned) -> "ForkPlan":
+        return cls(
+            execution_id,
+            fork_of,
+            planned.request,
+            planned.checkpoint,
+            planned.inputs,
+            planned.later,
+            planned.continues,
+            planned.not_continued,
+        )
 
 
 class Client:
@@ -164,8 +237,11 @@ class Client:
             raise UsageError("max_rows must be 1 or more")
         return await self.query(sql, max_rows=max_rows)
 
-    async def records(self, sql: str, *, output_grace_s: float | None = None) -> list[dict[str, Any]]:
-        result = await self.query(sql, output_grace_s=output_grace_s)
+    async def records(
+        self, sql: str, *, max_rows: int = 10000, output_grace_s: float | None = None
+    ) -> list[dict[str, Any]]:
+        """`query`'s answer as one dict per row."""
+        result = await self.query(sql, max_rows=max_rows, output_grace_s=output_grace_s)
         return row_dicts(result["columns"], result["rows"])
 
     # --- submit --------------------------------------------------------------------------------
@@ -179,6 +255,16 @@ class Client:
         self._require_operator("start executions")
         try:
             ack = await self.system.bus.publisher.publish(new_event(execution_id, request, actor=self._actor))
+        except PermissionRefused as exc:
+            raise Forbidden(_one_line(exc)) from None
+        return int(ack.seq)
+
+    async def append(self, execution_id: str, data: EventData) -> int:
+        """Append one event to an execution's log as this client, awaiting no answer (`corral replay`
+        re-sends recorded inputs so, at their offsets); return its sequence."""
+        self._require_operator(f"append {data.TYPE}")
+        try:
+            ack = await self.system.bus.publisher.publish(new_event(execution_id, data, actor=self._actor))
         except PermissionRefused as exc:
             raise Forbidden(_one_line(exc)) from None
         return int(ack.seq)
@@ -299,41 +385,35 @@ class Client:
         under log retention); `since` is a duration (10m) or a sequence; with `follow_live` the
         iteration goes on with new events until the caller stops it, else it ends once caught up.
         """
-        pattern = subject or ALL_EVENTS
-        if execution_id is not None:
-            pattern = execution_events(await self.resolve(execution_id))
-        check_subject(pattern)
-        position: dict[str, Any] = {}
-        if start_seq is not None:
-            position["start_seq"] = start_seq
-        elif since_time is not None:
-            position["start_time"] = since_time
-        elif since:
-            position = parse_since(since)
-        elif new_only:
-            position["new_only"] = True
-        if output_start_seq is not None:
-            position["output_start_seq"] = output_start_seq
+        pattern = await self._pattern(subject, execution_id)
         queue: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue(maxsize=1000)
         done = asyncio.Event()
 
-        async def on_event(seq: int, msg: Msg) -> bool:
-            data = msg.data
+        async def on_event(stored: StoredEvent) -> bool:
+            data = stored.data
             try:
                 event = orjson.loads(data)
             except orjson.JSONDecodeError:
                 event = {"malformed": data.decode(errors="replace")}
             if not isinstance(event, dict):
                 event = {"malformed": data.decode(errors="replace")}
-            event["seq"] = seq
-            event["stream"] = OUTPUT_STREAM if ack_stream(msg.reply) == OUTPUT_STREAM else STREAM
+            event["seq"] = stored.seq
+            event["stream"] = stored.stream
             await queue.put(event)
             return False
 
         async def run() -> None:
             try:
-                await follow(
-                    self.system.bus.js, pattern, on_event, done=done, stop_when_caught_up=not follow_live, **position
+                await self.read_events(
+                    on_event,
+                    subject=pattern,
+                    start_seq=start_seq,
+                    output_start_seq=output_start_seq,
+                    since=since,
+                    since_time=since_time,
+                    new_only=new_only,
+                    follow_live=follow_live,
+                    done=done,
                 )
                 await queue.put(None)
             except BaseException as exc:  # handed to the reader
@@ -353,6 +433,52 @@ class Client:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+    async def _pattern(self, subject: str | None, execution_id: str | None) -> str:
+        pattern = subject or ALL_EVENTS
+        if execution_id is not None:
+            pattern = execution_events(await self.resolve(execution_id))
+        check_subject(pattern)
+        return pattern
+
+    async def read_events(
+        self,
+        on_event: Callable[[StoredEvent], Awaitable[bool]],
+        *,
+        subject: str | None = None,
+        execution_id: str | None = None,
+        start_seq: int | None = None,
+        output_start_seq: int | None = None,
+        since: str | None = None,
+        since_time: datetime | None = None,
+        new_only: bool = False,
+        follow_live: bool = True,
+        done: asyncio.Event | None = None,
+    ) -> None:
+        """Hand each stored event to `on_event` as stored (`StoredEvent`: the bytes, unparsed) in stored
+        order, until it returns True, `done` is set, or (without `follow_live`) every event present at
+        the start was handed over. Positions as `events` takes them (`corral tap`, `corral logs`)."""
+        pattern = await self._pattern(subject, execution_id)
+        position: dict[str, Any] = {}
+        if start_seq is not None:
+            position["start_seq"] = start_seq
+        elif since_time is not None:
+            position["start_time"] = since_time
+        elif since:
+            position = parse_since(since)
+        elif new_only:
+            position["new_only"] = True
+        if output_start_seq is not None:
+            position["output_start_seq"] = output_start_seq
+
+        async def on_msg(seq: int, msg: Msg) -> bool:
+            return await on_event(StoredEvent(seq, msg.subject, msg.data, msg.reply))
+
+        await follow(self.system.bus.js, pattern, on_msg, done=done, stop_when_caught_up=not follow_live, **position)
+
+    async def output_expiry(self) -> OutputExpiry | None:
+        """What log retention dropped from the output stream (None: nothing, or no such stream)."""
+        return await output_expiry(self.system.bus.js)
 
     async def wait(self, prefix: str, *, timeout_s: float | None = None) -> dict[str, Any]:
         """Until the execution has ended (exited or failed); return its status."""
@@ -455,6 +581,21 @@ class Client:
         return self.decider or _requester(self.system)
 
     # --- changes -------------------------------------------------------------------------------
+
+    async def workspace(self, prefix: str) -> dict[str, Any]:
+        """An execution's worktree as the log records it: {execution_id, path, repo, branch, base_commit,
+        shadow (its overlay, or None), present (the directory is there), checkpoints}."""
+        ws = await workspace(self.system, await self.resolve(prefix))
+        return {
+            "execution_id": ws.execution_id,
+            "path": str(ws.path),
+            "repo": str(ws.repo),
+            "branch": ws.branch,
+            "base_commit": ws.base_commit,
+            "shadow": str(ws.shadow) if ws.shadow is not None else None,
+            "present": ws.present,
+            "checkpoints": ws.checkpoints,
+        }
 
     async def checkpoints(self, prefix: str) -> list[dict[str, Any]]:
         return (await workspace(self.system, await self.resolve(prefix))).checkpoints
@@ -585,16 +726,22 @@ class Client:
             self.system, pattern, regex=regex, execution_id=target, event_type=event_type, since=since, limit=limit
         )
 
+    async def plan_replay(self, prefix: str, *, ask_approvals: bool = True) -> ReplayPlan:
+        """A replay of an execution (checked, not sent): its recorded request from its base commit,
+        secrets left out, and its inputs and approval decisions (None each with `ask_approvals`)."""
+        original = await self.resolve(prefix)
+        request, inputs, decisions = await _replay_plan(self.system, original, ask_approvals=ask_approvals)
+        request = request.model_copy(update={"requested_by": self.decider or request.requested_by})
+        return ReplayPlan(new_execution_id(), original, request, inputs, decisions)
+
     async def replay(self, prefix: str) -> dict[str, Any]:
         """Run an execution again from its base commit with its command and environment (secrets
         left out): {execution_id, replay_of, notes}. Its inputs and approvals are not fed to the
         replay (`corral replay` without --detach does that, following it)."""
         self._require_operator("replay executions")
-        original = await self.resolve(prefix)
-        request, inputs, decisions = await _replay_plan(self.system, original, ask_approvals=True)
-        request = request.model_copy(update={"requested_by": self.decider or request.requested_by})
-        execution_id = new_execution_id()
-        await self.publish_request(execution_id, request)
+        plan = await self.plan_replay(prefix)
+        original, inputs, decisions, execution_id = plan.replay_of, plan.inputs, plan.decisions, plan.execution_id
+        await self.publish_request(execution_id, plan.request)
         notes = []
         if inputs or decisions:
             notes.append(
@@ -616,17 +763,8 @@ class Client:
         `prompt` for its agent (continuing its session unless `new_session`): {execution_id, fork_of,
         checkpoint, continues, notes}. Inputs the original got are not re-sent."""
         self._require_operator("fork executions")
-        original = await self.resolve(prefix)
-        planned = await plan_fork(
-            self.system,
-            original,
-            at=at,
-            prompt=prompt,
-            command=command,
-            new_session=new_session,
-            requested_by=self.decider,
-        )
-        execution_id = new_execution_id()
+        planned = await self.plan_fork(prefix, at=at, prompt=prompt, command=command, new_session=new_session)
+        original, execution_id = planned.fork_of, planned.execution_id
         await self.publish_request(execution_id, planned.request)
         notes = [f"the conversation of {original} is not continued: {planned.not_continued}"] * bool(
             planned.not_continued
@@ -641,6 +779,28 @@ class Client:
             "notes": notes,
         }
 
+    async def plan_fork(
+        self,
+        prefix: str,
+        *,
+        at: str,
+        prompt: str | None = None,
+        command: list[str] | None = None,
+        new_session: bool = False,
+    ) -> ForkPlan:
+        """A fork of an execution at checkpoint `at` (checked, not sent); see `fork`."""
+        original = await self.resolve(prefix)
+        planned = await plan_fork(
+            self.system,
+            original,
+            at=at,
+            prompt=prompt,
+            command=command,
+            new_session=new_session,
+            requested_by=self.decider,
+        )
+        return ForkPlan.of(new_execution_id(), original, planned)
+
     async def compare(self, first: str, second: str) -> dict[str, Any]:
         return await compare_executions(self.system, await self.resolve(first), await self.resolve(second))
 
@@ -650,6 +810,29 @@ class Client:
         if len(prefixes) < 2 or len(prefixes) > MAX_COMPARED:
             raise UsageError(f"compare takes 2 to {MAX_COMPARED} executions; got {len(prefixes)}")
         return await compare_many(self.system, [await self.resolve(prefix) for prefix in prefixes])
+
+    # --- worktrees -----------------------------------------------------------------------------
+
+    async def worktrees(self, *, orphans: bool = False) -> list[dict[str, Any]]:
+        """Every worktree Corral made (on disk and in git, joined with its execution's state); with
+        `orphans`, only those with no live execution (docs/worktrees.md)."""
+        items = await inventory(self.home, self.system)
+        return [item.to_json() for item in items if item.orphan or not orphans]
+
+    async def prune_plan(self, *, older_than: str | None = None) -> dict[str, Any]:
+        """What `prune` would look at: {retention_s, retention (as said), outcomes (the worktrees kept
+        or skipped, and why), candidates (worktrees past the retention, for `prune_worktree`)}."""
+        return await prune_plan(self.home, self.system, older_than)
+
+    async def prune_worktree(
+        self, worktree: dict[str, Any], *, force: bool = False, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """Remove one worktree of `prune_plan`'s candidates and its branch (looked at again first): the
+        outcome (removed, would-remove, refused: it holds work and not `force`, failed)."""
+        if not dry_run:
+            self._require_operator("remove worktrees")
+        outcome = await _prune_one(self.system, Worktree(**worktree), force=force, dry_run=dry_run)
+        return asdict(outcome)
 
     # --- system --------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 
 from corral import attention, render
-from corral.client import RunSpec, build_request
+from corral.client import Client, RunSpec, StoredEvent, build_request
 from corral.config import Config, load_config
 from corral.errors import CorralError, NotFound, UsageError
 from corral.home import Home, SystemLock
@@ -29,7 +29,6 @@ from corral.ops.base import (
     parse_env,
     parse_since,
     query,
-    resolve_execution_id,
     start_background_system,
     take_snapshot,
 )
@@ -47,7 +46,6 @@ from events.subjects import (
     ALL_EVENTS,
     API_REBUILD,
     OUTPUT_STREAM,
-    ack_stream,
     event_subject,
     execution_events,
 )
@@ -531,8 +529,10 @@ async def cmd_snapshot(home: Home, args: Any) -> int:
 
 
 async def cmd_sql(home: Home, args: Any) -> int:
-    async with open_system(home, actors=("projector",), role="tap") as system:
-        result = await query(system, args.sql, max_rows=args.max_rows)
+    if args.max_rows < 1:  # (the client refuses it too; said before anything starts)
+        raise UsageError("--max-rows must be 1 or more")
+    async with Client.connect(home, actors=("projector",), role="tap") as client:  # reads only
+        result = await client.sql(args.sql, max_rows=args.max_rows)
     if args.json:
         render.print_json(render.records(result["columns"], result["rows"]))
     elif result["columns"]:
@@ -554,8 +554,6 @@ PS_COLUMNS = (
 
 
 async def cmd_ps(home: Home, args: Any) -> int:
-    from corral.client import Client
-
     async with Client.connect(home, actors=("projector",)) as client:
         rows = await client.executions(all=args.all)
     if args.json:
@@ -607,9 +605,6 @@ async def cmd_logs(home: Home, args: Any) -> int:
     """
     from collections import deque  # (local: this command's own)
 
-    from events.subjects import ack_time_ns
-    from replay.history import output_expiry
-
     if args.tail is not None and args.tail < 0:
         raise UsageError("--tail expects a number of lines (0 or more)")
     since_from: datetime | None = None
@@ -621,9 +616,8 @@ async def cmd_logs(home: Home, args: Any) -> int:
         since_from = datetime.now(UTC) - timedelta(seconds=float(match.group(1)) * unit)
     if args.json and args.timestamps:
         raise UsageError("--json already carries each chunk's time (ts); leave out --timestamps")
-    async with open_system(home, actors=(), role="tap") as system:  # reads only
-        execution_id = await resolve_execution_id(system, args.execution_id)
-        js = system.bus.js
+    async with Client.connect(home, actors=(), role="tap") as client:  # reads only
+        execution_id = await client.resolve(args.execution_id)
         phase = [asyncio.Event()]
         interrupted = False
 
@@ -645,7 +639,7 @@ async def cmd_logs(home: Home, args: Any) -> int:
         cut = False  # --tail left out earlier lines
 
         async def notice(n: int) -> None:
-            expiry = await output_expiry(js) if n > 1 else None
+            expiry = await client.output_expiry() if n > 1 else None
             if expiry is not None:
                 chunks = "output chunk" if n == 2 else f"{n - 1:,} output chunks"
                 info(
@@ -679,13 +673,13 @@ async def cmd_logs(home: Home, args: Any) -> int:
                 cut = cut or len(tail) == tail.maxlen
                 tail.append([stream, line, ts, n])
 
-        async def on_event(seq: int, msg: Msg) -> bool:
+        async def on_event(stored_event: StoredEvent) -> bool:
             nonlocal first_n, last_n, last_ns, ended_ns
-            kind = msg.subject.split(".", 3)[3]
-            stored = ack_time_ns(msg.reply)
+            kind = stored_event.type
+            stored = stored_event.stored_ns
             last_ns = max(last_ns, stored)
             if kind == "output":
-                event = orjson.loads(msg.data)
+                event = orjson.loads(stored_event.data)
                 data, ts = event["data"], str(event.get("ts") or "")
                 n = int(data.get("n") or 0)
                 if live and n and n <= skip_to:
@@ -705,12 +699,11 @@ async def cmd_logs(home: Home, args: Any) -> int:
             return args.follow and kind in TERMINAL_TYPES
 
         subject = execution_events(execution_id)
-        await follow(
-            js,
-            subject,
+        await client.read_events(
             on_event,
-            start_time=since_from,
-            stop_when_caught_up=not args.follow or tail is not None,
+            subject=subject,
+            since_time=since_from,
+            follow_live=args.follow and tail is None,
             done=phase[0],
         )
         if tail is not None:
@@ -722,9 +715,9 @@ async def cmd_logs(home: Home, args: Any) -> int:
                 live, skip_to = True, last_n
                 phase[0] = asyncio.Event()
                 since = datetime.fromtimestamp((last_ns - 1_000_000) / 1e9, UTC) if last_ns else None
-                await follow(js, subject, on_event, start_time=since, done=phase[0])
+                await client.read_events(on_event, subject=subject, since_time=since, done=phase[0])
         if first_n is None and ended_ns is not None:
-            expiry = await output_expiry(js)
+            expiry = await client.output_expiry()
             if expiry is not None and (expiry.oldest is None or expiry.oldest.timestamp() * 1e9 > ended_ns):
                 info(
                     f"no output of {execution_id} is held: it ended before the oldest output [retention] keeps "
@@ -734,11 +727,13 @@ async def cmd_logs(home: Home, args: Any) -> int:
 
 
 async def cmd_tap(home: Home, args: Any) -> int:
-    position = parse_since(args.since) if args.since else ({"start_seq": 1} if args.no_follow else {"new_only": True})
-    async with open_system(home, actors=(), role="tap") as system:  # reads only
+    position: dict[str, Any] = (
+        parse_since(args.since) if args.since else ({"start_seq": 1} if args.no_follow else {"new_only": True})
+    )
+    async with Client.connect(home, actors=(), role="tap") as client:  # reads only
         pattern = args.pattern or ALL_EVENTS
         if "." not in pattern and pattern not in (">", "*"):
-            pattern = execution_events(await resolve_execution_id(system, pattern))
+            pattern = execution_events(await client.resolve(pattern))
         elif not pattern.startswith("corral.evt."):
             raise UsageError(
                 f"{pattern!r} is outside the event log; patterns look like corral.evt.<id>.> "
@@ -751,12 +746,12 @@ async def cmd_tap(home: Home, args: Any) -> int:
         out = sys.stdout.buffer
         count = 0
 
-        async def on_event(seq: int, msg: Msg) -> bool:
+        async def on_event(event: StoredEvent) -> bool:  # written as stored, not parsed
             nonlocal count
-            data = msg.data
+            data, seq = event.data, event.seq
             if data[:1] != b"{" or data[-1:] != b"}" or len(data) < 3:  # not an envelope: still one JSON line
                 out.write(orjson.dumps({"seq": seq, "malformed": data.decode(errors="replace")}) + b"\n")
-            elif ack_stream(msg.reply) == OUTPUT_STREAM:  # log retention: a sequence of that stream
+            elif event.stream == OUTPUT_STREAM:  # log retention: a sequence of that stream
                 out.write(b'{"seq":%d,"stream":"%s",%s\n' % (seq, OUTPUT_STREAM.encode(), data[1:]))
             else:
                 out.write(b'{"seq":%d,%s\n' % (seq, data[1:]))
@@ -764,7 +759,15 @@ async def cmd_tap(home: Home, args: Any) -> int:
             count += 1
             return bool(args.limit and count >= args.limit)
 
-        await follow(system.bus.js, pattern, on_event, done=stop, stop_when_caught_up=bool(args.no_follow), **position)
+        await client.read_events(
+            on_event,
+            subject=pattern,
+            start_seq=position.get("start_seq"),
+            since_time=position.get("start_time"),
+            new_only=bool(position.get("new_only")),
+            follow_live=not args.no_follow,
+            done=stop,
+        )
     return 0
 
 

@@ -10,16 +10,16 @@ import asyncio
 import contextlib
 import os
 import shutil
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
-from nats.aio.msg import Msg
 
 from actors.approver import DecisionRefused, submit_decision
 from corral import render
-from corral.client import Client
+from corral.client import Client, ForkPlan, ReplayPlan, StoredEvent, check_search
 from corral.commands import TERMINAL_TYPES, _run_and_follow, cmd_ps
 from corral.errors import UsageError
 from corral.home import Home, SystemLock
@@ -27,27 +27,14 @@ from corral.ops.base import (
     export_query,
     info,
     parse_since,
-    resolve_execution_id,
-    rows,
     sql_text,
     start_background_system,
 )
-from corral.ops.history import (
-    _replay_plan,
-    _since_filter,
-    _type_filter,
-    check_regex,
-    plan_fork,
-    search_hits,
-)
 from corral.ops.history import required_literal as required_literal  # re-exported (moved to corral/ops)
 from corral.ops.history import search as search
-from corral.system import System, open_system
-from events.envelope import new_event
-from events.ids import new_execution_id
+from corral.system import open_system
 from events.subjects import execution_events
 from events.types import ApprovalDecisionSubmitted, ExecutionRequested, InputRequested
-from replay.history import follow
 
 DEFAULT_LIMIT: Final = 50
 
@@ -165,22 +152,13 @@ def fork_arguments(args: Any) -> tuple[Any, list[str]]:
 
 
 async def cmd_search(home: Home, args: Any) -> int:
-    if not args.text:
-        raise UsageError("nothing to search for; give TEXT")
-    if args.limit < 1:
-        raise UsageError("--limit must be 1 or more")
-    if args.regex:
-        check_regex(args.text)
-    sql_text(args.text)  # bad input is said before anything starts
-    _type_filter(args.event_type)
-    _since_filter(args.since)
-    async with open_system(home, actors=("projector",)) as system:
-        execution_id = await resolve_execution_id(system, args.execution_id) if args.execution_id else None
-        hits = await search_hits(
-            system,
+    # bad input is said before anything starts
+    check_search(args.text, regex=args.regex, event_type=args.event_type, since=args.since, limit=args.limit)
+    async with Client.connect(home, actors=("projector",)) as client:
+        hits = await client.search(
             args.text,
             regex=args.regex,
-            execution_id=execution_id,
+            execution_id=args.execution_id,
             event_type=args.event_type,
             since=args.since,
             limit=args.limit,
@@ -247,13 +225,13 @@ async def cmd_export(home: Home, args: Any) -> int:
 async def cmd_ps_tree(home: Home, args: Any) -> int:
     if not getattr(args, "tree", False):
         return await cmd_ps(home, args)
-    async with open_system(home, actors=("projector",)) as system:
-        found = await rows(
-            system,
+    async with Client.connect(home, actors=("projector",)) as client:
+        found = await client.records(
             "SELECT execution_id, state, exit_code, signal, requested_at, duration_s, command, replay_of, fork_of, "
             "fork_checkpoint, retry_of, (SELECT any_value(r.data->>'resume_session') FROM events r "
             "WHERE r.execution_id = executions.execution_id AND r.type = 'execution.requested') AS resume_session "
             "FROM executions ORDER BY requested_at, execution_id",
+            max_rows=100000,
         )
     by_id = {row["execution_id"]: {**row, "children": []} for row in found}
     roots = []
@@ -300,23 +278,23 @@ async def cmd_ps_tree(home: Home, args: Any) -> int:
 # --- recorded executions -----------------------------------------------------------------------
 
 
-async def _start(home: Home, system: System, execution_id: str, request: ExecutionRequested, args: Any) -> int:
+async def _start(client: Client, execution_id: str, request: ExecutionRequested, args: Any) -> int:
     """Publish the request and follow it like `corral run` (or print the id with --detach)."""
     if args.detach:
-        await system.bus.publisher.publish(new_event(execution_id, request, actor="cli"))
+        await client.publish_request(execution_id, request)
         print(execution_id)
         return 0
-    return await _run_and_follow(system, execution_id, request, quiet=args.quiet)
+    return await _run_and_follow(client.system, execution_id, request, quiet=args.quiet)
 
 
 @contextlib.asynccontextmanager
-async def _system_for(home: Home, detach: bool) -> Any:
-    """A system to run on: with --detach, a background `corral up` (started if none runs)."""
+async def _client_for(home: Home, detach: bool) -> AsyncIterator[Client]:
+    """A client of the system to run on: with --detach, a background `corral up` (started if none runs)."""
     if detach and not SystemLock(home).is_held_elsewhere():
         pid = start_background_system(home)
         info(f"started a background system (corral up, pid {pid}, log {home.up_log}); stop it with `corral down`")
-    async with open_system(home) as system:
-        yield system
+    async with Client.connect(home) as client:
+        yield client
 
 
 # --- replay ------------------------------------------------------------------------------------
@@ -325,26 +303,25 @@ async def _system_for(home: Home, detach: bool) -> Any:
 async def cmd_replay(home: Home, args: Any) -> int:
     if not args.speed > 0:
         raise UsageError("--speed must be more than 0")
-    async with open_system(home, actors=("projector",)) as system:
-        original = await resolve_execution_id(system, args.execution_id)
-        request, inputs, decisions = await _replay_plan(system, original, ask_approvals=args.ask_approvals)
+    async with Client.connect(home, actors=("projector",)) as client:
+        plan: ReplayPlan = await client.plan_replay(args.execution_id, ask_approvals=args.ask_approvals)
+    original, request, inputs, decisions = plan.replay_of, plan.request, plan.inputs, plan.decisions
     if args.detach and (inputs or any(d is not None for d in decisions)):
         info(
             f"{original} had {len(inputs)} input(s) and {len(decisions)} approval(s); "
             "--detach does not re-send them (run without --detach to replay them)"
         )
-    execution_id = new_execution_id()
-    async with _system_for(home, args.detach) as system:
+    execution_id = plan.execution_id
+    async with _client_for(home, args.detach) as client:
         if not args.quiet:
             info(f"{execution_id}: replay of {original} from {request.base[:12]}")
         if args.detach:
-            return await _start(home, system, execution_id, request, args)
-        return await _start_feeding(home, system, execution_id, request, args, inputs, decisions, args.speed)
+            return await _start(client, execution_id, request, args)
+        return await _start_feeding(client, execution_id, request, args, inputs, decisions, args.speed)
 
 
 async def _start_feeding(
-    home: Home,
-    system: System,
+    client: Client,
     execution_id: str,
     request: ExecutionRequested,
     args: Any,
@@ -356,9 +333,9 @@ async def _start_feeding(
 ) -> int:
     """Start and follow the execution while recorded inputs and approval decisions are re-sent (`_feed`)."""
     done = asyncio.Event()
-    feeder = asyncio.create_task(_feed(system, execution_id, inputs, decisions, speed, done, by=by))
+    feeder = asyncio.create_task(_feed(client, execution_id, inputs, decisions, speed, done, by=by))
     try:
-        code = await _start(home, system, execution_id, request, args)
+        code = await _start(client, execution_id, request, args)
     finally:
         done.set()
         with contextlib.suppress(Exception):
@@ -369,7 +346,7 @@ async def _start_feeding(
 
 
 async def _feed(
-    system: System,
+    client: Client,
     execution_id: str,
     inputs: list[tuple[float, str]],
     decisions: list[dict[str, Any] | None],
@@ -382,7 +359,6 @@ async def _feed(
 
     The inputs are `input.requested` with `requested_by` `by` (`replay`, or `fork`).
     """
-    publisher = system.bus.publisher
     pending: set[asyncio.Task[None]] = set()
     asked = 0
 
@@ -391,14 +367,14 @@ async def _feed(
             delay = (started.timestamp() + offset / speed) - datetime.now(UTC).timestamp()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await publisher.publish(new_event(execution_id, InputRequested(text=text, requested_by=by), actor="cli"))
+            await client.append(execution_id, InputRequested(text=text, requested_by=by))
 
-    async def on_event(seq: int, msg: Msg) -> bool:
+    async def on_event(stored: StoredEvent) -> bool:
         nonlocal asked
-        kind = msg.subject.split(".", 3)[3]
+        kind = stored.type
         if kind == "output":
             return False
-        event = orjson.loads(msg.data)
+        event = orjson.loads(stored.data)
         if kind == "execution.started" and inputs:
             started = datetime.fromisoformat(event["ts"].replace("Z", "+00:00"))
             task = asyncio.create_task(send_inputs(started))
@@ -409,13 +385,13 @@ async def _feed(
             if decision is not None:
                 submitted = ApprovalDecisionSubmitted(approval_id=event["data"]["approval_id"], **decision)
                 try:  # through the approvers, as this NATS user (docs/security.md)
-                    await submit_decision(system.bus, execution_id, submitted, causation_id=event["id"])
+                    await submit_decision(client.system.bus, execution_id, submitted, causation_id=event["id"])
                 except DecisionRefused as exc:
                     info(f"{execution_id}: the recorded decision of {submitted.approval_id} was not re-sent: {exc}")
         return kind in TERMINAL_TYPES
 
     try:
-        await follow(system.bus.js, execution_events(execution_id), on_event, done=done)
+        await client.read_events(on_event, subject=execution_events(execution_id), done=done)
     finally:
         for task in pending:
             task.cancel()
@@ -430,14 +406,13 @@ async def cmd_fork(home: Home, args: Any) -> int:
         raise UsageError("give either --prompt or -- COMMAND, not both")
     if args.new_session and args.prompt is None:
         raise UsageError("--new-session goes with --prompt TEXT (the task of the new conversation)")
-    async with open_system(home, actors=("projector",)) as system:
-        original = await resolve_execution_id(system, args.execution_id)
-        planned = await plan_fork(
-            system, original, at=args.at, prompt=args.prompt, command=command, new_session=args.new_session
+    async with Client.connect(home, actors=("projector",)) as client:
+        planned: ForkPlan = await client.plan_fork(
+            args.execution_id, at=args.at, prompt=args.prompt, command=command, new_session=args.new_session
         )
     request, checkpoint, inputs, later = planned.request, planned.checkpoint, planned.inputs, planned.later
     continues, not_continued = planned.continues, planned.not_continued
-    execution_id = new_execution_id()
+    original, execution_id = planned.fork_of, planned.execution_id
     if not_continued:
         info(f"{execution_id}: the conversation of {original} is not continued: {not_continued}")
     resend = _fork_inputs(
@@ -450,7 +425,7 @@ async def cmd_fork(home: Home, args: Any) -> int:
         detach=args.detach,
         quiet=args.quiet,
     )
-    async with _system_for(home, args.detach) as system:
+    async with _client_for(home, args.detach) as client:
         if not args.quiet:
             continued = f", continuing {continues}" if continues else ""
             info(
@@ -458,8 +433,8 @@ async def cmd_fork(home: Home, args: Any) -> int:
                 f"({checkpoint['commit'][:12]}){continued}"
             )
         if resend:  # at their offsets from the fork's start, as `corral replay` does
-            return await _start_feeding(home, system, execution_id, request, args, resend, [], 1.0, by="fork")
-        return await _start(home, system, execution_id, request, args)
+            return await _start_feeding(client, execution_id, request, args, resend, [], 1.0, by="fork")
+        return await _start(client, execution_id, request, args)
 
 
 def _inputs(count: int) -> str:

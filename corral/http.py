@@ -115,6 +115,12 @@ class ForkBody(_Body):
     new_session: bool = Field(False, description="with prompt: a new conversation instead of continuing it")
 
 
+class PruneBody(_Body):
+    older_than: str | None = Field(None, description="retention, e.g. 7d (default: [worktrees] retention)")
+    force: bool = Field(False, description="also remove worktrees holding unmerged or uncommitted work")
+    dry_run: bool = Field(False, description="say what would be removed; change nothing")
+
+
 class SqlBody(_Body):
     sql: str
     max_rows: int = Field(10000, ge=1, le=100000)
@@ -335,6 +341,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         """Output held for the execution: chunks {seq, ts, stream, n, text}; with `tail`, the last lines."""
         return _json(await who.client.logs(execution_id, tail=tail, stream=stream))
 
+    @app.get("/api/executions/{execution_id}/workspace", tags=["changes"])
+    async def workspace(who: Auth, execution_id: str) -> dict[str, Any]:
+        """Its worktree as the log records it: path, repo, branch, base commit, shadow overlay, checkpoints."""
+        return await who.client.workspace(execution_id)
+
     @app.get("/api/executions/{execution_id}/checkpoints", tags=["changes"])
     async def checkpoints(who: Auth, execution_id: str) -> list[dict[str, Any]]:
         return await who.client.checkpoints(execution_id)
@@ -394,6 +405,22 @@ def create_app(gateway: Gateway) -> FastAPI:
         return await who.client.fork(
             execution_id, at=str(body.at), prompt=body.prompt, command=body.command, new_session=body.new_session
         )
+
+    @app.get("/api/worktrees", tags=["changes"])
+    async def worktrees(who: Auth, orphans: bool = False) -> list[dict[str, Any]]:
+        """Every worktree Corral made on this host: state, age, disk, unmerged commits, uncommitted files."""
+        return await who.client.worktrees(orphans=orphans)
+
+    @app.post("/api/worktrees/prune", tags=["changes"])
+    async def prune(who: Operator, body: PruneBody | None = None) -> list[dict[str, Any]]:
+        """Remove finished worktrees past the retention (never ones holding work unless `force`): one
+        outcome per worktree looked at (removed, would-remove, refused, kept, skipped, failed)."""
+        body = body or PruneBody(older_than=None, force=False, dry_run=False)
+        plan = await who.client.prune_plan(older_than=body.older_than)
+        outcomes: list[dict[str, Any]] = plan["outcomes"]
+        for item in plan["candidates"]:
+            outcomes.append(await who.client.prune_worktree(item, force=body.force, dry_run=body.dry_run))
+        return outcomes
 
     @app.get("/api/executions/{execution_id}/events", tags=["events"])
     async def execution_events(

@@ -9,41 +9,31 @@ docs/pr.md.
 
 import argparse
 import sys
-from dataclasses import asdict
 from typing import Any
 
 from corral import render
 from corral.client import Client
-from corral.config import format_duration, format_size, load_config
+from corral.config import format_size
 from corral.errors import UsageError
 from corral.home import Home
 from corral.ops.base import info
-from corral.ops.worktrees import Outcome, _prune_one, inventory
-from corral.system import open_system
 from events.units import parse_duration
-
-# --- git, synchronously (called in a worker thread) ----------------------------------------------
-
-
-# --- the inventory -------------------------------------------------------------------------------
-
-
-# --- corral worktrees ------------------------------------------------------------------------------
 
 
 def _count(value: int | None) -> str:
     return "?" if value is None else str(value)
 
 
+# --- corral worktrees ------------------------------------------------------------------------------
+
+
 async def cmd_worktrees(home: Home, args: Any) -> int:
     if getattr(args, "action", None) == "prune":
         return await cmd_prune(home, args)
-    async with open_system(home, actors=("projector",)) as system:
-        items = await inventory(home, system)
-    if args.orphans:
-        items = [item for item in items if item.orphan]
+    async with Client.connect(home, actors=("projector",)) as client:
+        items = await client.worktrees(orphans=args.orphans)
     if args.json:
-        render.print_json([item.to_json() for item in items])
+        render.print_json(items)
         return 0
     if not items:
         info(("no orphaned worktrees" if args.orphans else "no worktrees") + f" under {home.worktrees}")
@@ -53,14 +43,14 @@ async def cmd_worktrees(home: Home, args: Any) -> int:
             ["execution", "state", "age", "disk", "unmerged", "uncommitted", "path", "note"],
             [
                 [
-                    item.execution_id,
-                    item.state,
-                    render.human_duration(item.age_s) if item.age_s is not None else None,
-                    format_size(item.disk_bytes) if item.disk_bytes is not None else None,
-                    _count(item.unmerged_commits),
-                    _count(item.uncommitted_files),
-                    item.path,
-                    item.problem or (f"orphan: {item.orphan}" if item.orphan else None),
+                    item["execution_id"],
+                    item["state"],
+                    render.human_duration(item["age_s"]) if item["age_s"] is not None else None,
+                    format_size(item["disk_bytes"]) if item["disk_bytes"] is not None else None,
+                    _count(item["unmerged_commits"]),
+                    _count(item["uncommitted_files"]),
+                    item["path"],
+                    item["problem"] or (f"orphan: {item['orphan']}" if item["orphan"] else None),
                 ]
                 for item in items
             ],
@@ -73,69 +63,51 @@ async def cmd_worktrees(home: Home, args: Any) -> int:
 
 
 async def cmd_prune(home: Home, args: Any) -> int:
-    config = load_config(home)
     if args.older_than is not None:
-        try:
-            retention = parse_duration(args.older_than)
+        try:  # said before anything starts
+            parse_duration(args.older_than)
         except ValueError as exc:
             raise UsageError(f"--older-than: {exc}") from None
-        retention_text = args.older_than
-    else:
-        retention = config.worktrees.retention_s
-        retention_text = f"{format_duration(retention)} ([worktrees] retention)"
-    outcomes: list[Outcome] = []
     tty = sys.stderr.isatty() and not args.json
-    async with open_system(home, actors=("projector",)) as system:
-        items = await inventory(home, system)
-        candidates = []
-        for item in items:
-            if item.live:
-                outcomes.append(Outcome(item.execution_id, item.path, "skipped", f"execution {item.state}"))
-            elif item.age_s is not None and item.age_s < retention:
-                outcomes.append(
-                    Outcome(
-                        item.execution_id,
-                        item.path,
-                        "kept",
-                        f"ended {render.human_duration(item.age_s)} ago, within the retention of {retention_text}",
-                    )
-                )
-            else:
-                candidates.append(item)
+    async with Client.connect(home, actors=("projector",)) as client:
+        plan = await client.prune_plan(older_than=args.older_than)
+        outcomes: list[dict[str, Any]] = plan["outcomes"]
+        candidates = plan["candidates"]
         for n, item in enumerate(candidates, 1):
             if tty:
-                sys.stderr.write(f"\rcorral: pruning {n}/{len(candidates)}: {item.execution_id}\x1b[K")
+                sys.stderr.write(f"\rcorral: pruning {n}/{len(candidates)}: {item['execution_id']}\x1b[K")
                 sys.stderr.flush()
-            outcome = await _prune_one(system, item, force=args.force, dry_run=args.dry_run)
+            outcome = await client.prune_worktree(item, force=args.force, dry_run=args.dry_run)
             outcomes.append(outcome)
             if not args.json:
                 if tty:
                     sys.stderr.write("\r\x1b[K")
                 print(_describe(outcome), flush=True)
     if args.json:
-        render.print_json([asdict(o) for o in outcomes])
+        render.print_json(outcomes)
     else:
-        _summary(outcomes, dry_run=args.dry_run, retention_text=retention_text)
-    return 1 if any(o.action in ("refused", "failed") for o in outcomes) else 0
+        _summary(outcomes, dry_run=args.dry_run, retention_text=plan["retention"])
+    return 1 if any(o["action"] in ("refused", "failed") for o in outcomes) else 0
 
 
-def _describe(outcome: Outcome) -> str:
-    size = f", {format_size(outcome.freed_bytes)}" if outcome.freed_bytes else ""
-    what = f"{outcome.execution_id}  {outcome.path} and branch {outcome.branch}{size} ({outcome.reason})"
-    if outcome.action == "removed":
+def _describe(outcome: dict[str, Any]) -> str:
+    freed = outcome["freed_bytes"]
+    size = f", {format_size(freed)}" if freed else ""
+    what = f"{outcome['execution_id']}  {outcome['path']} and branch {outcome['branch']}{size} ({outcome['reason']})"
+    if outcome["action"] == "removed":
         return f"removed  {what}"
-    if outcome.action == "would-remove":
+    if outcome["action"] == "would-remove":
         return f"would remove  {what}"
-    if outcome.action == "refused":
-        return f"REFUSED  {outcome.execution_id}  {outcome.reason}"
-    return f"{outcome.action.upper()}  {outcome.execution_id}  {outcome.reason}"
+    if outcome["action"] == "refused":
+        return f"REFUSED  {outcome['execution_id']}  {outcome['reason']}"
+    return f"{outcome['action'].upper()}  {outcome['execution_id']}  {outcome['reason']}"
 
 
-def _summary(outcomes: list[Outcome], *, dry_run: bool, retention_text: str) -> None:
+def _summary(outcomes: list[dict[str, Any]], *, dry_run: bool, retention_text: str) -> None:
     counts: dict[str, int] = {}
     for outcome in outcomes:
-        counts[outcome.action] = counts.get(outcome.action, 0) + 1
-    freed = sum(o.freed_bytes or 0 for o in outcomes if o.action in ("removed", "would-remove"))
+        counts[outcome["action"]] = counts.get(outcome["action"], 0) + 1
+    freed = sum(o["freed_bytes"] or 0 for o in outcomes if o["action"] in ("removed", "would-remove"))
     done = counts.get("would-remove" if dry_run else "removed", 0)
     parts = [f"{'would remove' if dry_run else 'removed'} {done} worktree{'s' if done != 1 else ''}"]
     if freed:

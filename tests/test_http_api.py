@@ -128,11 +128,14 @@ STATE_CHANGING = [
     ("POST", "/api/executions/{id}/pr", {"title": "t"}),
     ("POST", "/api/executions/{id}/replay", None),
     ("POST", "/api/executions/{id}/fork", {"at": 0}),
+    ("POST", "/api/worktrees/prune", {"dry_run": True}),
 ]
 READING = [
     ("GET", "/api/executions", None),
     ("GET", "/api/executions/{id}", None),
     ("GET", "/api/executions/{id}/logs", None),
+    ("GET", "/api/executions/{id}/workspace", None),
+    ("GET", "/api/worktrees", None),
     ("GET", "/api/approvals", None),
     ("GET", "/api/search?q=x", None),
     ("POST", "/api/sql", {"sql": "SELECT 1"}),
@@ -454,6 +457,16 @@ def test_checkpoint_changes_diff_rollback_commit_over_http(api: dict[str, Any]) 
         assert committed.status_code == 200 and committed.json()["type"] == "change.committed"
         checkpoints = http.get(f"/api/executions/{execution_id}/checkpoints").json()
         assert [cp["n"] for cp in checkpoints][:1] == [1]
+        # what `corral changes/commit` render besides: the worktree as the log records it
+        ws = http.get(f"/api/executions/{execution_id}/workspace").json()
+        assert (ws["execution_id"], Path(ws["path"])) == (execution_id, worktree)
+        assert ws["branch"] == f"corral/{execution_id}"
+        assert ws["present"] is True and ws["shadow"] is None and ws["checkpoints"] == checkpoints
+        assert len(ws["base_commit"]) == 40
+        listed = {w["execution_id"]: w for w in http.get("/api/worktrees").json()}
+        assert listed[execution_id]["state"] == "running" and Path(listed[execution_id]["path"]) == worktree
+        pruned = http.post("/api/worktrees/prune", json={"older_than": "0s", "dry_run": True}).json()
+        assert {o["execution_id"]: o["action"] for o in pruned}[execution_id] == "skipped"  # it runs
         http.post(f"/api/executions/{execution_id}/cancel", json={"grace_s": 0})
 
 

@@ -213,3 +213,74 @@ def test_the_client_imports_its_operations_at_the_top() -> None:
     faces |= {f"corral.{name}" for name in ("commands", "control", "changes", "approvals", "history", "worktrees")}
     imported = import_graph()["corral.client"]
     assert not imported & faces and not any(m.startswith("corral.web") for m in imported), sorted(imported)
+
+
+# The commands whose handlers parse, call the client and render (issue 16 §1). `run` and the follow of
+# `replay`/`fork` without --detach stream an execution on the client's system (docs/sdk.md says why).
+THROUGH_THE_CLIENT = [
+    "ps",
+    "status",
+    "input",
+    "pause",
+    "resume",
+    "cancel",
+    "extend",
+    "priority",
+    "health",
+    "approvals",
+    "approve",
+    "reject",
+    "checkpoint",
+    "checkpoints",
+    "changes",
+    "diff",
+    "commit",
+    "rollback",
+    "pr",
+    "worktrees",
+    "search",
+    "compare",
+    "replay",
+    "fork",
+    "logs",
+    "tap",
+    "sql",
+]
+# What a handler may still take from corral/ops: printing, argument checks said before connecting, and
+# starting a background `corral up` for --detach (the system's life, not an operation on it).
+HANDLER_MAY_USE = {"info", "parse_since", "DURATION", "check_input_size", "start_background_system"}
+
+
+def test_the_cli_commands_go_through_the_client() -> None:
+    """Each handler of THROUGH_THE_CLIENT, with the functions of its module it calls (nested ones too),
+    uses no name its module imports from corral/ops or corral/system (open_system, System) beyond
+    HANDLER_MAY_USE, and uses the client."""
+    from corral import cli
+
+    cli.build_parser()  # the feature modules add their handlers to cli.COMMANDS
+    problems = {}
+    for command in THROUGH_THE_CLIENT:
+        handler = cli.COMMANDS[command]
+        tree = ast.parse(Path(handler.__code__.co_filename).read_text())
+        below = {
+            alias.asname or alias.name
+            for node in tree.body
+            if isinstance(node, ast.ImportFrom)
+            and node.module
+            and (node.module.startswith("corral.ops") or node.module == "corral.system")
+            for alias in node.names
+        }
+        functions = {n.name: n for n in tree.body if isinstance(n, ast.AsyncFunctionDef | ast.FunctionDef)}
+        todo, seen, used = [handler.__name__], set(), set()
+        while todo:  # the handler and the module's functions it reaches
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            names = {n.id for n in ast.walk(functions[name]) if isinstance(n, ast.Name)}
+            used |= names
+            todo += [n for n in names if n in functions]
+        wrong = sorted(used & below - HANDLER_MAY_USE)
+        if wrong or "Client" not in used:
+            problems[command] = wrong or "no Client"
+    assert problems == {}

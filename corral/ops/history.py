@@ -243,6 +243,21 @@ async def search(
     return sorted(hits, key=lambda h: -int(h["seq"]))[:limit]
 
 
+def check_search(
+    text: str, *, regex: bool = False, event_type: str | None = None, since: str | None = None, limit: int = 100
+) -> None:
+    """A search's input, checked before anything is read: UsageError with the one line to print."""
+    if not text:
+        raise UsageError("nothing to search for; give TEXT")
+    if limit < 1:
+        raise UsageError("--limit must be 1 or more")
+    if regex:
+        check_regex(text)
+    sql_text(text)
+    _type_filter(event_type)
+    _since_filter(since)
+
+
 async def search_hits(
     system: System,
     text: str,
@@ -254,15 +269,7 @@ async def search_hits(
     limit: int = 100,
 ) -> list[dict[str, Any]]:
     """`corral search` (and GET /api/search): checked input, the hits with their snippets."""
-    if not text:
-        raise UsageError("nothing to search for; give TEXT")
-    if limit < 1:
-        raise UsageError("--limit must be 1 or more")
-    if regex:
-        check_regex(text)
-    sql_text(text)
-    _type_filter(event_type)
-    _since_filter(since)
+    check_search(text, regex=regex, event_type=event_type, since=since, limit=limit)
 
     async def fetch(sql: str) -> list[dict[str, Any]]:
         return await rows(system, sql, max_rows=limit)

@@ -15,7 +15,7 @@ from actors import diskquota
 from actors.errors import WorkspaceError
 from actors.limits import disk_usage
 from actors.worktree import remove_worktree
-from corral.config import ForgeSettings, load_config
+from corral.config import ForgeSettings, format_duration, load_config
 from corral.errors import CorralError, UsageError
 from corral.forge import Forge, ForgeError, PullRequest, repo_from_remote_url
 from corral.home import Home
@@ -32,6 +32,7 @@ from events.types import (
     PullRequestRequested,
     WorkspaceRemoved,
 )
+from events.units import parse_duration
 from projections.state import ACTIVE_STATES
 
 GIT_ENV = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
@@ -327,6 +328,40 @@ async def remove(item: Worktree) -> None:
         await remove_worktree(Path(repo), path, branch=item.branch)
     if path.exists():  # noqa: ASYNC240 - one stat call
         raise WorkspaceError(str(path), "is still there after removing it")
+
+
+def _ago(seconds: float) -> str:
+    """A duration as `corral worktrees` shows ages (corral.render.human_duration's form; ops render nothing)."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+async def prune_plan(home: Home, system: System, older_than: str | None) -> dict[str, Any]:
+    """What `corral worktrees prune` looks at: {retention_s, retention (as said), outcomes (worktrees kept
+    or skipped, and why), candidates (past the retention: `_prune_one` decides each, looking again)}."""
+    if older_than is not None:
+        try:
+            retention = parse_duration(older_than)
+        except ValueError as exc:
+            raise UsageError(f"--older-than: {exc}") from None
+        retention_text = older_than
+    else:
+        retention = load_config(home).worktrees.retention_s
+        retention_text = f"{format_duration(retention)} ([worktrees] retention)"
+    outcomes: list[dict[str, Any]] = []
+    candidates: list[dict[str, Any]] = []
+    for item in await inventory(home, system):
+        if item.live:
+            outcomes.append(asdict(Outcome(item.execution_id, item.path, "skipped", f"execution {item.state}")))
+        elif item.age_s is not None and item.age_s < retention:
+            why = f"ended {_ago(item.age_s)} ago, within the retention of {retention_text}"
+            outcomes.append(asdict(Outcome(item.execution_id, item.path, "kept", why)))
+        else:
+            candidates.append(item.to_json())
+    return {"retention_s": retention, "retention": retention_text, "outcomes": outcomes, "candidates": candidates}
 
 
 async def _prune_one(system: System, item: Worktree, *, force: bool, dry_run: bool) -> Outcome:
