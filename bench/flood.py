@@ -143,7 +143,7 @@ async def ps_loop(env: dict[str, str], cwd: Path, stop: asyncio.Event, times: li
 
 
 async def api_ps_loop(
-    bus: object, stop: asyncio.Event, times: list[float], trace: list[tuple[float, int, int]]
+    bus: object, stop: asyncio.Event, times: list[float], trace: list[tuple[float, int, int]], failed: list[float]
 ) -> None:
     """`corral ps`'s own request without the CLI's start: the same query, after the log's last sequence."""
     from corral.client import PS_OUTPUT_GRACE_S
@@ -157,8 +157,18 @@ async def api_ps_loop(
         request["output_grace_s"] = PS_OUTPUT_GRACE_S  # as corral ps asks
         reply = await bus.nc.request("corral.api.sql", json.dumps(request).encode(), timeout=60)  # type: ignore[attr-defined]
         times.append(time.perf_counter() - started)
-        if not json.loads(reply.data).get("ok", True):
-            raise RuntimeError(f"ps query failed: {reply.data[:300]!r}")
+        if os.environ.get("FLOOD_TRACE"):  # the same wait with a trivial query: the wait's part
+            request["sql"] = "SELECT 1"
+            started = time.perf_counter()
+            await bus.nc.request("corral.api.sql", json.dumps(request).encode(), timeout=60)  # type: ignore[attr-defined]
+            print(
+                f"  ps request {times[-1]:.3f}s (SELECT 1 after it {time.perf_counter() - started:.3f}s) "
+                f"at t={time.monotonic() - t0:.1f}s",
+                flush=True,
+            )
+        if not json.loads(reply.data).get("ok", True):  # counted (its time is in `times`), reported
+            print(f"  ps request failed after {times[-1]:.1f}s: {reply.data[:200]!r}", flush=True)
+            failed.append(times[-1])
         position = json.loads((await bus.nc.request(API_POSITION, b"", timeout=5)).data)["position"]  # type: ignore[attr-defined]
         trace.append((time.monotonic() - t0, last, int(position)))
         with contextlib.suppress(TimeoutError):
@@ -205,7 +215,8 @@ async def measure(floods: int, mb: int, extra_config: str, root: Path) -> dict[s
         polling = asyncio.create_task(ps_loop(env, root, stop, during))
         api_during: list[float] = []
         trace: list[tuple[float, int, int]] = []
-        api_polling = asyncio.create_task(api_ps_loop(bus, stop, api_during, trace))
+        api_failed: list[float] = []
+        api_polling = asyncio.create_task(api_ps_loop(bus, stop, api_during, trace, api_failed))
         listed = ", ".join(f"'{i}'" for i in ids)
         want = floods * mb * 1000000 * 0.97
         stored = 0.0
@@ -246,8 +257,15 @@ async def measure(floods: int, mb: int, extra_config: str, root: Path) -> dict[s
         "ps_during": during,
         "failed_queries": failed_queries,
         "api_during": api_during,
+        "api_failed": len(api_failed),
         "trace": trace,
     }
+
+
+def _p99(values: list[float]) -> float:
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[98]
 
 
 async def main() -> None:
@@ -287,18 +305,21 @@ async def main() -> None:
         print(f"{name:<14} {peak[name]:>8.0f}MB {shown_after}{extra}")
     ps_max = max(during) if during else float("nan")
     ps_p50 = statistics.median(during) if during else float("nan")
+    ps_p99 = _p99(during)
     idle_p50 = statistics.median(idle)
     print(
         f"corral ps --json: idle p50 {idle_p50:.2f} s (baseline); during the floods p50 {ps_p50:.2f} s, "
-        f"max {ps_max:.2f} s over {len(during)} runs"
+        f"p99 {ps_p99:.2f} s, max {ps_max:.2f} s over {len(during)} runs"
     )
     api: list[float] = result["api_during"]  # type: ignore[assignment]
     api_max = max(api) if api else float("nan")
     api_p50 = statistics.median(api) if api else float("nan")
+    api_p99 = _p99(api)
     print(
         f"ps request alone (no CLI start; after the log's last sequence): p50 {api_p50:.3f} s, "
-        f"max {api_max:.3f} s over {len(api)} requests"
+        f"p99 {api_p99:.3f} s, max {api_max:.3f} s over {len(api)} requests ({result['api_failed']} failed)"
     )
+    print(f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     if os.environ.get("FLOOD_TRACE"):
         for t, last, position in result["trace"]:  # type: ignore[attr-defined]
             print(f"  t={t:6.2f}s last_seq={last} position={position} behind={last - position}")
@@ -318,8 +339,13 @@ async def main() -> None:
         nats_peak_mb=peak["nats-server"],
         shim_peak_mb=peak["shims"],
         ps_max_s=ps_max,
+        ps_p99_s=ps_p99,
         ps_request_max_s=api_max,
+        ps_request_p99_s=api_p99,
+        ps_request_p50_s=api_p50,
+        ps_requests_failed=result["api_failed"],
         ps_p50_s=ps_p50,
+        load_avg=os.getloadavg()[0],
         baseline_ps_idle_s=idle_p50,
         ps_runs=len(during),
         failed_queries=result["failed_queries"],

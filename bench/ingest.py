@@ -133,8 +133,8 @@ import sys
 import warnings
 warnings.filterwarnings("ignore", message=".projections.worker. found in sys.modules")
 sys.path.insert(0, {root!r})
-import projections.projector as p
-p.screen_batch = lambda con, before, underived=None: set()
+import projections.appliers as p
+p.screen_batch = lambda con, before, **kw: set()
 p.screen_orphans = lambda con, before: set()
 p.OutputApplier.screen = False
 open({marker!r}, "w").close()

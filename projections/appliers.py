@@ -22,7 +22,7 @@ import orjson
 from events.envelope import decode_event
 from events.errors import EventError
 from events.subjects import OUTPUT_STREAM, STREAM
-from projections.batch import Gathered, Prepared
+from projections.batch import LANES, OTHER_LANE, OUTPUT_LANE, Gathered, Prepared, lane_row
 from projections.derived import OUTPUT_SEQ_BASE, apply_derived
 from projections.state import Execution, evolve
 from projections.tables import (
@@ -60,6 +60,12 @@ _OUTPUT_RECOUNT = (
     "WHERE executions.execution_id = agg.execution_id"
 )
 _OUTPUT_ROW = "seq, execution_id, ts, stream, n, text"  # output_batch's columns that make an output row
+# The rows of one lane's batch among the events above its position (the other lane's are there too).
+_LANE_FILTER: dict[str | None, str] = {
+    None: "",
+    OUTPUT_LANE: " AND type = 'output'",
+    OTHER_LANE: " AND type IS DISTINCT FROM 'output'",
+}
 _STATE_SPEC = json_columns_spec(STATE_COLUMNS)
 _STATE_NAMES = list(STATE_COLUMNS)
 _STATE_SELECT = [f"{name}::TIMESTAMP" if kind == "TIMESTAMPTZ" else name for name, kind in STATE_COLUMNS.items()]
@@ -116,6 +122,15 @@ class BatchApplier:
             con.execute("COMMIT")
             row = None
         self.position: int = int(row[0]) if row else 0
+        # The core log is applied in two lanes (projections/projector.py): output chunks, and every
+        # other event, each complete up to its own sequence (never below `position`, the lower).
+        self.lanes: dict[str, int] = dict.fromkeys(LANES, self.position)
+        for lane in LANES:
+            found = con.execute(
+                "SELECT seq FROM projector_position WHERE stream = ?", [lane_row(stream, lane)]
+            ).fetchone()
+            if found is not None and row is not None:
+                self.lanes[lane] = max(int(found[0]), self.position)
         self.states: dict[str, Execution] = {}
         self.underived: int | None = None  # the position before the first batch not yet derived
         self.recount_output = False  # an output stream is projected too (Projector sets it)
@@ -148,45 +163,70 @@ class BatchApplier:
         return self.apply_prepared(gathered.prepare(self._batch_file), derive=derive)
 
     def apply_prepared(self, batch: Prepared, *, derive: bool = True) -> int:
-        """Apply a batch whose NDJSON file is written (see apply_gathered); return its size."""
-        if batch.last_seq <= self.position:
+        """Apply a batch whose NDJSON file is written (see apply_gathered); return its size.
+
+        A batch of one lane (`batch.lane`, projections/projector.py) holds only that lane's
+        messages: output chunks, or every other event. Its rows are told apart from the other
+        lane's (applied ahead of it, or behind) by their type, and the lane's own position."""
+        lane = batch.lane
+        if lane is not None and not derive:
+            raise ValueError("a lane's batch is derived as it is applied")
+        start = self.position if lane is None else self.lanes[lane]
+        if batch.last_seq <= start:
             return 0
-        if batch.first_seq <= self.position:
-            raise ValueError(f"batch starts at {batch.first_seq}, at or below position {self.position}")
-        last = batch.last_seq
+        if batch.first_seq <= start:
+            raise ValueError(f"batch starts at {batch.first_seq}, at or below position {start}")
+        only = _LANE_FILTER[lane]
         con = self.con
         con.begin()
         try:
-            before = self.position
+            before = start
             con.execute(
                 f"INSERT INTO events SELECT {', '.join(EVENT_COLUMNS)} FROM read_json(?, "
                 f"format='newline_delimited', ignore_errors=true, columns={_EVENTS_SPEC}) "
-                "WHERE seq IS NOT NULL",  # a line read_json could not parse comes as NULLs: a reject
+                f"WHERE seq IS NOT NULL{only}",  # a line read_json could not parse comes as NULLs: a reject
                 [str(batch.file)],
             )
-            record_rejects(con, batch.count, batch.items, "SELECT seq FROM events WHERE seq > ?", [before])
+            record_rejects(con, batch.count, batch.items, f"SELECT seq FROM events WHERE seq > ?{only}", [before])
             self.created.clear()
             # repeats of an event id, forged authority: not facts (the derived approvals table lacks
             # the batches of a bulk load not derived yet: their rows are looked at instead)
-            dropped = screen_batch(con, before, underived=self.underived)
-            lifecycle = batch.lifecycle
-            if dropped:
-                lifecycle = [item for item in lifecycle if item[0] not in dropped]
-            self._apply_state(lifecycle)
-            screen_orphans(con, before)
+            dropped = screen_batch(con, before, underived=self.underived, only=only, claims=lane != OUTPUT_LANE)
+            if lane != OUTPUT_LANE:
+                lifecycle = batch.lifecycle
+                if dropped:
+                    lifecycle = [item for item in lifecycle if item[0] not in dropped]
+                self._apply_state(lifecycle)
+                screen_orphans(con, before)
             if derive:
-                self._derive(self.underived if self.underived is not None else before)
+                self._derive(self.underived if self.underived is not None else before, lane)
                 self.underived = None
             elif self.underived is None:
                 self.underived = before
-            self._save_position(last)
+            lanes = self._lanes_after(batch)
+            position = min(lanes.values())
+            self._save_position(position, lanes)
             con.commit()
         except BaseException:
             con.rollback()
             self.states.clear()  # the cache may hold states the rollback undid
             raise
-        self.position = last
+        self.position = position
+        self.lanes = lanes
         return batch.count
+
+    def _lanes_after(self, batch: Prepared) -> dict[str, int]:
+        """Each lane's position once `batch` is applied: a batch of both (a rebuild's, a test's)
+        completes both up to its last message; a lane's batch its own lane up to `upto`, and the
+        other lane up to `idle_through` (nothing of it was gathered, nor is being applied)."""
+        if batch.lane is None:
+            return {lane: max(seq, batch.last_seq) for lane, seq in self.lanes.items()}
+        lanes = dict(self.lanes)
+        lanes[batch.lane] = max(lanes[batch.lane], batch.upto)
+        for lane in lanes:
+            if lane != batch.lane:
+                lanes[lane] = max(lanes[lane], batch.idle_through)
+        return lanes
 
     def derive(self) -> None:
         """Fill the derived tables for every batch applied with `derive=False`."""
@@ -201,27 +241,28 @@ class BatchApplier:
             raise
         self.underived = None
 
-    def _derive(self, before: int) -> None:
+    def _derive(self, before: int, lane: str | None = None) -> None:
         con = self.con
-        con.execute(
-            "INSERT INTO output SELECT seq, execution_id, ts, data->>'stream', "
-            "CAST(data->>'n' AS UINTEGER), data->>'text' FROM events "
-            "WHERE seq > ? AND type = 'output'",
-            [before],
-        )
-        # Rows below OUTPUT_SEQ_BASE are the core log's: the output stream's are counted by their applier.
-        con.execute(_OUTPUT_COUNTERS.format(source=f"output WHERE seq > {int(before)} AND seq < {OUTPUT_SEQ_BASE}"))
-        if self.recount_output and self.created:
-            # With an output stream, an execution's chunks may be projected before its request:
-            # a new execution's counters are taken from every output row it already has.
+        if lane != OTHER_LANE:
+            con.execute(
+                "INSERT INTO output SELECT seq, execution_id, ts, data->>'stream', "
+                "CAST(data->>'n' AS UINTEGER), data->>'text' FROM events "
+                "WHERE seq > ? AND type = 'output'",
+                [before],
+            )
+            # Rows below OUTPUT_SEQ_BASE are the core log's: the output stream's are counted by their applier.
+            con.execute(_OUTPUT_COUNTERS.format(source=f"output WHERE seq > {int(before)} AND seq < {OUTPUT_SEQ_BASE}"))
+        if (self.recount_output or lane is not None) and self.created:
+            # With an output stream or lanes, an execution's chunks may be projected before its
+            # request: a new execution's counters are taken from every output row it already has.
             con.execute(_OUTPUT_RECOUNT, [sorted(self.created)])
-        apply_derived(con, before)
+        apply_derived(con, before, only=_LANE_FILTER[lane])
 
-    def _save_position(self, last: int) -> None:
-        self.con.execute(
-            "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",
-            [self.stream, last, SCHEMA_VERSION, datetime.now(UTC)],
-        )
+    def _save_position(self, position: int, lanes: dict[str, int] | None = None) -> None:
+        now = datetime.now(UTC)
+        rows = [(self.stream, position, SCHEMA_VERSION, now)]
+        rows += [(lane_row(self.stream, lane), seq, SCHEMA_VERSION, now) for lane, seq in (lanes or {}).items()]
+        self.con.executemany("INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)", rows)
 
     def _apply_state(self, lifecycle: Sequence[tuple[int, str, bytes]]) -> None:
         """Fold the state-changing events (Gathered.lifecycle) into the executions table."""

@@ -96,13 +96,11 @@ BATCH_SQL: Final = [
     # FSST-compressed text, for about the size of the output text again on disk)
     # (the batch's output rows are in `output` already: their text is not taken from JSON again;
     # rows at or above 2^40 are the output stream's, added by projections.projector.OutputApplier)
-    f"""INSERT INTO search SELECT seq, execution_id, ts, type, lower(text) FROM (
-        SELECT seq, execution_id, ts, 'output' AS type, text FROM output
-         WHERE seq > $1 AND seq < {OUTPUT_SEQ_BASE}
-        UNION ALL
-        SELECT seq, execution_id, ts, type, CAST(data AS VARCHAR) FROM events
-         WHERE seq > $1 AND type <> 'output'
-       ) ORDER BY seq""",
+    # (two statements: the output lane and the other lane of the core log are applied apart)
+    f"""INSERT INTO search SELECT seq, execution_id, ts, 'output', lower(text) FROM output
+         WHERE seq > $1 AND seq < {OUTPUT_SEQ_BASE} ORDER BY seq""",
+    """INSERT INTO search SELECT seq, execution_id, ts, type, lower(CAST(data AS VARCHAR)) FROM events
+         WHERE seq > $1 AND type <> 'output' ORDER BY seq""",
     """INSERT INTO checkpoints SELECT seq, execution_id, ts, CAST(data->>'n' AS INTEGER), data->>'ref',
         data->>'commit', data->>'tree', data->>'parent', data->>'trigger',
         CAST(json_array_length(data->'files') AS UINTEGER),
@@ -281,7 +279,8 @@ BATCH_SQL: Final = [
 
 # Which event types each statement needs; a batch without any of them skips it.
 _NEEDS: Final[list[tuple[str, ...] | None]] = [
-    None,
+    ("output",),
+    None,  # any type but output
     ("checkpoint.created",),
     ("file.touched", "checkpoint.created"),
     ("approval.requested",),
@@ -307,9 +306,13 @@ _NEEDS: Final[list[tuple[str, ...] | None]] = [
 ]
 
 
-def apply_derived(con: duckdb.DuckDBPyConnection, before: int) -> None:
-    """Fold the events above `before` (this batch, already inserted) into the history tables."""
-    present = {row[0] for row in con.execute("SELECT DISTINCT type FROM events WHERE seq > $1", [before]).fetchall()}
+def apply_derived(con: duckdb.DuckDBPyConnection, before: int, *, only: str = "") -> None:
+    """Fold the events above `before` (this batch, already inserted) into the history tables.
+
+    `only`: a condition on the rows above `before` that are the batch's (a lane's, projections.batch)."""
+    present = {
+        row[0] for row in con.execute(f"SELECT DISTINCT type FROM events WHERE seq > $1{only}", [before]).fetchall()
+    }
     for statement, needs in zip(BATCH_SQL, _NEEDS, strict=True):
-        if needs is None or present.intersection(needs):
+        if present.intersection(needs) if needs is not None else bool(present - {"output"}):
             con.execute(statement, [before])

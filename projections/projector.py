@@ -8,6 +8,7 @@ redelivered event at or below that position is skipped, never applied twice.
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections import deque
@@ -24,16 +25,14 @@ from actors.runtime import Actor
 from events.consumers import legacy_projector_consumer_name, projector_consumer_name
 from events.stream import when_ready
 from events.subjects import ALL_EVENTS, OUTPUT_STREAM, STREAM
-from events.types import EVENT_TYPES
-from projections.appliers import BatchApplier, OutputApplier
-from projections.batch import Gathered
+from projections.batch import OTHER_LANE, OUTPUT_LANE, Gathered, Prepared, lane_of
 from projections.errors import DatabaseLocked, ProjectionError
 from projections.intake import RawClient, status_of, subscribe_deliveries
 from projections.wire import connect_reader
 from projections.worker import LIVE, ApplyWorker, RemoteApplier
 
 log = logging.getLogger(__name__)
-Applier = BatchApplier | OutputApplier | RemoteApplier  # what a feed hands its batches to
+Applier = RemoteApplier  # what a feed hands its batches to (in the DuckDB worker)
 
 PULL_BATCH = 2000
 MAX_CREDIT = 60000  # deliveries asked for and gathered, not yet handed to the applier
@@ -47,15 +46,20 @@ LINGER_EVENTS = 2000
 # in the DuckDB worker's memory_limit, and no more is asked for while MAX_GATHER_BYTES are gathered
 # (the credit is also scaled down by the messages' running average size).
 BATCH_BYTES = 8 * 1024 * 1024
+# The core log's output lane is cut smaller: while one of its batches is applied, the other lane's
+# events (a flood's exit, what `corral ps` waits for) wait for it (one DuckDB writer).
+OUTPUT_LANE_BATCH_BYTES = 2 * 1024 * 1024
 MAX_GATHER_BYTES = 48 * 1024 * 1024
 PULL_EXPIRES_S = 5.0
 LOCK_RETRY_S = 2.0
 SILENCE_S = 3 * PULL_EXPIRES_S  # pulls outstanding and not a word back for this long: they were lost
 OUTPUT_EVENTS_FILTER = "corral.evt.*.output"
 OUTPUT_CHECK_S = 10.0  # how often a projector without the output stream looks for it
-# What a listing's output_grace_s lets wait (Projector.wait_for_position), and every other subject.
-_QUIET_KINDS = (b".output", b".heartbeat")
-_OTHER_SUBJECTS = [f"corral.evt.*.{kind}" for kind in sorted(EVENT_TYPES) if kind not in ("output", "heartbeat")]
+# A flood's backlog (issue 20): output batches cut while SPILL_AT_BYTES are held in memory are
+# written to disk instead, so the reader goes on past them to the events that must not wait (a
+# flood's exit, an approval: the other lane); reading stops at SPILL_MAX_BYTES on disk.
+SPILL_AT_BYTES = 24 * 1024 * 1024
+SPILL_MAX_BYTES = 1024 * 1024 * 1024
 
 
 def lock_holder(detail: str) -> str:
@@ -85,6 +89,94 @@ async def _delete_quietly(js: Any, stream: str, name: str) -> None:
         await js.delete_consumer(stream, name)
 
 
+class _Lane:
+    """What one applier is handed of a feed, in stream order: deliveries being gathered, and
+    batches cut at BATCH_BYTES (in memory, or spilled to disk: a flood's backlog of output).
+
+    The core log's feed has two lanes (projections.batch): output chunks, and every other event.
+    Each is applied on its own, complete up to its own position (saved with its rows), so a
+    lifecycle event or an approval is never queued behind a flood's output (issue 20); the
+    projector's `position` is the lower of the two (everything up to it is applied)."""
+
+    def __init__(self, feed: "_Feed", key: str | None) -> None:
+        self.feed = feed
+        self.key = key  # OTHER_LANE or OUTPUT_LANE of the core log; None: the feed's only lane
+        self.gathering = Gathered()
+        self.full: deque[Gathered | Prepared] = deque()
+        self.full_count = 0  # messages of the full batches held in memory
+        self.full_bytes = 0  # their payload bytes
+        self.spilled_bytes = 0  # payload bytes of the full batches spilled to disk
+        self.first_at = 0.0  # when the gathering's first message came
+        self.last_delivery = 0.0
+        self.in_flight = False
+
+    @property
+    def position(self) -> int:
+        applier = self.feed.applier
+        return applier.lane_position(self.key) if applier is not None else 0
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.full or self.gathering.items)
+
+    @property
+    def through(self) -> int:
+        """Every message of this lane up to here is applied."""
+        feed = self.feed
+        if self.ready or self.in_flight or feed.lost:
+            return self.position
+        return max(self.position, feed.expected - 1)  # nothing of it gathered: all it had is applied
+
+    def add(self, seq: int, subject: bytes, data: bytes, now: float) -> None:
+        projector = self.feed.projector
+        self.last_delivery = now
+        gathering = self.gathering
+        gathering.add(seq, subject, data)
+        if len(gathering.items) == 1:
+            self.feed.last_heard = self.first_at = now  # silent() looks only while nothing is gathered
+            projector._arrived.set()
+        elif gathering.size >= (OUTPUT_LANE_BATCH_BYTES if self.key == OUTPUT_LANE else BATCH_BYTES):
+            gathering.through = seq
+            self.gathering = Gathered()
+            if self.key == OUTPUT_LANE and self.feed.held_bytes() >= SPILL_AT_BYTES:
+                self.full.append(projector._spill(gathering))
+                self.spilled_bytes += gathering.size
+            else:
+                self.full.append(gathering)
+                self.full_count += len(gathering.items)
+                self.full_bytes += gathering.size
+            projector._arrived.set()
+            projector._urgent.set()
+
+    def take(self) -> Gathered | Prepared:
+        """The next batch for the applier: the oldest cut at BATCH_BYTES, else what is gathered."""
+        if self.full:
+            batch = self.full.popleft()
+            if isinstance(batch, Prepared):
+                self.spilled_bytes -= batch.size
+            else:
+                self.full_count -= len(batch.items)
+                self.full_bytes -= batch.size
+            return batch
+        batch, self.gathering = self.gathering, Gathered()
+        batch.through = self.feed.expected - 1
+        return batch
+
+    def clear(self) -> None:
+        for batch in self.full:
+            if isinstance(batch, Prepared):
+                _unlink_spilled(batch)
+        self.gathering = Gathered()
+        self.full.clear()
+        self.full_count = self.full_bytes = self.spilled_bytes = 0
+
+
+def _unlink_spilled(batch: Prepared) -> None:
+    for path in batch.spilled or ():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 class _Feed:
     """One pull consumer of one stream, its deliveries gathered (and prepared) for one applier.
 
@@ -95,6 +187,7 @@ class _Feed:
     and a new consumer resumes right after the applied position. Only a new consumer's first
     delivery may start past the expected sequence: nothing is stored in between. The output
     stream has holes by design (its limits remove old chunks), so there gaps are accepted.
+    The core log's deliveries go to two lanes (_Lane), the output stream's to one.
     """
 
     def __init__(self, projector: "Projector", *, stream: str, durable: str, filter_subject: str, gaps: bool) -> None:
@@ -104,11 +197,7 @@ class _Feed:
         self.legacy = projector.legacy_durable  # deleted at the first reset (events/consumers.py)
         self.filter_subject = filter_subject
         self.gaps = gaps
-        self.gathering = Gathered()  # deliveries since the last batch was handed to the applier
-        self.full: deque[Gathered] = deque()  # batches cut at BATCH_BYTES, waiting for the applier
-        self.full_count = 0
-        self.full_bytes = 0
-        self.first_at = 0.0  # when the gathering's first message came
+        self.lanes = [_Lane(self, None)] if gaps else [_Lane(self, OTHER_LANE), _Lane(self, OUTPUT_LANE)]
         self.last_delivery = 0.0
         self.avg_size = 1024.0  # running average payload size (up fast, down slowly): scales the credit
         self.expected = 1  # the next stream sequence the current consumer should deliver
@@ -126,8 +215,16 @@ class _Feed:
 
     @property
     def position(self) -> int:
+        """Where a new consumer starts from (after): every lane is complete up to here."""
         applier = self.applier
         return applier.position if applier is not None else 0
+
+    def lane(self, key: str | None) -> _Lane:
+        return next(lane for lane in self.lanes if lane.key == key)
+
+    def held_bytes(self) -> int:
+        """Payload bytes gathered in memory (spilled batches not counted)."""
+        return sum(lane.gathering.size + lane.full_bytes for lane in self.lanes)
 
     def on_status(self, headers: bytes) -> None:
         """A pull's status (on the event loop): what it asked for will not all come."""
@@ -139,7 +236,7 @@ class _Feed:
             self.projector._arrived.set()
 
     def on_delivery(self, seq: int, subject: bytes, data: bytes) -> None:
-        """A delivery (on the event loop): gathered and prepared at once."""
+        """A delivery (on the event loop): gathered and prepared at once, in its lane."""
         self.credit -= 1
         if self.lost or seq < self.expected:
             return  # a redelivery of something gathered or applied
@@ -152,41 +249,25 @@ class _Feed:
         size = len(data)
         self.avg_size += (size - self.avg_size) * (0.25 if size > self.avg_size else 0.002)
         self.last_delivery = now = time.monotonic()
-        gathering = self.gathering
-        gathering.add(seq, subject, data)
-        if len(gathering.items) == 1:
-            self.last_heard = self.first_at = now  # silent() looks only while nothing is gathered
-            self.projector._arrived.set()
-        elif gathering.size >= BATCH_BYTES:
-            self.full.append(gathering)
-            self.full_count += len(gathering.items)
-            self.full_bytes += gathering.size
-            self.gathering = Gathered()
-            self.projector._arrived.set()
-            self.projector._urgent.set()
-        elif self.credit < PULL_BATCH:
+        lane = self.lanes[0] if self.gaps else self.lanes[lane_of(subject) == OUTPUT_LANE]
+        if seq <= lane.position:
+            return  # its lane applied it already (a new consumer starts after the lower lane)
+        lane.add(seq, subject, data, now)
+        if self.credit < PULL_BATCH:
             self.projector._arrived.set()
 
     @property
     def ready(self) -> bool:
-        return bool(self.full or self.gathering.items)
-
-    def take(self) -> Gathered:
-        """The next batch for the applier: the oldest cut at BATCH_BYTES, else what is gathered."""
-        if self.full:
-            batch = self.full.popleft()
-            self.full_count -= len(batch.items)
-            self.full_bytes -= batch.size
-            return batch
-        batch, self.gathering = self.gathering, Gathered()
-        return batch
+        return any(lane.ready for lane in self.lanes)
 
     async def pull(self, intake: RawClient) -> None:
         # as many messages as MAX_GATHER_BYTES hold at the running average size (MAX_CREDIT at most)
         limit = max(16, min(MAX_CREDIT, int(MAX_GATHER_BYTES / max(self.avg_size, 1.0))))
         step = min(PULL_BATCH, max(limit // 4, 1))
-        while self.gathering.size + self.full_bytes < MAX_GATHER_BYTES:
-            room = limit - self.credit - len(self.gathering.items) - self.full_count
+        held = sum(len(lane.gathering.items) + lane.full_count for lane in self.lanes)
+        spilled = sum(lane.spilled_bytes for lane in self.lanes)
+        while self.held_bytes() < MAX_GATHER_BYTES and spilled < SPILL_MAX_BYTES:
+            room = limit - self.credit - held
             if room < step and (room <= 0 or self.credit > 0):
                 break  # no pull of a few messages each time one is delivered
             batch = min(step, room)
@@ -236,9 +317,8 @@ class _Feed:
                 inactive_threshold=7 * 24 * 3600.0,
             ),
         )
-        self.gathering = Gathered()
-        self.full.clear()
-        self.full_count = self.full_bytes = 0
+        for lane in self.lanes:
+            lane.clear()
         self.credit = 0
         self.fresh = True
         self.lost = False
@@ -276,7 +356,7 @@ class Projector(Actor):
         self._urgent = asyncio.Event()
         self._waiters = 0
         self._last_apply = 0.0
-        self._in_flight: Gathered | None = None  # the core log's batch being applied
+        self._spills = 0
         self._lock = asyncio.Lock()
         self._resync_all = False  # the intake connection was replaced: every consumer starts again
         self._output_checked = 0.0
@@ -285,8 +365,30 @@ class Projector(Actor):
 
     @property
     def position(self) -> int:
-        """The core log's sequence applied last."""
-        return self.applier.position if self.applier else 0
+        """Every event of the core log up to this sequence is applied (both lanes)."""
+        if self.applier is None:
+            return 0
+        return min(lane.through for lane in self.feeds[0].lanes)
+
+    @property
+    def others_position(self) -> int:
+        """Every event of the core log but output chunks is applied up to this sequence."""
+        if self.applier is None:
+            return 0
+        return self.feeds[0].lane(OTHER_LANE).through
+
+    @property
+    def applied_upto(self) -> int:
+        """The highest sequence of the core log either lane applied (a rebuild catches up to it)."""
+        if self.applier is None:
+            return 0
+        return max(self.applier.lanes.values())
+
+    def _spill(self, batch: Gathered) -> Prepared:
+        """Write a cut output batch to disk (a flood's backlog); the reader goes on."""
+        assert self.worker is not None
+        self._spills += 1
+        return batch.spill(self.worker.tmp_dir / f"spill-{os.getpid()}-{id(self)}-{self._spills}.ndjson")
 
     @property
     def output_position(self) -> int | None:
@@ -346,6 +448,8 @@ class Projector(Actor):
             self.worker = worker
         else:
             await asyncio.to_thread(self.worker.open, LIVE, self.database)
+            self._resync_all = True  # what was gathered for the old file's lanes is read again
+            self._arrived.set()
         self.applier = RemoteApplier(self.worker, STREAM)
         self.output_applier = RemoteApplier(self.worker, OUTPUT_STREAM)
         self.applier.recount_output = len(self.feeds) > 1
@@ -427,9 +531,9 @@ class Projector(Actor):
                         continue
                     if broken:
                         await self._reconnect()
-                    self._resync_all = False
+                    resync_all, self._resync_all = self._resync_all, False
                     for feed in self.feeds:
-                        if broken or feed.lost or self._resync_all:
+                        if broken or feed.lost or resync_all:
                             await self._resync(feed)
                     continue
                 if time.monotonic() - self._output_checked > OUTPUT_CHECK_S and len(self.feeds) < 2:
@@ -439,7 +543,7 @@ class Projector(Actor):
                 assert self._intake is not None
                 for feed in self.feeds:
                     await feed.pull(self._intake)
-                ready = [f for f in self.feeds if f.ready]
+                ready = [lane for f in self.feeds for lane in f.lanes if lane.ready]
                 if applying is not None or not ready:
                     # Reading goes on while a batch is applied in the worker.
                     self._arrived.clear()
@@ -450,19 +554,26 @@ class Projector(Actor):
                 # for QUIET_S); while messages keep coming they are gathered for up to LINGER_S
                 # (or LINGER_EVENTS), and at high rates the apply in flight gathers the next batch.
                 # A batch cut at BATCH_BYTES, or someone waiting, is served at once.
-                if not self._waiters and not any(f.full for f in ready):
+                if not self._waiters and not any(lane.full for lane in ready):
                     wait = self._linger(ready)
                     if wait > 0:
                         self._urgent.clear()
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._urgent.wait(), wait)
                         continue
+                # Every event but output first (the other lane: small, and what `corral ps` waits
+                # for); the output lanes (the core log's, the output stream's) take turns.
+                first = [lane for lane in ready if lane.key == OTHER_LANE]
                 turn += 1
-                feed = ready[turn % len(ready)]  # the streams take turns
-                batch = feed.take()
-                if feed is self.feeds[0]:
-                    self._in_flight = batch
-                applying = asyncio.create_task(self._apply(feed, batch), name="corral-projector-apply")
+                lane = first[0] if first else ready[turn % len(ready)]
+                batch = lane.take()
+                if lane.key is not None:
+                    others = [other for other in lane.feed.lanes if other is not lane]
+                    # the other lane holds nothing: it is complete as far as this one was read
+                    idle = all(not other.ready and not other.in_flight for other in others)
+                    batch.idle_through = lane.feed.expected - 1 if idle else 0
+                lane.in_flight = True
+                applying = asyncio.create_task(self._apply(lane, batch), name="corral-projector-apply")
                 self._last_apply = time.monotonic()
         finally:
             for task in list(self._tasks):
@@ -470,12 +581,15 @@ class Projector(Actor):
             if applying is not None:
                 with contextlib.suppress(BaseException):
                     await applying  # a batch in DuckDB's hands finishes (its thread cannot be stopped)
+            for feed in self.feeds:
+                for lane in feed.lanes:
+                    lane.clear()  # spilled batches' files
             if self._intake is not None:
                 with contextlib.suppress(Exception):
                     await self._intake.close()
 
     @staticmethod
-    def _linger(ready: list[_Feed]) -> float:
+    def _linger(ready: list[_Lane]) -> float:
         """How long to gather more before applying what the feeds hold (0: apply now)."""
         if sum(len(f.gathering.items) for f in ready) >= LINGER_EVENTS:
             return 0.0
@@ -484,15 +598,27 @@ class Projector(Actor):
         oldest = min(f.first_at for f in ready) + LINGER_S - now
         return min(quiet, oldest)
 
-    async def _apply(self, feed: _Feed, batch: Gathered) -> None:
+    async def _apply(self, lane: _Lane, batch: Gathered | Prepared) -> None:
         try:
             async with self._lock:
-                applier = feed.applier
+                applier = lane.feed.applier
                 assert applier is not None
-                await asyncio.to_thread(applier.apply_gathered, batch)
+
+                def apply() -> None:
+                    assert applier is not None
+                    prepared = batch.prepare(applier.batch_file) if isinstance(batch, Gathered) else batch
+                    prepared.lane = lane.key
+                    prepared.idle_through = batch.idle_through
+                    applier.apply_prepared(prepared)
+
+                await asyncio.to_thread(apply)
+        except BaseException:
+            lane.feed.lost = True  # not applied: what the lanes hold is not to be counted as applied
+            raise
         finally:
-            if self._in_flight is batch:
-                self._in_flight = None
+            lane.in_flight = False
+            if isinstance(batch, Prepared):
+                _unlink_spilled(batch)
             self._arrived.set()
         async with self.position_changed:
             self.position_changed.notify_all()
@@ -551,16 +677,16 @@ class Projector(Actor):
         """Wait until core events up to `seq` (and output chunks up to `output_seq`) are applied.
 
         `output_grace_s` (a listing such as `corral ps`, issue 20 §5): after that long, output
-        and heartbeats still to apply no longer hold the answer: it is given once every other
-        event up to `seq` is applied (the rest has reached this projector and is only output)."""
+        still to apply no longer holds the answer: it is given once every other event up to
+        `seq` is applied (the other lane, which never waits behind a flood's output)."""
         started = time.monotonic()
         deadline = started + timeout_s
         self._waiters += 1
         self._urgent.set()
 
-        async def behind() -> bool:
+        def behind() -> bool:
             if output_grace_s is not None and time.monotonic() - started >= output_grace_s:
-                return self.position < seq and not await self._only_output_until(seq)
+                return self.others_position < seq
             if self.position < seq:
                 return True
             out = self.output_position
@@ -568,67 +694,17 @@ class Projector(Actor):
 
         try:
             async with self.position_changed:
-                while await behind():
+                while behind():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return False
-                    if output_grace_s is not None:  # looked at again after the grace, and then now and then
-                        remaining = min(remaining, max(started + output_grace_s - time.monotonic(), 0.2))
+                    if output_grace_s is not None:  # looked at again after the grace
+                        remaining = min(remaining, max(started + output_grace_s - time.monotonic(), 0.05))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.position_changed.wait(), remaining)
             return True
         finally:
             self._waiters -= 1
-
-    async def _only_output_until(self, seq: int) -> bool:
-        """Whether every core event above the applied position up to `seq` is output or a
-        heartbeat: those this projector holds (being applied, or gathered) are looked at, and the
-        stream is asked about the rest (a flood gathers at most MAX_GATHER_BYTES)."""
-        feed = self.feeds[0]
-        if feed.lost:
-            return False
-        batches = [*([self._in_flight] if self._in_flight is not None else []), *feed.full, feed.gathering]
-        for batch in batches:
-            for item_seq, subject, _ in batch.items:
-                if item_seq > seq:
-                    return True
-                if not subject.endswith(_QUIET_KINDS):
-                    return False
-        start = feed.expected
-        if start > seq:
-            return True
-        return await self._others_between(start, seq) == 0
-
-    async def _others_between(self, start: int, end: int) -> int | None:
-        """How many events from `start` through `end` are neither output nor heartbeats (an upper
-        bound; None if the stream could not tell): the pending counts of two ephemeral consumers
-        filtered on every other event type, the one after `end` asked first (so that events
-        stored meanwhile count only for the other)."""
-        pending = []
-        for first in (end + 1, start):
-            info = None
-            try:
-                info = await self.bus.js.add_consumer(
-                    STREAM,
-                    ConsumerConfig(
-                        filter_subjects=_OTHER_SUBJECTS,
-                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                        opt_start_seq=first,
-                        ack_policy=AckPolicy.NONE,
-                        inactive_threshold=5.0,
-                        mem_storage=True,
-                        num_replicas=1,
-                    ),
-                )
-                pending.append(int(info.num_pending or 0))
-            except Exception as exc:
-                log.debug("projector: the stream was not asked about events after %s: %r", first, exc)
-                return None
-            finally:
-                if info is not None:
-                    with contextlib.suppress(Exception):
-                        await self.bus.js.delete_consumer(STREAM, info.name)
-        return max(pending[1] - pending[0], 0)
 
     async def output_last_sequence(self) -> int | None:
         """The output stream's last sequence, when this projector reads it (for `corral sql`)."""

@@ -192,7 +192,8 @@ async def rebuild_database(bus: Bus, projector: Projector, *, report: Report, fo
             if projector.output_position is not None:
                 applied += await _copy_output(client, bus, new, until=projector.output_position)
             async with projector.paused():
-                applied += await _copy_log(client, bus, new, until=projector.position, report=report)
+                # up to the higher of the live lanes (the live projector then reads the rest again)
+                applied += await _copy_log(client, bus, new, until=projector.applied_upto, report=report)
                 if projector.output_position is not None:
                     applied += await _copy_output(client, bus, new, until=projector.output_position)
                 await asyncio.to_thread(new.worker.release, REBUILD)  # checkpointed and closed

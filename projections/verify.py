@@ -74,15 +74,19 @@ def _reject(con: duckdb.DuckDBPyConnection, reasons: list[tuple[int, str]]) -> N
     con.execute("DROP TABLE _screened")
 
 
-def screen_batch(con: duckdb.DuckDBPyConnection, before: int, *, underived: int | None = None) -> set[int]:
+def screen_batch(
+    con: duckdb.DuckDBPyConnection, before: int, *, underived: int | None = None, only: str = "", claims: bool = True
+) -> set[int]:
     """Duplicates and forged authority among the events above `before`; returns their sequences.
 
-    `underived`: the position from which the derived tables (approvals) are not filled yet."""
+    `underived`: the position from which the derived tables (approvals) are not filled yet.
+    `only`: a condition on the rows above `before` that are the batch's (a lane's, projections.batch);
+    `claims=False`: the batch holds no event type that needs a role's authority (the output lane)."""
     since = before if underived is None else min(underived, before)
     reasons: dict[int, str] = {}
     summary = con.execute(
         "SELECT count(*), count(id), count(DISTINCT id), min(id), max(id), "
-        "count(*) FILTER (WHERE id IS NULL OR execution_id IS NULL OR ts IS NULL) FROM events WHERE seq > ?",
+        "count(*) FILTER (WHERE id IS NULL OR execution_id IS NULL OR ts IS NULL) FROM events WHERE seq > ?" + only,
         [before],
     ).fetchone()
     if summary is None or not summary[0]:
@@ -90,34 +94,39 @@ def screen_batch(con: duckdb.DuckDBPyConnection, before: int, *, underived: int 
     _, rows, distinct, low, high, broken = summary
     if broken:  # JSON that is no envelope (a JetStream answer sent to a `corral.evt.…` reply subject)
         for (seq,) in con.execute(
-            "SELECT seq FROM events WHERE seq > ? AND (id IS NULL OR execution_id IS NULL OR ts IS NULL)", [before]
+            "SELECT seq FROM events WHERE seq > ? AND (id IS NULL OR execution_id IS NULL OR ts IS NULL)" + only,
+            [before],
         ).fetchall():
             reasons[seq] = NOT_AN_ENVELOPE
     if distinct < rows:  # repeats within the batch: all but the first of each id
         for seq, event_id, first in con.execute(
-            """SELECT seq, id, first FROM (
-                   SELECT seq, id, min(seq) OVER (PARTITION BY id) AS first FROM events WHERE seq > ?)
+            f"""SELECT seq, id, first FROM (
+                   SELECT seq, id, min(seq) OVER (PARTITION BY id) AS first FROM events WHERE seq > ?{only})
                WHERE seq > first""",
             [before],
         ).fetchall():
             reasons[seq] = f"duplicate: event id {event_id} was applied at seq {first}"
     # Ids applied before: the batch's id range bounds the older rows looked at (row-group statistics).
     for seq, event_id, first in con.execute(
-        """SELECT b.seq, b.id, o.seq FROM (SELECT seq, id FROM events WHERE seq > $1) b
+        f"""SELECT b.seq, b.id, o.seq FROM (SELECT seq, id FROM events WHERE seq > $1{only}) b
            JOIN (SELECT min(seq) AS seq, id FROM events
                  WHERE seq <= $1 AND id BETWEEN $2 AND $3 GROUP BY id) o USING (id)""",
         [before, low, high],
     ).fetchall():
         reasons.setdefault(seq, f"duplicate: event id {event_id} was applied at seq {first}")
+    if not claims:
+        _reject(con, sorted(reasons.items()))
+        return set(reasons)
     kinds = ", ".join(f"'{k}'" for k in AUTHORITY)
-    claims = con.execute(
-        f"SELECT seq, type, actor, data->>'approval_id' FROM events WHERE seq > ? AND type IN ({kinds})", [before]
+    found_claims = con.execute(
+        f"SELECT seq, type, actor, data->>'approval_id' FROM events WHERE seq > ? AND type IN ({kinds}){only}",
+        [before],
     ).fetchall()
-    for seq, kind, actor, _ in claims:
+    for seq, kind, actor, _ in found_claims:
         roles = AUTHORITY[kind]
         if not any(actor == role or str(actor).startswith(role + "-") for role in roles):
             reasons.setdefault(seq, f"actor {actor!r} may not record {kind} (only {', '.join(roles)})")
-    decisions = [(seq, approval_id) for seq, kind, _, approval_id in claims if kind in DECISIONS]
+    decisions = [(seq, approval_id) for seq, kind, _, approval_id in found_claims if kind in DECISIONS]
     if decisions:
         decided = ", ".join(f"'{k}'" for k in DECISIONS)
         for seq, approval_id in con.execute(

@@ -43,7 +43,7 @@ from typing import IO, Any
 
 import duckdb
 
-from projections.batch import Gathered, Prepared
+from projections.batch import LANES, Gathered, Prepared, lane_row
 from projections.errors import DatabaseLocked, ProjectionError, QueryError, QueryRefused, QueryTimeout
 from projections.query import (
     INTERRUPT_EVERY_S,
@@ -307,14 +307,30 @@ class RemoteApplier:
         self.stream = stream
         self.name = name  # which of the worker's files
         self.position = worker.positions[stream] if position is None else position
+        # the core log's lanes (projections/projector.py), each complete up to its own sequence
+        known = worker.positions if position is None else {}
+        self.lanes = {lane: known.get(lane_row(stream, lane), self.position) for lane in LANES}
         self.recount_output = False
         self._file = worker.tmp_dir / f"projector-{os.getpid()}-{id(self)}-{stream}.ndjson"
+
+    @property
+    def batch_file(self) -> Path:
+        """Where a batch's NDJSON lines are written for the worker (one batch at a time)."""
+        return self._file
+
+    def lane_position(self, lane: str | None) -> int:
+        return self.position if lane is None else self.lanes[lane]
 
     def apply_gathered(self, gathered: Gathered, *, derive: bool = True) -> int:
         if not gathered.items or gathered.last_seq <= self.position:
             return 0
-        batch = gathered.prepare(self._file)
-        request = (
+        return self.apply_prepared(gathered.prepare(self._file), derive=derive)
+
+    def apply_prepared(self, batch: Prepared, *, derive: bool = True) -> int:
+        """Apply a batch whose NDJSON file is written (in the worker's batch directory)."""
+        if batch.last_seq <= self.lane_position(batch.lane):
+            return 0
+        request: tuple[Any, ...] = (
             "apply",
             self.name,
             self.stream,
@@ -326,7 +342,11 @@ class RemoteApplier:
             derive,
             self.recount_output,
         )
-        applied, self.position = self.worker.call(request, items=batch.items)
+        if batch.lane is not None:
+            request += ((batch.lane, batch.through, batch.idle_through),)
+        applied, self.position, lanes = self.worker.call(request, items=batch.items)
+        if lanes:
+            self.lanes = lanes
         return applied  # type: ignore[no-any-return]
 
     def derive(self) -> None:
@@ -448,10 +468,22 @@ class _Live:
     def query(
         self, sql: str, max_rows: int, max_bytes: int, timeout_s: float | None, export: bool | str = False
     ) -> dict[str, Any]:
-        try:
-            return self._query(sql, max_rows, max_bytes, timeout_s, export)
-        except QueryTimeout:
-            raise QueryTimeout(timeout_message(timeout_s)) from None
+        for attempt in range(QUERY_OOM_RETRIES + 1):
+            try:
+                return self._query(sql, max_rows, max_bytes, timeout_s, export)
+            except QueryTimeout:
+                raise QueryTimeout(timeout_message(timeout_s)) from None
+            except QueryError as exc:
+                # out of [projector] memory_limit while an apply (a flood's output) held most of it:
+                # a moment later it has let go (`corral ps` during floods, issue 20)
+                if (
+                    type(exc) is not QueryError
+                    or not str(exc).startswith("Out of Memory")
+                    or attempt == QUERY_OOM_RETRIES
+                ):
+                    raise
+                time.sleep(QUERY_OOM_PAUSE_S * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _query(
         self, sql: str, max_rows: int, max_bytes: int, timeout_s: float | None, export: bool | str
@@ -524,6 +556,8 @@ def _serve_queries(inp: IO[bytes], out: IO[bytes], live: _Live) -> None:
         jobs.put(tuple(request[1:]))  # (id, sql, max_rows, max_bytes, timeout_s, export)
 
 
+QUERY_OOM_RETRIES = 5  # a query that ran out of memory_limit beside an apply is run again
+QUERY_OOM_PAUSE_S = 0.05
 OOM_RETRIES = 3  # an apply that ran out of [projector] memory_limit (queries beside it) is tried again
 OOM_PAUSE_S = 0.5
 
@@ -540,6 +574,15 @@ def _apply_retrying(applier: Any, batch: Prepared, derive: bool) -> int:
             log.warning("an apply ran out of memory ([projector] memory_limit); again in %gs: %s", OOM_PAUSE_S, exc)
             time.sleep(OOM_PAUSE_S * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _positions(database: _Database) -> dict[str, int]:
+    """Each stream's applied position, and each lane's of the core log (`CORRAL/other`, ...)."""
+    positions = {stream: a.position for stream, a in database.appliers.items()}
+    for stream, applier in database.appliers.items():
+        for lane, seq in getattr(applier, "lanes", {}).items():
+            positions[lane_row(stream, lane)] = seq
+    return positions
 
 
 def _serve(inp: IO[bytes], out: IO[bytes], live: _Live | None = None) -> None:
@@ -559,9 +602,9 @@ def _serve(inp: IO[bytes], out: IO[bytes], live: _Live | None = None) -> None:
                 database = databases[name] = _Database(Path(path), Path(tmp_dir), rest[0] if rest else None)
                 if name == LIVE:
                     live.give(database)
-                reply: tuple[str, Any] = ("ok", {stream: a.position for stream, a in database.appliers.items()})
+                reply: tuple[str, Any] = ("ok", _positions(database))
             elif op == "apply":
-                _, name, stream, file, first, last, count, lifecycle, derive, recount = request
+                _, name, stream, file, first, last, count, lifecycle, derive, recount, *lanes = request
                 applier = databases[name].appliers[stream]
                 if hasattr(applier, "recount_output"):
                     applier.recount_output = recount
@@ -571,8 +614,10 @@ def _serve(inp: IO[bytes], out: IO[bytes], live: _Live | None = None) -> None:
                     return _read(inp) or []
 
                 batch = Prepared(Path(file), first, last, count, lifecycle, items)
+                if lanes:  # a lane of the core log (projections/projector.py): which, and how far
+                    batch.lane, batch.through, batch.idle_through = lanes[0]
                 applied = _apply_retrying(applier, batch, derive)
-                reply = ("ok", (applied, applier.position))
+                reply = ("ok", (applied, applier.position, dict(getattr(applier, "lanes", {}))))
             elif op == "derive":
                 databases[request[1]].appliers[request[2]].derive()
                 reply = ("ok", None)

@@ -105,7 +105,7 @@ def _alive(pid: int) -> bool:
 def _position(path: Path) -> int:
     con = duckdb.connect(str(path), read_only=True)
     try:
-        row = con.execute("SELECT seq FROM projector_position").fetchone()
+        row = con.execute("SELECT seq FROM projector_position WHERE stream = 'CORRAL'").fetchone()
         return int(row[0]) if row else 0
     finally:
         con.close()

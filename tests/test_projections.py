@@ -5,11 +5,13 @@ import json
 import sys
 from pathlib import Path
 
+import duckdb
 import pytest
 from nats.js.errors import APIError
 
 from actors.bus import Bus
 from events.subjects import STREAM
+from projections.batch import Gathered
 from projections.tables import TABLES
 from tests.conftest import Cli, agent_command
 
@@ -93,29 +95,96 @@ async def test_bulk_reader_reads_every_event_once_in_order(bus: Bus) -> None:
 
 
 async def test_a_listing_waits_for_every_event_but_output(bus: Bus, tmp_path: Path) -> None:
-    """`corral ps` during a flood (wait_for_position with output_grace_s): after the grace, output
-    and heartbeats not applied yet no longer hold the answer, every other event still does; the
-    stream tells which are which beyond what the projector holds."""
+    """`corral ps` during a flood (wait_for_position with output_grace_s): the core log is applied
+    in two lanes, output and every other event; a listing waits for the other lane only, which
+    never queues behind output. Each lane restarts from its own position (none applied twice),
+    and the tables end as a single-lane projection's (issue 20)."""
     from events.envelope import new_event
     from events.ids import new_execution_id
-    from events.types import ExecutionRequested, Heartbeat, Output
+    from events.subjects import ack_sequence
+    from events.types import ExecutionExited, ExecutionRequested, ExecutionStarted, Heartbeat, Output
+    from projections.batch import OTHER_LANE, OUTPUT_LANE
     from projections.projector import Projector
 
     eid = new_execution_id()
-    seqs = []
+    last = 0
     for data in (
         ExecutionRequested(command=("agent",), repo="/tmp/r"),
+        ExecutionStarted(pid=1, pgid=1, host="h", command=("agent",), cwd="/tmp"),
         Output(stream="stdout", n=0, text="a\n"),
         Heartbeat(),
         Output(stream="stdout", n=1, text="b\n"),
+        ExecutionExited(exit_code=0, duration_s=1.0),
+        Output(stream="stderr", n=2, text="c\n"),
     ):
-        ack = await bus.publisher.publish(new_event(eid, data, actor="test"))
-        seqs.append(int(ack.seq))
-    requested, *quiet = seqs
-    projector = Projector(bus, database=tmp_path / "corral.duckdb", tmp_dir=tmp_path / "t")  # not started
-    assert await projector._others_between(quiet[0], quiet[-1]) == 0
-    assert await projector._others_between(requested, quiet[-1]) >= 1
-    # nothing applied: the request is among what is missing, so the listing waits (and times out)
-    assert not await projector.wait_for_position(quiet[-1], timeout_s=0.5, output_grace_s=0.0)
-    projector.feeds[0].expected = quiet[0]  # as if the request were applied and the rest gathered
-    assert await projector._only_output_until(quiet[-1])
+        actor = "test" if data.TYPE == "execution.requested" else "spawner-test"
+        ack = await bus.publisher.publish(new_event(eid, data, actor=actor))
+        last = int(ack.seq)
+    sub = await bus.js.pull_subscribe("corral.evt.>", durable=None)
+    messages = await sub.fetch(last, timeout=10)
+
+    async def feed_all(projector: Projector) -> None:
+        """Hand the log to the projector's core feed as its consumer would (not started)."""
+        feed = projector.feeds[0]
+        feed.expected = projector.position + 1
+        for msg in messages:
+            feed.on_delivery(ack_sequence(msg.reply), msg.subject.encode(), msg.data)
+
+    lanes = tmp_path / "lanes.duckdb"
+    projector = Projector(bus, database=lanes, tmp_dir=tmp_path / "t")
+    await projector.open_database()
+    try:
+        await feed_all(projector)
+        other, output = projector.feeds[0].lane(OTHER_LANE), projector.feeds[0].lane(OUTPUT_LANE)
+        await projector._apply(other, other.take())  # the other lane first: output waits
+        assert projector.others_position == last and projector.position < last
+        assert not await projector.wait_for_position(last, timeout_s=0.2)
+        assert await projector.wait_for_position(last, timeout_s=5, output_grace_s=0.0)
+        rows = projector.query("SELECT state, exit_code FROM executions", max_rows=10)["rows"]
+        assert rows == [["exited", 0]]
+    finally:
+        await asyncio.to_thread(projector.close_database)
+    # restarted: the other lane's events are not applied again, the output lane's are applied once
+    projector = Projector(bus, database=lanes, tmp_dir=tmp_path / "t")
+    await projector.open_database()
+    try:
+        assert projector.others_position == last and projector.position < last
+        await feed_all(projector)
+        assert not projector.feeds[0].lane(OTHER_LANE).ready
+        output = projector.feeds[0].lane(OUTPUT_LANE)
+        await projector._apply(output, output.take())
+        assert projector.position == last
+    finally:
+        await asyncio.to_thread(projector.close_database)
+    # a single-lane projection of the same log (as a rebuild applies it)
+    single = tmp_path / "single.duckdb"
+    projector = Projector(bus, database=single, tmp_dir=tmp_path / "t2")
+    await projector.open_database()
+    try:
+        assert projector.applier is not None
+        batch = Gathered()
+        for msg in messages:
+            batch.add(ack_sequence(msg.reply), msg.subject.encode(), msg.data)
+        await asyncio.to_thread(projector.applier.apply_gathered, batch)
+    finally:
+        await asyncio.to_thread(projector.close_database)
+    volatile = {"updated_at"}
+    for table in TABLES:
+        found = []
+        for path in (lanes, single):
+            con = duckdb.connect(str(path), read_only=True)
+            try:
+                cursor = con.execute(f"SELECT * FROM {table} ORDER BY ALL")
+                names = [d[0] for d in cursor.description]
+                found.append(
+                    [{k: v for k, v in zip(names, row, strict=True) if k not in volatile} for row in cursor.fetchall()]
+                )
+            finally:
+                con.close()
+        assert found[0] == found[1], table
+    con = duckdb.connect(str(single), read_only=True)
+    try:
+        assert con.execute("SELECT count(*), count(*) FILTER (WHERE type = 'output') FROM events").fetchone() == (7, 3)
+        assert con.execute("SELECT output_chunks FROM executions").fetchone() == (3,)
+    finally:
+        con.close()
