@@ -157,15 +157,15 @@ def _check_name(name: str) -> None:
         raise ValueError(f"bad cgroup name {name!r}")
 
 
-def _join_preexec(procs_files: list[Path]) -> Callable[[], None]:
-    """A `preexec_fn` that moves the child into every group (one cgroup.procs per hierarchy)."""
-    paths = [os.fsencode(p) for p in procs_files]
+def _join_preexec(join_files: list[Path]) -> Callable[[], None]:
+    """A `preexec_fn` that moves the child into every group (one `join_files` entry per hierarchy)."""
+    paths = [os.fsencode(p) for p in join_files]
 
     def join() -> None:
         for path in paths:
             fd = os.open(path, os.O_WRONLY)
             try:
-                os.write(fd, b"0")  # "0" moves the writing process
+                os.write(fd, b"0")  # "0": the writing process (its only thread, in a v1 `tasks` file)
             finally:
                 os.close(fd)
 
@@ -325,9 +325,14 @@ class CgroupLimit(_Group):
         """Move process `pid` (not its threads' later children started before) into the group."""
         (self.path / "cgroup.procs").write_text(f"{int(pid)}\n")
 
+    @property
+    def join_files(self) -> list[Path]:
+        """What a process writes "0" into to join the group (`cgroup.procs`)."""
+        return [self.path / "cgroup.procs"]
+
     def join_preexec(self) -> Callable[[], None]:
         """A `preexec_fn` that moves the child into the group before exec."""
-        return _join_preexec([self.path / "cgroup.procs"])
+        return _join_preexec(self.join_files)
 
     def pids(self) -> list[int]:
         return _read_pids(self.path / "cgroup.procs")
@@ -529,9 +534,21 @@ class CgroupV1Limit(_Group):
         for path in self.paths:
             (path / "cgroup.procs").write_text(f"{int(pid)}\n")
 
+    @property
+    def join_files(self) -> list[Path]:
+        """What a single-threaded process writes "0" into to join every group: each hierarchy's `tasks`.
+
+        Not `cgroup.procs`: moving a whole thread group write-locks the kernel's
+        cgroup_threadgroup_rwsem, which waits for an RCU grace period (5-15 ms here, under load
+        more); moving only the writing thread itself ("0" into `tasks`) skips that lock. For a
+        single-threaded process (the `sh` that execs the agent, a child between fork and exec)
+        its one thread is the whole process, and whatever it execs and forks is born in the groups.
+        """
+        return [path / "tasks" for path in self.paths]
+
     def join_preexec(self) -> Callable[[], None]:
-        """A `preexec_fn` that moves the child into every group before exec."""
-        return _join_preexec([path / "cgroup.procs" for path in self.paths])
+        """A `preexec_fn` that moves the (single-threaded) child into every group before exec."""
+        return _join_preexec(self.join_files)
 
     def pids(self) -> list[int]:
         return _read_pids(self.dirs["freezer"] / "cgroup.procs")

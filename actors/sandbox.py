@@ -195,9 +195,10 @@ def wrap(
     """`command` as the spec's sandbox runs it: bwrap's argv around it, or the command itself when off.
 
     `extra`: more bwrap options (network = "allow": its --info-fd and --block-fd, actors/netallow.py).
-    `join`: `cgroup.procs` files the process writes its pid into before anything runs (the
-    execution's cgroups): done by the `sh` that execs bwrap, so the shim needs no `preexec_fn`
-    (which makes Python fork instead of vfork: ~15 ms a spawn here, bench/spawn.py)."""
+    `join`: the files the process writes "0" into before anything runs, to join the execution's
+    cgroups (actors/limits.py `join_files`: v1 `tasks`, v2 `cgroup.procs`): done by the `sh` that
+    execs bwrap (single-threaded: its one thread is the whole process), so the shim needs no
+    `preexec_fn` (which makes Python fork instead of vfork: ~15 ms a spawn here, bench/spawn.py)."""
     sandbox = spec.get("sandbox") or {}
     joins = "".join(f"{_join_line(path)}; " for path in join)
     if sandbox.get("mode") != "bwrap":
@@ -216,10 +217,10 @@ JOIN_FAILED = 126  # the exit status of an agent start that could not join its c
 
 
 def _join_line(path: str) -> str:
-    """sh: move this process into the group of a cgroup.procs file, or stop before anything runs."""
+    """sh: move this process into the group of a join file, or stop before anything runs."""
     where = shlex.quote(path)
     message = shlex.quote(f"corral: cannot join the execution's cgroup ({path})")
-    return f"{{ echo $$ > {where}; }} 2>/dev/null || {{ echo {message} >&2; exit {JOIN_FAILED}; }}"
+    return f"{{ echo 0 > {where}; }} 2>/dev/null || {{ echo {message} >&2; exit {JOIN_FAILED}; }}"
 
 
 _GRACEFUL = "TERM INT HUP"

@@ -473,7 +473,7 @@ class Shim:
         return make_preexec(memory, cpus)
 
     def _agent_join(self, preexec: Any) -> tuple[Any, list[str]]:
-        """(preexec_fn, cgroup.procs files) for the agent's start: a cgroup alone is joined by the `sh`
+        """(preexec_fn, the groups' join files) for the agent's start: a cgroup alone is joined by the `sh`
         that starts it (sandbox.wrap `join`), not by a preexec_fn, which makes Python fork instead of
         vfork (bench/spawn.py). A shadow workspace's preexec_fn (it joins too) and per-process
         limits stay; so does a command not found on PATH (its start fails as before, execution.failed)."""
@@ -486,7 +486,7 @@ class Shim:
             or shutil.which(program, path=(spec.get("env") or {}).get("PATH")) is None
         ):
             return preexec, []
-        return None, [str(path / "cgroup.procs") for path in self.cgroup.paths]
+        return None, [str(path) for path in self.cgroup.join_files]
 
     def _check_group(self) -> None:
         """Record the limits the kernel enforced since the last check: OOM kills, refused forks."""

@@ -330,3 +330,48 @@ def test_pause_freezes_a_forking_tree_whole(cli: Cli, repo: Path, tmp_path: Path
     cancelled = json.loads(cli("cancel", execution_id, "--grace", "0", "--json", check=True).stdout)
     assert cancelled["data"]["reason"] == "cancelled"
     assert_nothing_left(execution_id)
+
+
+IN_GROUPS = """
+import sys, time
+print("self", open("/proc/self/cgroup").read().replace("\\n", " "), flush=True)
+if sys.argv[1] == "auto":  # the sandbox's own first process (its pid 1), which forked this one
+    print("init", open("/proc/1/cgroup").read().replace("\\n", " "), flush=True)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def in_execution_groups(cgroup_lines: str, execution_id: str) -> bool:
+    """Whether /proc/PID/cgroup text puts a process in the execution's group in every hierarchy it needs."""
+    wanted = {"memory", "cpu", "pids", "freezer"} if v1() else {""}
+    found = set()
+    for line in cgroup_lines.split():
+        _, controllers, relative = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            if controller in wanted and relative.rstrip("/").endswith(f"/corral-{execution_id}"):
+                found.add(controller)
+    return found == wanted
+
+
+@pytest.mark.parametrize("sandbox", ["auto", "off"])
+def test_every_process_of_the_agent_is_in_its_groups_from_its_start(
+    sandbox: str, cli: Cli, repo: Path, tmp_path: Path, up: object
+) -> None:
+    """The agent's process runs its first line already in the execution's groups, and so do the
+    sandbox's processes around it (bwrap's monitor outside, its init inside): the `sh` that starts
+    them joins first (its one thread, through the v1 `tasks` files: actors/limits.py `join_files`)."""
+    execution_id = detach(cli, repo, "--sandbox", sandbox, *script(tmp_path, "groups.py", IN_GROUPS, sandbox))
+    running = wait_state(cli, execution_id, "running")
+    text = str(wait_until(lambda: (t := cli("logs", execution_id).stdout) and "ready" in t and t, 60, "its groups"))
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in text.splitlines() if " " in line}
+    assert in_execution_groups(lines["self"], execution_id), text
+    if sandbox == "auto":
+        assert in_execution_groups(lines["init"], execution_id), text
+    members = [running["pid"], *marked(execution_id)]  # bwrap's monitor (or the agent) and the rest
+    assert len(members) > 1
+    for pid in members:
+        assert in_execution_groups(Path(f"/proc/{pid}/cgroup").read_text(), execution_id), pid
+    cli("cancel", execution_id, "--grace", "0", check=True)
+    wait_state(cli, execution_id, "exited", "cancelled")
+    assert_nothing_left(execution_id)
