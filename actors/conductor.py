@@ -209,6 +209,19 @@ class Breaker:
 
 
 @dataclass
+class Facts:
+    """What a stage's end is judged from, read in one round of direct gets (`Conductor._facts`)."""
+
+    requested: EventData | None
+    retried: EventData | None
+    failed: EventData | None
+    exited: EventData | None
+    result: EventData | None  # the last agent.result
+    output_chunks: int  # output events on the execution's subject
+    workspace: EventData | None
+
+
+@dataclass
 class Step:
     started: StageStarted
     started_seq: int
@@ -233,7 +246,11 @@ class RunState:
     last_finished_seq: int = 0
     recheck_in: float | None = None  # waiting for the watchdog's decision on the running step's failure
     read_seq: int = 0  # the last stored sequence of the run's subjects read from the stream
+    # a passed stage's stage.finished sent and folded, its acknowledgement not awaited yet (_sent, _acked)
+    unacked: list["asyncio.Future[Any]"] = field(default_factory=list)
+    prefetched: dict[str, "asyncio.Task[Facts]"] = field(default_factory=dict)  # execution id -> its facts
     own: set[int] = field(default_factory=set)  # sequences past read_seq this conductor appended (folded already)
+    worktree: str | None = None  # the first stage's workspace.created, when read with its end
 
     def stage(self, name: str) -> dict[str, Any] | None:
         assert self.request is not None
@@ -389,7 +406,9 @@ class Conductor(Actor):
             await msg.ack()
             return
         if isinstance(event.data, ExecutionExited | ExecutionFailed):
-            lag = (datetime.now(UTC) - event.ts).total_seconds() * 1000
+            stored_at = msg.metadata.timestamp  # the server's time of storing: the producer's path is not ours
+            stored_at = stored_at.astimezone(UTC) if stored_at.tzinfo else stored_at.replace(tzinfo=UTC)
+            lag = (datetime.now(UTC) - stored_at).total_seconds() * 1000
             _TRIGGER.set((time.monotonic(), lag))
         try:
             if isinstance(event.data, ExecutionCrashLoop):
@@ -405,7 +424,8 @@ class Conductor(Actor):
             else:
                 run_id = await self._run_of(event)
                 if run_id is not None:
-                    recheck = await self.advance(run_id)
+                    hint = event.execution_id if isinstance(event.data, ExecutionExited) else None
+                    recheck = await self.advance(run_id, ended=hint)
                     if recheck is not None:  # no decision of the watchdog on a failed stage yet
                         await msg.nak(delay=recheck)
                         return
@@ -510,12 +530,21 @@ class Conductor(Actor):
         elif isinstance(data, PipelineHeld):
             state.held, state.held_seq = data, seq
 
-    async def advance(self, run_id: str) -> float | None:
+    async def advance(self, run_id: str, *, ended: str | None = None) -> float | None:
         """Take every step the run's events allow now; each append lost to another conductor re-reads.
         Returns in how many seconds to look again when the run waits for something no event may bring
-        (the watchdog's decision on a failed stage)."""
+        (the watchdog's decision on a failed stage). `ended`: an execution whose end triggered this: its
+        facts are read while the run is (the same round trip)."""
+        facts = asyncio.create_task(self._facts(ended)) if ended is not None else None
         async with self._locks.setdefault(run_id, asyncio.Lock()):
-            state = await self.load(run_id)
+            try:
+                state = await self.load(run_id)
+            except BaseException:
+                if facts is not None:
+                    facts.cancel()
+                raise
+            if facts is not None:
+                state.prefetched[ended or ""] = facts
             try:
                 for _ in range(1000):  # each pass appends one event (folded in as it is stored), or returns
                     try:
@@ -523,11 +552,19 @@ class Conductor(Actor):
                             break
                     except WrongLastSequence:
                         self.lost_races += 1  # another conductor took this step: read the run again
+                        await self._acked(state)
                         self._states.pop(run_id, None)
                         state = await self.load(run_id)
+                if await self._acked(state):
+                    self._states.pop(run_id, None)  # another conductor's stage.finished stands: read it whole
             except BaseException:
                 self._states.pop(run_id, None)  # read it whole next time
+                await self._acked(state)
                 raise
+            finally:
+                state.prefetched.clear()
+                if facts is not None and not facts.done():
+                    facts.cancel()
             for done, key, number in self._deferred.pop(run_id, ()):  # passes: their breakers back to 0
                 if not self.breakers_seen.quiet(key):
                     await self._count(done, key, number, failed=False)
@@ -633,9 +670,11 @@ class Conductor(Actor):
                 expected=state.last_finished_seq,
             )
             return True
-        await self._emit(state, started, expected=state.last_started_seq)
+        await self._emit(state, started, expected=state.last_started_seq)  # the claim: refused, nothing is requested
         self.stages_started += 1
         self._runs_of[execution_id] = state.run_id
+        if await self._acked(state):  # the previous stage's end was recorded by another conductor: this
+            self._states.pop(state.run_id, None)  # claim stands all the same; read the run whole next time
         await self._request(execution_id, request)
         trigger = _TRIGGER.get()
         if trigger is not None:  # a stage's end moved the run to this stage: how long that took here
@@ -678,6 +717,8 @@ class Conductor(Actor):
         first = state.steps[0]
         if first.started.worktree:
             return first.started.worktree
+        if state.worktree:
+            return state.worktree
         # a first stage the watchdog retried made its worktree in the attempt that settled it
         made_by = first.finished.execution_id if first.finished is not None else first.started.execution_id
         made = await self._last(made_by, "workspace.created")
@@ -722,13 +763,13 @@ class Conductor(Actor):
     async def _settle(self, state: RunState, step: Step) -> bool:
         """The step's execution ended: record how, and where the run goes. False while it runs."""
         execution_id = step.started.execution_id
-        # One round of reads at once (each a direct get): was it requested, retried, how did it end.
-        requested, retried, failed, exited = await asyncio.gather(
-            self._last(execution_id, "execution.requested"),
-            self._last(execution_id, "execution.retry_scheduled"),
-            self._last(execution_id, "execution.failed"),
-            self._last(execution_id, "execution.exited"),
-        )
+        # One round of reads at once (each a direct get): was it requested, retried, how did it end, its
+        # result; read beside the run's own events when its end is the trigger.
+        prefetched = state.prefetched.pop(execution_id, None)
+        facts = await prefetched if prefetched is not None else await self._facts(execution_id)
+        if not (isinstance(facts.exited, ExecutionExited) and facts.exited.exit_code == 0) and prefetched is not None:
+            facts = await self._facts(execution_id)  # (a failure: the watchdog's decision may have come since)
+        requested, retried, failed, exited = facts.requested, facts.retried, facts.failed, facts.exited
         if requested is None:
             # The conductor that claimed the step died before requesting it: request it now.
             spec = state.stage(step.started.stage)
@@ -747,9 +788,8 @@ class Conductor(Actor):
             execution_id = chain[-1]  # the watchdog's last retry of it: the stage's outcome is that one's
             if await self._last(execution_id, "execution.requested") is None:
                 return False  # the retry is requested after its backoff (its end is a trigger)
-            failed, exited = await asyncio.gather(
-                self._last(execution_id, "execution.failed"), self._last(execution_id, "execution.exited")
-            )
+            facts = await self._facts(execution_id)
+            failed, exited = facts.failed, facts.exited
         if not isinstance(failed, ExecutionFailed) and not isinstance(exited, ExecutionExited):
             return False
         if isinstance(failed, ExecutionFailed) or (isinstance(exited, ExecutionExited) and exited.exit_code != 0):
@@ -758,7 +798,9 @@ class Conductor(Actor):
                 state.recheck_in = wait
                 return False
         spec = state.stage(step.started.stage) or {}
-        result, found = await self._result(execution_id)
+        if step.started.step == 1 and not step.started.worktree and isinstance(facts.workspace, WorkspaceCreated):
+            state.worktree = facts.workspace.path  # the run's worktree, made by its first stage
+        result, found = await self._result(execution_id, facts)
         verdict = verdict_of(found) if found else None
         exit_code = exited.exit_code if isinstance(exited, ExecutionExited) else None
         error = f"{failed.stage}: {failed.error}"[:500] if isinstance(failed, ExecutionFailed) else None
@@ -768,7 +810,9 @@ class Conductor(Actor):
             outcome = "changes_requested"
         following = self._following(state, spec, outcome)
         comments = verdict.get("comments") if verdict else None
-        await self._emit(
+        # A pass is sent without waiting for its acknowledgement: the next stage's stage.started goes out
+        # behind it (a claim of its own), and both are acknowledged before the next execution is requested.
+        await (self._send if outcome == "passed" else self._emit)(
             state,
             StageFinished(
                 stage=step.started.stage,
@@ -807,13 +851,13 @@ class Conductor(Actor):
         at = names.index(str(spec.get("name"))) if spec.get("name") in names else len(names) - 1
         return names[at + 1] if at + 1 < len(names) else END_DONE
 
-    async def _result(self, execution_id: str) -> tuple[str, str]:
+    async def _result(self, execution_id: str, facts: Facts | None = None) -> tuple[str, str]:
         """(the stage's result, the text a verdict is looked for in): the agent's final result when it
         gave one, else its output (stdout for the verdict; both streams, in order, for the result).
 
         Direct gets when that is a few reads (a final result; a command's few output chunks): a
         consumer made and read for each stage's end was most of exit -> stage.finished."""
-        quick = await self._quick_result(execution_id)
+        quick = await self._quick_result(execution_id, facts)
         if quick is not None:
             return quick
         final: list[str] = []
@@ -847,20 +891,17 @@ class Conductor(Actor):
             return final[-1], final[-1]
         return "".join(output), "".join(stdout)
 
-    async def _quick_result(self, execution_id: str) -> tuple[str, str] | None:
+    async def _quick_result(self, execution_id: str, facts: Facts | None = None) -> tuple[str, str] | None:
         """_result from direct gets: the last `agent.result` with text, else up to QUICK_CHUNKS output
         chunks read one by one; None when there are more (the caller reads them with a consumer)."""
         subject = event_subject(execution_id, "output")
-        last, retained, info = await asyncio.gather(
-            self._last(execution_id, "agent.result"),
-            self._output_retained(),
-            self.bus.js.stream_info(STREAM, subjects_filter=subject),
-        )
+        if facts is None:
+            facts = await self._facts(execution_id)
+        last, count = facts.result, facts.output_chunks
         if isinstance(last, AgentResult) and last.text:
             return last.text, last.text
-        if isinstance(last, AgentResult) or retained:
+        if isinstance(last, AgentResult) or await self._output_retained():
             return None  # (log retention: output is in CORRAL_OUTPUT, which `follow` reads)
-        count = (info.state.subjects or {}).get(subject, 0)
         if count > QUICK_CHUNKS:
             return None
         output: list[str] = []
@@ -872,6 +913,54 @@ class Conductor(Actor):
                 if data.stream == "stdout":
                     stdout.append(data.text)
         return "".join(output), "".join(stdout)
+
+    async def _facts(self, execution_id: str) -> Facts:
+        """An execution's end, its result and its worktree: seven direct gets at once (one round trip)."""
+        subject = event_subject(execution_id, "output")
+        kinds = (
+            "execution.requested",
+            "execution.retry_scheduled",
+            "execution.failed",
+            "execution.exited",
+            "agent.result",
+            "workspace.created",
+        )
+        *found, info = await asyncio.gather(
+            *(self._last(execution_id, kind) for kind in kinds),
+            self.bus.js.stream_info(STREAM, subjects_filter=subject),
+        )
+        requested, retried, failed, exited, result, workspace = found
+        chunks = (info.state.subjects or {}).get(subject, 0)  # type: ignore[union-attr]
+        return Facts(requested, retried, failed, exited, result, chunks, workspace)  # type: ignore[arg-type]
+
+    async def _send(self, state: RunState, data: EventData, *, expected: int) -> None:
+        """As _emit, but its acknowledgement is awaited later (_acked): folded in now, with the sequence
+        it is stored at filled in when acknowledged. For a pass's stage.finished only."""
+        event = self.bus.event(state.run_id, data, actor=self.instance, causation_id=state.request_id)
+        future = await self.bus.publisher.send(
+            event.subject, event.to_bytes(), msg_id=event.id, expected_last_subject_seq=expected
+        )
+        self._fold(state, state.last_finished_seq, event)
+        state.unacked.append(future)
+
+    async def _acked(self, state: RunState) -> bool:
+        """Wait for what _send sent; True when one was refused (another conductor recorded that end)."""
+        lost = False
+        while state.unacked:
+            future = state.unacked.pop(0)
+            try:
+                ack = await future
+            except WrongLastSequence:
+                self.lost_races += 1
+                lost = True
+                continue
+            except Exception:
+                lost = True
+                continue
+            if ack.seq and ack.seq > state.read_seq:
+                state.own.add(ack.seq)
+                state.last_finished_seq = max(state.last_finished_seq, ack.seq)
+        return lost
 
     async def _output_retained(self) -> bool:
         """Whether output goes to the output stream ([retention] on): once it exists it stays; a miss is
