@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from actors import gitrun
 from actors.errors import WorkspaceError
 
 REF_PREFIX: Final = "refs/corral"
@@ -47,18 +48,14 @@ def checkpoint_ref(execution_id: str, n: int) -> str:
 async def git(
     *args: str, cwd: str | Path, env: dict[str, str] | None = None, check: bool = True
 ) -> tuple[int, str, str]:
-    """Run git; return (returncode, stdout, stderr). With check, a failure raises CheckpointError."""
-    proc = await asyncio.create_subprocess_exec(
-        "git",
-        *args,
-        cwd=str(cwd),
-        env={**os.environ, **env} if env else None,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    """Run git; return (returncode, stdout, stderr). With check, a failure raises CheckpointError.
+
+    It runs in a thread (actors/gitrun.py): forking from the event loop stalled `corral up` while
+    hundreds of exit checkpoints ran beside a burst of spawns."""
+    code, out, err = await gitrun.run(
+        ["git", *args], cwd=cwd, env={**os.environ, **env} if env else None, pool="bookkeeping"
     )
-    out, err = await proc.communicate()
-    code = proc.returncode or 0
+    code = code or 0
     if check and code != 0:
         lines = err.decode(errors="replace").strip().splitlines()
         raise CheckpointError(str(cwd), lines[-1] if lines else f"git {args[0]} failed (exit {code})")

@@ -14,6 +14,7 @@ left in its run directory and publishes what they spooled meanwhile.
 
 import asyncio
 import contextlib
+import heapq
 import os
 import shutil
 import signal
@@ -33,7 +34,7 @@ from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 import actors.sandbox as sandbox
-from actors import diskquota, shadow
+from actors import diskquota, gitrun, shadow
 from actors.breakers import TemplateBreakers
 from actors.bus import Bus
 from actors.errors import WorkspaceError
@@ -43,7 +44,7 @@ from actors.runtime import Actor
 from actors.sessions import carry_session
 from actors.shim import PUBLISHED, SPEC, SPOOL, SpoolWatch, request, socket_address
 from actors.shimfork import ForkedShim, ShimStarter
-from actors.worktree import add_worktree, remove_worktree, repo_root, resolve_commit
+from actors.worktree import add_worktree, locate, remove_worktree, repo_root
 from events.approvals import approval_line, derived_id
 from events.auth import CREDENTIAL_ENV, SERVER_ENV_PREFIX
 from events.envelope import Event, decode_event, envelope_bytes, trusted_payload
@@ -88,6 +89,8 @@ SAVE_OFFSET_EVERY_S = 5.0
 PUMP_GATHER_S = 0.05
 HEADER_ROOM = 1024  # of an event's bytes, left for its NATS headers (Nats-Msg-Id)
 SHIM_CONNECT_S = 10.0
+CLAIMS_AT_ONCE = 64  # claims in flight at once (each an append with an expected sequence)
+SHIM_EXIT_WAIT_S = 5.0
 WATCH_QUIET = b'{"op":"watch","quiet":true}\n'  # the spool is watched with inotify: no byte per append
 WATCH_PLAIN = b'{"op":"watch"}\n'  # a byte per spool append
 
@@ -258,9 +261,9 @@ class Spawner(Actor):
         self.breakers = TemplateBreakers()  # open template breakers hold their plain runs (actors/breakers.py)
         self.handled_requests: deque[str] = deque(maxlen=10000)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._preparing = asyncio.Semaphore(gitrun.WORKERS["spawn"])  # executions making their workspace
         self._wake = asyncio.Event()
         self._subs: list[Any] = []
-        self._repo_locks: dict[str, asyncio.Lock] = {}
         self._tails: dict[str, SpoolTail] = {}  # the spools being published, by execution
         self._dirty: dict[str, SpoolTail] = {}  # those to read in the pump's next pass
         self._pump_wake = asyncio.Event()
@@ -403,12 +406,17 @@ class Spawner(Actor):
             if self.pending.pop(queued.execution_id, None) is not None:  # its breaker's escalation was rejected
                 await self._claim(queued, cancel=CancelRequested(reason=reason, requested_by=self.instance))
         while self.pending and len(self.running) < self.max_running and not self.stopping.is_set():
-            ready = (p for p in self.pending.values() if not self.breakers.holds(p))
-            best = min(ready, key=Pending.order, default=None)
-            if best is None:
+            # The best requests for the free slots, claimed side by side (a claim is a round trip to
+            # the server: one after the other, a burst of 500 waited on 500 of them in a row). A
+            # claim lost to another spawner frees its slot for the next round.
+            free = min(self.max_running - len(self.running), CLAIMS_AT_ONCE)
+            ready = [p for p in self.pending.values() if not self.breakers.holds(p)]
+            best = heapq.nsmallest(free, ready, key=Pending.order)
+            if not best:
                 break  # every queued one is held by an open circuit breaker
-            self.pending.pop(best.execution_id, None)
-            await self._claim(best)
+            for pending in best:
+                self.pending.pop(pending.execution_id, None)
+            await asyncio.gather(*(self._claim(pending) for pending in best))
         if self.pending and not self.stopping.is_set():
             await self._record_queued()
 
@@ -642,38 +650,40 @@ class Spawner(Actor):
         if run.stop_reason is not None:  # cancelled (a spawn timeout, a user) before anything was made
             await self._emit(run, self._unstarted_exit(run), run.stop_cause)
             return
-        try:  # refused before anything is made when it asks for a sandbox this host cannot make
-            confinement = await asyncio.to_thread(self._sandbox, request)
-        except sandbox.SandboxUnavailable as exc:
-            await self._emit(run, ExecutionFailed(stage="spawn", error=str(exc)))
-            return
-        if request.workspace == "shadow" and confinement["mode"] == "off":  # (the client refuses it first)
-            await self._emit(run, ExecutionFailed(stage="spawn", error=shadow.NEEDS_SANDBOX))
-            return
-        try:
-            repo = repo_root(request.repo)
-            if request.worktree:  # a follow-up continues in its parent's worktree and branch
-                path, branch, base_commit = existing_worktree(Path(request.worktree))
-            else:
-                base_commit = resolve_commit(repo, request.base)
-                # git races when worktrees of one repository are added at once (it reads a half-made
-                # one's metadata), so adds are serialized per repository.
-                async with self._repo_locks.setdefault(str(repo), asyncio.Lock()):
+        # A few executions at a time make their workspace, each from start to end (the git steps of
+        # 500 at once, interleaved, made the first agent wait for every worktree of the burst).
+        async with self._preparing:
+            try:  # refused before anything is made when it asks for a sandbox this host cannot make
+                confinement = await gitrun.call(self._sandbox, request)
+            except sandbox.SandboxUnavailable as exc:
+                await self._emit(run, ExecutionFailed(stage="spawn", error=str(exc)))
+                return
+            if request.workspace == "shadow" and confinement["mode"] == "off":  # (the client refuses it first)
+                await self._emit(run, ExecutionFailed(stage="spawn", error=shadow.NEEDS_SANDBOX))
+                return
+            try:  # (git runs in threads, actors/gitrun.py: the loop goes on claiming and publishing)
+                if request.worktree:  # a follow-up continues in its parent's worktree and branch
+                    repo = await gitrun.call(repo_root, request.repo)
+                    path, branch, base_commit = await gitrun.call(existing_worktree, Path(request.worktree))
+                else:
+                    repo, base_commit = await gitrun.call(locate, request.repo, request.base)
+                    # Adds of one repository run side by side; one that raced another is tried again
+                    # (actors/worktree.py).
                     await add_worktree(
                         repo, path, branch=branch, commit=base_commit, disk_bytes=request.limits.disk_bytes
                     )
-        except WorkspaceError as exc:
-            await self._emit(run, ExecutionFailed(stage="workspace", error=str(exc)))
-            return
-        if run.stop_reason is not None and not request.worktree:
-            # Cancelled while its worktree was being made: nothing ran in it, so it goes again.
-            with contextlib.suppress(WorkspaceError):
-                await remove_worktree(repo, path, branch=branch)
-            await self._emit(run, self._unstarted_exit(run), run.stop_cause)
-            return
-        if confinement["mode"] != "off":  # before the validator's baseline of git's files (workspace.created)
-            await asyncio.to_thread(sandbox.prepare_worktree, path)
-        shadow_root = await asyncio.to_thread(shadow.prepare, path) if request.workspace == "shadow" else None
+            except WorkspaceError as exc:
+                await self._emit(run, ExecutionFailed(stage="workspace", error=str(exc)))
+                return
+            if run.stop_reason is not None and not request.worktree:
+                # Cancelled while its worktree was being made: nothing ran in it, so it goes again.
+                with contextlib.suppress(WorkspaceError):
+                    await remove_worktree(repo, path, branch=branch)
+                await self._emit(run, self._unstarted_exit(run), run.stop_cause)
+                return
+            if confinement["mode"] != "off":  # before the validator's baseline of git's files (workspace.created)
+                await gitrun.call(sandbox.prepare_worktree, path)
+            shadow_root = await gitrun.call(shadow.prepare, path) if request.workspace == "shadow" else None
         await self._emit(
             run,
             WorkspaceCreated(
@@ -847,10 +857,11 @@ class Spawner(Actor):
                 await remove_worktree(
                     repo_root(run.request.repo), self.worktrees / run.execution_id, branch=f"corral/{run.execution_id}"
                 )
-        if run.shim is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(run.shim.wait, 5.0)
-        shutil.rmtree(run.run_dir, ignore_errors=True)
+        if run.shim is not None:  # (polled: no thread held per ending shim)
+            deadline = time.monotonic() + SHIM_EXIT_WAIT_S
+            while run.shim.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110 (a pid, no event)
+                await asyncio.sleep(0.02)
+        await gitrun.call(shutil.rmtree, run.run_dir, True, pool="bookkeeping")
 
     # --- the spool pump ------------------------------------------------------------------------
 

@@ -6,27 +6,29 @@ A worktree with a disk limit is first made the mount point of its own file syste
 
 import asyncio
 import os
+import random
 import shutil
 import signal
 import subprocess
 from pathlib import Path
+from typing import Final
 
-from actors import diskquota
+from actors import diskquota, gitrun
 from actors.errors import WorkspaceError
 
+# A `git worktree add` reads every other worktree's metadata; one being added at the same moment may
+# be half-written, and git then stops with "failed to read .git/worktrees/NAME/commondir" before it
+# made anything of its own. Adds of one repository run side by side (a burst of spawns would wait
+# ~15-50 ms per add in a queue otherwise), and one that lost this race is tried again.
+RACE_MARK: Final = "fatal: failed to read "  # ... .git/worktrees/NAME/commondir (or gitdir)
+ADD_ATTEMPTS: Final = 8
 
-async def git(*args: str, cwd: str | Path) -> str:
-    """Run git and return its stdout; raise WorkspaceError with git's own message on failure."""
-    proc = await asyncio.create_subprocess_exec(
-        "git",
-        *args,
-        cwd=str(cwd),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
+
+async def git(*args: str, cwd: str | Path, pool: gitrun.Pool = "bookkeeping") -> str:
+    """Run git (in a thread: actors/gitrun.py) and return its stdout; raise WorkspaceError with git's
+    own message on failure."""
+    code, out, err = await gitrun.run(["git", *args], cwd=cwd, pool=pool)
+    if code != 0:
         message = err.decode(errors="replace").strip().splitlines()
         raise WorkspaceError(str(cwd), message[-1] if message else f"git {args[0]} failed")
     return out.decode().strip()
@@ -77,6 +79,25 @@ def resolve_commit(repo: str | Path, ref: str) -> str:
     return result.stdout.strip()
 
 
+def locate(path: str | Path, ref: str) -> tuple[Path, str]:
+    """(the top level of the repository at path, the commit `ref` names there): `repo_root` and
+    `resolve_commit` in one git process (a spawn's first step); on any failure those two are asked
+    in turn, so the error is theirs, word for word."""
+    asked = ["rev-parse", "--is-bare-repository", "--show-toplevel", "--verify", "--quiet", f"{ref}^{{commit}}"]
+    result = subprocess.run(
+        ["git", "-C", str(Path(path).expanduser()), *asked],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    _raise_if_interrupted(result.returncode)
+    lines = result.stdout.splitlines()
+    if result.returncode == 0 and len(lines) == 3 and lines[0] == "false":
+        return Path(lines[1].strip()).resolve(), lines[2].strip()
+    root = repo_root(path)
+    return root, resolve_commit(root, ref)
+
+
 async def add_worktree(repo: Path, path: Path, *, branch: str, commit: str, disk_bytes: int | None = None) -> None:
     """Create a worktree at path on a new branch starting at commit.
 
@@ -89,7 +110,7 @@ async def add_worktree(repo: Path, path: Path, *, branch: str, commit: str, disk
         assert disk_bytes is not None
         await asyncio.to_thread(diskquota.create, path, disk_bytes)
     try:
-        await git("worktree", "add", "--quiet", "-b", branch, str(path), commit, cwd=repo)
+        await _add(repo, path, branch, commit)
     except WorkspaceError as exc:
         if quota:
             await asyncio.to_thread(diskquota.release, path)
@@ -98,6 +119,29 @@ async def add_worktree(repo: Path, path: Path, *, branch: str, commit: str, disk
                     exc.repo, f"the checkout does not fit in the disk limit ({disk_bytes} bytes): raise --disk"
                 ) from None
         raise
+
+
+async def _add(repo: Path, path: Path, branch: str, commit: str) -> None:
+    """`git worktree add -b BRANCH PATH COMMIT`, tried again when it lost the race with another add
+    (see RACE_MARK). The branch is this execution's own (its name holds the execution id, claimed
+    once): when the lost attempt had made it already, the next one checks it out as it is."""
+    args = ["worktree", "add", "--quiet", "-b", branch, str(path), commit]
+    for attempt in range(ADD_ATTEMPTS):
+        try:
+            await git(*args, cwd=repo, pool="spawn")
+            return
+        except WorkspaceError as exc:
+            lost = exc.reason.startswith(RACE_MARK) and "worktrees/" in exc.reason
+            if not lost or attempt == ADD_ATTEMPTS - 1:
+                raise
+        await asyncio.sleep(random.uniform(0.005, 0.03) * (attempt + 1))
+        made = await gitrun.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"], cwd=repo, pool="spawn"
+        )
+        if made[0] == 0 and made[1].decode().strip() == commit:
+            args = ["worktree", "add", "--quiet", str(path), branch]
+        elif made[0] == 0:  # (never expected: the branch is this execution's alone)
+            raise WorkspaceError(str(repo), f"branch {branch} exists and is not at {commit}")
 
 
 async def remove_worktree(repo: Path, path: Path, *, branch: str | None = None) -> None:
