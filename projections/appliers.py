@@ -168,43 +168,30 @@ class BatchApplier:
         A batch of one lane (`batch.lane`, projections/projector.py) holds only that lane's
         messages: output chunks, or every other event. Its rows are told apart from the other
         lane's (applied ahead of it, or behind) by their type, and the lane's own position."""
-        lane = batch.lane
-        if lane is not None and not derive:
-            raise ValueError("a lane's batch is derived as it is applied")
-        start = self.position if lane is None else self.lanes[lane]
-        if batch.last_seq <= start:
+        return self.apply_batches([batch], derive=derive)
+
+    def apply_batches(self, batches: Sequence[Prepared], *, derive: bool = True) -> int:
+        """Apply batches (each lane's, or one of both) in one transaction; return how many messages."""
+        lanes, position = dict(self.lanes), self.position
+        todo = []
+        for batch in batches:
+            if batch.lane is not None and not derive:
+                raise ValueError("a lane's batch is derived as it is applied")
+            start = position if batch.lane is None else lanes[batch.lane]
+            if batch.last_seq <= start:
+                continue
+            if batch.first_seq <= start:
+                raise ValueError(f"batch starts at {batch.first_seq}, at or below position {start}")
+            todo.append(batch)
+        if not todo:
             return 0
-        if batch.first_seq <= start:
-            raise ValueError(f"batch starts at {batch.first_seq}, at or below position {start}")
-        only = _LANE_FILTER[lane]
         con = self.con
         con.begin()
         try:
-            before = start
-            con.execute(
-                f"INSERT INTO events SELECT {', '.join(EVENT_COLUMNS)} FROM read_json(?, "
-                f"format='newline_delimited', ignore_errors=true, columns={_EVENTS_SPEC}) "
-                f"WHERE seq IS NOT NULL{only}",  # a line read_json could not parse comes as NULLs: a reject
-                [str(batch.file)],
-            )
-            record_rejects(con, batch.count, batch.items, f"SELECT seq FROM events WHERE seq > ?{only}", [before])
-            self.created.clear()
-            # repeats of an event id, forged authority: not facts (the derived approvals table lacks
-            # the batches of a bulk load not derived yet: their rows are looked at instead)
-            dropped = screen_batch(con, before, underived=self.underived, only=only, claims=lane != OUTPUT_LANE)
-            if lane != OUTPUT_LANE:
-                lifecycle = batch.lifecycle
-                if dropped:
-                    lifecycle = [item for item in lifecycle if item[0] not in dropped]
-                self._apply_state(lifecycle)
-                screen_orphans(con, before)
-            if derive:
-                self._derive(self.underived if self.underived is not None else before, lane)
-                self.underived = None
-            elif self.underived is None:
-                self.underived = before
-            lanes = self._lanes_after(batch)
-            position = min(lanes.values())
+            for batch in todo:
+                self._apply_rows(batch, position if batch.lane is None else lanes[batch.lane], derive)
+                lanes = self._lanes_after(batch, lanes)
+                position = min(lanes.values())
             self._save_position(position, lanes)
             con.commit()
         except BaseException:
@@ -213,15 +200,43 @@ class BatchApplier:
             raise
         self.position = position
         self.lanes = lanes
-        return batch.count
+        return sum(batch.count for batch in todo)
 
-    def _lanes_after(self, batch: Prepared) -> dict[str, int]:
+    def _apply_rows(self, batch: Prepared, before: int, derive: bool) -> None:
+        """One batch's rows, inside the transaction (`before`: its lane's position)."""
+        lane = batch.lane
+        only = _LANE_FILTER[lane]
+        con = self.con
+        con.execute(
+            f"INSERT INTO events SELECT {', '.join(EVENT_COLUMNS)} FROM read_json(?, "
+            f"format='newline_delimited', ignore_errors=true, columns={_EVENTS_SPEC}) "
+            f"WHERE seq IS NOT NULL{only}",  # a line read_json could not parse comes as NULLs: a reject
+            [str(batch.file)],
+        )
+        record_rejects(con, batch.count, batch.items, f"SELECT seq FROM events WHERE seq > ?{only}", [before])
+        self.created.clear()
+        # repeats of an event id, forged authority: not facts (the derived approvals table lacks
+        # the batches of a bulk load not derived yet: their rows are looked at instead)
+        dropped = screen_batch(con, before, underived=self.underived, only=only, claims=lane != OUTPUT_LANE)
+        if lane != OUTPUT_LANE:
+            lifecycle = batch.lifecycle
+            if dropped:
+                lifecycle = [item for item in lifecycle if item[0] not in dropped]
+            self._apply_state(lifecycle)
+            screen_orphans(con, before)
+        if derive:
+            self._derive(self.underived if self.underived is not None else before, lane)
+            self.underived = None
+        elif self.underived is None:
+            self.underived = before
+
+    def _lanes_after(self, batch: Prepared, lanes: dict[str, int]) -> dict[str, int]:
         """Each lane's position once `batch` is applied: a batch of both (a rebuild's, a test's)
         completes both up to its last message; a lane's batch its own lane up to `upto`, and the
         other lane up to `idle_through` (nothing of it was gathered, nor is being applied)."""
         if batch.lane is None:
-            return {lane: max(seq, batch.last_seq) for lane, seq in self.lanes.items()}
-        lanes = dict(self.lanes)
+            return {lane: max(seq, batch.last_seq) for lane, seq in lanes.items()}
+        lanes = dict(lanes)
         lanes[batch.lane] = max(lanes[batch.lane], batch.upto)
         for lane in lanes:
             if lane != batch.lane:

@@ -566,14 +566,17 @@ class Projector(Actor):
                 first = [lane for lane in ready if lane.key == OTHER_LANE]
                 turn += 1
                 lane = first[0] if first else ready[turn % len(ready)]
-                batch = lane.take()
+                taken = [(lane, lane.take())]
                 if lane.key is not None:
                     others = [other for other in lane.feed.lanes if other is not lane]
                     # the other lane holds nothing: it is complete as far as this one was read
                     idle = all(not other.ready and not other.in_flight for other in others)
-                    batch.idle_through = lane.feed.expected - 1 if idle else 0
-                lane.in_flight = True
-                applying = asyncio.create_task(self._apply(lane, batch), name="corral-projector-apply")
+                    taken[0][1].idle_through = lane.feed.expected - 1 if idle else 0
+                    # no backlog in the other one (nothing cut): both in one transaction
+                    taken += [(other, other.take()) for other in others if other.ready and not other.full]
+                for lane, _ in taken:
+                    lane.in_flight = True
+                applying = asyncio.create_task(self._apply(taken), name="corral-projector-apply")
                 self._last_apply = time.monotonic()
         finally:
             for task in list(self._tasks):
@@ -598,27 +601,36 @@ class Projector(Actor):
         oldest = min(f.first_at for f in ready) + LINGER_S - now
         return min(quiet, oldest)
 
-    async def _apply(self, lane: _Lane, batch: Gathered | Prepared) -> None:
+    async def _apply(self, taken: list[tuple[_Lane, Gathered | Prepared]]) -> None:
+        """Apply one lane's batch, or the batches of both lanes of the core log in one transaction."""
+        feed = taken[0][0].feed
         try:
             async with self._lock:
-                applier = lane.feed.applier
+                applier = feed.applier
                 assert applier is not None
 
                 def apply() -> None:
                     assert applier is not None
-                    prepared = batch.prepare(applier.batch_file) if isinstance(batch, Gathered) else batch
-                    prepared.lane = lane.key
-                    prepared.idle_through = batch.idle_through
-                    applier.apply_prepared(prepared)
+                    batches = []
+                    for index, (lane, batch) in enumerate(taken):
+                        prepared = batch.prepare(applier.batch_file(index)) if isinstance(batch, Gathered) else batch
+                        prepared.lane = lane.key
+                        prepared.idle_through = batch.idle_through
+                        batches.append(prepared)
+                    if len(batches) == 1:
+                        applier.apply_prepared(batches[0])
+                    else:
+                        applier.apply_batches(batches)
 
                 await asyncio.to_thread(apply)
         except BaseException:
-            lane.feed.lost = True  # not applied: what the lanes hold is not to be counted as applied
+            feed.lost = True  # not applied: what the lanes hold is not to be counted as applied
             raise
         finally:
-            lane.in_flight = False
-            if isinstance(batch, Prepared):
-                _unlink_spilled(batch)
+            for lane, batch in taken:
+                lane.in_flight = False
+                if isinstance(batch, Prepared):
+                    _unlink_spilled(batch)
             self._arrived.set()
         async with self.position_changed:
             self.position_changed.notify_all()

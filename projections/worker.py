@@ -183,7 +183,8 @@ class ApplyWorker:
                         code = process.wait()
                         raise WorkerFailed(f"the projector's DuckDB worker (pid {process.pid}) exited with {code}")
                     if reply[0] == "items":  # some lines were not loaded: it records them as rejected
-                        _write(process.stdin, list(items()) if items is not None else [])
+                        source = items[reply[1]] if isinstance(items, list) and reply[1] is not None else items
+                        _write(process.stdin, list(source()) if source is not None else [])
                         continue
                     break
             except (BrokenPipeError, OSError) as exc:
@@ -313,10 +314,20 @@ class RemoteApplier:
         self.recount_output = False
         self._file = worker.tmp_dir / f"projector-{os.getpid()}-{id(self)}-{stream}.ndjson"
 
-    @property
-    def batch_file(self) -> Path:
-        """Where a batch's NDJSON lines are written for the worker (one batch at a time)."""
-        return self._file
+    def batch_file(self, index: int = 0) -> Path:
+        """Where a batch's NDJSON lines are written for the worker (one apply at a time; the
+        second of two lanes applied together: index 1)."""
+        return self._file if index == 0 else self._file.with_name(f"{self._file.stem}-{index}.ndjson")
+
+    def apply_batches(self, batches: list[Prepared]) -> int:
+        """Batches of the core log's lanes (each with its lane set), in one transaction."""
+        specs = [
+            (str(b.file), b.first_seq, b.last_seq, b.count, b.lifecycle, (b.lane, b.through, b.idle_through))
+            for b in batches
+        ]
+        request = ("apply_many", self.name, self.stream, specs, self.recount_output)
+        applied, self.position, self.lanes = self.worker.call(request, items=[b.items for b in batches])
+        return applied  # type: ignore[no-any-return]
 
     def lane_position(self, lane: str | None) -> int:
         return self.position if lane is None else self.lanes[lane]
@@ -353,8 +364,9 @@ class RemoteApplier:
         self.worker.call(("derive", self.name, self.stream))
 
     def close(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._file.unlink()
+        for path in (self._file, self.batch_file(1)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 # --- the child's side ----------------------------------------------------------------------------
@@ -562,11 +574,14 @@ OOM_RETRIES = 3  # an apply that ran out of [projector] memory_limit (queries be
 OOM_PAUSE_S = 0.5
 
 
-def _apply_retrying(applier: Any, batch: Prepared, derive: bool) -> int:
-    """Apply a batch; if DuckDB ran out of its memory_limit (queries running beside the apply share
-    it), the transaction was rolled back: wait a moment and apply it again, a few times."""
+def _apply_retrying(applier: Any, batch: Prepared | list[Prepared], derive: bool) -> int:
+    """Apply a batch (or a list, in one transaction); if DuckDB ran out of its memory_limit (queries
+    running beside the apply share it), the transaction was rolled back: wait a moment and apply it
+    again, a few times."""
     for attempt in range(OOM_RETRIES + 1):
         try:
+            if isinstance(batch, list):
+                return int(applier.apply_batches(batch, derive=derive))
             return int(applier.apply_prepared(batch, derive=derive))
         except duckdb.OutOfMemoryException as exc:
             if attempt == OOM_RETRIES:
@@ -618,6 +633,22 @@ def _serve(inp: IO[bytes], out: IO[bytes], live: _Live | None = None) -> None:
                     batch.lane, batch.through, batch.idle_through = lanes[0]
                 applied = _apply_retrying(applier, batch, derive)
                 reply = ("ok", (applied, applier.position, dict(getattr(applier, "lanes", {}))))
+            elif op == "apply_many":  # batches of the core log's lanes, in one transaction
+                _, name, stream, specs, recount = request
+                applier = databases[name].appliers[stream]
+                applier.recount_output = recount
+                batches = []
+                for index, (file, first, last, count, lifecycle, lane_spec) in enumerate(specs):
+
+                    def indexed(index: int = index) -> Sequence[tuple[int, bytes, bytes]]:
+                        _write(out, ("items", index))
+                        return _read(inp) or []
+
+                    batch = Prepared(Path(file), first, last, count, lifecycle, indexed)
+                    batch.lane, batch.through, batch.idle_through = lane_spec
+                    batches.append(batch)
+                applied = _apply_retrying(applier, batches, True)
+                reply = ("ok", (applied, applier.position, dict(applier.lanes)))
             elif op == "derive":
                 databases[request[1]].appliers[request[2]].derive()
                 reply = ("ok", None)

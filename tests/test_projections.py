@@ -136,7 +136,7 @@ async def test_a_listing_waits_for_every_event_but_output(bus: Bus, tmp_path: Pa
     try:
         await feed_all(projector)
         other, output = projector.feeds[0].lane(OTHER_LANE), projector.feeds[0].lane(OUTPUT_LANE)
-        await projector._apply(other, other.take())  # the other lane first: output waits
+        await projector._apply([(other, other.take())])  # the other lane first: output waits
         assert projector.others_position == last and projector.position < last
         assert not await projector.wait_for_position(last, timeout_s=0.2)
         assert await projector.wait_for_position(last, timeout_s=5, output_grace_s=0.0)
@@ -152,7 +152,7 @@ async def test_a_listing_waits_for_every_event_but_output(bus: Bus, tmp_path: Pa
         await feed_all(projector)
         assert not projector.feeds[0].lane(OTHER_LANE).ready
         output = projector.feeds[0].lane(OUTPUT_LANE)
-        await projector._apply(output, output.take())
+        await projector._apply([(output, output.take())])
         assert projector.position == last
     finally:
         await asyncio.to_thread(projector.close_database)
