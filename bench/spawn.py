@@ -23,6 +23,13 @@ A burst instead (issue 20 §2): N requests published at once to one `corral up` 
 defaults (cgroups and the sandbox where the machine has them, `max_running` = N), timed until
 every agent has started; beside it, in the same run, the baseline: N times `git worktree add` and
 `subprocess.Popen` of the same agent, one after the other. Target: all N running within 10 s.
+It prints when each stage was reached (claimed, workspace made, started, exited: p50, p90, last)
+and the CPU each process of the system used meanwhile, beside the baseline's.
+
+    .venv/bin/python bench/spawn.py --burst 500 [--hold 60] [--profile OUT.prof]
+
+--hold S: the agents stay S seconds (by default they exit at once, so exits and exit checkpoints
+run beside the later spawns); --profile: `corral up` under cProfile from the publish until all run.
 """
 
 import argparse
@@ -30,6 +37,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -147,7 +155,13 @@ class Configuration:
         }
 
 
-def baseline_burst(root: Path, n: int) -> float:
+def held(hold_s: float) -> tuple[str, ...]:
+    """The agent of a burst: it prints its start, then stays `hold_s` seconds (0: it exits at once,
+    so the exits and exit checkpoints of the first agents run beside the later spawns)."""
+    return AGENT if not hold_s else ("sh", "-c", f"date +%s.%N; exec sleep {hold_s:g}")
+
+
+def baseline_burst(root: Path, n: int, agent: tuple[str, ...] = AGENT) -> float:
     """Seconds for n times `git worktree add` + `subprocess.Popen` of the agent, one after the other."""
     repo = make_repo(root / "repo-baseline")
     started = time.perf_counter()
@@ -157,32 +171,92 @@ def baseline_burst(root: Path, n: int) -> float:
         subprocess.run(
             ["git", "-C", str(repo), "worktree", "add", "-q", "-b", f"b{i}", str(path)], check=True, capture_output=True
         )
-        agents.append(subprocess.Popen(AGENT, cwd=path, stdout=subprocess.DEVNULL))
+        agents.append(subprocess.Popen(agent, cwd=path, stdout=subprocess.DEVNULL))
     elapsed = time.perf_counter() - started
     for agent in agents:
+        if agent.poll() is None and agent.args is not AGENT:
+            agent.terminate()  # (a held agent: its hold is not part of the figure)
         agent.wait()
     return elapsed
 
 
-async def burst(n: int) -> None:
-    """Publish n requests at once; seconds until every agent has started, beside the baseline."""
+def _cpu_of(pid: int) -> float:
+    """CPU seconds of a process and of its children it has waited for (utime, stime, cutime, cstime)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def system_processes(home: Path, up_pid: int) -> dict[str, int]:
+    """The processes of one system: `corral up` (its git commands are its waited-for children), the
+    shim fork server (the shims, their agents), nats-server and the projector's DuckDB worker."""
+    found = {"corral up (+ its git)": up_pid}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(home) not in line:
+            continue
+        if "actors.shimfork" in line:
+            found["shim fork server (+ shims, agents)"] = int(entry.name)
+        elif "nats-server" in line:
+            found["nats-server"] = int(entry.name)
+        elif "projections.worker" in line:
+            found["projector worker"] = int(entry.name)
+    return found
+
+
+BURST_STAGES = ("execution.claimed", "workspace.created", "execution.started", "execution.exited")
+
+
+async def burst_stages(bus: Any, ids: str, before_wall: float) -> list[tuple[str, int, float, float, float]]:
+    """When each stage was reached, seconds after the burst was published: (type, count, p50, p90, last)."""
+    types = ", ".join(f"'{kind}'" for kind in BURST_STAGES)
+    rows = await sql(
+        bus,
+        f"SELECT type, count(*), quantile_cont(epoch(ts), 0.5), quantile_cont(epoch(ts), 0.9), max(epoch(ts)) "
+        f"FROM events WHERE execution_id IN ({ids}) AND type IN ({types}) GROUP BY type",
+    )
+    found = {kind: (int(count), p50, p90, last) for kind, count, p50, p90, last in rows}
+    return [
+        (kind, found[kind][0], *(float(t) - before_wall for t in found[kind][1:]))
+        for kind in BURST_STAGES
+        if kind in found
+    ]
+
+
+async def burst(n: int, profile: str | None = None, hold_s: float = 0.0) -> None:
+    """Publish n requests at once; seconds until every agent has started, beside the baseline.
+
+    With `profile`, `corral up` runs under cProfile from the publish until all run (bench/common.py)."""
     root = Path(tempfile.mkdtemp(prefix="corral-spawn-burst-"))
     home = root / "home"
     write_config(home, n)
-    up = start_up(home, root)
+    up = start_up(home, root, profile=profile)
     try:
         bus = await connect_home(home, await wait_ready(home, up))
         repo = make_repo(root / "repo")
-        for _ in range(3):  # warm up: the first spawn imports and forks what the others reuse
+        for _ in range(3):  # warm up (agents that end at once: no slot kept): what the others reuse
             ids = [new_execution_id()]
             await bus.publisher.publish(
                 new_event(ids[0], ExecutionRequested(command=AGENT, repo=str(repo)), actor="bench")
             )
             await started_at(bus, ids[0])
         events = [
-            new_event(new_execution_id(), ExecutionRequested(command=AGENT, repo=str(repo)), actor="bench")
+            new_event(new_execution_id(), ExecutionRequested(command=held(hold_s), repo=str(repo)), actor="bench")
             for _ in range(n)
         ]
+        processes = system_processes(home, up.pid)
+        cpu_before = {name: _cpu_of(pid) for name, pid in processes.items()}
+        if profile:
+            up.send_signal(signal.SIGUSR1)
+        before_wall = time.time()
         before = time.perf_counter()
         await asyncio.gather(*(bus.publisher.publish(event) for event in events))
         published = time.perf_counter() - before
@@ -198,13 +272,29 @@ async def burst(n: int) -> None:
             if running < n:
                 await asyncio.sleep(0.1)
         all_running = time.perf_counter() - before
+        if profile:
+            up.send_signal(signal.SIGUSR2)
+        await asyncio.sleep(2.0)  # (the last exits recorded and projected)
+        cpu = {name: _cpu_of(pid) - cpu_before[name] for name, pid in processes.items()}
+        stages = await burst_stages(bus, ids, before_wall)
+        load = os.getloadavg()
         await bus.close()
     finally:
         stop_up(up, "burst")
-    baseline = baseline_burst(root, n)
+    children = os.times()
+    baseline = baseline_burst(root, n, held(hold_s))
+    after = os.times()
+    baseline_cpu = after.children_user + after.children_system - children.children_user - children.children_system
     shutil.rmtree(root, ignore_errors=True)
     print(f"burst of {n}: published in {published:.2f}s, {running}/{n} running after {all_running:.2f}s ({in_force})")
     print(f"baseline: {n} x (git worktree add + Popen), one after the other: {baseline:.2f}s")
+    print(f"load average at the end of the burst: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"CPU seconds from the publish until all ran + 2 s (baseline: {baseline_cpu:.1f} s for its git and agents):")
+    for name, seconds in cpu.items():
+        print(f"  {name:<36} {seconds:>7.1f}")
+    print(f"{'stage (s after publish)':<24} {'count':>6} {'p50':>7} {'p90':>7} {'last':>7}")
+    for kind, count, p50, p90, last in stages:
+        print(f"{kind:<24} {count:>6} {p50:>7.2f} {p90:>7.2f} {last:>7.2f}")
     met = running == n and all_running <= 10.0
     print(f"target: all {n} running within 10 s: {'met' if met else 'MISSED'}")
     print_result(
@@ -217,8 +307,15 @@ async def burst(n: int) -> None:
         target=f"{n} requests all running within 10 s",
         met=met,
         agents=n,
+        hold_s=hold_s,
         running=running,
         published_s=published,
+        load_average=load[0],
+        cpu_s=cpu,
+        baseline_cpu_s=baseline_cpu,
+        stages={
+            kind: {"count": count, "p50_s": p50, "p90_s": p90, "last_s": last} for kind, count, p50, p90, last in stages
+        },
     )
 
 
@@ -227,9 +324,11 @@ async def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="spawns measured per configuration")
     parser.add_argument("--warmup", type=int, default=5, help="spawns first made and not counted")
     parser.add_argument("--burst", type=int, default=0, help="instead: N requests at once, until all run")
+    parser.add_argument("--hold", type=float, default=0.0, help="with --burst: each agent stays this many seconds")
+    parser.add_argument("--profile", help="with --burst: cProfile `corral up` during the burst into this file")
     args = parser.parse_args()
     if args.burst:
-        await burst(args.burst)
+        await burst(args.burst, args.profile, args.hold)
         return
     from actors.limits import PER_PROCESS, describe_limits
 
