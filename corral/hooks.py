@@ -1,12 +1,15 @@
 """Webhook triggers (issue 18): `POST /api/hooks/{name}` runs a `[hooks.NAME]`'s pipeline with variables
-from the JSON body. See docs/orchestration.md#webhook-triggers.
+from the JSON body, adds a ticket its pipeline runs (`ticket = true`: the body's `title` and `goal`), or
+starts a run of a template (`template`, with its `task` rendered from the body). See
+docs/orchestration.md#webhook-triggers.
 
 A caller proves itself with an HMAC-SHA256 signature (the key in the environment variable the hook's
 `secret_env` names, on the host that serves the API) over `<timestamp>.<body>`, sent as
 `X-Corral-Timestamp: <unix seconds>` and `X-Corral-Signature: sha256=<hex>`, or with an operator's
 bearer token. A timestamp more than MAX_SKEW_S away from now is refused (a replayed old request),
-and a signed request names its run by its signature: the same delivery sent again within the window
-is recorded once (the run's `pipeline.requested` expects sequence 0 on its subject).
+and a signed request names what it starts by its signature: the same delivery sent again within the
+window is recorded once (the run's `pipeline.requested`, the ticket's `ticket.created` or the
+execution's `execution.requested` expects sequence 0 on its subject).
 """
 
 import hashlib
@@ -18,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
 
 from corral.errors import CorralError, UsageError
 from events.approvals import encode
@@ -52,12 +55,25 @@ class Hook(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    pipeline: Annotated[StrictStr, Field(min_length=1)]
+    pipeline: Annotated[StrictStr, Field(min_length=1)] | None = None  # the pipeline it runs (or the ticket's)
+    template: Annotated[StrictStr, Field(min_length=1)] | None = None  # or a run of this template
+    ticket: StrictBool = False  # with pipeline: the body is a ticket (title, goal, priority) the pipeline runs
+    task: StrictStr | None = None  # a template's task, {{variables}} from the body
     repo: Annotated[StrictStr, Field(min_length=1)]
     base: StrictStr = "HEAD"
     secret_env: Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
     vars: dict[str, StrictStr] = Field(default_factory=dict)  # defaults; the body's values override
     accept: tuple[StrictStr, ...] | None = None  # the body keys taken as variables (None: every scalar one)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "Hook":
+        if (self.pipeline is None) == (self.template is None):
+            raise ValueError("give one of pipeline (a run, or with ticket = true a ticket) or template")
+        if self.ticket and self.pipeline is None:
+            raise ValueError("ticket = true needs the pipeline that runs the tickets")
+        if self.task is not None and self.template is None:
+            raise ValueError("task is a template's (a pipeline's stages have their own)")
+        return self
 
 
 def hooks_of(raw: dict[str, Any]) -> dict[str, Hook]:
@@ -73,7 +89,7 @@ def hooks_of(raw: dict[str, Any]) -> dict[str, Hook]:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise UsageError(f"hooks.{name}.{where}: {first['msg']}") from None
+            raise UsageError(f"hooks.{name}{'.' if where else ''}{where}: {first['msg']}") from None
     return found
 
 
@@ -142,8 +158,9 @@ async def fire_hook(
     client_for: Callable[["Token"], Awaitable["Client"]],
     failed: Callable[[], None],
 ) -> dict[str, Any]:
-    """What `POST /api/hooks/{name}` does: {run_id, pipeline[, duplicate]}. `token`: an operator's bearer
-    token the HTTP face checked; without one the request must be signed (`failed` counts a bad one)."""
+    """What `POST /api/hooks/{name}` does: {run_id, pipeline}, {ticket_id, title, pipeline} or {execution_id,
+    template}, with `duplicate` when the delivery was recorded before. `token`: an operator's bearer token
+    the HTTP face checked; without one the request must be signed (`failed` counts a bad one)."""
     from corral.config import load_config
     from corral.errors import NotFound
     from corral.pipelines import RunRequest, request_run
@@ -152,16 +169,77 @@ async def fire_hook(
     hook = hooks_of(load_config(home).hooks).get(name)
     if hook is None:
         raise NotFound(f"no hook {name!r}: declare it as [hooks.{name}] in corral.toml")
-    run_id: str | None = None
+    fixed_id: str | None = None
     if token is None:
         try:
-            run_id = verify(hook, {k.lower(): v for k, v in headers.items()}, body)
+            fixed_id = verify(hook, {k.lower(): v for k, v in headers.items()}, body)
         except HookRefused:
             failed()
             raise
         token = Token(name=f"hook:{name}", role="operator", digest="", created_at="")
     values = variables(hook, body)
     client = await client_for(token)
+    if hook.template is not None:
+        return await _run_template(client, hook, values, fixed_id, token.name)
+    assert hook.pipeline is not None
+    if hook.ticket:
+        return await _add_ticket(client, hook, values, fixed_id, token.name)
     return await request_run(
-        client, hook.pipeline, RunRequest(repo=hook.repo, base=hook.base, vars=values), run_id=run_id
+        client, hook.pipeline, RunRequest(repo=hook.repo, base=hook.base, vars=values), run_id=fixed_id
     )
+
+
+async def _add_ticket(
+    client: "Client", hook: Hook, values: dict[str, str], ticket_id: str | None, requested_by: str
+) -> dict[str, Any]:
+    """A ticket from the body: `title` and `goal` (required), `priority` (a whole number); the other
+    values are variables of its stages."""
+    from corral.tickets import TicketSpec, create
+
+    client._require_operator("add tickets")
+    extra = dict(values)
+    title, goal, priority = extra.pop("title", ""), extra.pop("goal", ""), extra.pop("priority", "0")
+    try:
+        spec = TicketSpec(title=title, goal=goal, repo=hook.repo, pipeline=hook.pipeline, priority=int(priority))
+    except (ValidationError, ValueError) as exc:
+        first = exc.errors(include_url=False)[0] if isinstance(exc, ValidationError) else None
+        what = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}" if first else "priority: not a whole number"
+        raise HookRefused(f"hook {hook.name}: the body is no ticket ({what}); send title and goal", 422) from None
+    added = await create(
+        client.home,
+        client.system,
+        [spec],
+        repo=hook.repo,
+        pipeline=hook.pipeline,
+        extra=extra,
+        ticket_id=ticket_id,
+        requested_by=requested_by,
+    )
+    return added[0]
+
+
+async def _run_template(
+    client: "Client", hook: Hook, values: dict[str, str], execution_id: str | None, requested_by: str
+) -> dict[str, Any]:
+    """A run of the hook's template (as `corral run -t` starts one), its task rendered from the values."""
+    from actors.conductor import render
+    from corral.client import RunSpec
+    from events.envelope import new_event
+    from events.errors import WrongLastSequence
+
+    task = render(hook.task, values) if hook.task else None
+    try:
+        spec = RunSpec.model_validate({"repo": hook.repo, "template": hook.template, "task": task})
+    except ValidationError as exc:
+        raise UsageError(f"hook {hook.name}: {exc.errors(include_url=False)[0]['msg']}") from None
+    new_id, request = await client.build_request(spec)
+    request = request.model_copy(update={"labels": {**request.labels, "hook": hook.name}, "requested_by": requested_by})
+    execution_id = execution_id or new_id
+    answer: dict[str, Any] = {"execution_id": execution_id, "template": hook.template}
+    try:
+        await client.system.bus.publisher.publish(
+            new_event(execution_id, request, actor="api"), expected_last_subject_seq=0
+        )
+    except WrongLastSequence:
+        answer["duplicate"] = True
+    return answer

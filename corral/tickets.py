@@ -24,6 +24,7 @@ from corral.home import Home
 from corral.pipelines import _vars, check_variables, resolve_stages
 from corral.system import System
 from events.envelope import new_event
+from events.errors import WrongLastSequence
 from events.ids import new_execution_id
 from events.types import PipelineRequested, TicketCreated
 
@@ -112,16 +113,29 @@ def read_file(path: str) -> list[TicketSpec]:
 
 
 async def create(
-    home: Home, system: System, specs: list[TicketSpec], *, repo: str, pipeline: str | None, extra: dict[str, str]
+    home: Home,
+    system: System,
+    specs: list[TicketSpec],
+    *,
+    repo: str,
+    pipeline: str | None,
+    extra: dict[str, str],
+    ticket_id: str | None = None,
+    requested_by: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Check every ticket (its pipeline resolved), then record them all: all or none."""
+    """Check every ticket (its pipeline resolved), then record them all: all or none.
+
+    `ticket_id` (one ticket: a webhook's delivery, corral/hooks.py): recorded once under it; a second
+    time it is {..., duplicate: true} and records nothing."""
+    if ticket_id is not None and len(specs) != 1:
+        raise UsageError("a fixed ticket id is for one ticket")
     config = load_config(home)
     resolved: dict[tuple[str, str], list[dict[str, Any]]] = {}
     events = []
     for spec in specs:
         chosen = _pipeline_for(spec.pipeline or pipeline, config.pipelines, config.label)
-        ticket_id = new_execution_id()
-        values = {**chosen.vars, **extra, "title": spec.title, "goal": spec.goal, "ticket_id": ticket_id}
+        this_id = ticket_id or new_execution_id()
+        values = {**chosen.vars, **extra, "title": spec.title, "goal": spec.goal, "ticket_id": this_id}
         check_variables(chosen, values)
         where = spec.repo or repo
         key = (chosen.name, where)
@@ -136,7 +150,7 @@ async def create(
             max_rounds=chosen.max_rounds,
             breaker_failures=chosen.breaker_failures,
             priority=spec.priority,
-            requested_by=os.environ.get("USER"),
+            requested_by=requested_by or os.environ.get("USER"),
         )
         data = TicketCreated(
             title=spec.title,
@@ -147,13 +161,20 @@ async def create(
             run=run.model_dump(mode="json"),
             requested_by=run.requested_by,
         )
-        events.append(new_event(ticket_id, data, actor="cli"))
+        events.append(new_event(this_id, data, actor="cli" if requested_by is None else "api"))
+    duplicate = False
     for event in events:
-        await system.bus.publisher.publish(event)
-    return [
+        try:
+            await system.bus.publisher.publish(event, expected_last_subject_seq=0 if ticket_id else None)
+        except WrongLastSequence:
+            duplicate = True  # (a fixed id only: one ticket)
+    added = [
         {"ticket_id": e.execution_id, "title": e.data.title, "pipeline": e.data.pipeline}  # type: ignore[attr-defined]
         for e in events
     ]
+    if duplicate:
+        added[0]["duplicate"] = True
+    return added
 
 
 async def list_tickets(client: Client) -> list[dict[str, Any]]:

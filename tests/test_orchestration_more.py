@@ -346,3 +346,98 @@ def test_a_schedules_breaker_opens_after_three_failed_ticks_holds_its_ticks_and_
         assert after_close["decided_by"]
     finally:
         stop_up(cli, up)
+
+
+def test_webhooks_add_tickets_and_start_template_runs_once_per_delivery(tmp_path: Path, repo: Path) -> None:
+    """`[hooks.NAME] ticket = true` adds a ticket its pipeline runs (title, goal from the body); `template`
+    starts a run of it with its task rendered from the body. Each signed delivery is recorded once; a bad
+    signature, a stale timestamp and a tap token record nothing."""
+    import httpx
+
+    from corral.hooks import signature
+    from tests.conftest import cli_environment
+
+    secret = "another-hook-secret"
+    env = cli_environment(CORRAL_HOME=str(tmp_path / "home"), CORRAL_HOOK_SECRET=secret)
+    env.pop("CORRAL_NATS_URL", None)
+    cli = Cli(tmp_path / "home", env)
+    write_config(
+        cli,
+        '[[pipelines.triage.stages]]\nname = "look"\n'
+        'command = ["echo", "looking at {{title}}: {{goal}} ({{source}})"]\n'
+        '[templates.echoer]\ncommand = ["true"]\n'
+        f'[hooks.issue]\npipeline = "triage"\nticket = true\nrepo = "{repo}"\nsecret_env = "CORRAL_HOOK_SECRET"\n'
+        f'[hooks.lint]\ntemplate = "echoer"\ntask = "lint {{{{branch}}}}"\nrepo = "{repo}"\n'
+        'secret_env = "CORRAL_HOOK_SECRET"\n',
+    )
+    up = start_up(cli, "--http", "127.0.0.1:0")
+    try:
+        url = wait_until(
+            lambda: json.loads((cli.home / "runtime.json").read_text()).get("http_url"), 30, "the HTTP address"
+        )
+        tap = cli("token", "create", "tapper", "--role", "tap", check=True).stdout.strip()
+
+        def signed(body: bytes, stamp: str, key: str = secret) -> dict[str, str]:
+            return {
+                "X-Corral-Timestamp": stamp,
+                "X-Corral-Signature": signature(key.encode(), stamp, body),
+                "Content-Type": "application/json",
+            }
+
+        def count(kind: str) -> int:
+            return int(sql(cli, f"SELECT count(*) AS n FROM events WHERE type = '{kind}'")[0]["n"])
+
+        issue = json.dumps({"title": "Crash on empty input", "goal": "no crash", "source": "tracker"}).encode()
+        lint = json.dumps({"branch": "feature-x"}).encode()
+        now = str(int(time.time()))
+        with httpx.Client(base_url=str(url), timeout=60) as http:
+            for path, body in (("/api/hooks/issue", issue), ("/api/hooks/lint", lint)):
+                wrong = http.post(path, content=body, headers=signed(body, now, key="guessed"))
+                assert wrong.status_code == 401 and "bad signature" in wrong.json()["error"], wrong.text
+                stale = http.post(path, content=body, headers=signed(body, str(int(time.time()) - 3600)))
+                assert stale.status_code == 401 and "replayed" in stale.json()["error"], stale.text
+                as_tap = http.post(path, content=body, headers={"Authorization": f"Bearer {tap}"})
+                assert as_tap.status_code == 403, as_tap.text
+            no_goal = json.dumps({"title": "only a title"}).encode()
+            refused = http.post("/api/hooks/issue", content=no_goal, headers=signed(no_goal, now))
+            assert refused.status_code == 422 and "goal" in refused.json()["error"], refused.text
+            assert count("ticket.created") == 0 and count("execution.requested") == 0
+            # A signed issue is a ticket; the same delivery again adds none.
+            added = http.post("/api/hooks/issue", content=issue, headers=signed(issue, now))
+            assert added.status_code == 201, added.text
+            ticket_id = added.json()["ticket_id"]
+            again = http.post("/api/hooks/issue", content=issue, headers=signed(issue, now))
+            assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
+            assert again.json()["ticket_id"] == ticket_id
+            # A signed lint call is a run of the template, its task from the body; once per delivery.
+            started = http.post("/api/hooks/lint", content=lint, headers=signed(lint, now))
+            assert started.status_code == 201, started.text
+            execution_id = started.json()["execution_id"]
+            repeated = http.post("/api/hooks/lint", content=lint, headers=signed(lint, now))
+            assert repeated.status_code == 200 and repeated.json()["duplicate"] is True, repeated.text
+        done = wait_until(
+            lambda: [t for t in json.loads(cli("tickets", "--json", check=True).stdout) if t["state"] == "passed"],
+            90,
+            "the webhook's ticket to pass",
+        )
+        assert [t["ticket_id"] for t in done] == [ticket_id]  # type: ignore[union-attr]
+        result = sql(cli, f"SELECT result, title FROM tickets WHERE ticket_id = '{ticket_id}'")[0]
+        assert result["title"] == "Crash on empty input"
+        assert "looking at Crash on empty input: no crash (tracker)" in result["result"]
+        ended = wait_until(
+            lambda: (
+                (s := json.loads(cli("status", execution_id, "--json", check=True).stdout))["state"] == "exited" and s
+            ),
+            90,
+            "the template's run to end",
+        )
+        assert ended["exit_code"] == 0  # type: ignore[index]
+        assert count("ticket.created") == 1
+        labelled = sql(
+            cli,
+            "SELECT execution_id, data->>'requested_by' AS who, data->>'task' AS task FROM events "
+            "WHERE type = 'execution.requested' AND data->'labels'->>'hook' = 'lint'",
+        )
+        assert labelled == [{"execution_id": execution_id, "who": "hook:lint", "task": "lint feature-x"}]
+    finally:
+        stop_up(cli, up)
