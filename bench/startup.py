@@ -6,7 +6,7 @@ of the whole command, and the CPU its process tree used (children waited for, fr
 getrusage). The baseline, in the same run and alternating with it: what the run does without
 Corral, `git worktree add` + the same agent as a subprocess + `git worktree remove`.
 
-    .venv/bin/python bench/startup.py [--runs 10] [--writes] [--compare /path/to/other/checkout]
+    .venv/bin/python bench/startup.py [--runs 10] [--writes] [--compare /path/to/other/checkout] [--phases 3]
 
 --writes: the agent also writes a file, so the run makes an exit checkpoint and its summary
 waits for the checkpoint's validation (without it, nothing changed: no checkpoint to wait for).
@@ -15,9 +15,14 @@ waits for the checkpoint's validation (without it, nothing changed: no checkpoin
 same interpreter and packages), alternating with this one: a before/after in the same run on
 a shared machine. Each tree has its own CORRAL_HOME, warmed by one run not counted. Target:
 p50 <= 1.5 s. Ends with one JSON line.
+
+--phases N: after the timed runs, N more of each configuration through bench/startup_phases.py
+(the CLI with a timestamp at each phase), and a table of each phase's median duration: where the
+wall time goes (imports, server start, actors, worktree, shim, agent, summary, stop).
 """
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -57,6 +62,62 @@ def corral_run(tree: Path | None, home: Path, repo: Path, root: Path, agent: lis
     return timed([sys.executable, "-m", "corral", "run", "--repo", str(repo), "-q", "--", *agent], env, root)
 
 
+# (label, from mark, to mark): None is the launch of the command. Marks: bench/startup_phases.py.
+PHASES = (
+    ("interpreter start", None, "interpreter ready"),
+    ("imports", "interpreter ready", "imported"),
+    ("arguments, request checked, lock", "imported", "server start begin"),
+    ("nats-server start (ready)", "server start begin", "server start end"),
+    ("streams provisioned", "provision begin", "provision end"),
+    ("actors connect and start", "actors start begin", "actors start end"),
+    ("request -> claimed", "actors start end", "execution.claimed"),
+    ("claimed -> worktree made", "execution.claimed", "workspace.created"),
+    ("worktree -> agent started (shim)", "workspace.created", "execution.started"),
+    ("agent runs (0.1 s)", "execution.started", "execution.exited"),
+    ("exit -> summary (projector catch-up, queries)", "execution.exited", "summary end"),
+    ("stop: actors", "shutdown begin", "projector stop begin"),
+    ("stop: projector", "projector stop begin", "projector stop end"),
+    ("  of which its worker's close", "projector worker close begin", "projector worker close end"),
+    ("stop: nats-server", "server stop begin", "server stop end"),
+    ("stopped -> process exit", "shutdown end", "exit"),
+    ("(beside them) projector start", "projector start begin", "projector start end"),
+    ("total, launch -> exit", None, "exit"),
+)
+PHASE_SCRIPT = Path(__file__).resolve().parent / "startup_phases.py"
+
+
+def traced_run(tree: Path | None, home: Path, repo: Path, root: Path, agent: list[str]) -> dict[str, float]:
+    """One `corral run` through bench/startup_phases.py: {mark: seconds since the launch}."""
+    env = {**os.environ, "CORRAL_HOME": str(home)}
+    env.pop("CORRAL_NATS_URL", None)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    command = [sys.executable, str(PHASE_SCRIPT), "run", "--repo", str(repo), "-q", "--", *agent]
+    env["CORRAL_T0"] = repr(time.time())
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"traced run failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    line = next(line for line in done.stderr.splitlines() if line.startswith("PHASES "))
+    marks: dict[str, float] = json.loads(line.removeprefix("PHASES "))
+    return marks
+
+
+def phase_table(traces: dict[str, list[dict[str, float]]]) -> None:
+    names = list(traces)
+    print(f"phases, median of {len(next(iter(traces.values())))} traced runs each (ms):")
+    print(f"{'phase':<46}" + "".join(f"{name[:14]:>15}" for name in names))
+    for label, start, end in PHASES:
+        cells = []
+        for name in names:
+            spans = [
+                (marks[end] - (marks[start] if start else 0.0)) * 1000
+                for marks in traces[name]
+                if end in marks and (start is None or start in marks)
+            ]
+            cells.append(f"{statistics.median(spans):15.0f}" if spans else f"{'-':>15}")
+        print(f"{label:<46}" + "".join(cells))
+
+
 def bare_run(repo: Path, root: Path, n: int, agent: list[str]) -> tuple[float, float]:
     """git worktree add, the agent, git worktree remove: the work without Corral."""
     path = root / f"bare-{n}"
@@ -75,6 +136,7 @@ def main() -> int:
     parser.add_argument(
         "--writes", action="store_true", help="the agent writes a file: an exit checkpoint, validated, is waited for"
     )
+    parser.add_argument("--phases", type=int, default=0, metavar="N", help="N traced runs each: a table of phases")
     args = parser.parse_args()
     agent = WRITING_AGENT if args.writes else AGENT
     if args.compare is not None and not (args.compare / "corral" / "__init__.py").is_file():
@@ -95,6 +157,10 @@ def main() -> int:
             if i:
                 figures["bare"].append(result)
             print(f"  {i}/{args.runs}", file=sys.stderr, flush=True)
+        traces: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
+        for _ in range(args.phases):
+            for name, tree in configs.items():
+                traces[name].append(traced_run(tree, root / f"home-{list(configs).index(name)}", repo, root, agent))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"`corral run` of `{' '.join(agent)}`, no system running: {args.runs} runs each, alternating")
@@ -104,6 +170,8 @@ def main() -> int:
         walls, cpus = [w for w, _ in runs], [c for _, c in runs]
         print(f"{name:<24} {p50[name]:8.2f}s {max(walls):8.2f}s {statistics.median(cpus):7.2f}s")
     print(f"target: corral p50 <= 1.5 s: {'met' if p50['corral'] <= 1.5 else 'NOT met'}")
+    if args.phases:
+        phase_table(traces)
     print_result(
         "startup",
         "wall_p50_s",

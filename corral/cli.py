@@ -7,24 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
-from corral import (
-    __version__,
-    approvals,
-    changes,
-    commands,
-    config,
-    control,
-    fanout,
-    history,
-    mcp_server,
-    notify,
-    pipelines,
-    schedules,
-    tickets,
-    tokens,
-    worktrees,
-    wrap,
-)
+from corral import __version__, commands, config, control, wrap
 from corral.errors import CorralError
 from corral.home import Home
 from corral.interrupt import interrupted
@@ -32,7 +15,9 @@ from events.errors import EventError
 from projections.errors import ProjectionError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
+    """The whole command line; `only_run`: just `corral run`'s, without importing the feature modules
+    (a `corral run` that starts its own system is timed from the shell: issue 20 §6)."""
     parser = argparse.ArgumentParser(
         prog="corral",
         description="Supervise headless coding agents: each run is an execution in its own git "
@@ -103,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--detach", "-d", action="store_true", help="print the execution id and return")
     run.add_argument("--quiet", "-q", action="store_true", help="only the agent's own output")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    if only_run:
+        return parser
 
     up = sub.add_parser("up", help="run NATS, the actors and the projector in the foreground")
     up.add_argument(
@@ -205,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="JSON Schema of every event type")
     schema.add_argument("--type", help="one event type only")
     schema.add_argument("--list", action="store_true", help="list the types and their subjects")
-    for module in FEATURES:
+    for module in features():
         COMMANDS.update(module.add_parsers(sub))
     _group_commands(parser, sub)
     return parser
@@ -237,20 +224,23 @@ def _group_commands(parser: argparse.ArgumentParser, sub: "argparse._SubParsersA
     sub._choices_actions.clear()  # listed by topic in the epilog instead of one long list
 
 
-# Each feature module adds its own subcommands and returns {command name: handler}.
-FEATURES: Final = (
-    changes,
-    worktrees,
-    history,
-    approvals,
-    tokens,
-    mcp_server,
-    notify,
-    pipelines,
-    tickets,
-    schedules,
-    fanout,
-)
+def features() -> tuple[Any, ...]:
+    """The feature modules: each adds its own subcommands and returns {command name: handler}."""
+    from corral import (
+        approvals,
+        changes,
+        fanout,
+        history,
+        mcp_server,
+        notify,
+        pipelines,
+        schedules,
+        tickets,
+        tokens,
+        worktrees,
+    )
+
+    return (changes, worktrees, history, approvals, tokens, mcp_server, notify, pipelines, tickets, schedules, fanout)
 
 
 COMMANDS: dict[str, Any] = {
@@ -279,7 +269,8 @@ COMMANDS: dict[str, Any] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only_run=words[:1] == ["run"])
     args, extra = parser.parse_known_args(argv)
     if extra:
         # `corral rollback EXEC --to 2 a.py b.py`: paths after an option still are paths.

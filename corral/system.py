@@ -43,11 +43,11 @@ from events.auth import (
 )
 from events.stream import ensure_health_bucket, ensure_output_retention
 from events.subjects import API_EXPORT, API_POSITION, API_REBUILD, API_SNAPSHOT, API_SQL, STREAM
+from events.types import ExecutionRequested
 from projections.errors import ProjectionError, QueryError
 from projections.projector import Projector
 from projections.query import MAX_BYTES as MAX_ANSWER_BYTES
 from projections.query import check_statement
-from projections.rebuild import RebuildRefused, rebuild_database
 from projections.worker import DEFAULT_QUERY_TIMEOUT_S
 from replay.history import last_sequence
 
@@ -57,6 +57,16 @@ log = logging.getLogger(__name__)
 # that a host with entries would send), so every host reports the same actors (`corral health`).
 ALL_ACTORS = ("spawner", "watchdog", "checkpointer", "validator", "approver", "projector", "notifier", "conductor")
 SERVER_CHECK_S = 0.5
+
+
+def actors_for_run(config: Config, request: ExecutionRequested) -> tuple[str, ...]:
+    """The actors a `corral run` starts when it runs the system itself (issue 20 §6): not the notifier
+    without [[notify]] entries, not the conductor unless the run can feed it (a template's breaker,
+    restarts and retries that may loop). What they would have read stays in the log for `corral up`."""
+    skip = set() if config.notify else {"notifier"}
+    if not (request.template or request.on_stall == "restart" or config.watchdog.retry_max_attempts > 0):
+        skip.add("conductor")
+    return tuple(name for name in ALL_ACTORS if name not in skip)
 
 
 @dataclass
@@ -76,6 +86,17 @@ class System:
     _supervisor: asyncio.Task[None] | None = None
     _projector_start: asyncio.Task[None] | None = None  # a command's projector starts beside it
     _janitor: asyncio.Task[None] | None = None  # `corral up`'s sweep of foreign durables (corral/janitor.py)
+    _winding_down: asyncio.Task[None] | None = None  # actors a command stops before its end (stop_early)
+
+    def stop_early(self, names: tuple[str, ...]) -> None:
+        """Begin stopping these actors of this system now, in _shutdown's order, while the command goes on.
+
+        `corral run` whose agent ended: the conductor, the watchdog and the spawner have nothing left to
+        do for it, and their stop (the spawner's shim server, the conductor's fetch) need not be waited
+        for after the summary's queries. _shutdown waits for it before stopping the rest."""
+        if self._winding_down is None and self.owned:
+            chosen = {name: actor for name, actor in self.actors.items() if name in names}
+            self._winding_down = asyncio.create_task(_stop_in_order(chosen), name="corral stop early")
 
     async def projector_started(self) -> None:
         """Wait for this system's projector to have started (raise what stopped its start)."""
@@ -295,9 +316,24 @@ async def _start_actors(
     for name in names:
         if name not in ALL_ACTORS:
             raise CorralError(f"unknown actor {name!r}; known: {', '.join(ALL_ACTORS)}")
-        # Each actor has its own connection as its own NATS user: permissions hold per actor.
-        bus = await _connect(system.url, name=f"corral-{name}", home=home, role=name)
-        system.buses.append(bus)
+    if system.mode == "ephemeral" and "projector" in names:
+        # A command's projector starts first: its DuckDB worker (a process) has the longest way to go.
+        names = ("projector", *(name for name in names if name != "projector"))
+    # Each actor has its own connection as its own NATS user: permissions hold per actor. A command's
+    # connect at once (each is a round trip or more); one that fails: the others are closed by _shutdown.
+    if system.mode == "ephemeral" and names:
+        connecting = [
+            asyncio.ensure_future(_connect(system.url, name=f"corral-{name}", home=home, role=name)) for name in names
+        ]
+        await asyncio.wait(connecting)
+        system.buses += [f.result() for f in connecting if not f.cancelled() and f.exception() is None]
+        for future in connecting:
+            future.result()  # the first failure, if any
+    starting: dict[str, Actor] = {}
+    for index, name in enumerate(names):
+        if system.mode != "ephemeral":
+            system.buses.append(await _connect(system.url, name=f"corral-{name}", home=home, role=name))
+        bus = system.buses[index]
         actor: Actor
         if name == "spawner":
             actor = Spawner(
@@ -361,9 +397,39 @@ async def _start_actors(
             # A command's projector opens its DuckDB worker (a process) while the command goes on:
             # `corral run` starts the agent meanwhile; the API's answers wait for it (issue 20 §6).
             system._projector_start = asyncio.create_task(actor.start(), name="projector start")
+            system.actors[name] = actor
+        elif system.mode == "ephemeral":
+            starting[name] = actor
         else:
             await actor.start()
-        system.actors[name] = actor
+            system.actors[name] = actor
+    # A command's other actors start at once (each creates its consumers: round trips to the server);
+    # `corral run` publishes its request when they all run. One that fails: the others are stopped.
+    results = await asyncio.gather(*(actor.start() for actor in starting.values()), return_exceptions=True)
+    for (name, actor), result in zip(starting.items(), results, strict=True):
+        if not isinstance(result, BaseException):
+            system.actors[name] = actor
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+# The order actors stop in: nothing reacts to the agents a stopping spawner ends (conductor, watchdog);
+# then the spawner (agents end, exits recorded); then their exit checkpoints (checkpointer); then what
+# judges them (validator, approver, notifier). The actors of one group stop at the same time.
+STOP_ORDER: tuple[tuple[str, ...], ...] = (
+    ("conductor", "watchdog"),
+    ("spawner",),
+    ("checkpointer",),
+    ("validator", "approver", "notifier"),
+)
+
+
+async def _stop_in_order(actors: dict[str, Actor]) -> None:
+    for group in STOP_ORDER:
+        stopping = [actors[name].stop() for name in group if name in actors]
+        if stopping:
+            await asyncio.gather(*stopping)
 
 
 async def _shutdown(system: System) -> None:
@@ -376,11 +442,9 @@ async def _shutdown(system: System) -> None:
         with contextlib.suppress(BaseException):
             await system._janitor
     try:
-        # No reaction to the agents a stopping spawner ends; then their exit checkpoints.
-        for name in ("conductor", "watchdog", "spawner", "checkpointer", "validator", "approver", "notifier"):
-            actor = system.actors.get(name)
-            if actor is not None:
-                await actor.stop()
+        if system._winding_down is not None:
+            await system._winding_down  # the actors a command stopped early (System.stop_early)
+        await _stop_in_order({name: actor for name, actor in system.actors.items() if name != "projector"})
         projector = system.projector
         if projector is not None:
             try:
@@ -395,9 +459,7 @@ async def _shutdown(system: System) -> None:
             finally:
                 await projector.stop()
     finally:
-        for bus in (*system.buses, system.bus):
-            with contextlib.suppress(Exception):
-                await bus.close()
+        await asyncio.gather(*(bus.close() for bus in (*system.buses, system.bus)), return_exceptions=True)
         system._closing.set()
         if system._supervisor is not None:
             with contextlib.suppress(Exception):
@@ -546,6 +608,8 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
         async def report(done: int, total: int) -> None:
             if progress:
                 await nc.publish(progress, orjson.dumps({"done": done, "total": total}))
+
+        from projections.rebuild import RebuildRefused, rebuild_database  # (rarely asked: not loaded at start)
 
         try:
             await system.projector_started()
