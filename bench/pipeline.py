@@ -153,7 +153,8 @@ async def bench(tickets: int, max_running: int) -> None:
                     quoted = ", ".join(f"'{i}'" for i in ids)
                     await wait_count(
                         bus,
-                        f"SELECT count(*) FROM executions WHERE execution_id IN ({quoted}) AND state = 'exited'",
+                        f"SELECT count(*) FROM executions WHERE execution_id IN ({quoted}) "
+                        "AND state IN ('exited', 'failed')",  # (a failed start ends it too)
                         2 * tickets,
                         60 + tickets * 5.0,
                     )
