@@ -195,11 +195,15 @@ async def stream(
         if subscriber is None:
             return
         while True:
-            try:
-                got = await asyncio.wait_for(subscriber.queue.get(), heartbeat_s)
-            except TimeoutError:
-                yield b": heartbeat\n\n"
-                continue
+            if subscriber.queue.empty():
+                try:  # (asyncio.timeout, not wait_for: no task made per wake-up of each client)
+                    async with asyncio.timeout(heartbeat_s):
+                        got = await subscriber.queue.get()
+                except TimeoutError:
+                    yield b": heartbeat\n\n"
+                    continue
+            else:
+                got = subscriber.queue.get_nowait()
             ended = got is None
             frames: list[tuple[int, bytes]] = [] if got is None else [got]
             while not ended and len(frames) < BATCH_FRAMES and not subscriber.queue.empty():

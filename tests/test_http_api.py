@@ -388,7 +388,8 @@ def test_an_address_in_use_is_one_line_and_the_default_is_skipped(tmp_path: Path
         (cli.home / "corral.toml").write_text(f'[http]\naddress = "127.0.0.1:{port}"\n')
         up = start_up(cli, "--actors", "projector")  # the configured address is taken: said, and up runs on
         try:
-            wait_until(lambda: "http_url" in json.loads((cli.home / "runtime.json").read_text()), 30, "HTTP decided")
+            runtime = cli.home / "runtime.json"  # (written once `corral up` has started: not at once)
+            wait_until(lambda: runtime.exists() and "http_url" in json.loads(runtime.read_text()), 60, "HTTP decided")
             assert json.loads((cli.home / "runtime.json").read_text())["http_url"] is None
         finally:
             stop_up(cli, up)
