@@ -39,7 +39,7 @@ from corral.ops.base import check_request_size as check_request_size
 from corral.ops.base import export_query as export_query
 from corral.ops.base import known_execution_ids as known_execution_ids
 from corral.ops.base import refuse_secret_env as refuse_secret_env
-from corral.system import System, open_system
+from corral.system import System, actors_for_run, open_system
 from events.envelope import new_event
 from events.schema import all_schemas, event_schema
 from events.subjects import (
@@ -125,7 +125,7 @@ async def cmd_run(home: Home, args: Any) -> int:
             await system.bus.publisher.publish(new_event(execution_id, request, actor="cli"))
         print(execution_id)
         return 0
-    async with open_system(home) as system:
+    async with open_system(home, actors=actors_for_run(load_config(home), request)) as system:
         return await _run_and_follow(system, execution_id, request, quiet=args.quiet)
 
 
@@ -248,6 +248,10 @@ async def _run_and_follow(system: System, execution_id: str, request: ExecutionR
             loop.remove_signal_handler(sig)
     if detached:
         return 130
+    if system.mode == "ephemeral" and outcome.get("kind") in TERMINAL_TYPES:
+        # The agent ended: this command's own watchdog and spawner (and its conductor, for a run of no
+        # template: no breaker to count) stop while the summary is gathered, not after it (issue 20 §6).
+        system.stop_early(("watchdog", "spawner") if request.template else ("conductor", "watchdog", "spawner"))
     if outcome.get("kind") == "execution.exited":
         await _after_exit(system, execution_id, outcome)
     return _summarise(execution_id, outcome, quiet=quiet)
