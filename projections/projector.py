@@ -46,9 +46,10 @@ LINGER_EVENTS = 2000
 # in the DuckDB worker's memory_limit, and no more is asked for while MAX_GATHER_BYTES are gathered
 # (the credit is also scaled down by the messages' running average size).
 BATCH_BYTES = 8 * 1024 * 1024
-# The core log's output lane is cut smaller: while one of its batches is applied, the other lane's
-# events (a flood's exit, what `corral ps` waits for) wait for it (one DuckDB writer).
-OUTPUT_LANE_BATCH_BYTES = 2 * 1024 * 1024
+# The core log's output lane: while one of its batches is applied, the other lane's events (a
+# flood's exit, what `corral ps` waits for) wait for it (one DuckDB writer). 2 MiB halved a flood's
+# apply rate (bench/flood.py: 150 MB queryable after 48 s against 30 s at 8 MiB, load ~6).
+OUTPUT_LANE_BATCH_BYTES = BATCH_BYTES
 MAX_GATHER_BYTES = 48 * 1024 * 1024
 PULL_EXPIRES_S = 5.0
 LOCK_RETRY_S = 2.0
