@@ -29,7 +29,7 @@ from projections.batch import OTHER_LANE, OUTPUT_LANE, Gathered, Prepared, lane_
 from projections.errors import DatabaseLocked, ProjectionError
 from projections.intake import RawClient, status_of, subscribe_deliveries
 from projections.wire import connect_reader
-from projections.worker import LIVE, ApplyWorker, RemoteApplier
+from projections.worker import LIVE, ApplyWorker, RemoteApplier, WorkerFailed
 
 log = logging.getLogger(__name__)
 Applier = RemoteApplier  # what a feed hands its batches to (in the DuckDB worker)
@@ -61,6 +61,12 @@ OUTPUT_CHECK_S = 10.0  # how often a projector without the output stream looks f
 # flood's exit, an approval: the other lane); reading stops at SPILL_MAX_BYTES on disk.
 SPILL_AT_BYTES = 24 * 1024 * 1024
 SPILL_MAX_BYTES = 1024 * 1024 * 1024
+# A DuckDB worker that died or failed an apply (e.g. DuckDB invalidated its database after a failed
+# checkpoint under memory pressure) is replaced: a new worker reopens the file (DuckDB replays its
+# WAL) and the feeds start again from the positions saved with the rows. More failures than this
+# within WORKER_FAILURE_WINDOW_S stop the projector (a failure that repeats is not transient).
+WORKER_RESTARTS = 3
+WORKER_FAILURE_WINDOW_S = 60.0
 
 
 def lock_holder(detail: str) -> str:
@@ -363,6 +369,8 @@ class Projector(Actor):
         self._output_checked = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self.locked_out: str | None = None  # why the DuckDB file cannot be opened yet, if it cannot
+        self.worker_restarts = 0  # DuckDB workers replaced after a failure (health, docs/runbook.md)
+        self._worker_failures: deque[float] = deque()
 
     @property
     def position(self) -> int:
@@ -404,6 +412,8 @@ class Projector(Actor):
             record["output_position"] = self.output_position
         if self.locked_out:
             record["locked_out"] = self.locked_out
+        if self.worker_restarts:
+            record["worker_restarts"] = self.worker_restarts
         return record
 
     async def prepare(self) -> None:
@@ -523,8 +533,13 @@ class Projector(Actor):
         try:
             while not self.stopping.is_set():
                 if applying is not None and applying.done():
-                    applying.result()  # a failed apply stops the projector, as it did inline
-                    applying = None
+                    failed, applying = applying, None
+                    try:
+                        failed.result()
+                    except WorkerFailed as exc:
+                        if not await self._replace_worker(exc):
+                            raise  # it keeps failing: the projector stops (corral up says so)
+                        continue
                 broken = getattr(self._intake, "error", None) is not None or any(f.silent() for f in self.feeds)
                 if broken or self._resync_all or any(f.lost for f in self.feeds):
                     if applying is not None:
@@ -635,6 +650,36 @@ class Projector(Actor):
             self._arrived.set()
         async with self.position_changed:
             self.position_changed.notify_all()
+
+    async def _replace_worker(self, exc: WorkerFailed) -> bool:
+        """The DuckDB worker died or failed an apply: end it, open the file in a new one, and read
+        the log again from the positions saved with the rows (nothing applied twice, nothing lost).
+        False when it failed too often lately, or the projector stops meanwhile."""
+        now = time.monotonic()
+        while self._worker_failures and now - self._worker_failures[0] > WORKER_FAILURE_WINDOW_S:
+            self._worker_failures.popleft()
+        self._worker_failures.append(now)
+        if len(self._worker_failures) > WORKER_RESTARTS:
+            log.error(
+                "projector: the DuckDB worker failed %d times within %gs: %s",
+                len(self._worker_failures),
+                WORKER_FAILURE_WINDOW_S,
+                exc,
+            )
+            return False
+        log.error("projector: %s; starting a new DuckDB worker, reading again from the applied positions", exc)
+        async with self._lock:
+            worker, self.worker = self.worker, None
+            self.applier = self.output_applier = None
+            if worker is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, 9)
+                await asyncio.to_thread(worker.kill)
+        self.worker_restarts += 1
+        if not await self._try_open() and not await self._wait_for_database():
+            return False
+        self._resync_all = True  # every feed starts again right after what the new worker reports applied
+        return True
 
     async def _connect(self) -> None:
         self._intake = await connect_reader(

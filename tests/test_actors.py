@@ -158,3 +158,27 @@ async def test_projector_killed_mid_stream_gives_the_rows_of_a_clean_run(bus: Bu
     assert len(clean["events"]) == last
     assert len(clean["output"]) == 300 * 200
     assert crashed == clean
+
+
+async def test_projector_replaces_a_failed_duckdb_worker(bus: Bus, tmp_path: Path) -> None:
+    """The DuckDB worker killed mid-stream (as when DuckDB invalidates its database after a failed
+    checkpoint): the projector starts a new one, reads on from the saved positions, and every
+    event is applied exactly once; corral up does not stop."""
+    first = await _publish_history(bus, executions=100, chunks=100)  # ~10k events
+    database = tmp_path / "healed.duckdb"
+    async with Projector(bus, database=database, tmp_dir=tmp_path / "t") as projector:
+        assert await projector.wait_for_position(1, timeout_s=60)
+        assert projector.worker is not None
+        killed = projector.worker.pid
+        os.kill(killed, signal.SIGKILL)
+        last = await _publish_history(bus, executions=50, chunks=100)
+        assert last > first
+        assert await projector.wait_for_position(last, timeout_s=120), "the projector did not catch up"
+        assert projector.worker_restarts == 1
+        assert projector.worker is not None and projector.worker.pid != killed
+        assert projector.health()["worker_restarts"] == 1
+        assert projector._main is not None and not projector._main.done()
+        counts = projector.query("SELECT count(*), count(DISTINCT seq), max(seq) FROM events", max_rows=1)["rows"][0]
+        assert counts == [last, last, last]
+        outputs = projector.query("SELECT count(*) FROM output", max_rows=1)["rows"][0]
+        assert outputs == [150 * 100]
