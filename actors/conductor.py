@@ -1097,15 +1097,45 @@ class Conductor(Actor):
         if isinstance(ended, PipelineFinished):
             last = await self._last(run_id, "stage.finished")
             result = last.result if isinstance(last, StageFinished) else None
-            await self._ticket_finished(ticket_id, ended.outcome, run_id, ended.reason, result)
+            hooks = await self._hook_results(run_id)
+            await self._ticket_finished(ticket_id, ended.outcome, run_id, ended.reason, result, hooks)
+
+    async def _hook_results(self, run_id: str) -> tuple[dict[str, Any], ...]:
+        """What each hook stage (a `run` shell line: a verifier, a deploy) of the run ended with, in order."""
+        requested = await self._last(run_id, "pipeline.requested")
+        if not isinstance(requested, PipelineRequested):
+            return ()
+        hook_stages = {spec.get("name") for spec in requested.stages if spec.get("run")}
+        if not hook_stages:
+            return ()
+        hooks = []
+        async for _, event in self._stored(event_subject(run_id, "stage.finished"), 1):
+            data = event.data
+            if isinstance(data, StageFinished) and data.stage in hook_stages:
+                hooks.append(
+                    {
+                        "stage": data.stage,
+                        "step": data.step,
+                        "outcome": data.outcome,
+                        "exit_code": data.exit_code,
+                        "result": data.result,
+                    }
+                )
+        return tuple(hooks)
 
     async def _ticket_finished(
-        self, ticket_id: str, outcome: str, run_id: str, reason: str | None, result: str | None
+        self,
+        ticket_id: str,
+        outcome: str,
+        run_id: str,
+        reason: str | None,
+        result: str | None,
+        hooks: tuple[dict[str, Any], ...] = (),
     ) -> None:
         with contextlib.suppress(WrongLastSequence):
             await self.bus.emit(
                 ticket_id,
-                TicketFinished(outcome=outcome, run_id=run_id, reason=reason, result=result),  # type: ignore[arg-type]
+                TicketFinished(outcome=outcome, run_id=run_id, reason=reason, result=result, hooks=hooks),  # type: ignore[arg-type]
                 actor=self.instance,
                 expected_last_subject_seq=0,
             )

@@ -178,8 +178,17 @@ async def create(
 
 
 async def list_tickets(client: Client) -> list[dict[str, Any]]:
-    """`corral tickets --json` (and `GET /api/tickets`): newest first, with the last stage's result."""
-    return await client.records(f"SELECT {COLUMNS}, result FROM tickets ORDER BY created_seq DESC")
+    """`corral tickets --json` (and `GET /api/tickets`): newest first, with the last stage's result
+    and each hook stage's (`hooks`: stage, step, outcome, exit_code, result; from `ticket.finished`)."""
+    rows = await client.records(
+        f"SELECT {COLUMNS}, result, (SELECT CAST(e.data->'hooks' AS VARCHAR) FROM events e"
+        " WHERE e.type = 'ticket.finished' AND e.execution_id = tickets.ticket_id LIMIT 1) AS hooks"
+        " FROM tickets ORDER BY created_seq DESC"
+    )
+    for row in rows:
+        hooks = row.get("hooks")
+        row["hooks"] = orjson.loads(hooks) if isinstance(hooks, str) else []
+    return rows
 
 
 async def add_tickets(client: Client, specs: list[TicketSpec]) -> list[dict[str, Any]]:

@@ -808,12 +808,15 @@ class TicketClaimed(EventData):
 
 @event_type("ticket.finished")
 class TicketFinished(EventData):
-    """The ticket's run ended: the ticket is done (`passed`) or not, with the last stage's result."""
+    """The ticket's run ended: the ticket is done (`passed`) or not, with the last stage's result and
+    the result of each hook stage it ran (verifier, deploy: docs/orchestration.md#tickets)."""
 
     outcome: Literal["passed", "failed", "cancelled"]
     run_id: str
     reason: str | None = None
     result: str | None = None
+    # each hook stage the run ran (a verifier, a deploy), in order: stage, step, outcome, exit_code, result
+    hooks: tuple[dict[str, Any], ...] = ()
 
 
 # --- schedules (conductor) -------------------------------------------------------------------------

@@ -405,7 +405,8 @@ def test_tickets_run_through_their_pipeline_and_record_the_verifier(cli: Cli, re
         cli,
         '[[pipelines.work.stages]]\nname = "do"\ncommand = ["sh", "-c", "echo doing {{title}}: {{goal}}"]\n'
         '[[pipelines.work.stages]]\nname = "verify"\n'
-        "run = \"echo checked {{ticket_id}}; test {{goal}} != broken || { echo '1 failed: test_goal'; exit 1; }\"\n",
+        "run = \"echo checked {{ticket_id}}; test {{goal}} != broken || { echo '1 failed: test_goal'; exit 1; }\"\n"
+        '[[pipelines.work.stages]]\nname = "deploy"\nrun = "echo deployed {{ticket_id}}"\n',
     )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"title": "ok", "goal": "fine"}\n{"title": "", "goal": "x"}\n')
@@ -444,6 +445,15 @@ def test_tickets_run_through_their_pipeline_and_record_the_verifier(cli: Cli, re
         run = run_status(cli, failed["run_id"])
         assert [s["stage"] for s in run["steps"]] == ["do", "verify"]
         assert "doing third: broken" in run["steps"][0]["result"]
+        # each hook stage's result is on the ticket: the verifier's, and the deploy's of a passed one
+        hooks = {i: done[i]["hooks"] for i in (first, third)}  # type: ignore[index]
+        assert [(h["stage"], h["outcome"], h["exit_code"]) for h in hooks[first]] == [
+            ("verify", "passed", 0),
+            ("deploy", "passed", 0),
+        ]
+        assert f"checked {first}" in hooks[first][0]["result"] and f"deployed {first}" in hooks[first][1]["result"]
+        assert [(h["stage"], h["exit_code"]) for h in hooks[third]] == [("verify", 1)]
+        assert "1 failed: test_goal" in hooks[third][0]["result"]
     finally:
         stop_up(cli, up)
 
