@@ -167,7 +167,9 @@ class Actor:
                 # A failed loop was already reported to whoever awaited wait(); stopping goes on.
                 pass
         await self.on_stop()
-        if self._health is not None:
+        # With the server away (a stop while NATS is down) the delete would wait out its timeout for
+        # every actor, one group after another: the record is left (it shows as stale in `corral health`).
+        if self._health is not None and self.bus.nc.is_connected:
             with contextlib.suppress(Exception):
                 await self._health.delete(self.health_key)
 

@@ -450,7 +450,9 @@ async def _shutdown(system: System) -> None:
             try:
                 with contextlib.suppress(Exception):
                     await system.projector_started()
-                    if not projector.locked_out:  # a locked-out projector has nothing to catch up now
+                    # a locked-out projector has nothing to catch up now; with the server away, the log's
+                    # end cannot be read (the rest is applied from the saved position at the next start)
+                    if not projector.locked_out and system.bus.nc.is_connected:
                         await projector.wait_for_position(
                             await last_sequence(system.bus.js),
                             timeout_s=10.0,

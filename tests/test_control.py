@@ -429,3 +429,21 @@ def test_health_lists_every_actor_of_the_running_system(cli: Cli, up: subprocess
     assert all(actor["pid"] == up.pid for actor in report["actors"])  # type: ignore[index]
     table = cli("health", check=True).stdout
     assert "watchdog" in table and "ALIVE" in table
+
+
+def test_up_stops_while_its_nats_server_is_away(cli: Cli, repo: Path, nats_server) -> None:
+    """SIGTERM to a `corral up` whose (external) NATS server died: it stops instead of waiting out a
+    request timeout per actor and per step (80 s here before: health records, the log's end)."""
+    up = start_up(cli)
+    nats_server.process.kill()
+    nats_server.process.wait()
+    time.sleep(2)  # its connections notice and start reconnecting
+    up.send_signal(signal.SIGTERM)
+    try:
+        code = up.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        up.kill()
+        up.wait()
+        raise AssertionError("corral up did not stop within 60 s of SIGTERM with its NATS server away") from None
+    assert code == 0
+    assert up.stderr is not None and "stopped" in up.stderr.read()
