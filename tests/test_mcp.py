@@ -276,6 +276,9 @@ def test_claude_code_starts_a_run_through_the_corral_mcp_server(cli: Cli, repo: 
                 ("mcp__corral__run", {"repo": str(repo), "command": command, "labels": {"by": "claude"}})
             ]
             env, _ = isolated_env("claude-code", cli.env, tmp_path, model)
+            # `claude -p` does not wait for MCP servers by default: on a loaded machine its first request
+            # went out while `corral mcp` was still starting (status "pending"), without the tool
+            env.update(MCP_CONNECTION_NONBLOCKING="0", MCP_TIMEOUT="120000")
             corral_env = {name: cli.env[name] for name in ("CORRAL_HOME", "CORRAL_NATS_URL")}
             server = {"command": sys.executable, "args": ["-m", "corral", "mcp", "--role", "coordinator"]}
             config = {"mcpServers": {"corral": {**server, "env": corral_env}}}
