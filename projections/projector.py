@@ -526,7 +526,6 @@ class Projector(Actor):
         if not await self._wait_for_database():
             return
         assert self.applier is not None
-        self._background(self._wake_on_stop())
         await self._connect()
         await self._check_output_stream()
         applying: asyncio.Task[None] | None = None
@@ -565,7 +564,7 @@ class Projector(Actor):
                     # Reading goes on while a batch is applied in the worker.
                     self._arrived.clear()
                     if self.stopping.is_set():
-                        continue  # set meanwhile: the loop ends (_wake_on_stop set _arrived before the clear)
+                        continue  # stop() set _arrived before this clear: the loop ends
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._arrived.wait(), 0.25)
                     continue
@@ -656,12 +655,11 @@ class Projector(Actor):
         async with self.position_changed:
             self.position_changed.notify_all()
 
-    async def _wake_on_stop(self) -> None:
-        """A stop ends the loop at once, not after the wait it is in (up to 0.25 s of every
-        `corral run`'s stop, issue 20 §6)."""
-        await self.stopping.wait()
+    async def stop(self) -> None:
+        # the loop's wait ends now, not after up to 0.25 s (every `corral run`'s stop; as Spawner.stop)
         self._arrived.set()
         self._urgent.set()
+        await super().stop()
 
     async def _replace_worker(self, exc: WorkerFailed) -> bool:
         """The DuckDB worker died or failed an apply: end it, open the file in a new one, and read
