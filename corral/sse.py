@@ -19,6 +19,7 @@ path of corral/http.py is used instead.
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,7 +34,8 @@ from replay.history import follow
 log = logging.getLogger(__name__)
 
 QUEUE_FRAMES = 20000  # a client further behind than this is ended (it resumes with Last-Event-ID)
-BATCH_FRAMES = 512  # frames written at once when a client has a backlog: one write, not 512
+BATCH_FRAMES = 512  # catch-up frames written at once when a client has a backlog: one write, not 512
+FLUSH_S = 0.005  # live frames arriving within this long reach each client as one batch (one write)
 
 
 def frame(seq: int, data: bytes) -> bytes:
@@ -50,27 +52,74 @@ def frame(seq: int, data: bytes) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, kind, orjson.dumps(event))
 
 
+class Batch:
+    """Consecutive live frames handed to every client at once: their bytes joined once."""
+
+    __slots__ = ("data", "first", "frames", "last")
+
+    def __init__(self, frames: list[tuple[int, bytes]]) -> None:
+        self.frames = frames
+        self.first = frames[0][0]
+        self.last = frames[-1][0]
+        self.data = b"".join(data for _, data in frames)
+
+
 class Subscriber:
-    """One client's place in a hub: its frames, in order, with their sequences."""
+    """One client's place in a hub: the batches not yet written to it, in order."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=QUEUE_FRAMES)
+        self.batches: deque[Batch] = deque()
+        self.pending = 0  # frames in `batches`
         self.overflowed = False
+        self._waiter: asyncio.Future[None] | None = None
 
-    def offer(self, seq: int, data: bytes) -> None:
+    def offer(self, batch: Batch) -> None:
         if self.overflowed:
             return
+        if self.pending + len(batch.frames) > QUEUE_FRAMES:
+            self.overflowed = True  # ended at its next read; it resumes from the last id it got
+            self.batches.clear()
+            self.pending = 0
+        else:
+            self.batches.append(batch)
+            self.pending += len(batch.frames)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Until a batch is queued (True) or `timeout_s` passed (False)."""
+        if self.batches or self.overflowed:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, _settle, waiter)
         try:
-            self.queue.put_nowait((seq, data))
-        except asyncio.QueueFull:
-            self.overflowed = True  # ended at its next read; it resumes from its last id
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.get_nowait()
-                self.queue.put_nowait(None)
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        return bool(self.batches or self.overflowed)
+
+    def take(self) -> list[Batch]:
+        batches = list(self.batches)
+        self.batches.clear()
+        self.pending = 0
+        return batches
+
+
+def _settle(waiter: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Hub:
-    """The live events of one subject pattern, read once (an ordered consumer from now on)."""
+    """The live events of one subject pattern, read once (an ordered consumer from now on).
+
+    Frames are handed out in batches: the first event after a quiet spell goes out at once (in the
+    same pass of the loop), later ones wait until FLUSH_S after the last hand-out. At 1,000 events/s
+    and 100 clients that is ~200 writes/s per client at most instead of 1,000 (each write is a
+    wake-up of the client's task, a pass through Starlette and uvicorn, and a system call)."""
 
     def __init__(self, js: JetStreamContext, subject: str) -> None:
         self.js = js
@@ -78,13 +127,31 @@ class Hub:
         self.subscribers: set[Subscriber] = set()
         self._sub: Any = None
         self._lock = asyncio.Lock()
+        self._frames: list[tuple[int, bytes]] = []
+        self._timer: asyncio.Handle | None = None
+        self._flushed = 0.0  # loop time of the last hand-out
+
+    def _add(self, seq: int, data: bytes) -> None:
+        self._frames.append((seq, data))
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            delay = self._flushed + FLUSH_S - loop.time()
+            self._timer = loop.call_soon(self._flush) if delay <= 0 else loop.call_later(delay, self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        self._flushed = asyncio.get_running_loop().time()
+        frames, self._frames = self._frames, []
+        if not frames:
+            return
+        batch = Batch(frames)
+        for subscriber in list(self.subscribers):
+            subscriber.offer(batch)
 
     async def _start(self) -> None:
         async def on_msg(msg: Msg) -> None:
             seq = int(msg.metadata.sequence.stream)
-            data = frame(seq, msg.data)
-            for subscriber in list(self.subscribers):
-                subscriber.offer(seq, data)
+            self._add(seq, frame(seq, msg.data))
 
         self._sub = await self.js.subscribe(
             self.subject,
@@ -102,6 +169,9 @@ class Hub:
         async with self._lock:
             if self._sub is None:
                 await self._start()
+            elif self._timer is not None:  # what was stored before it joined goes to the others only
+                self._timer.cancel()
+                self._flush()
             subscriber = Subscriber()
             self.subscribers.add(subscriber)
             return subscriber
@@ -111,12 +181,20 @@ class Hub:
             self.subscribers.discard(subscriber)
             if not self.subscribers and self._sub is not None:
                 sub, self._sub = self._sub, None
+                self._drop_pending()
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    def _drop_pending(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._frames = []
 
     async def close(self) -> None:
         async with self._lock:
             self.subscribers.clear()
+            self._drop_pending()
             if self._sub is not None:
                 with contextlib.suppress(Exception):
                     await self._sub.unsubscribe()
@@ -195,29 +273,19 @@ async def stream(
         if subscriber is None:
             return
         while True:
-            if subscriber.queue.empty():
-                try:  # (asyncio.timeout, not wait_for: no task made per wake-up of each client)
-                    async with asyncio.timeout(heartbeat_s):
-                        got = await subscriber.queue.get()
-                except TimeoutError:
-                    yield b": heartbeat\n\n"
-                    continue
-            else:
-                got = subscriber.queue.get_nowait()
-            ended = got is None
-            frames: list[tuple[int, bytes]] = [] if got is None else [got]
-            while not ended and len(frames) < BATCH_FRAMES and not subscriber.queue.empty():
-                queued = subscriber.queue.get_nowait()
-                if queued is None:
-                    ended = True
-                else:
-                    frames.append(queued)
-            shown = [data for seq, data in frames if seq > last]
-            if frames:
-                last = max(last, frames[-1][0])
+            if not await subscriber.wait(heartbeat_s):
+                yield b": heartbeat\n\n"
+                continue
+            shown: list[bytes] = []
+            for batch in subscriber.take():
+                if batch.first > last:
+                    shown.append(batch.data)
+                elif batch.last > last:  # what the catch-up already sent is skipped
+                    shown.extend(data for seq, data in batch.frames if seq > last)
+                last = max(last, batch.last)
             if shown:
                 yield b"".join(shown)
-            if ended:
+            if subscriber.overflowed:
                 return  # too slow for the live rate: the client reconnects with Last-Event-ID
     finally:
         if hub is not None and subscriber is not None:
