@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -169,7 +170,7 @@ class Checkpointer(Actor):
         self._pending_history = 0
         self.caught_up = asyncio.Event()
         self._awaiting_promotion: set[str] = set()  # shadow executions checkpointed here, not promoted yet
-        self.stats = {"checkpoints": 0, "skipped": 0, "rollbacks": 0, "commits": 0, "failed": 0}
+        self.stats = {"checkpoints": 0, "skipped": 0, "rollbacks": 0, "commits": 0, "failed": 0, "exits_caught_up": 0}
         self._handlers: dict[str, Callable[[_Execution, dict[str, Any], int, bool], None]] = {
             "workspace.created": self._on_workspace,
             "execution.started": self._on_started,
@@ -263,10 +264,41 @@ class Checkpointer(Actor):
 
     def _on_caught_up(self) -> None:
         self.caught_up.set()
-        # Executions that ended while no checkpointer ran: take their exit checkpoint now.
+        # Executions that ended while no checkpointer ran: take their exit checkpoint now. One whose
+        # exit was looked at already and had nothing new (no checkpoint.created tells that) is left:
+        # without its mark, every start of a checkpointer looked at every finished worktree again.
+        checked = self._exits_checked()
+        for execution_id in checked:
+            known = self.executions.get(execution_id)
+            if known is None or known.removed:  # its worktree is gone: the mark is no longer needed
+                with contextlib.suppress(OSError):
+                    (self._exit_marks / execution_id).unlink()
         for ex in self.executions.values():
-            if ex.ended_seq and ex.ended_seq > ex.cp_seq and self.settings.on_exit and ex.ready():
+            if (
+                ex.ended_seq
+                and ex.ended_seq > ex.cp_seq
+                and self.settings.on_exit
+                and ex.execution_id not in checked
+                and ex.ready()
+            ):
+                self.stats["exits_caught_up"] += 1
                 self._trigger(ex, "exit", None)
+
+    @property
+    def _exit_marks(self) -> Path:
+        """One empty file per execution whose exit checkpoint found nothing changed (this host's worktrees)."""
+        return self.state_dir / "exit-checked"
+
+    def _exits_checked(self) -> set[str]:
+        try:
+            return set(os.listdir(self._exit_marks))
+        except FileNotFoundError:
+            return set()
+
+    def _mark_exit_checked(self, ex: _Execution) -> None:
+        with contextlib.suppress(OSError):
+            self._exit_marks.mkdir(parents=True, exist_ok=True)
+            (self._exit_marks / ex.execution_id).touch()
 
     def _resolve(self, raw: dict[str, Any]) -> None:
         cause = raw.get("causation_id")
@@ -324,6 +356,9 @@ class Checkpointer(Actor):
 
     def _on_removed(self, ex: _Execution, raw: dict[str, Any], seq: int, live: bool) -> None:
         ex.removed = True
+        if live:  # (one removed before this start: its mark is dropped once the history is read)
+            with contextlib.suppress(OSError):
+                (self._exit_marks / ex.execution_id).unlink()
 
     def _on_approval(self, ex: _Execution, raw: dict[str, Any], seq: int, live: bool) -> None:
         if raw["data"].get("source") == "validator":
@@ -502,6 +537,8 @@ class Checkpointer(Actor):
         touched_before = ex.touched
         if snap is None:
             self.stats["skipped"] += 1
+            if trigger == "exit":  # the worktree as it ended is checkpointed already: not again at a start
+                self._mark_exit_checked(ex)
             ex.dirty = ex.touched > touched_before
             ex.touched = 0
             ex.last_checkpoint_at = time.monotonic()

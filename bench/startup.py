@@ -57,6 +57,9 @@ def timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, fl
 def corral_run(tree: Path | None, home: Path, repo: Path, root: Path, agent: list[str]) -> tuple[float, float]:
     env = {**os.environ, "CORRAL_HOME": str(home)}
     env.pop("CORRAL_NATS_URL", None)
+    # as an installed corral runs: with Python's bytecode cache (pip compiles what it installs; a
+    # shell with PYTHONDONTWRITEBYTECODE=1 made every run compile Corral's modules again, ~0.15 s)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return timed([sys.executable, "-m", "corral", "run", "--repo", str(repo), "-q", "--", *agent], env, root)
@@ -90,6 +93,9 @@ def traced_run(tree: Path | None, home: Path, repo: Path, root: Path, agent: lis
     """One `corral run` through bench/startup_phases.py: {mark: seconds since the launch}."""
     env = {**os.environ, "CORRAL_HOME": str(home)}
     env.pop("CORRAL_NATS_URL", None)
+    # as an installed corral runs: with Python's bytecode cache (pip compiles what it installs; a
+    # shell with PYTHONDONTWRITEBYTECODE=1 made every run compile Corral's modules again, ~0.15 s)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     command = [sys.executable, str(PHASE_SCRIPT), "run", "--repo", str(repo), "-q", "--", *agent]

@@ -63,6 +63,12 @@ def wrap(owner: Any, name: str, label: str) -> None:
 def main() -> int:
     mark("interpreter ready")
     atexit.register(_report)
+    import corral.entry as entry
+
+    start_early = getattr(entry, "_start_early", None)  # the projector's worker, first thing (as main() does)
+    if start_early is not None:
+        start_early()
+        mark("worker started early")
     import corral.cli as cli
 
     mark("imported")

@@ -44,10 +44,9 @@ from events.auth import (
 from events.stream import ensure_health_bucket, ensure_output_retention
 from events.subjects import API_EXPORT, API_POSITION, API_REBUILD, API_SNAPSHOT, API_SQL, STREAM
 from events.types import ExecutionRequested
+from projections.errors import MAX_BYTES as MAX_ANSWER_BYTES
 from projections.errors import ProjectionError, QueryError
 from projections.projector import Projector
-from projections.query import MAX_BYTES as MAX_ANSWER_BYTES
-from projections.query import check_statement
 from projections.worker import DEFAULT_QUERY_TIMEOUT_S
 from replay.history import last_sequence
 
@@ -459,15 +458,20 @@ async def _shutdown(system: System) -> None:
                             output_seq=await projector.output_last_sequence(),
                         )
             finally:
+                projector.close_later = True  # its DuckDB worker checkpoints while the server stops
                 await projector.stop()
     finally:
-        await asyncio.gather(*(bus.close() for bus in (*system.buses, system.bus)), return_exceptions=True)
-        system._closing.set()
-        if system._supervisor is not None:
-            with contextlib.suppress(Exception):
-                await system._supervisor  # a restart in progress ends before the server is stopped
-        if system.server is not None:
-            await asyncio.to_thread(system.server.stop)
+        try:
+            await asyncio.gather(*(bus.close() for bus in (*system.buses, system.bus)), return_exceptions=True)
+            system._closing.set()
+            if system._supervisor is not None:
+                with contextlib.suppress(Exception):
+                    await system._supervisor  # a restart in progress ends before the server is stopped
+            if system.server is not None:
+                await asyncio.to_thread(system.server.stop)
+        finally:
+            if system.projector is not None:
+                await system.projector.wait_closed()
 
 
 async def _supervise_server(system: System, server: EmbeddedServer) -> None:
@@ -530,6 +534,18 @@ def _move_export(written: Path, target: Path) -> None:
         written.unlink(missing_ok=True)
 
 
+async def _check_statement(projector: Projector, sql: str) -> None:
+    """Refuse what is not one query (projections/query.py) before waiting for the projector's
+    position: in its DuckDB worker (this process does not import DuckDB), or here when none is open."""
+    worker = projector.worker
+    if worker is None:
+        from projections.query import check_statement
+
+        check_statement(sql)
+        return
+    await asyncio.wrap_future(worker.submit_check(sql))
+
+
 async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S) -> None:
     projector = system.projector
     if projector is None:
@@ -549,7 +565,7 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
                 raise ProjectionError(f"the projector cannot answer yet: {projector.locked_out}")
             snapshot = export == "snapshot"
             if not snapshot:
-                check_statement(request["sql"])  # refused at once, before waiting for the position
+                await _check_statement(projector, request["sql"])  # refused at once, before waiting for the position
             target = (_snapshot_target if snapshot else _export_target)(request["path"]) if export else None
             grace = request.get("output_grace_s")  # a listing (corral ps): output still applied may wait
             await projector.wait_for_position(

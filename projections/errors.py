@@ -1,4 +1,6 @@
-"""Errors raised by the projections package."""
+"""Errors raised by the projections package, and the size limit of a query's answer."""
+
+MAX_BYTES = 7 * 1024 * 1024  # a query's answer: below NATS's max_payload of the shipped nats.conf (8MB)
 
 
 class ProjectionError(Exception):

@@ -30,10 +30,9 @@ import duckdb
 import orjson
 
 from projections.database import CATALOG
-from projections.errors import QueryError, QueryRefused, QueryTimeout
+from projections.errors import MAX_BYTES, QueryError, QueryRefused, QueryTimeout
 
 MAX_ROWS = 10000
-MAX_BYTES = 7 * 1024 * 1024  # below NATS's max_payload of the shipped nats.conf (8MB)
 DEFAULT_TIMEOUT_S = 10.0
 FETCH_ROWS = 1000
 INTERRUPT_EVERY_S = 0.05

@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
-import duckdb
 import orjson
 
 from corral.errors import NotFound, UsageError
@@ -54,6 +53,8 @@ def _type_filter(event_type: str | None) -> str:
 
 def check_regex(pattern: str) -> None:
     """Raise a UsageError naming the problem when DuckDB (RE2) cannot compile the pattern."""
+    import duckdb  # here: a `corral run` does not load DuckDB (its projector's worker process does)
+
     con = duckdb.connect()
     try:
         con.execute("SELECT regexp_matches('', ?)", [pattern])
