@@ -71,7 +71,11 @@ class Subscriber:
         self.batches: deque[Batch] = deque()
         self.pending = 0  # frames in `batches`
         self.overflowed = False
+        self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
+        self._written = self._loop.time()  # when it was last given something to write
+        self._timer: asyncio.TimerHandle | None = None  # its heartbeat: one timer, not one per wait
+        self._beat_due = False
 
     def offer(self, batch: Batch) -> None:
         if self.overflowed:
@@ -83,34 +87,50 @@ class Subscriber:
         else:
             self.batches.append(batch)
             self.pending += len(batch.frames)
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait(self, timeout_s: float) -> bool:
-        """Until a batch is queued (True) or `timeout_s` passed (False)."""
+    def _beat(self, quiet_s: float) -> None:
+        due = self._written + quiet_s
+        if self._loop.time() < due:  # it wrote since the timer was set: wait for the rest
+            self._timer = self._loop.call_at(due, self._beat, quiet_s)
+            return
+        self._timer = None
+        self._beat_due = True
+        self._wake()
+
+    async def wait(self, quiet_s: float) -> bool:
+        """Until a batch is queued (True) or nothing was written for `quiet_s` (False: a heartbeat)."""
+        if not (self.batches or self.overflowed or self._beat_due):
+            waiter = self._waiter = self._loop.create_future()
+            if self._timer is None:
+                self._timer = self._loop.call_at(self._written + quiet_s, self._beat, quiet_s)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
         if self.batches or self.overflowed:
             return True
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout_s, _settle, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
-        return bool(self.batches or self.overflowed)
+        self._beat_due = False
+        self._written = self._loop.time()
+        return False
 
     def take(self) -> list[Batch]:
         batches = list(self.batches)
         self.batches.clear()
         self.pending = 0
+        self._written = self._loop.time()
+        self._beat_due = False  # (what it writes now keeps the stream alive as well)
         return batches
 
-
-def _settle(waiter: "asyncio.Future[None]") -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class Hub:
@@ -177,6 +197,7 @@ class Hub:
             return subscriber
 
     async def leave(self, subscriber: Subscriber) -> None:
+        subscriber.close()
         async with self._lock:
             self.subscribers.discard(subscriber)
             if not self.subscribers and self._sub is not None:
@@ -193,6 +214,8 @@ class Hub:
 
     async def close(self) -> None:
         async with self._lock:
+            for subscriber in self.subscribers:
+                subscriber.close()
             self.subscribers.clear()
             self._drop_pending()
             if self._sub is not None:

@@ -139,3 +139,21 @@ async def test_a_client_too_slow_is_ended_and_resumes_without_loss(bus: Bus, mon
         assert seen + rest + after == seqs, "resumed after its last id: nothing lost, nothing twice"
     finally:
         await close([slow, fast], tasks, hub)
+
+
+async def test_a_quiet_stream_gets_heartbeats_between_events(bus: Bus) -> None:
+    execution_id = new_execution_id()
+    subject = execution_events(execution_id)
+    hub = sse.Hub(bus.js, subject)
+    body = sse.stream(bus.js, hub, subject, start_seq=None, heartbeat_s=0.2)
+    try:
+        assert await anext(body) == b"retry: 1000\n\n"
+        assert await asyncio.wait_for(anext(body), 30) == b": heartbeat\n\n"  # (it joined the hub meanwhile)
+        [seq] = await publish(bus, execution_id, 1)
+        chunk = await asyncio.wait_for(anext(body), 30)
+        while chunk == b": heartbeat\n\n":  # one may have been due before the event came
+            chunk = await asyncio.wait_for(anext(body), 30)
+        assert [int(m[0]) for m in FRAME.findall(chunk)] == [seq]
+        assert await asyncio.wait_for(anext(body), 30) == b": heartbeat\n\n"
+    finally:
+        await close([body], [], hub)
