@@ -305,6 +305,38 @@ class Client:
     ) -> list[dict[str, Any]]:
         """`corral ps`: executions, those needing a human first, then newest first; a page of `limit`
         rows from `offset` of that order (the order is SQL's: a page never misses one needing you)."""
+        rows = await self.records(
+            self._executions_sql(all=all, state=state, label=label, limit=limit, offset=offset),
+            output_grace_s=PS_OUTPUT_GRACE_S,
+        )
+        attention.annotate(rows)
+        return rows
+
+    async def executions_page(
+        self, *, all: bool = False, state: str | None = None, label: str | None = None, limit: int, offset: int = 0
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """`executions` and `count_executions` at once: (how many there are, the page). One query,
+        so one round trip to the projector instead of two (GET /api/executions)."""
+        sql = self._executions_sql(all=all, state=state, label=label, limit=limit, offset=offset, total=True)
+        rows = await self.records(sql, output_grace_s=PS_OUTPUT_GRACE_S)
+        total = int(rows[0].pop("_total")) if rows else None
+        for row in rows[1:]:
+            del row["_total"]
+        attention.annotate(rows)
+        if total is None:  # an empty page: past the end, or nothing to list
+            total = await self.count_executions(all=all, state=state, label=label) if offset else 0
+        return total, rows
+
+    def _executions_sql(
+        self,
+        *,
+        all: bool,
+        state: str | None,
+        label: str | None,
+        limit: int | None,
+        offset: int,
+        total: bool = False,
+    ) -> str:
         if (limit is not None and limit < 1) or offset < 0:
             raise UsageError("limit must be 1 or more and offset 0 or more")
         clause = self._filter(all=all, state=state, label=label)
@@ -314,13 +346,9 @@ class Client:
             "OR execution_id IN (SELECT execution_id FROM validations WHERE NOT passed))"
         )
         order = f"{needing} DESC, requested_at DESC"
-        page_sql = f"SELECT {PS_COLUMNS} FROM executions {clause} ORDER BY {order} {page}"
-        rows = await self.records(
-            attention.annotated(page_sql, "coalesce(_pending, 0) + coalesce(_failed, 0) = 0, requested_at DESC"),
-            output_grace_s=PS_OUTPUT_GRACE_S,
-        )
-        attention.annotate(rows)
-        return rows
+        columns = f"{PS_COLUMNS}, (SELECT count(*) FROM executions {clause}) AS _total" if total else PS_COLUMNS
+        page_sql = f"SELECT {columns} FROM executions {clause} ORDER BY {order} {page}"
+        return attention.annotated(page_sql, "coalesce(_pending, 0) + coalesce(_failed, 0) = 0, requested_at DESC")
 
     async def count_executions(self, *, all: bool = False, state: str | None = None, label: str | None = None) -> int:
         """How many executions `executions` would list without a limit."""

@@ -286,10 +286,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     ) -> Response:
         """Executions, those needing a human first, then newest first (`corral ps --all --json`): a page of
         `limit` from `offset`; the header `X-Total-Count` says how many there are."""
-        total, rows = await asyncio.gather(
-            who.client.count_executions(all=all, state=state, label=label),
-            who.client.executions(all=all, state=state, label=label, limit=limit, offset=offset),
-        )
+        total, rows = await who.client.executions_page(all=all, state=state, label=label, limit=limit, offset=offset)
         return _json(rows, headers={"X-Total-Count": str(total)})
 
     @app.post("/api/executions", status_code=201, tags=["executions"])

@@ -725,3 +725,26 @@ def test_a_follow_up_over_http_continues_the_agents_session(
         assert any("now say done" in body and f"create {FILE_NAME}" in body for body in later), later[-1:]
     finally:
         stop_up(run, up)
+
+
+def test_executions_are_listed_in_pages_with_their_total(api: dict[str, Any]) -> None:
+    """GET /api/executions?limit=&offset=: a page of the listing's order, X-Total-Count = all of them."""
+    ids = [submit(api, ["true"], labels={"pages": "yes"}) for _ in range(3)]
+    for execution_id in ids:
+        wait_for_state(api, execution_id, "exited", "failed")
+    with client(api, "tap") as http:
+        everything = http.get("/api/executions", params={"label": "pages=yes"})
+        assert everything.headers["X-Total-Count"] == "3"
+        listed = everything.json()
+        assert sorted(r["execution_id"] for r in listed) == sorted(ids)
+        assert all("_total" not in row and "reason" in row and "attention" in row for row in listed)
+        pages = []
+        for offset in (0, 2, 5):
+            page = http.get("/api/executions", params={"label": "pages=yes", "limit": 2, "offset": offset})
+            assert page.status_code == 200 and page.headers["X-Total-Count"] == "3", page.text
+            pages.append(page.json())
+        assert [len(p) for p in pages] == [2, 1, 0]
+        assert pages[0] + pages[1] == listed, "the pages are the listing, in its order, row for row"
+        none = http.get("/api/executions", params={"label": "pages=no"})
+        assert none.json() == [] and none.headers["X-Total-Count"] == "0"
+        assert "offset" in error_of(http.get("/api/executions", params={"offset": -1}), 422)
