@@ -47,7 +47,7 @@ from events.types import ExecutionRequested
 from projections.errors import MAX_BYTES as MAX_ANSWER_BYTES
 from projections.errors import ProjectionError, QueryError
 from projections.projector import Projector
-from projections.worker import DEFAULT_QUERY_TIMEOUT_S
+from projections.worker import DEFAULT_QUERY_TIMEOUT_S, ApplyWorker, WorkerFailed
 from replay.history import last_sequence
 
 log = logging.getLogger(__name__)
@@ -534,6 +534,24 @@ def _move_export(written: Path, target: Path) -> None:
         written.unlink(missing_ok=True)
 
 
+WORKER_WAIT_S = 30.0  # a query waits this long for a replaced DuckDB worker to open the file
+
+
+async def _open_worker(projector: Projector, failed: ApplyWorker | None) -> ApplyWorker:
+    """The projector's worker with its file open (not `failed`): waited for while it is replaced."""
+    deadline = time.monotonic() + WORKER_WAIT_S
+    if failed is not None:
+        projector.worker_gone()
+    while True:
+        worker = projector.worker
+        if worker is not None and worker is not failed and worker.alive():
+            return worker
+        if projector.stopping.is_set() or projector.locked_out or time.monotonic() > deadline:
+            why = f": {projector.locked_out}" if projector.locked_out else " (its worker is being replaced; try again)"
+            raise ProjectionError("the projector has no DuckDB file open" + why)
+        await asyncio.sleep(0.05)
+
+
 async def _check_statement(projector: Projector, sql: str) -> None:
     """Refuse what is not one query (projections/query.py) before waiting for the projector's
     position: in its DuckDB worker (this process does not import DuckDB), or here when none is open."""
@@ -574,21 +592,29 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
                 output_seq=await projector.output_last_sequence(),
                 output_grace_s=min(float(grace), 10.0) if isinstance(grace, int | float) and grace >= 0 else None,
             )
-            worker = projector.worker
-            if worker is None:
-                raise ProjectionError("the projector has no DuckDB file open")
-            if snapshot:
-                answer = worker.submit_snapshot()
-            elif target is not None:
-                answer = worker.submit_export(request["sql"])
-            else:
-                answer = worker.submit_query(
-                    request["sql"],
-                    max_rows=int(request.get("max_rows", 10000)),
-                    max_bytes=min(MAX_ANSWER_BYTES, nc.max_payload - 65536),  # the reply must fit in one message
-                    timeout_s=sql_timeout_s,
-                )
-            result: dict[str, Any] = await asyncio.wrap_future(answer)
+            worker = await _open_worker(projector, None)
+            for attempt in range(2):
+                if snapshot:
+                    answer = worker.submit_snapshot()
+                elif target is not None:
+                    answer = worker.submit_export(request["sql"])
+                else:
+                    answer = worker.submit_query(
+                        request["sql"],
+                        max_rows=int(request.get("max_rows", 10000)),
+                        max_bytes=min(MAX_ANSWER_BYTES, nc.max_payload - 65536),  # the reply must fit in one message
+                        timeout_s=sql_timeout_s,
+                    )
+                try:
+                    result: dict[str, Any] = await asyncio.wrap_future(answer)
+                    break
+                except WorkerFailed:
+                    # the worker died under it (DuckDB invalidated its file under memory pressure):
+                    # the projector starts another, which reads the log again from the applied
+                    # positions; the query is asked again there instead of failing
+                    if attempt:
+                        raise
+                    worker = await _open_worker(projector, worker)
             if target is not None:
                 place = _replace_snapshot if snapshot else _move_export
                 await asyncio.to_thread(place, Path(result.pop("file")), target)

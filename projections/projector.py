@@ -548,6 +548,14 @@ class Projector(Actor):
                         if not await self._replace_worker(exc):
                             raise  # it keeps failing: the projector stops (corral up says so)
                         continue
+                worker = self.worker
+                if applying is None and worker is not None and not worker.alive():
+                    # it died between two applies (killed; a query's memory): replaced now, so that
+                    # queries waiting for it are answered without a batch to apply first
+                    gone = WorkerFailed(f"the projector's DuckDB worker (pid {worker.pid}) is gone")
+                    if not await self._replace_worker(gone):
+                        raise gone
+                    continue
                 broken = getattr(self._intake, "error", None) is not None or any(f.silent() for f in self.feeds)
                 if broken or self._resync_all or any(f.lost for f in self.feeds):
                     if applying is not None:
@@ -798,6 +806,11 @@ class Projector(Actor):
             return
         async with self._lock:
             await asyncio.to_thread(self.close_database)
+
+    def worker_gone(self) -> None:
+        """A query found the DuckDB worker gone: the loop looks at it now (and replaces it)."""
+        self._arrived.set()
+        self._urgent.set()
 
     async def wait_closed(self) -> None:
         """After stop() with close_later set: wait for the DuckDB worker's checkpoint and close."""

@@ -138,6 +138,9 @@ class ApplyWorker:
     def pid(self) -> int:
         return self._process.pid
 
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
     def call(self, request: tuple[Any, ...], items: Any = None) -> Any:
         """Send one request and return its answer (blocking: run it in a thread from async code)."""
         with self._lock:
