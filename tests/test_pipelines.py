@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.aio.msg import Msg
 
 from actors.bus import connect_bus
-from actors.conductor import Conductor, render, verdict_of
+from actors.conductor import Conductor, Held, render, verdict_of
 from corral.server import EmbeddedServer
 from events.auth import CredentialSet
 from events.envelope import new_event
 from events.types import ExecutionCrashLoop
 from tests.conftest import AGENT, Cli
-from tests.test_control import start_up, stop_up, wait_until
+from tests.test_control import detach, start_up, stop_up, wait_state, wait_until
 
 
 def build(name: str, sleep: float) -> str:
@@ -95,6 +96,27 @@ def test_render_quotes_values_in_a_hook_and_finds_the_last_verdict() -> None:
     text = 'noise\n{"verdict": "changes_requested", "comments": "a"}\n{"not": 1}\n{"verdict": "approved"}\ntail'
     assert verdict_of(text) == {"verdict": "approved"}
     assert verdict_of("{broken\nnothing") is None
+
+
+def test_stage_ends_are_handled_before_new_work() -> None:
+    """The conductor's fetched triggers: stage ends (and other moves) go first, new tickets and runs after,
+    each oldest first; new work waits while its share of the handlers is taken."""
+    held = Held()
+    for subject in (
+        "corral.evt.t1.ticket.created",
+        "corral.evt.r1.pipeline.requested",
+        "corral.evt.x1.execution.exited",
+        "corral.evt.t2.ticket.created",
+        "corral.evt.x2.execution.failed",
+    ):
+        held.put(Msg(_client=None, subject=subject))  # type: ignore[arg-type]
+    assert len(held) == 5
+    order = []
+    for allowed in (False, False, False, True, True, True, True):
+        msg, new = held.take(new_allowed=allowed)
+        order.append((msg.subject.split(".")[2] if msg else None, new))
+    ends, new_work = [("x1", False), ("x2", False)], [("t1", True), ("r1", True), ("t2", True)]
+    assert order == [*ends, (None, False), *new_work, (None, False)]
 
 
 def test_pipeline_loops_once_on_changes_requested_then_passes(cli: Cli, repo: Path) -> None:
@@ -177,6 +199,54 @@ def test_bad_pipelines_are_refused_in_one_line(cli: Cli, repo: Path) -> None:
     missing = cli("pipeline", "run", "q", "--repo", str(repo))
     assert missing.returncode != 0 and "no pipeline 'q' (known: p)" in missing.stderr
     assert cli("pipeline", "status", "nothere1").returncode != 0
+
+
+def test_a_runs_next_stage_queues_as_old_as_its_run(cli: Cli, repo: Path, tmp_path: Path) -> None:
+    """With every slot taken, a running pipeline's next stage starts before a run requested after the
+    pipeline began: a stage's request queues by its run's age, not behind newer work (issue 18 Speed)."""
+
+    def gated(name: str) -> list[str]:  # a command that ends when the test creates its gate file
+        return ["sh", "-c", f"until [ -e {tmp_path / name} ]; do sleep 0.05; done"]
+
+    write_config(
+        cli,
+        '[spawner]\nmax_running = 2\n[sandbox]\nmode = "off"\n'
+        f'[[pipelines.two.stages]]\nname = "first"\ncommand = {json.dumps(gated("first"))}\n'
+        '[[pipelines.two.stages]]\nname = "second"\ncommand = ["true"]\n',
+    )
+    up = start_up(cli)
+    try:
+        blocker = detach(cli, repo, "--", *gated("blocker"))
+        wait_state(cli, blocker, "running")
+        run_id = cli("pipeline", "run", "two", "--repo", str(repo), "--detach", check=True).stdout.strip()
+        first = wait_until(lambda: run_status(cli, run_id)["steps"], 60, "the first stage")[0]["execution_id"]  # type: ignore[index]
+        wait_state(cli, first, "running")  # both slots taken
+        # requested after the run began: `urgent` (priority 9) takes the slot the first stage frees;
+        # `newer` waits, and the second stage is requested behind it
+        urgent = detach(cli, repo, "--priority", "9", "--", *gated("urgent"))
+        newer = detach(cli, repo, "--", "true")
+        wait_state(cli, urgent, "queued")
+        wait_state(cli, newer, "queued")
+        (tmp_path / "first").touch()
+        wait_state(cli, urgent, "running")
+        steps = wait_until(lambda: len(s := run_status(cli, run_id)["steps"]) == 2 and s, 60, "the second stage")
+        second = steps[1]["execution_id"]  # type: ignore[index]
+        wait_state(cli, second, "queued")
+        (tmp_path / "blocker").touch()  # one slot frees: the run's second stage takes it, not `newer`
+        assert wait_finished(cli, run_id)["state"] == "passed"
+        (tmp_path / "urgent").touch()
+        wait_state(cli, newer, "exited")
+        claims = json.loads(
+            cli(
+                "sql",
+                "SELECT execution_id FROM events WHERE type = 'execution.claimed' ORDER BY seq",
+                "--json",
+                check=True,
+            ).stdout
+        )
+        assert [row["execution_id"] for row in claims] == [blocker, first, urgent, second, newer]
+    finally:
+        stop_up(cli, up)
 
 
 def test_a_conductor_killed_mid_pipeline_resumes_without_repeating_a_stage(cli: Cli, repo: Path) -> None:
