@@ -613,6 +613,12 @@ async def _sse(
         if "start_seq" not in position and "output_start_seq" in position:  # only output seen so far
             stored = await js.get_msg(OUTPUT_STREAM, seq=position["output_start_seq"] - 1)
             position["since_time"] = stored.time
+        elif two_streams and position.get("start_seq", 0) > 1 and "output_start_seq" not in position:
+            # No output seen yet: output starts where the last event seen was stored, not where the
+            # next one was (output stored between the two would be lost). Read from the last one
+            # seen, then skip it.
+            position["start_seq"] -= 1
+            position["skip_core_through"] = position["start_seq"]
     elif since == "all":
         position = {"start_seq": 1, "output_start_seq": 1 if two_streams else None}
     elif since:
@@ -636,6 +642,7 @@ async def _sse(
             heartbeat_s=HEARTBEAT_S,
         )
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+    skip_core_through = int(position.get("skip_core_through", 0))
     seen = {"core": "-", "output": "-"}
     if last_event_id:
         core, _, output = last_event_id.partition(":")
@@ -673,6 +680,8 @@ async def _sse(
                 if event is None:
                     return
                 key = "output" if event.pop("stream", None) == OUTPUT_STREAM else "core"
+                if key == "core" and event["seq"] <= skip_core_through:
+                    continue  # the client has it (see above)
                 seen[key] = str(event["seq"])
                 sse_id = f"{seen['core']}:{seen['output']}" if two_streams else seen["core"]
                 kind = str(event.get("type") or "message")

@@ -748,3 +748,43 @@ def test_executions_are_listed_in_pages_with_their_total(api: dict[str, Any]) ->
         none = http.get("/api/executions", params={"label": "pages=no"})
         assert none.json() == [] and none.headers["X-Total-Count"] == "0"
         assert "offset" in error_of(http.get("/api/executions", params={"offset": -1}), 422)
+
+
+def test_sse_with_log_retention_resumes_across_both_streams(tmp_path: Path) -> None:
+    """With log retention (output in its own stream) each id is CORE:OUTPUT; a follower cut mid-way
+    and resumed with Last-Event-ID gets every event once, in the same order."""
+    env = cli_environment(CORRAL_HOME=str(tmp_path / "home"))
+    env.pop("CORRAL_NATS_URL", None)
+    cli = Cli(tmp_path / "home", env)
+    cli.home.mkdir(parents=True, exist_ok=True)
+    (cli.home / "corral.toml").write_text("[retention]\noutput_max_msgs = 10000\n")
+    up = start_up(cli, "--http", "127.0.0.1:0")
+    try:
+        url = wait_until(
+            lambda: json.loads((cli.home / "runtime.json").read_text()).get("http_url"), 30, "the HTTP address"
+        )
+        token = cli("token", "create", "alice", "--role", "operator", check=True).stdout.strip()
+        api = {"url": url, "repo": make_repo(tmp_path / "repo"), "operator": token, "tap": token}
+        execution_id = submit(api, ["sh", "-c", "for i in $(seq 1 40); do echo line $i; sleep 0.01; done"])
+        wait_for_state(api, execution_id, "exited")
+        route = f"/api/executions/{execution_id}/events"
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+            with http.stream("GET", route, params={"follow": "false"}) as response:
+                everything = read_sse(response, 10_000)
+            assert everything[0]["event"] == "execution.requested"
+            assert all(":" in e["id"] for e in everything), "CORE:OUTPUT positions"
+            output = [e for e in everything if e["event"] == "output"]
+            assert "".join(e["data"]["data"]["text"] for e in output).count("line ") == 40
+            assert [int(e["id"].split(":")[1]) for e in output] == [e["data"]["seq"] for e in output]
+            assert len({e["id"] for e in everything}) == len(everything)
+            first_output = everything.index(output[0])  # cut there, the last id is "N:-" (no output seen yet)
+            for cut in (first_output, len(everything) // 2):
+                with http.stream("GET", route) as response:
+                    first = read_sse(response, cut)
+                with http.stream(
+                    "GET", route, params={"follow": "false"}, headers={"Last-Event-ID": first[-1]["id"]}
+                ) as response:
+                    rest = read_sse(response, 10_000)
+                assert [e["id"] for e in first + rest] == [e["id"] for e in everything], f"resumed after {first[-1]}"
+    finally:
+        stop_up(cli, up)
