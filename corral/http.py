@@ -668,24 +668,37 @@ async def _sse(
             finally:
                 await queue.put(None)
 
+        def render(event: dict[str, Any]) -> bytes | None:
+            key = "output" if event.pop("stream", None) == OUTPUT_STREAM else "core"
+            if key == "core" and event["seq"] <= skip_core_through:
+                return None  # the client has it (see above)
+            seen[key] = str(event["seq"])
+            sse_id = f"{seen['core']}:{seen['output']}" if two_streams else seen["core"]
+            kind = str(event.get("type") or "message")
+            return b"id: %s\nevent: %s\ndata: %s\n\n" % (sse_id.encode(), kind.encode(), orjson.dumps(event))
+
         task = asyncio.create_task(pump())
         try:
             yield b"retry: 1000\n\n"
             while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                try:  # (asyncio.timeout, not wait_for: no task made per event)
+                    async with asyncio.timeout(HEARTBEAT_S):
+                        event = await queue.get()
                 except TimeoutError:
                     yield b": heartbeat\n\n"
                     continue
+                frames: list[bytes] = []
+                while event is not None:  # what is queued already goes in the same write
+                    frame = render(event)
+                    if frame is not None:
+                        frames.append(frame)
+                    if queue.empty() or len(frames) >= sse.BATCH_FRAMES:
+                        break
+                    event = queue.get_nowait()
+                if frames:
+                    yield b"".join(frames)
                 if event is None:
                     return
-                key = "output" if event.pop("stream", None) == OUTPUT_STREAM else "core"
-                if key == "core" and event["seq"] <= skip_core_through:
-                    continue  # the client has it (see above)
-                seen[key] = str(event["seq"])
-                sse_id = f"{seen['core']}:{seen['output']}" if two_streams else seen["core"]
-                kind = str(event.get("type") or "message")
-                yield b"id: %s\nevent: %s\ndata: %s\n\n" % (sse_id.encode(), kind.encode(), orjson.dumps(event))
         finally:
             task.cancel()
             with contextlib.suppress(BaseException):
