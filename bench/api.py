@@ -22,7 +22,7 @@
 Runs its own `corral up --http 127.0.0.1:0 --actors projector` (embedded NATS) on a temporary
 CORRAL_HOME. Ends with one JSON line.
 
-    .venv/bin/python bench/api.py [--clients 100] [--rate 1000] [--seconds 10] [--history 10000]
+    .venv/bin/python bench/api.py [--clients 100] [--rate 1000] [--seconds 10] [--history 10000] [--retention]
 """
 
 import argparse
@@ -314,12 +314,17 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--history", type=int, default=10000)
+    parser.add_argument(
+        "--retention", action="store_true", help="log retention on (output in its own stream): the per-client SSE path"
+    )
     args = parser.parse_args()
     from events.auth import ensure_credentials
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         home.mkdir()
+        if args.retention:
+            (home / "corral.toml").write_text("[retention]\noutput_max_msgs = 1000000\n")
         up = start_up(home, Path(tmp))
         try:
             url, http_url = asyncio.run(wait_http(home, up))
@@ -337,7 +342,8 @@ def main() -> int:
         finally:
             stop_up(up, "(api bench)")
     expected = fan["published"] * args.clients
-    print(f"SSE fan-out: {args.clients} clients, {fan['published']} events at {fan['publish_rate']:.0f}/s")
+    retention = " (log retention on: one consumer per client)" if args.retention else ""
+    print(f"SSE fan-out: {args.clients} clients, {fan['published']} events at {fan['publish_rate']:.0f}/s{retention}")
     print(f"{'path':<36} {'received':>10} {'p50 ms':>9} {'p99 ms':>9}")
     print(
         f"{'corral: publish -> SSE client':<36} {fan['sse_received']:>10} {fan['sse_p50']:9.1f} {fan['sse_p99']:9.1f}"
@@ -370,6 +376,7 @@ def main() -> int:
         met=sse_met and list_met,
         clients=args.clients,
         rate=args.rate,
+        retention=args.retention,
         sse_p50_ms=fan["sse_p50"],
         sse_missing=expected - fan["sse_received"],
         sse_server_cpu_s=fan["sse_server_cpu_s"],
