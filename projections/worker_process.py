@@ -210,8 +210,10 @@ def _serve_queries(inp: IO[bytes], out: IO[bytes], live: _Live) -> None:
                 _, sql, max_rows, max_bytes, timeout_s, export = request  # export: a Parquet file
                 reply: tuple[str, Any] = ("ok", live.query(sql, max_rows, max_bytes, timeout_s, export))
             except QueryError as exc:
+                _end_if_invalidated(exc)
                 reply = ("query", (exc.kind, str(exc)))
             except Exception as exc:
+                _end_if_invalidated(exc)
                 log.exception("projector worker: a query failed")
                 reply = ("error", f"{type(exc).__name__}: {exc}")
             try:
@@ -341,12 +343,32 @@ def _serve(inp: IO[bytes], out: IO[bytes], live: _Live | None = None) -> None:
         except DatabaseLocked as exc:
             reply = ("locked", (exc.path, exc.detail))
         except Exception as exc:
+            _end_if_invalidated(exc)
             log.exception("projector worker: %s failed", op)
             reply = ("error", f"{type(exc).__name__}: {exc}")
         _write(out, reply)
     live.take_away()
     for database in databases.values():
         database.close(checkpoint=False)
+
+
+INVALIDATED = "has been invalidated"  # DuckDB's words once a checkpoint failed (out of memory_limit)
+INVALIDATED_EXIT = 70
+
+
+def _end_if_invalidated(exc: BaseException) -> None:
+    """DuckDB invalidates its database when a checkpoint fails (seen under [projector] memory_limit
+    during output floods: "failed to pin block"); every later statement fails until the file is
+    opened again. This process ends instead of answering errors: the projector starts another,
+    which opens the file again and reads the log on from the applied positions, and a query in
+    flight is asked again there (corral/system.py)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if INVALIDATED in str(seen):
+            log.error("projector worker: DuckDB invalidated the database; ending so a new worker opens it: %s", exc)
+            logging.shutdown()
+            os._exit(INVALIDATED_EXIT)
+        seen = seen.__cause__ or seen.__context__
 
 
 def _die_with_parent(parent: int) -> None:

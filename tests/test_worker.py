@@ -17,6 +17,7 @@ from events.types import ExecutionRequested, ExecutionStarted, Output
 from projections.batch import Gathered
 from projections.errors import DatabaseLocked, QueryError, QueryRefused
 from projections.worker import ApplyWorker, RemoteApplier
+from tests.conftest import ROOT
 
 
 def _batch(first_seq: int) -> tuple[Gathered, str]:
@@ -165,3 +166,26 @@ def test_worker_takes_the_projector_settings_and_applies_big_batches_within_them
         assert rows == [[600, 600 * len(text)]]
     finally:
         worker.close()
+
+
+def test_the_worker_ends_itself_once_duckdb_invalidated_its_database() -> None:
+    """After a failed checkpoint DuckDB fails every statement on the file ("has been invalidated"):
+    the worker process ends on the first such error (the projector replaces it), and on no other."""
+    script = (
+        "import duckdb\n"
+        "from projections.worker_process import _end_if_invalidated\n"
+        "_end_if_invalidated(duckdb.IOException('Catalog Error: no such table'))\n"
+        "print('still here', flush=True)\n"
+        "try:\n"
+        "    raise duckdb.IOException('IO Error: Database corral has been invalidated: checkpointing failed')\n"
+        "except duckdb.IOException as cause:\n"
+        "    try:\n"
+        "        raise RuntimeError('the apply failed') from cause\n"
+        "    except RuntimeError as exc:\n"
+        "        _end_if_invalidated(exc)\n"
+        "print('not reached', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.stdout == "still here\n", done.stderr
+    assert done.returncode == 70, done.stderr
+    assert "DuckDB invalidated the database" in done.stderr
