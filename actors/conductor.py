@@ -125,7 +125,7 @@ READ_TIMEOUT_S: Final = 30.0
 MAX_IN_FLIGHT: Final = 32  # triggers one conductor handles at once
 NEW_IN_FLIGHT: Final = 16  # of which new runs and tickets (the rest is kept for stage ends)
 NEW_WORK: Final = frozenset({"ticket.created", "pipeline.requested"})  # handled after everything else
-HELD_AT_MOST: Final = 512  # triggers fetched and not handled yet, at most (under the durable's max_ack_pending)
+HELD_AT_MOST: Final = 960  # triggers fetched, not handled yet (with MAX_IN_FLIGHT under max_ack_pending: 1,000)
 FETCH_AT_ONCE: Final = 128  # triggers asked for in one fetch (what is there: the fetch does not wait for more)
 QUICK_CHUNKS: Final = 32  # a stage's result read with direct gets up to this many output chunks
 # A failed stage the watchdog should retry waits this long for its decision (retry_scheduled or
