@@ -13,6 +13,7 @@ can fall back to nats-py (`connect_reader` does).
 
 import asyncio
 import contextlib
+import logging
 import re
 import secrets
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ from projections.intake import DeliverySink, IntakeClient, RawClient, RawSink, S
 
 if TYPE_CHECKING:
     from actors.bus import Bus
+
+log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
 # A JetStream delivery with headers and a reply of the usual 9 tokens
@@ -212,6 +215,26 @@ async def connect_wire(
     return client
 
 
+AUTH_TIMEOUT = "Authentication Timeout"  # the server's words when CONNECT came after its auth timeout
+AUTH_TIMEOUT_RETRIES = 5
+
+
+async def _connect_retrying(url: str, **kwargs: Any) -> WireClient | None:
+    """connect_wire, again when the server gave up waiting for our CONNECT: on a loaded machine a
+    process may not run for the server's authorization timeout between the connection and its
+    CONNECT (seen at load 10-16: `corral up` stopped, "an actor failed: NATS refused the
+    connection: Authentication Timeout"). That is no refusal of the credentials."""
+    for attempt in range(AUTH_TIMEOUT_RETRIES):
+        try:
+            return await connect_wire(url, **kwargs)
+        except WireError as exc:
+            if AUTH_TIMEOUT not in str(exc) or attempt == AUTH_TIMEOUT_RETRIES - 1:
+                raise
+            log.warning("NATS at %s timed out our CONNECT (a loaded machine); connecting again", url)
+            await asyncio.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 async def connect_reader(bus: "Bus", *, name: str, reconnected_cb: Any = None) -> RawClient:
     """A lean wire-protocol connection to a server of the bus, as the bus's NATS user.
 
@@ -228,7 +251,7 @@ async def connect_reader(bus: "Bus", *, name: str, reconnected_cb: Any = None) -
     failure: BaseException | None = None
     for url in candidates:
         try:
-            wire = await connect_wire(url, user=options.get("user"), password=options.get("password"), name=name)
+            wire = await _connect_retrying(url, user=options.get("user"), password=options.get("password"), name=name)
         except WireError:
             raise  # the server refused us (credentials): another server will too
         except (OSError, TimeoutError) as exc:

@@ -188,3 +188,48 @@ async def test_a_listing_waits_for_every_event_but_output(bus: Bus, tmp_path: Pa
         assert con.execute("SELECT output_chunks FROM executions").fetchone() == (3,)
     finally:
         con.close()
+
+
+async def test_the_reader_connects_again_when_the_server_timed_out_its_connect(bus: Bus) -> None:
+    """A loaded machine may not send CONNECT within the server's authorization timeout: the server
+    answers -ERR 'Authentication Timeout' and closes. That is no refusal of the credentials: the
+    projector's reader connects again (it stopped `corral up` before). A TCP proxy in front of the
+    real server answers the first connection the way the server does then."""
+    from projections.wire import _connect_retrying
+
+    host = bus.nc.connected_url
+    assert host is not None
+    timed_out = 0
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal timed_out
+        upstream_r, upstream_w = await asyncio.open_connection(host.hostname, host.port)
+        if timed_out == 0:
+            timed_out += 1
+            writer.write(await upstream_r.readline())  # the server's INFO, then its verdict
+            writer.write(b"-ERR 'Authentication Timeout'\r\n")
+            await writer.drain()
+            writer.close()
+            upstream_w.close()
+            return
+        await asyncio.gather(relay(reader, upstream_w), relay(upstream_r, writer), return_exceptions=True)
+
+    proxy = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    options = bus.connect_options()
+    try:
+        wire = await _connect_retrying(
+            f"nats://127.0.0.1:{port}", user=options.get("user"), password=options.get("password"), name="t"
+        )
+        assert wire is not None and timed_out == 1
+        await wire.close()
+        with pytest.raises(RuntimeError, match="refused"):  # wrong credentials still fail at once
+            await _connect_retrying(f"nats://127.0.0.1:{port}", user="nobody", password="wrong")
+    finally:
+        proxy.close()
