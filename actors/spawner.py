@@ -402,8 +402,12 @@ class Spawner(Actor):
     async def _on_requested(self, msg: Msg) -> None:
         execution_id, _ = split_subject(msg.subject)
         seq = msg.metadata.sequence.stream
-        claimed = execution_id in self.claimed or execution_id in self.running
-        if claimed and RUN_LABEL.encode() not in msg.data:  # (a claimed stage's is read for its run's age)
+        if execution_id in self.claimed or execution_id in self.running:
+            if RUN_LABEL.encode() in msg.data:  # a claimed stage's: its run's later stages queue by its age
+                with contextlib.suppress(Exception):  # (its labels only: no model built per old request)
+                    run_id = orjson.loads(msg.data)["data"]["labels"][RUN_LABEL]
+                    if isinstance(run_id, str):
+                        self._run_age(run_id, seq)
             return
         try:
             event = decode_event(msg.data)
@@ -411,15 +415,12 @@ class Spawner(Actor):
             return
         if not isinstance(event.data, ExecutionRequested):
             return
-        age = self._run_age(event.data, seq)  # (a claimed stage's too: its run's later stages queue by it)
-        if claimed:
-            return
+        age = self._run_age(event.data.labels.get(RUN_LABEL), seq)
         self.pending[execution_id] = Pending(execution_id, seq, event, event.data.priority, age=age)
         self._wake.set()
 
-    def _run_age(self, request: ExecutionRequested, seq: int) -> int:
+    def _run_age(self, run_id: str | None, seq: int) -> int:
         """The sequence a request queues by: a pipeline stage's is its run's first request's (0 otherwise)."""
-        run_id = request.labels.get(RUN_LABEL)
         if not run_id:
             return 0
         age = self.run_ages.get(run_id)
