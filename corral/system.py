@@ -582,8 +582,9 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
             if projector.locked_out:
                 raise ProjectionError(f"the projector cannot answer yet: {projector.locked_out}")
             snapshot = export == "snapshot"
-            if not snapshot:
-                await _check_statement(projector, request["sql"])  # refused at once, before waiting for the position
+            if not snapshot and int(request.get("min_seq", 0)) > projector.position:
+                # refused at once, before waiting for the position (not behind: the worker refuses it at once)
+                await _check_statement(projector, request["sql"])
             target = (_snapshot_target if snapshot else _export_target)(request["path"]) if export else None
             grace = request.get("output_grace_s")  # a listing (corral ps): output still applied may wait
             await projector.wait_for_position(

@@ -39,15 +39,20 @@ class Spawned:
         for fd in (self.query_requests, self.answers):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        try:
-            self.process.wait(EARLY_EXIT_WAIT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        end_process(self.process, EARLY_EXIT_WAIT_S)
+
+
+def end_process(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Close a worker's stdin and stdout (it ends once its stdin closes), reap it; killed after `timeout_s`."""
+    for stream in (process.stdin, process.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def spawn(database: Path) -> Spawned:

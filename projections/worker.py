@@ -28,7 +28,6 @@ import logging
 import os
 import pickle
 import struct
-import subprocess
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import IO, Any
 
 from projections.batch import LANES, Gathered, Prepared, lane_row
 from projections.errors import MAX_BYTES, DatabaseLocked, ProjectionError, QueryError, QueryRefused, QueryTimeout
-from projections.spawn import Spawned, spawn
+from projections.spawn import Spawned, end_process, spawn
 
 log = logging.getLogger(__name__)
 
@@ -263,18 +262,9 @@ class ApplyWorker:
             self.kill()
 
     def kill(self) -> None:
-        process = self._process
         with self._query_lock, contextlib.suppress(OSError):
             self._query_requests.close()
-        for stream in (process.stdin, process.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_process(self._process, 30)
 
 
 class RemoteApplier:
