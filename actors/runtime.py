@@ -214,7 +214,7 @@ class Actor:
         With `batch` > 1 it returns what the consumer has waiting, up to `batch`, as soon as there is
         one message: the request is a no-wait pull with an expiry (what nats-py sends for a batch),
         which the server (2.9 and later) answers as soon as it has delivered what was pending, or
-        at the first message when none was (tests/test_actors.py checks it).
+        at the first message when none was (tests/test_runtime.py checks it).
 
         A message the server hands over just as the fetch is given up is not acked, and comes
         again after the consumer's ack wait, as after a crash.
