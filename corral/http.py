@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -642,71 +642,27 @@ async def _sse(
             heartbeat_s=HEARTBEAT_S,
         )
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-    skip_core_through = int(position.get("skip_core_through", 0))
-    seen = {"core": "-", "output": "-"}
+    # Log retention on: both streams, shared live consumers of each, positions CORE:OUTPUT (corral/sse.py).
+    pattern = execution_events(execution_id) if execution_id else (subject or ALL_EVENTS)
+    if "since" in position:
+        position.update(parse_since(position.pop("since")))
+    seen = (0, 0)
     if last_event_id:
-        core, _, output = last_event_id.partition(":")
-        seen = {"core": core or "-", "output": output or "-"}
-    events = client.events(  # an async generator
-        subject=subject,
-        execution_id=execution_id,
+        core, _, output = last_event_id.strip().partition(":")
+        seen = (0 if core in ("", "-") else int(core), 0 if output in ("", "-") else int(output))
+    body = sse.merged_stream(
+        js,
+        hubs.merged(js, pattern) if follow else None,
+        pattern,
+        catch_up=not position.get("new_only"),
         start_seq=position.get("start_seq"),
+        start_time=position.get("start_time", position.get("since_time")),
         output_start_seq=position.get("output_start_seq"),
-        since=position.get("since"),
-        since_time=position.get("since_time"),
-        new_only=bool(position.get("new_only")),
-        follow_live=follow,
+        seen=seen,
+        skip_core_through=int(position.get("skip_core_through", 0)),
+        heartbeat_s=HEARTBEAT_S,
     )
-
-    async def stream() -> AsyncIterator[bytes]:
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=1000)
-
-        async def pump() -> None:
-            try:
-                async for event in events:
-                    await queue.put(event)
-            finally:
-                await queue.put(None)
-
-        def render(event: dict[str, Any]) -> bytes | None:
-            key = "output" if event.pop("stream", None) == OUTPUT_STREAM else "core"
-            if key == "core" and event["seq"] <= skip_core_through:
-                return None  # the client has it (see above)
-            seen[key] = str(event["seq"])
-            sse_id = f"{seen['core']}:{seen['output']}" if two_streams else seen["core"]
-            kind = str(event.get("type") or "message")
-            return b"id: %s\nevent: %s\ndata: %s\n\n" % (sse_id.encode(), kind.encode(), orjson.dumps(event))
-
-        task = asyncio.create_task(pump())
-        try:
-            yield b"retry: 1000\n\n"
-            while True:
-                try:  # (asyncio.timeout, not wait_for: no task made per event)
-                    async with asyncio.timeout(HEARTBEAT_S):
-                        event = await queue.get()
-                except TimeoutError:
-                    yield b": heartbeat\n\n"
-                    continue
-                frames: list[bytes] = []
-                while event is not None:  # what is queued already goes in the same write
-                    frame = render(event)
-                    if frame is not None:
-                        frames.append(frame)
-                    if queue.empty() or len(frames) >= sse.BATCH_FRAMES:
-                        break
-                    event = queue.get_nowait()
-                if frames:
-                    yield b"".join(frames)
-                if event is None:
-                    return
-        finally:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            with contextlib.suppress(BaseException):
-                await events.aclose()  # type: ignore[attr-defined]
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
 
 # --- serving -----------------------------------------------------------------------------------

@@ -12,24 +12,39 @@ one stream, one order). A client too slow for the live rate (its queue full) is 
 browser reconnects with `Last-Event-ID` and catches up, so nothing is lost and the others never
 wait for it.
 
-With log retention on (output in its own stream, two sequences per position) the per-client
-path of corral/http.py is used instead.
+With log retention on (output in its own stream) a `MergedHub` does the same over both streams:
+one live consumer per stream and subject pattern, their events merged by the time each was stored
+(as replay/history.py's `follow` merges them for one reader) and each frame encoded once. Its SSE
+`id` is a position `CORE:OUTPUT`: the last sequence of each stream handed out so far for that
+pattern (`-`: none yet). A client that caught up on its own first has its ids made from its own
+position until the hub's has passed it (the larger of the two per stream), so a client resuming
+with `Last-Event-ID` misses nothing and sees nothing twice.
 """
 
 import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sized
+from datetime import datetime
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from events.subjects import STREAM
-from replay.history import follow
+from events.subjects import (
+    OUTPUT_EVENTS,
+    OUTPUT_STREAM,
+    STREAM,
+    ack_pending,
+    ack_sequence,
+    ack_stream,
+    ack_time_ns,
+    subjects_overlap,
+)
+from replay.history import MERGE_WAIT_S, follow
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +79,19 @@ class Batch:
         self.data = b"".join(data for _, data in frames)
 
 
-class Subscriber:
+class _Frames(Protocol):
+    @property
+    def frames(self) -> Sized: ...
+
+
+B = TypeVar("B", bound=_Frames)
+
+
+class Subscriber(Generic[B]):
     """One client's place in a hub: the batches not yet written to it, in order."""
 
     def __init__(self) -> None:
-        self.batches: deque[Batch] = deque()
+        self.batches: deque[B] = deque()
         self.pending = 0  # frames in `batches`
         self.overflowed = False
         self._loop = asyncio.get_running_loop()
@@ -77,7 +100,7 @@ class Subscriber:
         self._timer: asyncio.TimerHandle | None = None  # its heartbeat: one timer, not one per wait
         self._beat_due = False
 
-    def offer(self, batch: Batch) -> None:
+    def offer(self, batch: B) -> None:
         if self.overflowed:
             return
         if self.pending + len(batch.frames) > QUEUE_FRAMES:
@@ -119,7 +142,7 @@ class Subscriber:
         self._written = self._loop.time()
         return False
 
-    def take(self) -> list[Batch]:
+    def take(self) -> list[B]:
         batches = list(self.batches)
         self.batches.clear()
         self.pending = 0
@@ -144,7 +167,7 @@ class Hub:
     def __init__(self, js: JetStreamContext, subject: str) -> None:
         self.js = js
         self.subject = subject
-        self.subscribers: set[Subscriber] = set()
+        self.subscribers: set[Subscriber[Batch]] = set()
         self._sub: Any = None
         self._lock = asyncio.Lock()
         self._frames: list[tuple[int, bytes]] = []
@@ -184,7 +207,7 @@ class Hub:
             pending_bytes_limit=-1,
         )
 
-    async def join(self) -> Subscriber:
+    async def join(self) -> Subscriber[Batch]:
         """A new subscriber: every event the hub delivers from now on reaches it."""
         async with self._lock:
             if self._sub is None:
@@ -192,11 +215,11 @@ class Hub:
             elif self._timer is not None:  # what was stored before it joined goes to the others only
                 self._timer.cancel()
                 self._flush()
-            subscriber = Subscriber()
+            subscriber: Subscriber[Batch] = Subscriber()
             self.subscribers.add(subscriber)
             return subscriber
 
-    async def leave(self, subscriber: Subscriber) -> None:
+    async def leave(self, subscriber: Subscriber[Batch]) -> None:
         subscriber.close()
         async with self._lock:
             self.subscribers.discard(subscriber)
@@ -224,11 +247,187 @@ class Hub:
                 self._sub = None
 
 
+CORE, OUTPUT = 0, 1  # a frame's stream in a MergedHub
+_NAMES = (STREAM, OUTPUT_STREAM)
+Position = tuple[int, int]  # (CORE, OUTPUT) sequences; 0: none yet
+
+
+def _body(seq: int, stream: str, data: bytes) -> bytes:
+    """An SSE frame without its `id:` line: the envelope plus `seq` and `stream`."""
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        event = None
+    if not isinstance(event, dict):
+        event = {"malformed": data.decode(errors="replace")}
+    event["seq"] = seq
+    event["stream"] = stream
+    kind = str(event.get("type") or "message").encode()
+    return b"event: %s\ndata: %s\n\n" % (kind, orjson.dumps(event))
+
+
+def position_id(core: int, output: int) -> bytes:
+    """The SSE `id:` line of a position: `CORE:OUTPUT`, `-` for a stream with nothing seen yet."""
+    return b"id: %s:%s\n" % (b"%d" % core if core else b"-", b"%d" % output if output else b"-")
+
+
+class MergedBatch:
+    """Consecutive live frames of both streams, in stored order, handed to every client at once.
+
+    `frames`: (stream, seq, position after it, frame without its id line); `before`/`after`: the
+    hub's position before the first frame and after the last; `data`: the frames with the hub's
+    ids, joined once (what a client whose own position is not past `before` writes as it is)."""
+
+    __slots__ = ("after", "before", "data", "frames")
+
+    def __init__(self, frames: list[tuple[int, int, Position, bytes]], before: Position) -> None:
+        self.frames = frames
+        self.before = before
+        self.after = frames[-1][2]
+        self.data = b"".join(position_id(*position) + body for _, _, position, body in frames)
+
+
+class MergedHub:
+    """The live events of one subject pattern with log retention on: CORRAL and CORRAL_OUTPUT read
+    once each (ordered consumers from now on), merged by stored time, batched as `Hub` does.
+
+    A stream whose newest delivery said more was on its way holds the other stream's later events
+    back until those arrive (at most MERGE_WAIT_S, as replay/history.py's merge waits), so frames
+    go out in stored order across both streams."""
+
+    def __init__(self, js: JetStreamContext, subject: str) -> None:
+        self.js = js
+        self.subject = subject
+        self.subscribers: set[Subscriber[MergedBatch]] = set()
+        self._subs: list[Any] = []
+        self._lock = asyncio.Lock()
+        self._queues: tuple[deque[tuple[int, int, bytes]], ...] = (deque(), deque())  # (stored ns, seq, body)
+        self._more = [False, False]  # the stream's newest delivery said more matching events followed
+        self._newest_ns = [0, 0]  # when the stream's newest delivery was stored
+        self._position = [0, 0]  # the last sequence of each stream handed out (0: none yet)
+        self._held_since: float | None = None  # since when a stream's events wait for the other's
+        self._timer: asyncio.Handle | None = None
+        self._flushed = 0.0
+
+    def _add(self, which: int, msg: Msg) -> None:
+        reply = msg.reply
+        seq = ack_sequence(reply)
+        stored_ns = ack_time_ns(reply)
+        self._queues[which].append((stored_ns, seq, _body(seq, _NAMES[which], msg.data)))
+        self._newest_ns[which] = stored_ns
+        self._more[which] = ack_pending(reply) > 0
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            delay = self._flushed + FLUSH_S - loop.time()
+            self._timer = loop.call_soon(self._flush) if delay <= 0 else loop.call_later(delay, self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        now = self._flushed = asyncio.get_running_loop().time()
+        core, output = self._queues
+        bound: int | None = None  # events stored after this wait for a stream still delivering
+        if self._held_since is None or now - self._held_since < MERGE_WAIT_S:
+            for which in (CORE, OUTPUT):
+                if self._more[which]:
+                    newest = self._newest_ns[which]
+                    bound = newest if bound is None else min(bound, newest)
+        position = self._position
+        before = (position[CORE], position[OUTPUT])
+        frames: list[tuple[int, int, Position, bytes]] = []
+        while core or output:
+            which = CORE if core and (not output or core[0][0] <= output[0][0]) else OUTPUT
+            queue = self._queues[which]
+            if bound is not None and queue[0][0] > bound:
+                break
+            _, seq, body = queue.popleft()
+            position[which] = seq
+            frames.append((which, seq, (position[CORE], position[OUTPUT]), body))
+        if core or output:  # held back: looked at again shortly (and released after MERGE_WAIT_S)
+            if self._held_since is None:
+                self._held_since = now
+            self._schedule()
+        else:
+            self._held_since = None
+        if not frames:
+            return
+        batch = MergedBatch(frames, before)
+        for subscriber in list(self.subscribers):
+            subscriber.offer(batch)
+
+    async def _start(self) -> None:
+        streams = [CORE, OUTPUT] if subjects_overlap(self.subject, OUTPUT_EVENTS) else [CORE]
+        for which in streams:
+
+            async def on_msg(msg: Msg, which: int = which) -> None:
+                self._add(which, msg)
+
+            self._subs.append(
+                await self.js.subscribe(
+                    self.subject,
+                    stream=_NAMES[which],
+                    ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.NEW,
+                    config=ConsumerConfig(),
+                    cb=on_msg,
+                    pending_msgs_limit=-1,
+                    pending_bytes_limit=-1,
+                )
+            )
+
+    async def join(self) -> Subscriber[MergedBatch]:
+        """A new subscriber: every event the hub hands out from now on reaches it."""
+        async with self._lock:
+            if not self._subs:
+                try:
+                    await self._start()
+                except BaseException:
+                    await self._stop()
+                    raise
+            elif self._timer is not None:  # what was stored before it joined goes to the others only
+                self._timer.cancel()
+                self._flush()
+            subscriber: Subscriber[MergedBatch] = Subscriber()
+            self.subscribers.add(subscriber)
+            return subscriber
+
+    async def leave(self, subscriber: Subscriber[MergedBatch]) -> None:
+        subscriber.close()
+        async with self._lock:
+            self.subscribers.discard(subscriber)
+            if not self.subscribers:
+                await self._stop()
+
+    async def _stop(self) -> None:
+        subs, self._subs = self._subs, []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for queue in self._queues:
+            queue.clear()
+        self._more = [False, False]
+        self._position = [0, 0]  # a new start is a new position: nothing handed out yet
+        self._held_since = None
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def close(self) -> None:
+        async with self._lock:
+            for subscriber in self.subscribers:
+                subscriber.close()
+            self.subscribers.clear()
+            await self._stop()
+
+
 class Hubs:
-    """The hubs of one server, by subject pattern."""
+    """The hubs of one server, by subject pattern (one stream, or both with log retention on)."""
 
     def __init__(self) -> None:
         self._hubs: dict[str, Hub] = {}
+        self._merged: dict[str, MergedHub] = {}
 
     def get(self, js: JetStreamContext, subject: str) -> Hub:
         hub = self._hubs.get(subject)
@@ -236,10 +435,19 @@ class Hubs:
             hub = self._hubs[subject] = Hub(js, subject)
         return hub
 
+    def merged(self, js: JetStreamContext, subject: str) -> MergedHub:
+        hub = self._merged.get(subject)
+        if hub is None or hub.js is not js:
+            hub = self._merged[subject] = MergedHub(js, subject)
+        return hub
+
     async def close(self) -> None:
         for hub in self._hubs.values():
             await hub.close()
+        for merged in self._merged.values():
+            await merged.close()
         self._hubs.clear()
+        self._merged.clear()
 
 
 async def stream(
@@ -306,6 +514,101 @@ async def stream(
                 elif batch.last > last:  # what the catch-up already sent is skipped
                     shown.extend(data for seq, data in batch.frames if seq > last)
                 last = max(last, batch.last)
+            if shown:
+                yield b"".join(shown)
+            if subscriber.overflowed:
+                return  # too slow for the live rate: the client reconnects with Last-Event-ID
+    finally:
+        if hub is not None and subscriber is not None:
+            await hub.leave(subscriber)
+
+
+async def merged_stream(
+    js: JetStreamContext,
+    hub: MergedHub | None,
+    subject: str,
+    *,
+    catch_up: bool,
+    start_seq: int | None = None,
+    start_time: datetime | None = None,
+    output_start_seq: int | None = None,
+    seen: Position = (0, 0),
+    skip_core_through: int = 0,
+    heartbeat_s: float,
+) -> AsyncIterator[bytes]:
+    """The SSE body with log retention on: with `catch_up`, the stored events from `start_seq`
+    (a CORRAL sequence; output from where that event was stored, or exactly from
+    `output_start_seq`) or `start_time` (all None: from the first) through a merge of both streams
+    of its own; then live through `hub` (None: catch up only, then end).
+
+    `seen`: the position the client resumes from (Last-Event-ID; 0: none), the start of its ids;
+    core events up to `skip_core_through` are not sent again (the client has them)."""
+    yield b"retry: 1000\n\n"
+    subscriber = await hub.join() if hub is not None else None
+    have = list(seen)  # the client has every wanted event up to these sequences
+    try:
+        if catch_up:
+            backlog: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=BATCH_FRAMES * 4)
+
+            async def on_event(seq: int, msg: Msg) -> bool:
+                which = OUTPUT if ack_stream(msg.reply) == OUTPUT_STREAM else CORE
+                if which == CORE and seq <= skip_core_through:
+                    return False
+                have[which] = seq
+                await backlog.put(position_id(have[CORE], have[OUTPUT]) + _body(seq, _NAMES[which], msg.data))
+                return False
+
+            async def read() -> None:
+                try:
+                    await follow(
+                        js,
+                        subject,
+                        on_event,
+                        start_seq=start_seq,
+                        start_time=start_time,
+                        output_start_seq=output_start_seq,
+                        stop_when_caught_up=True,
+                    )
+                finally:
+                    await backlog.put(None)
+
+            task = asyncio.create_task(read())
+            try:
+                while True:
+                    item = await backlog.get()
+                    if item is None:
+                        break
+                    chunk = [item]
+                    while len(chunk) < BATCH_FRAMES and not backlog.empty():
+                        more = backlog.get_nowait()
+                        if more is None:
+                            backlog.put_nowait(None)
+                            break
+                        chunk.append(more)
+                    yield b"".join(chunk)
+                task.result()
+            finally:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if subscriber is None:
+            return
+        while True:
+            if not await subscriber.wait(heartbeat_s):
+                yield b": heartbeat\n\n"
+                continue
+            shown: list[bytes] = []
+            for batch in subscriber.take():
+                core, output = batch.before
+                if have[CORE] <= core and have[OUTPUT] <= output:  # the hub's ids are the client's
+                    shown.append(batch.data)
+                    have[CORE], have[OUTPUT] = batch.after
+                    continue
+                for which, seq, (hub_core, hub_output), body in batch.frames:
+                    if seq <= have[which]:
+                        continue  # the catch-up sent it
+                    have[which] = seq
+                    shown.append(position_id(max(have[CORE], hub_core), max(have[OUTPUT], hub_output)) + body)
             if shown:
                 yield b"".join(shown)
             if subscriber.overflowed:

@@ -750,12 +750,13 @@ def test_executions_are_listed_in_pages_with_their_total(api: dict[str, Any]) ->
         assert "offset" in error_of(http.get("/api/executions", params={"offset": -1}), 422)
 
 
-def test_sse_with_log_retention_resumes_across_both_streams(tmp_path: Path) -> None:
-    """With log retention (output in its own stream) each id is CORE:OUTPUT; a follower cut mid-way
-    and resumed with Last-Event-ID gets every event once, in the same order."""
-    env = cli_environment(CORRAL_HOME=str(tmp_path / "home"))
+@pytest.fixture(scope="module")
+def retention_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A `corral up --http` with log retention on (output in its own stream), an operator, a tap token."""
+    root = tmp_path_factory.mktemp("http-retention")
+    env = cli_environment(CORRAL_HOME=str(root / "home"))
     env.pop("CORRAL_NATS_URL", None)
-    cli = Cli(tmp_path / "home", env)
+    cli = Cli(root / "home", env)
     cli.home.mkdir(parents=True, exist_ok=True)
     (cli.home / "corral.toml").write_text("[retention]\noutput_max_msgs = 10000\n")
     up = start_up(cli, "--http", "127.0.0.1:0")
@@ -763,28 +764,112 @@ def test_sse_with_log_retention_resumes_across_both_streams(tmp_path: Path) -> N
         url = wait_until(
             lambda: json.loads((cli.home / "runtime.json").read_text()).get("http_url"), 30, "the HTTP address"
         )
-        token = cli("token", "create", "alice", "--role", "operator", check=True).stdout.strip()
-        api = {"url": url, "repo": make_repo(tmp_path / "repo"), "operator": token, "tap": token}
-        execution_id = submit(api, ["sh", "-c", "for i in $(seq 1 40); do echo line $i; sleep 0.01; done"])
-        wait_for_state(api, execution_id, "exited")
-        route = f"/api/executions/{execution_id}/events"
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
-            with http.stream("GET", route, params={"follow": "false"}) as response:
-                everything = read_sse(response, 10_000)
-            assert everything[0]["event"] == "execution.requested"
-            assert all(":" in e["id"] for e in everything), "CORE:OUTPUT positions"
-            output = [e for e in everything if e["event"] == "output"]
-            assert "".join(e["data"]["data"]["text"] for e in output).count("line ") == 40
-            assert [int(e["id"].split(":")[1]) for e in output] == [e["data"]["seq"] for e in output]
-            assert len({e["id"] for e in everything}) == len(everything)
-            first_output = everything.index(output[0])  # cut there, the last id is "N:-" (no output seen yet)
-            for cut in (first_output, len(everything) // 2):
-                with http.stream("GET", route) as response:
-                    first = read_sse(response, cut)
-                with http.stream(
-                    "GET", route, params={"follow": "false"}, headers={"Last-Event-ID": first[-1]["id"]}
-                ) as response:
-                    rest = read_sse(response, 10_000)
-                assert [e["id"] for e in first + rest] == [e["id"] for e in everything], f"resumed after {first[-1]}"
+        operator = cli("token", "create", "alice", "--role", "operator", check=True).stdout.strip()
+        tap = cli("token", "create", "tapper", "--role", "tap", check=True).stdout.strip()
+        yield {"cli": cli, "url": url, "repo": make_repo(root / "repo"), "operator": operator, "tap": tap}
     finally:
         stop_up(cli, up)
+
+
+def test_sse_with_log_retention_resumes_across_both_streams(retention_api: dict[str, Any]) -> None:
+    """With log retention (output in its own stream) each id is CORE:OUTPUT; a follower cut mid-way
+    and resumed with Last-Event-ID gets every event once, in the same order."""
+    api = retention_api
+    url, token = api["url"], api["operator"]
+    execution_id = submit(api, ["sh", "-c", "for i in $(seq 1 40); do echo line $i; sleep 0.01; done"])
+    wait_for_state(api, execution_id, "exited")
+    route = f"/api/executions/{execution_id}/events"
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        with http.stream("GET", route, params={"follow": "false"}) as response:
+            everything = read_sse(response, 10_000)
+        assert everything[0]["event"] == "execution.requested"
+        assert all(":" in e["id"] for e in everything), "CORE:OUTPUT positions"
+        output = [e for e in everything if e["event"] == "output"]
+        assert "".join(e["data"]["data"]["text"] for e in output).count("line ") == 40
+        assert [int(e["id"].split(":")[1]) for e in output] == [e["data"]["seq"] for e in output]
+        assert len({e["id"] for e in everything}) == len(everything)
+        first_output = everything.index(output[0])  # cut there, the last id is "N:-" (no output seen yet)
+        for cut in (first_output, len(everything) // 2):
+            with http.stream("GET", route) as response:
+                first = read_sse(response, cut)
+            with http.stream(
+                "GET", route, params={"follow": "false"}, headers={"Last-Event-ID": first[-1]["id"]}
+            ) as response:
+                rest = read_sse(response, 10_000)
+            assert [e["id"] for e in first + rest] == [e["id"] for e in everything], f"resumed after {first[-1]}"
+
+
+def positions_of(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    return [(e["data"]["stream"], e["data"]["seq"]) for e in events]
+
+
+def test_sse_with_log_retention_live_followers_get_every_event_once_and_resume_live(
+    retention_api: dict[str, Any],
+) -> None:
+    """Followers join the shared live consumers of both streams while output pours in; one is cut
+    mid-stream and reconnects (live) with Last-Event-ID. Each gets every core event and output chunk
+    once, in stored order, with the same CORE:OUTPUT ids as a reader of the stored log."""
+    import threading
+
+    api = retention_api
+    script = "sleep 1; for i in $(seq 1 300); do echo line $i; sleep 0.005; done; sleep 1"  # many chunks
+    execution_id = submit(api, ["sh", "-c", script])
+    headers = {"Authorization": f"Bearer {api['tap']}"}
+    route = f"/api/executions/{execution_id}/events"
+    seen: list[list[dict[str, Any]]] = [[] for _ in range(4)]
+    cut_at: list[str] = []
+
+    def finished(events: list[dict[str, Any]]) -> bool:
+        text = "".join(e["data"]["data"]["text"] for e in events if e["event"] == "output")
+        return "line 300\n" in text and any(e["event"] in ("execution.exited", "execution.failed") for e in events)
+
+    def follower(index: int) -> None:
+        time.sleep(0.3 * index)  # staggered: some before the output starts, some in the middle of it
+        with httpx.Client(base_url=api["url"], headers=headers, timeout=120) as http:
+            resume: dict[str, str] = {}
+            while True:
+                with http.stream("GET", route, headers=resume) as response:
+                    assert response.status_code == 200, response.read()
+                    for event in iter_sse(response):
+                        seen[index].append(event)
+                        if finished(seen[index]):
+                            return
+                        outputs = sum(e["event"] == "output" for e in seen[index])
+                        if index == 3 and not cut_at and event["event"] == "output" and outputs == 10:
+                            cut_at.append(event["id"])  # cut mid-output; reconnect from the last id
+                            break
+                resume = {"Last-Event-ID": seen[index][-1]["id"]}
+
+    threads = [threading.Thread(target=follower, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert cut_at, "the last follower was cut mid-output"
+    with (
+        httpx.Client(base_url=api["url"], headers=headers, timeout=60) as http,
+        http.stream("GET", route, params={"follow": "false"}) as response,
+    ):
+        everything = read_sse(response, 100_000)
+    for events in seen:
+        assert finished(events)
+        stored = everything[: len(events)]
+        assert positions_of(events) == positions_of(stored), "every event up to the end, in stored order, once"
+        assert [e["id"] for e in events] == [e["id"] for e in stored], "the ids a reader of the log gets"
+    assert {stream for stream, _ in positions_of(everything)} == {"CORRAL", "CORRAL_OUTPUT"}
+
+
+def test_sse_with_log_retention_refuses_callers_without_a_valid_token(retention_api: dict[str, Any]) -> None:
+    api = retention_api
+    revoked = api["cli"]("token", "create", "gone", "--role", "operator", check=True).stdout.strip()
+    assert api["cli"]("token", "revoke", "gone", check=True).returncode == 0
+    execution_id = submit(api, ["true"])
+    with httpx.Client(base_url=api["url"], timeout=30) as http:
+        for route in ("/api/events", f"/api/executions/{execution_id}/events"):
+            for headers in ({}, {"Authorization": "Bearer corral_not-a-token"}, {"Authorization": f"Bearer {revoked}"}):
+                response = http.get(route, params={"follow": "false"}, headers=headers)
+                error_of(response, 401)
+            tap = {"Authorization": f"Bearer {api['tap']}"}
+            with http.stream("GET", route, params={"follow": "false", "since": "all"}, headers=tap) as response:
+                assert response.status_code == 200
+                assert read_sse(response, 1), "the tap token reads events"

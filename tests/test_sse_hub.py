@@ -8,8 +8,10 @@ too slow for the live rate is ended and, resuming with its last id, loses nothin
 
 import asyncio
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -17,8 +19,9 @@ from actors.bus import Bus
 from corral import sse
 from events.envelope import new_event
 from events.ids import new_execution_id
-from events.subjects import execution_events
-from events.types import Output
+from events.stream import OutputRetention, ensure_output_retention
+from events.subjects import OUTPUT_STREAM, STREAM, execution_events
+from events.types import Heartbeat, Output
 
 FRAME = re.compile(rb"id: (\d+)\nevent: ([^\n]*)\ndata: ([^\n]*)\n\n")
 
@@ -157,3 +160,141 @@ async def test_a_quiet_stream_gets_heartbeats_between_events(bus: Bus) -> None:
         assert await asyncio.wait_for(anext(body), 30) == b": heartbeat\n\n"
     finally:
         await close([body], [], hub)
+
+
+# --- log retention on: both streams, one MergedHub ------------------------------------------------
+
+MERGED_FRAME = re.compile(rb"id: ([0-9-]+):([0-9-]+)\nevent: ([^\n]*)\ndata: ([^\n]*)\n\n")
+
+
+Stored = tuple[str, int]
+
+
+async def publish_mixed(
+    bus: Bus, execution_id: str, count: int, *, start: int = 0, pause_s: float = 0.0
+) -> list[Stored]:
+    """`count` events alternating output (CORRAL_OUTPUT) and a heartbeat (CORRAL); (stream, seq) each."""
+    stored: list[Stored] = []
+    for n in range(start, start + count):
+        data = Output(stream="stdout", text=f"line {n}\n", n=n) if n % 2 == 0 else Heartbeat(note=str(n))
+        ack = await bus.emit(execution_id, data, actor="spawner-test-1")
+        stored.append((str(ack.stream), int(ack.seq)))
+        if pause_s:
+            await asyncio.sleep(pause_s)
+    return stored
+
+
+async def read_merged(body: AsyncIterator[bytes], want: int, *, timeout_s: float = 30) -> list[tuple[Stored, str]]:
+    """(stream, seq) and the SSE id of each frame `body` yields until `want` were seen (or it ended)."""
+    frames: list[tuple[Stored, str]] = []
+    buffer = b""
+
+    async def read() -> None:
+        nonlocal buffer
+        async for chunk in body:
+            buffer += chunk
+            end = buffer.rfind(b"\n\n") + 2
+            for match in MERGED_FRAME.finditer(buffer[:end]):
+                event = json.loads(match[4])
+                frames.append(((event["stream"], event["seq"]), f"{match[1].decode()}:{match[2].decode()}"))
+            buffer = buffer[end:]
+            if len(frames) >= want:
+                return
+
+    await asyncio.wait_for(read(), timeout_s)
+    return frames
+
+
+def positions_are_exact(frames: list[tuple[Stored, str]], start: tuple[int, int] = (0, 0)) -> None:
+    """Each id is CORE:OUTPUT, the last sequence of each stream the client got so far (`-`: none)."""
+    last = {STREAM: start[0], OUTPUT_STREAM: start[1]}
+    for (stream, seq), sse_id in frames:
+        last[stream] = seq
+        core, output = (last[STREAM] or "-"), (last[OUTPUT_STREAM] or "-")
+        assert sse_id == f"{core}:{output}", (stream, seq, sse_id)
+
+
+async def close_merged(bodies: list[AsyncIterator[bytes]], tasks: list[asyncio.Task[Any]], hub: sse.MergedHub) -> None:
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+    for body in bodies:
+        await body.aclose()  # type: ignore[attr-defined]
+    await hub.close()
+
+
+async def test_with_log_retention_live_frames_of_both_streams_reach_every_client_once_in_stored_order(
+    bus: Bus,
+) -> None:
+    await ensure_output_retention(bus.js, OutputRetention(max_msgs=100_000))
+    execution_id = new_execution_id()
+    subject = execution_events(execution_id)
+    hub = sse.MergedHub(bus.js, subject)
+    bodies = [sse.merged_stream(bus.js, hub, subject, catch_up=False, heartbeat_s=30) for _ in range(3)]
+    readers: list[asyncio.Task[list[tuple[Stored, str]]]] = []
+    try:
+        for body in bodies:
+            assert await anext(body) == b"retry: 1000\n\n"
+        readers = [asyncio.create_task(read_merged(body, 120)) for body in bodies]
+        while len(hub.subscribers) < 3:  # noqa: ASYNC110 (joining is a NATS round trip)
+            await asyncio.sleep(0.01)
+        stored = await publish_mixed(bus, execution_id, 120, pause_s=0.005)  # one after the other
+        assert {stream for stream, _ in stored} == {STREAM, OUTPUT_STREAM}
+        for reader in readers:
+            frames = await reader
+            assert [where for where, _ in frames] == stored, "every event once, in the order stored"
+            positions_are_exact(frames)
+    finally:
+        await close_merged(bodies, readers, hub)
+
+
+async def test_with_log_retention_a_client_catching_up_while_events_pour_in_sees_each_once_and_resumes_exactly(
+    bus: Bus,
+) -> None:
+    await ensure_output_retention(bus.js, OutputRetention(max_msgs=100_000))
+    execution_id = new_execution_id()
+    subject = execution_events(execution_id)
+    hub = sse.MergedHub(bus.js, subject)
+    live = sse.merged_stream(bus.js, hub, subject, catch_up=False, heartbeat_s=30)  # keeps the hub busy
+    first = await publish_mixed(bus, execution_id, 200)
+    body = sse.merged_stream(bus.js, hub, subject, catch_up=True, start_seq=1, output_start_seq=1, heartbeat_s=30)
+    readers: list[asyncio.Task[list[tuple[Stored, str]]]] = []
+    try:
+        assert await anext(live) == b"retry: 1000\n\n"
+        readers.append(asyncio.create_task(read_merged(live, 600)))
+        while not hub.subscribers:  # noqa: ASYNC110 (joining is a NATS round trip)
+            await asyncio.sleep(0.01)
+        assert await anext(body) == b"retry: 1000\n\n"
+        readers.append(asyncio.create_task(read_merged(body, 800)))
+        more = await publish_mixed(bus, execution_id, 600, start=200, pause_s=0.001)  # during the catch-up
+        everything = first + more
+        frames = await readers[1]
+        got = [where for where, _ in frames]
+        for stream in (STREAM, OUTPUT_STREAM):
+            assert [s for s in got if s[0] == stream] == [s for s in everything if s[0] == stream]
+        assert len(got) == len(everything), "each once"
+        positions_are_exact(frames)
+        assert [where for where, _ in await readers[0]] == more
+        # cut anywhere: resuming right after an id (as Last-Event-ID) gives the rest, none twice
+        for cut in (1, 137, 401, 799):
+            core, _, output = frames[cut - 1][1].partition(":")
+            position = (int(core) if core != "-" else 0, int(output) if output != "-" else 0)
+            resumed = sse.merged_stream(
+                bus.js,
+                None,
+                subject,
+                catch_up=True,
+                start_seq=position[0] + 1,
+                output_start_seq=position[1] + 1,
+                seen=position,
+                heartbeat_s=30,
+            )
+            rest = await read_merged(resumed, 10_000)
+            await resumed.aclose()  # type: ignore[attr-defined]
+            assert sorted(got[:cut] + [where for where, _ in rest]) == sorted(everything), f"cut after {cut}"
+            for stream in (STREAM, OUTPUT_STREAM):  # (each stream in its order; across both, by stored time)
+                assert [s for s, _ in rest if s[0] == stream] == [s for s in got[cut:] if s[0] == stream]
+            positions_are_exact(rest, position)
+    finally:
+        await close_merged([live, body], readers, hub)
