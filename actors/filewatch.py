@@ -13,7 +13,6 @@ instance are limited by fs.inotify.max_user_watches, tens of thousands, not by a
 """
 
 import ctypes
-import ctypes.util
 import os
 import struct
 from collections.abc import Iterator
@@ -228,10 +227,13 @@ class SharedWatch:
 
 
 def _new_instance() -> tuple[int, ctypes.CDLL] | None:
-    """A new inotify instance (its fd, and libc to use it); None without inotify or past the user's limit."""
-    name = ctypes.util.find_library("c")
+    """A new inotify instance (its fd, and libc to use it); None without inotify or past the user's limit.
+
+    libc is this process's own (`CDLL(None)`: the symbols Python is linked with), not looked up
+    with `ctypes.util.find_library`, which runs `ldconfig -p` (a fork and exec, ~5 ms of every
+    spawn: bench/spawn.py)."""
     try:
-        libc = ctypes.CDLL(name or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
         fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
     except (OSError, AttributeError):
         return None

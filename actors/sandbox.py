@@ -143,7 +143,6 @@ def decide(
         "network": network,
         "bwrap": find_bwrap(program),
         "hide": [str(Path(p).resolve()) for p in hide],
-        "restore": _signal_restorer(),  # probed here once, not in every shim
         "deny": (names := denied_names(deny)),
         "deny_paths": [str(p) for p in denied_paths(tuple(names), path_var or os.environ.get("PATH") or os.defpath)],
         **({"allow": allow, "proxy_port": netallow.proxy_port(allow)} if network == "allow" else {}),
@@ -198,19 +197,24 @@ def wrap(
     `join`: the files the process writes "0" into before anything runs, to join the execution's
     cgroups (actors/limits.py `join_files`: v1 `tasks`, v2 `cgroup.procs`): done by the `sh` that
     execs bwrap (single-threaded: its one thread is the whole process), so the shim needs no
-    `preexec_fn` (which makes Python fork instead of vfork: ~15 ms a spawn here, bench/spawn.py)."""
+    `preexec_fn` (which makes Python fork instead of vfork: ~15 ms a spawn here, bench/spawn.py).
+
+    bwrap's monitor (the process outside that waits for the sandbox) must not die of a signal
+    meant for the agent, or its end reads as the agent's while the agent still runs: the shim's
+    graceful SIGTERM skips it (`monitor_of`), and the agent runs in a session of its own
+    (`--new-session`), so a `kill 0` of the agent's reaches only the sandbox. (Its init, pid 1
+    inside, gets no signal it has no handler for: the kernel's rule for a namespace's init.)"""
     sandbox = spec.get("sandbox") or {}
     joins = "".join(f"{_join_line(path)}; " for path in join)
     if sandbox.get("mode") != "bwrap":
         return ["/bin/sh", "-c", f'{joins}exec "$0" "$@"', *command] if joins else list(command)
     bwrap = [str(sandbox["bwrap"]), *sandbox_args(spec), *extra, "--"]
-    restore = sandbox["restore"] if "restore" in sandbox else _signal_restorer()
-    if restore is None:
-        return ["/bin/sh", "-c", f'{joins}exec "$0" "$@"', *bwrap, *command] if joins else [*bwrap, *command]
-    # bwrap's own processes (its monitor outside, its init inside) ignore the signals the shim
-    # sends the tree to stop it gracefully: else SIGTERM ends bwrap's monitor first, which reads
-    # as the agent's end while the agent still runs. The agent gets the defaults back.
-    return ["/bin/sh", "-c", f'{joins}trap "" {_GRACEFUL}; exec "$0" "$@"', *bwrap, *restore, "--", *command]
+    return ["/bin/sh", "-c", f'{joins}exec "$0" "$@"', *bwrap, *command] if joins else [*bwrap, *command]
+
+
+def monitor_of(spec: Mapping[str, Any], pid: int | None) -> int | None:
+    """The pid of bwrap's monitor in a sandboxed execution (the process the shim started), else None."""
+    return pid if (spec.get("sandbox") or {}).get("mode") == "bwrap" else None
 
 
 JOIN_FAILED = 126  # the exit status of an agent start that could not join its cgroup (nothing ran)
@@ -221,23 +225,6 @@ def _join_line(path: str) -> str:
     where = shlex.quote(path)
     message = shlex.quote(f"corral: cannot join the execution's cgroup ({path})")
     return f"{{ echo 0 > {where}; }} 2>/dev/null || {{ echo {message} >&2; exit {JOIN_FAILED}; }}"
-
-
-_GRACEFUL = "TERM INT HUP"
-
-
-@functools.lru_cache(maxsize=1)
-def _signal_restorer() -> list[str] | None:
-    """`env --default-signal=...` (coreutils 8.31+): resets ignored signals before exec; None without it."""
-    env = shutil.which("env") or "/usr/bin/env"
-    option = "--default-signal=" + _GRACEFUL.replace(" ", ",")
-    try:
-        done = subprocess.run(
-            [env, option, "true"], capture_output=True, timeout=PROBE_TIMEOUT_S, check=False, process_group=0
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return [env, option] if done.returncode == 0 else None
 
 
 def in_force(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -270,6 +257,7 @@ def _base_args(*, network: str) -> list[str]:
         "--tmpfs", str(HIDDEN_TMP),
         "--unshare-pid",
         "--unshare-ipc",
+        "--new-session",  # setsid: the agent's process group holds no process outside (and no terminal)
         "--cap-drop", "ALL",
     ]  # fmt: skip
     if network in ("none", "allow"):  # allow: the shim serves the allowed pairs inside (actors/netallow.py)
@@ -288,7 +276,7 @@ def sandbox_args(spec: Mapping[str, Any]) -> list[str]:
 
     # 1. what the private /tmp hid and the agent must read: the repository's .git, its own
     #    command line's and environment's paths (a script, a config file, HOME)
-    readable = [p for p in (git.get("common"), *_given_paths(spec["command"], env)) if p is not None]
+    readable = [p for p in (git.get("common"), *_given_paths(spec["command"], env, HIDDEN_TMP)) if p is not None]
     for path in _outermost(p for p in readable if _under(p, HIDDEN_TMP) and not _under_any(p, hidden)):
         args += ["--ro-bind", str(path), str(path)]
     # 2. $CORRAL_HOME (and whatever else the spawner hides), empty
@@ -361,14 +349,22 @@ def _outermost(paths: Iterable[Path]) -> list[Path]:
     return chosen
 
 
-def _given_paths(command: Sequence[str], env: Mapping[str, str]) -> list[Path]:
-    """Existing absolute paths on the command line (`--opt=PATH` too) and in environment values."""
+def _given_paths(command: Sequence[str], env: Mapping[str, str], within: Path) -> list[Path]:
+    """Existing absolute paths inside `within` on the command line (`--opt=PATH` too) and in
+    environment values (only those are looked up: a stat per PATH entry was ~0.5 ms of each spawn)."""
     words = list(command[1:]) + [v for k, v in env.items() if k not in ("PWD", "OLDPWD", *TMP_VARS)]
     words += [w.split("=", 1)[1] for w in command[1:] if w.startswith("-") and "=" in w]
+    prefix = str(within).rstrip("/") + "/"
     found = []
     for word in [command[0], *words] if command else words:
         for part in word.split(os.pathsep) if word.count(os.pathsep) else [word]:
-            if part.startswith("/") and "\0" not in part and len(part) < 4096:
+            # (normalized first: /tmp/../etc is not inside /tmp, /x/../tmp/y is)
+            if (
+                part.startswith("/")
+                and "\0" not in part
+                and len(part) < 4096
+                and (os.path.normpath(part) + "/").startswith(prefix)
+            ):
                 with contextlib.suppress(OSError, ValueError):
                     path = Path(os.path.normpath(part))
                     if path.exists():

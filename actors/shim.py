@@ -908,6 +908,9 @@ class Shim:
             self._kill_tree()
             return
         tree = self.tree()
+        # not to bwrap's monitor: its end would read as the agent's while the agent still runs
+        # (it dies with the rest in _kill_tree, or when the agent has ended)
+        tree.pop(sandbox.monitor_of(self.spec, self.pid) or 0, None)
         signal_pids(tree, signal.SIGTERM)
         signal_pids(tree, signal.SIGCONT)  # a process stopped by someone else cannot act on SIGTERM
         asyncio.get_running_loop().call_later(grace_s, self._kill_tree)

@@ -9,7 +9,8 @@ taken in turn (so each sees the same load of the moment):
 
 One spawn at a time: a request is published, and the agent (`sh -c 'date +%s.%N'`) prints the
 time it starts running; request -> running is that time minus the time just before the publish
-(one clock, one host). The first spawns of each configuration warm up and are not counted.
+(one clock, one host); the next spawn waits until this execution's end is recorded and its system
+has settled (`settled`). The first spawns of each configuration warm up and are not counted.
 The cgroup configurations run with a memory and a CPU limit too, so every limit is written.
 
     .venv/bin/python bench/spawn.py [--n 200] [--warmup 5]
@@ -96,6 +97,27 @@ async def started_at(bus: Any, execution_id: str, timeout_s: float = 60.0) -> tu
     raise RuntimeError(f"{execution_id} did not start within {timeout_s:.0f}s")
 
 
+SPAWN_STAGES = ("execution.claimed", "workspace.created", "execution.started")
+
+
+async def settled(bus: Any, execution_id: str, timeout_s: float = 30.0) -> None:
+    """Wait until an execution's end is recorded and its system is quiet again: its exit checkpoint,
+    the validation and the projection of its end run after the agent, and would otherwise fall on
+    the next configuration's spawn (each spawn then waited behind the previous system's exit)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = await sql(
+            bus, f"SELECT count(*) FROM events WHERE execution_id = '{execution_id}' AND type = 'execution.exited'"
+        )
+        if rows and int(rows[0][0]):
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(SETTLE_S)
+
+
+SETTLE_S = 0.1  # after an exit is queryable: its checkpoint and validation are done by then here
+
+
 @dataclass
 class Configuration:
     """One configuration's own `corral up`, and what its spawns measured."""
@@ -108,6 +130,8 @@ class Configuration:
     repo: Path | None = None
     latencies: list[float] = field(default_factory=list)
     seen: set[str | None] = field(default_factory=set)
+    # ms from the publish to each stage's event (its own clock: the emitter's timestamp), per spawn
+    stages: dict[str, list[float]] = field(default_factory=dict)
 
     async def start(self, root: Path) -> None:
         home = root / f"home-{self.label.replace('+', '-')}"
@@ -136,6 +160,15 @@ class Configuration:
         if counted:
             self.latencies.append((running - before) * 1000)
             self.seen.add(in_force)
+            types = ", ".join(f"'{kind}'" for kind in SPAWN_STAGES)
+            rows = await sql(
+                self.bus,
+                f"SELECT type, min(epoch(ts)) FROM events WHERE execution_id = '{execution_id}' "
+                f"AND type IN ({types}) GROUP BY type",
+            )
+            for kind, ts in rows:
+                self.stages.setdefault(kind, []).append((float(ts) - before) * 1000)
+        await settled(self.bus, execution_id)
 
     async def stop(self) -> None:
         if self.bus is not None:
@@ -152,6 +185,9 @@ class Configuration:
             "p50_ms": statistics.median(self.latencies),
             "p95_ms": cuts[18],
             "limits": sorted(str(x) for x in self.seen),
+            "stages_p50_ms": {
+                kind: statistics.median(self.stages[kind]) for kind in SPAWN_STAGES if self.stages.get(kind)
+            },
         }
 
 
@@ -367,6 +403,13 @@ async def main() -> None:
             f"{result['label']:<16} {result['n']:>6} {result['p50_ms']:>7.1f}ms {result['p95_ms']:>7.1f}ms "
             f"{ratio:>11.2f}x {result['overhead_p50_ms']:>+11.1f}ms  {', '.join(result['limits'])}",
             flush=True,
+        )
+    print("where the time goes (ms after the publish, p50; the agent's own start is the p50 above):")
+    print(f"{'configuration':<16} " + " ".join(f"{kind:>18}" for kind in SPAWN_STAGES))
+    for result in results:
+        marks = result["stages_p50_ms"]
+        print(
+            f"{result['label']:<16} " + " ".join(f"{marks.get(kind, float('nan')):>16.1f}ms" for kind in SPAWN_STAGES)
         )
     contained = results[-1]
     if len(results) > 1:

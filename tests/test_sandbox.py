@@ -439,3 +439,29 @@ def test_a_host_daemons_control_socket_is_covered(repo: Path, tmp_path: Path, mo
         server.close()
         os.unlink(path)
         git(repo, "worktree", "remove", "--force", str(worktree))
+
+
+def test_signals_for_the_agent_do_not_end_bwraps_monitor(cli: Cli, repo: Path) -> None:
+    """bwrap's monitor (outside the sandbox) must outlive the signals meant for the agent, or its end
+    reads as the agent's: a cancel's graceful SIGTERM reaches the agent, which cleans up and exits
+    with its own code; an agent's `kill 0` (its whole process group) reaches only the sandbox."""
+    from tests.test_control import detach, start_up, stop_up, wait_state, wait_until
+
+    up = start_up(cli)
+    try:
+        graceful = "trap 'echo cleaned up; exit 4' TERM; echo ready; while :; do sleep 0.05; done"
+        execution_id = detach(cli, repo, "--", "sh", "-c", graceful)
+        wait_until(lambda: "ready" in cli("logs", execution_id).stdout, 60, "the agent's start")
+        assert started(cli, execution_id)["sandbox"]["mode"] == "bwrap"
+        cli("cancel", execution_id, "--grace", "30", check=True)
+        final = wait_state(cli, execution_id, "exited")
+        assert (final["exit_code"], final["signal"]) == (4, None), final  # not bwrap's -15 (or a kill after 30 s)
+        assert "cleaned up" in cli("logs", execution_id).stdout
+
+        group_kill = "trap 'echo got it; exit 3' TERM; kill -TERM 0; sleep 30"
+        execution_id = detach(cli, repo, "--", "sh", "-c", group_kill)
+        final = wait_state(cli, execution_id, "exited")
+        assert (final["exit_code"], final["signal"]) == (3, None), final
+        assert "got it" in cli("logs", execution_id).stdout
+    finally:
+        stop_up(cli, up)
