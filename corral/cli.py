@@ -15,9 +15,11 @@ from events.errors import EventError
 from projections.errors import ProjectionError
 
 
-def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
+def build_parser(*, only_run: bool = False, core_only: bool = False) -> argparse.ArgumentParser:
     """The whole command line; `only_run`: just `corral run`'s, without importing the feature modules
-    (a `corral run` that starts its own system is timed from the shell: issue 20 §6)."""
+    (a `corral run` that starts its own system is timed from the shell: issue 20 §6); `core_only`:
+    every command of this module, without the feature modules' (`corral ps` and the other commands
+    of COMMANDS need none of them: ~40 ms of imports less, more on a busy machine, issue 20 §5)."""
     parser = argparse.ArgumentParser(
         prog="corral",
         description="Supervise headless coding agents: each run is an execution in its own git "
@@ -192,6 +194,8 @@ def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="JSON Schema of every event type")
     schema.add_argument("--type", help="one event type only")
     schema.add_argument("--list", action="store_true", help="list the types and their subjects")
+    if core_only:
+        return parser
     for module in features():
         COMMANDS.update(module.add_parsers(sub))
     _group_commands(parser, sub)
@@ -268,9 +272,13 @@ COMMANDS: dict[str, Any] = {
 }
 
 
+CORE_COMMANDS: Final = frozenset(COMMANDS)  # before the feature modules add theirs (build_parser)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(only_run=words[:1] == ["run"])
+    # a command of this module (its first word) needs no feature module: the others are not loaded
+    parser = build_parser(only_run=words[:1] == ["run"], core_only=words[:1] != [] and words[0] in CORE_COMMANDS)
     args, extra = parser.parse_known_args(argv)
     if extra:
         # `corral rollback EXEC --to 2 a.py b.py`: paths after an option still are paths.
