@@ -23,6 +23,7 @@ Runs its own `corral up --http 127.0.0.1:0 --actors projector` (embedded NATS) o
 CORRAL_HOME. Ends with one JSON line.
 
     .venv/bin/python bench/api.py [--clients 100] [--rate 1000] [--seconds 10] [--history 10000] [--retention]
+        [--mixed]
 """
 
 import argparse
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import print_result, stop_up
 
 EXECUTION = "benchsse"
-STAMP = re.compile(rb'"text":"([0-9.]+)"')  # the publish time each event carries
+STAMP = re.compile(rb'"(?:text|note)":"([0-9.]+)"')  # the publish time each event carries
 WORKERS = 2  # client processes (the machine has 2 cores; each process holds half the clients)
 
 
@@ -154,11 +155,12 @@ def client_worker(kind: str, count: int, target: str, secret: str, subject: str,
     conn.send(asyncio.run(main()))
 
 
-async def publish(url: str, admin: Any, rate: float, total: int) -> float:
-    """`total` output events at `rate`/s, each carrying the wall time it was published; the rate reached."""
+async def publish(url: str, admin: Any, rate: float, total: int, mixed: bool = False) -> float:
+    """`total` output events at `rate`/s, each carrying the wall time it was published; the rate reached.
+    `mixed`: every other one a heartbeat instead (a core event: with log retention on, the other stream)."""
     from actors.bus import connect_bus
     from events.envelope import new_event
-    from events.types import Output
+    from events.types import EventData, Heartbeat, Output
 
     bus = await connect_bus(url, name="bench-api", credentials=admin)
     start = time.perf_counter()
@@ -168,9 +170,10 @@ async def publish(url: str, admin: Any, rate: float, total: int) -> float:
         acks = []
         for _ in range(min(batch, total - sent)):
             sent += 1
-            event = new_event(
-                EXECUTION, Output(stream="stdout", text=repr(time.time()), n=sent), actor="spawner-bench-1"
-            )
+            data: EventData = Output(stream="stdout", text=repr(time.time()), n=sent)
+            if mixed and sent % 2:
+                data = Heartbeat(note=repr(time.time()))
+            event = new_event(EXECUTION, data, actor="spawner-bench-1")
             acks.append(await bus.js.publish_async(event.subject, event.to_bytes(), headers={"Nats-Msg-Id": event.id}))
         await asyncio.gather(*acks)
         await asyncio.sleep(max(0.0, start + sent / rate - time.perf_counter()))
@@ -186,12 +189,21 @@ def cpu_s(pid: int) -> float:
 
 
 def phase(
-    kind: str, clients: int, target: str, secret: str, url: str, admin: Any, rate: float, total: int, up_pid: int
+    kind: str,
+    clients: int,
+    target: str,
+    secret: str,
+    url: str,
+    admin: Any,
+    rate: float,
+    total: int,
+    up_pid: int,
+    mixed: bool,
 ) -> dict[str, Any]:
     """One measurement: clients in WORKERS processes, the publisher in this one."""
     import multiprocessing
 
-    subject = f"corral.evt.{EXECUTION}.output"
+    subject = f"corral.evt.{EXECUTION}.>" if mixed else f"corral.evt.{EXECUTION}.output"
     context = multiprocessing.get_context("spawn")
     shares = [clients // WORKERS + (1 if i < clients % WORKERS else 0) for i in range(WORKERS)]
     pipes, processes = [], []
@@ -209,7 +221,7 @@ def phase(
         pipe.recv()
     time.sleep(0.5)  # every stream's consumer is in place
     cpu_before = cpu_s(up_pid)
-    rate_reached = asyncio.run(publish(url, admin, rate, total))
+    rate_reached = asyncio.run(publish(url, admin, rate, total, mixed))
     for pipe in pipes:
         pipe.send("published")
     latencies: list[float] = []
@@ -229,12 +241,20 @@ def phase(
 
 
 def fanout(
-    url: str, http_url: str, admin: Any, token: str, clients: int, rate: float, seconds: float, up_pid: int
+    url: str,
+    http_url: str,
+    admin: Any,
+    token: str,
+    clients: int,
+    rate: float,
+    seconds: float,
+    up_pid: int,
+    mixed: bool = False,
 ) -> dict[str, Any]:
     """The SSE clients, then (alone, so they do not compete) as many nats-py subscribers."""
     total = int(rate * seconds)
-    sse = phase("sse", clients, http_url, token, url, admin, rate, total, up_pid)
-    subs = phase("nats", clients, url, f"{admin.user}:{admin.password}", url, admin, rate, total, up_pid)
+    sse = phase("sse", clients, http_url, token, url, admin, rate, total, up_pid, mixed)
+    subs = phase("nats", clients, url, f"{admin.user}:{admin.password}", url, admin, rate, total, up_pid, mixed)
     return {
         "published": total,
         "publish_rate": min(sse["rate"], subs["rate"]),
@@ -315,7 +335,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--history", type=int, default=10000)
     parser.add_argument(
-        "--retention", action="store_true", help="log retention on (output in its own stream): the per-client SSE path"
+        "--retention",
+        action="store_true",
+        help="log retention on (output in its own stream): the SSE hub over both streams",
+    )
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="every other event a heartbeat (a core event), clients follow corral.evt.ID.>: with --retention both"
+        " streams deliver and the hub merges them",
     )
     args = parser.parse_args()
     from events.auth import ensure_credentials
@@ -337,13 +365,17 @@ def main() -> int:
                 check=True,
             ).stdout.strip()
             admin = ensure_credentials(home).get("admin")
-            fan = fanout(url, http_url, admin, token, args.clients, args.rate, args.seconds, up.pid)
+            fan = fanout(url, http_url, admin, token, args.clients, args.rate, args.seconds, up.pid, args.mixed)
             listed = asyncio.run(history(url, http_url, admin, token, home, args.history))
         finally:
             stop_up(up, "(api bench)")
     expected = fan["published"] * args.clients
-    retention = " (log retention on: one consumer per client)" if args.retention else ""
-    print(f"SSE fan-out: {args.clients} clients, {fan['published']} events at {fan['publish_rate']:.0f}/s{retention}")
+    retention = " (log retention on: output in its own stream, the hub over both streams)" if args.retention else ""
+    mixed = " (half output, half heartbeats)" if args.mixed else ""
+    print(
+        f"SSE fan-out: {args.clients} clients, {fan['published']} events{mixed} at {fan['publish_rate']:.0f}/s"
+        f"{retention}"
+    )
     print(f"{'path':<36} {'received':>10} {'p50 ms':>9} {'p99 ms':>9}")
     print(
         f"{'corral: publish -> SSE client':<36} {fan['sse_received']:>10} {fan['sse_p50']:9.1f} {fan['sse_p99']:9.1f}"
@@ -377,6 +409,7 @@ def main() -> int:
         clients=args.clients,
         rate=args.rate,
         retention=args.retention,
+        mixed=args.mixed,
         sse_p50_ms=fan["sse_p50"],
         sse_missing=expected - fan["sse_received"],
         sse_server_cpu_s=fan["sse_server_cpu_s"],

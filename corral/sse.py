@@ -329,11 +329,12 @@ class MergedHub:
         now = self._flushed = asyncio.get_running_loop().time()
         core, output = self._queues
         bound: int | None = None  # events stored after this wait for a stream still delivering
-        if self._held_since is None or now - self._held_since < MERGE_WAIT_S:
-            for which in (CORE, OUTPUT):
-                if self._more[which]:
-                    newest = self._newest_ns[which]
-                    bound = newest if bound is None else min(bound, newest)
+        if self._held_since is not None and now - self._held_since >= MERGE_WAIT_S:
+            self._more = [False, False]  # what was announced did not come (expired, a recreated consumer)
+        for which in (CORE, OUTPUT):
+            if self._more[which]:
+                newest = self._newest_ns[which]
+                bound = newest if bound is None else min(bound, newest)
         position = self._position
         before = (position[CORE], position[OUTPUT])
         frames: list[tuple[int, int, Position, bytes]] = []
@@ -345,8 +346,8 @@ class MergedHub:
             _, seq, body = queue.popleft()
             position[which] = seq
             frames.append((which, seq, (position[CORE], position[OUTPUT]), body))
-        if core or output:  # held back: looked at again shortly (and released after MERGE_WAIT_S)
-            if self._held_since is None:
+        if core or output:  # held back: looked at again shortly (all released after MERGE_WAIT_S without progress)
+            if self._held_since is None or frames:
                 self._held_since = now
             self._schedule()
         else:
