@@ -117,6 +117,7 @@ def build_parser(*, only_run: bool = False, core_only: bool = False) -> argparse
     ps = sub.add_parser("ps", help="list executions (running ones unless --all)")
     ps.add_argument("--all", "-a", action="store_true", help="include finished executions")
     ps.add_argument("--json", action="store_true")
+    ps.add_argument("--tree", action="store_true", help="every execution, with replays, forks and retries nested")
 
     logs = sub.add_parser("logs", help="print an execution's output")
     logs.add_argument("execution_id", metavar="EXEC_ID")
@@ -251,7 +252,7 @@ COMMANDS: dict[str, Any] = {
     "run": commands.cmd_run,
     "up": commands.cmd_up,
     "down": commands.cmd_down,
-    "ps": commands.cmd_ps,
+    "ps": commands.cmd_ps,  # (with --tree: corral/history.py's cmd_ps_tree, set when the features load)
     "logs": commands.cmd_logs,
     "tap": commands.cmd_tap,
     "sql": commands.cmd_sql,
@@ -278,8 +279,12 @@ CORE_COMMANDS: Final = frozenset(COMMANDS)  # before the feature modules add the
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     # a command of this module (its first word) needs no feature module: the others are not loaded
-    parser = build_parser(only_run=words[:1] == ["run"], core_only=words[:1] != [] and words[0] in CORE_COMMANDS)
+    core = words[:1] != [] and words[0] in CORE_COMMANDS
+    parser = build_parser(only_run=words[:1] == ["run"], core_only=core)
     args, extra = parser.parse_known_args(argv)
+    if core and args.cmd == "ps" and args.tree:  # `corral ps --tree` is corral/history.py's
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
     if extra:
         # `corral rollback EXEC --to 2 a.py b.py`: paths after an option still are paths.
         if isinstance(getattr(args, "path", None), list) and not any(e.startswith("-") for e in extra):

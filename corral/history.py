@@ -102,9 +102,8 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> d
     export.add_argument("--parquet", required=True, metavar="DIR", help="directory to create (must not exist)")
     export.add_argument("--since", metavar="D", help="only rows since a duration ago (10m, 2d) or a sequence")
 
-    ps = sub.choices.get("ps")
-    if ps is not None:
-        ps.add_argument("--tree", action="store_true", help="every execution, with replays, forks and retries nested")
+    # `corral ps --tree` is answered here (the option is corral/cli.py's: `corral ps` parses without
+    # this module, corral/cli.py main)
     return {
         "search": cmd_search,
         "compare": cmd_compare,
