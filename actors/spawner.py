@@ -718,8 +718,10 @@ class Spawner(Actor):
                 return
             try:  # (git runs in threads, actors/gitrun.py: the loop goes on claiming and publishing)
                 if request.worktree:  # a follow-up continues in its parent's worktree and branch
-                    repo = await gitrun.call(repo_root, request.repo)
-                    path, branch, base_commit = await gitrun.call(existing_worktree, Path(request.worktree))
+                    # (side by side: a pipeline's next stage waits for these, issue 18)
+                    repo, (path, branch, base_commit) = await asyncio.gather(
+                        gitrun.call(repo_root, request.repo), gitrun.call(existing_worktree, Path(request.worktree))
+                    )
                 else:
                     repo, base_commit = await gitrun.call(locate, request.repo, request.base)
                     # Adds of one repository run side by side; one that raced another is tried again
@@ -1176,9 +1178,21 @@ class Spawner(Actor):
 
 
 def existing_worktree(path: Path) -> tuple[Path, str, str]:
-    """(path, branch, HEAD commit) of a worktree a follow-up reuses; WorkspaceError if it is gone."""
+    """(path, branch, HEAD commit) of a worktree a follow-up reuses; WorkspaceError if it is gone.
+
+    The branch is read from the worktree's own HEAD file when it names one under refs/heads (one
+    git process instead of two: a pipeline's next stage waits for this); else git is asked, and
+    its refusal (a detached HEAD) is the error."""
     if not (path / ".git").exists():
         raise WorkspaceError(str(path), "the worktree to continue in is gone (corral worktrees lists them)")
+    branch = _head_branch(path)
+    if branch is not None:
+        done = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise WorkspaceError(str(path), f"not a usable worktree: {done.stderr.strip()}")
+        return path, branch, done.stdout.strip()
     found = []
     for args in (["symbolic-ref", "--short", "HEAD"], ["rev-parse", "HEAD"]):
         done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, check=False)
@@ -1186,6 +1200,19 @@ def existing_worktree(path: Path) -> tuple[Path, str, str]:
             raise WorkspaceError(str(path), f"not a usable worktree: {done.stderr.strip()}")
         found.append(done.stdout.strip())
     return path, found[0], found[1]
+
+
+def _head_branch(worktree: Path) -> str | None:
+    """The branch a linked worktree's HEAD file names (`ref: refs/heads/NAME`), or None."""
+    try:
+        link = (worktree / ".git").read_text(errors="replace").strip()
+        if not link.startswith("gitdir:"):
+            return None
+        head = (worktree / link.split(":", 1)[1].strip() / "HEAD").read_text(errors="replace").strip()
+    except OSError:
+        return None
+    name = head.removeprefix("ref: refs/heads/")
+    return name if head.startswith("ref: refs/heads/") and name and "\n" not in name else None
 
 
 def agent_environment(requested: dict[str, str]) -> dict[str, str]:

@@ -63,3 +63,23 @@ def test_locate_is_repo_root_and_resolve_commit_in_one(repo: Path, tmp_path: Pat
     subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(bare)], check=True)
     with pytest.raises(WorkspaceError, match="bare repository"):
         locate(bare, "HEAD")
+
+
+def test_a_follow_ups_worktree_is_read_as_git_would(repo: Path, tmp_path: Path) -> None:
+    """actors/spawner.existing_worktree reads the branch from the worktree's HEAD file (one git process,
+    not two): the same branch and commit git names, and the same refusals (gone, detached)."""
+    from actors.spawner import existing_worktree
+
+    path = tmp_path / "wt"
+    git(repo, "worktree", "add", "-q", "-b", "corral/abc", str(path))
+    (path / "x.txt").write_text("x\n")
+    git(path, "add", "x.txt")
+    git(path, "commit", "-qm", "x")
+    assert existing_worktree(path) == (path, "corral/abc", git(path, "rev-parse", "HEAD"))
+    assert existing_worktree(path)[1] == git(path, "symbolic-ref", "--short", "HEAD")
+
+    git(path, "checkout", "-q", "--detach")
+    with pytest.raises(WorkspaceError, match="not a usable worktree"):
+        existing_worktree(path)
+    with pytest.raises(WorkspaceError, match="is gone"):
+        existing_worktree(tmp_path / "no-such-worktree")
