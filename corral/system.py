@@ -605,6 +605,7 @@ async def _serve_api(system: System, *, sql_timeout_s: float = DEFAULT_QUERY_TIM
                         max_rows=int(request.get("max_rows", 10000)),
                         max_bytes=min(MAX_ANSWER_BYTES, nc.max_payload - 65536),  # the reply must fit in one message
                         timeout_s=sql_timeout_s,
+                        listing=grace is not None,  # read beside a checkpoint (run_query's cut_in_query)
                     )
                 try:
                     result: dict[str, Any] = await asyncio.wrap_future(answer)

@@ -182,10 +182,18 @@ def run_query(
     max_rows: int = MAX_ROWS,
     max_bytes: int = MAX_BYTES,
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    cut_in_query: bool = True,
 ) -> dict[str, Any]:
     """Run one query on `cursor` (one of its own, in the projections' catalog) in a transaction
     that is always rolled back; return columns, types, JSON-ready rows and whether and why the
-    rows were cut ("rows" or "bytes"). The caller closes the cursor."""
+    rows were cut ("rows" or "bytes"). The caller closes the cursor.
+
+    The rows are cut at `max_rows` by a LIMIT added to the query, so DuckDB computes no more
+    (a sort keeps only the first rows: its top-N). `cut_in_query=False` (a listing of a small
+    table, `corral ps`): cut while they are read instead. DuckDB's plan for a LIMIT (top-N, late
+    materialization) waits for a checkpoint that merges row groups to end (its vacuum moves row
+    ids), and during output floods most applies checkpoint such merges of big output chunks:
+    `corral ps` waited up to 1-3 s for them (issue 20 §5, docs/performance.md)."""
     check_statement(sql)
     rows: list[list[Any]] = []
     cut: str | None = None
@@ -197,7 +205,9 @@ def run_query(
         types = [str(t) for t in relation.types]
         size = len(orjson.dumps({"columns": columns, "types": types}))
         relation = relation.project(", ".join(_column(c, t) for c, t in zip(columns, types, strict=True)))
-        for raw in relation.limit(max_rows + 1).iter_rows(FETCH_ROWS):
+        if cut_in_query:
+            relation = relation.limit(max_rows + 1)
+        for raw in relation.iter_rows(FETCH_ROWS):
             if len(rows) >= max_rows:
                 cut = "rows"
                 break

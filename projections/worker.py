@@ -47,6 +47,7 @@ DEFAULT_QUERY_TIMEOUT_S = 10.0  # [sql] timeout (corral/config.py)
 # operators' state) in each instance of the worker; batches are cut at projector.BATCH_BYTES so an
 # apply fits (a 50 MB batch of big output chunks did not fit in 256 MB, an 8-16 MB one does).
 DEFAULT_SETTINGS: dict[str, str | int] = {"memory_limit": "256MiB"}
+LISTING = "listing"  # a query's mode: its rows cut while read, not by a LIMIT (projections.query.run_query)
 QUERY_ERRORS: dict[str, type[QueryError]] = {"sql": QueryError, "refused": QueryRefused, "timeout": QueryTimeout}
 
 
@@ -174,10 +175,14 @@ class ApplyWorker:
         max_rows: int,
         max_bytes: int | None = None,
         timeout_s: float | None = DEFAULT_QUERY_TIMEOUT_S,
+        listing: bool = False,
     ) -> "Future[dict[str, Any]]":
         """Send a query to the worker; its answer (or QueryError) comes in the future, while
-        applies and other queries go on. Await it with `asyncio.wrap_future`."""
-        return self._submit(sql, max_rows, max_bytes or MAX_BYTES, timeout_s, False)
+        applies and other queries go on. Await it with `asyncio.wrap_future`.
+
+        `listing` (`corral ps`): its rows are cut at `max_rows` while read, not by a LIMIT, which
+        would make it wait for a checkpoint's merge of row groups (projections.query.run_query)."""
+        return self._submit(sql, max_rows, max_bytes or MAX_BYTES, timeout_s, LISTING if listing else False)
 
     def submit_export(self, sql: str, *, timeout_s: float | None = None) -> "Future[dict[str, Any]]":
         """Have the worker write the rows of one SELECT to a Parquet file in its batch directory

@@ -33,7 +33,7 @@ from projections.query import (
     run_snapshot,
     timeout_message,
 )
-from projections.worker import DEFAULT_SETTINGS, LIVE, QUERY_THREADS, _read, _write
+from projections.worker import DEFAULT_SETTINGS, LISTING, LIVE, QUERY_THREADS, _read, _write
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,18 @@ def _sandbox(
     con.execute("SET GLOBAL TimeZone = 'UTC'")  # every cursor's, as the connection's own
     con.execute(f"SET temp_directory = {_literal(str(tmp_dir.absolute() / ('duckdb-' + path.name)))}")
     for name, value in (settings or DEFAULT_SETTINGS).items():  # memory_limit, threads ([projector])
-        if name not in ("memory_limit", "threads"):
+        if name not in ("memory_limit", "threads", CHECKPOINT_PAUSE):
             raise ValueError(f"not a projector setting: {name!r}")
-        shown = str(int(value)) if name == "threads" else _literal(str(value))
+        shown = str(int(value)) if name in ("threads", CHECKPOINT_PAUSE) else _literal(str(value))
         con.execute(f"SET GLOBAL {name} = {shown}")
     con.execute(f"SET allowed_directories = [{listed}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
+
+
+# DuckDB's pause inside each checkpoint, after it wrote a table's row groups and before it installs
+# them: a setting for tests only (tests/test_worker.py: a query during a checkpoint), not [projector]'s
+CHECKPOINT_PAUSE = "debug_checkpoint_scan_sleep_ms"
 
 
 def _literal(text: str) -> str:
@@ -179,11 +184,18 @@ class _Live:
                 if export == "snapshot":
                     file = self._tmp_dir / f"snapshot-{os.getpid()}-{uuid.uuid4().hex}.duckdb"
                     result = {**run_snapshot(query_cursor, file), "file": str(file)}
-                elif export:
+                elif export and export != LISTING:
                     file = self._tmp_dir / f"export-{os.getpid()}-{uuid.uuid4().hex}.parquet"
                     result = {**run_export(query_cursor, sql, file, timeout_s=left), "file": str(file)}
                 else:
-                    result = run_query(query_cursor, sql, max_rows=max_rows, max_bytes=max_bytes, timeout_s=left)
+                    result = run_query(
+                        query_cursor,
+                        sql,
+                        max_rows=max_rows,
+                        max_bytes=max_bytes,
+                        timeout_s=left,
+                        cut_in_query=export != LISTING,
+                    )
             except BaseException as exc:
                 if self._done(query_cursor) and isinstance(exc, QueryError):
                     continue  # the file was swapped under it (a rebuild): again, on the new one

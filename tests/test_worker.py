@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -189,3 +190,61 @@ def test_the_worker_ends_itself_once_duckdb_invalidated_its_database() -> None:
     assert done.stdout == "still here\n", done.stderr
     assert done.returncode == 70, done.stderr
     assert "DuckDB invalidated the database" in done.stderr
+
+
+def test_a_listing_is_answered_while_a_checkpoint_merges_row_groups(tmp_path: Path) -> None:
+    """`corral ps` during output floods (issue 20 §5): most applies end in a checkpoint that merges
+    the output table's row groups, and a query with a LIMIT (DuckDB's top-N) on a table the applies
+    changed waits for such a checkpoint to end. A listing (`submit_query(listing=True)`, its rows
+    cut while read) is answered beside it. Each checkpoint pauses here (DuckDB's debug setting)
+    so it lasts: a query with a LIMIT asked meanwhile is still waiting while listings asked after
+    it are answered, one after another."""
+    from projections.projector import BATCH_BYTES
+
+    worker = ApplyWorker(
+        tmp_path / "corral.duckdb",
+        tmp_dir=tmp_path / "t",
+        settings={"memory_limit": "256MiB", "debug_checkpoint_scan_sleep_ms": 300},
+    )
+    worker.open()
+    try:
+        core = RemoteApplier(worker, STREAM)
+        gathered, eid = _batch(1)  # an execution, running: its output counters move with each apply
+        core.apply_gathered(gathered)
+        text = "y" * 60_000 + "\n"
+        seq = core.position
+        listing = "SELECT execution_id, state, output_bytes FROM executions ORDER BY requested_at DESC"
+        applying: list[object] = []
+
+        def apply_output() -> None:  # batches as the projector cuts them: a checkpoint every ~2 (WAL)
+            nonlocal seq
+            for _ in range(6):
+                batch = Gathered()
+                while batch.size < BATCH_BYTES:
+                    seq += 1
+                    event = new_event(eid, Output(stream="stdout", n=seq, text=text), actor="test")
+                    batch.add(seq, event.subject.encode(), event.to_bytes())
+                core.apply_gathered(batch)
+            applying.append("done")
+
+        thread = threading.Thread(target=apply_output)
+        thread.start()
+        answered_beside = 0
+        try:
+            while not applying and answered_beside < 5:
+                held = worker.submit_query(f"{listing} LIMIT 5", max_rows=10)  # a LIMIT: waits for a merge
+                in_a_row = 0
+                while not held.done() and not applying:
+                    rows = worker.submit_query(listing, max_rows=10, listing=True).result(timeout=60)["rows"]
+                    assert rows and rows[0][0] == eid
+                    if not held.done():
+                        in_a_row += 1
+                answered_beside = max(answered_beside, in_a_row)
+                held.result(timeout=60)
+        finally:
+            thread.join()
+        # listings kept being answered, one after another, while a query asked before them waited
+        assert answered_beside >= 5, answered_beside
+        assert worker.query("SELECT count(*) FROM output", max_rows=1)["rows"][0][0] == seq - 4  # 1 + the flood
+    finally:
+        worker.close()
