@@ -797,6 +797,10 @@ def test_sse_with_log_retention_resumes_across_both_streams(retention_api: dict[
             ) as response:
                 rest = read_sse(response, 10_000)
             assert [e["id"] for e in first + rest] == [e["id"] for e in everything], f"resumed after {first[-1]}"
+        # the same events by subject and a duration: the same ids (the positions count this subject's events)
+        params = {"subject": f"corral.evt.{execution_id}.>", "since": "1h", "follow": "false"}
+        with http.stream("GET", "/api/events", params=params) as response:
+            assert [e["id"] for e in read_sse(response, 10_000)] == [e["id"] for e in everything]
 
 
 def positions_of(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
