@@ -116,18 +116,21 @@ async def snapshot_tree_skipping(
             own_path = worktree / own_path
         _copy_if_present(own_path, index)  # its stat cache makes the first `add -A` cheap
     env = {"GIT_INDEX_FILE": str(index)}
-    skipped = await _too_large(worktree, env, max_file_bytes) if max_file_bytes else []
+    _, listed, _ = await git("ls-files", "-z", "--others", "--modified", "--exclude-standard", cwd=worktree, env=env)
+    names = [n for n in listed.split("\0") if n]
+    skipped = _too_large(worktree, names, max_file_bytes) if max_file_bytes else []
     excluded = [f":(exclude,literal){s.path}" for s in skipped]
-    await git("add", "-A", *(["--", ".", *excluded] if excluded else []), cwd=worktree, env=env)
+    if names:  # nothing untracked, modified or deleted: `add -A` would stage nothing (an agent that
+        # changed nothing since the last checkpoint: one git process less at each, its exit's too)
+        await git("add", "-A", *(["--", ".", *excluded] if excluded else []), cwd=worktree, env=env)
     _, tree, _ = await git("write-tree", cwd=worktree, env=env)
     return tree.strip(), skipped
 
 
-async def _too_large(worktree: Path, env: dict[str, str], limit: int) -> list[Skipped]:
-    """The files `git add -A` would stage that are larger than `limit`, by path."""
-    _, out, _ = await git("ls-files", "-z", "--others", "--modified", "--exclude-standard", cwd=worktree, env=env)
+def _too_large(worktree: Path, names: list[str], limit: int) -> list[Skipped]:
+    """Of the files `git add -A` would stage (`ls-files --others --modified`), those larger than `limit`."""
     found = []
-    for name in dict.fromkeys(n for n in out.split("\0") if n):  # a modified file may be listed twice
+    for name in dict.fromkeys(names):  # a modified file may be listed twice
         try:
             st = os.lstat(worktree / name)
         except OSError:

@@ -1,7 +1,10 @@
 """Checkpoints, live file events, changes, diff, commit and rollback, through the CLI on real git."""
 
+import asyncio
 import json
+import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -260,3 +263,40 @@ def test_a_finished_run_that_changed_nothing_is_not_checked_again_at_each_start(
         assert record["exits_caught_up"] == 0  # type: ignore[index]
     finally:
         stop_up(cli, up)
+
+
+@pytest.mark.parametrize("max_file_bytes", [0, 50 << 20])
+def test_a_snapshot_stages_only_when_git_would_find_something(repo: Path, tmp_path: Path, max_file_bytes: int) -> None:
+    """actors/checkpoints.snapshot_tree_skipping skips `git add -A` when `ls-files --others --modified`
+    lists nothing: the tree is still exactly the worktree's, for a deletion, a new file, a mode
+    change and a change staged by the agent itself (its own index, not the scratch one)."""
+    from actors.checkpoints import snapshot_tree_skipping
+
+    path = tmp_path / "wt"
+    git(repo, "worktree", "add", "-q", "-b", "corral/snap", str(path))
+    index = tmp_path / "scratch" / "index"
+
+    def snapshot() -> str:
+        tree, skipped = asyncio.run(snapshot_tree_skipping(path, index, max_file_bytes=max_file_bytes))
+        assert skipped == []
+        return tree
+
+    def truth() -> str:  # the worktree as a fresh index of its own stages it
+        env = {**os.environ, "GIT_INDEX_FILE": str(tmp_path / f"truth-{len(os.listdir(tmp_path))}")}
+        subprocess.run(["git", "add", "-A"], cwd=path, env=env, check=True)
+        return subprocess.run(
+            ["git", "write-tree"], cwd=path, env=env, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    assert snapshot() == git(path, "rev-parse", "HEAD^{tree}")  # nothing changed
+    tracked = [p for p in git(path, "ls-files").splitlines() if p]
+    (path / tracked[0]).unlink()
+    assert snapshot() == truth() != git(path, "rev-parse", "HEAD^{tree}")
+    (path / "new.txt").write_text("new\n")
+    assert snapshot() == truth()
+    assert snapshot() == truth()  # again, nothing more changed: the same tree
+    (path / "new.txt").chmod(0o755)
+    assert snapshot() == truth()
+    (path / "staged.txt").write_text("staged\n")
+    git(path, "add", "staged.txt")  # the agent's own index
+    assert snapshot() == truth()
