@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from actors.shellpolicy import ShellRules, command_regex, command_segments
+from actors.worktree import linked_gitdir
 from events.types import Violation
 from events.units import parse_duration  # the one duration syntax of corral.toml
 
@@ -672,9 +673,7 @@ def git_protection_paths(worktree: str | Path) -> dict[str, tuple[int, int, str]
     out[".git"] = (st.st_size, st.st_mtime_ns, "dir" if link.is_dir() else "file")
     gitdir: Path | None = None
     if link.is_file():
-        text = link.read_text(errors="replace").strip()
-        if text.startswith("gitdir:"):
-            gitdir = (root / text.split(":", 1)[1].strip()).resolve()
+        gitdir = linked_gitdir(root)
     elif link.is_dir():
         gitdir = link
     if gitdir is None:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from actors import netallow
+from actors.worktree import linked_gitdir
 
 MODES = ("auto", "on", "off")
 NETWORKS = ("open", "none", "allow")
@@ -450,15 +451,11 @@ def _git_paths(worktree: Path) -> dict[str, Any]:
     """
     out: dict[str, Any] = {"protected": []}
     link = worktree / ".git"
-    try:
-        text = link.read_text(errors="replace").strip() if link.is_file() else ""
-    except OSError:
-        return out
-    if not text.startswith("gitdir:"):
+    gitdir = linked_gitdir(worktree)
+    if gitdir is None:
         if link.is_dir():  # a worktree that is a whole repository: its own .git, read-only but its objects
             out["common"] = link
         return out
-    gitdir = (worktree / text.split(":", 1)[1].strip()).resolve()
     try:
         common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve()
     except OSError:
@@ -563,13 +560,12 @@ def prepare_worktree(worktree: str | Path) -> None:
     could create it (git reads `config.worktree` when the repository enables worktreeConfig).
     Done before `workspace.created`, so the validator's baseline of git's files includes them.
     """
-    link = Path(worktree) / ".git"
+    gitdir = linked_gitdir(worktree)
+    if gitdir is None:
+        return
     with contextlib.suppress(OSError):
-        text = link.read_text(errors="replace").strip() if link.is_file() else ""
-        if text.startswith("gitdir:"):
-            gitdir = (Path(worktree) / text.split(":", 1)[1].strip()).resolve()
-            for name in ("config", "config.worktree"):
-                (gitdir / name).touch(exist_ok=True)
+        for name in ("config", "config.worktree"):
+            (gitdir / name).touch(exist_ok=True)
 
 
 # --- the shim's control socket: only callers outside any sandbox -------------------------------

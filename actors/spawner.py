@@ -47,7 +47,7 @@ from actors.runtime import Actor
 from actors.sessions import carry_session
 from actors.shim import PUBLISHED, SPEC, SPOOL, SpoolWatch, request, socket_address
 from actors.shimfork import ForkedShim, ShimStarter
-from actors.worktree import add_worktree, locate, remove_worktree, repo_root
+from actors.worktree import add_worktree, linked_gitdir, locate, remove_worktree, repo_root
 from events.approvals import approval_line, derived_id
 from events.auth import CREDENTIAL_ENV, SERVER_ENV_PREFIX
 from events.envelope import Event, decode_event, envelope_bytes, trusted_payload
@@ -1204,11 +1204,9 @@ def existing_worktree(path: Path) -> tuple[Path, str, str]:
 
 def _head_branch(worktree: Path) -> str | None:
     """The branch a linked worktree's HEAD file names (`ref: refs/heads/NAME`), or None."""
+    gitdir = linked_gitdir(worktree)
     try:
-        link = (worktree / ".git").read_text(errors="replace").strip()
-        if not link.startswith("gitdir:"):
-            return None
-        head = (worktree / link.split(":", 1)[1].strip() / "HEAD").read_text(errors="replace").strip()
+        head = (gitdir / "HEAD").read_text(errors="replace").strip() if gitdir is not None else ""
     except OSError:
         return None
     name = head.removeprefix("ref: refs/heads/")

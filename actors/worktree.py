@@ -41,6 +41,18 @@ def _raise_if_interrupted(returncode: int) -> None:
         raise KeyboardInterrupt
 
 
+def linked_gitdir(worktree: str | Path) -> Path | None:
+    """The gitdir a linked worktree's `.git` file names (`gitdir: PATH`, absolute or relative to the
+    worktree), resolved; None when `.git` is not such a file (a whole repository's directory, none)
+    or cannot be read."""
+    link = Path(worktree) / ".git"
+    try:
+        text = link.read_text(errors="replace").strip() if link.is_file() else ""
+    except OSError:
+        return None
+    return (Path(worktree) / text.split(":", 1)[1].strip()).resolve() if text.startswith("gitdir:") else None
+
+
 def repo_root(path: str | Path) -> Path:
     """Return the top level of the git repository at path, or raise WorkspaceError."""
     target = Path(path).expanduser()
