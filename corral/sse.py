@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Sized
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sized
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -156,7 +156,93 @@ class Subscriber(Generic[B]):
             self._timer = None
 
 
-class Hub:
+class _Fanout(Generic[B]):
+    """What both hubs share: their subscribers, the hand-out timer (FLUSH_S after the last hand-out)
+    and join/leave/close around a hub's own `_start` (its consumers) and `_stop`."""
+
+    def __init__(self, js: JetStreamContext, subject: str) -> None:
+        self.js = js
+        self.subject = subject
+        self.subscribers: set[Subscriber[B]] = set()
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.Handle | None = None
+        self._flushed = 0.0  # loop time of the last hand-out
+
+    def _running(self) -> bool:
+        raise NotImplementedError
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        """Unsubscribe, drop what waits for a hand-out; the next join starts afresh."""
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _schedule(self) -> None:
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            delay = self._flushed + FLUSH_S - loop.time()
+            self._timer = loop.call_soon(self._flush) if delay <= 0 else loop.call_later(delay, self._flush)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _hand_out(self, batch: B) -> None:
+        for subscriber in list(self.subscribers):
+            subscriber.offer(batch)
+
+    async def join(self) -> Subscriber[B]:
+        """A new subscriber: every event the hub hands out from now on reaches it."""
+        async with self._lock:
+            if not self._running():
+                try:
+                    await self._start()
+                except BaseException:
+                    await self._stop()
+                    raise
+            elif self._timer is not None:  # what was stored before it joined goes to the others only
+                self._timer.cancel()
+                self._flush()
+            subscriber: Subscriber[B] = Subscriber()
+            self.subscribers.add(subscriber)
+            return subscriber
+
+    async def leave(self, subscriber: Subscriber[B]) -> None:
+        subscriber.close()
+        async with self._lock:
+            self.subscribers.discard(subscriber)
+            if not self.subscribers:
+                await self._stop()
+
+    async def close(self) -> None:
+        async with self._lock:
+            for subscriber in self.subscribers:
+                subscriber.close()
+            self.subscribers.clear()
+            await self._stop()
+
+
+async def _live(js: JetStreamContext, subject: str, stream: str, cb: Callable[[Msg], Awaitable[None]]) -> Any:
+    """An ordered consumer of `stream` delivering what is stored from now on (no client-side limits:
+    a hub's callback only queues)."""
+    return await js.subscribe(
+        subject,
+        stream=stream,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.NEW,
+        config=ConsumerConfig(),
+        cb=cb,
+        pending_msgs_limit=-1,
+        pending_bytes_limit=-1,
+    )
+
+
+class Hub(_Fanout[Batch]):
     """The live events of one subject pattern, read once (an ordered consumer from now on).
 
     Frames are handed out in batches: the first event after a quiet spell goes out at once (in the
@@ -165,86 +251,38 @@ class Hub:
     wake-up of the client's task, a pass through Starlette and uvicorn, and a system call)."""
 
     def __init__(self, js: JetStreamContext, subject: str) -> None:
-        self.js = js
-        self.subject = subject
-        self.subscribers: set[Subscriber[Batch]] = set()
+        super().__init__(js, subject)
         self._sub: Any = None
-        self._lock = asyncio.Lock()
         self._frames: list[tuple[int, bytes]] = []
-        self._timer: asyncio.Handle | None = None
-        self._flushed = 0.0  # loop time of the last hand-out
 
     def _add(self, seq: int, data: bytes) -> None:
         self._frames.append((seq, data))
-        if self._timer is None:
-            loop = asyncio.get_running_loop()
-            delay = self._flushed + FLUSH_S - loop.time()
-            self._timer = loop.call_soon(self._flush) if delay <= 0 else loop.call_later(delay, self._flush)
+        self._schedule()
 
     def _flush(self) -> None:
         self._timer = None
         self._flushed = asyncio.get_running_loop().time()
         frames, self._frames = self._frames, []
-        if not frames:
-            return
-        batch = Batch(frames)
-        for subscriber in list(self.subscribers):
-            subscriber.offer(batch)
+        if frames:
+            self._hand_out(Batch(frames))
+
+    def _running(self) -> bool:
+        return self._sub is not None
 
     async def _start(self) -> None:
         async def on_msg(msg: Msg) -> None:
             seq = int(msg.metadata.sequence.stream)
             self._add(seq, frame(seq, msg.data))
 
-        self._sub = await self.js.subscribe(
-            self.subject,
-            stream=STREAM,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.NEW,
-            config=ConsumerConfig(),
-            cb=on_msg,
-            pending_msgs_limit=-1,
-            pending_bytes_limit=-1,
-        )
+        self._sub = await _live(self.js, self.subject, STREAM, on_msg)
 
-    async def join(self) -> Subscriber[Batch]:
-        """A new subscriber: every event the hub delivers from now on reaches it."""
-        async with self._lock:
-            if self._sub is None:
-                await self._start()
-            elif self._timer is not None:  # what was stored before it joined goes to the others only
-                self._timer.cancel()
-                self._flush()
-            subscriber: Subscriber[Batch] = Subscriber()
-            self.subscribers.add(subscriber)
-            return subscriber
-
-    async def leave(self, subscriber: Subscriber[Batch]) -> None:
-        subscriber.close()
-        async with self._lock:
-            self.subscribers.discard(subscriber)
-            if not self.subscribers and self._sub is not None:
-                sub, self._sub = self._sub, None
-                self._drop_pending()
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-
-    def _drop_pending(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    async def _stop(self) -> None:
+        sub, self._sub = self._sub, None
+        self._cancel_timer()
         self._frames = []
-
-    async def close(self) -> None:
-        async with self._lock:
-            for subscriber in self.subscribers:
-                subscriber.close()
-            self.subscribers.clear()
-            self._drop_pending()
-            if self._sub is not None:
-                with contextlib.suppress(Exception):
-                    await self._sub.unsubscribe()
-                self._sub = None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
 
 CORE, OUTPUT = 0, 1  # a frame's stream in a MergedHub
@@ -287,7 +325,7 @@ class MergedBatch:
         self.data = b"".join(position_id(*position) + body for _, _, position, body in frames)
 
 
-class MergedHub:
+class MergedHub(_Fanout[MergedBatch]):
     """The live events of one subject pattern with log retention on: CORRAL and CORRAL_OUTPUT read
     once each (ordered consumers from now on), merged by stored time, batched as `Hub` does.
 
@@ -296,18 +334,13 @@ class MergedHub:
     go out in stored order across both streams."""
 
     def __init__(self, js: JetStreamContext, subject: str) -> None:
-        self.js = js
-        self.subject = subject
-        self.subscribers: set[Subscriber[MergedBatch]] = set()
+        super().__init__(js, subject)
         self._subs: list[Any] = []
-        self._lock = asyncio.Lock()
         self._queues: tuple[deque[tuple[int, int, bytes]], ...] = (deque(), deque())  # (stored ns, seq, body)
         self._more = [False, False]  # the stream's newest delivery said more matching events followed
         self._newest_ns = [0, 0]  # when the stream's newest delivery was stored
         self._position = [0, 0]  # the last sequence of each stream handed out (0: none yet)
         self._held_since: float | None = None  # since when a stream's events wait for the other's
-        self._timer: asyncio.Handle | None = None
-        self._flushed = 0.0
 
     def _add(self, which: int, msg: Msg) -> None:
         reply = msg.reply
@@ -317,12 +350,6 @@ class MergedHub:
         self._newest_ns[which] = stored_ns
         self._more[which] = ack_pending(reply) > 0
         self._schedule()
-
-    def _schedule(self) -> None:
-        if self._timer is None:
-            loop = asyncio.get_running_loop()
-            delay = self._flushed + FLUSH_S - loop.time()
-            self._timer = loop.call_soon(self._flush) if delay <= 0 else loop.call_later(delay, self._flush)
 
     def _flush(self) -> None:
         self._timer = None
@@ -352,11 +379,11 @@ class MergedHub:
             self._schedule()
         else:
             self._held_since = None
-        if not frames:
-            return
-        batch = MergedBatch(frames, before)
-        for subscriber in list(self.subscribers):
-            subscriber.offer(batch)
+        if frames:
+            self._hand_out(MergedBatch(frames, before))
+
+    def _running(self) -> bool:
+        return bool(self._subs)
 
     async def _start(self) -> None:
         streams = [CORE, OUTPUT] if subjects_overlap(self.subject, OUTPUT_EVENTS) else [CORE]
@@ -365,47 +392,11 @@ class MergedHub:
             async def on_msg(msg: Msg, which: int = which) -> None:
                 self._add(which, msg)
 
-            self._subs.append(
-                await self.js.subscribe(
-                    self.subject,
-                    stream=_NAMES[which],
-                    ordered_consumer=True,
-                    deliver_policy=DeliverPolicy.NEW,
-                    config=ConsumerConfig(),
-                    cb=on_msg,
-                    pending_msgs_limit=-1,
-                    pending_bytes_limit=-1,
-                )
-            )
-
-    async def join(self) -> Subscriber[MergedBatch]:
-        """A new subscriber: every event the hub hands out from now on reaches it."""
-        async with self._lock:
-            if not self._subs:
-                try:
-                    await self._start()
-                except BaseException:
-                    await self._stop()
-                    raise
-            elif self._timer is not None:  # what was stored before it joined goes to the others only
-                self._timer.cancel()
-                self._flush()
-            subscriber: Subscriber[MergedBatch] = Subscriber()
-            self.subscribers.add(subscriber)
-            return subscriber
-
-    async def leave(self, subscriber: Subscriber[MergedBatch]) -> None:
-        subscriber.close()
-        async with self._lock:
-            self.subscribers.discard(subscriber)
-            if not self.subscribers:
-                await self._stop()
+            self._subs.append(await _live(self.js, self.subject, _NAMES[which], on_msg))
 
     async def _stop(self) -> None:
         subs, self._subs = self._subs, []
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         for queue in self._queues:
             queue.clear()
         self._more = [False, False]
@@ -414,13 +405,6 @@ class MergedHub:
         for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-
-    async def close(self) -> None:
-        async with self._lock:
-            for subscriber in self.subscribers:
-                subscriber.close()
-            self.subscribers.clear()
-            await self._stop()
 
 
 class Hubs:
@@ -451,6 +435,41 @@ class Hubs:
         self._merged.clear()
 
 
+Put = Callable[[bytes], Awaitable[None]]
+
+
+async def _batched(read: Callable[[Put], Awaitable[None]]) -> AsyncGenerator[bytes, None]:
+    """Run `read` (a catch-up that puts each frame it reads) beside the response, and yield its
+    frames joined, up to BATCH_FRAMES at a time (a bounded queue: the reader waits for a slow client)."""
+    backlog: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=BATCH_FRAMES * 4)
+
+    async def run() -> None:
+        try:
+            await read(backlog.put)
+        finally:
+            await backlog.put(None)
+
+    task = asyncio.create_task(run())
+    try:
+        while True:
+            item = await backlog.get()
+            if item is None:
+                break
+            chunk = [item]
+            while len(chunk) < BATCH_FRAMES and not backlog.empty():
+                more = backlog.get_nowait()
+                if more is None:
+                    backlog.put_nowait(None)
+                    break
+                chunk.append(more)
+            yield b"".join(chunk)
+        task.result()
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
 async def stream(
     js: JetStreamContext,
     hub: Hub | None,
@@ -467,41 +486,21 @@ async def stream(
     try:
         last = 0
         if start_seq is not None or start_time is not None:
-            backlog: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=BATCH_FRAMES * 4)
 
-            async def on_event(seq: int, msg: Msg) -> bool:
-                await backlog.put(frame(seq, msg.data))
-                nonlocal last
-                last = seq
-                return False
+            async def catch_up(put: Put) -> None:
+                async def on_event(seq: int, msg: Msg) -> bool:
+                    await put(frame(seq, msg.data))
+                    nonlocal last
+                    last = seq
+                    return False
 
-            async def catch_up() -> None:
-                try:
-                    await follow(
-                        js, subject, on_event, start_seq=start_seq, start_time=start_time, stop_when_caught_up=True
-                    )
-                finally:
-                    await backlog.put(None)
+                await follow(
+                    js, subject, on_event, start_seq=start_seq, start_time=start_time, stop_when_caught_up=True
+                )
 
-            task = asyncio.create_task(catch_up())
-            try:
-                while True:
-                    item = await backlog.get()
-                    if item is None:
-                        break
-                    chunk = [item]
-                    while len(chunk) < BATCH_FRAMES and not backlog.empty():
-                        more = backlog.get_nowait()
-                        if more is None:
-                            backlog.put_nowait(None)
-                            break
-                        chunk.append(more)
-                    yield b"".join(chunk)
-                task.result()
-            finally:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            async with contextlib.aclosing(_batched(catch_up)) as chunks:  # (a client gone: its reader ends now)
+                async for chunk in chunks:
+                    yield chunk
         if subscriber is None:
             return
         while True:
@@ -549,49 +548,29 @@ async def merged_stream(
     have = list(seen)  # the client has every wanted event up to these sequences
     try:
         if catch_up:
-            backlog: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=BATCH_FRAMES * 4)
 
-            async def on_event(seq: int, msg: Msg) -> bool:
-                which = OUTPUT if ack_stream(msg.reply) == OUTPUT_STREAM else CORE
-                if which == CORE and seq <= skip_core_through:
+            async def read(put: Put) -> None:
+                async def on_event(seq: int, msg: Msg) -> bool:
+                    which = OUTPUT if ack_stream(msg.reply) == OUTPUT_STREAM else CORE
+                    if which == CORE and seq <= skip_core_through:
+                        return False
+                    have[which] = seq
+                    await put(position_id(have[CORE], have[OUTPUT]) + _body(seq, _NAMES[which], msg.data))
                     return False
-                have[which] = seq
-                await backlog.put(position_id(have[CORE], have[OUTPUT]) + _body(seq, _NAMES[which], msg.data))
-                return False
 
-            async def read() -> None:
-                try:
-                    await follow(
-                        js,
-                        subject,
-                        on_event,
-                        start_seq=start_seq,
-                        start_time=start_time,
-                        output_start_seq=output_start_seq,
-                        stop_when_caught_up=True,
-                    )
-                finally:
-                    await backlog.put(None)
+                await follow(
+                    js,
+                    subject,
+                    on_event,
+                    start_seq=start_seq,
+                    start_time=start_time,
+                    output_start_seq=output_start_seq,
+                    stop_when_caught_up=True,
+                )
 
-            task = asyncio.create_task(read())
-            try:
-                while True:
-                    item = await backlog.get()
-                    if item is None:
-                        break
-                    chunk = [item]
-                    while len(chunk) < BATCH_FRAMES and not backlog.empty():
-                        more = backlog.get_nowait()
-                        if more is None:
-                            backlog.put_nowait(None)
-                            break
-                        chunk.append(more)
-                    yield b"".join(chunk)
-                task.result()
-            finally:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            async with contextlib.aclosing(_batched(read)) as chunks:  # (a client gone: its reader ends now)
+                async for chunk in chunks:
+                    yield chunk
         if subscriber is None:
             return
         while True:

@@ -39,7 +39,9 @@ async def publish(bus: Bus, execution_id: str, count: int, *, start: int = 0, pa
     return seqs
 
 
-async def close(bodies: list[AsyncIterator[bytes]], tasks: list[asyncio.Task[object]], hub: sse.Hub) -> None:
+async def close(
+    bodies: list[AsyncIterator[bytes]], tasks: list[asyncio.Task[Any]], hub: sse.Hub | sse.MergedHub
+) -> None:
     for task in tasks:
         task.cancel()
         with contextlib.suppress(BaseException):
@@ -214,16 +216,6 @@ def positions_are_exact(frames: list[tuple[Stored, str]], start: tuple[int, int]
         assert sse_id == f"{core}:{output}", (stream, seq, sse_id)
 
 
-async def close_merged(bodies: list[AsyncIterator[bytes]], tasks: list[asyncio.Task[Any]], hub: sse.MergedHub) -> None:
-    for task in tasks:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-    for body in bodies:
-        await body.aclose()  # type: ignore[attr-defined]
-    await hub.close()
-
-
 async def test_with_log_retention_live_frames_of_both_streams_reach_every_client_once_in_stored_order(
     bus: Bus,
 ) -> None:
@@ -246,7 +238,7 @@ async def test_with_log_retention_live_frames_of_both_streams_reach_every_client
             assert [where for where, _ in frames] == stored, "every event once, in the order stored"
             positions_are_exact(frames)
     finally:
-        await close_merged(bodies, readers, hub)
+        await close(bodies, readers, hub)
 
 
 async def test_with_log_retention_a_client_catching_up_while_events_pour_in_sees_each_once_and_resumes_exactly(
@@ -297,4 +289,4 @@ async def test_with_log_retention_a_client_catching_up_while_events_pour_in_sees
                 assert [s for s, _ in rest if s[0] == stream] == [s for s in got[cut:] if s[0] == stream]
             positions_are_exact(rest, position)
     finally:
-        await close_merged([live, body], readers, hub)
+        await close([live, body], readers, hub)
