@@ -5,7 +5,9 @@ and Linux allows a user 128 of them by default: past ~120 agents on a host, or w
 software took them, a shim gets none and its `execution.started` says `file_events: false` with a
 warning. The spawner holds one more instance from its start (`SharedWatch`) and takes such an
 agent's tree into it, so its `file.touched` events (and the checkpoints "after N files" that count
-them) still come, from the spawner, with the shim's folding and cadence. Only when the spawner
+them) still come, from the spawner, with the shim's folding and cadence. The agent is already
+running when its shim says so: what it changed before the watch was added is found by change time
+(after its spec was written) and reported with the first batch. Only when the spawner
 could not get an instance either does the execution keep the warning.
 
 While no spawner runs (a supervisor restart), such an agent's changes are not reported live; the
@@ -16,10 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from actors import gitrun
 from actors.filewatch import FileWatcher, SharedWatch
 from actors.shim import FILE_EVENTS_INTERVAL_S  # the shim's cadence: changes gathered, folded, then reported
 
@@ -47,6 +52,7 @@ class FileTakeover:
         self._ids: dict[FileWatcher, str] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._sending: set[asyncio.Task[None]] = set()
+        self._catching_up: dict[str, asyncio.Task[None]] = {}  # execution id -> noting its early files
         if self._shared is not None:
             asyncio.get_running_loop().add_reader(self._shared.fd, self._changed)
 
@@ -54,22 +60,44 @@ class FileTakeover:
     def available(self) -> bool:
         return self._shared is not None
 
-    def take(self, execution_id: str, spec: dict[str, Any]) -> bool:
-        """Watch an execution's tree; False when this spawner has no instance either."""
+    def take(self, execution_id: str, spec: dict[str, Any], *, started_after_ns: int | None = None) -> bool:
+        """Watch an execution's tree; False when this spawner has no instance either.
+
+        The agent was already running when its shim said it has no inotify: with `started_after_ns`
+        (when the agent's launch began: its spec was written), the files it changed before the
+        watch was added are found by their change time and reported with the first batch."""
         if self._shared is None or not spec.get("watch_files", True):
             return False
         if execution_id in self._trees:
             return True
         try:
-            watcher = self._shared.watch(watched_root(spec))
+            watcher, early = self._shared.watch(watched_root(spec), changed_after_ns=started_after_ns)
         except OSError:
             return False
         self._trees[execution_id] = watcher
         self._ids[watcher] = execution_id
+        if early:
+            task = asyncio.create_task(self._catch_up(execution_id, watcher, spec, early))
+            self._catching_up[execution_id] = task
+            task.add_done_callback(lambda _t: self._catching_up.pop(execution_id, None))
         return True
+
+    async def _catch_up(self, execution_id: str, watcher: FileWatcher, spec: dict[str, Any], early: list[str]) -> None:
+        """Note the files changed before the watch: modified where the worktree had them, else created."""
+        with contextlib.suppress(Exception):  # live hints only: checkpoints see every change
+            had = await gitrun.call(_existed_before, spec, early, pool="bookkeeping")
+            for path in early:
+                if path not in watcher.pending:  # what the watch saw since is newer
+                    watcher._note(path, "modified" if path in had else "created")
+            if watcher.pending and execution_id not in self._timers and self._trees.get(execution_id) is watcher:
+                loop = asyncio.get_running_loop()
+                self._timers[execution_id] = loop.call_later(FILE_EVENTS_INTERVAL_S, self._report, execution_id)
 
     async def release(self, execution_id: str) -> None:
         """The execution ends: report what its tree gathered meanwhile, then stop watching it."""
+        catching_up = self._catching_up.get(execution_id)
+        if catching_up is not None:
+            await asyncio.shield(catching_up)
         watcher = self._trees.pop(execution_id, None)
         if watcher is None:
             return
@@ -85,6 +113,8 @@ class FileTakeover:
             await self._publish(execution_id, changes)
 
     def close(self) -> None:
+        for task in self._catching_up.values():
+            task.cancel()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -117,3 +147,21 @@ class FileTakeover:
     async def _send(self, execution_id: str, changes: list[tuple[str, str]]) -> None:
         with contextlib.suppress(Exception):  # a bus that is down: these are live hints, checkpoints see all
             await self._publish(execution_id, changes)
+
+
+def _existed_before(spec: dict[str, Any], paths: list[str]) -> set[str]:
+    """Which of these paths the agent found in its workspace: the real worktree under a shadow
+    workspace's overlay, else the files git tracks in the worktree."""
+    root = Path(spec["cwd"])
+    if spec.get("shadow"):
+        return {path for path in paths if os.path.lexists(root / path)}
+    done = subprocess.run(  # every tracked file (no pathspecs: any number of paths, any name)
+        ["git", "ls-files", "-z"],
+        cwd=root,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0:
+        return set()
+    return set(paths) & {os.fsdecode(name) for name in done.stdout.split(b"\0") if name}

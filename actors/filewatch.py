@@ -86,8 +86,12 @@ class FileWatcher:
             self._owners[wd] = self
         return True
 
-    def _add_tree(self, rel: str, *, report: bool) -> None:
-        """Watch a directory and everything below it; report files already in a new directory."""
+    def _add_tree(self, rel: str, *, report: bool, changed_after_ns: int | None = None) -> list[str]:
+        """Watch a directory and everything below it; report files already in a new directory.
+
+        With `changed_after_ns`, return the files whose status changed after that time (ctime, which
+        a process cannot set back): what was written before the watch was added."""
+        recent: list[str] = []
         stack = [rel]
         while stack:
             current = stack.pop()
@@ -108,6 +112,13 @@ class FileWatcher:
                         stack.append(child)
                 elif report:
                     self._note(child, "created")
+                elif changed_after_ns is not None:
+                    try:
+                        if entry.stat(follow_symlinks=False).st_ctime_ns > changed_after_ns:
+                            recent.append(child)
+                    except OSError:
+                        continue
+        return recent
 
     def _note(self, path: str, change: str) -> None:
         if len(self.pending) >= MAX_PENDING and path not in self.pending:
@@ -195,11 +206,12 @@ class SharedWatch:
         instance = _new_instance()
         return cls(*instance) if instance is not None else None
 
-    def watch(self, root: Path) -> FileWatcher:
-        """Watch one more tree (its own `pending`, `take()`, and `close()` that ends only its watches)."""
+    def watch(self, root: Path, *, changed_after_ns: int | None = None) -> tuple[FileWatcher, list[str]]:
+        """Watch one more tree (its own `pending`, `take()`, and `close()` that ends only its watches).
+
+        Also returns the files of the tree changed after `changed_after_ns` (none without it)."""
         watcher = FileWatcher(root, self.fd, self._libc, self._owners)
-        watcher._add_tree("", report=False)
-        return watcher
+        return watcher, watcher._add_tree("", report=False, changed_after_ns=changed_after_ns)
 
     def read(self) -> set[FileWatcher]:
         """Read every queued event (non-blocking) into its tree's `pending`; return the trees that got any."""

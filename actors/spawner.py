@@ -1139,8 +1139,9 @@ class Spawner(Actor):
             if kind == "execution.started":
                 run.pgid = raw.get("pgid")
                 if self._files is not None and wants_takeover(raw):  # no inotify for the shim: the spawner's
-                    spec = orjson.loads((run.run_dir / SPEC).read_bytes())
-                    if self._files.take(run.execution_id, spec):
+                    spec_path = run.run_dir / SPEC
+                    spec = orjson.loads(spec_path.read_bytes())
+                    if self._files.take(run.execution_id, spec, started_after_ns=spec_path.stat().st_ctime_ns):
                         warnings = [w for w in data.get("warnings") or () if "inotify" not in w]
                         data = {**data, "file_events": True, "warnings": warnings}
             payload = envelope_bytes(

@@ -6,6 +6,7 @@ Real `corral up` against a real nats-server, real agents, the installed CLI.
 import asyncio
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from actors.bus import connect_bus
@@ -354,6 +355,47 @@ def test_the_spawner_watches_for_a_shim_without_inotify(cli: Cli, repo: Path, up
     assert all(row["actor"].startswith("spawner") for row in touched), touched
     shown = cli("status", starved, check=True).stdout
     assert "no live file events" not in shown, shown
+
+
+def _agent_wrote_before_the_watch(repo: Path) -> int:
+    """A tree where an agent created a file and changed a tracked one after its launch; the launch's time."""
+    (repo / "tracked.txt").write_text("before\n")
+    subprocess.run(["git", "add", "tracked.txt"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "tracked"], cwd=repo, check=True)
+    (repo / "untouched.txt").write_text("checked out before the launch\n")
+    spec_file = repo.parent / "spec.json"
+    spec_file.write_text("{}")  # the launch: what changes after it is the agent's
+    launched = spec_file.stat().st_ctime_ns
+    while time.time_ns() <= launched + 20_000_000:  # past the file system clock's granularity
+        time.sleep(0.005)
+    (repo / "early").mkdir()
+    (repo / "early" / "new.txt").write_text("written before the watch\n")
+    (repo / "tracked.txt").write_text("changed before the watch\n")
+    return launched
+
+
+async def test_the_spawner_reports_what_an_agent_wrote_before_its_tree_was_taken(repo: Path) -> None:
+    """The agent runs before its shim says it has no inotify: a file it wrote (or changed) before the
+    spawner's watch was added is found by its change time and reported with the first batch."""
+    from actors.filetakeover import FileTakeover
+
+    launched = _agent_wrote_before_the_watch(repo)
+    reported: list[tuple[str, str]] = []
+    got = asyncio.Event()
+
+    async def publish(execution_id: str, changes: list[tuple[str, str]]) -> None:
+        assert execution_id == "e1"
+        reported.extend(changes)
+        got.set()
+
+    takeover = FileTakeover(publish)
+    try:
+        assert takeover.take("e1", {"cwd": str(repo)}, started_after_ns=launched)
+        await asyncio.wait_for(got.wait(), 10)
+        await takeover.release("e1")
+    finally:
+        takeover.close()
+    assert sorted(reported) == [("early/new.txt", "created"), ("tracked.txt", "modified")], reported
 
 
 def test_no_live_file_events_is_said_on_the_execution(cli: Cli, repo: Path) -> None:
