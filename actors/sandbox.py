@@ -514,13 +514,9 @@ def _read_ref(common: Path, ref: str) -> str | None:
     return None
 
 
-def sync_branch(spec: Mapping[str, Any]) -> str | None:
-    """After the agent ended: its private branch ref onto the real one (compare-and-swap).
-
-    Returns what happened in one line when something did (moved, or why not), else None. The
-    real ref moved meanwhile (`corral commit` while it ran) is left alone: the agent's commits stay
-    reachable from its worktree's reflog, and the line says so.
-    """
+def branch_moved(spec: Mapping[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """(the private branch's record, the commit it is at now) when the agent moved its private
+    branch, else None: two small reads, no git (the shim asks a thread for `sync_branch` only then)."""
     directory = (spec.get("sandbox") or {}).get("branch_dir")
     if not directory:
         return None
@@ -531,6 +527,20 @@ def sync_branch(spec: Mapping[str, Any]) -> str | None:
         return None
     if not now or now == meta["start"]:
         return None
+    return meta, now
+
+
+def sync_branch(spec: Mapping[str, Any]) -> str | None:
+    """After the agent ended: its private branch ref onto the real one (compare-and-swap).
+
+    Returns what happened in one line when something did (moved, or why not), else None. The
+    real ref moved meanwhile (`corral commit` while it ran) is left alone: the agent's commits stay
+    reachable from its worktree's reflog, and the line says so.
+    """
+    moved = branch_moved(spec)
+    if moved is None:
+        return None
+    meta, now = moved
     done = subprocess.run(
         [
             "git",

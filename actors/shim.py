@@ -154,15 +154,70 @@ class SpoolWatch:
 def _read_stat(pid: int) -> tuple[str, int, int] | None:
     """Return (state, ppid, pgrp) of a process, or None if it is gone."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
+        with open(f"/proc/{pid}/stat", "rb") as reader:
+            raw = reader.read()
     except OSError:
         return None
     fields = raw[raw.rfind(b")") + 2 :].split()
     return fields[0].decode(), int(fields[1]), int(fields[2])
 
 
+def _children_listed() -> bool:
+    """This kernel lists a thread's children in /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)."""
+    global _CHILDREN_LISTED
+    if _CHILDREN_LISTED is None:
+        _CHILDREN_LISTED = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+    return _CHILDREN_LISTED
+
+
+_CHILDREN_LISTED: bool | None = None
+
+
+def children_of(pid: int) -> list[int]:
+    """The children of a process, of every one of its threads ([] when it is gone)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as reader:
+                found.extend(int(child) for child in reader.read().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def process_tree(root: int, pgid: int | None) -> dict[int, str]:
-    """Every live process under `root` (by parent chain) or in process group `pgid`: pid -> state."""
+    """Every live process under `root` (by parent chain) or in process group `pgid`: pid -> state.
+
+    The chain is followed down through /proc's children lists: a few reads per process of the
+    tree, not a read of every process on the machine (with hundreds of agents, two or three such
+    scans per shim were a third of its CPU: bench/spawn.py --burst). The group's members are
+    below `root` too when `root` is the shim: it is a child subreaper, and every member of the
+    agent's group descends from the agent (a process joins a group only of its own session).
+    Without children lists (a kernel built without them) every process is looked at."""
+    if not _children_listed():
+        return _scan_tree(root, pgid)
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children_of(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    found.discard(os.getpid())
+    tree: dict[int, str] = {}
+    for pid in found:
+        stat = _read_stat(pid)
+        if stat is not None and stat[0] not in ("Z", "X"):
+            tree[pid] = stat[0]
+    return tree
+
+
+def _scan_tree(root: int, pgid: int | None) -> dict[int, str]:
+    """process_tree from a read of every process's stat (where /proc has no children lists)."""
     stats: dict[int, tuple[str, int, int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -186,14 +241,19 @@ def process_tree(root: int, pgid: int | None) -> dict[int, str]:
 
 
 def reap_orphans(agent_pid: int | None) -> None:
-    """Collect zombies re-parented to this process (never the agent: asyncio waits for it)."""
+    """Collect zombies re-parented to this process (never the agent: asyncio waits for it).
+
+    Only this process's own children are looked at (its children lists), not every process."""
     me = os.getpid()
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != agent_pid:
-            stat = _read_stat(int(name))
-            if stat and stat[1] == me and stat[0] == "Z":
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(int(name), os.WNOHANG)
+    if _children_listed():
+        candidates = [pid for pid in children_of(me) if pid != agent_pid]
+    else:
+        candidates = [int(name) for name in os.listdir("/proc") if name.isdigit() and int(name) != agent_pid]
+    for pid in candidates:
+        stat = _read_stat(pid)
+        if stat and stat[1] == me and stat[0] == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
 
 def signal_pids(pids: list[int] | dict[int, str], sig: int) -> None:
@@ -665,7 +725,8 @@ class Shim:
         if watcher is not None:
             loop.add_reader(watcher.fd, self._files_changed, watcher)
         returncode = sandbox.exit_status(spec, await process.wait())  # bwrap's 128+N is signal N
-        synced = await asyncio.to_thread(sandbox.sync_branch, spec)  # its commits onto its real branch
+        # its commits onto its real branch (a thread only when it moved: no pool per shim otherwise)
+        synced = await asyncio.to_thread(sandbox.sync_branch, spec) if sandbox.branch_moved(spec) else None
         if synced and " not moved " in synced:
             self._output("stderr", f"corral: {synced}\n")
         try:

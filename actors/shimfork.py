@@ -176,7 +176,8 @@ def serve(path: str) -> int:
         return 0
     import gc
 
-    import actors.shim  # noqa: F401 (the warm part: everything a shim imports)
+    import actors.limits  # the warm part: everything a shim imports (its cgroups module too)
+    import actors.shim  # noqa: F401
 
     gc.collect()
     gc.freeze()

@@ -334,3 +334,53 @@ def test_forked_processes_draw_their_own_ulid_sequence() -> None:
     assert len(child) == 3
     assert not set(child) & set(parent)
     assert child[0][10:20] != parent[0][10:20], "the child's random part starts elsewhere"
+
+
+TREE_SCRIPT = r"""
+import ctypes, os, subprocess, sys, threading, time
+from actors import shim
+
+ctypes.CDLL(None, use_errno=True).prctl(shim.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+# the agent: a child, a grandchild in a session of its own, and an orphan (its parent exits)
+agent = subprocess.Popen(
+    ["sh", "-c", "sleep 60 & setsid sleep 61 & (sleep 62 &) ; exec sleep 63"], start_new_session=True
+)
+# a child started from another thread (still alive): listed in that thread's children, not the main one's
+started: list[subprocess.Popen[bytes]] = []
+finish = threading.Event()
+worker = threading.Thread(target=lambda: (started.append(subprocess.Popen(["sleep", "64"])), finish.wait()))
+worker.start()
+while not started:
+    time.sleep(0.01)
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    tree = shim.process_tree(os.getpid(), agent.pid)
+    others = [pid for pid in tree if pid not in (agent.pid, started[0].pid)]
+    if len(tree) == 5 and any(shim._read_stat(pid)[1] == os.getpid() for pid in others):
+        break  # the orphan is re-parented to this subreaper
+    time.sleep(0.02)
+scanned = shim._scan_tree(os.getpid(), agent.pid)
+print(sorted(tree) == sorted(scanned), len(tree), started[0].pid in tree, flush=True)
+finish.set()
+worker.join()
+# an orphan that ends is reaped; the agent, ended too, is left to whoever waits for it
+orphans = [pid for pid in tree if shim._read_stat(pid)[1] == os.getpid() and pid not in (agent.pid, started[0].pid)]
+os.kill(orphans[0], 9)
+os.kill(agent.pid, 9)
+time.sleep(0.3)
+shim.reap_orphans(agent.pid)
+print(shim._read_stat(orphans[0]) is None, shim._read_stat(agent.pid)[0], agent.wait(), flush=True)
+shim.signal_pids(shim.process_tree(os.getpid(), None), 9)
+started[0].wait()
+"""
+
+
+def test_process_tree_finds_orphans_and_children_of_other_threads(tmp_path: Path) -> None:
+    """The tree is found through /proc's children lists (not a read of every process): the same
+    processes as the full scan, an orphan re-parented to the shim (a subreaper) and a child started
+    from another thread of it included; reap_orphans collects an ended orphan, never the agent."""
+    script = tmp_path / "tree.py"
+    script.write_text(TREE_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["True 5 True", "True Z -9"]
