@@ -27,6 +27,7 @@ from typing import Final
 
 from actors import gitrun
 from actors.errors import WorkspaceError
+from actors.gitdir import linked_gitdir
 
 REF_PREFIX: Final = "refs/corral"
 IDENTITY: Final = {
@@ -110,10 +111,12 @@ async def snapshot_tree_skipping(
     """
     if not index.exists():  # noqa: ASYNC240 - one stat call
         index.parent.mkdir(parents=True, exist_ok=True)
-        _, own, _ = await git("rev-parse", "--git-path", "index", cwd=worktree)
-        own_path = Path(own.strip())
-        if not own_path.is_absolute():
-            own_path = worktree / own_path
+        own_path = own_index(worktree)
+        if own_path is None:
+            _, own, _ = await git("rev-parse", "--git-path", "index", cwd=worktree)
+            own_path = Path(own.strip())
+            if not own_path.is_absolute():
+                own_path = worktree / own_path
         _copy_if_present(own_path, index)  # its stat cache makes the first `add -A` cheap
     env = {"GIT_INDEX_FILE": str(index)}
     _, listed, _ = await git("ls-files", "-z", "--others", "--modified", "--exclude-standard", cwd=worktree, env=env)
@@ -125,6 +128,18 @@ async def snapshot_tree_skipping(
         await git("add", "-A", *(["--", ".", *excluded] if excluded else []), cwd=worktree, env=env)
     _, tree, _ = await git("write-tree", cwd=worktree, env=env)
     return tree.strip(), skipped
+
+
+def own_index(worktree: Path) -> Path | None:
+    """A linked worktree's own index, from the gitdir its `.git` file names (what `git rev-parse
+    --git-path index` answers there, without a git process: one less in every execution's first
+    checkpoint); None for anything else (a repository's own directory, GIT_DIR or GIT_INDEX_FILE
+    set), where git is asked. The `.git` file read is the one every git command of the
+    checkpoint follows after it, so it names the same gitdir as git would."""
+    if "GIT_INDEX_FILE" in os.environ or "GIT_DIR" in os.environ:
+        return None
+    gitdir = linked_gitdir(worktree)
+    return gitdir / "index" if gitdir is not None else None
 
 
 def _too_large(worktree: Path, names: list[str], limit: int) -> list[Skipped]:

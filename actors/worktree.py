@@ -15,6 +15,7 @@ from typing import Final
 
 from actors import diskquota, gitrun
 from actors.errors import WorkspaceError
+from actors.gitdir import linked_gitdir as linked_gitdir  # (its home was here: imported from here too)
 
 # A `git worktree add` reads every other worktree's metadata; one being added at the same moment may
 # be half-written, and git then stops with "failed to read .git/worktrees/NAME/commondir" before it
@@ -39,18 +40,6 @@ def _raise_if_interrupted(returncode: int) -> None:
     verdict on the repository."""
     if returncode == -signal.SIGINT:
         raise KeyboardInterrupt
-
-
-def linked_gitdir(worktree: str | Path) -> Path | None:
-    """The gitdir a linked worktree's `.git` file names (`gitdir: PATH`, absolute or relative to the
-    worktree), resolved; None when `.git` is not such a file (a whole repository's directory, none)
-    or cannot be read."""
-    link = Path(worktree) / ".git"
-    try:
-        text = link.read_text(errors="replace").strip() if link.is_file() else ""
-    except OSError:
-        return None
-    return (Path(worktree) / text.split(":", 1)[1].strip()).resolve() if text.startswith("gitdir:") else None
 
 
 def repo_root(path: str | Path) -> Path:
