@@ -33,7 +33,7 @@ from projections.tables import (
     TABLES,
     json_columns_spec,
 )
-from projections.verify import screen_batch, screen_orphans, screen_output
+from projections.verify import LIFECYCLE_NEEDS_REQUEST, screen_batch, screen_orphans, screen_output
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,15 @@ def record_rejects(
     items: Callable[[], Sequence[tuple[int, bytes, bytes]]],
     stored: str,
     params: list[Any],
+    loaded: int | None = None,
 ) -> None:
     """Messages of a batch of `count` that `read_json` did not load (the query `stored` lists the
-    sequences it did): recorded in rejected_events, never lost silently. Counted first, and only
-    on a gap are the messages (`items()`) looked at."""
-    loaded = con.execute(f"SELECT count(*) FROM ({stored})", params).fetchone()
-    if loaded and loaded[0] == count:
+    sequences it did): recorded in rejected_events, never lost silently. Counted first (`loaded`:
+    the count the INSERT itself returned), and only on a gap are the messages (`items()`) looked at."""
+    if loaded is None:
+        found = con.execute(f"SELECT count(*) FROM ({stored})", params).fetchone()
+        loaded = int(found[0]) if found else 0
+    if loaded == count:
         return
     present = {row[0] for row in con.execute(stored, params).fetchall()}
     rejects = [
@@ -91,6 +94,24 @@ def record_rejects(
         if seq not in present
     ]
     con.executemany("INSERT INTO rejected_events VALUES (?, ?, ?, ?)", rejects)
+
+
+def save_positions(con: duckdb.DuckDBPyConnection, rows: list[tuple[str, int, int, datetime]]) -> None:
+    """Write projector_position rows (stream, seq, schema version, time): one UPDATE of the rows
+    that exist, which is what every apply but a file's first finds (an INSERT OR REPLACE takes
+    DuckDB's conflict path, ~2.5 ms in a small apply against ~1.2; executemany one statement a
+    row, ~8.5 ms for three); the rows it did not find are inserted."""
+    cases = " ".join("WHEN ? THEN ?" for _ in rows)
+    streams = [row[0] for row in rows]
+    updated = con.execute(
+        f"UPDATE projector_position SET seq = CASE stream {cases} END, schema_version = ?, updated_at = ? "
+        f"WHERE stream IN ({', '.join('?' for _ in rows)})",
+        [*(value for row in rows for value in row[:2]), rows[0][2], rows[0][3], *streams],
+    ).fetchone()
+    if updated is not None and updated[0] == len(rows):
+        return
+    values = ", ".join("(?, ?, ?, ?)" for _ in rows)
+    con.execute(f"INSERT OR REPLACE INTO projector_position VALUES {values}", [v for row in rows for v in row])
 
 
 class BatchApplier:
@@ -207,25 +228,31 @@ class BatchApplier:
         lane = batch.lane
         only = _LANE_FILTER[lane]
         con = self.con
-        con.execute(
+        inserted = con.execute(
             f"INSERT INTO events SELECT {', '.join(EVENT_COLUMNS)} FROM read_json(?, "
             f"format='newline_delimited', ignore_errors=true, columns={_EVENTS_SPEC}) "
             f"WHERE seq IS NOT NULL{only}",  # a line read_json could not parse comes as NULLs: a reject
             [str(batch.file)],
-        )
-        record_rejects(con, batch.count, batch.items, f"SELECT seq FROM events WHERE seq > ?{only}", [before])
+        ).fetchone()
+        stored = f"SELECT seq FROM events WHERE seq > ?{only}"  # (the rows above the lane's position: this batch's)
+        record_rejects(con, batch.count, batch.items, stored, [before], int(inserted[0]) if inserted else None)
         self.created.clear()
         # repeats of an event id, forged authority: not facts (the derived approvals table lacks
         # the batches of a bulk load not derived yet: their rows are looked at instead)
-        dropped = screen_batch(con, before, underived=self.underived, only=only, claims=lane != OUTPUT_LANE)
+        kinds: set[str] = set()  # the types of the batch's rows: statements for types it lacks are skipped
+        claims = lane != OUTPUT_LANE
+        dropped = screen_batch(con, before, underived=self.underived, only=only, claims=claims, kinds=kinds)
         if lane != OUTPUT_LANE:
             lifecycle = batch.lifecycle
             if dropped:
                 lifecycle = [item for item in lifecycle if item[0] not in dropped]
             self._apply_state(lifecycle)
-            screen_orphans(con, before)
+            if not kinds.isdisjoint(LIFECYCLE_NEEDS_REQUEST):
+                screen_orphans(con, before)
         if derive:
-            self._derive(self.underived if self.underived is not None else before, lane)
+            # (the batches of a bulk load not derived yet are derived with them: their types are looked up)
+            types = frozenset(kinds) if self.underived is None else None
+            self._derive(self.underived if self.underived is not None else before, lane, types)
             self.underived = None
         elif self.underived is None:
             self.underived = before
@@ -256,9 +283,11 @@ class BatchApplier:
             raise
         self.underived = None
 
-    def _derive(self, before: int, lane: str | None = None) -> None:
+    def _derive(self, before: int, lane: str | None = None, types: frozenset[str] | None = None) -> None:
+        """The derived tables from the events above `before`; `types`: the event types among them
+        (a superset), if known, else looked up."""
         con = self.con
-        if lane != OTHER_LANE:
+        if lane != OTHER_LANE and (types is None or "output" in types):
             con.execute(
                 "INSERT INTO output SELECT seq, execution_id, ts, data->>'stream', "
                 "CAST(data->>'n' AS UINTEGER), data->>'text' FROM events "
@@ -271,13 +300,13 @@ class BatchApplier:
             # With an output stream or lanes, an execution's chunks may be projected before its
             # request: a new execution's counters are taken from every output row it already has.
             con.execute(_OUTPUT_RECOUNT, [sorted(self.created)])
-        apply_derived(con, before, only=_LANE_FILTER[lane])
+        apply_derived(con, before, only=_LANE_FILTER[lane], present=types)
 
     def _save_position(self, position: int, lanes: dict[str, int] | None = None) -> None:
         now = datetime.now(UTC)
         rows = [(self.stream, position, SCHEMA_VERSION, now)]
         rows += [(lane_row(self.stream, lane), seq, SCHEMA_VERSION, now) for lane, seq in (lanes or {}).items()]
-        self.con.executemany("INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)", rows)
+        save_positions(self.con, rows)
 
     def _apply_state(self, lifecycle: Sequence[tuple[int, str, bytes]]) -> None:
         """Fold the state-changing events (Gathered.lifecycle) into the executions table."""
@@ -290,6 +319,7 @@ class BatchApplier:
         # is kept aside and folded in before that execution's next other event (or at the end),
         # instead of a full decode and state copy per heartbeat.
         beats: dict[str, tuple[int, bytes]] = {}
+        evolved: set[str] = set()  # changed by an event other than a heartbeat
         for seq, subject, payload in lifecycle:
             execution_id = subject.split(".", 3)[2]
             if subject.endswith(".heartbeat") and execution_id in self.states:
@@ -308,12 +338,24 @@ class BatchApplier:
                     self.created.add(event.execution_id)
                 self.states[event.execution_id] = new
                 changed[event.execution_id] = new
+                evolved.add(event.execution_id)
         for execution_id, (seq, payload) in beats.items():
             self._beat(execution_id, seq, payload, changed)
-        if not changed:
+        # An execution only heartbeats most of the time: its row (there since an earlier batch:
+        # its state was cached or loaded) gets those two columns, not the upsert of every column
+        # (DuckDB's conflict path: ~13 ms in a small apply against ~4).
+        beaten = [(i, state.last_heartbeat_at, state.updated_seq) for i, state in changed.items() if i not in evolved]
+        if beaten:
+            values = ", ".join("(?, ?::TIMESTAMPTZ, ?::UBIGINT)" for _ in beaten)
+            self.con.execute(
+                "UPDATE executions SET last_heartbeat_at = v.ts, updated_seq = v.seq "
+                f"FROM (VALUES {values}) AS v(execution_id, ts, seq) WHERE executions.execution_id = v.execution_id",
+                [value for row in beaten for value in row],
+            )
+        if not evolved:
             return
         self._state_file.write_bytes(
-            b"\n".join(orjson.dumps(state.model_dump(mode="json")) for state in changed.values())
+            b"\n".join(orjson.dumps(changed[i].model_dump(mode="json")) for i in changed if i in evolved)
         )
         assignments = ", ".join(f"{name} = excluded.{name}" for name in _STATE_NAMES[1:])
         self.con.execute(
@@ -398,10 +440,7 @@ class OutputApplier:
             )
             con.execute(_OUTPUT_COUNTERS.format(source="output_batch"))
             con.execute("DROP TABLE output_batch")
-            con.execute(
-                "INSERT OR REPLACE INTO projector_position VALUES (?, ?, ?, ?)",
-                [self.stream, batch.last_seq, SCHEMA_VERSION, datetime.now(UTC)],
-            )
+            save_positions(con, [(self.stream, batch.last_seq, SCHEMA_VERSION, datetime.now(UTC))])
             con.commit()
         except BaseException:
             con.rollback()

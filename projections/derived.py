@@ -7,6 +7,7 @@ with aggregates that are associative (sums, counts, latest by seq). The live pro
 `corral projections rebuild` therefore write identical tables. docs/tables.md documents them.
 """
 
+from collections.abc import Collection
 from typing import Final
 
 import duckdb
@@ -306,13 +307,18 @@ _NEEDS: Final[list[tuple[str, ...] | None]] = [
 ]
 
 
-def apply_derived(con: duckdb.DuckDBPyConnection, before: int, *, only: str = "") -> None:
+def apply_derived(
+    con: duckdb.DuckDBPyConnection, before: int, *, only: str = "", present: Collection[str] | None = None
+) -> None:
     """Fold the events above `before` (this batch, already inserted) into the history tables.
 
-    `only`: a condition on the rows above `before` that are the batch's (a lane's, projections.batch)."""
-    present = {
-        row[0] for row in con.execute(f"SELECT DISTINCT type FROM events WHERE seq > $1{only}", [before]).fetchall()
-    }
+    `only`: a condition on the rows above `before` that are the batch's (a lane's, projections.batch).
+    `present`: the event types among those rows (a superset will do), when the caller knows them."""
+    if present is None:
+        present = {
+            row[0] for row in con.execute(f"SELECT DISTINCT type FROM events WHERE seq > $1{only}", [before]).fetchall()
+        }
+    present = set(present)
     for statement, needs in zip(BATCH_SQL, _NEEDS, strict=True):
         if present.intersection(needs) if needs is not None else bool(present - {"output"}):
             con.execute(statement, [before])

@@ -75,23 +75,35 @@ def _reject(con: duckdb.DuckDBPyConnection, reasons: list[tuple[int, str]]) -> N
 
 
 def screen_batch(
-    con: duckdb.DuckDBPyConnection, before: int, *, underived: int | None = None, only: str = "", claims: bool = True
+    con: duckdb.DuckDBPyConnection,
+    before: int,
+    *,
+    underived: int | None = None,
+    only: str = "",
+    claims: bool = True,
+    kinds: set[str] | None = None,
 ) -> set[int]:
     """Duplicates and forged authority among the events above `before`; returns their sequences.
 
     `underived`: the position from which the derived tables (approvals) are not filled yet.
     `only`: a condition on the rows above `before` that are the batch's (a lane's, projections.batch);
-    `claims=False`: the batch holds no event type that needs a role's authority (the output lane)."""
+    `claims=False`: the batch holds no event type that needs a role's authority (the output lane).
+    `kinds`: filled with the event types of the batch's rows (before any is screened out), which
+    the applier uses to skip the statements of the types a batch lacks."""
     since = before if underived is None else min(underived, before)
     reasons: dict[int, str] = {}
     summary = con.execute(
         "SELECT count(*), count(id), count(DISTINCT id), min(id), max(id), "
-        "count(*) FILTER (WHERE id IS NULL OR execution_id IS NULL OR ts IS NULL) FROM events WHERE seq > ?" + only,
+        "count(*) FILTER (WHERE id IS NULL OR execution_id IS NULL OR ts IS NULL), list(DISTINCT type) "
+        "FROM events WHERE seq > ?" + only,
         [before],
     ).fetchone()
     if summary is None or not summary[0]:
         return set()
-    _, rows, distinct, low, high, broken = summary
+    _, rows, distinct, low, high, broken, types = summary
+    present = {kind for kind in types or () if kind is not None}
+    if kinds is not None:
+        kinds.update(present)
     if broken:  # JSON that is no envelope (a JetStream answer sent to a `corral.evt.…` reply subject)
         for (seq,) in con.execute(
             "SELECT seq FROM events WHERE seq > ? AND (id IS NULL OR execution_id IS NULL OR ts IS NULL)" + only,
@@ -114,12 +126,12 @@ def screen_batch(
         [before, low, high],
     ).fetchall():
         reasons.setdefault(seq, f"duplicate: event id {event_id} was applied at seq {first}")
-    if not claims:
+    if not claims or present.isdisjoint(AUTHORITY):
         _reject(con, sorted(reasons.items()))
         return set(reasons)
-    kinds = ", ".join(f"'{k}'" for k in AUTHORITY)
+    authority = ", ".join(f"'{k}'" for k in AUTHORITY)
     found_claims = con.execute(
-        f"SELECT seq, type, actor, data->>'approval_id' FROM events WHERE seq > ? AND type IN ({kinds}){only}",
+        f"SELECT seq, type, actor, data->>'approval_id' FROM events WHERE seq > ? AND type IN ({authority}){only}",
         [before],
     ).fetchall()
     for seq, kind, actor, _ in found_claims:

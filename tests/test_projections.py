@@ -233,3 +233,78 @@ async def test_the_reader_connects_again_when_the_server_timed_out_its_connect(b
             await _connect_retrying(f"nats://127.0.0.1:{port}", user="nobody", password="wrong")
     finally:
         proxy.close()
+
+
+def _synthetic_log() -> list[tuple[int, str, bytes]]:
+    """Two executions' lives as the projector receives them: lifecycle events, output, heartbeats
+    (some batches hold only heartbeats or only output), a forged approval, an exit."""
+    from events.envelope import new_event
+    from events.types import (
+        ApprovalGranted,
+        ExecutionClaimed,
+        ExecutionExited,
+        ExecutionRequested,
+        ExecutionStarted,
+        Heartbeat,
+        Output,
+        WorkspaceCreated,
+    )
+    from tests.conftest import recording_actor
+
+    log: list[tuple[int, str, bytes]] = []
+
+    def add(execution_id: str, data: object, actor: str | None = None) -> None:
+        event = new_event(execution_id, data, actor=actor or recording_actor(data.TYPE, "spawner-test-1"))  # type: ignore[arg-type, attr-defined]
+        log.append((len(log) + 1, event.subject, event.to_bytes()))
+
+    for execution_id in ("appl0001", "appl0002"):
+        add(execution_id, ExecutionRequested(command=("sh", "-c", "true"), repo="/tmp/r"), "cli-test")
+        add(execution_id, ExecutionClaimed(spawner="spawner-test-1", host="h"))
+        add(execution_id, WorkspaceCreated(path="/tmp/w", branch="b", repo="/tmp/r", base_commit="a" * 40))
+        add(execution_id, ExecutionStarted(pid=1, pgid=1, host="h", command=("sh",), cwd="/tmp/w"))
+    for n in range(6):
+        for execution_id in ("appl0001", "appl0002"):
+            add(execution_id, Heartbeat(progress=n / 6))
+        add("appl0001", Output(stream="stdout", n=n, text=f"line {n}\n"))
+    forged = ApprovalGranted(approval_id="forged", choice=None, note=None, decided_by="x")
+    add("appl0002", forged, "someone")  # not the approver: screened out
+    add("appl0001", ExecutionExited(exit_code=0, duration_s=1.0))
+    add("appl0002", Heartbeat())
+    return log
+
+
+def _applied(
+    tmp_path: Path, name: str, log: list[tuple[int, str, bytes]], cuts: list[int]
+) -> dict[str, list[tuple[object, ...]]]:
+    """Every table after applying `log` in batches cut at `cuts` (live, derived per batch)."""
+    from projections.appliers import BatchApplier
+    from projections.database import open_database
+
+    con = open_database(tmp_path / f"{name}.duckdb")
+    applier = BatchApplier(con, tmp_dir=tmp_path / f"{name}-tmp")
+    for start, end in zip([0, *cuts], [*cuts, len(log)], strict=True):
+        applier.apply(log[start:end])
+    tables = {
+        table: con.execute(f"SELECT * EXCLUDE (updated_at) FROM {table} ORDER BY ALL").fetchall()
+        if table == "projector_position"
+        else con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
+        for table in (*TABLES, "projector_position")
+    }
+    applier.close()
+    con.close()
+    return tables
+
+
+def test_small_batches_give_the_tables_of_one_batch(tmp_path: Path) -> None:
+    """The applier skips the statements of types a batch lacks and writes a heartbeat-only change as
+    two columns: batches of one event each, of heartbeats or output only, give every table the
+    same rows as the whole log applied at once."""
+    log = _synthetic_log()
+    whole = _applied(tmp_path, "whole", log, [])
+    single = _applied(tmp_path, "single", log, list(range(1, len(log))))
+    assert single == whole
+    executions = {row[0]: row for row in whole["executions"]}
+    assert set(executions) == {"appl0001", "appl0002"}
+    assert executions["appl0002"][1] == "running" and executions["appl0001"][1] == "exited"
+    assert whole["rejected_events"] and "approver" in str(whole["rejected_events"])  # the forged approval
+    assert len(whole["output"]) == 6
