@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -96,3 +96,56 @@ async def run(
 async def call(function: Callable[..., T], *args: object, pool: Pool = "spawn") -> T:
     """A blocking function (one that runs git) in a thread of `pool`."""
     return await _submit(pool, function, *args)
+
+
+# Calls waiting in a pool and not started yet, by key: a caller with the same key shares the result.
+_unstarted: dict[object, "asyncio.Future[Any]"] = {}
+_running: set["asyncio.Task[None]"] = set()
+
+
+async def shared(key: object, function: Callable[..., T], *args: object, pool: Pool = "spawn") -> T:
+    """`call(function, *args)`, shared with the callers of the same `key` that come while it waits in
+    the pool: only a call not started yet is joined (under the lock its start takes), so what it
+    reads (a ref's commit) is read after every caller sharing it came: a burst's requests of one
+    repository make one `git rev-parse`, not one each. Every sharer gets its result or exception."""
+    loop = asyncio.get_running_loop()
+    with _lock:
+        waiting = _unstarted.get(key)
+        first = waiting is None
+        if waiting is None:
+            waiting = _unstarted[key] = loop.create_future()
+    if first:
+        waiting.add_done_callback(_retrieved)
+
+        def start(*given: object) -> T:
+            with _lock:
+                if _unstarted.get(key) is waiting:
+                    del _unstarted[key]  # started: a caller from now on makes a call of its own
+            return function(*given)
+
+        async def run() -> None:
+            try:
+                result = await call(start, *args, pool=pool)
+            except BaseException as exc:
+                with _lock:
+                    if _unstarted.get(key) is waiting:
+                        del _unstarted[key]
+                if not waiting.done():
+                    waiting.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            if not waiting.done():
+                waiting.set_result(result)
+
+        task = loop.create_task(run())
+        _running.add(task)
+        task.add_done_callback(_running.discard)
+    result: T = await asyncio.shield(waiting)
+    return result
+
+
+def _retrieved(future: "asyncio.Future[Any]") -> None:
+    """(an exception no sharer awaited any more is not reported as never retrieved)"""
+    if not future.cancelled():
+        future.exception()

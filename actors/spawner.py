@@ -705,6 +705,14 @@ class Spawner(Actor):
         if run.stop_reason is not None:  # cancelled (a spawn timeout, a user) before anything was made
             await self._emit(run, self._unstarted_exit(run), run.stop_cause)
             return
+        # The repository's top level and base commit: asked now (the requests of a burst waiting for
+        # the same lookup share one git process, actors/gitrun.shared), taken below in turn.
+        located = None
+        if not request.worktree:
+            located = asyncio.ensure_future(
+                gitrun.shared(("locate", request.repo, request.base), locate, request.repo, request.base)
+            )
+            located.add_done_callback(_retrieved)
         # A few executions at a time make their workspace, each from start to end (the git steps of
         # 500 at once, interleaved, made the first agent wait for every worktree of the burst).
         async with self._preparing:
@@ -723,7 +731,8 @@ class Spawner(Actor):
                         gitrun.call(repo_root, request.repo), gitrun.call(existing_worktree, Path(request.worktree))
                     )
                 else:
-                    repo, base_commit = await gitrun.call(locate, request.repo, request.base)
+                    assert located is not None
+                    repo, base_commit = await located
                     # Adds of one repository run side by side; one that raced another is tried again
                     # (actors/worktree.py).
                     await add_worktree(
@@ -1223,6 +1232,12 @@ def agent_environment(requested: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_ENV and not k.startswith(SERVER_ENV_PREFIX)}
     env.update({name: value for name, value in requested.items() if value != SECRET_PLACEHOLDER})
     return env
+
+
+def _retrieved(future: "asyncio.Future[Any]") -> None:
+    """(a lookup whose execution stopped before taking it: its error is not reported as never retrieved)"""
+    if not future.cancelled():
+        future.exception()
 
 
 def fail(tail: SpoolTail, exc: BaseException) -> None:
