@@ -1198,6 +1198,11 @@ def main() -> int:
         sys.stderr.write("usage: python -m actors.shim RUN_DIR\n")
         return 2
     shim = Shim(Path(sys.argv[1]))
+    # asyncio checks every signal handler added or removed against signal.valid_signals(), which
+    # builds a set of 64 enum members each time (~0.1 ms; 8 times in a shim's life): the set is
+    # the same for the whole process, so this process asks once.
+    valid = signal.valid_signals()
+    signal.valid_signals = lambda: valid
     # Everything imported and built so far lives as long as the shim: keep it out of the
     # collector's full passes.
     gc.freeze()
