@@ -19,9 +19,11 @@ from typing import Any
 
 import orjson
 
+from events.types import STOP_TYPES
+
 Query = Callable[[str], Awaitable[dict[str, Any]]]
 
-_STOPPERS = ("pause.requested", "cancel.requested", "limit.exceeded", "execution.resumed", "execution.timed_out")
+_STOPPERS = STOP_TYPES  # what a stopped execution's reason names (projections/derived.py keeps the last)
 
 
 def _ids(execution_ids: Sequence[str]) -> str:
@@ -169,32 +171,33 @@ def needs_text(need: dict[str, int] | None) -> str:
 ANNOTATIONS = ("_stop_type", "_stop_data", "_stop_actor", "_unreachable", "_failed", "_critical", "_pending")
 
 
+# What a listing's page selects besides its own columns, for `annotate`: the last stop and whether
+# the agent could not reach its model, kept on each execution's row by the projector
+# (projections/derived.py STOP_TYPES; taken only for a stopped execution, as `describe` reads them).
+MARKS = (
+    "CASE WHEN state IN ('paused', 'exited', 'failed') THEN last_stop_type END AS _stop_type, "
+    "CASE WHEN state IN ('paused', 'exited', 'failed') THEN last_stop_data END AS _stop_data, "
+    "CASE WHEN state IN ('paused', 'exited', 'failed') THEN last_stop_actor END AS _stop_actor, "
+    "network_unreachable AS _unreachable"
+)
+
+
 def annotated(page_sql: str, order: str) -> str:
-    """`page_sql` (a SELECT of `executions` rows, with execution_id and state) with the columns
-    `annotate` turns into each row's reason and attention: one query instead of three (a listing
-    pays one round trip to the projector, not four)."""
-    kinds = ", ".join(f"'{k}'" for k in _STOPPERS)
-    stopper = f"FILTER (WHERE type IN ({kinds}))"
-    # the last stop and a network failure, from one scan of the events (two cost ~4 ms more per
-    # listing over 10,000 executions: GET /api/executions, issue 16); `annotate` reads
-    # _unreachable only for an exited or failed execution
+    """`page_sql` (a SELECT of `executions` rows, with execution_id, state and `MARKS`) with the
+    columns `annotate` turns into each row's reason and attention: one query instead of three (a
+    listing pays one round trip to the projector, not four). The last stop and a network failure
+    are columns of `executions` (no scan of the events per listing: GET /api/executions, issue 16)."""
     return (
         f"WITH page AS ({page_sql}), "
-        f"marks AS (SELECT execution_id, arg_max(type, seq) {stopper} AS _stop_type, "
-        f"arg_max(data, seq) {stopper} AS _stop_data, arg_max(actor, seq) {stopper} AS _stop_actor, "
-        "bool_or(type = 'agent.result' AND data->>'failure' = 'network') AS _unreachable "
-        f"FROM events WHERE (type IN ({kinds}) OR type = 'agent.result') "
-        "AND execution_id IN (SELECT execution_id FROM page WHERE state IN ('paused', 'exited', 'failed')) "
-        "GROUP BY execution_id), "
         "checks AS (SELECT execution_id, count(*) FILTER (WHERE NOT passed) AS _failed, "
         "count(*) FILTER (WHERE critical > 0) AS _critical FROM validations "
         "WHERE execution_id IN (SELECT execution_id FROM page) GROUP BY execution_id), "
         "asks AS (SELECT execution_id, count(*) AS _pending FROM approvals "
         "WHERE (status IS NULL OR status = 'pending') AND execution_id IN (SELECT execution_id FROM page) "
         "GROUP BY execution_id) "
-        "SELECT page.*, _stop_type, _stop_data, _stop_actor, _unreachable, _failed, _critical, _pending "
-        "FROM page LEFT JOIN marks USING (execution_id) "
-        f"LEFT JOIN checks USING (execution_id) LEFT JOIN asks USING (execution_id) ORDER BY {order}"
+        "SELECT page.*, _failed, _critical, _pending "
+        "FROM page LEFT JOIN checks USING (execution_id) LEFT JOIN asks USING (execution_id) "
+        f"ORDER BY {order}"
     )
 
 

@@ -346,7 +346,9 @@ class Client:
             "OR execution_id IN (SELECT execution_id FROM validations WHERE NOT passed))"
         )
         order = f"{needing} DESC, requested_at DESC"
-        columns = f"{PS_COLUMNS}, (SELECT count(*) FROM executions {clause}) AS _total" if total else PS_COLUMNS
+        columns = f"{PS_COLUMNS}, {attention.MARKS}"
+        if total:
+            columns += f", (SELECT count(*) FROM executions {clause}) AS _total"
         page_sql = f"SELECT {columns} FROM executions {clause} ORDER BY {order} {page}"
         return attention.annotated(page_sql, "coalesce(_pending, 0) + coalesce(_failed, 0) = 0, requested_at DESC")
 

@@ -6,7 +6,7 @@ which actor records each type and which are not emitted yet.
 """
 
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -849,3 +849,14 @@ class ConsumerRemoved(EventData):
     stream: str
     name: str
     reason: str
+
+
+# The requests and findings that stop (or resume) an execution: what a listing's reason names
+# (corral/attention.py); the projector keeps each execution's last (executions.last_stop_*).
+STOP_TYPES: Final = (
+    "pause.requested",
+    "cancel.requested",
+    "limit.exceeded",
+    "execution.resumed",
+    "execution.timed_out",
+)

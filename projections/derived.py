@@ -12,6 +12,8 @@ from typing import Final
 
 import duckdb
 
+from events.types import STOP_TYPES
+
 # Columns added to the executions table, maintained here (the state columns come from evolve).
 EXECUTION_HISTORY_COLUMNS: Final = {
     "fork_checkpoint": "INTEGER",
@@ -23,7 +25,15 @@ EXECUTION_HISTORY_COLUMNS: Final = {
     "input_tokens": "UBIGINT DEFAULT 0",
     "output_tokens": "UBIGINT DEFAULT 0",
     "cost_usd": "DOUBLE DEFAULT 0",
+    # the last stop asked of it (a pause, a cancel, a limit, a resume, a timeout: STOP_TYPES) and
+    # whether its agent CLI could not reach its model (agent.result failure "network"): what a
+    # listing says why it stopped with (corral/attention.py), kept here so a listing scans no events
+    "last_stop_type": "VARCHAR",
+    "last_stop_data": "JSON",
+    "last_stop_actor": "VARCHAR",
+    "network_unreachable": "BOOLEAN DEFAULT false",
 }
+_STOP_LIST = ", ".join(f"'{kind}'" for kind in STOP_TYPES)
 
 DERIVED_DDL: Final = [
     """CREATE TABLE IF NOT EXISTS search (
@@ -276,6 +286,13 @@ BATCH_SQL: Final = [
        FROM (SELECT execution_id, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
                     sum(cost_usd) AS cost_usd FROM usage WHERE seq > $1 GROUP BY execution_id) AS u
        WHERE executions.execution_id = u.execution_id""",
+    f"""UPDATE executions SET last_stop_type = m.type, last_stop_data = m.data, last_stop_actor = m.actor
+       FROM (SELECT execution_id, arg_max(type, seq) AS type, arg_max(data, seq) AS data, arg_max(actor, seq) AS actor
+             FROM events WHERE seq > $1 AND type IN ({_STOP_LIST}) GROUP BY execution_id) AS m
+       WHERE executions.execution_id = m.execution_id""",
+    """UPDATE executions SET network_unreachable = true
+       WHERE execution_id IN (SELECT execution_id FROM events WHERE seq > $1 AND type = 'agent.result'
+                              AND data->>'failure' = 'network')""",
 ]
 
 # Which event types each statement needs; a batch without any of them skips it.
@@ -304,6 +321,8 @@ _NEEDS: Final[list[tuple[str, ...] | None]] = [
     ("checkpoint.created",),
     ("file.touched", "checkpoint.created"),
     ("usage",),
+    STOP_TYPES,
+    ("agent.result",),
 ]
 
 

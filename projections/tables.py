@@ -4,7 +4,7 @@ from typing import Final
 
 from projections.derived import DERIVED_DDL, DERIVED_TABLES, EXECUTION_HISTORY_COLUMNS
 
-SCHEMA_VERSION: Final = 4  # a file written with another version is rebuilt from the log
+SCHEMA_VERSION: Final = 5  # a file written with another version is rebuilt from the log
 
 EVENT_COLUMNS: Final = {
     "seq": "UBIGINT",

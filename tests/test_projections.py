@@ -240,7 +240,9 @@ def _synthetic_log() -> list[tuple[int, str, bytes]]:
     (some batches hold only heartbeats or only output), a forged approval, an exit."""
     from events.envelope import new_event
     from events.types import (
+        AgentResult,
         ApprovalGranted,
+        CancelRequested,
         ExecutionClaimed,
         ExecutionExited,
         ExecutionRequested,
@@ -268,8 +270,11 @@ def _synthetic_log() -> list[tuple[int, str, bytes]]:
         add("appl0001", Output(stream="stdout", n=n, text=f"line {n}\n"))
     forged = ApprovalGranted(approval_id="forged", choice=None, note=None, decided_by="x")
     add("appl0002", forged, "someone")  # not the approver: screened out
+    add("appl0001", AgentResult(ok=False, failure="network"))
     add("appl0001", ExecutionExited(exit_code=0, duration_s=1.0))
+    add("appl0002", CancelRequested(reason="first"), "cli-test")
     add("appl0002", Heartbeat())
+    add("appl0002", CancelRequested(reason="second"), "cli-test")
     return log
 
 
@@ -306,5 +311,22 @@ def test_small_batches_give_the_tables_of_one_batch(tmp_path: Path) -> None:
     executions = {row[0]: row for row in whole["executions"]}
     assert set(executions) == {"appl0001", "appl0002"}
     assert executions["appl0002"][1] == "running" and executions["appl0001"][1] == "exited"
+    marks = dict(
+        duckdb_rows(
+            tmp_path,
+            "whole",
+            "SELECT execution_id, [last_stop_type, last_stop_data->>'reason', network_unreachable::VARCHAR] "
+            "FROM executions",
+        )
+    )
+    assert marks == {"appl0001": [None, None, "true"], "appl0002": ["cancel.requested", "second", "false"]}
     assert whole["rejected_events"] and "approver" in str(whole["rejected_events"])  # the forged approval
     assert len(whole["output"]) == 6
+
+
+def duckdb_rows(tmp_path: Path, name: str, sql: str) -> list[tuple[object, ...]]:
+    con = duckdb.connect(str(tmp_path / f"{name}.duckdb"), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
