@@ -646,8 +646,9 @@ def execution_group(
             if cgroup_v2_available():
                 return CgroupLimit(name, memory_bytes, cpus, pids_max=pids_max)
             return None
-        if set(V1_CONTROLLERS) <= set(_v1_hierarchies()):
-            return CgroupV1Limit(name, memory_bytes, cpus, pids_max=pids_max)
+        hierarchies = _v1_hierarchies()  # (read once: /proc/self/mountinfo is parsed for it)
+        if set(V1_CONTROLLERS) <= set(hierarchies):
+            return CgroupV1Limit(name, memory_bytes, cpus, pids_max=pids_max, bases=hierarchies)
     except OSError:
         return None
     return None
