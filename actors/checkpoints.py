@@ -18,6 +18,7 @@ Restores (rollback) also go through a temporary index: `read-tree` the target, t
 
 import asyncio
 import os
+import re
 import shutil
 import stat
 from collections.abc import Awaitable, Callable
@@ -156,8 +157,25 @@ def _too_large(worktree: Path, names: list[str], limit: int) -> list[Skipped]:
 
 
 async def tree_of(repo: str | Path, commit: str) -> str:
+    """The tree of a commit. A commit named by its full object id always has the same tree (its id
+    is a hash of it): those are remembered, so the executions of a burst started from one base
+    commit ask git once for its tree (every first checkpoint, exit checkpoints included, asks)."""
+    named = commit if _OBJECT_ID.fullmatch(commit) else None
+    known = _trees.get(named) if named else None
+    if known is not None:
+        return known
     _, out, _ = await git("rev-parse", f"{commit}^{{tree}}", cwd=repo)
-    return out.strip()
+    tree = out.strip()
+    if named:
+        if len(_trees) >= TREES_KEPT:
+            del _trees[next(iter(_trees))]  # the oldest first
+        _trees[named] = tree
+    return tree
+
+
+_OBJECT_ID: Final = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1 or SHA-256, lower case, whole
+TREES_KEPT: Final = 4096
+_trees: dict[str, str] = {}  # commit id -> its tree id
 
 
 @dataclass(frozen=True)

@@ -300,3 +300,18 @@ def test_a_snapshot_stages_only_when_git_would_find_something(repo: Path, tmp_pa
     (path / "staged.txt").write_text("staged\n")
     git(path, "add", "staged.txt")  # the agent's own index
     assert snapshot() == truth()
+
+
+def test_a_commits_tree_is_asked_of_git_once(repo: Path, tmp_path: Path) -> None:
+    """tree_of remembers the tree of a commit named by its full id (a hash of it: the same forever),
+    so a burst's first checkpoints from one base commit ask git once; a name (HEAD) is asked each time."""
+    from actors.checkpoints import CheckpointError, tree_of
+
+    commit = git(repo, "rev-parse", "HEAD")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    assert asyncio.run(tree_of(repo, commit)) == tree
+    elsewhere = tmp_path / "not-a-repository"
+    elsewhere.mkdir()
+    assert asyncio.run(tree_of(elsewhere, commit)) == tree  # remembered: git (which would fail here) not asked
+    with pytest.raises(CheckpointError):
+        asyncio.run(tree_of(elsewhere, "HEAD"))
