@@ -268,6 +268,7 @@ class Spawner(Actor):
         self.queued_recorded: set[str] = set()
         self.run_ages: dict[str, int] = {}  # pipeline run -> the sequence of its first request seen (oldest first)
         self.shim_starter = ShimStarter(self.run_root)  # shims forked from a warm process (actors/shimfork.py)
+        self._roots: dict[str, Path] = {}  # a follow-up's repository -> its top level (repo_root)
         self.breakers = TemplateBreakers()  # open template breakers hold their plain runs (actors/breakers.py)
         self.handled_requests: deque[str] = deque(maxlen=10000)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -728,7 +729,7 @@ class Spawner(Actor):
                 if request.worktree:  # a follow-up continues in its parent's worktree and branch
                     # (side by side: a pipeline's next stage waits for these, issue 18)
                     repo, (path, branch, base_commit) = await asyncio.gather(
-                        gitrun.call(repo_root, request.repo), gitrun.call(existing_worktree, Path(request.worktree))
+                        self._repo_root(request.repo), gitrun.call(existing_worktree, Path(request.worktree))
                     )
                 else:
                     assert located is not None
@@ -828,6 +829,17 @@ class Spawner(Actor):
                 await remove_worktree(repo, path, branch=branch)
             return
         await self._follow(run)
+
+    async def _repo_root(self, repo: str) -> Path:
+        """A follow-up's repository's top level, asked of git once per repository (a pipeline's next
+        stage waits for it; the stage before asked already): a top level that is gone is asked again."""
+        root = self._roots.get(repo)
+        if root is None or not root.is_dir():
+            root = await gitrun.call(repo_root, repo)
+            if len(self._roots) >= 1024:
+                self._roots.clear()
+            self._roots[repo] = root
+        return root
 
     def _sandbox(self, request: ExecutionRequested) -> dict[str, Any]:
         """The spec's sandbox for a request (SandboxUnavailable: refused, one line saying what to do)."""
@@ -1197,6 +1209,9 @@ def existing_worktree(path: Path) -> tuple[Path, str, str]:
         raise WorkspaceError(str(path), "the worktree to continue in is gone (corral worktrees lists them)")
     branch = _head_branch(path)
     if branch is not None:
+        commit = _loose_ref(path, branch)  # no git process when the branch is a plain file (a pipeline's next stage)
+        if commit is not None:
+            return path, branch, commit
         done = subprocess.run(
             ["git", "-C", str(path), "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, check=False
         )
@@ -1210,6 +1225,21 @@ def existing_worktree(path: Path) -> tuple[Path, str, str]:
             raise WorkspaceError(str(path), f"not a usable worktree: {done.stderr.strip()}")
         found.append(done.stdout.strip())
     return path, found[0], found[1]
+
+
+def _loose_ref(worktree: Path, branch: str) -> str | None:
+    """The commit a linked worktree's branch names, read from its loose ref file in the common
+    directory (`commondir`) as git would read it first; None where it is not one (packed refs,
+    reftable, a symbolic ref, a name that is no plain path): git is asked then."""
+    gitdir = linked_gitdir(worktree)
+    if gitdir is None or any(part in ("", ".", "..") for part in branch.split("/")):
+        return None
+    try:
+        common = (gitdir / (gitdir / "commondir").read_text(errors="replace").strip()).resolve()
+        text = (common / "refs" / "heads" / branch).read_text(errors="replace").strip()
+    except (OSError, ValueError):
+        return None
+    return text if len(text) in (40, 64) and all(c in "0123456789abcdef" for c in text) else None
 
 
 def _head_branch(worktree: Path) -> str | None:

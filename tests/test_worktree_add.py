@@ -95,6 +95,18 @@ def test_a_follow_ups_worktree_is_read_as_git_would(repo: Path, tmp_path: Path) 
     git(path, "commit", "-qm", "x")
     assert existing_worktree(path) == (path, "corral/abc", git(path, "rev-parse", "HEAD"))
     assert existing_worktree(path)[1] == git(path, "symbolic-ref", "--short", "HEAD")
+    # its commit comes from the loose ref file (no git process); packed, git is asked: the same answer
+    from actors.spawner import _loose_ref
+
+    assert _loose_ref(path, "corral/abc") == git(path, "rev-parse", "HEAD")
+    git(repo, "pack-refs", "--all")
+    assert _loose_ref(path, "corral/abc") is None
+    assert existing_worktree(path) == (path, "corral/abc", git(path, "rev-parse", "HEAD"))
+    (path / "y.txt").write_text("y\n")
+    git(path, "add", "y.txt")
+    git(path, "commit", "-qm", "y")  # a loose ref again, ahead of the packed one
+    assert existing_worktree(path) == (path, "corral/abc", git(path, "rev-parse", "HEAD"))
+    assert _loose_ref(path, "../../HEAD") is None  # a name that is no plain path under refs/heads
 
     git(path, "checkout", "-q", "--detach")
     with pytest.raises(WorkspaceError, match="not a usable worktree"):
