@@ -141,8 +141,10 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
         while time.monotonic() < deadline:
             rows = await sql(
                 bus,
-                "SELECT s.ts, (SELECT max(ts) FROM events a WHERE a.execution_id = s.execution_id "
-                "AND a.type IN ('output', 'heartbeat') AND a.seq < s.seq) AS last_activity "
+                # (an agent that stalled before its first line or beat: measured from its start)
+                "SELECT s.ts, coalesce((SELECT max(ts) FROM events a WHERE a.execution_id = s.execution_id "
+                "AND a.type IN ('output', 'heartbeat') AND a.seq < s.seq), (SELECT min(ts) FROM events b "
+                "WHERE b.execution_id = s.execution_id AND b.type = 'execution.started')) AS last_activity "
                 "FROM events s WHERE s.type = 'execution.stalled'",
                 max_rows=100000,
             )
