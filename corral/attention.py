@@ -23,7 +23,6 @@ from events.types import STOP_TYPES
 
 Query = Callable[[str], Awaitable[dict[str, Any]]]
 
-_STOPPERS = STOP_TYPES  # what a stopped execution's reason names (projections/derived.py keeps the last)
 
 
 def _ids(execution_ids: Sequence[str]) -> str:
@@ -95,7 +94,7 @@ async def reasons(query: Query, rows: Sequence[dict[str, Any]]) -> dict[str, str
     wanted = [r["execution_id"] for r in rows if r.get("state") in ("paused", "exited", "failed")]
     if not wanted:
         return {}
-    kinds = ", ".join(f"'{k}'" for k in _STOPPERS)
+    kinds = ", ".join(f"'{k}'" for k in STOP_TYPES)
     result, unreachable = await asyncio.gather(
         query(
             f"SELECT execution_id, arg_max(type, seq) AS type, arg_max(data, seq) AS data, "
@@ -173,7 +172,7 @@ ANNOTATIONS = ("_stop_type", "_stop_data", "_stop_actor", "_unreachable", "_fail
 
 # What a listing's page selects besides its own columns, for `annotate`: the last stop and whether
 # the agent could not reach its model, kept on each execution's row by the projector
-# (projections/derived.py STOP_TYPES; taken only for a stopped execution, as `describe` reads them).
+# (events/types.py STOP_TYPES; taken only for a stopped execution, as `describe` reads them).
 MARKS = (
     "CASE WHEN state IN ('paused', 'exited', 'failed') THEN last_stop_type END AS _stop_type, "
     "CASE WHEN state IN ('paused', 'exited', 'failed') THEN last_stop_data END AS _stop_data, "
