@@ -161,6 +161,47 @@ def test_memory_limit_covers_the_whole_tree(cli: Cli, repo: Path, tmp_path: Path
     assert_nothing_left(execution_id)
 
 
+LIVE_LIMITS = """
+import os, sys, time
+print("started", flush=True)  # its only output: what follows wakes the shim by no write of its own
+time.sleep(1.5)
+child = os.fork()
+if child == 0:
+    held = b"x" * (300 * 1024 * 1024)  # past --memory: the OOM killer ends this child
+    os._exit(0)
+os.waitpid(child, 0)
+refused = 0
+for _ in range(40):  # past --pids: the forks fail, the agent lives on
+    try:
+        if os.fork() == 0:
+            time.sleep(600)
+            os._exit(0)
+    except BlockingIOError:
+        refused += 1
+time.sleep(600)
+"""
+
+
+def test_limits_are_recorded_while_the_agent_runs(cli: Cli, repo: Path, tmp_path: Path, up: object) -> None:
+    """The OOM kill of a child and the refused forks are recorded while the agent lives on, silent
+    (an OOM through the kernel's event, the forks through the shim's idle check), not at its exit."""
+    execution_id = detach(
+        cli, repo, "--memory", "128M", "--pids", "16", *script(tmp_path, "limits.py", LIVE_LIMITS)
+    )
+    def recorded() -> set[str]:
+        return {data_of(e)["limit"] for e in events(cli, execution_id) if e["type"] == "limit.exceeded"}
+
+    try:
+        wait_until(lambda: recorded() == {"memory", "pids"}, 90, "both limits to be recorded while it runs")
+    except AssertionError as exc:
+        kinds = [(e["type"], e["data"]) for e in events(cli, execution_id) if e["type"] not in ("heartbeat",)]
+        raise AssertionError(f"{exc}: {kinds}") from None
+    assert status(cli, execution_id)["state"] == "running"
+    cli("cancel", execution_id, "--grace", "0", check=True)
+    wait_state(cli, execution_id, "exited")
+    assert_nothing_left(execution_id)
+
+
 CPU_SPINNER = """
 import os, time
 every = set(range(os.cpu_count() or 1))
