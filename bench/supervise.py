@@ -95,9 +95,10 @@ async def start_agents(bus: Any, n: int, repo: Path, idle: float, *, silent: int
     return quiet
 
 
-async def wait_running(bus: Any, n: int, marker: str, *, timeout_s: float = 600) -> float:
-    """Wait until n agents whose command line holds `marker` run; print progress; return seconds."""
-    started = last_report = time.monotonic()
+async def wait_running(bus: Any, n: int, marker: str, started: float, *, timeout_s: float = 600) -> float:
+    """Wait until n agents whose command line holds `marker` run; print progress; return the seconds
+    since `started` (monotonic: when the first request was published)."""
+    last_report = time.monotonic()
     while (running := len(pids_matching(marker))) < n:
         if time.monotonic() - last_report > 15:
             last_report = time.monotonic()
@@ -119,8 +120,9 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
         repo = make_repo(root / f"repo-{n}")
         silent = max(1, n // 10)
         beats_before_silence = int(window) + 30  # goes silent during the measuring window
+        first_request = time.monotonic()
         quiet = await start_agents(bus, n, repo, idle, silent=silent, silent_after=beats_before_silence)
-        ramp = await wait_running(bus, n, "read -t 1 -u 3")
+        ramp = await wait_running(bus, n, "read -t 1 -u 3", first_request)
         await asyncio.sleep(3)
         shims = pids_matching(f"actors.shim {home}")
         corral = [up.pid, *shims]
