@@ -163,7 +163,7 @@ def test_memory_limit_covers_the_whole_tree(cli: Cli, repo: Path, tmp_path: Path
 
 LIVE_LIMITS = """
 import os, sys, time
-print("started", flush=True)  # its only output: what follows wakes the shim by no write of its own
+print("started", flush=True)  # its only output: nothing it writes later wakes the shim
 time.sleep(1.5)
 child = os.fork()
 if child == 0:
@@ -184,7 +184,7 @@ time.sleep(600)
 
 def test_limits_are_recorded_while_the_agent_runs(cli: Cli, repo: Path, tmp_path: Path, up: object) -> None:
     """The OOM kill of a child and the refused forks are recorded while the agent lives on, silent
-    (an OOM through the kernel's event, the forks through the shim's idle check), not at its exit."""
+    (the shim reads the group's counters while it runs), not only at its exit."""
     execution_id = detach(
         cli, repo, "--memory", "128M", "--pids", "16", *script(tmp_path, "limits.py", LIVE_LIMITS)
     )
