@@ -24,7 +24,6 @@ from events.types import STOP_TYPES
 Query = Callable[[str], Awaitable[dict[str, Any]]]
 
 
-
 def _ids(execution_ids: Sequence[str]) -> str:
     # execution ids are 8 lowercase Crockford characters (validated before they get here)
     return ", ".join(f"'{e}'" for e in execution_ids if e.isalnum())

@@ -162,7 +162,7 @@ def test_memory_limit_covers_the_whole_tree(cli: Cli, repo: Path, tmp_path: Path
 
 
 LIVE_LIMITS = """
-import os, sys, time
+import os, time
 print("started", flush=True)  # its only output: nothing it writes later wakes the shim
 time.sleep(1.5)
 child = os.fork()
@@ -185,9 +185,8 @@ time.sleep(600)
 def test_limits_are_recorded_while_the_agent_runs(cli: Cli, repo: Path, tmp_path: Path, up: object) -> None:
     """The OOM kill of a child and the refused forks are recorded while the agent lives on, silent
     (the shim reads the group's counters while it runs), not only at its exit."""
-    execution_id = detach(
-        cli, repo, "--memory", "128M", "--pids", "16", *script(tmp_path, "limits.py", LIVE_LIMITS)
-    )
+    execution_id = detach(cli, repo, "--memory", "128M", "--pids", "16", *script(tmp_path, "limits.py", LIVE_LIMITS))
+
     def recorded() -> set[str]:
         return {data_of(e)["limit"] for e in events(cli, execution_id) if e["type"] == "limit.exceeded"}
 

@@ -10,9 +10,8 @@ from pathlib import Path
 from tests.conftest import Cli, processes_mentioning
 from tests.test_control import start_up, stop_up, wait_until
 
-# A query of a few seconds in the DuckDB worker (150M rows took 0.37 s on a fast day: the worker
-# was sometimes killed after it had answered, and the test then found no new worker yet)
-# (it runs twice: the first attempt killed, the second whole: [sql] timeout raised for this test)
+# A query of a few seconds in the DuckDB worker, run twice (killed, then whole: the test raises its
+# [sql] timeout). 150M rows took 0.37 s on a fast day: the worker was killed after it had answered.
 ROWS = 1_000_000_000
 
 
