@@ -706,6 +706,8 @@ class Checkpointer(Actor):
                 if refusal is not None:
                     await self._reject(ex, "rollback.requested", f"cannot pause the agent: {refusal}", cause)
                     return
+            # change.rolled_back is the answer `corral rollback` waits for: it is recorded after the
+            # agent runs again, so whoever reads the system after it sees it running, not paused
             try:
                 async with ex.lock:
                     await self._checkpoint_locked(ex, "rollback", cause)  # what was there: never lost
@@ -718,15 +720,10 @@ class Checkpointer(Actor):
                         paths=paths,
                     )
                     after = await self._checkpoint_locked(ex, "rollback", cause)
-                self.stats["rollbacks"] += 1
-                await self._emit(
-                    ex,
-                    ChangeRolledBack(
-                        to_checkpoint=target_n,
-                        paths=tuple(paths or changed),
-                        checkpoint=after.n if after is not None else None,
-                    ),
-                    cause,
+                rolled = ChangeRolledBack(
+                    to_checkpoint=target_n,
+                    paths=tuple(paths or changed),
+                    checkpoint=after.n if after is not None else None,
                 )
             finally:
                 if was_running:
@@ -735,6 +732,8 @@ class Checkpointer(Actor):
                     )
                     if refusal is not None:
                         log.warning("checkpointer: %s: resume after rollback refused: %s", ex.execution_id, refusal)
+            self.stats["rollbacks"] += 1
+            await self._emit(ex, rolled, cause)
         except CheckpointError as exc:
             await self._reject(ex, "rollback.requested", exc.reason, cause)
 

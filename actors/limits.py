@@ -239,6 +239,11 @@ class _Group:
     def close(self) -> None:
         raise NotImplementedError
 
+    def oom_events(self) -> int | None:
+        """A file descriptor that turns readable when the OOM killer may have struck in the group,
+        for a watcher that would otherwise poll `oom_kills()`; None where the kernel offers none."""
+        return None
+
     def __enter__(self) -> Self:
         return self
 
@@ -524,10 +529,30 @@ class CgroupV1Limit(_Group):
                     path.rmdir()
             raise
         self._closed = False
+        self._oom_fd: int | None = None
 
     @property
     def paths(self) -> list[Path]:
         return list(dict.fromkeys(self.dirs.values()))
+
+    def oom_events(self) -> int | None:
+        """An eventfd the kernel signals at each OOM in the group (memory.oom_control registered
+        through cgroup.event_control): read it when it turns readable, then `oom_kills()`. No poll
+        and no wake-up while nothing happens; closed by `close()`. None where it cannot be made."""
+        if self._oom_fd is None and not self._closed:
+            memory = self.dirs["memory"]
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                control = os.open(memory / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+                try:  # (the kernel keeps what it needs: the control file may be closed at once)
+                    (memory / "cgroup.event_control").write_text(f"{efd} {control}\n")
+                finally:
+                    os.close(control)
+            except OSError:
+                os.close(efd)
+                return None
+            self._oom_fd = efd
+        return self._oom_fd
 
     def add(self, pid: int) -> None:
         """Move process `pid` into every group of the execution."""
@@ -597,6 +622,9 @@ class CgroupV1Limit(_Group):
         """Remove the groups; processes still in them are killed first (or, kill=False, left to fail)."""
         if self._closed:
             return
+        if self._oom_fd is not None:  # (closing it unregisters the event)
+            os.close(self._oom_fd)
+            self._oom_fd = None
         if kill:
             self.kill(timeout)
         self.thaw()  # a frozen, empty group can be removed, but leave nothing frozen behind

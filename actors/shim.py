@@ -53,7 +53,11 @@ READ_SIZE = 64 * 1024
 DRAIN_AFTER_EXIT_S = 2.0
 STOP_CHECK_S = 2.0
 DISK_CHECK_S = 2.0
-GROUP_CHECK_S = 1.0  # how often the cgroup's OOM kill and refused-fork counters are read
+# The cgroup's refused-fork counter (and its OOM kills where the kernel signals none) is read at
+# most every GROUP_CHECK_S while the agent writes (on its own wake-ups) and every GROUP_IDLE_CHECK_S
+# when it is silent: a timer a second per shim was two thirds of an idle shim's CPU.
+GROUP_CHECK_S = 1.0
+GROUP_IDLE_CHECK_S = 5.0
 CGROUPS = "cgroups.json"  # the execution's cgroup directories, for a spawner cleaning up after a dead shim
 FILE_EVENTS_INTERVAL_S = 0.5
 INPUT_TIMEOUT_S = 5.0
@@ -334,6 +338,10 @@ class Shim:
         self.limits_in_force = "none"
         self.oom_kills = 0  # the OOM kills in the group recorded so far
         self.pids_refused = 0  # the forks pids.max refused, as of the last check
+        self._group_polled = False  # the group's counters are read on wake-ups (_group_watch)
+        self._group_due = 0.0  # (monotonic) when they may be read again
+        self._poll_memory = False  # the OOM kills are polled too (no eventfd from the kernel)
+        self._oom_fd: int | None = None  # the group's OOM eventfd, watched by the loop
         self._flushed_at = dict.fromkeys(self.coalescers, -FLUSH_INTERVAL_S)  # loop time of each stream's last chunk
         self._flush_timer: asyncio.TimerHandle | None = None  # one for both streams
         self._files_timer: asyncio.TimerHandle | None = None
@@ -548,22 +556,20 @@ class Shim:
             return preexec, []
         return None, [str(path) for path in self.cgroup.join_files]
 
-    def _check_group(self) -> None:
+    def _check_group(self, *, memory: bool = True, pids: bool = True) -> None:
         """Record the limits the kernel enforced since the last check: OOM kills, refused forks."""
         group = self.cgroup
         if group is None:
             return
         # (only the execution's own limits are recorded: one of a group above it has no maximum here)
-        kills = group.oom_kills()
-        if kills > self.oom_kills:
+        if memory and (kills := group.oom_kills()) > self.oom_kills:
             self.oom_kills = kills
             peak = group.memory_peak()
             maximum = self.spec.get("memory_bytes")
             if maximum:
                 value = peak if peak is not None else maximum
                 self.record("limit.exceeded", {"limit": "memory", "value": value, "maximum": maximum})
-        refused = group.pids_refused()
-        if refused > self.pids_refused:
+        if pids and (refused := group.pids_refused()) > self.pids_refused:
             first = self.pids_refused == 0
             self.pids_refused = refused
             maximum = self.spec.get("pids_max")
@@ -571,10 +577,56 @@ class Shim:
                 self.record("limit.exceeded", {"limit": "pids", "value": len(group.pids()), "maximum": maximum})
 
     async def _group_watch(self, done: asyncio.Event) -> None:
-        while not done.is_set():
-            await asyncio.sleep(GROUP_CHECK_S)
-            with contextlib.suppress(OSError):
-                self._check_group()
+        """Record the group's limits while the agent runs (its exit checks them all once more).
+
+        An OOM kill at once where the kernel signals it (cgroup v1: an eventfd, no wake-up while
+        nothing happens). Refused forks (and OOM kills elsewhere) are polled without a timer of
+        their own while the agent writes: its output's wake-ups read them at most every
+        GROUP_CHECK_S (`_poll_group`); a silent agent's every GROUP_IDLE_CHECK_S.
+        """
+        group = self.cgroup
+        if group is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.spec.get("memory_bytes"):
+            self._oom_fd = group.oom_events()
+            if self._oom_fd is not None:
+                loop.add_reader(self._oom_fd, self._oom_signalled, self._oom_fd)
+            self._poll_memory = self._oom_fd is None
+        self._group_polled = self._poll_memory or bool(self.spec.get("pids_max"))
+        try:
+            while self._group_polled and not done.is_set():
+                await asyncio.sleep(max(0.0, self._group_due - GROUP_CHECK_S + GROUP_IDLE_CHECK_S - time.monotonic()))
+                if time.monotonic() >= self._group_due:
+                    self._poll_group()
+            await done.wait()
+        finally:
+            self._unwatch_oom()
+
+    def _poll_group(self) -> None:
+        self._group_due = time.monotonic() + GROUP_CHECK_S
+        with contextlib.suppress(OSError):
+            self._check_group(memory=self._poll_memory, pids=bool(self.spec.get("pids_max")))
+
+    def _oom_signalled(self, fd: int) -> None:
+        with contextlib.suppress(OSError):  # (BlockingIOError: read already)
+            os.eventfd_read(fd)
+        self._oom_recheck(0.05)
+
+    def _oom_recheck(self, delay: float) -> None:
+        """The kernel signals an OOM as it begins, before its kill is counted: read the count
+        until it moved, a few times over about three seconds."""
+        before = self.oom_kills
+        with contextlib.suppress(OSError):
+            self._check_group(pids=False)
+        if self.oom_kills == before and self._oom_fd is not None and delay < 2.0:
+            asyncio.get_running_loop().call_later(delay, self._oom_recheck, delay * 2)
+
+    def _unwatch_oom(self) -> None:
+        if self._oom_fd is not None:
+            asyncio.get_running_loop().remove_reader(self._oom_fd)
+            self._oom_fd = None  # (the group closes it)
+        self._group_polled = False
 
     def _close_group(self, returncode: int) -> None:
         """The agent has exited: record what the group's limits did, kill what is left in it, remove it.
@@ -585,6 +637,7 @@ class Shim:
         group = self.cgroup
         if group is None:
             return
+        self._unwatch_oom()
         with contextlib.suppress(OSError):
             self._check_group()
         if self.oom_kills and self.stop_reason is None and returncode != 0 and self.spec.get("memory_bytes"):
@@ -858,6 +911,8 @@ class Shim:
             self._output(stream, chunk)
         if coalescer.flushable:
             self._flush_or_wait(stream, asyncio.get_running_loop())
+        if self._group_polled and time.monotonic() >= self._group_due:
+            self._poll_group()
 
     def _end(self, stream: str) -> None:
         coalescer = self.coalescers[stream]

@@ -453,6 +453,8 @@ def test_checkpoint_changes_diff_rollback_commit_over_http(api: dict[str, Any]) 
         rolled = http.post(f"/api/executions/{execution_id}/rollback", json={"to": 1, "paths": ["a.txt"]})
         assert rolled.status_code == 200, rolled.text
         assert (worktree / "a.txt").read_text() == "one\n" and (worktree / "b.txt").read_text() == "new\n"
+        # the agent was paused for the rollback; its answer comes once it runs again
+        assert state_of(api, execution_id)["state"] == "running"
         assert "empty" in error_of(http.post(f"/api/executions/{execution_id}/commit", json={"message": " "}), 400)
         committed = http.post(f"/api/executions/{execution_id}/commit", json={"message": "from the API"})
         assert committed.status_code == 200 and committed.json()["type"] == "change.committed"

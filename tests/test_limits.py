@@ -2,6 +2,7 @@
 
 import math
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -221,6 +222,26 @@ def test_v1_group_applies_every_limit_and_cleans_up() -> None:
         group.close()
     assert not any(path.exists() for path in group.paths)
     assert not group.pids()
+
+
+@needs_v1
+def test_v1_oom_eventfd_turns_readable_at_an_oom_kill_only() -> None:
+    group = CgroupV1Limit(_name(), memory_bytes=64 * MB)
+    try:
+        fd = group.oom_events()
+        assert fd is not None and group.oom_events() == fd  # made once
+        small = run_child("big = b'x' * (8 * 1024 * 1024)\n", group.join_preexec())
+        assert small.returncode == 0
+        assert select.select([fd], [], [], 0.5)[0] == []  # no OOM, no event
+        big = run_child("big = b'x' * (300 * 1024 * 1024)\n", group.join_preexec())
+        assert big.returncode == -signal.SIGKILL
+        assert select.select([fd], [], [], 10)[0] == [fd], "no event from the kernel after an OOM kill"
+        assert os.eventfd_read(fd) >= 1 and group.oom_kills() >= 1
+    finally:
+        group.close()
+    assert group.oom_events() is None  # closed with the group
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)
 
 
 @needs_v1
