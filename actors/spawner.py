@@ -717,8 +717,12 @@ class Spawner(Actor):
         # A few executions at a time make their workspace, each from start to end (the git steps of
         # 500 at once, interleaved, made the first agent wait for every worktree of the burst).
         async with self._preparing:
+            found: tuple[Path, str, str] | WorkspaceError | None = None
             try:  # refused before anything is made when it asks for a sandbox this host cannot make
-                confinement = await gitrun.call(self._sandbox, request)
+                if request.worktree:  # a follow-up: its parent's worktree looked at in the same thread hop
+                    confinement, found = await gitrun.call(self._sandbox_and_worktree, request)
+                else:
+                    confinement = await gitrun.call(self._sandbox, request)
             except sandbox.SandboxUnavailable as exc:
                 await self._emit(run, ExecutionFailed(stage="spawn", error=str(exc)))
                 return
@@ -727,10 +731,11 @@ class Spawner(Actor):
                 return
             try:  # (git runs in threads, actors/gitrun.py: the loop goes on claiming and publishing)
                 if request.worktree:  # a follow-up continues in its parent's worktree and branch
-                    # (side by side: a pipeline's next stage waits for these, issue 18)
-                    repo, (path, branch, base_commit) = await asyncio.gather(
-                        self._repo_root(request.repo), gitrun.call(existing_worktree, Path(request.worktree))
-                    )
+                    if isinstance(found, WorkspaceError):
+                        raise found
+                    assert found is not None
+                    path, branch, base_commit = found
+                    repo = await self._repo_root(request.repo)  # (asked of git once per repository)
                 else:
                     assert located is not None
                     repo, base_commit = await located
@@ -840,6 +845,18 @@ class Spawner(Actor):
                 self._roots.clear()
             self._roots[repo] = root
         return root
+
+    def _sandbox_and_worktree(
+        self, request: ExecutionRequested
+    ) -> tuple[dict[str, Any], tuple[Path, str, str] | WorkspaceError]:
+        """A follow-up's sandbox (SandboxUnavailable: refused) and the worktree it continues in, or
+        why that cannot be used: one thread hop where a pipeline's next stage waited for two."""
+        confinement = self._sandbox(request)
+        assert request.worktree
+        try:
+            return confinement, existing_worktree(Path(request.worktree))
+        except WorkspaceError as exc:
+            return confinement, exc
 
     def _sandbox(self, request: ExecutionRequested) -> dict[str, Any]:
         """The spec's sandbox for a request (SandboxUnavailable: refused, one line saying what to do)."""

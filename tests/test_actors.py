@@ -65,6 +65,47 @@ async def test_two_spawners_run_each_request_exactly_once(bus: Bus, nats_server,
     assert set(claimers.values()) <= {"spawner-a", "spawner-b"}
 
 
+async def test_a_follow_up_continues_in_its_worktree_and_one_whose_worktree_is_gone_fails(
+    bus: Bus, repo: Path, tmp_path: Path
+) -> None:
+    """A request naming a worktree (a pipeline's next stage, `corral run --resume`) runs in it, on
+    its branch; one whose worktree is gone fails at the workspace stage with one line, and runs nothing."""
+    spawner = Spawner(bus, worktrees=tmp_path / "wt", run_root=tmp_path / "run", instance="spawner-f")
+    first, follow_up, orphan = new_execution_id(), new_execution_id(), new_execution_id()
+    seen: dict[tuple[str, str], dict] = {}
+
+    async def wait_for(execution_id: str, *kinds: str) -> dict:
+        async def on_event(seq: int, msg) -> bool:
+            event = decode_event(msg.data, seq=seq)
+            seen[(event.execution_id, event.type)] = event.data.model_dump()
+            return any((execution_id, kind) in seen for kind in kinds)
+
+        await asyncio.wait_for(follow(bus.js, ALL_EVENTS, on_event, done=asyncio.Event()), 60)
+        return next(seen[(execution_id, kind)] for kind in kinds if (execution_id, kind) in seen)
+
+    try:
+        await spawner.start()
+        write = ExecutionRequested(command=("sh", "-c", "echo one > made.txt"), repo=str(repo))
+        await bus.publisher.publish(new_event(first, write, actor="test"))
+        await wait_for(first, "execution.exited")
+        worktree = tmp_path / "wt" / first
+        read = ExecutionRequested(command=("sh", "-c", "cat made.txt"), repo=str(repo), worktree=str(worktree))
+        await bus.publisher.publish(new_event(follow_up, read, actor="test"))
+        await wait_for(follow_up, "execution.exited")
+        gone = ExecutionRequested(command=("touch", "ran"), repo=str(repo), worktree=str(tmp_path / "wt" / "nothing"))
+        await bus.publisher.publish(new_event(orphan, gone, actor="test"))
+        failed = await wait_for(orphan, "execution.failed", "execution.started")
+    finally:
+        await spawner.stop()
+    created = seen[(follow_up, "workspace.created")]
+    assert (created["path"], created["branch"]) == (str(worktree), f"corral/{first}")
+    assert seen[(follow_up, "execution.exited")]["exit_code"] == 0
+    assert (orphan, "execution.started") not in seen and (orphan, "workspace.created") not in seen
+    assert failed["stage"] == "workspace" and "the worktree to continue in is gone" in failed["error"]
+    assert "\n" not in failed["error"]
+    assert not (tmp_path / "wt" / "nothing").exists()
+
+
 async def _publish_history(bus: Bus, executions: int, chunks: int) -> int:
     futures = []
     for _ in range(executions):
