@@ -118,7 +118,7 @@ async def real_and_false(bus: Any, execution_ids: list[str], idle: float) -> tup
     rows = await sql(
         bus,
         "SELECT execution_id, type, ts FROM events WHERE execution_id IN (" + ids + ") AND type IN "
-        "('execution.started', 'output', 'heartbeat', 'execution.stalled') ORDER BY execution_id, seq",
+        "('execution.started', 'output', 'heartbeat', 'execution.stalled') ORDER BY execution_id, ts",
         max_rows=1_000_000,
     )
     real = false = 0
@@ -128,7 +128,7 @@ async def real_and_false(bus: Any, execution_ids: list[str], idle: float) -> tup
     for events in by_execution.values():
         previous: datetime | None = None
         longest = 0.0
-        for kind, at in sorted(events, key=lambda event: event[1]):
+        for kind, at in events:  # (on the shim's clock: by ts, not by the log's order)
             if previous is not None:
                 longest = max(longest, (at - previous).total_seconds())
             if kind == "execution.stalled":
@@ -180,7 +180,7 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
         # Stalls: the silent agents stop after beats_before_silence beats; wait for their stalled events.
         deadline = time.monotonic() + beats_before_silence + idle + 60
         latencies: list[float] = []
-        early = late = 0
+        real = false = 0
         while time.monotonic() < deadline:
             rows = await sql(
                 bus,
@@ -203,7 +203,7 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
                 # came just after the timeout may be logged before the stall that the watchdog
                 # decided without it: the silence, not the order of the log, says which.
                 beating = [row[0] for row in rows if row[0] not in quiet]
-                early, late = await real_and_false(bus, beating, idle) if beating else (0, 0)
+                real, false = await real_and_false(bus, beating, idle) if beating else (0, 0)
                 break
             await asyncio.sleep(1)
         await bus.close()
@@ -217,8 +217,8 @@ async def measure_corral(n: int, window: float, idle: float, root: Path) -> dict
             "shims": len(corral) - 1,
             "stalls": len(latencies),
             "expected_stalls": silent,
-            "early_stalls": early,
-            "false_stalls": late,
+            "early_stalls": real,  # (the JSON keys of earlier runs: real stalls of beating agents, false ones)
+            "false_stalls": false,
             "stall_p50": statistics.median(latencies) if latencies else float("nan"),
             "stall_max": max(latencies) if latencies else float("nan"),
         }
