@@ -192,6 +192,14 @@ class Bus:
         event = new_event(execution_id, data, actor=actor, causation_id=causation_id, ts=self.clock())
         return await self.publisher.publish(event, expected_last_subject_seq=expected_last_subject_seq)
 
+    async def send(
+        self, execution_id: str, data: EventData, *, actor: str, causation_id: str | None = None
+    ) -> "asyncio.Future[PubAck]":
+        """Put one event on the wire now and return the future of its storing (`emit` without the
+        wait: the caller goes on meanwhile, and awaits the future before it records anything after it)."""
+        event = self.event(execution_id, data, actor=actor, causation_id=causation_id)
+        return await self.publisher.send(event.subject, event.to_bytes(), msg_id=event.id)
+
     def event(self, execution_id: str, data: EventData, *, actor: str, causation_id: str | None = None) -> Event:
         return new_event(execution_id, data, actor=actor, causation_id=causation_id, ts=self.clock())
 

@@ -127,6 +127,7 @@ class RunningExecution:
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None
     stop_cause: str | None = None
+    stop_grace_s: float = 10.0  # a cancel's grace, when it came before the shim was there to be told
     shim_started: asyncio.Event = field(default_factory=asyncio.Event)
     pgid: int | None = None
 
@@ -600,7 +601,7 @@ class Spawner(Actor):
             await self._reject(event, "it is already running; priority only reorders queued executions")
             return
         if isinstance(data, CancelRequested) and not run.shim_started.is_set():
-            run.stop_reason, run.stop_cause = "cancelled", event.id
+            run.stop_reason, run.stop_cause, run.stop_grace_s = "cancelled", event.id, data.grace_s
             return
         if not run.shim_started.is_set():
             await asyncio.wait_for(run.shim_started.wait(), SHIM_CONNECT_S)
@@ -753,11 +754,15 @@ class Spawner(Actor):
                     await remove_worktree(repo, path, branch=branch)
                 await self._emit(run, self._unstarted_exit(run), run.stop_cause)
                 return
-            if confinement["mode"] != "off":  # before the validator's baseline of git's files (workspace.created)
+            if confinement["mode"] != "off" and not request.worktree:  # (a follow-up's: in the hop above)
+                # before the validator's baseline of git's files (workspace.created)
                 await gitrun.call(sandbox.prepare_worktree, path)
             shadow_root = await gitrun.call(shadow.prepare, path) if request.workspace == "shadow" else None
-        await self._emit(
-            run,
+        # workspace.created is stored while the spec is written and the shim starts (a pipeline's
+        # next stage waited for its acknowledgement first); it is awaited before anything else of
+        # this execution is recorded, the shim's spool included (_follow), so the log's order holds.
+        created = await self.bus.send(
+            run.execution_id,
             WorkspaceCreated(
                 path=str(path),
                 branch=branch,
@@ -765,8 +770,12 @@ class Spawner(Actor):
                 base_commit=base_commit,
                 shadow=str(shadow_root) if shadow_root else None,
             ),
+            actor=self.instance,
+            causation_id=run.request_id,
         )
+        created.add_done_callback(_retrieved)
         if run.stop_reason is not None:
+            await created
             await self._emit(run, self._unstarted_exit(run), run.stop_cause)
             return
         env = {
@@ -777,6 +786,7 @@ class Spawner(Actor):
         if request.resume_session and not request.worktree:  # a fork continuing a session: make it reachable here
             problem = await asyncio.to_thread(carry_session, request.agent, request.resume_session, path, env)
             if problem:
+                await created
                 await self._emit(run, ExecutionFailed(stage="workspace", error=problem))
                 with contextlib.suppress(WorkspaceError):
                     await remove_worktree(repo, path, branch=branch)
@@ -816,6 +826,7 @@ class Spawner(Actor):
         run.run_dir.mkdir(parents=True, exist_ok=True)
         refused = self._shell_guard(spec, request, run.run_dir)  # the shell policy, before a command runs
         if refused is not None:
+            await created
             await self._emit(run, ExecutionFailed(stage="spawn", error=refused))
             shutil.rmtree(run.run_dir, ignore_errors=True)
             if not request.worktree:
@@ -828,11 +839,19 @@ class Spawner(Actor):
         try:
             run.shim = await self.shim_starter.start(run.run_dir) or start_shim(run.run_dir)
         except OSError as exc:
+            await created
             await self._emit(run, ExecutionFailed(stage="spawn", error=f"cannot start the shim: {exc}"))
             shutil.rmtree(run.run_dir, ignore_errors=True)
             if not request.worktree:
                 await remove_worktree(repo, path, branch=branch)
             return
+        try:
+            await created
+        except BaseException:
+            # Its workspace is not on record: no agent runs unrecorded (its shim stops it, SIGTERM).
+            with contextlib.suppress(OSError):
+                os.kill(run.shim.pid, signal.SIGTERM)
+            raise
         await self._follow(run)
 
     async def _repo_root(self, repo: str) -> Path:
@@ -849,14 +868,18 @@ class Spawner(Actor):
     def _sandbox_and_worktree(
         self, request: ExecutionRequested
     ) -> tuple[dict[str, Any], tuple[Path, str, str] | WorkspaceError]:
-        """A follow-up's sandbox (SandboxUnavailable: refused) and the worktree it continues in, or
-        why that cannot be used: one thread hop where a pipeline's next stage waited for two."""
+        """A follow-up's sandbox (SandboxUnavailable: refused) and the worktree it continues in (made
+        ready for the sandbox), or why that cannot be used: one thread hop where a pipeline's next
+        stage waited for three."""
         confinement = self._sandbox(request)
         assert request.worktree
         try:
-            return confinement, existing_worktree(Path(request.worktree))
+            found = existing_worktree(Path(request.worktree))
         except WorkspaceError as exc:
             return confinement, exc
+        if confinement["mode"] != "off":  # (its files exist from the stage before: made sure of, no hop of its own)
+            sandbox.prepare_worktree(found[0])
+        return confinement, found
 
     def _sandbox(self, request: ExecutionRequested) -> dict[str, Any]:
         """The spec's sandbox for a request (SandboxUnavailable: refused, one line saying what to do)."""
@@ -926,6 +949,12 @@ class Spawner(Actor):
                 with contextlib.suppress(Exception):
                     await request(
                         run.run_dir, {"op": "cancel", "reason": "spawner_stopped", "grace_s": self.stop_grace_s}
+                    )
+            elif run.stop_reason == "cancelled":  # cancelled while its shim started (_control kept it)
+                with contextlib.suppress(Exception):
+                    await request(
+                        run.run_dir,
+                        {"op": "cancel", "reason": "cancelled", "grace_s": run.stop_grace_s, "cause": run.stop_cause},
                     )
             self._tails[run.execution_id] = tail
             if tail.wd is not None:

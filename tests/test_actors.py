@@ -15,7 +15,7 @@ from actors.spawner import Spawner
 from events.envelope import decode_event, new_event
 from events.ids import new_execution_id
 from events.subjects import ALL_EVENTS
-from events.types import ExecutionExited, ExecutionRequested, Heartbeat, Output
+from events.types import CancelRequested, ExecutionExited, ExecutionRequested, Heartbeat, Output
 from projections.projector import Projector
 from replay.history import follow, last_sequence
 from tests.conftest import ROOT, processes_mentioning
@@ -104,6 +104,39 @@ async def test_a_follow_up_continues_in_its_worktree_and_one_whose_worktree_is_g
     assert failed["stage"] == "workspace" and "the worktree to continue in is gone" in failed["error"]
     assert "\n" not in failed["error"]
     assert not (tmp_path / "wt" / "nothing").exists()
+
+
+async def test_a_cancel_while_the_shim_starts_ends_the_agent(bus: Bus, repo: Path, tmp_path: Path, monkeypatch) -> None:
+    """A cancel that comes after the worktree is made but before the shim can be told (here: a shim
+    started as a fresh interpreter, CORRAL_SHIM_FORK=0, so that moment lasts) is kept and handed to the
+    shim once it is there: the agent is stopped, not left running for its whole 30 s."""
+    monkeypatch.setenv("CORRAL_SHIM_FORK", "0")
+    spawner = Spawner(bus, worktrees=tmp_path / "wt", run_root=tmp_path / "run", instance="spawner-c")
+    execution_id = new_execution_id()
+    seen: dict[str, dict] = {}
+    cancelled = False
+
+    async def on_event(seq: int, msg) -> bool:
+        nonlocal cancelled
+        event = decode_event(msg.data, seq=seq)
+        if event.execution_id != execution_id:
+            return False
+        seen[event.type] = event.data.model_dump()
+        if event.type == "workspace.created" and not cancelled:
+            cancelled = True
+            await bus.publisher.publish(new_event(execution_id, CancelRequested(grace_s=1.0), actor="test"))
+        return "execution.exited" in seen or "execution.failed" in seen
+
+    try:
+        await spawner.start()
+        sleeper = ExecutionRequested(command=("sleep", "30"), repo=str(repo))
+        await bus.publisher.publish(new_event(execution_id, sleeper, actor="test"))
+        await asyncio.wait_for(follow(bus.js, ALL_EVENTS, on_event, done=asyncio.Event()), 20)
+    finally:
+        await spawner.stop()
+    assert "execution.failed" not in seen
+    assert seen["execution.exited"]["reason"] == "cancelled"
+    assert seen["execution.exited"]["duration_s"] < 15
 
 
 async def _publish_history(bus: Bus, executions: int, chunks: int) -> int:
