@@ -22,7 +22,9 @@ and ends with one JSON line.
 
 A burst instead (issue 20 §2): N requests published at once to one `corral up` with the
 defaults (cgroups and the sandbox where the machine has them, `max_running` = N), timed until
-every agent has started; beside it, in the same run, the baseline: N times `git worktree add` and
+every agent has started (its `execution.started` seen on the bus, as a subscriber sees it: no
+SQL polling, which would make the projector apply at once and load what is timed); beside it,
+in the same run, the baseline: N times `git worktree add` and
 `subprocess.Popen` of the same agent, one after the other. Target: all N running within 10 s.
 It prints when each stage was reached (claimed, workspace made, started, exited: p50, p90, last)
 and the CPU each process of the system used meanwhile, beside the baseline's.
