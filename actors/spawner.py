@@ -127,7 +127,8 @@ class RunningExecution:
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None
     stop_cause: str | None = None
-    stop_grace_s: float = 10.0  # a cancel's grace, when it came before the shim was there to be told
+    # a cancel's grace, when it came before the shim was there to be told (set with stop_reason)
+    stop_grace_s: float = CancelRequested.model_fields["grace_s"].default
     shim_started: asyncio.Event = field(default_factory=asyncio.Event)
     pgid: int | None = None
 
