@@ -153,9 +153,17 @@ def _child(run_dir: str, ready: int) -> None:
         os.close(log)
         os.chdir(run_dir)
         _retitle([sys.executable, "-m", "actors.shim", run_dir])
+        from actors import shim
+
+        # Listening before the spawner learns the pid: its watch connects at the first try (a
+        # connection waits in the backlog until the shim's loop takes it), not after retries.
+        with contextlib.suppress(OSError):  # (else the shim binds it itself, as a Popen'd one does)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(shim.socket_address(Path(run_dir)))
+            listener.listen(64)
+            shim.LISTENER = listener
         os.write(ready, b".")
         os.close(ready)
-        from actors import shim
 
         sys.argv = [shim.__file__ or "actors.shim", run_dir]
         code = shim.main()

@@ -152,6 +152,7 @@ class SpoolTail:
         self.saved_at = time.monotonic()
         self.sock: socket.socket | None = None
         self.wd: int | None = None  # its inotify watch in the spawner's SpoolWatch (None: told by bytes)
+        self.watch_bytes = 0  # bytes read from a quiet watch: its answer, then one at the agent's end
         self.acks: deque[tuple[int, asyncio.Future[PubAck]]] = deque()
         self.terminal: str | None = None
 
@@ -282,6 +283,7 @@ class Spawner(Actor):
         self._tails: dict[str, SpoolTail] = {}  # the spools being published, by execution
         self._dirty: dict[str, SpoolTail] = {}  # those to read in the pump's next pass
         self._pump_wake = asyncio.Event()
+        self._pump_urgent = asyncio.Event()  # an agent ended: its pass does not wait PUMP_GATHER_S
         self._pump_task: asyncio.Task[None] | None = None
         self._files: FileTakeover | None = None  # the trees of agents whose shim has no inotify
         self._spool_watch: SpoolWatch | None = None  # inotify on every spool (else a byte per append)
@@ -960,6 +962,8 @@ class Spawner(Actor):
             self._tails[run.execution_id] = tail
             if tail.wd is not None:
                 self._watched[tail.wd] = tail
+            if tail.sock is None:  # the shim is gone already (a short agent): its end is spooled
+                self._pump_urgent.set()
             self._mark(tail)
             self._ensure_pump()
             await tail.done
@@ -1008,15 +1012,20 @@ class Spawner(Actor):
         its watch socket per spool line and the socket's reader callback marks the spool). After a
         wake-up the pump waits PUMP_GATHER_S so that one pass serves the many agents that wrote
         meanwhile (hundreds of agents heartbeating cost tens of passes a second, not a wake-up per
-        line), then reads what inotify gathered in one go. Every POLL_S every spool is looked at
-        anyway (acknowledgements, the saved offset).
+        line), then reads what inotify gathered in one go. An agent's end cuts that wait short
+        (its shim's byte on a quiet watch, or its watch stream ending): the end's acknowledgement
+        frees a slot, and a pipeline's next stage or a queued request waits for it. Every POLL_S
+        every spool is looked at anyway (acknowledgements, the saved offset).
         """
         settled_at = read_all_at = time.monotonic()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._pump_wake.wait(), POLL_S)
             self._pump_wake.clear()
-            await asyncio.sleep(PUMP_GATHER_S)
+            if not self._pump_urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pump_urgent.wait(), PUMP_GATHER_S)
+            self._pump_urgent.clear()
             self._take_spool_changes()
             now = time.monotonic()
             if now - read_all_at >= SAVE_OFFSET_EVERY_S:
@@ -1159,6 +1168,11 @@ class Spawner(Actor):
             got = b""
         if not got:
             tail.close_watch(asyncio.get_running_loop())
+            self._pump_urgent.set()  # the shim is gone: its last records are spooled
+        elif tail.wd is not None:
+            tail.watch_bytes += len(got)
+            if tail.watch_bytes > 1:  # a quiet watch: the first byte answers the watch, the next
+                self._pump_urgent.set()  # says the terminal record is spooled
         self._mark(tail)
 
     async def _watch(self, tail: "SpoolTail") -> None:
@@ -1166,6 +1180,7 @@ class Spawner(Actor):
         run = tail.run
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + SHIM_CONNECT_S
+        pause = 0.001  # a shim not listening yet is asked again soon, then less often
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.setblocking(False)
@@ -1178,7 +1193,8 @@ class Spawner(Actor):
                 sock.close()
                 if run.shim is None or run.shim.poll() is not None or time.monotonic() > deadline:
                     return
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.02)
                 continue
             tail.sock = sock
             loop.add_reader(sock.fileno(), self._on_watch, tail)

@@ -219,7 +219,7 @@ def test_quiet_watch_gets_no_byte_per_append_and_a_plain_one_does(tmp_path: Path
     quiet_got, plain_got = _read_to_end(quiet), _read_to_end(plain)
     finish(shim)
     appended = len(spool_records(run_dir))
-    assert quiet_got == b"\n", "a quiet watch only sees the connection end with the shim"
+    assert quiet_got == b"\n\n", "a quiet watch sees its answer, one byte at the agent's end, then the end"
     assert plain_got.count(b"\n") >= appended - 1  # (the first record may precede the connection)
 
 
@@ -287,6 +287,31 @@ async def test_spawner_publishes_a_running_agents_output_as_it_comes(
             return msg.subject == event_subject(execution_id, "execution.exited")
 
         await asyncio.wait_for(follow(bus.js, event_subject(execution_id, ">"), exited), 30)
+    finally:
+        await spawner.stop()
+
+
+async def test_an_agents_end_is_published_without_the_pumps_gather(
+    bus: Bus, repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pump gathers appends for PUMP_GATHER_S after a wake-up; an agent's end does not wait for
+    it (its acknowledgement frees a slot): the shim's byte on the quiet watch, or the watch's end,
+    starts the pass at once. With a 60 s gather, the end is stored well before it."""
+    monkeypatch.setattr(spawner_module, "PUMP_GATHER_S", 60.0)
+    monkeypatch.setattr(spawner_module, "SAVE_OFFSET_EVERY_S", 3600.0)
+    spawner = Spawner(bus, worktrees=tmp_path / "wt", run_root=tmp_path / "run", instance="spawner-t")
+    await spawner.start()
+    try:
+        assert spawner._spool_watch is not None
+        for script in ("true", "sleep 1"):  # (ends before the watch connects, and after)
+            execution_id = new_execution_id()
+            request = ExecutionRequested(command=("sh", "-c", script), repo=str(repo))
+            await bus.publisher.publish(new_event(execution_id, request, actor="test"))
+
+            async def exited(seq: int, msg, execution_id: str = execution_id) -> bool:
+                return msg.subject == event_subject(execution_id, "execution.exited")
+
+            await asyncio.wait_for(follow(bus.js, event_subject(execution_id, ">"), exited), 30)
     finally:
         await spawner.stop()
 

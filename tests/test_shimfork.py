@@ -4,6 +4,7 @@ server, and the server dies with the process that started it."""
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import orjson
 
-from actors.shim import SPOOL
+from actors.shim import SPOOL, socket_address
 from actors.shimfork import ForkedShim, ShimStarter
 from events.ids import new_ulid
 
@@ -100,3 +101,28 @@ def test_the_server_dies_with_its_parent_and_refuses_what_is_not_a_run_directory
         return state in ("Z", "X")
 
     wait_until(gone, 30)
+
+
+def test_a_forked_shim_listens_before_its_pid_is_known(tmp_path: Path) -> None:
+    """The fork server's child binds the shim's control socket before it answers: the spawner's
+    watch connects at its first try. A quiet watch gets its answer and one byte when the agent's
+    end is spooled (with the answer, if the end came first), then the end of the stream."""
+    starter = ShimStarter(tmp_path)
+    starter.open()
+    try:
+        for name in ("listen01", "listen02", "listen03"):
+            run_dir = spec_dir(tmp_path, name, "exit 0")
+            shim = asyncio.run(starter.start(run_dir))
+            assert isinstance(shim, ForkedShim)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(socket_address(run_dir))  # at once: no ECONNREFUSED, no retry
+            sock.sendall(b'{"op":"watch","quiet":true}\n')
+            sock.settimeout(30)
+            got = b""
+            while chunk := sock.recv(100):
+                got += chunk
+            sock.close()
+            assert got == b"\n\n", got
+            assert shim.wait(60) == 0
+    finally:
+        starter.close()
