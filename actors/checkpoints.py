@@ -110,15 +110,14 @@ async def snapshot_tree_skipping(
     the tree, a tracked one keeps the version already staged. Only what git would stage is
     looked at (untracked and modified files, .gitignore respected), one lstat each.
     """
-    if not index.exists():  # noqa: ASYNC240 - one stat call
-        index.parent.mkdir(parents=True, exist_ok=True)
-        own_path = own_index(worktree)
-        if own_path is None:
-            _, own, _ = await git("rev-parse", "--git-path", "index", cwd=worktree)
-            own_path = Path(own.strip())
-            if not own_path.is_absolute():
-                own_path = worktree / own_path
-        _copy_if_present(own_path, index)  # its stat cache makes the first `add -A` cheap
+    # (its file work in a thread, with the git calls': on `corral up`'s loop, every execution's
+    # first checkpoint copied an index there, beside everyone else's spawns and exits)
+    if not await gitrun.call(_seed_index, worktree, index, pool="bookkeeping"):
+        _, own, _ = await git("rev-parse", "--git-path", "index", cwd=worktree)
+        own_path = Path(own.strip())
+        if not own_path.is_absolute():
+            own_path = worktree / own_path
+        await gitrun.call(_copy_if_present, own_path, index, pool="bookkeeping")
     env = {"GIT_INDEX_FILE": str(index)}
     _, listed, _ = await git("ls-files", "-z", "--others", "--modified", "--exclude-standard", cwd=worktree, env=env)
     names = [n for n in listed.split("\0") if n]
@@ -129,6 +128,19 @@ async def snapshot_tree_skipping(
         await git("add", "-A", *(["--", ".", *excluded] if excluded else []), cwd=worktree, env=env)
     _, tree, _ = await git("write-tree", cwd=worktree, env=env)
     return tree.strip(), skipped
+
+
+def _seed_index(worktree: Path, index: Path) -> bool:
+    """Make `index` a copy of the worktree's own (its stat cache makes the first `add -A` cheap),
+    unless it is there already. False when git must be asked where the worktree's index is."""
+    if index.exists():
+        return True
+    index.parent.mkdir(parents=True, exist_ok=True)
+    own_path = own_index(worktree)
+    if own_path is None:
+        return False
+    _copy_if_present(own_path, index)
+    return True
 
 
 def own_index(worktree: Path) -> Path | None:
