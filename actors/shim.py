@@ -814,6 +814,11 @@ class Shim:
                 break
             signal_pids(left, signal.SIGKILL)  # a stopped process dies too, and is never continued first
             await asyncio.sleep(0.05)
+        # From here on a child's end is asyncio's to read (the teardown script's, on its pidfd in
+        # this loop): the orphan reaper would race it for the exit status. The tree's last zombies
+        # are collected once now.
+        loop.remove_signal_handler(signal.SIGCHLD)
+        reap_orphans(process.pid)
         done.set()
         for task in helpers:
             task.cancel()

@@ -126,3 +126,25 @@ def test_a_forked_shim_listens_before_its_pid_is_known(tmp_path: Path) -> None:
             assert shim.wait(60) == 0
     finally:
         starter.close()
+
+
+def test_a_teardown_scripts_exit_status_is_its_own(tmp_path: Path) -> None:
+    """The shim waits for its children on pidfds in its loop; its orphan reaper (SIGCHLD) must not
+    take the teardown script's exit status first (it would be recorded as 255)."""
+    starter = ShimStarter(tmp_path)
+    starter.open()
+    try:
+        shims = []
+        for n in range(12):
+            run_dir = spec_dir(tmp_path, f"tear{n:04d}", "(sleep 0.1 &); exit 0")
+            spec = orjson.loads((run_dir / "spec.json").read_bytes())
+            (run_dir / "spec.json").write_bytes(orjson.dumps({**spec, "teardown": "exit 5"}))
+            shim = asyncio.run(starter.start(run_dir))
+            assert isinstance(shim, ForkedShim)
+            shims.append((shim, run_dir))
+        for shim, run_dir in shims:
+            assert shim.wait(60) == 0
+            finished = [r["data"] for r in records(run_dir) if r["type"] == "teardown.finished"]
+            assert [f["exit_code"] for f in finished] == [5], finished
+    finally:
+        starter.close()
