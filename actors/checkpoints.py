@@ -110,9 +110,9 @@ async def snapshot_tree_skipping(
     the tree, a tracked one keeps the version already staged. Only what git would stage is
     looked at (untracked and modified files, .gitignore respected), one lstat each.
     """
-    # (its file work in a thread, with the git calls': on `corral up`'s loop, every execution's
-    # first checkpoint copied an index there, beside everyone else's spawns and exits)
-    if not await gitrun.call(_seed_index, worktree, index, pool="bookkeeping"):
+    # An execution's first checkpoint seeds its index in a thread, with the git calls': on `corral
+    # up`'s loop, every one copied an index there, beside everyone else's spawns and exits.
+    if not index.exists() and not await gitrun.call(_seed_index, worktree, index, pool="bookkeeping"):  # noqa: ASYNC240
         _, own, _ = await git("rev-parse", "--git-path", "index", cwd=worktree)
         own_path = Path(own.strip())
         if not own_path.is_absolute():
